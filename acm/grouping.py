@@ -1,0 +1,141 @@
+"""Layer groups: every parameter belongs to exactly one of ``embed``, ``block.0`` … ``block.{L-1}``, ``head``.
+
+Grouping is structural, not a table of one family's names: we instantiate the architecture on
+the ``meta`` device (no memory, no weights), find the ModuleList holding the L decoder blocks,
+and assign parameters registered before it to ``embed``, inside block k to ``block.k``, and after
+it (final norm, lm_head) to ``head``. Tied output embeddings share the input embedding's storage
+and therefore belong to ``embed``. This works for Llama, Qwen2/3, Mistral, GPT-2 and any other
+decoder-only model whose blocks live in one ModuleList.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from acm.errors import InputError
+
+EMBED = "embed"
+HEAD = "head"
+
+
+def block_name(k: int) -> str:
+    return f"block.{k}"
+
+
+def group_names(num_layers: int) -> list[str]:
+    """Groups in network order: embed, block.0 … block.{L-1}, head."""
+    return [EMBED] + [block_name(k) for k in range(num_layers)] + [HEAD]
+
+
+def num_layers_of(config) -> int:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text_config, "num_hidden_layers", None) or getattr(text_config, "n_layer", None)
+    if not n:
+        raise InputError(f"cannot tell the number of layers of model type {getattr(config, 'model_type', '?')!r}")
+    return int(n)
+
+
+@dataclass
+class GroupModules:
+    """The modules whose outputs define each group's activations (used for forward hooks)."""
+
+    embed: nn.Module
+    blocks: nn.ModuleList
+    blocks_prefix: str
+    num_layers: int
+
+
+def find_group_modules(model: nn.Module) -> GroupModules:
+    """Locate the input embedding and the decoder-block ModuleList of a causal LM."""
+    num_layers = num_layers_of(model.config)
+    blocks_prefix, blocks = None, None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and num_layers > 0:
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1:
+                blocks_prefix, blocks = name, module
+                break
+    if blocks is None:
+        raise InputError(
+            f"unsupported architecture {type(model).__name__}: no list of {num_layers} decoder blocks found")
+    embed = model.get_input_embeddings()
+    if embed is None:
+        raise InputError(f"unsupported architecture {type(model).__name__}: no input embedding module")
+    return GroupModules(embed=embed, blocks=blocks, blocks_prefix=blocks_prefix, num_layers=num_layers)
+
+
+def group_map_for_model(model: nn.Module) -> dict[str, str]:
+    """Map every parameter name (tied aliases included) to its group."""
+    modules = find_group_modules(model)
+    prefix = modules.blocks_prefix + "."
+    embed_storage = {id(p) for p in modules.embed.parameters()}
+    mapping: dict[str, str] = {}
+    seen_blocks = False
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name.startswith(prefix):
+            seen_blocks = True
+            k = int(name[len(prefix):].split(".", 1)[0])
+            mapping[name] = block_name(k)
+        elif id(param) in embed_storage or not seen_blocks:
+            mapping[name] = EMBED
+        else:
+            mapping[name] = HEAD
+    # Tied output embeddings: an alias of the input embedding belongs to embed even if listed last.
+    for name in _tied_aliases(model):
+        mapping[name] = EMBED
+    return mapping
+
+
+def _tied_aliases(model: nn.Module) -> list[str]:
+    tied = getattr(model, "_tied_weights_keys", None)
+    if not tied or not getattr(model.config, "tie_word_embeddings", False):
+        return []
+    return list(tied)  # a dict {alias: source} in transformers 5, a list of aliases before
+
+
+def meta_model(config, *, trust_remote_code: bool = False) -> nn.Module:
+    """The architecture with no weights (meta device): free to build even for 70B models."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise InputError(
+            f"unsupported architecture {getattr(config, 'model_type', '?')!r} for causal LM merging: {exc}".splitlines()[0]
+        ) from exc
+
+
+def build_group_map(config, param_names: Iterable[str], *, trust_remote_code: bool = False) -> dict[str, str]:
+    """Map checkpoint tensor names to groups; any name that maps to no group is an error.
+
+    Checkpoints sometimes omit the base-model prefix (old GPT-2 files say ``h.0.attn`` for
+    ``transformer.h.0.attn``), so a name is tried as-is and then with the prefix.
+    """
+    model = meta_model(config, trust_remote_code=trust_remote_code)
+    by_param = group_map_for_model(model)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    mapping: dict[str, str] = {}
+    unknown: list[str] = []
+    for name in param_names:
+        group = by_param.get(name) or (by_param.get(f"{prefix}.{name}") if prefix else None)
+        if group is None:
+            unknown.append(name)
+        else:
+            mapping[name] = group
+    if unknown:
+        raise InputError(
+            f"{len(unknown)} tensor(s) map to no layer group for {type(model).__name__}, e.g. {unknown[0]!r}; "
+            "this checkpoint does not match its config")
+    return mapping
+
+
+def ordered_groups(mapping: dict[str, str]) -> list[str]:
+    """The groups present in a mapping, in network order."""
+    blocks = sorted({g for g in mapping.values() if g.startswith("block.")}, key=lambda g: int(g.split(".")[1]))
+    present = set(mapping.values())
+    return ([EMBED] if EMBED in present else []) + blocks + ([HEAD] if HEAD in present else [])

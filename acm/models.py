@@ -1,0 +1,267 @@
+"""Model resolution (Hub id or local folder), compatibility checks and loading.
+
+Everything cheap happens before anything heavy: resolving a model reads its config and the
+safetensors *headers* only, so a mismatch (architecture, layer count, hidden size, tensor
+shapes) is reported in one line before a single weight is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from acm.errors import CompatibilityError, InputError, OfflineError
+from acm.tensors import TensorReader, find_weight_files
+
+# Files we fetch from the Hub: configs, tokenizer files, safetensors (pickle only when allowed).
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
+_PICKLE_PATTERNS = ["*.bin"]
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: where its files are and what it is, without its weights in memory."""
+
+    spec: str                      # what the user typed (Hub id or path)
+    path: Path                     # local folder holding config + weights
+    config: Any                    # transformers PretrainedConfig
+    weight_files: list[Path]
+    weight_format: str             # "safetensors" | "pickle"
+    revision: str | None = None
+    commit: str | None = None      # Hub commit hash when known
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    _reader: TensorReader | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec
+
+    @property
+    def reader(self) -> TensorReader:
+        if self._reader is None:
+            self._reader = TensorReader(self.weight_files, self.weight_format)
+        return self._reader
+
+    @property
+    def num_layers(self) -> int:
+        from acm.grouping import num_layers_of
+
+        return num_layers_of(self.config)
+
+    @property
+    def hidden_size(self) -> int | None:
+        cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+
+    @property
+    def vocab_size(self) -> int | None:
+        cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        return getattr(cfg, "vocab_size", None)
+
+    def provenance(self) -> dict:
+        return {"model": self.spec, "revision": self.revision, "commit": self.commit,
+                "architecture": (getattr(self.config, "architectures", None) or [None])[0],
+                "model_type": getattr(self.config, "model_type", None)}
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (spec.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(spec)
+            or spec.count("/") > 1 or os.sep in spec and os.path.exists(spec) or spec in (".", ".."))
+
+
+def resolve_model(spec: str, *, allow_pickle: bool = False, revision: str | None = None,
+                  trust_remote_code: bool = False) -> ModelSource:
+    """Turn a Hub id or local folder into a ``ModelSource`` (config + weight file list)."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise InputError("no model given: pass a Hub id (org/name) or a local folder")
+    commit = None
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise InputError(f"{spec} is a file; pass the model's folder (with config.json and *.safetensors)")
+        path = local.resolve()
+    elif _looks_like_path(spec):
+        raise InputError(f"model folder not found: {spec}")
+    else:
+        path, commit = _download(spec, revision=revision, allow_pickle=allow_pickle)
+    if not (path / "config.json").is_file():
+        raise InputError(f"{spec} has no config.json: not a Hugging Face model folder")
+    config = _load_config(path, spec, trust_remote_code)
+    files, fmt = find_weight_files(path, allow_pickle=allow_pickle)
+    return ModelSource(spec=spec, path=path, config=config, weight_files=files, weight_format=fmt,
+                       revision=revision, commit=commit, allow_pickle=allow_pickle,
+                       trust_remote_code=trust_remote_code)
+
+
+def _download(repo_id: str, *, revision: str | None, allow_pickle: bool) -> tuple[Path, str | None]:
+    """Fetch a Hub snapshot (config, tokenizer, weights) into the local cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    patterns = _HUB_PATTERNS + (_PICKLE_PATTERNS if allow_pickle else [])
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except hub_errors.HFValidationError:
+        raise InputError(f"{repo_id!r} is neither an existing local folder nor a valid Hub model id") from None
+    except (hub_errors.OfflineModeIsEnabled, hub_errors.LocalEntryNotFoundError):
+        raise OfflineError(
+            f"cannot download {repo_id!r}: the Hugging Face Hub is unreachable or offline mode is on "
+            "(HF_HUB_OFFLINE=1) and it is not in the local cache; pass a local folder instead") from None
+    except hub_errors.GatedRepoError:
+        raise InputError(f"{repo_id!r} is gated: accept its licence on the Hub and log in (HF_TOKEN)") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise InputError(f"model {repo_id!r} not found on the Hub (or it is private)") from None
+    except hub_errors.RevisionNotFoundError:
+        raise InputError(f"revision {revision!r} not found for {repo_id!r}") from None
+    except (hub_errors.HfHubHTTPError, OSError) as exc:
+        raise OfflineError(f"cannot download {repo_id!r} from the Hub: {str(exc).splitlines()[0]}") from None
+    commit = folder.name if len(folder.name) == 40 else None
+    return folder, commit
+
+
+def _load_config(path: Path, spec: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0]
+        if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+            raise InputError(f"{spec} needs its own model code; pass --trust-remote-code only if you trust it") from None
+        raise InputError(f"{spec}: unsupported or invalid config ({msg})") from None
+    except OSError as exc:
+        raise InputError(f"{spec}: cannot read config.json ({str(exc).splitlines()[0]})") from None
+
+
+@dataclass
+class CompatibilityReport:
+    """What the pre-flight check found; shown in the UI and recorded in exports."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int | None
+    parameters: dict[str, int]           # model spec -> parameter count
+    vocab_sizes: dict[str, int]          # model spec -> rows of the input embedding
+    vocab_notes: list[str]               # human-readable notes on vocabulary differences
+
+    def summary(self) -> str:
+        lines = [f"{self.architecture}: {self.num_layers} layers, hidden size {self.hidden_size}"]
+        for name, count in self.parameters.items():
+            lines.append(f"  {name}: {count / 1e6:.2f}M parameters, vocab {self.vocab_sizes.get(name)}")
+        lines.extend(f"  note: {n}" for n in self.vocab_notes)
+        return "\n".join(lines)
+
+
+def _arch(src: ModelSource) -> str:
+    return (getattr(src.config, "architectures", None) or [getattr(src.config, "model_type", "?")])[0]
+
+
+def _vocab_dim_keys(src: ModelSource) -> set[str]:
+    """Tensors whose first dimension is the vocabulary (input embedding, lm_head)."""
+    vocab = src.vocab_size
+    return {k for k in src.reader.keys() if vocab and src.reader.shape(k) and src.reader.shape(k)[0] == vocab
+            and len(src.reader.shape(k)) == 2 and ("embed" in k or "wte" in k or "lm_head" in k or "output" in k)}
+
+
+def check_compatibility(base: ModelSource, fts: list[ModelSource]) -> CompatibilityReport:
+    """Fail with one line naming the first mismatch; vocab size may differ (reported)."""
+    if not fts:
+        raise InputError("give at least one fine-tuned model")
+    if len(fts) > 3:
+        raise InputError(f"at most 3 fine-tuned models are supported, got {len(fts)}")
+    notes: list[str] = []
+    base_vocab_keys = _vocab_dim_keys(base)
+    for ft in fts:
+        for what, get in (("architecture", _arch), ("model type", lambda s: getattr(s.config, "model_type", None)),
+                          ("layer count", lambda s: s.num_layers), ("hidden size", lambda s: s.hidden_size)):
+            a, b = get(base), get(ft)
+            if a != b:
+                raise CompatibilityError(f"{what} differs: base {base.spec} has {a}, fine-tuned {ft.spec} has {b}")
+        base_keys, ft_keys = set(base.reader.keys()), set(ft.reader.keys())
+        if base_keys != ft_keys:
+            only_base, only_ft = sorted(base_keys - ft_keys), sorted(ft_keys - base_keys)
+            example = (f"{only_base[0]!r} only in the base" if only_base else f"{only_ft[0]!r} only in {ft.spec}")
+            raise CompatibilityError(f"tensor names differ between {base.spec} and {ft.spec}: {example}")
+        for key in sorted(base_keys):
+            a, b = base.reader.shape(key), ft.reader.shape(key)
+            if a == b:
+                continue
+            if key in base_vocab_keys and a[1:] == b[1:]:
+                continue  # vocabulary rows differ; handled by the merge (see DESIGN)
+            raise CompatibilityError(f"shape of {key} differs: base {list(a)}, {ft.spec} {list(b)}")
+        if ft.vocab_size != base.vocab_size:
+            notes.append(f"{ft.spec} has vocabulary {ft.vocab_size} vs base {base.vocab_size}: "
+                         f"{'extra rows are taken from the fine-tuned model' if (ft.vocab_size or 0) > (base.vocab_size or 0) else 'missing rows keep the base values'}")
+    models = [base] + list(fts)
+    return CompatibilityReport(
+        architecture=_arch(base), num_layers=base.num_layers, hidden_size=base.hidden_size,
+        parameters={m.spec: m.reader.numel() for m in models},
+        vocab_sizes={m.spec: m.vocab_size for m in models}, vocab_notes=notes)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """CUDA when available, else CPU; an explicit name (cpu, cuda, cuda:1, mps) overrides."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "", "auto"):
+        return None
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r}: use one of bfloat16, float16, float32")
+    return DTYPES[name]
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it (fp16 otherwise), float32 on CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_causal_lm(src: ModelSource, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    """Load (model, tokenizer) for forward passes / generation, in eval mode.
+
+    ``device="auto"`` uses accelerate's big-model placement (``device_map="auto"``, offload) for
+    models larger than one device.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    big = device == "auto" and torch.cuda.is_available()
+    dev = pick_device(None if big else (str(device) if device is not None else None))
+    dtype = dtype or default_dtype(dev)
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=src.trust_remote_code,
+                                  use_safetensors=src.weight_format == "safetensors")
+    if big:
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(src.path, trust_remote_code=src.trust_remote_code)
+    except torch.cuda.OutOfMemoryError:
+        raise  # callers turn this into advice
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load {src.spec}: {str(exc).splitlines()[0]}") from None
+    if not big:
+        model.to(dev)
+    model.eval()
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

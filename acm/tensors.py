@@ -1,0 +1,157 @@
+"""Read a model's tensors one at a time, without loading the whole model.
+
+Merging and compatibility checks only ever need one tensor (or just its shape) at a time, so we
+open safetensors shards lazily (``safe_open`` memory-maps them). Pickle checkpoints (``.bin``)
+are read only when the caller explicitly allowed it, with ``weights_only=True`` and ``mmap``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from acm.errors import InputError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+def _corrupt(path: Path, exc: Exception) -> InputError:
+    return InputError(f"cannot read weights file {path.name} in {path.parent}: it looks corrupt or truncated ({exc})")
+
+
+def find_weight_files(folder: Path, *, allow_pickle: bool = False) -> tuple[list[Path], str]:
+    """Return (files, format) for a model folder; format is 'safetensors' or 'pickle'.
+
+    Why: choosing the format is a security decision (pickle can run code), so it lives in one
+    place and refuses ``.bin`` unless the user opted in.
+    """
+    folder = Path(folder)
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        return _files_from_index(index), "safetensors"
+    files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_model"))
+    if files:
+        return files, "safetensors"
+    pickles = sorted(folder.glob("pytorch_model*.bin")) or sorted(folder.glob("*.bin"))
+    if (folder / "adapter_config.json").is_file():
+        raise InputError(f"{folder} is a LoRA/PEFT adapter, not a full model: merge the adapter into its base first")
+    if pickles:
+        if not allow_pickle:
+            raise InputError(
+                f"{folder} has only pickle (.bin) weights, which can execute code when loaded; "
+                "convert them to safetensors or pass --allow-pickle if you trust the source")
+        pindex = folder / PICKLE_INDEX
+        return (_files_from_index(pindex) if pindex.is_file() else pickles), "pickle"
+    raise InputError(f"no model weights (*.safetensors) found in {folder}")
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as exc:
+        raise InputError(f"cannot parse {index}: {exc}") from exc
+    files = sorted({index.parent / name for name in weight_map.values()})
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise InputError(f"{index.parent} is incomplete: shard(s) {', '.join(missing[:3])} listed in the index are missing")
+    return files
+
+
+class TensorReader:
+    """Lazy, name-addressed access to every tensor of a checkpoint (all shards)."""
+
+    def __init__(self, files: list[Path], fmt: str = "safetensors"):
+        self.files = [Path(f) for f in files]
+        self.format = fmt
+        self._where: dict[str, int] = {}
+        self._handles: dict[int, object] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        for i, path in enumerate(self.files):
+            if fmt == "safetensors":
+                handle = self._open_safetensors(path)
+                for key in handle.keys():
+                    sl = handle.get_slice(key)
+                    self._where[key] = i
+                    self._shapes[key] = tuple(sl.get_shape())
+                    self._dtypes[key] = _ST_DTYPES.get(sl.get_dtype(), torch.float32)
+            else:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                self._handles[i] = state
+                for key, value in state.items():
+                    self._where[key] = i
+                    self._shapes[key] = tuple(value.shape)
+                    self._dtypes[key] = value.dtype
+
+    def _open_safetensors(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
+        i = self.files.index(path)
+        if i not in self._handles:
+            try:
+                self._handles[i] = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise _corrupt(path, exc) from exc
+        return self._handles[i]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtypes[key]
+
+    def numel(self) -> int:
+        total = 0
+        for shape in self._shapes.values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    def nbytes(self, key: str) -> int:
+        n = 1
+        for d in self._shapes[key]:
+            n *= d
+        return n * torch.empty((), dtype=self._dtypes[key]).element_size()
+
+    def get(self, key: str) -> torch.Tensor:
+        """Load one tensor (CPU). Corruption surfaces here as a one-line InputError."""
+        i = self._where[key]
+        if self.format == "safetensors":
+            from safetensors import SafetensorError
+
+            try:
+                return self._handles[i].get_tensor(key)
+            except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+                raise _corrupt(self.files[i], exc) from exc
+        return self._handles[i][key]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}

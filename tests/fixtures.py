@@ -1,0 +1,113 @@
+"""Tiny random models and tokenizers for tests: real HF folders (safetensors + config + tokenizer).
+
+They are built on the fly into a temp dir so the tests need no network and no bundled weights,
+and are small enough (a few thousand parameters) that every test runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+ALPHABET = list(string.ascii_lowercase + string.digits + " .,?!:+-=*\n")
+
+
+def make_tokenizer(out_dir: Path | None = None) -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer with a chat template (vocab < 64)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ALPHABET)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    if out_dir is not None:
+        tok.save_pretrained(out_dir)
+    return tok
+
+
+VOCAB_SIZE = len(SPECIAL_TOKENS) + len(ALPHABET)
+
+
+def tiny_config(family: str = "llama", *, vocab_size: int = VOCAB_SIZE, **overrides) -> PretrainedConfig:
+    """A config of the given family with 2 layers and hidden size 16 unless overridden."""
+    common = dict(pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    if family == "gpt2":
+        kw = dict(vocab_size=vocab_size, n_embd=16, n_layer=2, n_head=2, n_positions=128, **common)
+        kw.update(overrides)
+        return GPT2Config(**kw)
+    kw = dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+              tie_word_embeddings=False, **common)
+    kw.update(overrides)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[family]
+    if family == "qwen3":
+        kw.setdefault("head_dim", kw["hidden_size"] // kw["num_attention_heads"])
+    return cls(**kw)
+
+
+def make_tiny_model(out_dir: Path, family: str = "llama", *, seed: int = 0, init_from: Path | None = None,
+                    noise: float = 0.02, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
+                    vocab_size: int = VOCAB_SIZE, **overrides) -> Path:
+    """Save a tiny random causal LM (+ tokenizer) to ``out_dir`` and return the path.
+
+    With ``init_from`` the new model starts from that model's weights plus Gaussian noise of
+    scale ``noise`` — a stand-in for "fine-tuned from that base" with a real task vector.
+    """
+    torch.manual_seed(seed)
+    config = tiny_config(family, vocab_size=vocab_size, **overrides)
+    model = AutoModelForCausalLM.from_config(config)
+    if init_from is not None:
+        src = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+        src_state = src.state_dict()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                base = src_state[name]
+                rows = min(base.shape[0], p.shape[0]) if p.dim() > 0 else None
+                if p.shape == base.shape:
+                    p.copy_(base + noise * torch.randn(p.shape, generator=gen))
+                elif rows is not None and p.shape[1:] == base.shape[1:]:  # grown vocabulary
+                    p[:rows].copy_(base[:rows] + noise * torch.randn(base[:rows].shape, generator=gen))
+    model = model.to(dtype)
+    out_dir = Path(out_dir)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    make_tokenizer(out_dir)
+    return out_dir
+
+
+def make_pair(tmp_path: Path, family: str = "llama", *, n_ft: int = 1, **overrides) -> tuple[Path, list[Path]]:
+    """A base model and ``n_ft`` fine-tuned descendants of it."""
+    base = make_tiny_model(tmp_path / f"{family}-base", family, seed=0, **overrides)
+    fts = [make_tiny_model(tmp_path / f"{family}-ft{i}", family, seed=i + 1, init_from=base, **overrides)
+           for i in range(n_ft)]
+    return base, fts
+
+
+def write_calibration(path: Path, n: int = 24) -> Path:
+    """A small jsonl calibration file with a ``text`` field."""
+    import json
+
+    lines = [json.dumps({"text": f"what is {i} plus {i * 3}? the answer is {i * 4}."}) for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
