@@ -64,3 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"acm {args.command}: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def main_entry() -> None:
+    """Console-script entry point (``acm ...`` after ``pip install .``)."""
+    sys.exit(main())
