@@ -1,0 +1,351 @@
+"""Analysis benchmark: ``acm.analysis.analyze`` against the two models' plain forward passes.
+
+Same run, same child process, same calibration tokens, same batch size, dtype and device:
+
+* ``forward`` — load base and fine-tuned with ``acm.models.load_causal_lm`` (not timed), encode
+  the calibration texts with ``acm.calibration.encode`` (not timed), then time the forward
+  passes of both models over every batch under ``torch.inference_mode``.
+* ``analyze`` — the full call, with model loading, calibration selection (k-means) and
+  encoding timed *separately* by wrapping the functions ``acm.analysis`` calls, so the core
+  (hooks + streaming MI) is ``total − load − select − encode``. overhead = core / forward.
+
+Scaling with calibration size runs ``analyze`` in fresh processes for a growing number of
+samples and reports tokens/s, the process peak RSS (``ru_maxrss`` and anonymous memory) and the
+MI estimator's state size (the bytes held by every ``StreamingMI`` instance analyze created): the
+histograms must not grow with the number of samples.
+
+    python -m benchmarks.analysis --quick
+    python -m benchmarks.analysis --sizes 10m 50m --samples 32 --scaling 8 32 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import random
+import sys
+import time
+from typing import Any
+
+from benchmarks.common import MB, child_main, machine_info, md_table, proc_status, run_child, save_result
+
+WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
+         "you were her she there been if we one all would their will has more so what when can no who some them "
+         "compute sum product answer step first then therefore check result number total value equation").split()
+
+
+def calibration_texts(n: int, *, seed: int = 0, min_words: int = 40, max_words: int = 120) -> list[str]:
+    """Synthetic calibration prompts (character tokenizer: ~5 tokens per word)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(2, 999), rng.randint(2, 999)
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
+        out.append(f"question {i}: what is {a} times {b}? {words}. the answer is {a * b}.")
+    return out
+
+
+# ============================================================================================
+# child tasks
+
+
+class _Timers:
+    """Wrap module-level functions by name and accumulate their wall time."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, module, name: str, label: str | None = None) -> None:
+        fn = getattr(module, name, None)
+        if fn is None or not callable(fn):
+            return
+        label = label or name
+
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+                self.calls[label] = self.calls.get(label, 0) + 1
+
+        setattr(module, name, timed)
+        self._undo.append((module, name, fn))
+
+    def restore(self) -> None:
+        for module, name, fn in reversed(self._undo):
+            setattr(module, name, fn)
+
+
+def _state_bytes(obj, _seen=None) -> int:
+    """Bytes of numpy arrays / torch tensors reachable from an object's attributes (1-2 levels)."""
+    import numpy as np
+    import torch
+
+    seen = _seen if _seen is not None else set()
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, torch.Tensor):
+        return int(obj.numel() * obj.element_size())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(x, seen) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_state_bytes(x, seen) for x in obj.values())
+    d = getattr(obj, "__dict__", None)
+    if d:
+        return sum(_state_bytes(x, seen) for x in d.values())
+    return 0
+
+
+def _count_tokens(batches) -> int:
+    return int(sum(int(b["attention_mask"].sum()) for b in batches))
+
+
+def _make_batches(ids: list[list[int]], batch_size: int, pad_id: int):
+    import torch
+
+    batches = []
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i:i + batch_size]
+        width = max(len(x) for x in chunk)
+        inp = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, x in enumerate(chunk):
+            inp[j, :len(x)] = torch.tensor(x)
+            mask[j, :len(x)] = 1
+        batches.append({"input_ids": inp, "attention_mask": mask})
+    return batches
+
+
+def _encode(texts, tokenizer, max_tokens: int) -> list[list[int]]:
+    try:
+        from acm.calibration import encode
+
+        return encode(texts, tokenizer, max_tokens=max_tokens, chat_template=False)
+    except ImportError:
+        return [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+
+
+def task_forward(args: dict) -> dict:
+    """Plain forward passes of base + fine-tuned over the calibration tokens (loading not timed)."""
+    import torch
+
+    from acm.models import load_causal_lm, resolve_model
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    srcs = [resolve_model(p) for p in [args["base"], *args["fts"]]]
+    loaded = [load_causal_lm(s, device="cpu") for s in srcs]
+    load_s = time.perf_counter() - t0
+    tok = loaded[0][1]
+    texts = calibration_texts(args["samples"], seed=args.get("seed", 0))
+    ids = _encode(texts, tok, args["max_tokens"])
+    batches = _make_batches(ids, args["batch_size"], tok.pad_token_id or 0)
+    tokens = _count_tokens(batches)
+    with torch.inference_mode():  # one small warm-up batch per model (kernels, allocator)
+        for model, _ in loaded:
+            model(input_ids=batches[0]["input_ids"][:1, :8], attention_mask=batches[0]["attention_mask"][:1, :8])
+    per_model = []
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        for model, _ in loaded:
+            tm = time.perf_counter()
+            for b in batches:
+                model(**b)
+            per_model.append(time.perf_counter() - tm)
+    seconds = time.perf_counter() - t1
+    return {"seconds": seconds, "per_model_s": per_model, "tokens": tokens, "load_s": load_s,
+            "dtype": str(next(loaded[0][0].parameters()).dtype), "rss_after_load": proc_status().get("VmRSS", 0)}
+
+
+def task_analyze(args: dict) -> dict:
+    """One full ``analyze`` call with its loading / selection / encoding timed apart."""
+    import torch
+
+    import acm.analysis as analysis
+
+    torch.manual_seed(0)
+    timers = _Timers()
+    for name in ("load_causal_lm", "resolve_model", "check_compatibility"):
+        timers.wrap(analysis, name, "load" if name == "load_causal_lm" else "resolve")
+    timers.wrap(analysis, "select_samples", "select")
+    timers.wrap(analysis, "encode", "encode")
+    try:
+        import acm.calibration as calibration
+
+        if not hasattr(analysis, "select_samples"):
+            timers.wrap(calibration, "select_samples", "select")
+        if not hasattr(analysis, "encode"):
+            timers.wrap(calibration, "encode", "encode")
+    except ImportError:
+        pass
+    estimators: list = []
+    cls = getattr(analysis, "StreamingMI", None)
+    if cls is not None:
+        def factory(*a, **k):
+            est = cls(*a, **k)
+            estimators.append(est)
+            return est
+        analysis.StreamingMI = factory
+    texts = calibration_texts(args["samples"], seed=args.get("seed", 0))
+    before = proc_status()
+    t0 = time.perf_counter()
+    kwargs = dict(samples=args["samples"], max_tokens=args["max_tokens"], batch_size=args["batch_size"],
+                  bins=args.get("bins", 64), seed=args.get("seed", 0), device="cpu", chat_template=False,
+                  show_progress=False)
+    if args.get("clusters"):
+        kwargs["clusters"] = args["clusters"]
+    result = analysis.analyze(args["base"], args["fts"], texts, **kwargs)
+    total = time.perf_counter() - t0
+    timers.restore()
+    prov = getattr(result, "provenance", {}) or {}
+    calib = prov.get("calibration", {}) if isinstance(prov, dict) else {}
+    tokens = calib.get("tokens") if isinstance(calib, dict) else None
+    load = timers.seconds.get("load", 0.0) + timers.seconds.get("resolve", 0.0)
+    select = timers.seconds.get("select", 0.0)
+    encode = timers.seconds.get("encode", 0.0)
+    return {"seconds_total": total, "load_s": load, "select_s": select, "encode_s": encode,
+            "core_s": total - load - select - encode, "tokens": tokens, "calls": timers.calls,
+            "groups": len(getattr(result, "groups", []) or []),
+            "estimator_bytes": sum(_state_bytes(e) for e in estimators), "estimators": len(estimators),
+            "rss_before": before.get("VmRSS", 0), "anon_before": before.get("RssAnon", 0),
+            "provenance_seconds": prov.get("seconds") if isinstance(prov, dict) else None}
+
+
+def task_both(args: dict) -> dict:
+    """Forward baseline and analyze in the same process, in that order (same allocator / cache state)."""
+    fwd = task_forward(args)
+    ana = task_analyze(args)
+    return {"forward": fwd, "analyze": ana}
+
+
+TASKS = {"forward": task_forward, "analyze": task_analyze, "both": task_both}
+
+
+# ============================================================================================
+# parent
+
+
+def analysis_available() -> tuple[bool, str]:
+    try:
+        from acm.analysis import analyze  # noqa: F401
+    except Exception as exc:
+        return False, f"acm.analysis not importable: {type(exc).__name__}: {exc}".splitlines()[0]
+    return True, ""
+
+
+def model_sets(sizes: list[str]) -> list[dict]:
+    from benchmarks.models import get_models
+
+    out = []
+    for s in sizes:
+        ms = get_models(s, n_ft=1)
+        out.append({"name": s, "base": str(ms.base), "fts": [str(f) for f in ms.fts], "params": ms.params})
+    return out
+
+
+def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, batch_size: int,
+        repeats: int = 1, out: str | None = None, log=print) -> dict:
+    t_start = time.perf_counter()
+    ok, why = analysis_available()
+    overhead_rows: list[dict] = []
+    scaling_rows: list[dict] = []
+    for m in model_sets(sizes):
+        common = {"base": m["base"], "fts": m["fts"], "max_tokens": max_tokens, "batch_size": batch_size}
+        best: dict | None = None
+        for rep in range(repeats):
+            if ok:
+                res = run_child("benchmarks.analysis", {"task": "both", "samples": samples, **common})
+                fwd, ana = res.payload["forward"], res.payload["analyze"]
+            else:
+                res = run_child("benchmarks.analysis", {"task": "forward", "samples": samples, **common})
+                fwd, ana = res.payload, None
+            if best is None or (ana and ana["core_s"] < best["ana"]["core_s"]):
+                best = {"fwd": fwd, "ana": ana, "res": res}
+        fwd, ana = best["fwd"], best["ana"]
+        row = {"model": m["name"], "params_m": m["params"] / 1e6, "samples": samples, "tokens": fwd["tokens"],
+               "forward_s": fwd["seconds"], "forward_tok_s": fwd["tokens"] / fwd["seconds"],
+               "status": "ok" if ana else why}
+        if ana:
+            tokens = ana["tokens"] or fwd["tokens"]
+            row.update({"analyze_total_s": ana["seconds_total"], "load_s": ana["load_s"], "select_s": ana["select_s"],
+                        "encode_s": ana["encode_s"], "analyze_core_s": ana["core_s"], "analyze_tokens": tokens,
+                        "analyze_tok_s": tokens / ana["core_s"] if ana["core_s"] > 0 else None,
+                        # per-token cost ratio (robust to analyze counting tokens slightly differently)
+                        "overhead": (ana["core_s"] / tokens) / (fwd["seconds"] / fwd["tokens"]),
+                        "estimator_bytes": ana["estimator_bytes"], "groups": ana["groups"]})
+        overhead_rows.append(row)
+        log(f"[analysis] {m['name']}: forward {fwd['seconds']:.2f}s for {fwd['tokens']} tokens"
+            + (f", analyze core {ana['core_s']:.2f}s (total {ana['seconds_total']:.2f}s, load {ana['load_s']:.2f}s, "
+               f"select {ana['select_s']:.2f}s) -> overhead {row['overhead']:.2f}x" if ana else f" ({why})"))
+    if ok and scaling:
+        m = model_sets(sizes[:1])[0]
+        for n in scaling:
+            res = run_child("benchmarks.analysis", {"task": "analyze", "samples": n, "base": m["base"], "fts": m["fts"],
+                                                    "max_tokens": max_tokens, "batch_size": batch_size})
+            p = res.payload
+            scaling_rows.append({"model": m["name"], "samples": n, "tokens": p["tokens"], "core_s": p["core_s"],
+                                 "tok_s": (p["tokens"] / p["core_s"]) if p["tokens"] and p["core_s"] > 0 else None,
+                                 "estimator_bytes": p["estimator_bytes"], "estimator_kib": p["estimator_bytes"] / 1024,
+                                 "peak_rss_mib": res.ru_maxrss / MB, "peak_anon_mib": res.peak_anon / MB,
+                                 "anon_minus_baseline_mib": (res.peak_anon - p["anon_before"]) / MB})
+            log(f"[analysis] scaling {n} samples: {p['tokens']} tokens, {p['core_s']:.2f}s, "
+                f"estimator {p['estimator_bytes'] / 1024:.1f} KiB, peak RSS {res.ru_maxrss / MB:.0f} MiB")
+    data = {"benchmark": "analysis", "machine": machine_info(), "max_tokens": max_tokens, "batch_size": batch_size,
+            "overhead": overhead_rows, "scaling": scaling_rows, "status": "ok" if ok else why,
+            "total_seconds": time.perf_counter() - t_start,
+            "command": " ".join(["python -m benchmarks.analysis", *sys.argv[1:]])}
+    data["path"] = str(save_result("analysis", data, out))
+    return data
+
+
+OVERHEAD_COLUMNS = [("model", "model"), ("params_m", "params (M)"), ("samples", "samples"), ("tokens", "tokens"),
+                    ("forward_s", "2× forward s"), ("forward_tok_s", "forward tok/s"),
+                    ("analyze_core_s", "analyze core s"), ("analyze_tok_s", "analyze tok/s"),
+                    ("overhead", "overhead ×"), ("load_s", "load s (excl.)"), ("select_s", "k-means s (excl.)"),
+                    ("analyze_total_s", "analyze total s")]
+SCALING_COLUMNS = [("model", "model"), ("samples", "samples"), ("tokens", "tokens"), ("core_s", "core s"),
+                   ("tok_s", "tok/s"), ("estimator_kib", "estimator state KiB"), ("peak_rss_mib", "peak RSS MiB"),
+                   ("peak_anon_mib", "peak anon MiB")]
+
+
+def report(data: dict) -> str:
+    parts = [md_table(data["overhead"], OVERHEAD_COLUMNS)]
+    if data["scaling"]:
+        parts.append(md_table(data["scaling"], SCALING_COLUMNS))
+    if data["status"] != "ok":
+        parts.append(f"analyze not measured: {data['status']}\n")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="analysis cost vs plain forward passes")
+    ap.add_argument("--sizes", nargs="+", default=["10m", "50m"])
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--scaling", nargs="*", type=int, default=[8, 32, 128])
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes, args.samples, args.scaling, args.max_tokens, args.repeats = ["10m"], 8, [4, 8], 64, 1
+    data = run(args.sizes, samples=args.samples, scaling=args.scaling, max_tokens=args.max_tokens,
+               batch_size=args.batch_size, repeats=args.repeats, out=args.out)
+    print(report(data))
+    print(f"[analysis] results: {data['path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 2 and sys.argv[1].startswith("{"):
+        child_main(TASKS)
+    else:
+        raise SystemExit(main())

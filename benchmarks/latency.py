@@ -1,0 +1,387 @@
+"""Interactive latency: what a user waits for in the app.
+
+* coefficient recomputation λ(t) (``acm.coefficients.lambdas``) for one t and for a t grid, at
+  the demo's group count and at a 7B-scale group count (30 groups), 1–3 fine-tuned models;
+* the whole t-slider path: λ(t) + coefficient table + plot rebuild (``components/plots.py``
+  builders when they exist, else a reference Plotly figure with the same traces, said so) +
+  serialisation of the figure to JSON (what Gradio sends to the browser);
+* generation on the demo models (``assets/demo-models``; a small random Llama when they are not
+  there, said so): first-token latency and tokens/s, one model alone and two side by side in
+  two threads (as the side-by-side chat runs them).
+
+    python -m benchmarks.latency --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks.common import ROOT, machine_info, md_table, save_result
+
+DEMO_DIR = ROOT / "assets" / "demo-models"
+
+
+def timeit(fn: Callable[[], Any], *, min_time: float = 0.2, max_reps: int = 10_000, min_reps: int = 5) -> dict:
+    """Median / p95 / min wall time of ``fn`` in milliseconds."""
+    fn()  # warm-up (imports, caches)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < min_time and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"median_ms": statistics.median(times), "p95_ms": times[int(0.95 * (len(times) - 1))],
+            "min_ms": times[0], "reps": len(times)}
+
+
+# ============================================================================================
+# coefficients
+
+
+def _lambdas_fn():
+    try:
+        from acm.coefficients import lambdas
+
+        return lambdas, "acm.coefficients.lambdas"
+    except ImportError:
+        import numpy as np
+
+        def lambdas(nmi, t, alpha=1.0, clip=None):  # DESIGN formula, vectorised over a t grid
+            nmi = np.asarray(nmi, dtype=float)
+            t = np.asarray(t, dtype=float)
+            z = -t.reshape(t.shape + (1,) * nmi.ndim) * nmi
+            z = z - z.max(axis=-1, keepdims=True)
+            w = np.exp(z)
+            return alpha * nmi.shape[-1] * w / w.sum(axis=-1, keepdims=True)
+
+        return lambdas, "reference formula (acm.coefficients not present)"
+
+
+def synthetic_analysis(n_models: int, n_groups: int):
+    """An AnalysisResult-like object with plausible NMI values (no model work)."""
+    import numpy as np
+
+    groups = ["embed"] + [f"block.{k}" for k in range(n_groups - 2)] + ["head"]
+    rng = np.random.default_rng(0)
+    nmis = [np.clip(np.linspace(0.9, 0.3, n_groups) + 0.05 * rng.standard_normal(n_groups), 0.01, 0.99)
+            for _ in range(n_models)]
+    try:
+        from acm.analysis import AnalysisResult
+
+        d = {"groups": groups,
+             "models": [{"model": f"ft{i}", "nmi": [float(x) for x in nmi], "mi": [float(x) for x in nmi * 2]}
+                        for i, nmi in enumerate(nmis)],
+             "provenance": {"bins": 64, "seed": 0}}
+        try:
+            return AnalysisResult.from_dict(d), groups, np.stack(nmis)
+        except Exception:
+            pass
+    except ImportError:
+        pass
+    return None, groups, np.stack(nmis)
+
+
+def bench_coefficients(quick: bool) -> list[dict]:
+    import numpy as np
+
+    lambdas, source = _lambdas_fn()
+    rows = []
+    grid = np.linspace(0.0, 10.0, 101)
+    for n_groups in (8, 30):
+        for n_models in ((1,) if quick else (1, 3)):
+            _, _, nmi = synthetic_analysis(n_models, n_groups)
+            one = timeit(lambda: lambdas(nmi, 2.5), min_time=0.05 if quick else 0.3)
+            many = timeit(lambda: lambdas(nmi, grid), min_time=0.05 if quick else 0.3)
+            rows.append({"what": "lambdas(nmi, t)", "groups": n_groups, "models": n_models, "t_points": 1, **one,
+                         "source": source})
+            rows.append({"what": "lambdas(nmi, t-grid)", "groups": n_groups, "models": n_models,
+                         "t_points": len(grid), **many, "source": source})
+    return rows
+
+
+# ============================================================================================
+# the t-slider path
+
+
+def _plot_builders() -> list[tuple[str, Callable]]:
+    try:
+        import components.plots as plots
+    except Exception:
+        return []
+    out = []
+    for name, fn in inspect.getmembers(plots, inspect.isfunction):
+        if name.startswith("_") or fn.__module__ != plots.__name__:
+            continue
+        out.append((name, fn))
+    return out
+
+
+def _call_builder(fn: Callable, analysis, t: float, alpha: float = 1.0):
+    """Call a plot builder with whatever of (analysis, t, alpha, table, nmi, lambdas) it asks for."""
+    from acm.coefficients import coefficient_table
+
+    sig = inspect.signature(fn)
+    table = None
+    kwargs: dict[str, Any] = {}
+    args: list[Any] = []
+    for p in sig.parameters.values():
+        name = p.name
+        if name in ("analysis", "result", "res"):
+            val = analysis
+        elif name in ("t", "sharpness"):
+            val = t
+        elif name == "alpha":
+            val = alpha
+        elif name in ("table", "coefficients", "coeffs"):
+            table = table or coefficient_table(analysis, t, alpha)
+            val = table
+        elif p.default is not inspect.Parameter.empty:
+            continue
+        else:
+            raise TypeError(f"unknown required parameter {name!r}")
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and not kwargs:
+            args.append(val)
+        else:
+            kwargs[name] = val
+    return fn(*args, **kwargs)
+
+
+def _reference_figure(groups: list[str], nmi, lam):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for i in range(lam.shape[0]):
+        fig.add_trace(go.Scatter(x=groups, y=lam[i], mode="lines+markers", name=f"λ ft{i}"))
+        fig.add_trace(go.Bar(x=groups, y=nmi[i], name=f"NMI ft{i}", opacity=0.4, yaxis="y2"))
+    fig.update_layout(yaxis2=dict(overlaying="y", side="right"), height=360, margin=dict(l=40, r=40, t=30, b=40))
+    return fig
+
+
+def _serialise(fig) -> int:
+    """Figure -> JSON as sent to the browser; returns bytes."""
+    import json
+
+    if hasattr(fig, "to_json"):
+        return len(fig.to_json())
+    try:
+        return len(json.dumps(fig, default=str))
+    except TypeError:
+        return 0
+
+
+def bench_slider(quick: bool) -> list[dict]:
+    lambdas, source = _lambdas_fn()
+    rows = []
+    n_groups_list = (8,) if quick else (8, 30)
+    builders = _plot_builders()
+    for n_groups in n_groups_list:
+        analysis, groups, nmi = synthetic_analysis(2 if n_groups == 8 else 1, n_groups)
+        t_state = {"t": 0.0}
+
+        def next_t() -> float:
+            t_state["t"] = (t_state["t"] + 0.37) % 10.0
+            return t_state["t"]
+
+        used = []
+        if builders and analysis is not None:
+            for name, fn in builders:
+                try:
+                    fig = _call_builder(fn, analysis, 1.0)
+                except Exception as exc:  # a builder that needs things we cannot fake: skip, say so
+                    rows.append({"what": f"components.plots.{name}", "groups": n_groups, "status": f"skipped: {exc}"[:120]})
+                    continue
+                used.append((name, fn))
+                r = timeit(lambda: _call_builder(fn, analysis, next_t()), min_time=0.1 if quick else 0.5, min_reps=3)
+                rows.append({"what": f"components.plots.{name}", "groups": n_groups, **r, "json_bytes": _serialise(fig),
+                             "status": "ok"})
+
+        def slider_path():
+            t = next_t()
+            lam = lambdas(nmi, t)
+            if analysis is not None:
+                try:
+                    from acm.coefficients import coefficient_table
+
+                    coefficient_table(analysis, t, 1.0)
+                except ImportError:
+                    pass
+            figs = ([_call_builder(fn, analysis, t) for _, fn in used] if used
+                    else [_reference_figure(groups, nmi, lam)])
+            return sum(_serialise(f) for f in figs)
+
+        r = timeit(slider_path, min_time=0.1 if quick else 0.5, min_reps=3)
+        what = ("t-slider path: λ + table + " + ", ".join(n for n, _ in used) + " + JSON") if used else \
+            "t-slider path: λ + table + reference Plotly figure + JSON (components/plots.py builders not available)"
+        rows.append({"what": what, "groups": n_groups, **r, "status": "ok", "source": source})
+    return rows
+
+
+# ============================================================================================
+# generation
+
+
+def _gen_models(quick: bool) -> tuple[list[Path], str]:
+    names = ("tiny-math-base", "tiny-math-long")
+    found = [DEMO_DIR / n for n in names if (DEMO_DIR / n / "config.json").is_file()]
+    if not found and DEMO_DIR.is_dir():
+        found = sorted(p for p in DEMO_DIR.iterdir() if (p / "config.json").is_file())[:2]
+    if found:
+        return found, "demo models (assets/demo-models)"
+    from benchmarks.models import get_models
+
+    ms = get_models("10m", n_ft=1)
+    return [ms.base, ms.fts[0]], "random 10M Llama (assets/demo-models not present)"
+
+
+class _TimingStreamer:
+    """A transformers streamer that timestamps every generated token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._first_put = True
+
+    def put(self, value):
+        if self._first_put:  # the prompt
+            self._first_put = False
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _generate_timed(model, tok, prompt: str, max_new_tokens: int) -> dict:
+    import torch
+
+    from acm.generation import build_prompt
+
+    text = build_prompt(tok, prompt)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    streamer = _TimingStreamer()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                       streamer=streamer, pad_token_id=tok.pad_token_id or 0)
+    n = len(streamer.times)
+    first = streamer.times[0] - t0 if n else None
+    decode = (n - 1) / (streamer.times[-1] - streamer.times[0]) if n > 1 else None
+    return {"prompt_tokens": int(enc["input_ids"].shape[1]), "new_tokens": n, "first_token_ms": first * 1e3 if first else None,
+            "decode_tok_s": decode, "total_s": time.perf_counter() - t0}
+
+
+def _stream_first_chunk(model, tok, prompt: str, max_new_tokens: int) -> dict:
+    """acm.generation.generate_stream as the chat uses it: time to the first visible text."""
+    from acm.generation import generate_stream
+
+    t0 = time.perf_counter()
+    first = None
+    chunks = 0
+    for _ in generate_stream(model, tok, prompt, max_new_tokens=max_new_tokens):
+        chunks += 1
+        if first is None:
+            first = time.perf_counter() - t0
+    return {"first_text_ms": first * 1e3 if first is not None else None, "chunks": chunks,
+            "total_s": time.perf_counter() - t0}
+
+
+def bench_generation(quick: bool) -> tuple[list[dict], str]:
+    import torch
+
+    from acm.models import load_causal_lm, resolve_model
+
+    paths, what = _gen_models(quick)
+    loaded = []
+    for p in paths:
+        t0 = time.perf_counter()
+        model, tok = load_causal_lm(resolve_model(str(p)), device="cpu")
+        loaded.append((p.name, model, tok, time.perf_counter() - t0))
+    prompt = "What is 37 + 48? Show your steps."
+    n_new = 16 if quick else 64
+    rows = []
+    for name, model, tok, load_s in loaded:
+        _generate_timed(model, tok, prompt, 4)  # warm-up
+        r = _generate_timed(model, tok, prompt, n_new)
+        rows.append({"what": "generate (alone)", "model": name, "threads": torch.get_num_threads(), "load_s": load_s, **r})
+        try:
+            s = _stream_first_chunk(model, tok, prompt, n_new)
+            rows.append({"what": "acm.generation.generate_stream (alone)", "model": name,
+                         "threads": torch.get_num_threads(), "first_token_ms": s["first_text_ms"],
+                         "total_s": s["total_s"]})
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            rows.append({"what": "acm.generation.generate_stream (alone)", "model": name, "status": f"failed: {exc}"[:100]})
+    if len(loaded) >= 2:
+        for threads in ((torch.get_num_threads(),) if quick else (torch.get_num_threads(), 1)):
+            old = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            results: dict[str, dict] = {}
+
+            def worker(name, model, tok):
+                results[name] = _generate_timed(model, tok, prompt, n_new)
+
+            ths = [threading.Thread(target=worker, args=(n, m, t)) for n, m, t, _ in loaded[:2]]
+            t0 = time.perf_counter()
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join()
+            wall = time.perf_counter() - t0
+            torch.set_num_threads(old)
+            for name, r in results.items():
+                rows.append({"what": f"generate side by side (2 threads, torch threads={threads})", "model": name,
+                             "threads": threads, **r, "pair_wall_s": wall})
+    return rows, what
+
+
+# ============================================================================================
+
+
+def run(quick: bool, out: str | None = None, log=print) -> dict:
+    t0 = time.perf_counter()
+    coeff = bench_coefficients(quick)
+    log(f"[latency] coefficients: {len(coeff)} rows")
+    slider = bench_slider(quick)
+    log(f"[latency] slider: {len(slider)} rows")
+    gen, gen_models = bench_generation(quick)
+    log(f"[latency] generation ({gen_models}): {len(gen)} rows")
+    data = {"benchmark": "latency", "machine": machine_info(), "coefficients": coeff, "slider": slider,
+            "generation": gen, "generation_models": gen_models, "total_seconds": time.perf_counter() - t0,
+            "command": " ".join(["python -m benchmarks.latency", *sys.argv[1:]])}
+    data["path"] = str(save_result("latency", data, out))
+    return data
+
+
+COEFF_COLUMNS = [("what", "what"), ("groups", "groups"), ("models", "models"), ("t_points", "t points"),
+                 ("median_ms", "median ms"), ("p95_ms", "p95 ms"), ("reps", "reps")]
+SLIDER_COLUMNS = [("what", "what"), ("groups", "groups"), ("median_ms", "median ms"), ("p95_ms", "p95 ms"),
+                  ("reps", "reps"), ("status", "status")]
+GEN_COLUMNS = [("what", "what"), ("model", "model"), ("threads", "torch threads"), ("prompt_tokens", "prompt tok"),
+               ("new_tokens", "new tok"), ("first_token_ms", "first token ms"), ("decode_tok_s", "decode tok/s"),
+               ("total_s", "total s")]
+
+
+def report(data: dict) -> str:
+    return "\n".join([md_table(data["coefficients"], COEFF_COLUMNS), md_table(data["slider"], SLIDER_COLUMNS),
+                      f"Generation models: {data['generation_models']}\n", md_table(data["generation"], GEN_COLUMNS)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="interactive latency: λ(t), slider path, generation")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    data = run(args.quick, args.out)
+    print(report(data))
+    print(f"[latency] results: {data['path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

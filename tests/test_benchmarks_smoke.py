@@ -1,0 +1,73 @@
+"""Smoke test: every benchmark runs in quick mode and returns the expected fields.
+
+No timing assertions (the numbers depend on the machine and on what else runs); this only
+guards against the benchmarks rotting as the library's API moves. Smallest size, few tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from benchmarks import analysis as analysis_bench
+from benchmarks import latency as latency_bench
+from benchmarks import merge as merge_bench
+from benchmarks.common import lstsq_slope, md_table
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def test_helpers():
+    slope, icpt, r2 = lstsq_slope([1, 2, 3], [2, 4, 6])
+    assert slope == pytest.approx(2) and icpt == pytest.approx(0) and r2 == pytest.approx(1)
+    table = md_table([{"a": 1.23456, "b": None}], [("a", "A"), ("b", "B")])
+    assert table.splitlines()[0] == "| A | B |" and "1.23" in table
+
+
+def test_merge_quick(tmp_path):
+    data = merge_bench.run(["10m"], repeats=1, out=str(tmp_path / "merge.json"), log=lambda *_: None)
+    assert (tmp_path / "merge.json").is_file()
+    rows = {r["method"]: r for r in data["rows"]}
+    assert {"floor", "naive", *merge_bench.METHODS} <= set(rows)
+    for name in ("floor", "naive"):
+        r = rows[name]
+        assert r["status"] == "ok"
+        for key in ("seconds", "x_floor", "peak_rss_mib", "peak_anon_mib", "rss_over_model", "rss_minus_baseline_mib",
+                    "anon_minus_baseline_mib", "gb_per_s"):
+            assert r[key] is not None, (name, key)
+    assert data["sizes"][0]["baseline"]["ru_maxrss"] > 0
+    if _has("acm.merge"):
+        for m in merge_bench.METHODS:
+            assert rows[m]["status"] == "ok", rows[m]
+            assert rows[m]["seconds"] > 0 and rows[m]["x_ta"] is not None and rows[m]["x_floor"] > 0
+    assert "| size |" in merge_bench.report(data)
+
+
+def test_analysis_quick(tmp_path):
+    data = analysis_bench.run(["10m"], samples=4, scaling=[2, 4], max_tokens=32, batch_size=2,
+                              out=str(tmp_path / "analysis.json"), log=lambda *_: None)
+    (row,) = data["overhead"]
+    assert row["tokens"] > 0 and row["forward_s"] > 0 and row["forward_tok_s"] > 0
+    if _has("acm.analysis"):
+        assert data["status"] == "ok", data["status"]
+        for key in ("analyze_core_s", "analyze_tok_s", "overhead", "load_s", "select_s", "estimator_bytes"):
+            assert row[key] is not None, key
+        assert [r["samples"] for r in data["scaling"]] == [2, 4]
+        for r in data["scaling"]:
+            assert r["peak_rss_mib"] > 0 and r["estimator_bytes"] >= 0
+    assert "| model |" in analysis_bench.report(data)
+
+
+def test_latency_quick(tmp_path):
+    data = latency_bench.run(True, out=str(tmp_path / "latency.json"), log=lambda *_: None)
+    assert data["coefficients"] and all(r["median_ms"] >= 0 for r in data["coefficients"])
+    assert any(r["what"].startswith("t-slider path") and r["status"] == "ok" for r in data["slider"])
+    gen = [r for r in data["generation"] if r["what"] == "generate (alone)"]
+    assert gen and all(r["new_tokens"] > 0 and r["first_token_ms"] > 0 for r in gen)
+    assert "| what |" in latency_bench.report(data)
