@@ -1,0 +1,275 @@
+"""Step 3 — Analyse: per-layer NMI (cached), and the coefficient curve λₖ(t) redrawn live.
+
+``run_analysis`` is the only heavy call here (``acm.analysis.analyze``); ``coefficient_view`` only
+reads the cached NMI and asks ``acm.coefficients`` for λ, so moving t or α costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from components import help as texts
+from components import plots
+from components.calibration import resolve_calibration
+from components.common import (gpu, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels,
+                               warn)
+from components.models import validate_selection
+from components.state import SessionState
+
+T_MAX = 40.0
+DEFAULT_T = 8.0
+DEFAULT_ALPHA = 1.0
+T_GRID = (0.0, 2.0, 5.0, 10.0, 20.0, 40.0)   # the small-multiples view
+DEFAULT_BINS = 64
+DEFAULT_BATCH = 4
+DEFAULT_SEED = 0
+
+
+def _clip(clip_min, clip_max) -> tuple[float | None, float | None] | None:
+    lo, hi = optional_float(clip_min), optional_float(clip_max)
+    if lo is None and hi is None:
+        return None
+    if lo is not None and hi is not None and lo > hi:
+        from acm.errors import InputError
+
+        raise InputError(f"λ min ({lo:g}) is larger than λ max ({hi:g})")
+    return (lo, hi)
+
+
+def analysis_key(base: str, fts: list[str], calibration: dict, settings: dict) -> tuple:
+    """What decides an analysis: models, calibration texts and every setting that changes NMI."""
+    return (base, tuple(fts), calibration["identity"], tuple(sorted(settings.items())))
+
+
+def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_code: bool = False,
+                 device: str | None = "auto", dtype: str | None = "auto", cal_mode: str | None = None,
+                 cal_upload: str | None = None, hub_id: str | None = None, split: str | None = None,
+                 field: str | None = None, samples: int | None = 16, clusters: int = 4, fraction: float = 0.1,
+                 max_tokens: int = 128, bins: int = DEFAULT_BINS, batch_size: int = DEFAULT_BATCH,
+                 seed: int = DEFAULT_SEED, chat_template: bool = True,
+                 progress: Callable[[float, str], None] | None = None) -> dict:
+    """Analyse (or fetch from the session cache) and make it the session's current analysis.
+
+    Returns ``{"analysis", "cached", "seconds", "calibration"}``.
+    """
+    from acm.analysis import analyze
+
+    base, fts = validate_selection(base, fts)
+    cal = resolve_calibration(cal_mode, cal_upload, hub_id, split, field)
+    samples = int(samples) if samples else None
+    settings = dict(samples=samples, clusters=int(clusters), fraction=float(fraction), max_tokens=int(max_tokens),
+                    bins=int(bins), batch_size=int(batch_size), seed=int(seed), chat_template=bool(chat_template),
+                    device=none_if_auto(device), dtype=none_if_auto(dtype), trust=bool(trust_remote_code))
+    key = analysis_key(base, fts, cal, settings)
+    with state.lock:
+        cached = state.analysis_cache.get(key)
+    if cached is not None:
+        if progress:
+            progress(1.0, "cached analysis")
+        state.analysis, state.analysis_key = cached, key
+        state.base, state.fts = base, fts
+        return {"analysis": cached, "cached": True, "seconds": 0.0, "calibration": cal}
+    t0 = time.perf_counter()
+    result = analyze(base, fts, cal["source"], field=cal["field"], split=cal["split"], samples=samples,
+                     clusters=settings["clusters"], fraction=settings["fraction"], max_tokens=settings["max_tokens"],
+                     bins=settings["bins"], batch_size=settings["batch_size"], seed=settings["seed"],
+                     device=settings["device"], dtype=settings["dtype"], chat_template=settings["chat_template"],
+                     trust_remote_code=settings["trust"], progress=progress, show_progress=False)
+    seconds = time.perf_counter() - t0
+    with state.lock:
+        state.analysis_cache[key] = result
+        state.analysis, state.analysis_key, state.analysis_seconds = result, key, seconds
+        state.base, state.fts = base, fts
+    return {"analysis": result, "cached": False, "seconds": seconds, "calibration": cal}
+
+
+def load_analysis_file(state: SessionState, path: str | None):
+    """Make an uploaded analysis JSON the current analysis (skips the forward passes)."""
+    from acm.analysis import AnalysisResult
+    from acm.errors import InputError
+
+    if not path:
+        raise InputError("no analysis file given")
+    try:
+        result = AnalysisResult.load(path)
+    except InputError:
+        raise
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{Path(path).name} is not an ACM analysis JSON ({type(exc).__name__}: {exc})") from None
+    with state.lock:
+        state.analysis, state.analysis_key = result, ("uploaded", str(path))
+    return result
+
+
+def save_analysis(state: SessionState) -> str | None:
+    """Write the current analysis as JSON in the session workspace; returns its path."""
+    if state.analysis is None:
+        return None
+    path = state.subdir("exports") / "acm_analysis.json"
+    state.analysis.save(path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def model_labels(analysis) -> list[str]:
+    return unique_labels([m.model for m in analysis.models])
+
+
+def nmi_view(analysis):
+    labels = model_labels(analysis)
+    return plots.nmi_figure(analysis.groups, [(lab, m.nmi) for lab, m in zip(labels, analysis.models)])
+
+
+def coefficient_view(state: SessionState, t: float, alpha: float, clip_min=None, clip_max=None):
+    """(λ curve figure, several-t figure, coefficient table dict) for the current analysis.
+
+    No model work: NMI is cached, λ comes from ``acm.coefficients``. Safe to call on every
+    slider move; without an analysis it returns placeholders.
+    """
+    from acm.coefficients import coefficient_table, lambdas
+
+    t, alpha = float(t or 0.0), float(DEFAULT_ALPHA if alpha is None else alpha)
+    clip = _clip(clip_min, clip_max)
+    analysis = state.analysis
+    state.coef_view = {"t": t, "alpha": alpha, "clip": clip}
+    if analysis is None:
+        hint = "Run “Analyse” (or upload an analysis JSON) to see the coefficients"
+        return plots.empty_figure(hint), plots.empty_figure(hint), {}
+    table = coefficient_table(analysis, t, alpha, clip=clip)
+    labels = model_labels(analysis)
+    series = [{"label": lab, "nmi": [g["nmi"] for g in m["groups"]], "lambdas": [g["lambda"] for g in m["groups"]]}
+              for lab, m in zip(labels, table["models"])]
+    coef_fig = plots.coefficient_figure(analysis.groups, series, t=t, alpha=alpha, clip=clip)
+    grid = lambdas(analysis.nmi_matrix(), list(T_GRID), alpha=alpha, clip=clip)   # [len(T), n_models, K]
+    per_model = [{"label": lab, "nmi": list(m.nmi), "grid": [grid[j][i] for j in range(len(T_GRID))]}
+                 for i, (lab, m) in enumerate(zip(labels, analysis.models))]
+    multi_fig = plots.multi_t_figure(analysis.groups, per_model, list(T_GRID), alpha=alpha)
+    state.figures.update(coefficients=coef_fig, coefficients_multi_t=multi_fig)
+    return coef_fig, multi_fig, table
+
+
+def summary_markdown(analysis, *, cached: bool = False, seconds: float | None = None,
+                     calibration_label: str | None = None) -> str:
+    prov = getattr(analysis, "provenance", {}) or {}
+    cal = prov.get("calibration") or {}
+    n = cal.get("size") or cal.get("samples") or cal.get("n")
+    tokens = cal.get("tokens")
+    how = "from the session cache (no model work)" if cached else (f"in {seconds:.1f} s" if seconds else "")
+    parts = [f"**Analysis ready** {how}".strip()]
+    src = calibration_label or cal.get("source")
+    if src:
+        parts.append(f"calibration: {src}" + (f", {n} samples" if n else "") + (f", {tokens} tokens" if tokens else ""))
+    parts.append(f"{len(analysis.groups)} layer groups")
+    lines = [" · ".join(parts), ""]
+    for lab, m in zip(model_labels(analysis), analysis.models):
+        nmi = list(m.nmi)
+        lo = min(range(len(nmi)), key=nmi.__getitem__)
+        hi = max(range(len(nmi)), key=nmi.__getitem__)
+        lines.append(f"- `{lab}`: mean NMI {sum(nmi) / len(nmi):.3f}; most changed **{analysis.groups[lo]}** "
+                     f"({nmi[lo]:.3f}), least changed **{analysis.groups[hi]}** ({nmi[hi]:.3f})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- UI
+
+
+def build() -> SimpleNamespace:
+    import gradio as gr
+
+    gr.Markdown(texts.ANALYSIS, elem_classes=["step-help"])
+    with gr.Row(equal_height=True):
+        analyse_btn = gr.Button("Analyse", variant="primary", scale=0, min_width=180, elem_id="analyse-btn")
+        summary = gr.Markdown("Not analysed yet. With the defaults this takes a few seconds.",
+                              elem_id="analysis-summary")
+    with gr.Accordion("Advanced analysis settings", open=False):
+        with gr.Row():
+            bins = gr.Slider(8, 256, value=DEFAULT_BINS, step=8, label="Histogram bins (B)")
+            batch_size = gr.Slider(1, 64, value=DEFAULT_BATCH, step=1, label="Batch size")
+            seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed")
+            chat_template = gr.Checkbox(value=True, label="Apply chat template to calibration text")
+    nmi_plot = gr.Plot(plots.empty_figure("Per-layer NMI appears here after “Analyse”"), label="Per-layer NMI",
+                       elem_id="nmi-plot")
+    with gr.Group(elem_classes=["coef-controls"]):
+        with gr.Row(equal_height=True):
+            t = gr.Slider(0, T_MAX, value=DEFAULT_T, step=0.5, label="Sharpness t", elem_id="t-slider",
+                          info="0 = plain method; larger = more contrast between layers", scale=3)
+            alpha = gr.Slider(0.0, 2.0, value=DEFAULT_ALPHA, step=0.05, label="α (mean coefficient)",
+                              elem_id="alpha-slider", scale=2)
+            clip_min = gr.Number(value=None, label="λ min (optional)", scale=1)
+            clip_max = gr.Number(value=None, label="λ max (optional)", scale=1)
+    coef_plot = gr.Plot(plots.empty_figure("The coefficient curve λₖ(t) appears here"), label="Coefficients",
+                        elem_id="coef-plot")
+    multi_plot = gr.Plot(plots.empty_figure("Several t at once"), label="Several t at once", elem_id="multi-plot")
+    with gr.Accordion("λ table (JSON)", open=False):
+        table = gr.JSON(label="coefficient table")
+    with gr.Row():
+        download = gr.DownloadButton("Download analysis JSON", value=None, variant="secondary", interactive=False)
+        upload = gr.UploadButton("Upload analysis JSON (skip analysis)", file_types=[".json"], variant="secondary")
+    return SimpleNamespace(analyse_btn=analyse_btn, summary=summary, bins=bins, batch_size=batch_size, seed=seed,
+                           chat_template=chat_template, nmi_plot=nmi_plot, t=t, alpha=alpha, clip_min=clip_min,
+                           clip_max=clip_max, coef_plot=coef_plot, multi_plot=multi_plot, table=table,
+                           download=download, upload=upload)
+
+
+def wire(ui) -> None:
+    import gradio as gr
+
+    a, m, c = ui.analysis, ui.models, ui.calibration
+    coef_inputs = [ui.state, a.t, a.alpha, a.clip_min, a.clip_max]
+    outputs = [a.summary, a.nmi_plot, a.coef_plot, a.multi_plot, a.table, a.download]
+
+    @gpu(duration=300)
+    def analyse(state, base, fts, trust, device, dtype, cal_mode, cal_upload, hub_id, split, field, samples,
+                clusters, fraction, max_tokens, bins, batch_size, seed, chat_template, t, alpha, clip_min, clip_max,
+                progress=gr.Progress()):
+        """Per-layer NMI between the base and each fine-tuned model (cached per models + calibration +
+        settings), then the coefficient curve at (t, α)."""
+        progress(0.0, desc="loading models")
+        out = run_analysis(state, base, fts, trust_remote_code=trust, device=device, dtype=dtype, cal_mode=cal_mode,
+                           cal_upload=cal_upload, hub_id=hub_id, split=split, field=field, samples=samples,
+                           clusters=clusters, fraction=fraction, max_tokens=max_tokens, bins=bins,
+                           batch_size=batch_size, seed=seed, chat_template=chat_template,
+                           progress=progress_callback(progress))
+        res = out["analysis"]
+        nmi_fig = nmi_view(res)
+        state.figures["nmi"] = nmi_fig
+        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max)
+        md = summary_markdown(res, cached=out["cached"], seconds=out["seconds"],
+                              calibration_label=out["calibration"]["label"])
+        return md, nmi_fig, coef_fig, multi_fig, table, gr.update(value=save_analysis(state), interactive=True)
+
+    a.analyse_btn.click(
+        ui_errors(analyse),
+        [ui.state, m.base, m.fts, m.trust, m.device, m.dtype, c.mode, c.upload, c.hub_id, c.split, c.field,
+         c.samples, c.clusters, c.fraction, c.max_tokens, a.bins, a.batch_size, a.seed, a.chat_template,
+         a.t, a.alpha, a.clip_min, a.clip_max],
+        outputs, api_name="analyse", concurrency_id="heavy", concurrency_limit=1)
+
+    def coefficients(state, t, alpha, clip_min, clip_max):
+        """λₖ(t) per layer group and fine-tuned model from the cached NMI (no model work)."""
+        return coefficient_view(state, t, alpha, clip_min, clip_max)
+
+    gr.on([a.t.change, a.alpha.change, a.clip_min.submit, a.clip_max.submit], ui_errors(coefficients), coef_inputs,
+          [a.coef_plot, a.multi_plot, a.table], api_name="coefficients", queue=False, show_progress="hidden",
+          trigger_mode="always_last")
+
+    def upload_analysis(state, path, t, alpha, clip_min, clip_max):
+        """Use an analysis JSON saved earlier instead of running the models."""
+        res = load_analysis_file(state, path)
+        nmi_fig = nmi_view(res)
+        state.figures["nmi"] = nmi_fig
+        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max)
+        md = summary_markdown(res, calibration_label=None) + "\n\n_Loaded from an uploaded file._"
+        if state.base and list(getattr(m, "model", None) for m in res.models) != state.fts:
+            warn("the uploaded analysis was made for other models than the ones selected; "
+                 "merging uses it for the selected models")
+        return md, nmi_fig, coef_fig, multi_fig, table, gr.update(value=save_analysis(state), interactive=True)
+
+    a.upload.upload(ui_errors(upload_analysis), [ui.state, a.upload, a.t, a.alpha, a.clip_min, a.clip_max], outputs,
+                    api_name="upload_analysis")

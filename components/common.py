@@ -1,0 +1,187 @@
+"""Small helpers every panel shares: asset paths, labels, error translation, GPU decorator, progress.
+
+Nothing here does maths; it only adapts the library (`acm/`) to Gradio's conventions.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("acm.app")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def assets_dir() -> Path:
+    """The bundled assets (demo models, calibration, eval sets); ``ACM_ASSETS_DIR`` overrides."""
+    return Path(os.environ.get("ACM_ASSETS_DIR") or REPO_ROOT / "assets")
+
+
+def demo_models_dir() -> Path:
+    return assets_dir() / "demo-models"
+
+
+def bundled_calibration() -> Path:
+    return assets_dir() / "calibration" / "demo_calibration.jsonl"
+
+
+def bundled_eval() -> Path:
+    return assets_dir() / "eval" / "demo_eval.jsonl"
+
+
+def short_name(spec: str | os.PathLike | None) -> str:
+    """A readable label for a model spec: the folder name for paths, the id for Hub models."""
+    if spec is None:
+        return "?"
+    s = str(spec).rstrip("/\\")
+    if os.path.sep in s and (os.path.isabs(s) or os.path.exists(s)):
+        return Path(s).name
+    return s
+
+
+def unique_labels(specs: list[str]) -> list[str]:
+    """Short labels, disambiguated when two models share a folder name."""
+    labels = [short_name(s) for s in specs]
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:
+        if labels.count(lab) > 1:
+            seen[lab] = seen.get(lab, 0) + 1
+            lab = f"{lab} ({seen[lab]})"
+        out.append(lab)
+    return out
+
+
+def as_list(value: Any) -> list[str]:
+    """Dropdown values arrive as a str, a list or None; always give a clean list of strings."""
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        value = [value]
+    return [str(v).strip() for v in value if v is not None and str(v).strip()]
+
+
+def none_if_auto(value: str | None) -> str | None:
+    return None if value in (None, "", "auto") else value
+
+
+def optional_float(value: Any) -> float | None:
+    """Blank Number boxes arrive as None (or NaN); keep them as 'not set'."""
+    if value is None or value == "":
+        return None
+    value = float(value)
+    return None if value != value else value  # NaN -> None
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _translate(exc: BaseException):
+    """An exception as a readable one-line gr.Error (library errors keep their own message)."""
+    import gradio as gr
+
+    from acm.errors import ACMError
+
+    if isinstance(exc, gr.Error):
+        return exc
+    if isinstance(exc, ACMError):
+        return gr.Error(str(exc), print_exception=False)
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return gr.Error("out of memory: use fewer calibration samples, fewer max tokens or a smaller "
+                            "model (or a GPU with more memory)", print_exception=False)
+    except Exception:  # pragma: no cover - torch always present here
+        pass
+    log.exception("unexpected error in the app", exc_info=exc)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return gr.Error(f"unexpected {type(exc).__name__}: {first}" if first else f"unexpected {type(exc).__name__}",
+                    print_exception=False)
+
+
+def ui_errors(fn: Callable) -> Callable:
+    """Wrap an event handler so failures reach the user as one readable line, never a traceback.
+
+    Keeps the wrapped signature (Gradio reads it to inject ``gr.Progress``) and works for plain
+    functions and generators (streaming handlers).
+    """
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                raise _translate(exc) from None
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc) from None
+    return wrapper
+
+
+def warn(message: str) -> None:
+    """A non-blocking toast in the UI (no-op outside a Gradio request, e.g. in unit tests)."""
+    try:
+        import gradio as gr
+
+        gr.Warning(message)
+    except Exception:  # pragma: no cover
+        log.warning(message)
+
+
+def info(message: str) -> None:
+    try:
+        import gradio as gr
+
+        gr.Info(message)
+    except Exception:  # pragma: no cover
+        log.info(message)
+
+
+# ----------------------------------------------------------------------------- GPU + progress
+
+
+def gpu(duration: int = 120) -> Callable[[Callable], Callable]:
+    """``spaces.GPU`` on Hugging Face ZeroGPU Spaces when the package is importable, else a no-op."""
+    try:
+        import spaces  # type: ignore
+
+        return spaces.GPU(duration=duration)
+    except Exception:  # ImportError, or not on a Space
+        return lambda fn: fn
+
+
+def progress_callback(progress: Any, span: tuple[float, float] = (0.0, 1.0)) -> Callable[[float, str], None] | None:
+    """Adapt a ``gr.Progress`` (or any ``(fraction, desc=)`` callable) to the library's
+    ``progress(fraction, description)`` protocol, mapped into ``span`` of the bar."""
+    if progress is None:
+        return None
+    lo, hi = span
+
+    def cb(fraction: float, desc: str = "") -> None:
+        try:
+            progress(lo + (hi - lo) * max(0.0, min(1.0, float(fraction))), desc=desc)
+        except Exception:  # noqa: BLE001 - a progress bar must never break the job
+            pass
+    return cb
+
+
+def device_summary() -> str:
+    """One line on where heavy work runs."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        mem = torch.cuda.get_device_properties(0).total_memory / 2**30
+        return f"GPU: **{name}** ({mem:.0f} GiB) · default dtype bfloat16/float16"
+    return f"CPU only ({os.cpu_count()} cores) · default dtype float32 · fine for the demo models"

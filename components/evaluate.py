@@ -1,0 +1,193 @@
+"""Step 6 — Evaluate: accuracy and answer length of the merged and source models (Long-to-Short)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+from components import help as texts
+from components import plots
+from components.common import bundled_eval, gpu, none_if_auto, progress_callback, ui_errors, unique_labels
+from components.models import validate_selection
+from components.state import SessionState, load_source_model
+
+BUNDLED, UPLOAD = "Bundled demo set", "Upload a .jsonl"
+DEFAULT_LIMIT = 24
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_BATCH = 16
+
+
+def _data(mode: str | None, upload: str | None) -> tuple[str, str]:
+    """(path, label) of the evaluation set."""
+    from acm.errors import InputError
+
+    if mode == UPLOAD:
+        if not upload:
+            raise InputError("upload a .jsonl evaluation file (question/answer per line) or pick the bundled set")
+        return str(upload), Path(upload).name
+    path = bundled_eval()
+    if not path.is_file():
+        raise InputError("the bundled evaluation set is missing (assets/eval/demo_eval.jsonl); upload a .jsonl")
+    return str(path), "bundled demo set"
+
+
+def run_eval(state: SessionState, base: str | None, fts, *, data_mode: str | None = BUNDLED,
+             upload: str | None = None, limit: int | None = DEFAULT_LIMIT,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, include_sources: bool = True,
+             batch_size: int = DEFAULT_BATCH, device: str | None = "auto", dtype: str | None = "auto",
+             trust_remote_code: bool = False, progress: Callable[[float, str], None] | None = None) -> dict:
+    """Evaluate the merged model (and the source models) on the same problems.
+
+    Source-model results are cached per evaluation setting, so after each new merge only the
+    merged model runs. Every result becomes a point of the session's accuracy-vs-length scatter.
+    Returns the ``acm.evaluate.evaluate`` dict with ``kind`` and ``label`` added per model.
+    """
+    from acm.errors import InputError
+    from acm.evaluate import evaluate
+
+    base, fts = validate_selection(base, fts)
+    path, data_label = _data(data_mode, upload)
+    limit = int(limit) if limit else None
+    setting = (path, limit, int(max_new_tokens))
+    wanted: list[tuple[str, str, str | None]] = []      # (kind, label, spec or None for merged)
+    if state.merged is not None:
+        wanted.append(("merged", state.merged.label, None))
+    if include_sources or state.merged is None:
+        labels = unique_labels([base] + fts)
+        wanted.append(("base", labels[0], base))
+        wanted.extend(("fine-tuned", lab, spec) for lab, spec in zip(labels[1:], fts))
+    if not wanted:
+        raise InputError("nothing to evaluate: merge first or tick “include the source models”")
+    cache = state.eval_cache
+    to_run, results = [], {}
+    for kind, label, spec in wanted:
+        key = (spec or f"merge:{state.merged.out_dir}", setting)
+        if key in cache:
+            results[label] = cache[key]
+        else:
+            to_run.append((kind, label, spec, key))
+    if to_run:
+        models = []
+        for k, (kind, label, spec, _) in enumerate(to_run):
+            if progress:
+                progress(0.02 * k, f"loading {label}")
+            if spec is None:
+                models.append((label, state.merged.model, state.merged.tokenizer))
+            else:
+                model, tok = load_source_model(spec, device=none_if_auto(device), dtype=none_if_auto(dtype),
+                                               trust_remote_code=trust_remote_code)
+                models.append((label, model, tok))
+        out = evaluate(models, path, limit=limit, max_new_tokens=int(max_new_tokens), batch_size=int(batch_size),
+                       progress=progress_callback(progress, (0.05, 1.0)), show_progress=False)
+        for (kind, label, spec, key), res in zip(to_run, out["models"]):
+            cache[key] = res
+            results[label] = res
+        n = out.get("n")
+    else:
+        n = next(iter(results.values())).get("n")
+    models_out = []
+    for kind, label, spec in wanted:
+        res = dict(results[label])
+        res.update(kind=kind, label=label, model=label if spec is None else spec)
+        models_out.append(res)
+        point = {"label": label, "kind": kind, "accuracy": res["accuracy"], "mean_length": res["mean_length"],
+                 "n": res.get("n", n), "setting": setting}
+        state.eval_points = [p for p in state.eval_points if not (p["label"] == label and p["setting"] == setting)]
+        state.eval_points.append(point)
+    result = {"data": data_label, "n": n, "limit": limit, "max_new_tokens": int(max_new_tokens),
+              "decoding": "greedy", "models": models_out}
+    state.last_eval = result
+    if progress:
+        progress(1.0, "done")
+    return result
+
+
+def tables(result: dict) -> tuple[list[list], list[list]]:
+    """(overall rows, per-difficulty rows) for the two tables."""
+    overall, per_level = [], []
+    for m in result["models"]:
+        overall.append([m["label"], m["kind"], round(100 * m["accuracy"], 1), m["mean_length"],
+                        m.get("median_length"), m.get("n"), m.get("truncated", 0)])
+        for level, s in (m.get("per_level") or {}).items():
+            per_level.append([m["label"], level, round(100 * s["accuracy"], 1), s["mean_length"], s.get("n")])
+    return overall, per_level
+
+
+OVERALL_HEADERS = ["model", "kind", "accuracy %", "mean length", "median length", "n", "hit max tokens"]
+LEVEL_HEADERS = ["model", "difficulty", "accuracy %", "mean length", "n"]
+
+
+def scatter(state: SessionState, setting: tuple | None = None):
+    """Accumulated points of this session for one evaluation setting (comparable points only)."""
+    pts = [p for p in state.eval_points if setting is None or p["setting"] == setting]
+    fig = plots.eval_scatter(pts)
+    state.figures["eval_scatter"] = fig
+    return fig
+
+
+def summary_markdown(result: dict) -> str:
+    lines = [f"**{result['n']} problems** from the {result['data']} · greedy · max {result['max_new_tokens']} new tokens"]
+    merged = [m for m in result["models"] if m["kind"] == "merged"]
+    longm = [m for m in result["models"] if m["kind"] == "fine-tuned"]
+    if merged and longm:
+        mm, lm = merged[0], longm[0]
+        if lm["mean_length"]:
+            cut = 100 * (1 - mm["mean_length"] / lm["mean_length"])
+            lines.append(f"{mm['label']} vs `{lm['label']}`: length **{cut:+.1f}%** shorter"
+                         if cut >= 0 else f"{mm['label']} vs `{lm['label']}`: length **{-cut:.1f}%** longer")
+            lines[-1] += f", accuracy **{100 * (mm['accuracy'] - lm['accuracy']):+.1f}** points"
+    return " · ".join(lines)
+
+
+def build() -> SimpleNamespace:
+    import gradio as gr
+
+    gr.Markdown(texts.EVALUATE, elem_classes=["step-help"])
+    with gr.Row(equal_height=True):
+        mode = gr.Radio([BUNDLED, UPLOAD], value=BUNDLED, label="Problems", scale=2)
+        upload = gr.File(label="Evaluation .jsonl", file_types=[".jsonl", ".json"], type="filepath", visible=False,
+                         scale=2)
+    with gr.Row():
+        limit = gr.Slider(1, 500, value=DEFAULT_LIMIT, step=1, label="Problems to use (first N)")
+        max_new = gr.Slider(16, 4096, value=DEFAULT_MAX_NEW_TOKENS, step=16, label="Max new tokens")
+        batch = gr.Slider(1, 64, value=DEFAULT_BATCH, step=1, label="Batch size")
+        include = gr.Checkbox(value=True, label="include the source models", info="cached after the first run")
+    with gr.Row():
+        run_btn = gr.Button("Evaluate", variant="primary", scale=0, min_width=180, elem_id="eval-btn")
+    summary = gr.Markdown("No evaluation yet.")
+    scatter_plot = gr.Plot(plots.eval_scatter([]), label="Accuracy vs length", elem_id="eval-scatter")
+    overall = gr.Dataframe(headers=OVERALL_HEADERS, interactive=False, label="Per model")
+    per_level = gr.Dataframe(headers=LEVEL_HEADERS, interactive=False, label="Per difficulty", max_height=300)
+    with gr.Accordion("Raw results (JSON, with sample replies)", open=False):
+        raw = gr.JSON()
+    return SimpleNamespace(mode=mode, upload=upload, limit=limit, max_new=max_new, batch=batch, include=include,
+                           run_btn=run_btn, summary=summary, scatter=scatter_plot, overall=overall,
+                           per_level=per_level, raw=raw)
+
+
+def wire(ui) -> None:
+    import gradio as gr
+
+    e, m = ui.evaluate, ui.models
+    e.mode.change(lambda mode: gr.update(visible=mode == UPLOAD), e.mode, e.upload, api_visibility="private",
+                  queue=False)
+
+    @gpu(duration=600)
+    def evaluate(state, base, fts, mode, upload, limit, max_new_tokens, include, batch, device, dtype, trust,
+                 progress=gr.Progress()):
+        """Accuracy and mean answer length of the merged model and the source models (greedy)."""
+        progress(0.0, desc="preparing")
+        result = run_eval(state, base, fts, data_mode=mode, upload=upload, limit=limit,
+                          max_new_tokens=max_new_tokens, include_sources=include, batch_size=batch, device=device,
+                          dtype=dtype, trust_remote_code=trust, progress=progress_callback(progress))
+        overall_rows, level_rows = tables(result)
+        setting = state.eval_points[-1]["setting"] if state.eval_points else None
+        return (summary_markdown(result), scatter(state, setting),
+                gr.update(value=overall_rows, headers=OVERALL_HEADERS),
+                gr.update(value=level_rows, headers=LEVEL_HEADERS), result)
+
+    e.run_btn.click(ui_errors(evaluate), [ui.state, m.base, m.fts, e.mode, e.upload, e.limit, e.max_new, e.include,
+                                          e.batch, m.device, m.dtype, m.trust],
+                    [e.summary, e.scatter, e.overall, e.per_level, e.raw], api_name="evaluate",
+                    concurrency_id="heavy", concurrency_limit=1)

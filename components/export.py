@@ -1,0 +1,202 @@
+"""Step 7 — Export: the merged model (zip), the recipe (JSON + mergekit-style YAML), the charts, Hub upload."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+from components import help as texts
+from components.common import ui_errors
+from components.state import SessionState
+
+
+def _require_merge(state: SessionState):
+    from acm.errors import InputError
+
+    if state.merged is None:
+        raise InputError("nothing to export yet: merge in step 4 first")
+    return state.merged
+
+
+def export_model_zip(state: SessionState) -> str:
+    """Zip of the merged safetensors folder (config, tokenizer, model card included)."""
+    merged = _require_merge(state)
+    out = state.subdir("exports") / merged.out_dir.name
+    zip_path = Path(str(out) + ".zip")
+    if not zip_path.exists():
+        shutil.make_archive(str(out), "zip", root_dir=merged.out_dir.parent, base_dir=merged.out_dir.name)
+    return str(zip_path)
+
+
+def recipe_dict(state: SessionState) -> dict:
+    """Everything needed to reproduce the merge: models, method, settings, λ and the analysis provenance."""
+    merged = _require_merge(state)
+    try:
+        from acm.export import recipe as library_recipe  # the library's own format, when it offers one
+
+        rec = library_recipe(merged.report)
+        if isinstance(rec, dict):
+            rec.setdefault("app", {"label": merged.label, "settings": merged.settings})
+            return json.loads(json.dumps(rec, default=str))
+    except Exception:  # noqa: BLE001 - fall back to the app's own record
+        pass
+    rec = {"tool": "ACM Merge Explorer", "label": merged.label, "settings": merged.settings,
+           "lambdas": merged.lambdas, "report": merged.report}
+    if merged.settings.get("acm") and state.analysis is not None:
+        rec["analysis"] = {"groups": list(state.analysis.groups), "provenance": state.analysis.provenance,
+                           "nmi": {m.model: list(m.nmi) for m in state.analysis.models}}
+    return json.loads(json.dumps(rec, default=str))
+
+
+def mergekit_yaml(state: SessionState) -> str | None:
+    """The coefficients as a mergekit-style YAML (plain merges: t = 0, i.e. λ = α everywhere)."""
+    from acm.coefficients import to_mergekit_yaml
+
+    merged = _require_merge(state)
+    s = merged.settings
+    if state.analysis is None or s["method"] == "linear":
+        return None
+    t = s["t"] if s.get("acm") else 0.0
+    return to_mergekit_yaml(state.analysis, t, s["alpha"], method=s["method"], base_model=s["base"],
+                            density=s["density"] if s["method"] in ("ties", "dare_ties") else None,
+                            clip=s.get("clip"))
+
+
+def export_recipe(state: SessionState) -> list[str]:
+    merged = _require_merge(state)
+    folder = state.subdir("exports")
+    paths = []
+    json_path = folder / f"{merged.out_dir.name}.recipe.json"
+    json_path.write_text(json.dumps(recipe_dict(state), indent=2, ensure_ascii=False), encoding="utf-8")
+    paths.append(str(json_path))
+    yaml = mergekit_yaml(state)
+    if yaml:
+        yaml_path = folder / f"{merged.out_dir.name}.mergekit.yaml"
+        yaml_path.write_text(yaml, encoding="utf-8")
+        paths.append(str(yaml_path))
+    return paths
+
+
+def kaleido_available() -> bool:
+    try:
+        import kaleido  # noqa: F401
+
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def export_plots(state: SessionState) -> list[str]:
+    """Every chart shown so far as standalone HTML (and PNG when kaleido is installed)."""
+    folder = state.subdir("exports") / "charts"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    png = kaleido_available()
+    for name, fig in state.figures.items():
+        html = folder / f"{name}.html"
+        fig.write_html(str(html), include_plotlyjs="cdn", full_html=True)
+        paths.append(str(html))
+        if png:
+            try:
+                fig.write_image(str(folder / f"{name}.png"), scale=2)
+                paths.append(str(folder / f"{name}.png"))
+            except Exception:  # noqa: BLE001 - PNG is a bonus (needs a browser for kaleido >= 1)
+                pass
+    return paths
+
+
+def export_all(state: SessionState, include_model: bool = True) -> tuple[list[str], str]:
+    """All downloads at once; returns (file paths, summary)."""
+    from acm.errors import InputError
+
+    files: list[str] = []
+    notes = []
+    if state.merged is not None:
+        if include_model:
+            files.append(export_model_zip(state))
+        files.extend(export_recipe(state))
+        if mergekit_yaml(state) is None:
+            notes.append("no mergekit YAML (linear merge or no analysis)")
+    files.extend(export_plots(state))
+    if not files:
+        raise InputError("nothing to export yet: analyse or merge first")
+    if not kaleido_available():
+        notes.append("charts as HTML only (install kaleido for PNG)")
+    label = state.merged.label if state.merged else "no merge yet"
+    summary = f"**{len(files)} files** ready for {label}" + ("" if not notes else " · " + " · ".join(notes))
+    return files, summary
+
+
+def push_to_hub(state: SessionState, token: str | None, repo_id: str | None, private: bool = True) -> str:
+    """Upload the merged folder to a Hub model repo with the user's token (used once, never stored)."""
+    from acm.errors import InputError, OfflineError
+
+    merged = _require_merge(state)
+    token = (token or "").strip()
+    repo_id = (repo_id or "").strip()
+    if not token:
+        raise InputError("paste a Hugging Face write token to upload")
+    if not repo_id or repo_id.count("/") != 1:
+        raise InputError("the repository id must look like user/model-name")
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hub_errors
+
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=bool(private), exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=str(merged.out_dir), repo_type="model",
+                          commit_message=f"Upload {merged.label} (ACM Merge Explorer)")
+    except (hub_errors.OfflineModeIsEnabled,) as exc:
+        raise OfflineError("the Hub is unreachable (offline mode is on); download the zip instead") from None
+    except hub_errors.HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise InputError("the token was refused: it needs write access to that namespace") from None
+        raise InputError(f"upload failed: {str(exc).splitlines()[0].replace(token, '***')}") from None
+    except OSError as exc:
+        raise OfflineError(f"upload failed, the Hub is unreachable: {type(exc).__name__}") from None
+    finally:
+        del api, token
+    return f"✅ Uploaded **{merged.label}** to [{repo_id}]({url})"
+
+
+def build() -> SimpleNamespace:
+    import gradio as gr
+
+    gr.Markdown(texts.EXPORT, elem_classes=["step-help"])
+    with gr.Row(equal_height=True):
+        include_model = gr.Checkbox(value=True, label="include the merged model (zip)", scale=0, min_width=260)
+        export_btn = gr.Button("Prepare downloads", variant="primary", scale=0, min_width=200)
+    summary = gr.Markdown()
+    files = gr.File(label="Downloads", file_count="multiple", interactive=False)
+    with gr.Accordion("Push to the Hugging Face Hub (optional)", open=False):
+        token = gr.Textbox(label="Hugging Face token (write)", type="password", placeholder="hf_…",
+                           info="used for this upload only; never logged or stored")
+        with gr.Row(visible=False, equal_height=True) as push_row:
+            repo_id = gr.Textbox(label="Repository id", placeholder="your-name/acm-merged-model", scale=3)
+            private = gr.Checkbox(value=True, label="private", scale=0, min_width=120)
+            push_btn = gr.Button("Push to the Hub", variant="secondary", scale=0, min_width=180)
+        push_md = gr.Markdown()
+    return SimpleNamespace(include_model=include_model, export_btn=export_btn, summary=summary, files=files,
+                           token=token, push_row=push_row, repo_id=repo_id, private=private, push_btn=push_btn,
+                           push_md=push_md)
+
+
+def wire(ui) -> None:
+    import gradio as gr
+
+    x = ui.export
+
+    def export(state, include_model):
+        """Merged model zip, recipe JSON + mergekit YAML and the charts of this session."""
+        return export_all(state, include_model)
+
+    x.export_btn.click(ui_errors(export), [ui.state, x.include_model], [x.files, x.summary], api_name="export")
+    # Show the upload controls only once a token is there (checked in the browser: the token
+    # does not travel to the server until the user actually pushes).
+    x.token.input(None, x.token, x.push_row, js="(tok) => ({visible: !!(tok && tok.trim()), __type__: 'update'})",
+                  api_visibility="private", queue=False)
+    x.push_btn.click(ui_errors(push_to_hub), [ui.state, x.token, x.repo_id, x.private], x.push_md,
+                     api_visibility="private", concurrency_id="hub", concurrency_limit=1)

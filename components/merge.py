@@ -1,0 +1,216 @@
+"""Step 4 — Merge: plain or ACM-weighted TA / TIES / DARE / linear, streamed into the session workspace."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+from components import help as texts
+from components.common import gpu, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels
+from components.models import validate_selection
+from components.state import MergedModel, SessionState
+
+METHOD_CHOICES = [("Task Arithmetic (TA)", "task_arithmetic"), ("TIES", "ties"), ("DARE-TA", "dare_ta"),
+                  ("DARE-TIES", "dare_ties"), ("Linear (weight average)", "linear")]
+METHOD_SHORT = {"task_arithmetic": "TA", "ties": "TIES", "dare_ta": "DARE-TA", "dare_ties": "DARE-TIES",
+                "linear": "Linear"}
+ACM, PLAIN = "ACM (per-layer λ)", "plain (α everywhere)"
+DEFAULT_METHOD = "task_arithmetic"
+
+
+def merge_label(method: str, use_acm: bool, t: float, alpha: float, merge_id: int) -> str:
+    short = METHOD_SHORT.get(method, method)
+    if method == "linear":
+        return f"#{merge_id} Linear"
+    return f"#{merge_id} ACM-{short} t={t:g} α={alpha:g}" if use_acm else f"#{merge_id} {short} α={alpha:g}"
+
+
+def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAULT_METHOD, mode: str = ACM,
+              t: float = 8.0, alpha: float = 1.0, density: float = 0.2, drop_rate: float = 0.3,
+              trim_scope: str = "tensor", seed: int = 0, clip_min=None, clip_max=None, device: str | None = "auto",
+              dtype: str | None = "auto", trust_remote_code: bool = False,
+              progress: Callable[[float, str], None] | None = None) -> MergedModel:
+    """Merge into a fresh folder of the session workspace and load the result for chat/eval.
+
+    The session's current merged model is replaced only when everything succeeded, so a failed
+    merge leaves the previous one usable.
+    """
+    from acm.errors import InputError
+    from acm.merge import METHODS, MergeOptions, merge_models
+    from acm.models import load_causal_lm, parse_dtype, resolve_model
+
+    base, fts = validate_selection(base, fts)
+    if method not in METHODS:
+        raise InputError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    use_acm = mode == ACM and method != "linear"
+    if mode == ACM and method == "linear":
+        raise InputError("ACM coefficients scale task vectors; linear averaging has none. "
+                         "Choose TA / TIES / DARE, or the plain mode")
+    t, alpha = float(t), float(alpha)
+    lambdas, acm_info = None, None
+    if use_acm:
+        from acm.coefficients import lambdas_by_group
+
+        analysis = state.analysis
+        if analysis is None:
+            raise InputError("ACM needs the per-layer NMI: run “Analyse” in step 3 first (or choose the plain mode)")
+        if len(analysis.models) != len(fts):
+            raise InputError(f"the analysis covers {len(analysis.models)} fine-tuned model(s) but {len(fts)} are "
+                             "selected; analyse the selected models first")
+        lo, hi = optional_float(clip_min), optional_float(clip_max)
+        clip = None if lo is None and hi is None else (lo, hi)
+        lambdas = lambdas_by_group(analysis, t, alpha, clip=clip)
+        acm_info = {"analysis": analysis.provenance, "t": t, "alpha": alpha, "clip": clip}
+    state.merge_count += 1
+    merge_id = state.merge_count
+    out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{method}{'-acm' if use_acm else ''}"
+    options = MergeOptions(method=method, alpha=alpha, density=float(density), drop_rate=float(drop_rate),
+                           trim_scope=trim_scope, seed=int(seed), dtype=none_if_auto(dtype),
+                           device=none_if_auto(device))
+    t0 = time.perf_counter()
+    try:
+        report = merge_models(base, fts, out_dir, options, lambdas=lambdas, acm=acm_info, force=True,
+                              progress=progress_callback(progress, (0.0, 0.9)), show_progress=False)
+        if progress:
+            progress(0.92, "loading the merged model for chat")
+        model, tokenizer = load_causal_lm(resolve_model(str(report.out_dir)), device=none_if_auto(device),
+                                          dtype=parse_dtype(none_if_auto(dtype)))
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    merged = MergedModel(
+        merge_id=merge_id, label=merge_label(method, use_acm, t, alpha, merge_id), out_dir=Path(report.out_dir),
+        report=report.to_dict(), lambdas=report.lambdas or lambdas,
+        settings=dict(base=base, fts=fts, method=method, acm=use_acm, t=t if use_acm else None, alpha=alpha,
+                      density=float(density), drop_rate=float(drop_rate), trim_scope=trim_scope, seed=int(seed),
+                      clip=acm_info["clip"] if acm_info else None, dtype=none_if_auto(dtype)),
+        seconds=seconds, model=model, tokenizer=tokenizer)
+    with state.lock:
+        state.set_merged(merged)
+        state.merge_history.append({"label": merged.label, **merged.settings, "seconds": round(seconds, 2),
+                                    "out_dir": str(merged.out_dir)})
+    if progress:
+        progress(1.0, "done")
+    return merged
+
+
+def _size(n: int | float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def lambda_rows(merged: MergedModel, groups: list[str] | None = None) -> tuple[list[str], list[list]]:
+    """The λ actually used, as a table: one row per layer group, one column per fine-tuned model."""
+    fts = merged.settings["fts"]
+    headers = ["layer group"] + [f"λ {lab}" for lab in unique_labels(fts)]
+    lams = merged.lambdas or []
+    if not lams:
+        return headers, []
+    names = groups or list(lams[0].keys())
+    rows = [[g] + [round(float(d.get(g, float("nan"))), 4) for d in lams] for g in names]
+    return headers, rows
+
+
+def summary_markdown(merged: MergedModel) -> str:
+    r = merged.report
+    s = merged.settings
+    bits = [f"✅ **{merged.label}** merged in **{merged.seconds:.1f} s** (including loading it for chat)",
+            f"{_size(r.get('bytes_written', 0))} in {r.get('num_tensors', '?')} tensors, "
+            f"{r.get('num_shards', '?')} shard(s)"]
+    if s["method"] in ("ties", "dare_ties"):
+        bits.append(f"density {s['density']:g}, trim scope {s['trim_scope']}")
+    if s["method"].startswith("dare"):
+        bits.append(f"drop rate {s['drop_rate']:g}, seed {s['seed']}")
+    notes = "".join(f"\n- ⚠️ {n}" for n in r.get("vocab_notes") or [])
+    return " · ".join(bits) + notes + "\n\nThe merged model is loaded: try it in **5 · Chat** and **6 · Evaluate**."
+
+
+def method_changed(method: str, mode: str):
+    """Show only the knobs the method uses."""
+    import gradio as gr
+
+    ties = method in ("ties", "dare_ties")
+    dare = method in ("dare_ta", "dare_ties")
+    linear = method == "linear"
+    return (gr.update(visible=ties), gr.update(visible=ties), gr.update(visible=dare), gr.update(visible=dare),
+            gr.update(interactive=not linear, value=PLAIN if linear else mode),
+            gr.update(visible=not linear and mode == ACM))
+
+
+def build() -> SimpleNamespace:
+    import gradio as gr
+
+    from components.analysis import DEFAULT_ALPHA, DEFAULT_T, T_MAX
+
+    gr.Markdown(texts.MERGE, elem_classes=["step-help"])
+    with gr.Row(equal_height=True):
+        method = gr.Dropdown(METHOD_CHOICES, value=DEFAULT_METHOD, label="Method", scale=2)
+        mode = gr.Radio([ACM, PLAIN], value=ACM, label="Coefficients", scale=2)
+    with gr.Row():
+        t = gr.Slider(0, T_MAX, value=DEFAULT_T, step=0.5, label="Sharpness t (ACM)",
+                      info="follows the Analyse tab; t = 0 equals plain", scale=2)
+        alpha = gr.Slider(0.0, 2.0, value=DEFAULT_ALPHA, step=0.05, label="α", scale=2,
+                          info="plain: the coefficient; ACM: the mean λ")
+    with gr.Row():
+        density = gr.Slider(0.01, 1.0, value=0.2, step=0.01, label="Density (TIES)", visible=False,
+                            info="share of each task vector kept")
+        trim_scope = gr.Radio(["tensor", "global"], value="tensor", label="Trim scope (TIES)", visible=False)
+        drop_rate = gr.Slider(0.0, 0.99, value=0.3, step=0.01, label="Drop rate (DARE)", visible=False)
+        seed = gr.Number(value=0, precision=0, label="Seed (DARE)", visible=False)
+    with gr.Row():
+        merge_btn = gr.Button("Merge", variant="primary", scale=0, min_width=180, elem_id="merge-btn")
+    summary = gr.Markdown("No merge yet.")
+    with gr.Accordion("λ used per layer group", open=False):
+        table = gr.Dataframe(interactive=False, max_height=320)
+    with gr.Accordion("Merge report (JSON)", open=False):
+        report = gr.JSON()
+    return SimpleNamespace(method=method, mode=mode, t=t, alpha=alpha, density=density, trim_scope=trim_scope,
+                           drop_rate=drop_rate, seed=seed, merge_btn=merge_btn, summary=summary, table=table,
+                           report=report)
+
+
+def wire(ui) -> None:
+    import gradio as gr
+
+    g, m, a = ui.merge, ui.models, ui.analysis
+    g.method.change(method_changed, [g.method, g.mode], [g.density, g.trim_scope, g.drop_rate, g.seed, g.mode, g.t],
+                    api_visibility="private", queue=False)
+    g.mode.change(lambda mode, method: gr.update(visible=mode == ACM and method != "linear"), [g.mode, g.method], g.t,
+                  api_visibility="private", queue=False)
+    # t and α explored in the Analyse tab carry over to the merge (client-side, no round trip).
+    a.t.change(None, a.t, g.t, js="(v) => v", api_visibility="private", queue=False)
+    a.alpha.change(None, a.alpha, g.alpha, js="(v) => v", api_visibility="private", queue=False)
+
+    @gpu(duration=600)
+    def merge(state, base, fts, method, mode, t, alpha, density, drop_rate, trim_scope, seed, clip_min, clip_max,
+              device, dtype, trust, progress=gr.Progress()):
+        """Merge base + fine-tuned models (plain or ACM) and load the result for chat and evaluation."""
+        progress(0.0, desc="starting the merge")
+        merged = run_merge(state, base, fts, method=method, mode=mode, t=t, alpha=alpha, density=density,
+                           drop_rate=drop_rate, trim_scope=trim_scope, seed=seed, clip_min=clip_min,
+                           clip_max=clip_max, device=device, dtype=dtype, trust_remote_code=trust,
+                           progress=progress_callback(progress))
+        groups = list(state.analysis.groups) if state.analysis is not None else None
+        headers, rows = lambda_rows(merged, groups)
+        report = {**merged.report, "label": merged.label, "settings": merged.settings}
+        return summary_markdown(merged), gr.update(value=rows, headers=headers), _jsonable(report)
+
+    ui.merge_event = g.merge_btn.click(
+        ui_errors(merge),
+        [ui.state, m.base, m.fts, g.method, g.mode, g.t, g.alpha, g.density, g.drop_rate, g.trim_scope, g.seed,
+         a.clip_min, a.clip_max, m.device, m.dtype, m.trust],
+        [g.summary, g.table, g.report], api_name="merge", concurrency_id="heavy", concurrency_limit=1)
+
+
+def _jsonable(obj):
+    """Paths and other objects as strings so the report can be shown as JSON."""
+    import json
+
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,136 @@
+"""Step 1 — Models: base + 1–3 fine-tuned models, device/dtype, compatibility check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from components import help as texts
+from components.common import as_list, demo_models_dir, device_summary, ui_errors, unique_labels, warn
+from components.state import SessionState
+
+DEVICES = ["auto", "cpu", "cuda"]
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def scan_demo_models(root: str | Path | None = None) -> list[tuple[str, str]]:
+    """Bundled models as ``(label, folder path)``: every sub-folder holding a ``config.json``."""
+    root = Path(root) if root is not None else demo_models_dir()
+    if not root.is_dir():
+        return []
+    return [(p.name, str(p)) for p in sorted(root.iterdir()) if (p / "config.json").is_file()]
+
+
+def default_models(choices: list[tuple[str, str]]) -> tuple[str | None, list[str]]:
+    """Zero-config preselection: the model named like '*base*' is the base, the others fine-tuned."""
+    if not choices:
+        return None, []
+    base = next((path for label, path in choices if "base" in label.lower()), choices[0][1])
+    fts = [path for _, path in choices if path != base][:3]
+    return base, fts
+
+
+def validate_selection(base: str | None, fts) -> tuple[str, list[str]]:
+    """The chosen models as clean strings; one-line errors for what is missing or repeated."""
+    from acm.errors import InputError
+
+    base = (base or "").strip()
+    fts = as_list(fts)
+    if not base:
+        raise InputError("choose a base model (a bundled demo model, a local folder or a Hub id)")
+    if not fts:
+        raise InputError("choose at least one fine-tuned model")
+    if len(fts) > 3:
+        raise InputError(f"at most 3 fine-tuned models, got {len(fts)}")
+    if base in fts:
+        raise InputError("the base model is also listed as fine-tuned; pick a different one")
+    if len(set(fts)) != len(fts):
+        raise InputError("a fine-tuned model is listed twice")
+    return base, fts
+
+
+def check_models(state: SessionState, base: str | None, fts, trust_remote_code: bool = False) -> str:
+    """Resolve the models (configs + safetensors headers only) and check they can be merged.
+
+    Returns a Markdown summary: architecture, layer count, parameters and vocabulary per model.
+    """
+    from acm.models import check_compatibility, resolve_model
+
+    base, fts = validate_selection(base, fts)
+    src_base = resolve_model(base, trust_remote_code=trust_remote_code)
+    src_fts = [resolve_model(f, trust_remote_code=trust_remote_code) for f in fts]
+    report = check_compatibility(src_base, src_fts)
+    state.base, state.fts = base, fts
+    state.compat = {"architecture": report.architecture, "num_layers": report.num_layers,
+                    "hidden_size": report.hidden_size, "parameters": dict(report.parameters),
+                    "vocab_notes": list(report.vocab_notes)}
+    labels = unique_labels([base] + fts)
+    rows = ["| role | model | parameters | vocabulary |", "|---|---|---:|---:|"]
+    for i, (spec, label) in enumerate(zip([base] + fts, labels)):
+        role = "base" if i == 0 else f"fine-tuned {i}"
+        params = report.parameters.get(spec, 0)
+        rows.append(f"| {role} | `{label}` | {_fmt_params(params)} | {report.vocab_sizes.get(spec)} |")
+    groups = report.num_layers + 2
+    notes = "".join(f"\n- ⚠️ {n}" for n in report.vocab_notes)
+    return (f"✅ **Compatible** — `{report.architecture}`, **{report.num_layers} layers** "
+            f"(→ {groups} layer groups: embed, block.0…{report.num_layers - 1}, head), "
+            f"hidden size {report.hidden_size}.\n\n" + "\n".join(rows) + notes)
+
+
+def _fmt_params(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f} M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f} K"
+    return str(n)
+
+
+def trust_toggled(ticked: bool):
+    import gradio as gr
+
+    if ticked:
+        warn("trust_remote_code is on: model repositories may run their own Python code here")
+    return gr.update(visible=bool(ticked))
+
+
+def build() -> SimpleNamespace:
+    """Create the panel's components inside the current Blocks/Tab context."""
+    import gradio as gr
+
+    choices = scan_demo_models()
+    base, fts = default_models(choices)
+    gr.Markdown(texts.MODELS, elem_classes=["step-help"])
+    with gr.Row(equal_height=True):
+        base_dd = gr.Dropdown(choices=choices, value=base, label="Base model", allow_custom_value=True,
+                              info="bundled demo model, local folder or Hub id", scale=2)
+        fts_dd = gr.Dropdown(choices=choices, value=fts, label="Fine-tuned model(s) (1–3)", multiselect=True,
+                             allow_custom_value=True, max_choices=3,
+                             info="descendants of the base; type a path or Hub id and press Enter", scale=3)
+    with gr.Row(equal_height=True):
+        device = gr.Dropdown(DEVICES, value="auto", label="Device", scale=1,
+                             info="auto = GPU when available")
+        dtype = gr.Dropdown(DTYPES, value="auto", label="dtype", scale=1,
+                            info="auto = bfloat16 on GPU, float32 on CPU")
+        trust = gr.Checkbox(value=False, label="trust_remote_code", scale=1,
+                            info="only for model repos you trust")
+    trust_md = gr.Markdown(texts.TRUST_WARNING, visible=False, elem_classes=["warn-box"])
+    device_md = gr.Markdown("<span class='muted'>checking the device…</span>")
+    with gr.Row():
+        check_btn = gr.Button("Check compatibility", variant="secondary", scale=0, min_width=220)
+    check_md = gr.Markdown("Not checked yet — the defaults are the bundled demo pair." if base else
+                           "No bundled demo models found: type a base model and a fine-tuned model.")
+    return SimpleNamespace(base=base_dd, fts=fts_dd, device=device, dtype=dtype, trust=trust, trust_md=trust_md,
+                           device_md=device_md,
+                           check_btn=check_btn, check_md=check_md)
+
+
+def wire(ui) -> None:
+    m = ui.models
+    # Filled after the page loads: importing torch at build time would delay the app's start.
+    ui.demo.load(lambda: f"<span class='muted'>{device_summary()}</span>", None, m.device_md,
+                 api_visibility="private", queue=False)
+    m.trust.change(trust_toggled, m.trust, m.trust_md, api_visibility="private", queue=False)
+    m.check_btn.click(ui_errors(check_models), [ui.state, m.base, m.fts, m.trust], m.check_md,
+                      api_name="check")
