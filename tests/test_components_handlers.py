@@ -1,0 +1,337 @@
+"""Event handlers of the app: plain values + a SessionState in, plain values out (no server needed)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from acm.errors import ACMError, CompatibilityError, InputError
+from components import calibration, chat, common, evaluate, export, models
+from components.state import MergedModel, ModelCache, SessionState
+from tests.fixtures import make_pair, make_tiny_model, write_calibration
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    base, fts = make_pair(root, "llama", n_ft=2)
+    return str(base), [str(f) for f in fts]
+
+
+@pytest.fixture()
+def state():
+    st = SessionState()
+    yield st
+    st.close()
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def test_state_deepcopy_gives_each_session_a_fresh_state():
+    st = SessionState()
+    st.fts = ["x"]
+    st.eval_points.append({"label": "a"})
+    fresh = copy.deepcopy(st)
+    assert fresh is not st and fresh.fts == [] and fresh.eval_points == []
+
+
+def test_state_workspace_lifecycle_and_merge_swap(tmp_path):
+    st = SessionState()
+    ws = st.workspace
+    assert ws.is_dir() and st.subdir("merges").is_dir()
+    a = MergedModel(1, "#1", tmp_path, {}, {}, None, 0.1, model=object(), tokenizer=object())
+    b = MergedModel(2, "#2", tmp_path, {}, {}, None, 0.1, model=object(), tokenizer=object())
+    st.set_merged(a)
+    st.set_merged(b)
+    assert st.merged is b and a.model is None and b.model is not None
+    st.close()
+    assert not ws.exists() and st.merged is None
+
+
+def test_model_cache_loads_once_and_evicts_lru():
+    cache = ModelCache(max_items=2)
+    calls = []
+
+    def loader(name):
+        return lambda: calls.append(name) or (name, name)
+
+    assert cache.get(("a",), loader("a")) == ("a", "a")
+    cache.get(("a",), loader("a"))
+    cache.get(("b",), loader("b"))
+    cache.get(("c",), loader("c"))
+    assert calls == ["a", "b", "c"]
+    assert ("a",) not in cache and ("c",) in cache
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_ui_errors_turns_library_errors_into_one_line_messages():
+    def bad():
+        raise CompatibilityError("layer count differs: base has 2, fine-tuned has 3")
+
+    with pytest.raises(gr.Error) as info:
+        common.ui_errors(bad)()
+    assert info.value.message == "layer count differs: base has 2, fine-tuned has 3"
+
+    def boom():
+        raise ValueError("shape mismatch\nlong traceback text")
+
+    with pytest.raises(gr.Error) as info:
+        common.ui_errors(boom)()
+    assert info.value.message == "unexpected ValueError: shape mismatch"
+
+    def gen():
+        yield 1
+        raise InputError("stream failed")
+
+    wrapped = common.ui_errors(gen)
+    it = wrapped()
+    assert next(it) == 1
+    with pytest.raises(gr.Error, match="stream failed"):
+        next(it)
+
+
+def test_ui_errors_keeps_signature_for_progress_injection():
+    import inspect
+
+    def handler(a, b, progress=gr.Progress()):
+        return a
+
+    assert list(inspect.signature(common.ui_errors(handler)).parameters) == ["a", "b", "progress"]
+
+
+def test_progress_callback_maps_into_span():
+    seen = []
+    cb = common.progress_callback(lambda f, desc="": seen.append((round(f, 3), desc)), (0.5, 1.0))
+    cb(0.0, "start")
+    cb(1.0, "end")
+    cb(2.0, "clamped")
+    assert seen == [(0.5, "start"), (1.0, "end"), (1.0, "clamped")]
+
+
+def test_gpu_decorator_is_a_noop_without_spaces():
+    f = common.gpu(60)(lambda x: x + 1)
+    assert f(1) == 2
+
+
+def test_short_and_unique_labels(tmp_path):
+    (tmp_path / "a" / "m").mkdir(parents=True)
+    (tmp_path / "b" / "m").mkdir(parents=True)
+    assert common.short_name("org/model") == "org/model"
+    assert common.unique_labels([str(tmp_path / "a" / "m"), str(tmp_path / "b" / "m")]) == ["m (1)", "m (2)"]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_scan_and_default_models(tmp_path):
+    make_tiny_model(tmp_path / "tiny-math-base")
+    make_tiny_model(tmp_path / "tiny-math-long", seed=1)
+    (tmp_path / "not-a-model").mkdir()
+    choices = models.scan_demo_models(tmp_path)
+    assert [c[0] for c in choices] == ["tiny-math-base", "tiny-math-long"]
+    base, fts = models.default_models(choices)
+    assert base.endswith("tiny-math-base") and fts == [str(tmp_path / "tiny-math-long")]
+    assert models.default_models([]) == (None, [])
+    assert models.scan_demo_models(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize("base,fts,msg", [
+    ("", ["x"], "choose a base model"),
+    ("b", [], "at least one fine-tuned"),
+    ("b", ["1", "2", "3", "4"], "at most 3"),
+    ("b", ["b"], "also listed as fine-tuned"),
+    ("b", ["x", "x"], "listed twice"),
+])
+def test_validate_selection_errors(base, fts, msg):
+    with pytest.raises(InputError, match=msg):
+        models.validate_selection(base, fts)
+
+
+def test_check_models_reports_layers_and_parameters(state, pair):
+    base, fts = pair
+    md = models.check_models(state, base, fts[:1])
+    assert "Compatible" in md and "2 layers" in md and "4 layer groups" in md
+    assert md.count("| fine-tuned") == 1 and "K |" in md
+    assert state.base == base and state.fts == fts[:1] and state.compat["num_layers"] == 2
+
+
+def test_check_models_incompatible_is_a_readable_error(state, pair, tmp_path):
+    other = make_tiny_model(tmp_path / "three-layers", num_hidden_layers=3)
+    with pytest.raises(CompatibilityError, match="layer count"):
+        models.check_models(state, pair[0], [str(other)])
+    with pytest.raises(gr.Error, match="layer count"):
+        common.ui_errors(models.check_models)(state, pair[0], [str(other)])
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def test_resolve_calibration_modes(tmp_path):
+    f = write_calibration(tmp_path / "cal.jsonl", n=6)
+    bundled = calibration.resolve_calibration(calibration.BUNDLED)
+    assert bundled["field"] is None and bundled["label"] == "bundled demo set"
+    up = calibration.resolve_calibration(calibration.UPLOAD, str(f), field="text")
+    assert up["source"] == str(f) and up["field"] == "text" and up["identity"][0] == str(f)
+    hub = calibration.resolve_calibration(calibration.HUB, hub_id="simplescaling/s1K", split="train", field="")
+    assert hub["source"] == "simplescaling/s1K" and hub["field"] is None
+    with pytest.raises(InputError, match="upload a calibration file"):
+        calibration.resolve_calibration(calibration.UPLOAD, None)
+    with pytest.raises(InputError, match="unsupported"):
+        calibration.resolve_calibration(calibration.UPLOAD, str(tmp_path / "x.parquet"))
+    with pytest.raises(InputError, match="Hub dataset id"):
+        calibration.resolve_calibration(calibration.HUB, hub_id=" ")
+
+
+def test_calibration_preview_of_an_uploaded_file(tmp_path):
+    f = write_calibration(tmp_path / "cal.jsonl", n=9)
+    rows, summary = calibration.preview(calibration.UPLOAD, str(f))
+    assert len(rows) == calibration.PREVIEW_ROWS and rows[0][0] == 1 and "plus" in rows[0][2]
+    assert "**9 texts**" in summary
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+def test_chat_streams_every_source_model_and_counts_tokens(state, pair):
+    base, fts = pair
+    frames = list(chat.chat_stream(state, "what is 2 plus 2?", base, fts, max_new_tokens=6))
+    assert len(frames) >= 2
+    last = frames[-1]
+    histories, lines, fig = last[:5], last[5:10], last[10]
+    assert histories[0] == [] and "Merge in step 4" in lines[0]           # no merge yet
+    for h in histories[1:4]:                                              # base + 2 fine-tuned
+        assert h[0] == {"role": "user", "content": "what is 2 plus 2?"} and h[1]["role"] == "assistant"
+    assert histories[4] == []
+    for slot in ("base", "ft0", "ft1"):
+        col = state.chat[slot]
+        assert len(col.lengths) == 1 and 0 <= col.lengths[0] <= 12
+    assert "last reply" in lines[1]
+    assert len(fig.data) == 1 and len(fig.data[0].x) == 3
+
+    assert chat.retry_last(state) == "what is 2 plus 2?"
+    assert all(c.history == [] and c.lengths == [] for c in state.chat.values())
+    with pytest.raises(InputError, match="nothing to retry"):
+        chat.retry_last(state)
+    with pytest.raises(InputError, match="type a message"):
+        next(chat.chat_stream(state, "  ", base, fts))
+
+
+def test_chat_includes_the_merged_model_and_resets_its_column_on_a_new_merge(state, pair, tmp_path):
+    from components.state import load_source_model
+
+    base, fts = pair
+    model, tok = load_source_model(fts[0])
+    state.set_merged(MergedModel(1, "#1 TA α=1", Path(fts[0]), {}, {"fts": fts[:1]}, None, 0.1, model, tok))
+    active = chat.targets(state, base, fts[:1])
+    assert [a[0] for a in active] == ["merged", "base", "ft0"]
+    *_, last = chat.chat_stream(state, "hi", base, fts[:1], max_new_tokens=3)
+    assert last[0][1]["role"] == "assistant" and len(state.chat["merged"].lengths) == 1
+    state.set_merged(MergedModel(2, "#2 TA α=0.5", Path(fts[0]), {}, {"fts": fts[:1]}, None, 0.1, model, tok))
+    *_, last = chat.chat_stream(state, "again", base, fts[:1], max_new_tokens=3)
+    assert len(last[0]) == 2 and len(last[1]) == 4      # merged restarted, base kept its history
+    chat.clear(state)
+    assert state.chat == {}
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@pytest.fixture()
+def eval_file(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    rows = [{"question": f"what is {i} plus {i}?", "answer": str(2 * i), "level": 1 + i % 2} for i in range(4)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_evaluate_sources_are_cached_and_points_accumulate(state, pair, eval_file, monkeypatch):
+    import acm.evaluate as ev
+
+    base, fts = pair
+    calls = []
+    real = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda models, *a, **k: calls.append([m[0] for m in models]) or
+                        real(models, *a, **k))
+    res = evaluate.run_eval(state, base, fts[:1], data_mode=evaluate.UPLOAD, upload=str(eval_file), limit=3,
+                            max_new_tokens=4, batch_size=4)
+    assert res["n"] == 3 and [m["kind"] for m in res["models"]] == ["base", "fine-tuned"]
+    for m in res["models"]:
+        assert {"accuracy", "mean_length", "n", "per_level"} <= set(m)
+    assert len(state.eval_points) == 2
+    evaluate.run_eval(state, base, fts[:1], data_mode=evaluate.UPLOAD, upload=str(eval_file), limit=3,
+                      max_new_tokens=4, batch_size=4)
+    assert len(calls) == 1 and len(state.eval_points) == 2               # cached, not duplicated
+    overall, per_level = evaluate.tables(res)
+    assert len(overall) == 2 and len(overall[0]) == len(evaluate.OVERALL_HEADERS)
+    assert {r[1] for r in per_level} == {"1", "2"}
+    fig = evaluate.scatter(state)
+    assert sum(len(t.x) for t in fig.data) == 2
+    with pytest.raises(InputError, match="upload a .jsonl"):
+        evaluate.run_eval(state, base, fts[:1], data_mode=evaluate.UPLOAD, upload=None)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _fake_merge(state: SessionState, folder: Path) -> MergedModel:
+    merged = MergedModel(1, "#1 TA α=1", folder, {"bytes_written": 10, "out_dir": str(folder)},
+                         {"base": "b", "fts": ["f"], "method": "task_arithmetic", "acm": False, "t": None,
+                          "alpha": 1.0, "density": 0.2, "clip": None}, [{"embed": 1.0}], 0.1)
+    state.set_merged(merged)
+    return merged
+
+
+def test_export_zip_recipe_and_charts(state, tmp_path):
+    from components import plots
+
+    with pytest.raises(InputError, match="merge in step 4 first"):
+        export.export_model_zip(state)
+    folder = make_tiny_model(tmp_path / "merge-01-task_arithmetic")
+    (folder / "README.md").write_text("# model card\n")
+    _fake_merge(state, folder)
+    zpath = export.export_model_zip(state)
+    names = zipfile.ZipFile(zpath).namelist()
+    assert "merge-01-task_arithmetic/README.md" in names
+    assert any(n.endswith(".safetensors") for n in names)
+    rec = export.recipe_dict(state)
+    assert json.dumps(rec) and (rec.get("app") or rec)["label" if "label" in rec else "app"]
+    state.figures["nmi"] = plots.empty_figure("x")
+    charts = export.export_plots(state)
+    assert any(c.endswith("nmi.html") for c in charts)
+    assert "<html" in Path(charts[0]).read_text()[:500].lower()
+
+
+def test_push_to_hub_uses_the_token_once_and_never_keeps_it(state, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    folder = make_tiny_model(tmp_path / "merged")
+    _fake_merge(state, folder)
+    seen = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            seen["token"] = token
+
+        def create_repo(self, repo_id, **kw):
+            seen["repo"] = (repo_id, kw.get("private"))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, *, repo_id, folder_path, **kw):
+            seen["folder"] = folder_path
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    md = export.push_to_hub(state, "hf_secret", "me/merged", True)
+    assert "me/merged" in md and seen == {"token": "hf_secret", "repo": ("me/merged", True), "folder": str(folder)}
+    assert "hf_secret" not in json.dumps(vars(state), default=str)
+    with pytest.raises(InputError, match="token"):
+        export.push_to_hub(state, " ", "me/merged")
+    with pytest.raises(InputError, match="user/model-name"):
+        export.push_to_hub(state, "hf_x", "no-namespace")
