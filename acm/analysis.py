@@ -1,0 +1,449 @@
+"""Activation analysis: per-layer-group NMI between the base and each fine-tuned model.
+
+Why it is built this way: ACM needs, for every layer group, how much information the fine-tuned
+model's activations still share with the base's on the same calibration tokens. We run the
+models batch by batch with forward hooks; the base's activations of the current batch are binned
+as soon as each layer produces them (one int16 bin index per value), each fine-tuned model's
+activations are binned in its own hooks and added straight into a B×B joint histogram
+(``acm.mi.StreamingMI``). Nothing larger than one batch's activations is ever held, the estimator
+state is O(groups·B²), and the extra work per value is a few element-wise passes plus one
+``bincount`` on the activations' device — small next to the forward passes themselves.
+
+Groups (see ``acm.grouping``): ``embed`` → output of the input embedding; ``block.k`` → output
+hidden states of block k (``output[0]`` when a tuple); ``head`` → logits restricted to a fixed
+seeded random subset of at most 4,096 vocabulary ids. Padding positions are excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import acm
+from acm.calibration import (
+    check_max_tokens,
+    check_sampling,
+    describe_source,
+    encode,
+    load_texts,
+    select_samples,
+)
+from acm.errors import ACMError, InputError, OutOfMemoryAdvice
+from acm.grouping import EMBED, HEAD, build_group_map, find_group_modules, group_names
+from acm.mi import QUANTILES, StreamingMI, bin_indices, check_bins, robust_range
+from acm.models import ModelSource, check_compatibility, load_causal_lm, parse_dtype, resolve_model
+
+FORMAT = "acm-analysis"
+FORMAT_VERSION = 1
+HEAD_VOCAB_SUBSET = 4096
+
+
+# ===================================================================================== result
+
+
+@dataclass
+class ModelNMI:
+    """One fine-tuned model's per-group statistics (lists in network order)."""
+
+    model: str
+    nmi: list[float]
+    mi: list[float]
+    entropy_base: list[float] = field(default_factory=list)
+    entropy_ft: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "nmi": list(self.nmi), "mi": list(self.mi),
+                "entropy_base": list(self.entropy_base), "entropy_ft": list(self.entropy_ft)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelNMI":
+        return cls(model=str(d["model"]), nmi=[float(x) for x in d["nmi"]],
+                   mi=[float(x) for x in d.get("mi", [math.nan] * len(d["nmi"]))],
+                   entropy_base=[float(x) for x in d.get("entropy_base", [])],
+                   entropy_ft=[float(x) for x in d.get("entropy_ft", [])])
+
+
+@dataclass
+class AnalysisResult:
+    """NMI per (fine-tuned model, layer group) plus everything needed to reproduce it."""
+
+    groups: list[str]
+    models: list[ModelNMI]
+    provenance: dict = field(default_factory=dict)
+
+    def nmi_matrix(self) -> np.ndarray:
+        """[n_models, n_groups] NMI."""
+        return np.array([m.nmi for m in self.models], dtype=np.float64).reshape(len(self.models), len(self.groups))
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "groups": list(self.groups),
+                "models": [m.to_dict() for m in self.models], "provenance": self.provenance}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AnalysisResult":
+        """Parse and validate (InputError, one line, when it is not an analysis)."""
+        if not isinstance(d, dict) or "groups" not in d or "models" not in d:
+            raise InputError("not an ACM analysis: expected an object with 'groups' and 'models'")
+        if d.get("format", FORMAT) != FORMAT:
+            raise InputError(f"not an ACM analysis (format {d.get('format')!r})")
+        try:
+            groups = [str(g) for g in d["groups"]]
+            models = [ModelNMI.from_dict(m) for m in d["models"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"malformed ACM analysis ({type(exc).__name__}: {exc})") from None
+        if not groups or not models:
+            raise InputError("ACM analysis holds no groups or no models")
+        for m in models:
+            if len(m.nmi) != len(groups):
+                raise InputError(f"ACM analysis: model {m.model} has {len(m.nmi)} NMI values for {len(groups)} groups")
+            bad = [g for g, v in zip(groups, m.nmi) if not (math.isfinite(v) and -1e-9 <= v <= 1 + 1e-9)]
+            if bad:
+                raise InputError(f"ACM analysis: model {m.model} has an invalid NMI for group {bad[0]}")
+        return cls(groups=groups, models=models, provenance=dict(d.get("provenance") or {}))
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AnalysisResult":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"analysis file is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temp file in the same folder + ``os.replace``); overwriting is fine."""
+        path = Path(path)
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise InputError(f"cannot write {path}: folder {folder} does not exist")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(self.to_json())
+                fh.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AnalysisResult":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"analysis file not found: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read analysis file {path.name} ({exc})") from None
+        if not text.strip():
+            raise InputError(f"analysis file {path.name} is empty")
+        return cls.from_json(text)
+
+
+# ===================================================================================== capture
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom_cls = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_cls is not None and isinstance(exc, oom_cls):
+        return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or "out of memory" in str(exc).lower())
+
+
+def _oom_advice(where: str, device: str, batch_size: int, max_tokens: int, n: int) -> OutOfMemoryAdvice:
+    return OutOfMemoryAdvice(
+        f"out of memory on {device} while {where} (batch size {batch_size}, {n} samples, up to {max_tokens} "
+        f"tokens each): use a smaller --batch-size, fewer --samples or a smaller --max-tokens")
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    hidden = getattr(output, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    raise ACMError(f"cannot read a hidden-state tensor from a block output of type {type(output).__name__}")
+
+
+class _Capture:
+    """Forward hooks that bin activations on the fly.
+
+    Mode ``base``: bin the base's values (ranges fixed on the first batch) and keep the int16
+    bin indices of the current batch per group. Mode ``ft``: bin the fine-tuned values with
+    that model's ranges and add (base bin, ft bin) pairs into its estimator.
+    """
+
+    def __init__(self, num_groups: int, bins: int, estimators: list[StreamingMI], seed: int):
+        self.num_groups = num_groups
+        self.bins = bins
+        self.estimators = estimators
+        self.seed = seed
+        self.base_range: list[tuple[float, float] | None] = [None] * num_groups
+        self.base_bins: list[torch.Tensor | None] = [None] * num_groups
+        self.token_index: torch.Tensor | None = None    # flat indices of real tokens, None = all
+        self.mode = "base"
+        self.ft = 0
+
+    def select(self, act: torch.Tensor) -> torch.Tensor:
+        flat = act.reshape(-1, act.shape[-1])
+        if self.token_index is not None:
+            idx = self.token_index if self.token_index.device == flat.device else self.token_index.to(flat.device)
+            flat = flat.index_select(0, idx)
+        return flat
+
+    def observe(self, group: int, act: torch.Tensor) -> None:
+        values = self.select(act.detach())
+        if self.mode == "base":
+            if self.base_range[group] is None:
+                self.base_range[group] = robust_range(values, QUANTILES, seed=self.seed + group)
+                for est in self.estimators:
+                    est.set_range(group, x_range=self.base_range[group])
+            self.base_bins[group] = bin_indices(values, *self.base_range[group], self.bins).to(torch.int16)
+        else:
+            est = self.estimators[self.ft]
+            if est.y_range[group] is None:
+                est.set_range(group, y_range=robust_range(values, QUANTILES, seed=self.seed + 7919 + group))
+            iy = bin_indices(values, *est.y_range[group], self.bins)
+            ix = self.base_bins[group]
+            if ix.device != iy.device:
+                ix = ix.to(iy.device)
+            est.add_indices(group, ix, iy)
+
+    def hook(self, group: int):
+        def fn(_module, _inputs, output):
+            self.observe(group, _hidden(output))
+        return fn
+
+
+def _register(model: torch.nn.Module, capture: _Capture) -> list:
+    mods = find_group_modules(model)
+    handles = [mods.embed.register_forward_hook(capture.hook(0))]
+    for k, block in enumerate(mods.blocks):
+        handles.append(block.register_forward_hook(capture.hook(k + 1)))
+    return handles
+
+
+def _batches(ids: list[list[int]], batch_size: int, pad_id: int, padding_side: str = "right"):
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        width = max(len(x) for x in chunk)
+        inp = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, x in enumerate(chunk):
+            if padding_side == "left":
+                inp[j, width - len(x):] = torch.tensor(x, dtype=torch.long)
+                mask[j, width - len(x):] = 1
+            else:
+                inp[j, :len(x)] = torch.tensor(x, dtype=torch.long)
+                mask[j, :len(x)] = 1
+        yield inp, mask
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    emb = model.get_input_embeddings()
+    return emb.weight.device if emb is not None and getattr(emb, "weight", None) is not None else model.device
+
+
+def _head_ids(vocab: int, seed: int) -> torch.Tensor:
+    if vocab <= HEAD_VOCAB_SUBSET:
+        return torch.arange(vocab)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(vocab, generator=gen)[:HEAD_VOCAB_SUBSET].sort().values
+
+
+def _group_tensors(src: ModelSource) -> dict[str, list[str]]:
+    """Checkpoint tensor names of the embed and head groups (for exports such as mergekit filters)."""
+    try:
+        mapping = build_group_map(src.config, src.reader.keys(), trust_remote_code=src.trust_remote_code)
+    except Exception:  # noqa: BLE001 - informative only; never fail an analysis over it
+        return {}
+    return {EMBED: sorted(k for k, g in mapping.items() if g == EMBED),
+            HEAD: sorted(k for k, g in mapping.items() if g == HEAD)}
+
+
+def _check_args(*, bins, batch_size, max_tokens, clusters, fraction, samples, seed, fts) -> None:
+    check_bins(bins)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_max_tokens(max_tokens)
+    check_sampling(clusters=clusters, fraction=fraction, samples=samples)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed must be an integer, got {seed!r}")
+    if not fts:
+        raise InputError("give at least one fine-tuned model")
+
+
+# ===================================================================================== analyze
+
+
+def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: str | list[str] | None, *,
+            field: str | None = None, split: str = "train", samples: int | None = None, clusters: int = 20,
+            fraction: float = 0.1, max_tokens: int = 512, bins: int = 64, batch_size: int = 4, seed: int = 0,
+            device: str | None = None, dtype: str | None = None, chat_template: bool = True,
+            allow_pickle: bool = False, trust_remote_code: bool = False,
+            progress: Callable[[float, str], None] | None = None, show_progress: bool = True,
+            padding_side: str = "right") -> AnalysisResult:
+    """Per-group NMI between the base and each fine-tuned model on calibration text.
+
+    Order of work (cheap checks first): validate settings → resolve models and check
+    compatibility (config + safetensors headers, no weights) → read the calibration texts →
+    load the models → k-means sample selection with the base model → encode → stream batches
+    through base and fine-tuned models into the histograms. Out-of-memory becomes
+    ``OutOfMemoryAdvice``. ``calibration=None`` or ``"bundled"`` uses the bundled demo set.
+    """
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    fts = list(fts) if isinstance(fts, (list, tuple)) else [fts]
+    _check_args(bins=bins, batch_size=batch_size, max_tokens=max_tokens, clusters=clusters, fraction=fraction,
+                samples=samples, seed=seed, fts=fts)
+    if padding_side not in ("right", "left"):
+        raise InputError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    torch_dtype = parse_dtype(dtype)
+
+    def report(frac: float, msg: str) -> None:
+        if progress is not None:
+            progress(float(min(1.0, max(0.0, frac))), msg)
+
+    report(0.0, "checking models")
+    base_src = base if isinstance(base, ModelSource) else resolve_model(
+        base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    ft_srcs = [f if isinstance(f, ModelSource) else resolve_model(
+        f, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for f in fts]
+    check_compatibility(base_src, ft_srcs)
+    texts = load_texts(calibration, field=field, split=split)
+
+    dev_name = "cpu"
+    try:
+        report(0.02, "loading models")
+        loaded = [load_causal_lm(s, device=device, dtype=torch_dtype) for s in [base_src] + ft_srcs]
+        base_model, tokenizer = loaded[0]
+        models = [m for m, _ in loaded]
+        dev_name = str(_input_device(base_model))
+        report(0.1, "selecting calibration samples")
+        sel_progress = (lambda f, m: report(0.1 + 0.1 * f, m)) if progress else None
+        selected = select_samples(texts, base_model, tokenizer, clusters=clusters, fraction=fraction,
+                                  samples=samples, max_tokens=max_tokens, seed=seed, batch_size=max(batch_size, 8),
+                                  progress=sel_progress)
+    except ACMError:
+        raise
+    except Exception as exc:
+        if _is_oom(exc):
+            raise _oom_advice("loading models / selecting samples", dev_name, batch_size, max_tokens,
+                              len(texts)) from None
+        raise
+    ids = [x for x in encode(selected, tokenizer, max_tokens=max_tokens, chat_template=chat_template) if x]
+    if not ids:
+        raise InputError("every calibration text encoded to zero tokens")
+    n_tokens = sum(len(x) for x in ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    names = group_names(base_src.num_layers)
+    num_groups = len(names)
+    estimators = [StreamingMI(num_groups, bins=bins, seed=seed) for _ in ft_srcs]
+    capture = _Capture(num_groups, bins, estimators, seed)
+    vocabs = [int(s.vocab_size) for s in [base_src] + ft_srcs if s.vocab_size]
+    vocab = min(vocabs) if vocabs else None   # head ids valid for every model (vocabularies may differ)
+    head_ids_cpu = None
+    handles: list = []
+    n_batches = (len(ids) + batch_size - 1) // batch_size
+    bar = tqdm(total=n_batches, desc="acm analyze", unit="batch", disable=not show_progress or progress is not None)
+    try:
+        for m in models:
+            handles.extend(_register(m, capture))
+        with torch.inference_mode():
+            for b, (inp, mask) in enumerate(_batches(ids, batch_size, pad_id, padding_side)):
+                flat_mask = mask.reshape(-1).bool()
+                token_index = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1)
+                for i, model in enumerate(models):
+                    dev = _input_device(model)
+                    capture.token_index = None if token_index is None else token_index.to(dev)
+                    capture.mode, capture.ft = ("base", 0) if i == 0 else ("ft", i - 1)
+                    kwargs: dict[str, Any] = dict(input_ids=inp.to(dev), attention_mask=mask.to(dev), use_cache=False)
+                    if padding_side == "left":
+                        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0).to(dev)
+                    logits = model(**kwargs).logits
+                    if head_ids_cpu is None:
+                        head_ids_cpu = _head_ids(min(vocab or logits.shape[-1], logits.shape[-1]), seed)
+                    capture.observe(num_groups - 1, logits.index_select(-1, head_ids_cpu.to(logits.device)))
+                    del logits
+                capture.base_bins = [None] * num_groups
+                bar.update(1)
+                report(0.2 + 0.8 * (b + 1) / n_batches, f"batch {b + 1}/{n_batches}")
+    except ACMError:
+        raise
+    except Exception as exc:
+        if _is_oom(exc):
+            raise _oom_advice("running the analysis", dev_name, batch_size, max_tokens, len(ids)) from None
+        raise
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+        capture.base_bins = [None] * num_groups
+
+    results = []
+    for src, est in zip(ft_srcs, estimators):
+        stats = est.stats()
+        nmi = est.nmi()
+        if not np.all(np.isfinite(nmi)):
+            missing = [names[g] for g in range(num_groups) if not math.isfinite(nmi[g])]
+            raise ACMError(f"no activations were captured for group(s) {', '.join(missing[:3])} of {src.spec}")
+        results.append(ModelNMI(model=src.spec, nmi=[float(v) for v in nmi], mi=[float(s[0]) for s in stats],
+                                entropy_base=[float(s[1]) for s in stats], entropy_ft=[float(s[2]) for s in stats]))
+    seconds = time.perf_counter() - t_start
+    param = next(base_model.parameters())
+    provenance = {
+        "method": "ACM per-group NMI, streaming B×B joint histogram (this project's estimator)",
+        "models": {"base": base_src.provenance(), "fine_tuned": [s.provenance() for s in ft_srcs]},
+        "calibration": {
+            "source": describe_source(calibration), "field": field, "split": split,
+            "available": len(texts), "size": len(ids), "samples": len(ids), "tokens": int(n_tokens),
+            "requested_samples": samples, "clusters": clusters, "fraction": fraction, "max_tokens": max_tokens,
+            "chat_template": bool(chat_template and getattr(tokenizer, "chat_template", None)),
+        },
+        "bins": int(bins), "quantiles": list(QUANTILES), "seed": int(seed), "max_tokens": int(max_tokens),
+        "clusters": int(clusters), "fraction": float(fraction), "batch_size": int(batch_size),
+        "padding_side": padding_side,
+        "head_vocab_subset": int(len(head_ids_cpu)) if head_ids_cpu is not None else None,
+        "ranges": {"base": [list(r) if r else None for r in capture.base_range],
+                   "fine_tuned": [[list(r) if r else None for r in est.y_range] for est in estimators]},
+        "group_tensors": _group_tensors(base_src),
+        "version": acm.__version__, "device": dev_name, "dtype": str(param.dtype).replace("torch.", ""),
+        "seconds": round(seconds, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    report(1.0, "analysis done")
+    return AnalysisResult(groups=names, models=results, provenance=provenance)
+
+
+def summarize(result: AnalysisResult) -> str:
+    """A few human lines: per model, mean NMI and the most / least changed groups."""
+    lines = []
+    for m in result.models:
+        nmi = np.asarray(m.nmi)
+        lo, hi = int(np.argmin(nmi)), int(np.argmax(nmi))
+        lines.append(f"{m.model}: mean NMI {nmi.mean():.3f}; most changed {result.groups[lo]} ({nmi[lo]:.3f}), "
+                     f"least changed {result.groups[hi]} ({nmi[hi]:.3f})")
+    return "\n".join(lines)
+
+
+__all__ = ["AnalysisResult", "ModelNMI", "analyze", "summarize"]

@@ -1,0 +1,82 @@
+"""``acm analyze``: per-layer-group NMI between a base and fine-tuned models → analysis JSON."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from acm.errors import InputError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "analyze", help="measure per-layer NMI between base and fine-tuned activations (forward passes only)",
+        description="Run base and fine-tuned models on calibration text and write the per-layer-group "
+                    "normalised mutual information (NMI) of their activations as JSON.")
+    p.add_argument("--base", required=True, metavar="MODEL", help="base model: local folder or Hub id")
+    p.add_argument("--ft", action="append", required=True, metavar="MODEL",
+                   help="fine-tuned model (folder or Hub id); repeat for several (at most 3)")
+    p.add_argument("--calibration", required=True, metavar="SRC",
+                   help="calibration text: .jsonl/.json/.csv/.txt file, Hub dataset id, or 'bundled'")
+    p.add_argument("--field", default=None, help="text field (default: text, question, prompt, instruction, input)")
+    p.add_argument("--split", default="train", help="Hub dataset split (default: train)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="number of calibration samples in total (default: --fraction of each cluster)")
+    p.add_argument("--clusters", type=int, default=20, help="k-means clusters (default: 20)")
+    p.add_argument("--fraction", type=float, default=0.1, help="share drawn from each cluster (default: 0.1)")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per sample, truncated (default: 512)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the raw text, not a one-turn chat")
+    p.add_argument("--bins", type=int, default=64, help="histogram bins per axis, 2..1024 (default: 64)")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per forward pass (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and the head vocabulary subset")
+    p.add_argument("--device", default=None, help="auto (GPU when available, big models spread), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights — only if you trust them")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the repo (unsafe)")
+    p.add_argument("--out", required=True, metavar="FILE", help="analysis JSON to write (overwritten atomically)")
+    p.set_defaults(func=run)
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Range checks before any model work, one line each."""
+    if args.samples is not None and args.samples < 1:
+        raise InputError(f"--samples must be at least 1, got {args.samples}")
+    if args.clusters < 1:
+        raise InputError(f"--clusters must be at least 1, got {args.clusters}")
+    if not (math.isfinite(args.fraction) and 0.0 < args.fraction <= 1.0):
+        raise InputError(f"--fraction must be in (0, 1], got {args.fraction}")
+    if args.max_tokens < 1:
+        raise InputError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if not 2 <= args.bins <= 1024:
+        raise InputError(f"--bins must be between 2 and 1024, got {args.bins}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if len(args.ft) > 3:
+        raise InputError(f"at most 3 fine-tuned models are supported, got {len(args.ft)}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise InputError(f"--out {args.out} is a folder; give a file name such as analysis.json")
+    if not out.parent.is_dir() and str(out.parent) not in ("", "."):
+        raise InputError(f"--out folder {out.parent} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    from acm.analysis import analyze, summarize
+
+    validate(args)
+    result = analyze(args.base, list(args.ft), args.calibration, field=args.field, split=args.split,
+                     samples=args.samples, clusters=args.clusters, fraction=args.fraction,
+                     max_tokens=args.max_tokens, bins=args.bins, batch_size=args.batch_size, seed=args.seed,
+                     device=args.device, dtype=args.dtype, chat_template=not args.no_chat_template,
+                     allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                     show_progress=sys.stderr.isatty())
+    path = result.save(args.out)
+    cal = result.provenance.get("calibration", {})
+    print(f"analysed {len(result.groups)} layer groups on {cal.get('samples')} samples "
+          f"({cal.get('tokens')} tokens) in {result.provenance.get('seconds', 0):.1f}s")
+    print(summarize(result))
+    print(f"wrote {path}")
+    return 0

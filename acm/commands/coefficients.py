@@ -1,0 +1,61 @@
+"""``acm coefficients``: per-group λ for a sharpness t from an analysis JSON (no model work)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from acm.errors import InputError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "coefficients", help="per-layer-group merge coefficients λ(t) from an analysis JSON",
+        description="lambda_k = alpha*K*exp(-t*NMI_k)/sum_j exp(-t*NMI_j), optionally clipped after. "
+                    "Prints JSON (the table) or a mergekit-style YAML config.")
+    p.add_argument("--analysis", required=True, metavar="FILE", help="analysis JSON written by 'acm analyze'")
+    p.add_argument("--t", required=True, type=float, help="sharpness t >= 0 (0 = the plain method)")
+    p.add_argument("--alpha", type=float, default=1.0, help="base coefficient alpha > 0 = mean lambda (default: 1)")
+    p.add_argument("--clip-min", type=float, default=None, help="clip lambda from below (after the formula)")
+    p.add_argument("--clip-max", type=float, default=None, help="clip lambda from above (after the formula)")
+    p.add_argument("--format", choices=("json", "yaml"), default="json", help="json table or mergekit YAML")
+    p.add_argument("--method", default="task_arithmetic",
+                   help="YAML only: task_arithmetic, ties, dare_ta or dare_ties (default: task_arithmetic)")
+    p.add_argument("--density", type=float, default=None, help="YAML only: kept fraction for ties / dare")
+    p.add_argument("--base-model", default=None, help="YAML only: base model reference (default: from the analysis)")
+    p.set_defaults(func=run)
+    return p
+
+
+def validate(args: argparse.Namespace) -> tuple[float | None, float | None] | None:
+    if not (math.isfinite(args.t) and args.t >= 0):
+        raise InputError(f"--t must be a finite number >= 0, got {args.t}")
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise InputError(f"--alpha must be a finite number > 0, got {args.alpha}")
+    for name, v in (("--clip-min", args.clip_min), ("--clip-max", args.clip_max)):
+        if v is not None and not math.isfinite(v):
+            raise InputError(f"{name} must be finite, got {v}")
+    if args.clip_min is not None and args.clip_max is not None and args.clip_min > args.clip_max:
+        raise InputError(f"--clip-min {args.clip_min} is larger than --clip-max {args.clip_max}")
+    if args.density is not None and not (0 < args.density <= 1):
+        raise InputError(f"--density must be in (0, 1], got {args.density}")
+    if args.clip_min is None and args.clip_max is None:
+        return None
+    return args.clip_min, args.clip_max
+
+
+def run(args: argparse.Namespace) -> int:
+    from acm.analysis import AnalysisResult
+    from acm.coefficients import coefficient_table, to_mergekit_yaml
+
+    clip = validate(args)
+    analysis = AnalysisResult.load(args.analysis)
+    if args.format == "yaml":
+        print(to_mergekit_yaml(analysis, args.t, args.alpha, method=args.method, base_model=args.base_model,
+                               density=args.density, clip=clip), end="")
+    else:
+        table = coefficient_table(analysis, args.t, args.alpha, clip=clip)
+        table["analysis"] = str(args.analysis)
+        print(json.dumps(table, indent=2))
+    return 0
