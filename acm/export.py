@@ -1,0 +1,218 @@
+"""Model card (README.md) and recipe (acm_recipe.json) of a merged model.
+
+Why: a merged checkpoint is only useful if one can tell what it is and redo it. The recipe is the
+machine-readable record (sources with commits, method, options, λ per group and model, the ACM
+analysis provenance, package version); the model card is the same for people, with Hub metadata
+in its YAML front matter. Neither contains the temp folder the merge was written into; the card
+names local model folders by their folder name only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FORMULAS = {
+    "linear": "θ = Σᵢ wᵢ·θᵢ  (weights normalised to sum 1)",
+    "task_arithmetic": "θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ,  τᵢ = θᵢ − θ₀",
+    "ties": "τᵢ trimmed to its top-density |τ|; signs elected from Σᵢ λᵢ,ₖ·τᵢ; θ = θ₀ + Σ of agreeing λᵢ,ₖ·τᵢ",
+    "dare_ta": "τᵢ entries dropped with probability p and rescaled by 1/(1−p); θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ",
+    "dare_ties": "τᵢ entries dropped with probability p and rescaled by 1/(1−p), then TIES (trim, elect, merge)",
+}
+METHOD_NAMES = {"linear": "Linear", "task_arithmetic": "Task Arithmetic", "ties": "TIES",
+                "dare_ta": "DARE + Task Arithmetic", "dare_ties": "DARE + TIES"}
+_RELEVANT = {"linear": ("weights",), "task_arithmetic": ("alpha",),
+             "ties": ("alpha", "density", "trim_scope", "normalize"),
+             "dare_ta": ("alpha", "drop_rate", "seed"),
+             "dare_ties": ("alpha", "density", "drop_rate", "trim_scope", "normalize", "seed")}
+
+
+def _is_local(spec: str) -> bool:
+    return os.path.isabs(spec) or spec.startswith((".", "~")) or Path(spec).expanduser().exists()
+
+
+def display_name(spec: str) -> str:
+    """Hub ids as they are; local folders by their folder name (no machine paths in a public card)."""
+    return Path(spec).expanduser().name if _is_local(spec) else spec
+
+
+def _source(src: Any) -> dict:
+    if isinstance(src, dict):
+        return dict(src)
+    prov = src.provenance() if hasattr(src, "provenance") else {"model": str(src)}
+    prov["local"] = _is_local(prov["model"])
+    return prov
+
+
+def build_recipe(base: Any, fts: list[Any], options: Any, lambdas: list[dict[str, float]], *,
+                 groups: list[str] | None = None, acm: dict | None = None, vocab_notes: list[str] | None = None,
+                 stats: dict | None = None, version: str | None = None, out_name: str | None = None) -> dict:
+    """The full, JSON-serialisable record of one merge (written as ``acm_recipe.json``)."""
+    if version is None:
+        from acm import __version__ as version
+    opts = options.to_dict() if hasattr(options, "to_dict") else dict(options)
+    sources = [_source(f) for f in fts]
+    groups = list(groups or (list(lambdas[0]) if lambdas else []))
+    acm_block = None
+    if acm:
+        acm_block = {k: acm.get(k) for k in ("t", "alpha", "clip") if k in acm}
+        if acm.get("analysis") is not None:
+            acm_block["analysis"] = acm["analysis"]
+        for k, v in acm.items():
+            acm_block.setdefault(k, v)
+    return json.loads(json.dumps({
+        "tool": "ACM Merge Explorer",
+        "version": version,
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "name": out_name,
+        "method": opts.get("method"),
+        "acm": acm_block is not None,
+        "base": _source(base),
+        "models": sources,
+        "options": opts,
+        "groups": groups,
+        "lambdas": [{"model": s["model"], "lambda": {g: lam.get(g) for g in groups}}
+                    for s, lam in zip(sources, lambdas)],
+        "acm_analysis": acm_block,
+        "vocab_notes": list(vocab_notes or []),
+        "output": dict(stats or {}),
+        "formula": FORMULAS.get(opts.get("method"), ""),
+    }, default=str))
+
+
+def recipe(report: Any) -> dict:
+    """The recipe of a finished merge, from a ``MergeReport`` or its ``to_dict()``."""
+    rec = report.get("recipe") if isinstance(report, dict) else getattr(report, "recipe", None)
+    if rec:
+        return json.loads(json.dumps(rec, default=str))
+    data = report if isinstance(report, dict) else report.to_dict()
+    out_dir = data.get("out_dir")
+    if out_dir and (Path(out_dir) / "acm_recipe.json").is_file():
+        return json.loads((Path(out_dir) / "acm_recipe.json").read_text(encoding="utf-8"))
+    raise ValueError("this merge report carries no recipe")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if v is None:
+        return "—"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def lambda_table(rec: dict) -> str:
+    """λ per layer group (rows) and fine-tuned model (columns), as a Markdown table."""
+    models = [display_name(m["model"]) for m in rec.get("lambdas", [])]
+    rows = [[g] + [m["lambda"].get(g) for m in rec.get("lambdas", [])] for g in rec.get("groups", [])]
+    return _table(["group"] + models, rows)
+
+
+def reproduce_command(rec: dict, out: str | None = None, *, display: bool = False) -> str:
+    """The ``python -m acm merge`` command line that redoes this merge (``display``: short model names)."""
+    o = rec.get("options", {})
+    method = rec.get("method")
+    name = display_name if display else (lambda spec: spec)
+    parts = ["python", "-m", "acm", "merge", "--base", name(rec["base"]["model"])]
+    for m in rec.get("models", []):
+        parts += ["--ft", name(m["model"])]
+    parts += ["--method", method]
+    if method != "linear":
+        parts += ["--alpha", _fmt(o.get("alpha"))]
+    if method in ("ties", "dare_ties"):
+        parts += ["--density", _fmt(o.get("density")), "--trim-scope", o.get("trim_scope", "tensor")]
+        if o.get("normalize"):
+            parts.append("--normalize")
+    if method in ("dare_ta", "dare_ties"):
+        parts += ["--drop-rate", _fmt(o.get("drop_rate")), "--seed", str(o.get("seed", 0))]
+    if method == "linear" and o.get("weights"):
+        parts += ["--weights", *[_fmt(w) for w in o["weights"]]]
+    if rec.get("acm") and rec.get("acm_analysis"):
+        parts += ["--acm", "analysis.json", "--t", _fmt(rec["acm_analysis"].get("t"))]
+    if o.get("dtype"):
+        parts += ["--dtype", str(o["dtype"])]
+    parts += ["--out", out or rec.get("name") or "merged"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _provenance_lines(prov: Any, prefix: str = "") -> list[str]:
+    lines: list[str] = []
+    if isinstance(prov, dict):
+        for k, v in prov.items():
+            if isinstance(v, dict):
+                lines += _provenance_lines(v, f"{prefix}{k}.")
+            elif isinstance(v, list) and len(v) > 8:
+                lines.append(f"- {prefix}{k}: {len(v)} entries")
+            else:
+                lines.append(f"- {prefix}{k}: {_fmt(v)}")
+    return lines
+
+
+def model_card(rec: dict) -> str:
+    """README.md of the merged model: Hub front matter, sources, method, parameters, λ table, usage."""
+    base = display_name(rec["base"]["model"])
+    models = [display_name(m["model"]) for m in rec.get("models", [])]
+    method = rec.get("method", "")
+    acm = rec.get("acm_analysis") if rec.get("acm") else None
+    label = ("ACM-" if acm else "") + METHOD_NAMES.get(method, method)
+    front = {"base_model": [base] + models, "base_model_relation": "merge", "library_name": "transformers",
+             "tags": ["merge", "acm"]}
+    name = rec.get("name") or "merged model"
+    out = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
+           f"# {name}", "",
+           f"A **{label}** merge of {', '.join(f'`{m}`' for m in models)} into the base `{base}`, made with "
+           "ACM Merge Explorer (Activation-Guided Consensus Merging, arXiv 2505.14009"
+           + (": the coefficient of each layer group comes from the mutual information between the base's and "
+              "the fine-tuned model's activations on calibration text)." if acm else "; plain method, one "
+              "coefficient for the whole network)."), ""]
+    out += ["## Sources", ""]
+    rows = [["base", base, rec["base"].get("revision"), rec["base"].get("commit")]]
+    rows += [[f"fine-tuned {i + 1}", display_name(m["model"]), m.get("revision"), m.get("commit")]
+             for i, m in enumerate(rec.get("models", []))]
+    out += [_table(["role", "model", "revision", "commit"], rows), ""]
+    out += ["## Method", "", f"`{method}`{' with ACM coefficients' if acm else ''}: {rec.get('formula', '')}", "",
+            "k is the layer group (`embed`, `block.0` … `block.{L-1}`, `head`); computed in float32, "
+            f"written in {rec.get('output', {}).get('dtype', 'the base dtype')}.", ""]
+    o = rec.get("options", {})
+    keys = _RELEVANT.get(method, ())
+    prow = [[k, o.get(k)] for k in keys]
+    if acm:
+        prow += [["t (ACM sharpness)", acm.get("t")], ["α (ACM mean λ)", acm.get("alpha")]]
+        if acm.get("clip"):
+            prow.append(["λ clip", acm.get("clip")])
+    out += ["## Parameters", "", _table(["parameter", "value"], prow), ""]
+    out += ["## Coefficients λ per layer group", "",
+            ("λ from the ACM analysis: λₖ = α·K·exp(−t·NMIₖ) / Σⱼ exp(−t·NMIⱼ) (mean α; lower NMI → larger λ)."
+             if acm else ("Normalised weights of the linear average." if method == "linear"
+                          else "Plain method: λ = α for every group.")), "",
+            lambda_table(rec), ""]
+    if acm:
+        out += ["## ACM analysis provenance", ""]
+        out += _provenance_lines(acm.get("analysis") or {}) or ["- (not recorded)"]
+        out.append("")
+    if rec.get("vocab_notes"):
+        out += ["## Vocabulary", ""] + [f"- {n}" for n in rec["vocab_notes"]] + [""]
+    stats = rec.get("output", {})
+    if stats:
+        out += ["## Output", "",
+                f"{stats.get('num_tensors')} tensors in {stats.get('num_shards')} safetensors shard(s), "
+                f"{(stats.get('bytes') or 0) / 1e6:.1f} MB, dtype {stats.get('dtype')}, vocabulary "
+                f"{stats.get('vocab_size')}. Full record: `acm_recipe.json`.", ""]
+    out += ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f'path = "{name}"  # this folder, or its Hub id once uploaded',
+            "model = AutoModelForCausalLM.from_pretrained(path, dtype=\"auto\")",
+            "tokenizer = AutoTokenizer.from_pretrained(path)", "```", "",
+            "## Reproduce", "", "```bash", reproduce_command(rec, display=True), "```", "",
+            f"Made with ACM Merge Explorer {rec.get('version', '')} on {rec.get('created', '')}.", ""]
+    return "\n".join(out)

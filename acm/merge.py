@@ -1,0 +1,463 @@
+"""The streamed, sharded merge engine: linear, task arithmetic, TIES, DARE (+ their ACM variants).
+
+Why streamed: a merge must work for models far larger than memory. Tensors are read one at a time
+from every model (``TensorReader``), merged in float32 on ``options.device`` (CUDA when available),
+cast to the output dtype and handed to a ``ShardWriter``; peak memory is a few tensors plus one
+output shard. The output folder appears atomically (temp dir renamed on success).
+
+The per-tensor maths lives in ``acm.merge_methods``; the formulas (DESIGN "Merge methods"):
+
+* ``linear``:          θ = Σᵢ wᵢ·θᵢ  (weights normalised to sum 1; default uniform)
+* ``task_arithmetic``: θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ,  τᵢ = θᵢ − θ₀
+* ``ties``:            trim τᵢ to its top ``density`` by |τ|, elect signs from Σ λτ, θ = θ₀ + Σ agreeing λτ
+* ``dare_ta`` / ``dare_ties``: drop entries of τᵢ with probability p, rescale by 1/(1−p), then TA / TIES
+
+λᵢ,ₖ is the coefficient of fine-tuned model i in layer group k. A plain merge uses λ = α for every
+group; an ACM merge passes ``lambdas`` (from ``acm.coefficients.lambdas_by_group``). Both go
+through the same code, so ACM with λ = α everywhere is bit-for-bit the plain method.
+
+Vocabulary: rows a fine-tuned model lacks count as τ = 0; rows beyond the base's (added tokens) are
+taken from the first fine-tuned model (in the order given) that has them, and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from acm import merge_methods as mm
+from acm.errors import InputError
+from acm.models import ModelSource, check_compatibility, parse_dtype, pick_device, resolve_model
+from acm.shards import AtomicFolder, ShardWriter, parse_size
+
+log = logging.getLogger(__name__)
+
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ta", "dare_ties")
+TIES_METHODS = ("ties", "dare_ties")
+DARE_METHODS = ("dare_ta", "dare_ties")
+TRIM_SCOPES = ("tensor", "global")
+
+# Files of the base folder that are not copied: weights, their indexes, and what we write ourselves.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot")
+_NOT_COPIED = {"config.json", "README.md", "acm_recipe.json", "model.safetensors.index.json",
+               "pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json"}
+
+
+@dataclass
+class MergeOptions:
+    """Everything that defines a merge besides the models and the per-group λ."""
+
+    method: str = "task_arithmetic"
+    alpha: float = 1.0                   # plain methods: λ = α for every group
+    density: float = 0.2                 # TIES: fraction of |τ| kept
+    drop_rate: float = 0.3               # DARE: probability of dropping an entry of τ
+    trim_scope: str = "tensor"           # TIES trim threshold per tensor or per model ("global")
+    normalize: bool = False              # TIES: divide by the sum of agreeing λ
+    seed: int = 0                        # DARE
+    dtype: str | None = None             # output dtype; None = the base's
+    shard_size: int | str = "2GB"
+    weights: list[float] | None = None   # linear only; normalised to sum 1
+    device: str | None = None            # None/"auto" = CUDA when available
+
+    def validate(self, n_models: int | None = None) -> None:
+        """Raise InputError (one line) for an out-of-range option."""
+        if self.method not in METHODS:
+            raise InputError(f"unknown merge method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not _finite(self.alpha) or self.alpha < 0:
+            raise InputError(f"alpha must be a finite number >= 0, got {self.alpha}")
+        if not _finite(self.density) or not 0 < self.density <= 1:
+            raise InputError(f"density must be in (0, 1], got {self.density}")
+        if not _finite(self.drop_rate) or not 0 <= self.drop_rate < 1:
+            raise InputError(f"drop rate must be in [0, 1), got {self.drop_rate}")
+        if self.trim_scope not in TRIM_SCOPES:
+            raise InputError(f"trim scope must be 'tensor' or 'global', got {self.trim_scope!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+        parse_dtype(self.dtype)
+        parse_size(self.shard_size)
+        if self.weights is not None:
+            if self.method != "linear":
+                raise InputError("weights apply to --method linear only; task-vector methods use --alpha or ACM λ")
+            if n_models is not None and len(self.weights) != n_models:
+                raise InputError(f"got {len(self.weights)} weight(s) for {n_models} fine-tuned model(s)")
+            if any(not _finite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise InputError(f"weights must be finite, >= 0 and not all zero, got {self.weights}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MergeReport:
+    """What a merge did; shown by the CLI/UI and recorded in the recipe."""
+
+    out_dir: Path
+    seconds: float
+    bytes_written: int
+    num_tensors: int
+    num_shards: int
+    lambdas: list[dict[str, float]]
+    vocab_notes: list[str]
+    options: MergeOptions
+    recipe: dict = field(default_factory=dict)   # the acm_recipe.json written next to the weights
+
+    def to_dict(self) -> dict:
+        return {"out_dir": str(self.out_dir), "seconds": self.seconds, "bytes_written": self.bytes_written,
+                "num_tensors": self.num_tensors, "num_shards": self.num_shards, "lambdas": self.lambdas,
+                "vocab_notes": list(self.vocab_notes), "options": self.options.to_dict(), "recipe": self.recipe}
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def merge_models(base: str | ModelSource, fts: list[str | ModelSource], out_dir: str | Path,
+                 options: MergeOptions, *, lambdas: list[dict[str, float]] | None = None, acm: dict | None = None,
+                 force: bool = False, allow_pickle: bool = False,
+                 progress: Callable[[float, str], None] | None = None, show_progress: bool = True) -> MergeReport:
+    """Merge ``fts`` into ``base`` and write a complete HF model folder at ``out_dir``.
+
+    ``lambdas`` (one ``{group: λ}`` per fine-tuned model) makes it an ACM merge; ``None`` is the plain
+    method with λ = α everywhere. ``acm`` ({"analysis": provenance, "t", "alpha", "clip"}) is recorded
+    in the model card and recipe. Nothing appears at ``out_dir`` unless the merge succeeded.
+    """
+    t0 = time.perf_counter()
+    if isinstance(fts, (str, Path, ModelSource)):
+        fts = [fts]
+    options.validate(len(fts))
+    base_src = base if isinstance(base, ModelSource) else resolve_model(str(base), allow_pickle=allow_pickle)
+    ft_srcs = [f if isinstance(f, ModelSource) else resolve_model(str(f), allow_pickle=allow_pickle) for f in fts]
+    compat = check_compatibility(base_src, ft_srcs)
+    target = Path(out_dir).expanduser().absolute()
+    _check_not_an_input(target, [base_src, *ft_srcs])
+    device = pick_device(options.device)
+    out_dtype = parse_dtype(options.dtype)
+
+    names = base_src.reader.keys()
+    group_of = _group_map(base_src, names)
+    groups = _ordered_groups(base_src, group_of)
+    lams = _resolve_lambdas(lambdas, groups, len(ft_srcs), options, base_src.num_layers)
+    _check_disk_space(base_src, target, out_dtype)
+
+    plan = _Plan(base_src, ft_srcs, options, device, group_of, lams)
+    shard_bytes = parse_size(options.shard_size)
+    atomic = AtomicFolder(target, force=force)
+    with atomic as tmp:
+        bar = _progress_bar(len(names) * (3 if plan.global_trim else 1), show_progress and progress is None)
+        try:
+            if plan.global_trim:
+                plan.global_thresholds(names, progress, bar)
+            writer = ShardWriter(tmp, shard_bytes)
+            start = 0.5 if plan.global_trim else 0.0
+            for i, name in enumerate(names):
+                writer.add(name, plan.merge_tensor(name, out_dtype))
+                if progress is not None:
+                    progress(start + (1 - start) * (i + 1) / len(names) * 0.98, f"merging {name}")
+                if bar is not None:
+                    bar.update(1)
+            num_shards = writer.close()
+        finally:
+            if bar is not None:
+                bar.close()
+        vocab_notes = list(compat.vocab_notes) + plan.vocab_notes()
+        config_dtype = options.dtype and str(out_dtype).replace("torch.", "") or _base_dtype_name(base_src)
+        _write_config(base_src, tmp, config_dtype, plan.out_vocab_size)
+        _copy_side_files(base_src, tmp)
+        from acm import __version__
+        from acm.export import build_recipe, model_card
+
+        stats = {"num_tensors": writer.num_tensors, "num_shards": num_shards, "bytes": writer.total_bytes,
+                 "dtype": config_dtype, "vocab_size": plan.out_vocab_size or base_src.vocab_size,
+                 "device": str(device)}
+        recipe = build_recipe(base_src, ft_srcs, options, lams, groups=groups, acm=acm,
+                              vocab_notes=vocab_notes, stats=stats, version=__version__,
+                              out_name=target.name)
+        (tmp / "acm_recipe.json").write_text(json.dumps(recipe, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(recipe), encoding="utf-8")
+        if progress is not None:
+            progress(0.99, "finalising the output folder")
+        final = atomic.commit()
+    seconds = time.perf_counter() - t0
+    if progress is not None:
+        progress(1.0, "done")
+    return MergeReport(out_dir=final, seconds=seconds, bytes_written=writer.total_bytes,
+                       num_tensors=writer.num_tensors, num_shards=num_shards, lambdas=lams,
+                       vocab_notes=vocab_notes, options=options, recipe=recipe)
+
+
+class _Plan:
+    """Per-merge state: the sources, resolved λ, device, global thresholds, vocabulary growth."""
+
+    def __init__(self, base: ModelSource, fts: list[ModelSource], options: MergeOptions, device: torch.device,
+                 group_of: dict[str, str], lams: list[dict[str, float]]):
+        self.base, self.fts, self.o, self.device = base, fts, options, device
+        self.group_of, self.lams = group_of, lams
+        self.method = options.method
+        self.global_trim = (self.method in TIES_METHODS and options.trim_scope == "global"
+                            and options.density < 1.0)
+        self.thresholds: list[float] | None = None
+        self._grown: list[str] = []
+        bigger = [f.vocab_size for f in fts if (f.vocab_size or 0) > (base.vocab_size or 0)]
+        self.out_vocab_size: int | None = max(bigger) if bigger else None
+
+    # -- reading -----------------------------------------------------------------------------
+    def _load(self, src: ModelSource, name: str, *, copy: bool) -> torch.Tensor:
+        x = src.reader.get(name).to(device=self.device, dtype=torch.float32, copy=copy)
+        if not bool(torch.isfinite(x).all()):
+            role = "base model" if src is self.base else "fine-tuned model"
+            raise InputError(f"{role} {src.spec} has NaN/Inf values in tensor {name}; "
+                             "this checkpoint is broken, merge a healthy one")
+        return x
+
+    def _inputs(self, name: str, b: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Per fine-tuned model: τᵢ (or θᵢ for linear) in the base's shape, and rows beyond the base."""
+        vecs: list[torch.Tensor] = []
+        extras: list[torch.Tensor | None] = []
+        for i, ft in enumerate(self.fts):
+            f = self._load(ft, name, copy=True)
+            extra = None
+            if f.shape != b.shape:          # vocabulary rows differ (check_compatibility allowed only that)
+                rows, rows_ft = b.shape[0], f.shape[0]
+                if rows_ft > rows:
+                    extra, f = f[rows:], f[:rows]
+                else:                       # missing rows: θᵢ = θ₀ there, i.e. τᵢ = 0
+                    f = torch.cat([f, b[rows_ft:]])
+            if self.method != "linear":
+                f.sub_(b)
+                if self.method in DARE_METHODS:
+                    mm.dare_(f, self.o.drop_rate, self.o.seed, i, name)
+            vecs.append(f)
+            extras.append(extra)
+        return vecs, extras
+
+    # -- maths ---------------------------------------------------------------------------------
+    def merge_tensor(self, name: str, out_dtype: torch.dtype | None) -> torch.Tensor:
+        raw = self.base.reader.get(name)
+        if not raw.is_floating_point():
+            return raw                      # integer buffers: copied from the base
+        dtype = out_dtype or raw.dtype
+        b = raw.to(device=self.device, dtype=torch.float32)
+        if not bool(torch.isfinite(b).all()):
+            raise InputError(f"base model {self.base.spec} has NaN/Inf values in tensor {name}; "
+                             "this checkpoint is broken, merge a healthy one")
+        del raw
+        vecs, extras = self._inputs(name, b)
+        lams = [lam[self.group_of[name]] for lam in self.lams]
+        if self.method == "linear":
+            out = mm.weighted_sum(vecs, lams)
+        else:
+            if self.method in TIES_METHODS:
+                for i, tau in enumerate(vecs):
+                    if self.thresholds is not None:
+                        mm.trim_(tau, threshold=self.thresholds[i])
+                    else:
+                        mm.trim_(tau, density=self.o.density)
+                delta = mm.ties_combine(vecs, lams, normalize=self.o.normalize)
+            else:
+                delta = mm.weighted_sum(vecs, lams)
+            out = delta.add_(b)
+        del vecs, b
+        if any(e is not None for e in extras):
+            out = self._append_rows(name, out, extras)
+        return out.to(device="cpu", dtype=dtype)
+
+    def _append_rows(self, name: str, out: torch.Tensor, extras: list[torch.Tensor | None]) -> torch.Tensor:
+        """Rows beyond the base's vocabulary come from the first fine-tuned model that has them."""
+        rows = out.shape[0]
+        total = rows + max(e.shape[0] for e in extras if e is not None)
+        grown = out.new_empty((total - rows, *out.shape[1:]))
+        for i in reversed(range(len(extras))):
+            e = extras[i]
+            if e is not None:
+                grown[: e.shape[0]] = e
+        covered = rows
+        for i, e in enumerate(extras):
+            if e is not None and rows + e.shape[0] > covered:
+                self._grown.append(f"{name}: rows {covered}-{rows + e.shape[0] - 1} (beyond the base's {rows}) "
+                                   f"taken from {self.fts[i].spec}")
+                covered = rows + e.shape[0]
+        return torch.cat([out, grown])
+
+    def vocab_notes(self) -> list[str]:
+        notes = list(self._grown)
+        if self.out_vocab_size:
+            notes.append(f"vocab_size {self.base.vocab_size} -> {self.out_vocab_size} in config.json; the tokenizer "
+                         f"is the base's, so ids >= {self.base.vocab_size} are only reachable with the fine-tuned "
+                         "model's tokenizer")
+        return notes
+
+    # -- global trim ---------------------------------------------------------------------------
+    def global_thresholds(self, names: list[str], progress, bar) -> None:
+        """One exact |τ| threshold per model over all tensors: two streaming histogram passes."""
+        n = len(self.fts)
+        float_names = [k for k in names if self.base.reader.dtype(k).is_floating_point]
+        his = [torch.zeros(1 << 15, dtype=torch.int64) for _ in range(n)]
+        totals = [0] * n
+        for j, name in enumerate(float_names):
+            b = self._load(self.base, name, copy=False)
+            vecs, _ = self._inputs(name, b)
+            for i, tau in enumerate(vecs):
+                a = tau.abs_()
+                his[i] += mm.hist_high(a)
+                totals[i] += a.numel()
+            if progress is not None:
+                progress(0.25 * (j + 1) / len(float_names), f"global trim: histogram of {name}")
+            if bar is not None:
+                bar.update(len(names) / len(float_names))
+        ks = [mm.keep_count(total, self.o.density) for total in totals]
+        located = [mm.locate(h, k) for h, k in zip(his, ks)]
+        los = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n)]
+        for j, name in enumerate(float_names):
+            b = self._load(self.base, name, copy=False)
+            vecs, _ = self._inputs(name, b)
+            for i, tau in enumerate(vecs):
+                los[i] += mm.hist_low(tau.abs_(), located[i][0])
+            if progress is not None:
+                progress(0.25 + 0.25 * (j + 1) / len(float_names), f"global trim: refining at {name}")
+            if bar is not None:
+                bar.update(len(names) / len(float_names))
+        self.thresholds = []
+        for (bucket, rank), lo in zip(located, los):
+            low_bits, _ = mm.locate(lo, rank)
+            self.thresholds.append(mm.bits_to_float((bucket << 16) | low_bits))
+        log.info("global trim thresholds: %s", self.thresholds)
+
+
+def _group_map(base: ModelSource, names: list[str]) -> dict[str, str]:
+    from acm.grouping import build_group_map
+
+    float_names = [k for k in names if base.reader.dtype(k).is_floating_point]
+    return build_group_map(base.config, float_names, trust_remote_code=base.trust_remote_code)
+
+
+def _ordered_groups(base: ModelSource, group_of: dict[str, str]) -> list[str]:
+    from acm.grouping import group_names
+
+    present = set(group_of.values())
+    return [g for g in group_names(base.num_layers) if g in present]
+
+
+def _resolve_lambdas(lambdas: list[dict[str, float]] | None, groups: list[str], n: int,
+                     options: MergeOptions, num_layers: int) -> list[dict[str, float]]:
+    """One {group: λ} per fine-tuned model (linear: the normalised weights, same for every group)."""
+    if options.method == "linear":
+        if lambdas is not None:
+            raise InputError("ACM coefficients scale task vectors and linear averaging has none; use "
+                             "task_arithmetic / ties / dare_ta / dare_ties for ACM, or merge linear without λ")
+        weights = options.weights or [1.0] * n
+        total = float(sum(weights))
+        return [{g: float(w) / total for g in groups} for w in weights]
+    if lambdas is None:
+        return [{g: float(options.alpha) for g in groups} for _ in range(n)]
+    if len(lambdas) != n:
+        raise InputError(f"got coefficients for {len(lambdas)} fine-tuned model(s) but {n} model(s) to merge")
+    from acm.grouping import group_names
+
+    valid = set(group_names(num_layers))
+    out = []
+    for i, lam in enumerate(lambdas):
+        if not isinstance(lam, dict):
+            raise InputError(f"coefficients for model {i + 1} must be a {{group: λ}} mapping")
+        unknown = [g for g in lam if g not in valid]
+        if unknown:
+            raise InputError(f"coefficients for model {i + 1} name unknown layer group {unknown[0]!r}; "
+                             f"this model's groups are embed, block.0 ... block.{num_layers - 1}, head")
+        missing = [g for g in groups if g not in lam]
+        if missing:
+            raise InputError(f"coefficients for model {i + 1} lack layer group {missing[0]!r}")
+        bad = [g for g in groups if not _finite(lam[g]) or float(lam[g]) < 0]
+        if bad:
+            raise InputError(f"coefficient for model {i + 1}, group {bad[0]} must be finite and >= 0, "
+                             f"got {lam[bad[0]]}")
+        out.append({g: float(lam[g]) for g in groups})
+    return out
+
+
+def _check_not_an_input(target: Path, sources: list[ModelSource]) -> None:
+    """--force must never delete a model we are reading from."""
+    t = target.resolve()
+    for src in sources:
+        p = src.path.resolve()
+        if t == p or t in p.parents:
+            raise InputError(f"output folder {target} is (or contains) the input model {src.spec}; "
+                             "choose another --out")
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _check_disk_space(base: ModelSource, target: Path, out_dtype: torch.dtype | None) -> None:
+    reader = base.reader
+    need = 0
+    for key in reader.keys():
+        dt = reader.dtype(key)
+        size = _element_size(out_dtype) if (out_dtype is not None and dt.is_floating_point) else _element_size(dt)
+        need += math.prod(reader.shape(key)) * size
+    where = target.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    if need > free:
+        raise InputError(f"not enough disk space in {where}: the merged model needs about {need / 1e9:.2f} GB, "
+                         f"{free / 1e9:.2f} GB free")
+
+
+def _base_dtype_name(base: ModelSource) -> str:
+    """The dtype most of the base's floating-point weights are stored in."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for key in base.reader.keys():
+        dt = base.reader.dtype(key)
+        if dt.is_floating_point:
+            by_dtype[dt] = by_dtype.get(dt, 0) + math.prod(base.reader.shape(key))
+    dt = max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
+    return str(dt).replace("torch.", "")
+
+
+def _write_config(base: ModelSource, folder: Path, dtype_name: str, vocab_size: int | None) -> None:
+    cfg = json.loads((base.path / "config.json").read_text(encoding="utf-8"))
+    cfg["dtype"] = dtype_name
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = dtype_name
+    if vocab_size:
+        if "vocab_size" in cfg or not isinstance(cfg.get("text_config"), dict):
+            cfg["vocab_size"] = vocab_size
+        if isinstance(cfg.get("text_config"), dict) and "vocab_size" in cfg["text_config"]:
+            cfg["text_config"]["vocab_size"] = vocab_size
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _copy_side_files(base: ModelSource, folder: Path) -> list[str]:
+    """Copy every non-weight file of the base (generation config, tokenizer, chat template, licence...)."""
+    copied = []
+    for path in sorted(base.path.iterdir()):
+        name = path.name
+        if (name.startswith(".") or name in _NOT_COPIED or name.endswith(_WEIGHT_SUFFIXES)
+                or re.fullmatch(r".*\.index\.json", name) or not path.is_file()):
+            continue
+        shutil.copyfile(path, folder / name)
+        copied.append(name)
+    return copied
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="merging", unit="tensor", leave=False)
