@@ -25,7 +25,9 @@ STEPS = [("1 · Models", models), ("2 · Calibration", calibration), ("3 · Anal
          ("6 · Evaluate", evaluate), ("7 · Export", export)]
 CSS_PATH = REPO_ROOT / "assets" / "style.css"
 THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="slate", neutral_hue="slate",
-                       font=["Inter", "system-ui", "-apple-system", "Segoe UI", "sans-serif"])
+                       font=["Inter", "system-ui", "-apple-system", "Segoe UI", "sans-serif"]).set(
+    button_primary_background_fill="*primary_600", button_primary_background_fill_hover="*primary_700",
+    button_primary_text_color="white", button_primary_border_color="*primary_600")
 
 
 def build_app() -> gr.Blocks:

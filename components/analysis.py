@@ -201,15 +201,17 @@ def build() -> SimpleNamespace:
                           info="0 = plain method; larger = more contrast between layers", scale=3)
             alpha = gr.Slider(0.0, 2.0, value=DEFAULT_ALPHA, step=0.05, label="α (mean coefficient)",
                               elem_id="alpha-slider", scale=2)
-            clip_min = gr.Number(value=None, label="λ min (optional)", scale=1)
-            clip_max = gr.Number(value=None, label="λ max (optional)", scale=1)
+            clip_min = gr.Textbox(value="", label="λ min", placeholder="none", scale=1, min_width=90,
+                                  info="optional clip")
+            clip_max = gr.Textbox(value="", label="λ max", placeholder="none", scale=1, min_width=90,
+                                  info="optional clip")
     coef_plot = gr.Plot(plots.empty_figure("The coefficient curve λₖ(t) appears here"), label="Coefficients",
                         elem_id="coef-plot")
     multi_plot = gr.Plot(plots.empty_figure("Several t at once"), label="Several t at once", elem_id="multi-plot")
     with gr.Accordion("λ table (JSON)", open=False):
         table = gr.JSON(label="coefficient table")
     with gr.Row():
-        download = gr.DownloadButton("Download analysis JSON", value=None, variant="secondary", interactive=False)
+        download = gr.DownloadButton("Download analysis JSON", value=None, variant="secondary")
         upload = gr.UploadButton("Upload analysis JSON (skip analysis)", file_types=[".json"], variant="secondary")
     return SimpleNamespace(analyse_btn=analyse_btn, summary=summary, bins=bins, batch_size=batch_size, seed=seed,
                            chat_template=chat_template, nmi_plot=nmi_plot, t=t, alpha=alpha, clip_min=clip_min,
@@ -225,9 +227,10 @@ def wire(ui) -> None:
     outputs = [a.summary, a.nmi_plot, a.coef_plot, a.multi_plot, a.table, a.download]
 
     @gpu(duration=300)
-    def analyse(state, base, fts, trust, device, dtype, cal_mode, cal_upload, hub_id, split, field, samples,
-                clusters, fraction, max_tokens, bins, batch_size, seed, chat_template, t, alpha, clip_min, clip_max,
-                progress=gr.Progress()):
+    def analyse(state, base=None, fts=None, trust=False, device="auto", dtype="auto", cal_mode=None, cal_upload=None,
+                hub_id=None, split=None, field=None, samples=None, clusters=4, fraction=0.1, max_tokens=128,
+                bins=DEFAULT_BINS, batch_size=DEFAULT_BATCH, seed=DEFAULT_SEED, chat_template=True, t=DEFAULT_T,
+                alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, progress=gr.Progress()):
         """Per-layer NMI between the base and each fine-tuned model (cached per models + calibration +
         settings), then the coefficient curve at (t, α)."""
         progress(0.0, desc="loading models")
@@ -242,24 +245,24 @@ def wire(ui) -> None:
         coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max)
         md = summary_markdown(res, cached=out["cached"], seconds=out["seconds"],
                               calibration_label=out["calibration"]["label"])
-        return md, nmi_fig, coef_fig, multi_fig, table, gr.update(value=save_analysis(state), interactive=True)
+        return md, nmi_fig, coef_fig, multi_fig, table, save_analysis(state)
 
     a.analyse_btn.click(
         ui_errors(analyse),
         [ui.state, m.base, m.fts, m.trust, m.device, m.dtype, c.mode, c.upload, c.hub_id, c.split, c.field,
          c.samples, c.clusters, c.fraction, c.max_tokens, a.bins, a.batch_size, a.seed, a.chat_template,
          a.t, a.alpha, a.clip_min, a.clip_max],
-        outputs, api_name="analyse", concurrency_id="heavy", concurrency_limit=1)
+        outputs, api_name="analyse", concurrency_id="heavy", concurrency_limit=1, show_progress_on=[a.nmi_plot])
 
-    def coefficients(state, t, alpha, clip_min, clip_max):
+    def coefficients(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None):
         """λₖ(t) per layer group and fine-tuned model from the cached NMI (no model work)."""
         return coefficient_view(state, t, alpha, clip_min, clip_max)
 
-    gr.on([a.t.change, a.alpha.change, a.clip_min.submit, a.clip_max.submit], ui_errors(coefficients), coef_inputs,
+    gr.on([a.t.change, a.alpha.change, a.clip_min.submit, a.clip_max.submit, a.clip_min.blur, a.clip_max.blur], ui_errors(coefficients), coef_inputs,
           [a.coef_plot, a.multi_plot, a.table], api_name="coefficients", queue=False, show_progress="hidden",
           trigger_mode="always_last")
 
-    def upload_analysis(state, path, t, alpha, clip_min, clip_max):
+    def upload_analysis(state, path=None, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None):
         """Use an analysis JSON saved earlier instead of running the models."""
         res = load_analysis_file(state, path)
         nmi_fig = nmi_view(res)
@@ -269,7 +272,7 @@ def wire(ui) -> None:
         if state.base and list(getattr(m, "model", None) for m in res.models) != state.fts:
             warn("the uploaded analysis was made for other models than the ones selected; "
                  "merging uses it for the selected models")
-        return md, nmi_fig, coef_fig, multi_fig, table, gr.update(value=save_analysis(state), interactive=True)
+        return md, nmi_fig, coef_fig, multi_fig, table, save_analysis(state)
 
     a.upload.upload(ui_errors(upload_analysis), [ui.state, a.upload, a.t, a.alpha, a.clip_min, a.clip_max], outputs,
                     api_name="upload_analysis")

@@ -280,7 +280,8 @@ def wire(ui) -> None:
         return layout_updates(state, base, fts)
 
     @gpu(duration=120)
-    def chat(state, message, base, fts, max_new_tokens, temperature, top_p, device, dtype, trust):
+    def chat(state, message=None, base=None, fts=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0,
+             top_p=1.0, device="auto", dtype="auto", trust=False):
         """Send one message to the merged model and each source model; replies stream side by side."""
         yield from chat_stream(state, message, base, fts, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, device=device, dtype=dtype, trust_remote_code=trust)
@@ -298,7 +299,8 @@ def wire(ui) -> None:
             .then(ui_errors(chat), chat_inputs, stream_outputs, **chat_kwargs,
                   **(dict(api_name="chat") if i == 0 else dict(api_visibility="private")))
 
-    def do_retry(state, base, fts, max_new_tokens, temperature, top_p, device, dtype, trust):
+    def do_retry(state, base=None, fts=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0, top_p=1.0,
+                 device="auto", dtype="auto", trust=False):
         """Regenerate the last exchange in every column."""
         message = retry_last(state)
         yield from chat_stream(state, message, base, fts, max_new_tokens=max_new_tokens, temperature=temperature,

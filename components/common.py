@@ -72,9 +72,14 @@ def none_if_auto(value: str | None) -> str | None:
 
 def optional_float(value: Any) -> float | None:
     """Blank Number boxes arrive as None (or NaN); keep them as 'not set'."""
-    if value is None or value == "":
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "-")):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        from acm.errors import InputError
+
+        raise InputError(f"not a number: {value!r} (leave the box empty for no clipping)") from None
     return None if value != value else value  # NaN -> None
 
 

@@ -174,8 +174,9 @@ def wire(ui) -> None:
                   queue=False)
 
     @gpu(duration=600)
-    def evaluate(state, base, fts, mode, upload, limit, max_new_tokens, include, batch, device, dtype, trust,
-                 progress=gr.Progress()):
+    def evaluate(state, base=None, fts=None, mode=BUNDLED, upload=None, limit=DEFAULT_LIMIT,
+                 max_new_tokens=DEFAULT_MAX_NEW_TOKENS, include=True, batch=DEFAULT_BATCH, device="auto", dtype="auto",
+                 trust=False, progress=gr.Progress()):
         """Accuracy and mean answer length of the merged model and the source models (greedy)."""
         progress(0.0, desc="preparing")
         result = run_eval(state, base, fts, data_mode=mode, upload=upload, limit=limit,
@@ -183,11 +184,12 @@ def wire(ui) -> None:
                           dtype=dtype, trust_remote_code=trust, progress=progress_callback(progress))
         overall_rows, level_rows = tables(result)
         setting = state.eval_points[-1]["setting"] if state.eval_points else None
-        return (summary_markdown(result), scatter(state, setting),
-                gr.update(value=overall_rows, headers=OVERALL_HEADERS),
-                gr.update(value=level_rows, headers=LEVEL_HEADERS), result)
+        import pandas as pd
+
+        return (summary_markdown(result), scatter(state, setting), pd.DataFrame(overall_rows, columns=OVERALL_HEADERS),
+                pd.DataFrame(level_rows, columns=LEVEL_HEADERS), result)
 
     e.run_btn.click(ui_errors(evaluate), [ui.state, m.base, m.fts, e.mode, e.upload, e.limit, e.max_new, e.include,
                                           e.batch, m.device, m.dtype, m.trust],
                     [e.summary, e.scatter, e.overall, e.per_level, e.raw], api_name="evaluate",
-                    concurrency_id="heavy", concurrency_limit=1)
+                    concurrency_id="heavy", concurrency_limit=1, show_progress_on=[e.scatter])

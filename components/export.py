@@ -96,7 +96,7 @@ def export_plots(state: SessionState) -> list[str]:
     png = kaleido_available()
     for name, fig in state.figures.items():
         html = folder / f"{name}.html"
-        fig.write_html(str(html), include_plotlyjs="cdn", full_html=True)
+        fig.write_html(str(html), include_plotlyjs=True, full_html=True)   # self-contained, works offline
         paths.append(str(html))
         if png:
             try:
@@ -159,7 +159,7 @@ def push_to_hub(state: SessionState, token: str | None, repo_id: str | None, pri
         raise OfflineError(f"upload failed, the Hub is unreachable: {type(exc).__name__}") from None
     finally:
         del api, token
-    return f"✅ Uploaded **{merged.label}** to [{repo_id}]({url})"
+    return f"✓ Uploaded **{merged.label}** to [{repo_id}]({url})"
 
 
 def build() -> SimpleNamespace:

@@ -25,7 +25,7 @@ id (`org/name`, needs internet). **Check** reads configs and safetensors headers
 and says whether the models can be merged.
 """
 
-TRUST_WARNING = ("⚠️ **trust_remote_code runs Python code shipped with the model repository on this machine.** "
+TRUST_WARNING = ("⚠ **trust_remote_code runs Python code shipped with the model repository on this machine.** "
                  "Only enable it for repositories you trust.")
 
 CALIBRATION = """

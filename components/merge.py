@@ -121,14 +121,14 @@ def lambda_rows(merged: MergedModel, groups: list[str] | None = None) -> tuple[l
 def summary_markdown(merged: MergedModel) -> str:
     r = merged.report
     s = merged.settings
-    bits = [f"✅ **{merged.label}** merged in **{merged.seconds:.1f} s** (including loading it for chat)",
+    bits = [f"✓ **{merged.label}** merged in **{merged.seconds:.1f} s** (including loading it for chat)",
             f"{_size(r.get('bytes_written', 0))} in {r.get('num_tensors', '?')} tensors, "
             f"{r.get('num_shards', '?')} shard(s)"]
     if s["method"] in ("ties", "dare_ties"):
         bits.append(f"density {s['density']:g}, trim scope {s['trim_scope']}")
     if s["method"].startswith("dare"):
         bits.append(f"drop rate {s['drop_rate']:g}, seed {s['seed']}")
-    notes = "".join(f"\n- ⚠️ {n}" for n in r.get("vocab_notes") or [])
+    notes = "".join(f"\n- ⚠ {n}" for n in r.get("vocab_notes") or [])
     return " · ".join(bits) + notes + "\n\nThe merged model is loaded: try it in **5 · Chat** and **6 · Evaluate**."
 
 
@@ -179,6 +179,8 @@ def build() -> SimpleNamespace:
 def wire(ui) -> None:
     import gradio as gr
 
+    from components.analysis import DEFAULT_ALPHA, DEFAULT_T
+
     g, m, a = ui.merge, ui.models, ui.analysis
     g.method.change(method_changed, [g.method, g.mode], [g.density, g.trim_scope, g.drop_rate, g.seed, g.mode, g.t],
                     api_visibility="private", queue=False)
@@ -189,8 +191,9 @@ def wire(ui) -> None:
     a.alpha.change(None, a.alpha, g.alpha, js="(v) => v", api_visibility="private", queue=False)
 
     @gpu(duration=600)
-    def merge(state, base, fts, method, mode, t, alpha, density, drop_rate, trim_scope, seed, clip_min, clip_max,
-              device, dtype, trust, progress=gr.Progress()):
+    def merge(state, base=None, fts=None, method=DEFAULT_METHOD, mode=ACM, t=DEFAULT_T, alpha=DEFAULT_ALPHA,
+              density=0.2, drop_rate=0.3, trim_scope="tensor", seed=0, clip_min=None, clip_max=None, device="auto",
+              dtype="auto", trust=False, progress=gr.Progress()):
         """Merge base + fine-tuned models (plain or ACM) and load the result for chat and evaluation."""
         progress(0.0, desc="starting the merge")
         merged = run_merge(state, base, fts, method=method, mode=mode, t=t, alpha=alpha, density=density,
@@ -200,13 +203,16 @@ def wire(ui) -> None:
         groups = list(state.analysis.groups) if state.analysis is not None else None
         headers, rows = lambda_rows(merged, groups)
         report = {**merged.report, "label": merged.label, "settings": merged.settings}
-        return summary_markdown(merged), gr.update(value=rows, headers=headers), _jsonable(report)
+        import pandas as pd
+
+        return summary_markdown(merged), pd.DataFrame(rows, columns=headers), _jsonable(report)
 
     ui.merge_event = g.merge_btn.click(
         ui_errors(merge),
         [ui.state, m.base, m.fts, g.method, g.mode, g.t, g.alpha, g.density, g.drop_rate, g.trim_scope, g.seed,
          a.clip_min, a.clip_max, m.device, m.dtype, m.trust],
-        [g.summary, g.table, g.report], api_name="merge", concurrency_id="heavy", concurrency_limit=1)
+        [g.summary, g.table, g.report], api_name="merge", concurrency_id="heavy", concurrency_limit=1,
+        show_progress_on=[g.summary])
 
 
 def _jsonable(obj):

@@ -71,8 +71,8 @@ def check_models(state: SessionState, base: str | None, fts, trust_remote_code: 
         params = report.parameters.get(spec, 0)
         rows.append(f"| {role} | `{label}` | {_fmt_params(params)} | {report.vocab_sizes.get(spec)} |")
     groups = report.num_layers + 2
-    notes = "".join(f"\n- ⚠️ {n}" for n in report.vocab_notes)
-    return (f"✅ **Compatible** — `{report.architecture}`, **{report.num_layers} layers** "
+    notes = "".join(f"\n- ⚠ {n}" for n in report.vocab_notes)
+    return (f"✓ **Compatible** — `{report.architecture}`, **{report.num_layers} layers** "
             f"(→ {groups} layer groups: embed, block.0…{report.num_layers - 1}, head), "
             f"hidden size {report.hidden_size}.\n\n" + "\n".join(rows) + notes)
 

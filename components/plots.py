@@ -1,152 +1,197 @@
-"""Plotly figure builders. Pure functions of plain data (lists / arrays in, ``go.Figure`` out).
+"""Plotly chart builders. Pure functions of plain data (lists in, a ``PlotSpec`` out).
 
 They draw what the library computed; they compute nothing themselves (λ values come from
-``acm.coefficients``). Every builder is cheap enough to run on each slider move.
+``acm.coefficients``). Charts are written as plain plotly JSON rather than ``go.Figure`` objects:
+building a validated ``go.Figure`` costs hundreds of milliseconds on a small CPU, which would make
+the t slider sluggish; a ``PlotSpec`` costs about a millisecond and ``gr.Plot`` renders it the same
+way (it calls ``to_json()``). ``PlotSpec.figure()`` gives the full ``go.Figure`` for exports.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
-
-import plotly.graph_objects as go
+import json
+from typing import Any, Iterable, Sequence
 
 # One colour per role, reused everywhere so a model keeps its colour across charts.
 PALETTE = ["#e8590c", "#0c8599", "#5f3dc4", "#2b8a3e", "#c2255c"]   # fine-tuned models / misc
 MERGED_COLOR = "#7048e8"
 BASE_COLOR = "#868e96"
 PLAIN_COLOR = "#495057"
-FONT = dict(family="Inter, system-ui, -apple-system, Segoe UI, sans-serif", size=13)
+GRID_COLOR = "#eceff3"
+FONT = {"family": "Inter, system-ui, -apple-system, Segoe UI, sans-serif", "size": 13, "color": "#343a40"}
+# Sequential colours for several t values (light = small t, dark = large t): viridis stops.
+T_COLORS = ["#b5de2b", "#6ece58", "#35b779", "#1f9e89", "#26828e", "#31688e", "#3e4989", "#482878", "#440154"]
 
 
-def _layout(fig: go.Figure, *, title: str, xtitle: str | None = None, ytitle: str | None = None,
-            height: int = 360, legend: bool = True) -> go.Figure:
-    fig.update_layout(
-        title=dict(text=title, x=0.01, xanchor="left", font=dict(size=15)),
-        template="plotly_white", font=FONT, height=height,
-        margin=dict(l=56, r=16, t=56, b=48),
-        hovermode="closest", showlegend=legend,
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
-    )
-    if xtitle is not None:
-        fig.update_xaxes(title_text=xtitle)
-    if ytitle is not None:
-        fig.update_yaxes(title_text=ytitle)
-    fig.update_xaxes(showgrid=False, zeroline=False)
-    fig.update_yaxes(gridcolor="#eceff3", zeroline=False)
-    return fig
+class PlotSpec:
+    """A plotly figure as plain JSON (``{"data": [...], "layout": {...}}``), ready for ``gr.Plot``."""
+
+    def __init__(self, data: list[dict], layout: dict):
+        self.data = data
+        self.layout = layout
+
+    def to_dict(self) -> dict:
+        return {"data": self.data, "layout": self.layout}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False, default=_jsonable)
+
+    def figure(self):
+        """The equivalent ``plotly.graph_objects.Figure`` (for HTML/PNG export; slow to build)."""
+        import plotly.graph_objects as go
+
+        return go.Figure(self.to_dict())
+
+    def write_html(self, path: str, **kwargs) -> None:
+        self.figure().write_html(path, **kwargs)
+
+    def write_image(self, path: str, **kwargs) -> None:
+        self.figure().write_image(path, **kwargs)
 
 
-def empty_figure(message: str, *, height: int = 300) -> go.Figure:
+def _jsonable(value: Any):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _f(values: Iterable) -> list[float]:
+    return [float(v) for v in values]
+
+
+def _axis(title: str | None = None, **kw) -> dict:
+    ax = {"showgrid": True, "gridcolor": GRID_COLOR, "zeroline": False, "linecolor": "#ced4da",
+          "ticks": "", "automargin": True}
+    if title:
+        ax["title"] = {"text": title}
+    ax.update(kw)
+    return ax
+
+
+def _category(groups: Sequence[str], title: str | None = None, **kw) -> dict:
+    """Groups on the x-axis in network order (embed, block.0 …, head), never re-sorted."""
+    return _axis(title, type="category", categoryorder="array", categoryarray=list(groups), showgrid=False,
+                 tickangle=-45 if len(groups) > 16 else 0, **kw)
+
+
+def _layout(title: str, *, height: int = 360, legend: bool = True, **kw) -> dict:
+    layout = {
+        "title": {"text": title, "x": 0.01, "xanchor": "left", "font": {"size": 15}},
+        "font": FONT, "height": height, "paper_bgcolor": "white", "plot_bgcolor": "white",
+        "margin": {"l": 56, "r": 16, "t": 56, "b": 48}, "hovermode": "closest", "showlegend": legend,
+        "hoverlabel": {"bgcolor": "white", "font": {"size": 12}},
+        "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
+    }
+    layout.update(kw)
+    return layout
+
+
+def empty_figure(message: str, *, height: int = 300) -> PlotSpec:
     """A blank chart carrying a one-line hint (what to click to fill it)."""
-    fig = go.Figure()
-    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
-                       font=dict(size=14, color="#868e96"))
-    fig.update_layout(template="plotly_white", height=height, margin=dict(l=16, r=16, t=16, b=16), font=FONT)
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return fig
+    return PlotSpec([], {
+        "height": height, "paper_bgcolor": "white", "plot_bgcolor": "white", "font": FONT,
+        "margin": {"l": 16, "r": 16, "t": 16, "b": 16},
+        "xaxis": {"visible": False}, "yaxis": {"visible": False},
+        "annotations": [{"text": message, "x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper", "showarrow": False,
+                         "font": {"size": 14, "color": "#868e96"}}]})
 
 
 def model_color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
-def _category_axis(fig: go.Figure, groups: Sequence[str], **kwargs) -> None:
-    """Groups on the x-axis in network order (embed, block.0 …, head), never re-sorted."""
-    fig.update_xaxes(type="category", categoryorder="array", categoryarray=list(groups), tickangle=-45
-                     if len(groups) > 16 else 0, **kwargs)
-
-
-def nmi_figure(groups: Sequence[str], series: Sequence[tuple[str, Sequence[float]]]) -> go.Figure:
+def nmi_figure(groups: Sequence[str], series: Sequence[tuple[str, Sequence[float]]]) -> PlotSpec:
     """Per-layer NMI between base and each fine-tuned model: one line per fine-tuned model."""
-    fig = go.Figure()
-    for i, (label, nmi) in enumerate(series):
-        fig.add_trace(go.Scatter(
-            x=list(groups), y=[float(v) for v in nmi], mode="lines+markers", name=label,
-            line=dict(color=model_color(i), width=2.5), marker=dict(size=7),
-            customdata=[[label]] * len(groups),
-            hovertemplate="<b>%{x}</b><br>%{customdata[0]}<br>NMI %{y:.4f}<extra></extra>"))
-    _layout(fig, title="Per-layer NMI (base vs fine-tuned)", xtitle="layer group (network order)",
-            ytitle="NMI (1 = unchanged)")
-    _category_axis(fig, groups)
-    return fig
+    data = [{"type": "scatter", "mode": "lines+markers", "name": label, "x": list(groups), "y": _f(nmi),
+             "line": {"color": model_color(i), "width": 2.5}, "marker": {"size": 7},
+             "customdata": [[label]] * len(groups),
+             "hovertemplate": "<b>%{x}</b><br>%{customdata[0]}<br>NMI %{y:.4f}<extra></extra>"}
+            for i, (label, nmi) in enumerate(series)]
+    return PlotSpec(data, _layout("Per-layer NMI (base vs fine-tuned)",
+                                  xaxis=_category(groups, "layer group (network order)"),
+                                  yaxis=_axis("NMI (1 = unchanged)")))
 
 
 def coefficient_figure(groups: Sequence[str], series: Sequence[dict], *, t: float, alpha: float,
-                       clip: tuple[float | None, float | None] | None = None) -> go.Figure:
+                       clip: tuple[float | None, float | None] | None = None) -> PlotSpec:
     """λₖ(t) per layer group for each fine-tuned model, with the plain method (t = 0, λ = α) dashed.
 
     ``series``: ``[{"label", "nmi": [K], "lambdas": [K]}]``.
     """
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(
-        x=list(groups), y=[float(alpha)] * len(groups), mode="lines", name=f"plain (t = 0): λ = α = {alpha:g}",
-        line=dict(color=PLAIN_COLOR, width=1.5, dash="dash"), hoverinfo="skip"))
+    data = [{"type": "scatter", "mode": "lines", "name": f"plain (t = 0): λ = α = {alpha:g}", "x": list(groups),
+             "y": [float(alpha)] * len(groups), "line": {"color": PLAIN_COLOR, "width": 1.5, "dash": "dash"},
+             "hoverinfo": "skip"}]
     for i, s in enumerate(series):
-        lam = [float(v) for v in s["lambdas"]]
-        nmi = [float(v) for v in s["nmi"]]
-        fig.add_trace(go.Scatter(
-            x=list(groups), y=lam, mode="lines+markers", name=f"{s['label']} (t = {t:g})",
-            line=dict(color=model_color(i), width=2.5), marker=dict(size=7),
-            customdata=[[n, s["label"]] for n in nmi],
-            hovertemplate="<b>%{x}</b><br>%{customdata[1]}<br>NMI %{customdata[0]:.4f}"
-                          "<br>λ %{y:.4f}<extra></extra>"))
-    if clip:
-        for bound, name in zip(clip, ("λ min", "λ max")):
-            if bound is not None:
-                fig.add_hline(y=float(bound), line=dict(color="#adb5bd", width=1, dash="dot"),
-                              annotation_text=name, annotation_position="top left")
-    _layout(fig, title=f"Merge coefficients λₖ(t) at t = {t:g}, α = {alpha:g}", xtitle="layer group",
-            ytitle="λ (coefficient)")
-    _category_axis(fig, groups)
-    return fig
+        data.append({
+            "type": "scatter", "mode": "lines+markers", "name": f"{s['label']} (t = {t:g})", "x": list(groups),
+            "y": _f(s["lambdas"]), "line": {"color": model_color(i), "width": 2.5}, "marker": {"size": 7},
+            "customdata": [[float(n), s["label"]] for n in s["nmi"]],
+            "hovertemplate": "<b>%{x}</b><br>%{customdata[1]}<br>NMI %{customdata[0]:.4f}<br>λ %{y:.4f}"
+                             "<extra></extra>"})
+    shapes, notes = [], []
+    for bound, name in zip(clip or (), ("λ min", "λ max")):
+        if bound is not None:
+            shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": float(bound),
+                           "y1": float(bound), "line": {"color": "#adb5bd", "width": 1, "dash": "dot"}})
+            notes.append({"text": name, "xref": "paper", "x": 0, "xanchor": "left", "yref": "y", "y": float(bound),
+                          "yanchor": "bottom", "showarrow": False, "font": {"size": 11, "color": "#868e96"}})
+    return PlotSpec(data, _layout(f"Merge coefficients λₖ(t) at t = {t:g}, α = {alpha:g}",
+                                  xaxis=_category(groups, "layer group"), yaxis=_axis("λ (coefficient)"),
+                                  shapes=shapes, annotations=notes))
 
 
 def multi_t_figure(groups: Sequence[str], per_model: Sequence[dict], t_values: Sequence[float], *,
-                   alpha: float) -> go.Figure:
+                   alpha: float) -> PlotSpec:
     """Small multiples: one panel per fine-tuned model, one line per t (darker = larger t).
 
     ``per_model``: ``[{"label", "nmi": [K], "grid": [len(t_values)][K]}]``.
     """
-    from plotly.colors import sample_colorscale
-    from plotly.subplots import make_subplots
-
     n = max(1, len(per_model))
-    fig = make_subplots(rows=1, cols=n, shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=[m["label"] for m in per_model] or [""])
-    tmax = max(t_values) if t_values else 1.0
-    colors = sample_colorscale("Viridis", [0.9 - 0.85 * (t / tmax if tmax else 0) for t in t_values])
-    for col, m in enumerate(per_model, start=1):
-        nmi = [float(v) for v in m["nmi"]]
+    gap = 0.04
+    width = (1 - gap * (n - 1)) / n
+    tmax = max(t_values) if len(t_values) else 1.0
+    colors = [T_COLORS[min(len(T_COLORS) - 1, round((t / tmax if tmax else 0) * (len(T_COLORS) - 1)))]
+              for t in t_values]
+    data, layout_axes, titles = [], {}, []
+    for col, m in enumerate(per_model):
+        suffix = "" if col == 0 else str(col + 1)
+        nmi = _f(m["nmi"])
         for j, t in enumerate(t_values):
-            fig.add_trace(go.Scatter(
-                x=list(groups), y=[float(v) for v in m["grid"][j]], mode="lines",
-                name=f"t = {t:g}", legendgroup=f"t{j}", showlegend=col == 1,
-                line=dict(color=colors[j], width=2, dash="dash" if t == 0 else "solid"),
-                customdata=[[v, t] for v in nmi],
-                hovertemplate="<b>%{x}</b><br>t = %{customdata[1]:g}<br>NMI %{customdata[0]:.4f}"
-                              "<br>λ %{y:.4f}<extra></extra>"), row=1, col=col)
-        _category_axis(fig, groups, row=1, col=col)
-    _layout(fig, title=f"λₖ for several t at once (α = {alpha:g}; dashed: t = 0, the plain method)",
-            ytitle="λ", height=340)
-    fig.update_xaxes(showticklabels=len(groups) <= 12)
-    return fig
+            data.append({
+                "type": "scatter", "mode": "lines", "name": f"t = {t:g}", "legendgroup": f"t{j}",
+                "showlegend": col == 0, "x": list(groups), "y": _f(m["grid"][j]), "xaxis": f"x{suffix}",
+                "yaxis": f"y{suffix}",
+                "line": {"color": colors[j], "width": 2, "dash": "dash" if t == 0 else "solid"},
+                "customdata": [[v, float(t)] for v in nmi],
+                "hovertemplate": "<b>%{x}</b><br>t = %{customdata[1]:g}<br>NMI %{customdata[0]:.4f}"
+                                 "<br>λ %{y:.4f}<extra></extra>"})
+        x0 = col * (width + gap)
+        layout_axes[f"xaxis{suffix}"] = _category(groups, domain=[x0, x0 + width], anchor=f"y{suffix}",
+                                                  showticklabels=len(groups) <= 12)
+        layout_axes[f"yaxis{suffix}"] = _axis("λ" if col == 0 else None, anchor=f"x{suffix}",
+                                              **({} if col == 0 else {"matches": "y", "showticklabels": False}))
+        titles.append({"text": f"<b>{m['label']}</b>", "x": x0 + width / 2, "xref": "paper", "y": 1.0,
+                       "yref": "paper", "yanchor": "bottom", "showarrow": False, "font": {"size": 12}})
+    layout = _layout(f"λₖ for several t at once (α = {alpha:g}; dashed: t = 0, the plain method)", height=340,
+                     annotations=titles if len(per_model) > 1 else [], **layout_axes)
+    layout["legend"] = {"orientation": "v", "x": 1.01, "xanchor": "left", "y": 1.0, "yanchor": "top"}
+    layout["margin"] = {"l": 56, "r": 90, "t": 64, "b": 40}
+    return PlotSpec(data, layout)
 
 
 def length_bar_figure(labels: Sequence[str], means: Sequence[float], counts: Sequence[int],
-                      colors: Sequence[str] | None = None) -> go.Figure:
+                      colors: Sequence[str] | None = None) -> PlotSpec:
     """Mean reply length (tokens) per model over the conversation so far."""
     colors = list(colors or [model_color(i) for i in range(len(labels))])
-    fig = go.Figure(go.Bar(
-        x=list(labels), y=[float(m) for m in means], marker_color=colors,
-        text=[f"{m:.0f}" for m in means], textposition="outside", cliponaxis=False,
-        customdata=[[c] for c in counts],
-        hovertemplate="<b>%{x}</b><br>mean %{y:.1f} tokens<br>%{customdata[0]} replies<extra></extra>"))
-    _layout(fig, title="Mean reply length so far (tokens)", ytitle="tokens", height=280, legend=False)
-    return fig
+    data = [{"type": "bar", "x": list(labels), "y": _f(means), "marker": {"color": colors},
+             "text": [f"{m:.0f}" for m in means], "textposition": "outside", "cliponaxis": False,
+             "customdata": [[int(c)] for c in counts],
+             "hovertemplate": "<b>%{x}</b><br>mean %{y:.1f} tokens<br>%{customdata[0]} replies<extra></extra>"}]
+    return PlotSpec(data, _layout("Mean reply length so far (tokens)", height=280, legend=False,
+                                  xaxis=_axis(showgrid=False), yaxis=_axis("tokens", rangemode="tozero")))
 
 
-def eval_scatter(points: Iterable[dict]) -> go.Figure:
+def eval_scatter(points: Iterable[dict]) -> PlotSpec:
     """Accuracy vs mean answer length, one marker per evaluated model (accumulated per session).
 
     ``points``: ``[{"label", "kind": "merged"|"base"|"fine-tuned", "accuracy", "mean_length", "n"}]``.
@@ -155,24 +200,23 @@ def eval_scatter(points: Iterable[dict]) -> go.Figure:
     points = list(points)
     if not points:
         return empty_figure("Run an evaluation to add points here")
-    styles = {"merged": dict(color=MERGED_COLOR, symbol="circle", size=12),
-              "base": dict(color=BASE_COLOR, symbol="square", size=12),
-              "fine-tuned": dict(color=PALETTE[0], symbol="diamond", size=13)}
-    fig = go.Figure()
+    styles = {"merged": {"color": MERGED_COLOR, "symbol": "circle", "size": 12},
+              "base": {"color": BASE_COLOR, "symbol": "square", "size": 12},
+              "fine-tuned": {"color": PALETTE[0], "symbol": "diamond", "size": 13}}
+    names = {"merged": "merged models", "base": "base", "fine-tuned": "fine-tuned"}
+    data = []
     for kind in ("base", "fine-tuned", "merged"):
         pts = [p for p in points if p.get("kind") == kind]
         if not pts:
             continue
-        fig.add_trace(go.Scatter(
-            x=[p["mean_length"] for p in pts], y=[100 * p["accuracy"] for p in pts], mode="markers+text",
-            name={"merged": "merged models", "base": "base", "fine-tuned": "fine-tuned"}[kind],
-            text=[p["label"] for p in pts], textposition="top center", textfont=dict(size=11),
-            marker=dict(line=dict(width=1, color="white"), opacity=0.9, **styles[kind]),
-            customdata=[[p["label"], p.get("n", 0)] for p in pts],
-            hovertemplate="<b>%{customdata[0]}</b><br>accuracy %{y:.1f}%<br>mean length %{x:.1f} tokens"
-                          "<br>n = %{customdata[1]}<extra></extra>"))
-    _layout(fig, title="Accuracy vs answer length (up-left is better)", xtitle="mean answer length (tokens)",
-            ytitle="accuracy (%)", height=420)
-    fig.update_yaxes(rangemode="tozero")
-    fig.update_xaxes(rangemode="tozero", showgrid=True, gridcolor="#f1f3f5")
-    return fig
+        data.append({
+            "type": "scatter", "mode": "markers+text", "name": names[kind],
+            "x": _f(p["mean_length"] for p in pts), "y": [100 * float(p["accuracy"]) for p in pts],
+            "text": [p["label"] for p in pts], "textposition": "top center", "textfont": {"size": 11},
+            "marker": {"line": {"width": 1, "color": "white"}, "opacity": 0.9, **styles[kind]},
+            "customdata": [[p["label"], int(p.get("n") or 0)] for p in pts],
+            "hovertemplate": "<b>%{customdata[0]}</b><br>accuracy %{y:.1f}%<br>mean length %{x:.1f} tokens"
+                             "<br>n = %{customdata[1]}<extra></extra>"})
+    return PlotSpec(data, _layout("Accuracy vs answer length (up-left is better)", height=420,
+                                  xaxis=_axis("mean answer length (tokens)", rangemode="tozero"),
+                                  yaxis=_axis("accuracy (%)", rangemode="tozero")))

@@ -214,7 +214,7 @@ def test_chat_streams_every_source_model_and_counts_tokens(state, pair):
         col = state.chat[slot]
         assert len(col.lengths) == 1 and 0 <= col.lengths[0] <= 12
     assert "last reply" in lines[1]
-    assert len(fig.data) == 1 and len(fig.data[0].x) == 3
+    assert len(fig.data) == 1 and len(fig.data[0]["x"]) == 3
 
     assert chat.retry_last(state) == "what is 2 plus 2?"
     assert all(c.history == [] and c.lengths == [] for c in state.chat.values())
@@ -273,7 +273,7 @@ def test_evaluate_sources_are_cached_and_points_accumulate(state, pair, eval_fil
     assert len(overall) == 2 and len(overall[0]) == len(evaluate.OVERALL_HEADERS)
     assert {r[1] for r in per_level} == {"1", "2"}
     fig = evaluate.scatter(state)
-    assert sum(len(t.x) for t in fig.data) == 2
+    assert sum(len(t["x"]) for t in fig.data) == 2
     with pytest.raises(InputError, match="upload a .jsonl"):
         evaluate.run_eval(state, base, fts[:1], data_mode=evaluate.UPLOAD, upload=None)
 

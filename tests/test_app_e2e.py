@@ -1,0 +1,194 @@
+"""End to end: launch the app on a free localhost port and drive it with gradio_client.
+
+analyse (zero configuration: defaults only) → coefficients at two t → merge → chat → evaluate.
+Uses the bundled demo models when present, else tiny fixture models laid out like the bundle.
+Timings (coefficient redraw, first streamed token) are printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED = REPO / "assets"
+DEMO_BASE, DEMO_LONG = "tiny-math-base", "tiny-math-long"
+
+
+def bundled_assets_complete(root: Path = BUNDLED) -> bool:
+    return all((root / p).exists() for p in (f"demo-models/{DEMO_BASE}/config.json",
+                                             f"demo-models/{DEMO_LONG}/config.json",
+                                             "calibration/demo_calibration.jsonl", "eval/demo_eval.jsonl"))
+
+
+def demo_assets_dir(tmp: Path) -> Path:
+    """The bundled assets if complete, else a stand-in with the same layout (tiny fixture models)."""
+    if bundled_assets_complete():
+        return BUNDLED
+    from tests.fixtures import make_pair, write_calibration
+
+    root = tmp / "assets"
+    models = root / "demo-models"
+    models.mkdir(parents=True)
+    base, (ft,) = make_pair(tmp / "build", "qwen2", n_ft=1)
+    shutil.copytree(base, models / DEMO_BASE)
+    shutil.copytree(ft, models / DEMO_LONG)
+    (root / "calibration").mkdir()
+    write_calibration(root / "calibration" / "demo_calibration.jsonl", n=24)
+    (root / "eval").mkdir()
+    rows = [{"question": f"what is {i} plus {i + 1}?", "answer": str(2 * i + 1), "level": 1 + i % 3} for i in range(12)]
+    (root / "eval" / "demo_eval.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def text_of(content) -> str:
+    """Chatbot message content as the client receives it (Gradio 6: a list of typed parts)."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content or [] if isinstance(part, dict))
+
+
+def plot_json(value) -> dict:
+    """A gr.Plot output as the client receives it: {"type": "plotly", "plot": "<json>"}."""
+    assert isinstance(value, dict) and value.get("type") == "plotly", value
+    return json.loads(value["plot"])
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    assets = demo_assets_dir(tmp_path_factory.mktemp("e2e"))
+    old = os.environ.get("ACM_ASSETS_DIR")
+    os.environ["ACM_ASSETS_DIR"] = str(assets)
+    import app
+
+    demo = app.create_app()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            **app.launch_kwargs())
+    try:
+        yield url
+    finally:
+        demo.close()
+        if old is None:
+            os.environ.pop("ACM_ASSETS_DIR", None)
+        else:
+            os.environ["ACM_ASSETS_DIR"] = old
+
+
+def test_full_workflow_through_the_api(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    endpoints = set(client.view_api(return_format="dict")["named_endpoints"])
+    assert {"/analyse", "/coefficients", "/merge", "/chat", "/evaluate"} <= endpoints
+
+    # 1. analyse with zero configuration (demo models, bundled calibration, small sample).
+    t0 = time.perf_counter()
+    summary, nmi, coef, multi, table, download = client.predict(api_name="/analyse")
+    analyse_s = time.perf_counter() - t0
+    assert "Analysis ready" in summary
+    fig = plot_json(nmi)
+    groups = fig["data"][0]["x"]
+    assert groups[0] == "embed" and groups[-1] == "head" and groups[1] == "block.0"
+    assert len(fig["data"]) == 1 and len(fig["data"][0]["y"]) == len(groups)      # one point per group
+    assert all(0.0 <= v <= 1.0 for v in fig["data"][0]["y"])
+    analysis = json.loads(Path(download).read_text())
+    assert analysis["groups"] == groups
+
+    # 2. the coefficient curve at two t values (no model work).
+    def coefficients(t):
+        out = client.predict(t, 1.0, "", "", api_name="/coefficients")
+        return out[0], out[2]
+
+    times = []
+    for t in (0.0, 20.0, 0.0, 20.0):
+        t1 = time.perf_counter()
+        fig0, table0 = coefficients(t)
+        times.append(time.perf_counter() - t1)
+    _, flat = coefficients(0.0)
+    sharp_fig, sharp = coefficients(20.0)
+    lam0 = [g["lambda"] for g in flat["models"][0]["groups"]]
+    lam20 = [g["lambda"] for g in sharp["models"][0]["groups"]]
+    assert len(lam0) == len(groups) and all(abs(v - 1.0) < 1e-9 for v in lam0)        # t = 0 is plain
+    assert statistics.pstdev(lam20) > 1e-3 and abs(statistics.fmean(lam20) - 1.0) < 1e-6
+    curve = plot_json(sharp_fig)["data"]
+    assert curve[0]["y"] == [1.0] * len(groups)                                       # plain reference line
+    assert [round(v, 9) for v in curve[1]["y"]] == [round(v, 9) for v in lam20]
+
+    # 3. merge (ACM task arithmetic at t = 20).
+    t1 = time.perf_counter()
+    msummary, lam_table, report = client.predict(method="task_arithmetic", mode="ACM (per-layer λ)", t=20.0,
+                                                 alpha=1.0, api_name="/merge")
+    merge_s = time.perf_counter() - t1
+    assert "merged in" in msummary and "ACM-TA t=20" in report["label"]
+    assert Path(report["out_dir"]).is_dir()
+    assert [r[0] for r in lam_table["data"]] == groups
+    assert [round(r[1], 4) for r in lam_table["data"]] == [round(v, 4) for v in lam20]
+
+    # 4. chat one message: the merged model and both source models reply (streamed).
+    t1 = time.perf_counter()
+    job = client.submit(message="What is 12 + 30?", max_new_tokens=24, api_name="/chat")
+    first = None
+    for update in job:
+        if first is None and update[0] and text_of(update[0][-1].get("content")):
+            first = time.perf_counter() - t1
+    outputs = job.outputs()[-1]
+    merged_hist, base_hist, long_hist = outputs[0], outputs[1], outputs[2]
+    for hist in (merged_hist, base_hist, long_hist):
+        assert hist[0]["role"] == "user" and text_of(hist[0]["content"]) == "What is 12 + 30?"
+        assert hist[-1]["role"] == "assistant" and text_of(hist[-1]["content"]).strip()
+    assert "last reply" in outputs[5] and "tokens" in outputs[5]
+    bar = plot_json(outputs[10])
+    assert len(bar["data"][0]["x"]) == 3
+
+    # 5. evaluate a tiny slice: merged + sources, accuracy and length per model.
+    result = client.predict(limit=4, max_new_tokens=48, api_name="/evaluate")[-1]
+    assert result["n"] == 4
+    kinds = [m["kind"] for m in result["models"]]
+    assert kinds == ["merged", "base", "fine-tuned"]
+    for m in result["models"]:
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["mean_length"] > 0 and m["n"] == 4
+    scatter = plot_json(client.predict(limit=4, max_new_tokens=48, api_name="/evaluate")[1])
+    assert sum(len(t["x"]) for t in scatter["data"]) == 3
+
+    print(f"\n[e2e] analyse {analyse_s:.2f}s · coefficients round trip median "
+          f"{statistics.median(times) * 1000:.0f} ms · merge {merge_s:.2f}s · "
+          f"chat first update {first if first is None else round(first, 3)}s")
+
+
+def test_coefficient_redraw_cost_in_process():
+    """The work behind one t-slider move (λ + both figures), measured; reported, not asserted."""
+    import numpy as np
+
+    from acm.analysis import AnalysisResult, ModelNMI
+    from components.analysis import coefficient_view
+    from components.state import SessionState
+
+    groups = ["embed"] + [f"block.{k}" for k in range(28)] + ["head"]
+    rng = np.random.default_rng(0)
+    st = SessionState()
+    st.analysis = AnalysisResult(groups=groups, models=[
+        ModelNMI(model=f"ft{i}", nmi=list(rng.uniform(0.3, 0.9, len(groups))), mi=[0.0] * len(groups))
+        for i in range(3)])
+    coefficient_view(st, 1.0, 1.0)     # warm-up
+    times = []
+    for t in np.linspace(0, 40, 21):
+        t0 = time.perf_counter()
+        fig, multi, table = coefficient_view(st, float(t), 1.0)
+        fig.to_json(), multi.to_json()   # what gr.Plot does before sending
+        times.append(time.perf_counter() - t0)
+    assert len(table["models"]) == 3 and len(table["models"][0]["groups"]) == len(groups)
+    print(f"\n[redraw] 30 groups × 3 models: median {statistics.median(times) * 1000:.1f} ms, "
+          f"max {max(times) * 1000:.1f} ms")
