@@ -197,8 +197,16 @@ def model_card(rec: dict) -> str:
              if acm else ("Normalised weights of the linear average." if method == "linear"
                           else "Plain method: λ = α for every group.")), "",
             lambda_table(rec), ""]
+    if acm and isinstance(acm.get("nmi"), dict) and acm.get("groups"):
+        names = list(acm["nmi"])
+        rows = [[g] + [acm["nmi"][n][k] if k < len(acm["nmi"][n]) else None for n in names]
+                for k, g in enumerate(acm["groups"])]
+        out += ["NMI between base and fine-tuned activations per group (from the analysis):", "",
+                _table(["group"] + [display_name(n) for n in names], rows), ""]
     if acm:
         out += ["## ACM analysis provenance", ""]
+        if acm.get("source"):
+            out += [f"Analysis file: `{display_name(str(acm['source']))}`", ""]
         out += _provenance_lines(acm.get("analysis") or {}) or ["- (not recorded)"]
         out.append("")
     if rec.get("vocab_notes"):

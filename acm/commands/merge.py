@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from acm.errors import InputError
 
@@ -34,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--acm", metavar="ANALYSIS_JSON", default=None,
                    help="use ACM coefficients from this analysis (from `acm analyze`); needs --t")
     p.add_argument("--t", type=float, default=None, help="ACM sharpness t >= 0 (t = 0 is the plain method)")
+    p.add_argument("--clip-min", type=float, default=None, help="ACM: clip λ from below (after the formula)")
+    p.add_argument("--clip-max", type=float, default=None, help="ACM: clip λ from above (after the formula)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="output dtype (default: the base's)")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
@@ -48,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _lambdas_from_analysis(path: str, t: float, alpha: float, fts: list[str]):
+def _lambdas_from_analysis(path: str, t: float, alpha: float, fts: list[str], clip=None):
     try:
         from acm.analysis import AnalysisResult
         from acm.coefficients import lambdas_by_group
@@ -62,8 +65,9 @@ def _lambdas_from_analysis(path: str, t: float, alpha: float, fts: list[str]):
         if str(m.model) != spec:
             log.warning("warning: model %d of the analysis is %s but --ft is %s; using its coefficients anyway",
                         i + 1, m.model, spec)
-    lambdas = lambdas_by_group(analysis, t, alpha)
-    acm = {"analysis": analysis.provenance, "t": t, "alpha": alpha, "clip": None, "source": path,
+    lambdas = lambdas_by_group(analysis, t, alpha, clip=clip)
+    acm = {"analysis": analysis.provenance, "t": t, "alpha": alpha, "clip": list(clip) if clip else None,
+           "source": str(path),
            "nmi": {str(m.model): [float(x) for x in m.nmi] for m in analysis.models},
            "groups": list(analysis.groups)}
     return lambdas, acm
@@ -89,6 +93,16 @@ def run(args: argparse.Namespace) -> int:
     if args.acm is not None and args.method == "linear":
         raise InputError("ACM coefficients scale task vectors and linear averaging has none; "
                          "use --method task_arithmetic, ties, dare_ta or dare_ties with --acm")
+    clip = None
+    if args.clip_min is not None or args.clip_max is not None:
+        if args.acm is None:
+            raise InputError("--clip-min/--clip-max apply to ACM coefficients: pass them with --acm and --t")
+        for name, v in (("--clip-min", args.clip_min), ("--clip-max", args.clip_max)):
+            if v is not None and (not math.isfinite(v) or v < 0):
+                raise InputError(f"{name} must be a finite number >= 0, got {v}")
+        if args.clip_min is not None and args.clip_max is not None and args.clip_min > args.clip_max:
+            raise InputError(f"--clip-min {args.clip_min} is larger than --clip-max {args.clip_max}")
+        clip = (args.clip_min, args.clip_max)
     options = MergeOptions(method=args.method, alpha=args.alpha, density=args.density, drop_rate=args.drop_rate,
                            trim_scope=args.trim_scope, normalize=args.normalize, seed=args.seed, dtype=args.dtype,
                            shard_size=args.shard_size, weights=args.weights,
@@ -96,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     options.validate(len(args.ft))
     lambdas = acm = None
     if args.acm is not None:
-        lambdas, acm = _lambdas_from_analysis(args.acm, args.t, args.alpha, args.ft)
+        lambdas, acm = _lambdas_from_analysis(args.acm, args.t, args.alpha, args.ft, clip)
     report = merge_models(args.base, args.ft, args.out, options, lambdas=lambdas, acm=acm, force=args.force,
                           allow_pickle=args.allow_pickle, show_progress=sys.stderr.isatty())
     label = ("ACM " if acm else "") + args.method + (f" (t={args.t:g}, alpha={args.alpha:g})" if acm else "")
