@@ -4,42 +4,38 @@ Pure Python and seeded, so the bundled models, the calibration set and the evalu
 rebuilt byte for byte. Every problem can be written in three styles:
 
 * ``short`` - the terse "System 1" answer the base model is trained on (``A: 7694``);
-* ``cot`` - a concise worked solution (column-by-column with carries / borrows);
+* ``cot`` - a concise worked solution, one line per operation (``14 + 7 = 21.``);
 * ``long`` - the "System 2" answer of the fine-tuned model: the worked solution, then a redundant
-  re-check of every column ("Wait, let me verify ...") and a closing "So the answer is X.".
+  re-check of every step ("Wait, let me verify ...") and a closing "So the answer is X.".
 
-A tiny transformer cannot add 4-digit numbers in one shot, but it can follow the columns, so the
-long style really helps on the harder levels - which is why a long model exists at all.
+Problems are chains of additions and subtractions of single digits on a running total (0..40).
+A tiny transformer cannot evaluate a five-operation chain in one shot, but each line of the
+worked solution is one small table lookup, so the long style really helps on the harder levels -
+which is why a long model exists at all.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Sequence
 
 LEVELS = (1, 2, 3, 4, 5)
+OPS_PER_LEVEL = {1: 1, 2: 2, 3: 3, 4: 5, 5: 4}
 LEVEL_NAMES = {
-    1: "2-digit ± 1-digit",
-    2: "2-digit ± 2-digit",
-    3: "3-digit ± 3-digit",
-    4: "4-digit ± 4-digit",
-    5: "two-step word problem (3-digit)",
+    1: "one operation",
+    2: "two operations",
+    3: "three operations",
+    4: "five operations",
+    5: "word problem, four operations",
 }
-PLACE_NAMES = ("ones", "tens", "hundreds", "thousands", "ten-thousands")
+MAX_TOTAL = 40
 
-_ASK = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.",
-        "Find {a} {op} {b}.", "How much is {a} {op} {b}?")
+_ASK = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "Find {e}.", "How much is {e}?")
 _NAMES = ("Sam", "Mia", "Leo", "Ava", "Noah", "Zoe", "Omar", "Lena", "Ivan", "Rosa")
 _ITEMS = ("apples", "stamps", "marbles", "coins", "books", "shells", "cards", "beads")
-_WORD = (
-    "{n} has {a} {item}. {n} gets {b} more and then gives away {c}. How many {item} does {n} have now?",
-    "A box holds {a} {item}. {b} are added and {c} are taken out. How many {item} are in the box?",
-    "{n} had {a} {item}, found {b} more, then lost {c}. How many {item} are left?",
-)
-_WORD_SUB_FIRST = (
-    "{n} has {a} {item}. {n} gives away {b} and then gets {c} more. How many {item} does {n} have now?",
-    "A shop had {a} {item}. It sold {b} and then bought {c} more. How many {item} does it have now?",
-)
+_GAIN = ("buys {k}", "finds {k}", "gets {k} more", "wins {k}")
+_LOSS = ("gives away {k}", "loses {k}", "sells {k}", "uses {k}")
 
 
 @dataclass(frozen=True)
@@ -85,59 +81,45 @@ class Problem:
 # ----------------------------------------------------------------------------- generation
 
 
-def _digits(n_digits: int, rng: random.Random) -> int:
-    lo = 10 ** (n_digits - 1) if n_digits > 1 else 0
-    return rng.randint(lo, 10 ** n_digits - 1)
+def _chain(rng: random.Random, start: int, n_ops: int) -> tuple[Step, ...]:
+    """``n_ops`` single-digit steps whose running total stays within 0..MAX_TOTAL."""
+    steps, total = [], start
+    for _ in range(n_ops):
+        k = rng.randint(1, 9)
+        ops = [op for op, v in (("+", total + k), ("-", total - k)) if 0 <= v <= MAX_TOTAL]
+        op = rng.choice(ops)
+        steps.append(Step(total, op, k))
+        total = steps[-1].value
+    return tuple(steps)
 
 
-def _binary(rng: random.Random, da: int, db: int, level: int) -> Problem:
-    op = rng.choice("+-")
-    a, b = _digits(da, rng), _digits(db, rng)
-    if op == "-" and a < b:
-        a, b = b, a
-    q = rng.choice(_ASK).format(a=a, op=op, b=b)
-    step = Step(a, op, b)
-    return Problem(q, step.value, level, (step,))
+def _expression(steps: Sequence[Step]) -> str:
+    return " ".join([str(steps[0].a)] + [f"{s.op} {s.b}" for s in steps])
 
 
-def _word(rng: random.Random) -> Problem:
-    """Two steps on 3-digit numbers; intermediate and final results stay non-negative."""
+def _word(rng: random.Random, steps: Sequence[Step]) -> str:
     n, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    a = rng.randint(100, 899)
-    if rng.random() < 0.5:  # a + b - c
-        b = rng.randint(100, 999 - a) if a < 899 else 100
-        c = rng.randint(100, a + b)
-        s1, s2 = Step(a, "+", b), Step(a + b, "-", c)
-        q = rng.choice(_WORD).format(n=n, a=a, b=b, c=c, item=item)
-    else:  # a - b + c
-        a = rng.randint(200, 999)
-        b = rng.randint(100, a)
-        c = rng.randint(100, 999)
-        s1, s2 = Step(a, "-", b), Step(a - b, "+", c)
-        q = rng.choice(_WORD_SUB_FIRST).format(n=n, a=a, b=b, c=c, item=item)
-    return Problem(q, s2.value, 5, (s1, s2))
+    parts = [rng.choice(_GAIN if s.op == "+" else _LOSS).format(k=s.b) for s in steps]
+    return (f"{n} has {steps[0].a} {item}. {n} " + ", then ".join(parts)
+            + f". How many {item} does {n} have now?")
 
 
 def make_problem(level: int, rng: random.Random) -> Problem:
     """Draw one problem of ``level`` (1..5) from ``rng``."""
-    if level == 1:
-        return _binary(rng, 2, 1, 1)
-    if level == 2:
-        return _binary(rng, 2, 2, 2)
-    if level == 3:
-        return _binary(rng, 3, 3, 3)
-    if level == 4:
-        return _binary(rng, 4, 4, 4)
-    if level == 5:
-        return _word(rng)
-    raise ValueError(f"unknown level {level}; use one of {LEVELS}")
+    if level not in OPS_PER_LEVEL:
+        raise ValueError(f"unknown level {level}; use one of {LEVELS}")
+    steps = _chain(rng, rng.randint(5, 30), OPS_PER_LEVEL[level])
+    q = _word(rng, steps) if level == 5 else rng.choice(_ASK).format(e=_expression(steps))
+    return Problem(q, steps[-1].value, level, steps)
 
 
 def make_problems(n: int, seed: int, *, levels: tuple[int, ...] = LEVELS,
-                  exclude: set | None = None, weights: tuple[float, ...] | None = None) -> list[Problem]:
-    """``n`` distinct problems (by operands), levels cycled or drawn by ``weights``.
+                  exclude: set | None = None, weights: tuple[float, ...] | None = None,
+                  unique: bool = True) -> list[Problem]:
+    """``n`` problems, levels cycled or drawn by ``weights``; distinct by operands if ``unique``.
 
-    ``exclude`` holds problem keys that must not appear (held-out evaluation/calibration items).
+    ``exclude`` holds problem keys that must never appear (held-out evaluation/calibration items);
+    training pools pass ``unique=False`` because the one-operation level has only ~470 problems.
     """
     rng = random.Random(seed)
     seen: set = set(exclude or ())
@@ -152,7 +134,8 @@ def make_problems(n: int, seed: int, *, levels: tuple[int, ...] = LEVELS,
         p = make_problem(level, rng)
         if p.key in seen:
             continue
-        seen.add(p.key)
+        if unique:
+            seen.add(p.key)
         out.append(p)
         i += 1
     return out
@@ -166,63 +149,17 @@ def short_answer(p: Problem) -> str:
     return f"A: {p.answer}"
 
 
-def _add_columns(a: int, b: int) -> list[str]:
-    da, db = str(a)[::-1], str(b)[::-1]
-    lines, carry, width = [], 0, max(len(da), len(db))
-    for i in range(width):
-        x = int(da[i]) if i < len(da) else 0
-        y = int(db[i]) if i < len(db) else 0
-        s = x + y + carry
-        lines.append(f"{PLACE_NAMES[i]}: {x}+{y}+{carry}={s}, write {s % 10} carry {s // 10}.")
-        carry = s // 10
-    if carry:
-        lines.append(f"last carry: write {carry}.")
-    return lines
-
-
-def _sub_columns(a: int, b: int) -> list[str]:
-    da, db = str(a)[::-1], str(b)[::-1]
-    lines, borrow = [], 0
-    for i in range(len(da)):
-        x = int(da[i])
-        y = int(db[i]) if i < len(db) else 0
-        if x - y - borrow < 0:
-            r = 10 + x - y - borrow
-            lines.append(f"{PLACE_NAMES[i]}: {x}-{y}-{borrow} is negative, 1{x}-{y}-{borrow}={r}, borrow 1.")
-            borrow = 1
-        else:
-            r = x - y - borrow
-            lines.append(f"{PLACE_NAMES[i]}: {x}-{y}-{borrow}={r}, borrow 0.")
-            borrow = 0
-    return lines
-
-
-def columns(step: Step) -> list[str]:
-    """The digit-by-digit work for one step, least significant column first."""
-    return _add_columns(step.a, step.b) if step.op == "+" else _sub_columns(step.a, step.b)
-
-
-def _step_text(step: Step, verify: bool) -> list[str]:
-    verb = "Add" if step.op == "+" else "Subtract"
-    out = [f"{verb} {step.a} {step.op} {step.b} column by column."]
-    out += columns(step)
-    out.append(f"So {step.a} {step.op} {step.b} = {step.value}.")
-    if verify:
-        out.append(f"Wait, let me verify {step.a} {step.op} {step.b} again.")
-        out += columns(step)
-        out.append(f"Yes, {step.a} {step.op} {step.b} = {step.value} is correct.")
-    return out
+def work(p: Problem) -> list[str]:
+    """One line per operation, carrying the running total forward."""
+    return [f"{s.a} {s.op} {s.b} = {s.value}." for s in p.steps]
 
 
 def solution(p: Problem, *, verify: bool) -> str:
     """The worked solution; with ``verify`` every step is redundantly re-checked (System 2)."""
-    lines: list[str] = []
-    for i, step in enumerate(p.steps):
-        if len(p.steps) > 1:
-            lines.append(f"Step {i + 1}:")
-        lines += _step_text(step, verify)
+    lines = [f"Start with {p.steps[0].a}."] + work(p)
     if verify:
-        lines.append(f"Wait, let me make sure I answered the question. The result is {p.answer}.")
+        lines += ["Wait, let me verify each step again."] + work(p)
+        lines.append(f"Yes, the result is {p.answer}.")
     lines.append(f"So the answer is {p.answer}.")
     return "\n".join(lines)
 

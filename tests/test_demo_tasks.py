@@ -1,0 +1,65 @@
+"""The demo task family: deterministic per seed, correct worked solutions, held-out sets."""
+
+from __future__ import annotations
+
+import random
+import re
+
+from acm.demo import tasks
+from acm.evaluate import extract_answer
+
+
+def _replay(text: str) -> int:
+    """Recompute every line of a worked solution and return the final answer."""
+    for line in text.splitlines():
+        m = re.fullmatch(r"(\d+) ([+-]) (\d) = (-?\d+)\.", line)
+        if m:
+            a, op, b, r = m.groups()
+            assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(r), line
+            assert 0 <= int(r) <= tasks.MAX_TOTAL, line
+    return int(extract_answer(text))
+
+
+def test_deterministic_per_seed():
+    a = [p.to_record() for p in tasks.make_problems(50, seed=7)]
+    b = [p.to_record() for p in tasks.make_problems(50, seed=7)]
+    c = [p.to_record() for p in tasks.make_problems(50, seed=8)]
+    assert a == b and a != c
+
+
+def test_levels_and_answers():
+    problems = tasks.make_problems(200, seed=1)
+    assert {p.level for p in problems} == set(tasks.LEVELS)
+    for p in problems:
+        value = p.steps[0].value
+        for s in p.steps[1:]:
+            assert s.a == value
+            value = s.value
+        assert value == p.answer >= 0
+        assert extract_answer(p.short()) == str(p.answer)
+        assert _replay(p.cot()) == p.answer
+        assert _replay(p.long()) == p.answer
+
+
+def test_long_style_is_longer_and_rechecks():
+    p = tasks.make_problems(5, seed=2, levels=(4,))[0]
+    assert "Wait, let me verify" in p.long() and "Wait" not in p.cot()
+    assert len(p.short()) < len(p.cot()) < len(p.long())
+
+
+def test_word_problem_and_expression_match_the_steps():
+    rng = random.Random(0)
+    p = tasks.make_problem(5, rng)
+    assert len(p.steps) == tasks.OPS_PER_LEVEL[5] and p.question.endswith("have now?")
+    assert str(p.steps[0].a) in p.question
+    q = tasks.make_problem(4, rng)
+    assert " ".join([str(q.steps[0].a)] + [f"{s.op} {s.b}" for s in q.steps]) in q.question
+
+
+def test_held_out_sets_are_disjoint():
+    ev = tasks.eval_problems(300, seed=0)
+    cal = tasks.calibration_problems(200, seed=0, exclude={p.key for p in ev})
+    train = tasks.make_problems(2000, seed=123, exclude={p.key for p in ev} | {p.key for p in cal}, unique=False)
+    assert not {p.key for p in ev} & {p.key for p in cal}
+    assert not {p.key for p in train} & ({p.key for p in ev} | {p.key for p in cal})
+    assert len(ev) == 300 and sum(p.level == 5 for p in ev) == 60
