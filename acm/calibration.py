@@ -386,7 +386,13 @@ def cluster_select(embeddings: np.ndarray, *, clusters: int = DEFAULT_CLUSTERS, 
     if k == 1:
         labels = np.zeros(n, dtype=int)
     else:
-        with warnings.catch_warnings():
+        from contextlib import nullcontext
+
+        from threadpoolctl import threadpool_limits
+
+        # Small problems: thread start-up costs more than it saves (and fights the UI for cores).
+        limit = threadpool_limits(1) if x.size <= 4_000_000 else nullcontext()
+        with warnings.catch_warnings(), limit:
             warnings.simplefilter("ignore")  # ConvergenceWarning when there are fewer distinct points than k
             labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(x)
     members = [np.flatnonzero(labels == c) for c in range(k)]
