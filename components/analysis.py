@@ -126,7 +126,8 @@ def nmi_view(analysis):
     return plots.nmi_figure(analysis.groups, [(lab, m.nmi) for lab, m in zip(labels, analysis.models)])
 
 
-def coefficient_view(state: SessionState, t: float, alpha: float, clip_min=None, clip_max=None):
+def coefficient_view(state: SessionState, t: float, alpha: float, clip_min=None, clip_max=None, *,
+                     multi: bool = True):
     """(λ curve figure, several-t figure, coefficient table dict) for the current analysis.
 
     No model work: NMI is cached, λ comes from ``acm.coefficients``. Safe to call on every
@@ -146,11 +147,14 @@ def coefficient_view(state: SessionState, t: float, alpha: float, clip_min=None,
     series = [{"label": lab, "nmi": [g["nmi"] for g in m["groups"]], "lambdas": [g["lambda"] for g in m["groups"]]}
               for lab, m in zip(labels, table["models"])]
     coef_fig = plots.coefficient_figure(analysis.groups, series, t=t, alpha=alpha, clip=clip)
+    state.figures["coefficients"] = coef_fig
+    if not multi:
+        return coef_fig, None, table
     grid = lambdas(analysis.nmi_matrix(), list(T_GRID), alpha=alpha, clip=clip)   # [len(T), n_models, K]
     per_model = [{"label": lab, "nmi": list(m.nmi), "grid": [grid[j][i] for j in range(len(T_GRID))]}
                  for i, (lab, m) in enumerate(zip(labels, analysis.models))]
     multi_fig = plots.multi_t_figure(analysis.groups, per_model, list(T_GRID), alpha=alpha)
-    state.figures.update(coefficients=coef_fig, coefficients_multi_t=multi_fig)
+    state.figures["coefficients_multi_t"] = multi_fig
     return coef_fig, multi_fig, table
 
 
@@ -193,7 +197,7 @@ def build() -> SimpleNamespace:
             batch_size = gr.Slider(1, 64, value=DEFAULT_BATCH, step=1, label="Batch size")
             seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed")
             chat_template = gr.Checkbox(value=True, label="Apply chat template to calibration text")
-    nmi_plot = gr.Plot(plots.empty_figure("Per-layer NMI appears here after “Analyse”"), label="Per-layer NMI",
+    nmi_plot = gr.Plot(plots.empty_figure("Per-layer NMI appears here after “Analyse”"), label="Per-layer NMI", show_label=False,
                        elem_id="nmi-plot")
     with gr.Group(elem_classes=["coef-controls"]):
         with gr.Row(equal_height=True):
@@ -205,9 +209,9 @@ def build() -> SimpleNamespace:
                                   info="optional clip")
             clip_max = gr.Textbox(value="", label="λ max", placeholder="none", scale=1, min_width=90,
                                   info="optional clip")
-    coef_plot = gr.Plot(plots.empty_figure("The coefficient curve λₖ(t) appears here"), label="Coefficients",
+    coef_plot = gr.Plot(plots.empty_figure("The coefficient curve λₖ(t) appears here"), label="Coefficients", show_label=False,
                         elem_id="coef-plot")
-    multi_plot = gr.Plot(plots.empty_figure("Several t at once"), label="Several t at once", elem_id="multi-plot")
+    multi_plot = gr.Plot(plots.empty_figure("Several t at once"), label="Several t at once", show_label=False, elem_id="multi-plot")
     with gr.Accordion("λ table (JSON)", open=False):
         table = gr.JSON(label="coefficient table")
     with gr.Row():
@@ -255,12 +259,29 @@ def wire(ui) -> None:
         outputs, api_name="analyse", concurrency_id="heavy", concurrency_limit=1, show_progress_on=[a.nmi_plot])
 
     def coefficients(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None):
-        """λₖ(t) per layer group and fine-tuned model from the cached NMI (no model work)."""
+        """λₖ(t) per layer group and fine-tuned model from the cached NMI (no model work): the curve at t,
+        the several-t view and the coefficient table."""
         return coefficient_view(state, t, alpha, clip_min, clip_max)
 
-    gr.on([a.t.change, a.alpha.change, a.clip_min.submit, a.clip_max.submit, a.clip_min.blur, a.clip_max.blur], ui_errors(coefficients), coef_inputs,
-          [a.coef_plot, a.multi_plot, a.table], api_name="coefficients", queue=False, show_progress="hidden",
-          trigger_mode="always_last")
+    # α and clipping change every view; t only the curve and the table (the several-t view does
+    # not depend on t), so a slider move re-renders one chart.
+    gr.on([a.alpha.change, a.clip_min.submit, a.clip_max.submit, a.clip_min.blur, a.clip_max.blur],
+          ui_errors(coefficients), coef_inputs, [a.coef_plot, a.multi_plot, a.table], api_name="coefficients",
+          queue=False, show_progress="hidden", trigger_mode="always_last")
+
+    def curve(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None):
+        coef_fig, _, table = coefficient_view(state, t, alpha, clip_min, clip_max, multi=False)
+        return coef_fig
+
+    a.t.change(ui_errors(curve), coef_inputs, [a.coef_plot], api_visibility="undocumented", queue=False,
+               show_progress="hidden", trigger_mode="always_last")
+
+    def table_at(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None):
+        return coefficient_view(state, t, alpha, clip_min, clip_max, multi=False)[2]
+
+    # The λ table follows when the slider is released (re-rendering it on every step is what costs).
+    a.t.release(ui_errors(table_at), coef_inputs, [a.table], api_visibility="private", queue=False,
+                show_progress="hidden", trigger_mode="always_last")
 
     def upload_analysis(state, path=None, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None):
         """Use an analysis JSON saved earlier instead of running the models."""

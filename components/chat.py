@@ -263,7 +263,7 @@ def build() -> SimpleNamespace:
             temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
     bar = gr.Plot(plots.empty_figure("Mean reply length per model appears here", height=240),
-                  label="Running comparison", elem_id="chat-bar")
+                  label="Running comparison", show_label=False, elem_id="chat-bar")
     return SimpleNamespace(columns=columns, bots=bots, lengths=lengths, prompt=prompt, pending=pending, send=send, retry=retry,
                            clear=clear_btn, max_new=max_new, temperature=temperature, top_p=top_p, bar=bar)
 

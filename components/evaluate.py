@@ -156,7 +156,7 @@ def build() -> SimpleNamespace:
     with gr.Row():
         run_btn = gr.Button("Evaluate", variant="primary", scale=0, min_width=180, elem_id="eval-btn")
     summary = gr.Markdown("No evaluation yet.")
-    scatter_plot = gr.Plot(plots.eval_scatter([]), label="Accuracy vs length", elem_id="eval-scatter")
+    scatter_plot = gr.Plot(plots.eval_scatter([]), label="Accuracy vs length", show_label=False, elem_id="eval-scatter")
     overall = gr.Dataframe(headers=OVERALL_HEADERS, interactive=False, label="Per model")
     per_level = gr.Dataframe(headers=LEVEL_HEADERS, interactive=False, label="Per difficulty", max_height=300)
     with gr.Accordion("Raw results (JSON, with sample replies)", open=False):

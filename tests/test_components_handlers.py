@@ -335,3 +335,122 @@ def test_push_to_hub_uses_the_token_once_and_never_keeps_it(state, tmp_path, mon
         export.push_to_hub(state, " ", "me/merged")
     with pytest.raises(InputError, match="user/model-name"):
         export.push_to_hub(state, "hf_x", "no-namespace")
+
+
+# ----------------------------------------------------------------------------- analysis + merge
+
+
+@pytest.fixture(scope="module")
+def analysed(pair, tmp_path_factory):
+    """One real (tiny) analysis shared by the analysis/merge handler tests."""
+    from components import analysis
+
+    cal = write_calibration(tmp_path_factory.mktemp("cal") / "cal.jsonl", n=12)
+    st = SessionState()
+    out = analysis.run_analysis(st, pair[0], pair[1][:1], cal_mode=calibration.UPLOAD, cal_upload=str(cal),
+                                samples=6, clusters=2, max_tokens=32)
+    yield st, out, str(cal)
+    st.close()
+
+
+def test_analysis_is_cached_per_models_calibration_and_settings(analysed, pair, monkeypatch):
+    import acm.analysis
+    from components import analysis
+
+    st, out, cal = analysed
+    assert not out["cached"] and st.analysis is out["analysis"]
+    assert st.analysis.groups == ["embed", "block.0", "block.1", "head"]
+    class Reanalysed(Exception):
+        pass
+
+    def refuse(*a, **k):
+        raise Reanalysed("re-analysed")
+
+    monkeypatch.setattr(acm.analysis, "analyze", refuse)
+    again = analysis.run_analysis(st, pair[0], pair[1][:1], cal_mode=calibration.UPLOAD, cal_upload=cal, samples=6,
+                                  clusters=2, max_tokens=32)
+    assert again["cached"] and again["analysis"] is out["analysis"]
+    md = analysis.summary_markdown(again["analysis"], cached=True)
+    assert "session cache" in md and "mean NMI" in md
+    with pytest.raises(Reanalysed):    # another setting does run the analysis
+        analysis.run_analysis(st, pair[0], pair[1][:1], cal_mode=calibration.UPLOAD, cal_upload=cal, samples=5,
+                              clusters=2, max_tokens=32)
+
+
+def test_coefficient_view_and_analysis_json_round_trip(analysed, tmp_path):
+    from components import analysis
+
+    st, out, _ = analysed
+    empty = SessionState()
+    fig, multi, table = analysis.coefficient_view(empty, 4.0, 1.0)
+    assert table == {} and fig.data == [] and "Analyse" in fig.layout["annotations"][0]["text"]
+
+    fig0, _, t0 = analysis.coefficient_view(st, 0.0, 0.7)
+    fig8, multi8, t8 = analysis.coefficient_view(st, 8.0, 0.7)
+    lam0 = [g["lambda"] for g in t0["models"][0]["groups"]]
+    lam8 = [g["lambda"] for g in t8["models"][0]["groups"]]
+    assert lam0 == pytest.approx([0.7] * 4) and lam8 != pytest.approx(lam0)
+    assert sum(lam8) / 4 == pytest.approx(0.7)
+    assert fig8.data[1]["y"] == pytest.approx(lam8) and len(multi8.data) == len(analysis.T_GRID)
+    _, _, clipped = analysis.coefficient_view(st, 8.0, 0.7, "0.6", "0.8")
+    assert all(0.6 - 1e-9 <= g["lambda"] <= 0.8 + 1e-9 for g in clipped["models"][0]["groups"])
+    with pytest.raises(InputError, match="larger than"):
+        analysis.coefficient_view(st, 8.0, 0.7, "2", "1")
+    with pytest.raises(InputError, match="not a number"):
+        analysis.coefficient_view(st, 8.0, 0.7, "abc", "")
+
+    path = analysis.save_analysis(st)
+    fresh = SessionState()
+    loaded = analysis.load_analysis_file(fresh, path)
+    assert loaded.groups == st.analysis.groups and fresh.analysis is loaded
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hello": 1}')
+    with pytest.raises(InputError, match="not an ACM analysis"):
+        analysis.load_analysis_file(fresh, str(bad))
+
+
+def test_merge_acm_then_failed_merge_keeps_the_previous_model(analysed, pair, monkeypatch):
+    import acm.merge
+    from components import merge
+
+    st, _, _ = analysed
+    merged = merge.run_merge(st, pair[0], pair[1][:1], method="ties", mode=merge.ACM, t=8.0, alpha=1.0, density=0.5)
+    assert st.merged is merged and merged.out_dir.is_dir() and merged.model is not None
+    assert merged.out_dir.parent == st.workspace / "merges"
+    assert merged.label == "#1 ACM-TIES t=8 α=1" and set(merged.lambdas[0]) == set(st.analysis.groups)
+    headers, rows = merge.lambda_rows(merged, st.analysis.groups)
+    assert [r[0] for r in rows] == st.analysis.groups and len(headers) == 2
+    assert "merged in" in merge.summary_markdown(merged)
+
+    monkeypatch.setattr(acm.merge, "merge_models", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        merge.run_merge(st, pair[0], pair[1][:1], method="task_arithmetic", mode=merge.PLAIN, alpha=0.5)
+    assert st.merged is merged and merged.model is not None            # still usable for chat / eval
+    assert not (st.workspace / "merges" / "merge-02-task_arithmetic").exists()
+
+
+def test_merge_input_errors(pair):
+    from components import merge
+
+    st = SessionState()
+    with pytest.raises(InputError, match="run “Analyse”"):
+        merge.run_merge(st, pair[0], pair[1][:1], mode=merge.ACM)
+    with pytest.raises(InputError, match="linear averaging"):
+        merge.run_merge(st, pair[0], pair[1][:1], method="linear", mode=merge.ACM)
+    with pytest.raises(InputError, match="unknown merge method"):
+        merge.run_merge(st, pair[0], pair[1][:1], method="magic", mode=merge.PLAIN)
+    st.close()
+
+
+def test_plain_linear_merge_and_export_recipe(pair, tmp_path):
+    from components import merge
+
+    st = SessionState()
+    merged = merge.run_merge(st, pair[0], pair[1], method="linear", mode=merge.PLAIN)
+    assert merged.label == "#1 Linear" and (merged.out_dir / "README.md").is_file()
+    rec = export.recipe_dict(st)
+    assert json.dumps(rec) and rec.get("app", {}).get("label") == "#1 Linear"
+    files, summary = export.export_all(st, include_model=True)
+    assert any(f.endswith(".zip") for f in files) and any(f.endswith(".recipe.json") for f in files)
+    assert "no mergekit YAML" in summary
+    st.close()
