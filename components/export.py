@@ -194,9 +194,9 @@ def wire(ui) -> None:
         return export_all(state, include_model)
 
     x.export_btn.click(ui_errors(export), [ui.state, x.include_model], [x.files, x.summary], api_name="export")
-    # Show the upload controls only once a token is there (checked in the browser: the token
-    # does not travel to the server until the user actually pushes).
-    x.token.input(None, x.token, x.push_row, js="(tok) => ({visible: !!(tok && tok.trim()), __type__: 'update'})",
-                  api_visibility="private", queue=False)
+    # Show the upload controls only once a token is there. The check is a bare truth test: the token
+    # is neither logged nor kept (it is read again from the box when the user pushes).
+    x.token.change(lambda tok: gr.update(visible=bool((tok or "").strip())), x.token, x.push_row,
+                  api_visibility="private", queue=False, show_progress="hidden")
     x.push_btn.click(ui_errors(push_to_hub), [ui.state, x.token, x.repo_id, x.private], x.push_md,
                      api_visibility="private", concurrency_id="hub", concurrency_limit=1)

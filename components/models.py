@@ -87,6 +87,18 @@ def _fmt_params(n: int) -> str:
     return str(n)
 
 
+def initial_check(state: SessionState, base, fts, trust_remote_code: bool = False) -> str:
+    """The check run on page load: a message instead of an error toast when something is off."""
+    from acm.errors import ACMError
+
+    if not base or not as_list(fts):
+        return "Choose a base model and at least one fine-tuned model, then **Check compatibility**."
+    try:
+        return check_models(state, base, fts, trust_remote_code)
+    except ACMError as exc:
+        return f"⚠ {exc}"
+
+
 def trust_toggled(ticked: bool):
     import gradio as gr
 
@@ -131,6 +143,9 @@ def wire(ui) -> None:
     # Filled after the page loads: importing torch at build time would delay the app's start.
     ui.demo.load(lambda: f"<span class='muted'>{device_summary()}</span>", None, m.device_md,
                  api_visibility="private", queue=False)
+    # Zero clicks: the preselected models are checked as soon as the page opens (headers only, cheap).
+    ui.demo.load(initial_check, [ui.state, m.base, m.fts, m.trust], m.check_md, api_visibility="private",
+                 queue=False, show_progress="hidden")
     m.trust.change(trust_toggled, m.trust, m.trust_md, api_visibility="private", queue=False)
     m.check_btn.click(ui_errors(check_models), [ui.state, m.base, m.fts, m.trust], m.check_md,
                       api_name="check")

@@ -192,3 +192,26 @@ def test_coefficient_redraw_cost_in_process():
     assert len(table["models"]) == 3 and len(table["models"][0]["groups"]) == len(groups)
     print(f"\n[redraw] 30 groups × 3 models: median {statistics.median(times) * 1000:.1f} ms, "
           f"max {max(times) * 1000:.1f} ms")
+
+
+def test_heavy_jobs_share_one_slot_and_endpoints_are_named():
+    """Two users can never run two analyses / merges / evaluations at once on one GPU."""
+    import app
+
+    demo = app.build_app()
+    deps = {d.api_name: d for d in demo.fns.values() if d.api_name}
+    for name in ("analyse", "merge", "evaluate"):
+        assert deps[name].concurrency_id == "heavy" and deps[name].concurrency_limit == 1, name
+    for name in ("analyse", "coefficients", "merge", "chat", "evaluate"):
+        assert deps[name].api_visibility == "public", name
+    assert deps["chat"].concurrency_id == "chat"
+    assert not deps["coefficients"].queue                      # instant: no queueing behind heavy jobs
+
+
+def test_cli_arguments(monkeypatch):
+    import app
+
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    args = app.parse_args([])
+    assert args.port == 7999 and args.share is False
+    assert app.parse_args(["--port", "8001", "--share"]).port == 8001
