@@ -33,7 +33,7 @@ THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="slate", neutral_hue=
 def build_app() -> gr.Blocks:
     """The whole UI: a header, then one tab per step; every panel's events wired to the others."""
     with gr.Blocks(title="ACM Merge Explorer", analytics_enabled=False) as demo:
-        ui = SimpleNamespace(demo=demo)
+        ui = SimpleNamespace(demo=demo, tabs={})
         ui.state = gr.State(SessionState(), delete_callback=close_session)
         with gr.Row(elem_id="header"):
             gr.Markdown(texts.INTRO, elem_id="intro")
@@ -42,8 +42,9 @@ def build_app() -> gr.Blocks:
         with gr.Tabs(elem_id="steps"):
             for title, module in STEPS:
                 key = module.__name__.rsplit(".", 1)[-1]
-                with gr.Tab(title, id=key, elem_id=f"tab-{key}"):
+                with gr.Tab(title, id=key, elem_id=f"tab-{key}") as tab:
                     setattr(ui, key, module.build())
+                ui.tabs[key] = tab
         for _, module in STEPS:
             module.wire(ui)
     demo.ui = ui

@@ -29,7 +29,8 @@ def resolve_calibration(mode: str | None, upload: str | None = None, hub_id: str
     """
     from acm.errors import InputError
 
-    mode = mode or BUNDLED
+    mode = {"bundled": BUNDLED, "upload": UPLOAD, "file": UPLOAD, "hub": HUB}.get((mode or "").strip().lower(),
+                                                                                 mode or BUNDLED)
     field = (field or "").strip() or None
     split = (split or "").strip() or "train"
     if mode == BUNDLED:
@@ -127,3 +128,20 @@ def wire(ui) -> None:
         return preview(mode, upload, hub_id, split, field)
 
     c.preview_btn.click(ui_errors(_preview), inputs(ui), [c.preview_df, c.preview_md], api_name="calibration_preview")
+
+    def _preview_quietly(mode, upload, hub_id, split, field):
+        # Opening the tab shows the current set at once; problems are a line of text, not a toast.
+        from acm.errors import ACMError
+
+        if mode == HUB:          # never start a download just because the tab was opened
+            return [], "Click **Preview samples** to load the dataset."
+        try:
+            return preview(mode, upload, hub_id, split, field)
+        except ACMError as exc:
+            return [], f"⚠ {exc}"
+
+    c.upload.upload(_preview_quietly, inputs(ui), [c.preview_df, c.preview_md], api_visibility="private",
+                    show_progress="hidden")
+    if "calibration" in getattr(ui, "tabs", {}):
+        ui.tabs["calibration"].select(_preview_quietly, inputs(ui), [c.preview_df, c.preview_md],
+                                      api_visibility="private", show_progress="hidden")

@@ -19,6 +19,21 @@ METHOD_SHORT = {"task_arithmetic": "TA", "ties": "TIES", "dare_ta": "DARE-TA", "
                 "linear": "Linear"}
 ACM, PLAIN = "ACM (per-layer λ)", "plain (α everywhere)"
 DEFAULT_METHOD = "task_arithmetic"
+# Short names accepted from API callers (gradio_client) besides the dropdown values.
+METHOD_ALIASES = {"ta": "task_arithmetic", "task-arithmetic": "task_arithmetic", "dare-ta": "dare_ta",
+                  "dare-ties": "dare_ties", **{label.lower(): value for label, value in METHOD_CHOICES}}
+
+
+def normalize_mode(mode: str | None) -> str:
+    """The radio's labels, or simply "acm" / "plain" from scripts."""
+    text = (mode or ACM).strip().lower()
+    if text.startswith("acm"):
+        return ACM
+    if text.startswith("plain"):
+        return PLAIN
+    from acm.errors import InputError
+
+    raise InputError(f"unknown coefficient mode {mode!r}: use 'acm' or 'plain'")
 
 
 def merge_label(method: str, use_acm: bool, t: float, alpha: float, merge_id: int) -> str:
@@ -43,6 +58,8 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
     from acm.models import load_causal_lm, parse_dtype, resolve_model
 
     base, fts = validate_selection(base, fts)
+    mode = normalize_mode(mode)
+    method = METHOD_ALIASES.get(str(method).strip().lower(), method)
     if method not in METHODS:
         raise InputError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
     use_acm = mode == ACM and method != "linear"

@@ -454,3 +454,15 @@ def test_plain_linear_merge_and_export_recipe(pair, tmp_path):
     assert any(f.endswith(".zip") for f in files) and any(f.endswith(".recipe.json") for f in files)
     assert "no mergekit YAML" in summary
     st.close()
+
+
+def test_api_friendly_aliases():
+    from components import merge
+
+    assert merge.normalize_mode("acm") == merge.ACM and merge.normalize_mode("Plain") == merge.PLAIN
+    assert merge.normalize_mode(None) == merge.ACM
+    with pytest.raises(InputError, match="unknown coefficient mode"):
+        merge.normalize_mode("fancy")
+    assert merge.METHOD_ALIASES["ta"] == "task_arithmetic" and merge.METHOD_ALIASES["dare-ties"] == "dare_ties"
+    assert calibration.resolve_calibration("hub", hub_id="a/b")["source"] == "a/b"
+    assert calibration.resolve_calibration("bundled")["label"] == "bundled demo set"
