@@ -55,6 +55,7 @@ class _Timers:
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.returned: dict[str, Any] = {}
         self._undo: list[tuple[Any, str, Any]] = []
 
     def wrap(self, module, name: str, label: str | None = None) -> None:
@@ -67,7 +68,9 @@ class _Timers:
         def timed(*a, **k):
             t0 = time.perf_counter()
             try:
-                return fn(*a, **k)
+                out = fn(*a, **k)
+                self.returned[label] = out
+                return out
             finally:
                 self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
                 self.calls[label] = self.calls.get(label, 0) + 1
@@ -132,8 +135,12 @@ def _encode(texts, tokenizer, max_tokens: int) -> list[list[int]]:
         return [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
 
 
-def task_forward(args: dict) -> dict:
-    """Plain forward passes of base + fine-tuned over the calibration tokens (loading not timed)."""
+def task_forward(args: dict, texts: list[str] | None = None) -> dict:
+    """Plain forward passes of base + fine-tuned over the calibration tokens (loading not timed).
+
+    Batching and padding are analyze's own (``acm.analysis._batches`` when present), and
+    ``use_cache=False`` as analyze passes it, so both sides run the same model calls.
+    """
     import torch
 
     from acm.models import load_causal_lm, resolve_model
@@ -144,24 +151,33 @@ def task_forward(args: dict) -> dict:
     loaded = [load_causal_lm(s, device="cpu") for s in srcs]
     load_s = time.perf_counter() - t0
     tok = loaded[0][1]
-    texts = calibration_texts(args["samples"], seed=args.get("seed", 0))
-    ids = _encode(texts, tok, args["max_tokens"])
-    batches = _make_batches(ids, args["batch_size"], tok.pad_token_id or 0)
+    if texts is None:
+        texts = calibration_texts(args["samples"], seed=args.get("seed", 0))
+    ids = [x for x in _encode(texts, tok, args["max_tokens"]) if x]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    try:
+        from acm.analysis import _batches as analysis_batches
+
+        batches = [{"input_ids": i, "attention_mask": m} for i, m in analysis_batches(ids, args["batch_size"], pad)]
+    except ImportError:
+        batches = _make_batches(ids, args["batch_size"], pad)
     tokens = _count_tokens(batches)
-    with torch.inference_mode():  # one small warm-up batch per model (kernels, allocator)
+    with torch.inference_mode():  # one small warm-up call per model (kernels, allocator)
         for model, _ in loaded:
-            model(input_ids=batches[0]["input_ids"][:1, :8], attention_mask=batches[0]["attention_mask"][:1, :8])
-    per_model = []
+            model(input_ids=batches[0]["input_ids"][:1, :8], attention_mask=batches[0]["attention_mask"][:1, :8],
+                  use_cache=False)
+    per_model = [0.0] * len(loaded)
     t1 = time.perf_counter()
     with torch.inference_mode():
-        for model, _ in loaded:
-            tm = time.perf_counter()
-            for b in batches:
-                model(**b)
-            per_model.append(time.perf_counter() - tm)
+        for b in batches:  # batch-major, model-minor: analyze's order
+            for i, (model, _) in enumerate(loaded):
+                tm = time.perf_counter()
+                model(**b, use_cache=False)
+                per_model[i] += time.perf_counter() - tm
     seconds = time.perf_counter() - t1
     return {"seconds": seconds, "per_model_s": per_model, "tokens": tokens, "load_s": load_s,
-            "dtype": str(next(loaded[0][0].parameters()).dtype), "rss_after_load": proc_status().get("VmRSS", 0)}
+            "samples": len(ids), "dtype": str(next(loaded[0][0].parameters()).dtype),
+            "rss_after_load": proc_status().get("VmRSS", 0)}
 
 
 def task_analyze(args: dict) -> dict:
@@ -193,7 +209,8 @@ def task_analyze(args: dict) -> dict:
             estimators.append(est)
             return est
         analysis.StreamingMI = factory
-    texts = calibration_texts(args["samples"], seed=args.get("seed", 0))
+    # a pool larger than ``samples`` makes analyze run its k-means selection (timed apart)
+    texts = calibration_texts(args["samples"] * args.get("pool", 1), seed=args.get("seed", 0))
     before = proc_status()
     t0 = time.perf_counter()
     kwargs = dict(samples=args["samples"], max_tokens=args["max_tokens"], batch_size=args["batch_size"],
@@ -215,17 +232,25 @@ def task_analyze(args: dict) -> dict:
             "groups": len(getattr(result, "groups", []) or []),
             "estimator_bytes": sum(_state_bytes(e) for e in estimators), "estimators": len(estimators),
             "rss_before": before.get("VmRSS", 0), "anon_before": before.get("RssAnon", 0),
-            "provenance_seconds": prov.get("seconds") if isinstance(prov, dict) else None}
+            "provenance_seconds": prov.get("seconds") if isinstance(prov, dict) else None,
+            "pool": len(texts), "selected": timers.returned.get("select")}
 
 
 def task_both(args: dict) -> dict:
-    """Forward baseline and analyze in the same process, in that order (same allocator / cache state)."""
-    fwd = task_forward(args)
+    """analyze, then the plain forward passes over exactly the texts analyze selected (same process)."""
     ana = task_analyze(args)
+    selected = ana.pop("selected", None)
+    fwd = task_forward(args, texts=list(selected) if selected else None)
     return {"forward": fwd, "analyze": ana}
 
 
-TASKS = {"forward": task_forward, "analyze": task_analyze, "both": task_both}
+def task_analyze_only(args: dict) -> dict:
+    out = task_analyze(args)
+    out.pop("selected", None)
+    return out
+
+
+TASKS = {"forward": task_forward, "analyze": task_analyze_only, "both": task_both}
 
 
 # ============================================================================================
@@ -251,13 +276,15 @@ def model_sets(sizes: list[str]) -> list[dict]:
 
 
 def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, batch_size: int,
-        repeats: int = 1, out: str | None = None, log=print) -> dict:
+        repeats: int = 1, pool: int = 4, out: str | None = None, log=print) -> dict:
+    """``pool``: analyze gets ``pool × samples`` texts and selects ``samples`` by k-means (timed apart)."""
     t_start = time.perf_counter()
     ok, why = analysis_available()
     overhead_rows: list[dict] = []
     scaling_rows: list[dict] = []
     for m in model_sets(sizes):
-        common = {"base": m["base"], "fts": m["fts"], "max_tokens": max_tokens, "batch_size": batch_size}
+        common = {"base": m["base"], "fts": m["fts"], "max_tokens": max_tokens, "batch_size": batch_size,
+                  "pool": pool, "clusters": max(2, min(20, samples // 2))}
         best: dict | None = None
         for rep in range(repeats):
             if ok:
@@ -269,7 +296,8 @@ def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, 
             if best is None or (ana and ana["core_s"] < best["ana"]["core_s"]):
                 best = {"fwd": fwd, "ana": ana, "res": res}
         fwd, ana = best["fwd"], best["ana"]
-        row = {"model": m["name"], "params_m": m["params"] / 1e6, "samples": samples, "tokens": fwd["tokens"],
+        row = {"model": m["name"], "params_m": m["params"] / 1e6, "samples": fwd.get("samples", samples),
+               "pool": ana["pool"] if ana else None, "tokens": fwd["tokens"],
                "forward_s": fwd["seconds"], "forward_tok_s": fwd["tokens"] / fwd["seconds"],
                "status": "ok" if ana else why}
         if ana:
@@ -288,7 +316,7 @@ def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, 
         m = model_sets(sizes[:1])[0]
         for n in scaling:
             res = run_child("benchmarks.analysis", {"task": "analyze", "samples": n, "base": m["base"], "fts": m["fts"],
-                                                    "max_tokens": max_tokens, "batch_size": batch_size})
+                                                    "max_tokens": max_tokens, "batch_size": batch_size, "pool": 1})
             p = res.payload
             scaling_rows.append({"model": m["name"], "samples": n, "tokens": p["tokens"], "core_s": p["core_s"],
                                  "tok_s": (p["tokens"] / p["core_s"]) if p["tokens"] and p["core_s"] > 0 else None,
@@ -305,7 +333,8 @@ def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, 
     return data
 
 
-OVERHEAD_COLUMNS = [("model", "model"), ("params_m", "params (M)"), ("samples", "samples"), ("tokens", "tokens"),
+OVERHEAD_COLUMNS = [("model", "model"), ("params_m", "params (M)"), ("pool", "texts"), ("samples", "selected"),
+                    ("tokens", "tokens"),
                     ("forward_s", "2× forward s"), ("forward_tok_s", "forward tok/s"),
                     ("analyze_core_s", "analyze core s"), ("analyze_tok_s", "analyze tok/s"),
                     ("overhead", "overhead ×"), ("load_s", "load s (excl.)"), ("select_s", "k-means s (excl.)"),

@@ -50,7 +50,7 @@ def machine_info() -> dict[str, Any]:
         mem_gb = round(psutil.virtual_memory().total / 1024**3, 1)
     except Exception:  # pragma: no cover - psutil is a requirement
         pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": mem_gb,
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": mem_gb, "loadavg": os.getloadavg(),
                             "python": platform.python_version(), "platform": platform.platform()}
     try:
         import torch
@@ -131,6 +131,7 @@ class ChildResult:
     peak_anon: int                # bytes; max RssAnon seen by polling
     peak_file: int                # bytes; max RssFile seen by polling
     returncode: int
+    cpu_s: float = 0.0            # user + system CPU seconds of the child (from wait4)
     stderr_tail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -183,10 +184,11 @@ def run_child(module: str, args: dict[str, Any], *, timeout: float = 3600, env: 
             except ValueError:
                 continue
     if proc.returncode != 0 or not payload:
-        tail = "\n".join(stderr.strip().splitlines()[-15:])
+        tail = "\n".join(stderr.strip().splitlines()[-40:])
         raise RuntimeError(f"benchmark child {module} {args.get('task', '')} failed (rc={proc.returncode}):\n{tail}")
     return ChildResult(payload=payload, wall_s=wall, ru_maxrss=rusage.ru_maxrss * 1024,
                        peak_anon=poller.peak_anon, peak_file=poller.peak_file, returncode=proc.returncode,
+                       cpu_s=rusage.ru_utime + rusage.ru_stime,
                        stderr_tail="\n".join(stderr.strip().splitlines()[-5:]))
 
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import sys
 import threading
@@ -111,47 +110,113 @@ def bench_coefficients(quick: bool) -> list[dict]:
 # the t-slider path
 
 
-def _plot_builders() -> list[tuple[str, Callable]]:
+def _series(groups, nmi, lam, labels=None):
+    labels = labels or [f"ft{i + 1}" for i in range(len(nmi))]
+    return [{"label": lab, "nmi": [float(x) for x in n], "lambdas": [float(x) for x in l]}
+            for lab, n, l in zip(labels, nmi, lam)]
+
+
+def _to_json_bytes(fig) -> int:
+    """Figure -> the JSON Gradio sends to the browser (gr.Plot calls to_json())."""
+    if fig is None:
+        return 0
+    if hasattr(fig, "to_json"):
+        return len(fig.to_json())
+    import json
+
+    return len(json.dumps(fig, default=str))
+
+
+def bench_slider(quick: bool) -> list[dict]:
+    """Plot builders alone, and the app's slider handler end to end (minus the browser round trip)."""
+    import numpy as np
+
+    lambdas, source = _lambdas_fn()
+    rows: list[dict] = []
+    min_time = 0.1 if quick else 0.5
+    t_grid = [0.0, 2.0, 5.0, 10.0, 20.0, 40.0]
+    state = {"t": 0.0}
+
+    def next_t() -> float:  # every call sees a new t, as a dragged slider does
+        state["t"] = (state["t"] + 0.37) % 40.0
+        return state["t"]
+
     try:
-        import components.plots as plots
-    except Exception:
-        return []
-    out = []
-    for name, fn in inspect.getmembers(plots, inspect.isfunction):
-        if name.startswith("_") or fn.__module__ != plots.__name__:
-            continue
-        out.append((name, fn))
-    return out
+        from components import plots
+    except Exception as exc:  # noqa: BLE001
+        plots, why = None, f"components.plots not importable: {exc}"[:120]
+    for n_groups in ((8,) if quick else (8, 30)):
+        n_models = 2
+        analysis, groups, nmi = synthetic_analysis(n_models, n_groups)
+        if plots is not None:
+            def coef():
+                t = next_t()
+                lam = np.asarray(lambdas(nmi, t))
+                return plots.coefficient_figure(groups, _series(groups, nmi, lam), t=t, alpha=1.0)
 
+            def multi():
+                grid = np.asarray(lambdas(nmi, t_grid))
+                per = [{"label": f"ft{i + 1}", "nmi": list(nmi[i]), "grid": [grid[j][i] for j in range(len(t_grid))]}
+                       for i in range(n_models)]
+                return plots.multi_t_figure(groups, per, t_grid, alpha=1.0)
 
-def _call_builder(fn: Callable, analysis, t: float, alpha: float = 1.0):
-    """Call a plot builder with whatever of (analysis, t, alpha, table, nmi, lambdas) it asks for."""
-    from acm.coefficients import coefficient_table
+            def nmi_fig():
+                return plots.nmi_figure(groups, [(f"ft{i + 1}", nmi[i]) for i in range(n_models)])
 
-    sig = inspect.signature(fn)
-    table = None
-    kwargs: dict[str, Any] = {}
-    args: list[Any] = []
-    for p in sig.parameters.values():
-        name = p.name
-        if name in ("analysis", "result", "res"):
-            val = analysis
-        elif name in ("t", "sharpness"):
-            val = t
-        elif name == "alpha":
-            val = alpha
-        elif name in ("table", "coefficients", "coeffs"):
-            table = table or coefficient_table(analysis, t, alpha)
-            val = table
-        elif p.default is not inspect.Parameter.empty:
-            continue
-        else:
-            raise TypeError(f"unknown required parameter {name!r}")
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and not kwargs:
-            args.append(val)
-        else:
-            kwargs[name] = val
-    return fn(*args, **kwargs)
+            for name, fn in (("coefficient_figure", coef), ("multi_t_figure", multi), ("nmi_figure", nmi_fig)):
+                r = timeit(lambda: _to_json_bytes(fn()), min_time=min_time)
+                rows.append({"what": f"λ + components.plots.{name} + to_json", "groups": n_groups, "models": n_models,
+                             **r, "json_bytes": _to_json_bytes(fn()), "status": "ok"})
+            try:
+                import plotly.graph_objects as go  # noqa: F401
+
+                r = timeit(lambda: coef().figure().to_json(), min_time=min_time, min_reps=3)
+                rows.append({"what": "same curve as a validated plotly go.Figure (for comparison)", "groups": n_groups,
+                             "models": n_models, **r, "status": "ok"})
+            except Exception:  # noqa: BLE001
+                pass
+        # the app's own handler: components.analysis.coefficient_view (t slider: multi=False; α: multi=True)
+        handler_ok = False
+        if analysis is not None:
+            try:
+                from components.analysis import coefficient_view
+                from components.state import SessionState
+
+                st = SessionState()
+                st.analysis = analysis
+
+                def slider():
+                    fig, _, _ = coefficient_view(st, next_t(), 1.0, multi=False)
+                    return _to_json_bytes(fig)
+
+                def alpha_change():
+                    fig, mfig, table = coefficient_view(st, next_t(), 1.0, multi=True)
+                    return _to_json_bytes(fig) + _to_json_bytes(mfig)
+
+                rows.append({"what": "t-slider handler: components.analysis.coefficient_view(multi=False) + to_json",
+                             "groups": n_groups, "models": n_models, **timeit(slider, min_time=min_time), "status": "ok"})
+                rows.append({"what": "α/clip handler: coefficient_view(multi=True) + to_json (2 charts + table)",
+                             "groups": n_groups, "models": n_models, **timeit(alpha_change, min_time=min_time),
+                             "status": "ok"})
+                handler_ok = True
+            except Exception as exc:  # noqa: BLE001
+                rows.append({"what": "t-slider handler: components.analysis.coefficient_view", "groups": n_groups,
+                             "status": f"skipped: {type(exc).__name__}: {exc}"[:140]})
+        if not handler_ok:  # the slider's work without the app's handler: λ + a figure + JSON
+            if plots is not None:
+                def path():
+                    t = next_t()
+                    lam = np.asarray(lambdas(nmi, t))
+                    return _to_json_bytes(plots.coefficient_figure(groups, _series(groups, nmi, lam), t=t, alpha=1.0))
+                what = "t-slider path: λ + components.plots.coefficient_figure + to_json (handler not available)"
+            else:
+                def path():
+                    lam = np.asarray(lambdas(nmi, next_t()))
+                    return _to_json_bytes(_reference_figure(groups, nmi, lam))
+                what = f"t-slider path: λ + reference go.Figure + JSON ({why})"
+            rows.append({"what": what, "groups": n_groups, "models": n_models, **timeit(path, min_time=min_time),
+                         "status": "ok", "source": source})
+    return rows
 
 
 def _reference_figure(groups: list[str], nmi, lam):
@@ -160,68 +225,7 @@ def _reference_figure(groups: list[str], nmi, lam):
     fig = go.Figure()
     for i in range(lam.shape[0]):
         fig.add_trace(go.Scatter(x=groups, y=lam[i], mode="lines+markers", name=f"λ ft{i}"))
-        fig.add_trace(go.Bar(x=groups, y=nmi[i], name=f"NMI ft{i}", opacity=0.4, yaxis="y2"))
-    fig.update_layout(yaxis2=dict(overlaying="y", side="right"), height=360, margin=dict(l=40, r=40, t=30, b=40))
     return fig
-
-
-def _serialise(fig) -> int:
-    """Figure -> JSON as sent to the browser; returns bytes."""
-    import json
-
-    if hasattr(fig, "to_json"):
-        return len(fig.to_json())
-    try:
-        return len(json.dumps(fig, default=str))
-    except TypeError:
-        return 0
-
-
-def bench_slider(quick: bool) -> list[dict]:
-    lambdas, source = _lambdas_fn()
-    rows = []
-    n_groups_list = (8,) if quick else (8, 30)
-    builders = _plot_builders()
-    for n_groups in n_groups_list:
-        analysis, groups, nmi = synthetic_analysis(2 if n_groups == 8 else 1, n_groups)
-        t_state = {"t": 0.0}
-
-        def next_t() -> float:
-            t_state["t"] = (t_state["t"] + 0.37) % 10.0
-            return t_state["t"]
-
-        used = []
-        if builders and analysis is not None:
-            for name, fn in builders:
-                try:
-                    fig = _call_builder(fn, analysis, 1.0)
-                except Exception as exc:  # a builder that needs things we cannot fake: skip, say so
-                    rows.append({"what": f"components.plots.{name}", "groups": n_groups, "status": f"skipped: {exc}"[:120]})
-                    continue
-                used.append((name, fn))
-                r = timeit(lambda: _call_builder(fn, analysis, next_t()), min_time=0.1 if quick else 0.5, min_reps=3)
-                rows.append({"what": f"components.plots.{name}", "groups": n_groups, **r, "json_bytes": _serialise(fig),
-                             "status": "ok"})
-
-        def slider_path():
-            t = next_t()
-            lam = lambdas(nmi, t)
-            if analysis is not None:
-                try:
-                    from acm.coefficients import coefficient_table
-
-                    coefficient_table(analysis, t, 1.0)
-                except ImportError:
-                    pass
-            figs = ([_call_builder(fn, analysis, t) for _, fn in used] if used
-                    else [_reference_figure(groups, nmi, lam)])
-            return sum(_serialise(f) for f in figs)
-
-        r = timeit(slider_path, min_time=0.1 if quick else 0.5, min_reps=3)
-        what = ("t-slider path: λ + table + " + ", ".join(n for n, _ in used) + " + JSON") if used else \
-            "t-slider path: λ + table + reference Plotly figure + JSON (components/plots.py builders not available)"
-        rows.append({"what": what, "groups": n_groups, **r, "status": "ok", "source": source})
-    return rows
 
 
 # ============================================================================================
@@ -360,8 +364,8 @@ def run(quick: bool, out: str | None = None, log=print) -> dict:
 
 COEFF_COLUMNS = [("what", "what"), ("groups", "groups"), ("models", "models"), ("t_points", "t points"),
                  ("median_ms", "median ms"), ("p95_ms", "p95 ms"), ("reps", "reps")]
-SLIDER_COLUMNS = [("what", "what"), ("groups", "groups"), ("median_ms", "median ms"), ("p95_ms", "p95 ms"),
-                  ("reps", "reps"), ("status", "status")]
+SLIDER_COLUMNS = [("what", "what"), ("groups", "groups"), ("models", "models"), ("median_ms", "median ms"),
+                  ("p95_ms", "p95 ms"), ("reps", "reps"), ("status", "status")]
 GEN_COLUMNS = [("what", "what"), ("model", "model"), ("threads", "torch threads"), ("prompt_tokens", "prompt tok"),
                ("new_tokens", "new tok"), ("first_token_ms", "first token ms"), ("decode_tok_s", "decode tok/s"),
                ("total_s", "total s")]

@@ -109,12 +109,22 @@ def task_floor(args: dict) -> dict:
             weight_map[k] = name
         shard, shard_bytes = {}, 0
 
+    # safetensors' get_tensor is zero-copy (memory-mapped, paged in lazily), so "reading" must
+    # touch the bytes: copy each tensor into one reusable buffer (a memcpy, no allocation).
+    largest = max(readers[0].nbytes(k) for k in readers[0].keys())
+    buf = torch.empty(largest, dtype=torch.uint8)
+
+    def touch(t: torch.Tensor) -> int:
+        flat = t.reshape(-1).view(torch.uint8)
+        buf[:flat.numel()].copy_(flat)
+        return flat.numel()
+
     for key in readers[0].keys():
         base = readers[0].get(key)
-        read += base.numel() * base.element_size()
+        read += touch(base)
         for r in readers[1:]:
             t = r.get(key)
-            read += t.numel() * t.element_size()
+            read += touch(t)
             del t
         nbytes = base.numel() * base.element_size()
         if shard and shard_bytes + nbytes > limit:
@@ -233,7 +243,7 @@ def _run(task: str, args: dict, out_root: Path, label: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     res = run_child("benchmarks.merge", {"task": task, "out": str(out), **args})
     p = res.payload
-    row = {"seconds": p["seconds"], "wall_s": res.wall_s, "ru_maxrss": res.ru_maxrss, "peak_anon": res.peak_anon,
+    row = {"seconds": p["seconds"], "wall_s": res.wall_s, "cpu_s": res.cpu_s, "loadavg_1m": os.getloadavg()[0], "ru_maxrss": res.ru_maxrss, "peak_anon": res.peak_anon,
            "peak_file": res.peak_file, "rss_before": p.get("rss_before", 0), "anon_before": p.get("anon_before", 0),
            "bytes_written": p.get("bytes_written"), "num_shards": p.get("num_shards")}
     for k in ("load_s", "merge_s", "save_s", "bytes_read", "engine_seconds"):
@@ -254,7 +264,7 @@ def bench_size(size: str, *, methods: list[str], repeats: int, n_ft: int, shard:
     warm_files(inputs)  # second pass: the timed runs below all see a fully warm cache
     log(f"[merge] {size}: {models.params / 1e6:.1f}M params, {models.bytes_per_model / MB:.0f} MiB/model, "
         f"warm-up read {nbytes / MB:.0f} MiB in {secs:.2f}s")
-    out_root = CACHE / "merge-out"
+    out_root = CACHE / "merge-out" / str(os.getpid())  # per run: concurrent benchmark runs never collide
     out_root.mkdir(parents=True, exist_ok=True)
     common = {"base": str(models.base), "fts": [str(f) for f in models.fts], "shard": shard}
     ok, why = engine_available()
@@ -276,6 +286,7 @@ def bench_size(size: str, *, methods: list[str], repeats: int, n_ft: int, shard:
     if naive:
         runs["naive"] = [_run("naive", dict(common, alpha=1.0), out_root, f"{size}-naive")]
         log(f"[merge] {size} naive {runs['naive'][-1]['seconds']:.2f}s")
+    shutil.rmtree(out_root, ignore_errors=True)
     largest = _largest_tensor_bytes(models)
     return {"size": size, "params": models.params, "bytes_per_model": models.bytes_per_model, "n_ft": n_ft,
             "input_bytes": models.bytes_per_model * (1 + n_ft), "shard_limit": shard,
