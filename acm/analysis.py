@@ -211,22 +211,51 @@ class _Capture:
         return flat
 
     def observe(self, group: int, act: torch.Tensor) -> None:
-        values = self.select(act.detach())
+        """Token-major activations [..., features]: pad rows are dropped before binning."""
+        act = act.detach()
+        values = self.select(act)
+        self._bin(group, values, values, None, owned=values is not act and values.data_ptr() != act.data_ptr())
+
+    def observe_head(self, group: int, logits: torch.Tensor, head_ids: torch.Tensor) -> None:
+        """Logits restricted to ``head_ids``, gathered as [ids, tokens] (rows of the transposed
+        view: a fast contiguous copy, unlike a gather along the last dim). Pad columns are not
+        copied out again but sent to an overflow bin that is dropped (``keep`` mask)."""
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        sub = flat.t().index_select(0, head_ids)                  # [k, n_positions], contiguous
+        keep = None
+        range_values = sub
+        if self.token_index is not None:
+            idx = self.token_index if self.token_index.device == sub.device else self.token_index.to(sub.device)
+            keep = torch.zeros(sub.shape[1], dtype=torch.bool, device=sub.device)
+            keep[idx] = True
+            keep = keep.unsqueeze(0)
+            needs_range = (self.base_range[group] is None if self.mode == "base"
+                           else self.estimators[self.ft].y_range[group] is None)
+            if needs_range:                                          # first batch only
+                range_values = sub.index_select(1, idx)
+        self._bin(group, sub, range_values, keep, owned=True)
+
+    def _bin(self, group: int, values: torch.Tensor, range_values: torch.Tensor, keep: torch.Tensor | None,
+             owned: bool = False) -> None:
+        """Bin one group's values; ``owned`` = ``values`` is our own copy and may be overwritten."""
         if self.mode == "base":
             if self.base_range[group] is None:
-                self.base_range[group] = robust_range(values, QUANTILES, seed=self.seed + group)
+                self.base_range[group] = robust_range(range_values, QUANTILES, seed=self.seed + group)
                 for est in self.estimators:
                     est.set_range(group, x_range=self.base_range[group])
-            self.base_bins[group] = bin_indices(values, *self.base_range[group], self.bins).to(torch.int16)
+            shape = values.shape
+            self.base_bins[group] = bin_indices(values, *self.base_range[group], self.bins,
+                                                inplace=owned).to(torch.int16).view(shape)
         else:
             est = self.estimators[self.ft]
             if est.y_range[group] is None:
-                est.set_range(group, y_range=robust_range(values, QUANTILES, seed=self.seed + 7919 + group))
-            iy = bin_indices(values, *est.y_range[group], self.bins)
+                est.set_range(group, y_range=robust_range(range_values, QUANTILES, seed=self.seed + 7919 + group))
+            shape = values.shape
+            iy = bin_indices(values, *est.y_range[group], self.bins, inplace=owned).view(shape)
             ix = self.base_bins[group]
             if ix.device != iy.device:
                 ix = ix.to(iy.device)
-            est.add_indices(group, ix, iy)
+            est.add_indices(group, ix, iy, keep=keep)
 
     def hook(self, group: int):
         def fn(_module, _inputs, output):
@@ -384,7 +413,7 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
                     logits = model(**kwargs).logits
                     if head_ids_cpu is None:
                         head_ids_cpu = _head_ids(min(vocab or logits.shape[-1], logits.shape[-1]), seed)
-                    capture.observe(num_groups - 1, logits.index_select(-1, head_ids_cpu.to(logits.device)))
+                    capture.observe_head(num_groups - 1, logits, head_ids_cpu.to(logits.device))
                     del logits
                 capture.base_bins = [None] * num_groups
                 bar.update(1)

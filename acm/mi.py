@@ -81,15 +81,19 @@ def robust_range(values: torch.Tensor, quantiles: tuple[float, float] = QUANTILE
     return lo, hi
 
 
-def bin_indices(values: torch.Tensor, lo: float, hi: float, bins: int) -> torch.Tensor:
+def bin_indices(values: torch.Tensor, lo: float, hi: float, bins: int, *, inplace: bool = False) -> torch.Tensor:
     """Bin index (int32, flattened) of every value; out-of-range values go to the edge bins.
 
-    Three cheap element-wise passes (scale+shift, clamp, cast); NaN is sent to bin 0.
+    A few cheap element-wise passes (scale, shift, clamp, cast); NaN is sent to bin 0.
+    ``inplace=True`` lets a caller that owns a float32 ``values`` buffer skip one allocation
+    (the buffer is overwritten).
     """
     scale = bins / (hi - lo)
     v = values.reshape(-1)
     if v.dtype != torch.float32:
         v = v.to(torch.float32).mul_(scale)
+    elif inplace:
+        v = v.mul_(scale)
     else:
         v = v * scale
     v.sub_(lo * scale).clamp_(0.0, bins - 1).nan_to_num_(nan=0.0)
@@ -170,11 +174,21 @@ class StreamingMI:
         self.add_indices(group, bin_indices(x, *self.x_range[group], self.bins),
                          bin_indices(y, *self.y_range[group], self.bins))
 
-    def add_indices(self, group: int, ix: torch.Tensor, iy: torch.Tensor) -> None:
-        """Add pre-binned pairs (int indices in [0, B)) — lets callers bin x once for many y."""
+    def add_indices(self, group: int, ix: torch.Tensor, iy: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Add pre-binned pairs (int indices in [0, B)) — lets callers bin x once for many y.
+
+        ``keep`` (bool, broadcastable to ``ix``'s shape) drops the pairs where it is False: they
+        go to an overflow bin B² that is discarded, which costs one pass instead of a gather.
+        """
         b = self.bins
-        flat = ix.to(torch.int32).mul(b).add_(iy)   # < B² ≤ 2**20, fits int32
-        counts = torch.bincount(flat, minlength=b * b)
+        if iy.dtype != torch.int32:
+            iy = iy.to(torch.int32)
+        flat = torch.add(iy, ix, alpha=b)   # ix·B + iy in one pass (int32: < B² + 1 ≤ 2**20 + 1)
+        if keep is not None:
+            flat = flat.masked_fill_(~keep, b * b)
+            counts = torch.bincount(flat.reshape(-1), minlength=b * b + 1)[: b * b]
+        else:
+            counts = torch.bincount(flat.reshape(-1), minlength=b * b)
         joint = self._joint[group]
         if joint is None:
             self._joint[group] = counts.to(torch.int64)

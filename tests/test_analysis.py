@@ -150,14 +150,14 @@ def test_batch_size_only_matters_through_the_first_batch_ranges(world, monkeypat
 
     monkeypatch.setattr(analysis_mod, "StreamingMI", pinned)
     monkeypatch.setattr(analysis_mod, "robust_range", lambda *a, **k: pytest.fail("ranges must stay pinned"))
-    original_observe = analysis_mod._Capture.observe
+    original_bin = analysis_mod._Capture._bin
 
-    def observe(self, group, act):                     # the capture keeps the base range too
+    def _bin(self, group, *args, **kwargs):            # the capture keeps the base range too
         if self.base_range[group] is None:
             self.base_range[group] = tuple(base_ranges[group])
-        return original_observe(self, group, act)
+        return original_bin(self, group, *args, **kwargs)
 
-    monkeypatch.setattr(analysis_mod._Capture, "observe", observe)
+    monkeypatch.setattr(analysis_mod._Capture, "_bin", _bin)
     r = analyze(base, fts[:1], TEXTS, **{**NO_SELECT, "batch_size": 3})
     assert np.allclose(r.models[0].nmi, ref.models[0].nmi, atol=2e-3)
 
