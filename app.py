@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -78,12 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     demo = create_app()
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
+                **launch_kwargs())
     if not args.no_prewarm:
+        # After the server is up, so loading the chat models does not delay the first page.
         base, fts = models.default_models(models.scan_demo_models())
         chat.prewarm([s for s in [base, *fts] if s])
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs())
+    demo.block_thread()
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()
