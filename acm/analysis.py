@@ -393,6 +393,7 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     vocabs = [int(s.vocab_size) for s in [base_src] + ft_srcs if s.vocab_size]
     vocab = min(vocabs) if vocabs else None   # head ids valid for every model (vocabularies may differ)
     head_ids_cpu = None
+    head_ids_on: dict[torch.device, torch.Tensor] = {}
     handles: list = []
     n_batches = (len(ids) + batch_size - 1) // batch_size
     bar = tqdm(total=n_batches, desc="acm analyze", unit="batch", disable=not show_progress or progress is not None)
@@ -413,7 +414,9 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
                     logits = model(**kwargs).logits
                     if head_ids_cpu is None:
                         head_ids_cpu = _head_ids(min(vocab or logits.shape[-1], logits.shape[-1]), seed)
-                    capture.observe_head(num_groups - 1, logits, head_ids_cpu.to(logits.device))
+                    if logits.device not in head_ids_on:
+                        head_ids_on[logits.device] = head_ids_cpu.to(logits.device)
+                    capture.observe_head(num_groups - 1, logits, head_ids_on[logits.device])
                     del logits
                 capture.base_bins = [None] * num_groups
                 bar.update(1)

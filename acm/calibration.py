@@ -138,8 +138,8 @@ def _load_file(path: Path, field: str | None) -> list[str]:
 
 
 def _txt_records(text: str) -> list[str]:
-    lines = text.splitlines()
-    if any(not ln.strip() for ln in lines) and sum(1 for ln in lines if ln.strip()) > 1:
+    lines = text.strip().splitlines()          # leading / trailing blank lines do not count
+    if any(not ln.strip() for ln in lines):
         paragraphs, cur = [], []
         for ln in lines:
             if ln.strip():

@@ -39,6 +39,8 @@ def test_jsonl_json_csv_txt(tmp_path):
     assert load_texts(tmp_path / "c.csv") == ["do this", "do, that"]
     assert load_texts(tmp_path / "d.txt") == ["line one", "line two"]
     assert load_texts(tmp_path / "e.txt") == ["para one\nstill one", "para two"]
+    (tmp_path / "h.txt").write_text("\none\ntwo\n\n\n")            # edge blank lines: still one per line
+    assert load_texts(tmp_path / "h.txt") == ["one", "two"]
     assert load_texts(tmp_path / "f.json") == ["x", "y"]
     assert load_texts(tmp_path / "g.json") == ["u", "v"]
 

@@ -67,12 +67,20 @@ def run(args: argparse.Namespace) -> int:
     from acm.analysis import analyze, summarize
 
     validate(args)
+    interactive = sys.stderr.isatty()
+    if not interactive:  # keep logs and CI output clean: no weight-loading bars when not on a terminal
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except Exception:  # noqa: BLE001 - cosmetic only
+            pass
     result = analyze(args.base, list(args.ft), args.calibration, field=args.field, split=args.split,
                      samples=args.samples, clusters=args.clusters, fraction=args.fraction,
                      max_tokens=args.max_tokens, bins=args.bins, batch_size=args.batch_size, seed=args.seed,
                      device=args.device, dtype=args.dtype, chat_template=not args.no_chat_template,
                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                     show_progress=sys.stderr.isatty())
+                     show_progress=interactive)
     path = result.save(args.out)
     cal = result.provenance.get("calibration", {})
     print(f"analysed {len(result.groups)} layer groups on {cal.get('samples')} samples "
