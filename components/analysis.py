@@ -251,7 +251,7 @@ def wire(ui) -> None:
                               calibration_label=out["calibration"]["label"])
         return md, nmi_fig, coef_fig, multi_fig, table, save_analysis(state)
 
-    a.analyse_btn.click(
+    analyse_event = a.analyse_btn.click(
         ui_errors(analyse),
         [ui.state, m.base, m.fts, m.trust, m.device, m.dtype, c.mode, c.upload, c.hub_id, c.split, c.field,
          c.samples, c.clusters, c.fraction, c.max_tokens, a.bins, a.batch_size, a.seed, a.chat_template,
@@ -295,5 +295,6 @@ def wire(ui) -> None:
                  "merging uses it for the selected models")
         return md, nmi_fig, coef_fig, multi_fig, table, save_analysis(state)
 
-    a.upload.upload(ui_errors(upload_analysis), [ui.state, a.upload, a.t, a.alpha, a.clip_min, a.clip_max], outputs,
+    upload_event = a.upload.upload(ui_errors(upload_analysis), [ui.state, a.upload, a.t, a.alpha, a.clip_min, a.clip_max], outputs,
                     api_name="upload_analysis")
+    ui.analysis_events = [analyse_event, upload_event]

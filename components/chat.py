@@ -80,6 +80,19 @@ def comparison_figure(state: SessionState, active: list[tuple[str, str, str | No
     return fig
 
 
+def display_history(col: ChatColumn) -> list[dict]:
+    """The column as shown: each finished reply followed by its length in tokens (the history kept
+    for the model's next turn stays clean)."""
+    out, j = [], 0
+    for msg in col.history:
+        if msg["role"] == "assistant" and j < len(col.lengths):
+            out.append({"role": "assistant", "content": f"{msg['content']}\n\n*— {col.lengths[j]} tokens*"})
+            j += 1
+        else:
+            out.append(dict(msg))
+    return out
+
+
 def snapshot(state: SessionState, active) -> tuple:
     """(5 chatbot histories, 5 length lines, comparison figure) for the output components."""
     by_slot = {slot: state.chat.get(slot) for slot, _, _ in active}
@@ -90,7 +103,7 @@ def snapshot(state: SessionState, active) -> tuple:
             histories.append([])
             lines.append(f"<span class='muted'>{NO_MERGE_YET}</span>")
             continue
-        histories.append(list(col.history) if col else [])
+        histories.append(display_history(col) if col else [])
         lines.append(length_line(col))
     return (*histories, *lines, comparison_figure(state, active))
 

@@ -149,6 +149,16 @@ def summary_markdown(merged: MergedModel) -> str:
     return " · ".join(bits) + notes + "\n\nThe merged model is loaded: try it in **5 · Chat** and **6 · Evaluate**."
 
 
+def acm_status_line(state: SessionState | None) -> str:
+    """Whether an ACM merge can run now (it needs the analysis of step 3)."""
+    analysis = getattr(state, "analysis", None)
+    if analysis is None:
+        return ("ACM needs the per-layer NMI: run **Analyse** in step 3 first (a few seconds on the demo models), "
+                "or choose the plain mode.")
+    labels = ", ".join(f"`{lab}`" for lab in unique_labels([m.model for m in analysis.models]))
+    return f"ACM will use the analysis of {labels} ({len(analysis.groups)} layer groups)."
+
+
 def method_changed(method: str, mode: str):
     """Show only the knobs the method uses."""
     import gradio as gr
@@ -181,6 +191,7 @@ def build() -> SimpleNamespace:
         trim_scope = gr.Radio(["tensor", "global"], value="tensor", label="Trim scope (TIES)", visible=False)
         drop_rate = gr.Slider(0.0, 0.99, value=0.3, step=0.01, label="Drop rate (DARE)", visible=False)
         seed = gr.Number(value=0, precision=0, label="Seed (DARE)", visible=False)
+    acm_status = gr.Markdown(acm_status_line(None), elem_classes=["muted"])
     with gr.Row():
         merge_btn = gr.Button("Merge", variant="primary", scale=0, min_width=180, elem_id="merge-btn")
     summary = gr.Markdown("No merge yet.")
@@ -188,7 +199,8 @@ def build() -> SimpleNamespace:
         table = gr.Dataframe(interactive=False, max_height=320)
     with gr.Accordion("Merge report (JSON)", open=False):
         report = gr.JSON()
-    return SimpleNamespace(method=method, mode=mode, t=t, alpha=alpha, density=density, trim_scope=trim_scope,
+    return SimpleNamespace(acm_status=acm_status, method=method, mode=mode, t=t, alpha=alpha, density=density,
+                           trim_scope=trim_scope,
                            drop_rate=drop_rate, seed=seed, merge_btn=merge_btn, summary=summary, table=table,
                            report=report)
 
@@ -224,6 +236,8 @@ def wire(ui) -> None:
 
         return summary_markdown(merged), pd.DataFrame(rows, columns=headers), _jsonable(report)
 
+    for event in getattr(ui, "analysis_events", []):
+        event.then(acm_status_line, ui.state, g.acm_status, api_visibility="private", queue=False)
     ui.merge_event = g.merge_btn.click(
         ui_errors(merge),
         [ui.state, m.base, m.fts, g.method, g.mode, g.t, g.alpha, g.density, g.drop_rate, g.trim_scope, g.seed,

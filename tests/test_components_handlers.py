@@ -210,9 +210,11 @@ def test_chat_streams_every_source_model_and_counts_tokens(state, pair):
     for h in histories[1:4]:                                              # base + 2 fine-tuned
         assert h[0] == {"role": "user", "content": "what is 2 plus 2?"} and h[1]["role"] == "assistant"
     assert histories[4] == []
-    for slot in ("base", "ft0", "ft1"):
+    for h, slot in zip(histories[1:4], ("base", "ft0", "ft1")):
         col = state.chat[slot]
         assert len(col.lengths) == 1 and 0 <= col.lengths[0] <= 12
+        assert h[1]["content"].endswith(f"*— {col.lengths[0]} tokens*")          # length under the reply
+        assert "tokens*" not in col.history[1]["content"]                          # the model's history stays clean
     assert "last reply" in lines[1]
     assert len(fig.data) == 1 and len(fig.data[0]["x"]) == 3
 
