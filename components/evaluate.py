@@ -103,19 +103,33 @@ def run_eval(state: SessionState, base: str | None, fts, *, data_mode: str | Non
     return result
 
 
-def tables(result: dict) -> tuple[list[list], list[list]]:
-    """(overall rows, per-difficulty rows) for the two tables."""
-    overall, per_level = [], []
+def tables(result: dict) -> tuple[list[list], list[list], list[str]]:
+    """(overall rows, per-difficulty rows, per-difficulty headers).
+
+    Per difficulty is a pivot — one row per level, one "accuracy % · mean length" cell per model —
+    so the models can be compared along a row.
+    """
+    overall = []
     for m in result["models"]:
         overall.append([m["label"], m["kind"], round(100 * m["accuracy"], 1), m["mean_length"],
                         m.get("median_length"), m.get("n"), m.get("truncated", 0)])
-        for level, s in (m.get("per_level") or {}).items():
-            per_level.append([m["label"], level, round(100 * s["accuracy"], 1), s["mean_length"], s.get("n")])
-    return overall, per_level
+    levels: list[str] = []
+    for m in result["models"]:
+        levels.extend(lv for lv in (m.get("per_level") or {}) if lv not in levels)
+    headers = ["difficulty", "n"] + [f"{m['label']}: acc % · length" for m in result["models"]]
+    per_level = []
+    for lv in levels:
+        cells, n = [], None
+        for m in result["models"]:
+            s = (m.get("per_level") or {}).get(lv)
+            cells.append(f"{100 * s['accuracy']:.0f}% · {s['mean_length']:.0f}" if s else "–")
+            n = n or (s or {}).get("n")
+        per_level.append([lv, n] + cells)
+    return overall, per_level, headers
 
 
 OVERALL_HEADERS = ["model", "kind", "accuracy %", "mean length", "median length", "n", "hit max tokens"]
-LEVEL_HEADERS = ["model", "difficulty", "accuracy %", "mean length", "n"]
+LEVEL_HEADERS = ["difficulty", "n"]
 
 
 def scatter(state: SessionState, setting: tuple | None = None):
@@ -182,12 +196,12 @@ def wire(ui) -> None:
         result = run_eval(state, base, fts, data_mode=mode, upload=upload, limit=limit,
                           max_new_tokens=max_new_tokens, include_sources=include, batch_size=batch, device=device,
                           dtype=dtype, trust_remote_code=trust, progress=progress_callback(progress))
-        overall_rows, level_rows = tables(result)
+        overall_rows, level_rows, level_headers = tables(result)
         setting = state.eval_points[-1]["setting"] if state.eval_points else None
         import pandas as pd
 
         return (summary_markdown(result), scatter(state, setting), pd.DataFrame(overall_rows, columns=OVERALL_HEADERS),
-                pd.DataFrame(level_rows, columns=LEVEL_HEADERS), result)
+                pd.DataFrame(level_rows, columns=level_headers), result)
 
     e.run_btn.click(ui_errors(evaluate), [ui.state, m.base, m.fts, e.mode, e.upload, e.limit, e.max_new, e.include,
                                           e.batch, m.device, m.dtype, m.trust],

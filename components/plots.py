@@ -219,4 +219,4 @@ def eval_scatter(points: Iterable[dict]) -> PlotSpec:
                              "<br>n = %{customdata[1]}<extra></extra>"})
     return PlotSpec(data, _layout("Accuracy vs answer length (up-left is better)", height=420,
                                   xaxis=_axis("mean answer length (tokens)", rangemode="tozero"),
-                                  yaxis=_axis("accuracy (%)", rangemode="tozero")))
+                                  yaxis=_axis("accuracy (%)", range=[-3, 108])))

@@ -271,9 +271,10 @@ def test_evaluate_sources_are_cached_and_points_accumulate(state, pair, eval_fil
     evaluate.run_eval(state, base, fts[:1], data_mode=evaluate.UPLOAD, upload=str(eval_file), limit=3,
                       max_new_tokens=4, batch_size=4)
     assert len(calls) == 1 and len(state.eval_points) == 2               # cached, not duplicated
-    overall, per_level = evaluate.tables(res)
+    overall, per_level, headers = evaluate.tables(res)
     assert len(overall) == 2 and len(overall[0]) == len(evaluate.OVERALL_HEADERS)
-    assert {r[1] for r in per_level} == {"1", "2"}
+    assert [r[0] for r in per_level] == ["1", "2"] and len(headers) == 4 and len(per_level[0]) == 4
+    assert "% · " in per_level[0][2]
     fig = evaluate.scatter(state)
     assert sum(len(t["x"]) for t in fig.data) == 2
     with pytest.raises(InputError, match="upload a .jsonl"):
