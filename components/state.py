@@ -86,12 +86,16 @@ class SessionState:
         return path
 
     def set_merged(self, merged: MergedModel) -> None:
-        """Swap in a new merged model; the previous one's weights are freed (its folder stays)."""
+        """Swap in a new merged model; the previous one is freed and its folder deleted (a merged 7B
+        model is ~15 GB: a session keeps one on disk). Its evaluation points stay in the scatter."""
         old = self.merged
         self.merged = merged
         if old is not None and old is not merged:
             old.model = None
             old.tokenizer = None
+            if self._workspace is not None and old.out_dir != merged.out_dir and \
+                    self._workspace in Path(old.out_dir).resolve().parents:
+                shutil.rmtree(old.out_dir, ignore_errors=True)
 
     def close(self) -> None:
         """Free memory and delete the workspace (Gradio calls this when the session expires)."""

@@ -45,11 +45,17 @@ def test_state_workspace_lifecycle_and_merge_swap(tmp_path):
     st = SessionState()
     ws = st.workspace
     assert ws.is_dir() and st.subdir("merges").is_dir()
-    a = MergedModel(1, "#1", tmp_path, {}, {}, None, 0.1, model=object(), tokenizer=object())
-    b = MergedModel(2, "#2", tmp_path, {}, {}, None, 0.1, model=object(), tokenizer=object())
+    (ws / "merges" / "m1").mkdir()
+    (ws / "merges" / "m2").mkdir()
+    a = MergedModel(1, "#1", ws / "merges" / "m1", {}, {}, None, 0.1, model=object(), tokenizer=object())
+    b = MergedModel(2, "#2", ws / "merges" / "m2", {}, {}, None, 0.1, model=object(), tokenizer=object())
+    c = MergedModel(3, "#3", tmp_path, {}, {}, None, 0.1, model=object(), tokenizer=object())
     st.set_merged(a)
     st.set_merged(b)
     assert st.merged is b and a.model is None and b.model is not None
+    assert not a.out_dir.exists() and b.out_dir.exists()          # one merged model on disk per session
+    st.set_merged(c)
+    assert tmp_path.exists()                                       # never deletes outside the workspace
     st.close()
     assert not ws.exists() and st.merged is None
 
