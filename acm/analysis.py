@@ -249,7 +249,9 @@ class _Capture:
         else:
             est = self.estimators[self.ft]
             if est.y_range[group] is None:
-                est.set_range(group, y_range=robust_range(range_values, QUANTILES, seed=self.seed + 7919 + group))
+                # same seed as the base: the subsample (when values are many) takes the same positions,
+                # so a fine-tuned model identical to the base gets identical ranges (NMI exactly 1)
+                est.set_range(group, y_range=robust_range(range_values, QUANTILES, seed=self.seed + group))
             shape = values.shape
             iy = bin_indices(values, *est.y_range[group], self.bins, inplace=owned).view(shape)
             ix = self.base_bins[group]

@@ -64,6 +64,17 @@ def test_ft_identical_to_base_gives_nmi_one(llama_result):
         assert max(real_ft.nmi) < 0.99            # noise-perturbed copies really differ
 
 
+def test_identical_ft_stays_at_one_when_ranges_come_from_a_subsample(world, monkeypatch):
+    """Large activations set their ranges from a random subsample; base and fine-tuned use the
+    same positions, so an unchanged model still gets identical ranges and NMI exactly 1."""
+    import acm.mi
+
+    monkeypatch.setattr(acm.mi, "QUANTILE_SAMPLE", 64)
+    base, _ = world["llama"]
+    r = analyze(base, [base], TEXTS, **NO_SELECT)
+    assert np.allclose(r.models[0].nmi, 1.0, atol=1e-9)
+
+
 def test_provenance(llama_result, world):
     p = llama_result.provenance
     assert p["models"]["base"]["model"] == world["llama"][0]
