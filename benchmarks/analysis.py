@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import random
 import sys
 import time
@@ -54,6 +55,7 @@ class _Timers:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.returned: dict[str, Any] = {}
         self._undo: list[tuple[Any, str, Any]] = []
@@ -66,13 +68,14 @@ class _Timers:
 
         @functools.wraps(fn)
         def timed(*a, **k):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 out = fn(*a, **k)
                 self.returned[label] = out
                 return out
             finally:
                 self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+                self.cpu[label] = self.cpu.get(label, 0.0) + time.process_time() - c0
                 self.calls[label] = self.calls.get(label, 0) + 1
 
         setattr(module, name, timed)
@@ -167,15 +170,15 @@ def task_forward(args: dict, texts: list[str] | None = None) -> dict:
             model(input_ids=batches[0]["input_ids"][:1, :8], attention_mask=batches[0]["attention_mask"][:1, :8],
                   use_cache=False)
     per_model = [0.0] * len(loaded)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for b in batches:  # batch-major, model-minor: analyze's order
             for i, (model, _) in enumerate(loaded):
                 tm = time.perf_counter()
                 model(**b, use_cache=False)
                 per_model[i] += time.perf_counter() - tm
-    seconds = time.perf_counter() - t1
-    return {"seconds": seconds, "per_model_s": per_model, "tokens": tokens, "load_s": load_s,
+    seconds, cpu = time.perf_counter() - t1, time.process_time() - c1
+    return {"seconds": seconds, "cpu_seconds": cpu, "per_model_s": per_model, "tokens": tokens, "load_s": load_s,
             "samples": len(ids), "dtype": str(next(loaded[0][0].parameters()).dtype),
             "rss_after_load": proc_status().get("VmRSS", 0)}
 
@@ -212,14 +215,14 @@ def task_analyze(args: dict) -> dict:
     # a pool larger than ``samples`` makes analyze run its k-means selection (timed apart)
     texts = calibration_texts(args["samples"] * args.get("pool", 1), seed=args.get("seed", 0))
     before = proc_status()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     kwargs = dict(samples=args["samples"], max_tokens=args["max_tokens"], batch_size=args["batch_size"],
                   bins=args.get("bins", 64), seed=args.get("seed", 0), device="cpu", chat_template=False,
                   show_progress=False)
     if args.get("clusters"):
         kwargs["clusters"] = args["clusters"]
     result = analysis.analyze(args["base"], args["fts"], texts, **kwargs)
-    total = time.perf_counter() - t0
+    total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
     timers.restore()
     prov = getattr(result, "provenance", {}) or {}
     calib = prov.get("calibration", {}) if isinstance(prov, dict) else {}
@@ -228,7 +231,8 @@ def task_analyze(args: dict) -> dict:
     select = timers.seconds.get("select", 0.0)
     encode = timers.seconds.get("encode", 0.0)
     return {"seconds_total": total, "load_s": load, "select_s": select, "encode_s": encode,
-            "core_s": total - load - select - encode, "tokens": tokens, "calls": timers.calls,
+            "core_s": total - load - select - encode, "tokens": tokens,
+            "core_cpu_s": total_cpu - sum(timers.cpu.values()), "calls": timers.calls,
             "groups": len(getattr(result, "groups", []) or []),
             "estimator_bytes": sum(_state_bytes(e) for e in estimators), "estimators": len(estimators),
             "rss_before": before.get("VmRSS", 0), "anon_before": before.get("RssAnon", 0),
@@ -276,10 +280,11 @@ def model_sets(sizes: list[str]) -> list[dict]:
 
 
 def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, batch_size: int,
-        repeats: int = 1, pool: int = 4, out: str | None = None, log=print) -> dict:
+        repeats: int = 1, pool: int = 4, threads: int | None = None, out: str | None = None, log=print) -> dict:
     """``pool``: analyze gets ``pool × samples`` texts and selects ``samples`` by k-means (timed apart)."""
     t_start = time.perf_counter()
     ok, why = analysis_available()
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
     overhead_rows: list[dict] = []
     scaling_rows: list[dict] = []
     for m in model_sets(sizes):
@@ -288,10 +293,10 @@ def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, 
         best: dict | None = None
         for rep in range(repeats):
             if ok:
-                res = run_child("benchmarks.analysis", {"task": "both", "samples": samples, **common})
+                res = run_child("benchmarks.analysis", {"task": "both", "samples": samples, **common}, env=env)
                 fwd, ana = res.payload["forward"], res.payload["analyze"]
             else:
-                res = run_child("benchmarks.analysis", {"task": "forward", "samples": samples, **common})
+                res = run_child("benchmarks.analysis", {"task": "forward", "samples": samples, **common}, env=env)
                 fwd, ana = res.payload, None
             if best is None or (ana and ana["core_s"] < best["ana"]["core_s"]):
                 best = {"fwd": fwd, "ana": ana, "res": res}
@@ -307,6 +312,10 @@ def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, 
                         "analyze_tok_s": tokens / ana["core_s"] if ana["core_s"] > 0 else None,
                         # per-token cost ratio (robust to analyze counting tokens slightly differently)
                         "overhead": (ana["core_s"] / tokens) / (fwd["seconds"] / fwd["tokens"]),
+                        "forward_cpu_s": fwd.get("cpu_seconds"), "analyze_core_cpu_s": ana.get("core_cpu_s"),
+                        "overhead_cpu": ((ana["core_cpu_s"] / tokens) / (fwd["cpu_seconds"] / fwd["tokens"])
+                                         if ana.get("core_cpu_s") and fwd.get("cpu_seconds") else None),
+                        "loadavg_1m": os.getloadavg()[0],
                         "estimator_bytes": ana["estimator_bytes"], "groups": ana["groups"]})
         overhead_rows.append(row)
         log(f"[analysis] {m['name']}: forward {fwd['seconds']:.2f}s for {fwd['tokens']} tokens"
@@ -316,7 +325,7 @@ def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, 
         m = model_sets(sizes[:1])[0]
         for n in scaling:
             res = run_child("benchmarks.analysis", {"task": "analyze", "samples": n, "base": m["base"], "fts": m["fts"],
-                                                    "max_tokens": max_tokens, "batch_size": batch_size, "pool": 1})
+                                                    "max_tokens": max_tokens, "batch_size": batch_size, "pool": 1}, env=env)
             p = res.payload
             scaling_rows.append({"model": m["name"], "samples": n, "tokens": p["tokens"], "core_s": p["core_s"],
                                  "tok_s": (p["tokens"] / p["core_s"]) if p["tokens"] and p["core_s"] > 0 else None,
@@ -326,7 +335,7 @@ def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, 
             log(f"[analysis] scaling {n} samples: {p['tokens']} tokens, {p['core_s']:.2f}s, "
                 f"estimator {p['estimator_bytes'] / 1024:.1f} KiB, peak RSS {res.ru_maxrss / MB:.0f} MiB")
     data = {"benchmark": "analysis", "machine": machine_info(), "max_tokens": max_tokens, "batch_size": batch_size,
-            "overhead": overhead_rows, "scaling": scaling_rows, "status": "ok" if ok else why,
+            "threads": threads or "default", "overhead": overhead_rows, "scaling": scaling_rows, "status": "ok" if ok else why,
             "total_seconds": time.perf_counter() - t_start,
             "command": " ".join(["python -m benchmarks.analysis", *sys.argv[1:]])}
     data["path"] = str(save_result("analysis", data, out))
@@ -337,8 +346,9 @@ OVERHEAD_COLUMNS = [("model", "model"), ("params_m", "params (M)"), ("pool", "te
                     ("tokens", "tokens"),
                     ("forward_s", "2× forward s"), ("forward_tok_s", "forward tok/s"),
                     ("analyze_core_s", "analyze core s"), ("analyze_tok_s", "analyze tok/s"),
-                    ("overhead", "overhead ×"), ("load_s", "load s (excl.)"), ("select_s", "k-means s (excl.)"),
-                    ("analyze_total_s", "analyze total s")]
+                    ("overhead", "overhead ×"), ("overhead_cpu", "CPU-time overhead ×"),
+                    ("load_s", "load s (excl.)"), ("select_s", "k-means s (excl.)"),
+                    ("analyze_total_s", "analyze total s"), ("loadavg_1m", "load avg")]
 SCALING_COLUMNS = [("model", "model"), ("samples", "samples"), ("tokens", "tokens"), ("core_s", "core s"),
                    ("tok_s", "tok/s"), ("estimator_kib", "estimator state KiB"), ("peak_rss_mib", "peak RSS MiB"),
                    ("peak_anon_mib", "peak anon MiB")]
@@ -361,13 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--pool", type=int, default=4, help="texts given = pool × samples (k-means selects)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in the children (default: one per core)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.samples, args.scaling, args.max_tokens, args.repeats = ["10m"], 8, [4, 8], 64, 1
     data = run(args.sizes, samples=args.samples, scaling=args.scaling, max_tokens=args.max_tokens,
-               batch_size=args.batch_size, repeats=args.repeats, out=args.out)
+               batch_size=args.batch_size, repeats=args.repeats, pool=args.pool, threads=args.threads, out=args.out)
     print(report(data))
     print(f"[analysis] results: {data['path']}")
     return 0

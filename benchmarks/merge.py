@@ -75,7 +75,7 @@ def _preimport() -> None:
 def task_baseline(args: dict) -> dict:
     """Interpreter + the imports a merge needs; nothing else."""
     _preimport()
-    return {"rss_before": proc_status().get("VmRSS", 0), "anon_before": proc_status().get("RssAnon", 0),
+    return {"cpu_seconds": 0.0, "rss_before": proc_status().get("VmRSS", 0), "anon_before": proc_status().get("RssAnon", 0),
             "seconds": 0.0}
 
 
@@ -87,7 +87,7 @@ def task_floor(args: dict) -> dict:
     from acm.tensors import TensorReader, find_weight_files
 
     before = proc_status()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     readers = [TensorReader(find_weight_files(Path(p))[0]) for p in [args["base"], *args["fts"]]]
     out = Path(args["out"])
     tmp = out.with_name(out.name + ".tmp")
@@ -138,8 +138,8 @@ def task_floor(args: dict) -> dict:
                                                                   "weight_map": weight_map}))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "bytes_read": read, "bytes_written": written, "num_shards": n_shards,
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu_seconds": cpu, "bytes_read": read, "bytes_written": written, "num_shards": n_shards,
             "rss_before": before.get("VmRSS", 0), "anon_before": before.get("RssAnon", 0)}
 
 
@@ -150,11 +150,11 @@ def task_merge(args: dict) -> dict:
     _preimport()
     before = proc_status()
     opts = MergeOptions(method=args["method"], shard_size=args["shard"], **args.get("options", {}))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     report = merge_models(args["base"], args["fts"], args["out"], opts, lambdas=args.get("lambdas"),
                           force=True, show_progress=False)
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "engine_seconds": getattr(report, "seconds", None),
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu_seconds": cpu, "engine_seconds": getattr(report, "seconds", None),
             "bytes_written": getattr(report, "bytes_written", None),
             "num_shards": getattr(report, "num_shards", None), "num_tensors": getattr(report, "num_tensors", None),
             "rss_before": before.get("VmRSS", 0), "anon_before": before.get("RssAnon", 0)}
@@ -167,7 +167,7 @@ def task_naive(args: dict) -> dict:
 
     _preimport()
     before = proc_status()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     base = AutoModelForCausalLM.from_pretrained(args["base"], dtype=torch.bfloat16)
     fts = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.bfloat16) for p in args["fts"]]
     t_load = time.perf_counter() - t0
@@ -184,8 +184,8 @@ def task_naive(args: dict) -> dict:
     out = Path(args["out"])
     shutil.rmtree(out, ignore_errors=True)
     base.save_pretrained(out, max_shard_size=args["shard"])
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "load_s": t_load, "merge_s": t_merge, "save_s": seconds - t_load - t_merge,
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu_seconds": cpu, "load_s": t_load, "merge_s": t_merge, "save_s": seconds - t_load - t_merge,
             "bytes_written": dir_bytes(out), "rss_before": before.get("VmRSS", 0),
             "anon_before": before.get("RssAnon", 0)}
 
@@ -238,12 +238,19 @@ def _largest_tensor_bytes(models, dtype_bytes: int = 4) -> int:
     return largest * dtype_bytes
 
 
-def _run(task: str, args: dict, out_root: Path, label: str) -> dict:
+def child_env(threads: int | None) -> dict | None:
+    """Pin the children's torch/OpenMP thread count (None: torch's default, one per core)."""
+    if not threads:
+        return None
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def _run(task: str, args: dict, out_root: Path, label: str, threads: int | None = None) -> dict:
     out = out_root / label
     shutil.rmtree(out, ignore_errors=True)
-    res = run_child("benchmarks.merge", {"task": task, "out": str(out), **args})
+    res = run_child("benchmarks.merge", {"task": task, "out": str(out), **args}, env=child_env(threads))
     p = res.payload
-    row = {"seconds": p["seconds"], "wall_s": res.wall_s, "cpu_s": res.cpu_s, "loadavg_1m": os.getloadavg()[0], "ru_maxrss": res.ru_maxrss, "peak_anon": res.peak_anon,
+    row = {"seconds": p["seconds"], "cpu_seconds": p.get("cpu_seconds"), "wall_s": res.wall_s, "cpu_s": res.cpu_s, "loadavg_1m": os.getloadavg()[0], "ru_maxrss": res.ru_maxrss, "peak_anon": res.peak_anon,
            "peak_file": res.peak_file, "rss_before": p.get("rss_before", 0), "anon_before": p.get("anon_before", 0),
            "bytes_written": p.get("bytes_written"), "num_shards": p.get("num_shards")}
     for k in ("load_s", "merge_s", "save_s", "bytes_read", "engine_seconds"):
@@ -255,7 +262,7 @@ def _run(task: str, args: dict, out_root: Path, label: str) -> dict:
 
 
 def bench_size(size: str, *, methods: list[str], repeats: int, n_ft: int, shard: str, naive: bool,
-               log=print) -> dict[str, Any]:
+               threads: int | None = None, log=print) -> dict[str, Any]:
     from benchmarks.models import get_models
 
     models = get_models(size, n_ft=n_ft)
@@ -272,19 +279,19 @@ def bench_size(size: str, *, methods: list[str], repeats: int, n_ft: int, shard:
     runs: dict[str, list[dict]] = {"floor": []}
     for m in methods:
         runs[m] = []
-    base_row = _run("baseline", common, out_root, f"{size}-baseline")
+    base_row = _run("baseline", common, out_root, f"{size}-baseline", threads)
     for rep in range(repeats):
-        runs["floor"].append(_run("floor", common, out_root, f"{size}-floor"))
+        runs["floor"].append(_run("floor", common, out_root, f"{size}-floor", threads))
         for m in methods:
             if not ok:
                 continue
             method, use_acm = METHODS[m]
             args = dict(common, method=method, options={"seed": rep}, lambdas=lam if use_acm else None)
-            runs[m].append(_run("merge", args, out_root, f"{size}-{m}"))
+            runs[m].append(_run("merge", args, out_root, f"{size}-{m}", threads))
         log(f"[merge] {size} repeat {rep + 1}/{repeats}: floor {runs['floor'][-1]['seconds']:.2f}s"
             + "".join(f", {m} {runs[m][-1]['seconds']:.2f}s" for m in methods if runs[m]))
     if naive:
-        runs["naive"] = [_run("naive", dict(common, alpha=1.0), out_root, f"{size}-naive")]
+        runs["naive"] = [_run("naive", dict(common, alpha=1.0), out_root, f"{size}-naive", threads)]
         log(f"[merge] {size} naive {runs['naive'][-1]['seconds']:.2f}s")
     shutil.rmtree(out_root, ignore_errors=True)
     largest = _largest_tensor_bytes(models)
@@ -299,13 +306,16 @@ def summarize(sizes: list[dict]) -> list[dict]:
     rows = []
     for s in sizes:
         floor = statistics.median(r["seconds"] for r in s["runs"]["floor"])
+        floor_cpu = statistics.median(r.get("cpu_seconds") or 0.0 for r in s["runs"]["floor"])
         ta_runs = s["runs"].get("task_arithmetic") or []
         ta = statistics.median(r["seconds"] for r in ta_runs) if ta_runs else None
+        ta_cpu = statistics.median(r.get("cpu_seconds") or 0.0 for r in ta_runs) if ta_runs else None
         for name, runs in s["runs"].items():
             if not runs:
                 rows.append({"size": s["size"], "method": name, "status": s.get("engine", "")})
                 continue
             sec = statistics.median(r["seconds"] for r in runs)
+            cpu = statistics.median(r.get("cpu_seconds") or 0.0 for r in runs)
             peak = max(r["ru_maxrss"] for r in runs)
             anon = max(r["peak_anon"] for r in runs)
             anon_before = statistics.median(r["anon_before"] for r in runs) or s["baseline"]["peak_anon"]
@@ -313,11 +323,15 @@ def summarize(sizes: list[dict]) -> list[dict]:
                    "method": name, "seconds": sec, "min_seconds": min(r["seconds"] for r in runs),
                    "repeats": len(runs), "gb_per_s": s["input_bytes"] / sec / 1e9,
                    "x_floor": sec / floor, "x_ta": (sec / ta) if ta and name != "floor" else None,
+                   "cpu_seconds": cpu, "x_floor_cpu": cpu / floor_cpu if floor_cpu else None,
+                   "x_ta_cpu": (cpu / ta_cpu) if ta_cpu and name != "floor" else None,
                    "peak_rss_mib": peak / MB, "peak_anon_mib": anon / MB, "peak_file_mib": max(r["peak_file"] for r in runs) / MB,
                    "rss_over_model": peak / s["bytes_per_model"],
                    "rss_minus_baseline_mib": (peak - statistics.median(r["rss_before"] for r in runs)) / MB,
                    "anon_minus_baseline_mib": (anon - anon_before) / MB,
-                   "largest_fp32_mib": s["largest_tensor_fp32_bytes"] / MB, "status": "ok"}
+                   "largest_fp32_mib": s["largest_tensor_fp32_bytes"] / MB,
+                   "anon_over_largest": (anon - anon_before) / s["largest_tensor_fp32_bytes"],
+                   "loadavg_1m": max(r.get("loadavg_1m", 0.0) for r in runs), "status": "ok"}
             for k in ("load_s", "merge_s", "save_s"):
                 if k in runs[0]:
                     row[k] = runs[0][k]
@@ -346,12 +360,16 @@ def scaling(rows: list[dict], sizes: list[dict]) -> list[dict]:
     return out
 
 
-ROW_COLUMNS = [("size", "size"), ("params_m", "params (M)"), ("model_mib", "model MiB"), ("method", "method"),
-               ("seconds", "time s"), ("repeats", "n"), ("gb_per_s", "input GB/s"), ("x_floor", "× floor"),
-               ("x_ta", "× TA"), ("peak_rss_mib", "peak RSS MiB"), ("peak_anon_mib", "peak anon MiB"),
-               ("rss_over_model", "RSS / model"), ("rss_minus_baseline_mib", "RSS − baseline MiB"),
-               ("anon_minus_baseline_mib", "anon − baseline MiB"),
-               ("largest_fp32_mib", "largest tensor fp32 MiB")]
+TIME_COLUMNS = [("size", "size"), ("params_m", "params (M)"), ("model_mib", "model MiB"), ("method", "method"),
+                ("seconds", "wall s"), ("repeats", "n"), ("gb_per_s", "input GB/s"), ("x_floor", "× floor"),
+                ("x_ta", "× TA"), ("cpu_seconds", "CPU s"), ("x_floor_cpu", "CPU × floor"), ("x_ta_cpu", "CPU × TA"),
+                ("loadavg_1m", "load avg")]
+MEM_COLUMNS = [("size", "size"), ("model_mib", "model MiB"), ("method", "method"), ("peak_rss_mib", "peak RSS MiB"),
+               ("rss_over_model", "peak RSS / model"), ("rss_minus_baseline_mib", "RSS − baseline MiB"),
+               ("peak_anon_mib", "peak anon MiB"), ("peak_file_mib", "peak file-backed MiB"),
+               ("anon_minus_baseline_mib", "anon − baseline MiB"), ("largest_fp32_mib", "largest tensor fp32 MiB"),
+               ("anon_over_largest", "(anon − baseline) / largest")]
+ROW_COLUMNS = TIME_COLUMNS
 SCALING_COLUMNS = [("method", "method"), ("sec_per_gb_input", "s per GB input (slope)"),
                    ("intercept_s", "intercept s"), ("r2", "r²"), ("time_exponent", "time ∝ size^k"),
                    ("mem_exponent", "working memory ∝ size^k"), ("anon_mib_smallest", "working MiB smallest"),
@@ -359,14 +377,15 @@ SCALING_COLUMNS = [("method", "method"), ("sec_per_gb_input", "s per GB input (s
 
 
 def run(sizes: list[str], *, methods: list[str] | None = None, repeats: int | None = None, n_ft: int = 1,
-        shard: str = DEFAULT_SHARD, naive: bool = True, out: str | None = None, log=print) -> dict:
+        shard: str = DEFAULT_SHARD, naive: bool = True, threads: int | None = None, out: str | None = None,
+        log=print) -> dict:
     methods = methods or list(METHODS)
     t0 = time.perf_counter()
     results = [bench_size(s, methods=methods, repeats=repeats or REPEATS.get(s, 1), n_ft=n_ft, shard=shard,
-                          naive=naive, log=log) for s in sizes]
+                          naive=naive, threads=threads, log=log) for s in sizes]
     rows = summarize(results)
     data = {"benchmark": "merge", "machine": machine_info(), "cache": "warm (inputs pre-read; os.sync() between runs)",
-            "shard_limit": shard, "n_ft": n_ft, "sizes": results, "rows": rows, "scaling": scaling(rows, results),
+            "shard_limit": shard, "n_ft": n_ft, "threads": threads or "default", "sizes": results, "rows": rows, "scaling": scaling(rows, results),
             "total_seconds": time.perf_counter() - t0, "command": " ".join(["python -m benchmarks.merge", *sys.argv[1:]])}
     path = save_result("merge" if not out else "merge", data, out)
     data["path"] = str(path)
@@ -374,7 +393,7 @@ def run(sizes: list[str], *, methods: list[str] | None = None, repeats: int | No
 
 
 def report(data: dict) -> str:
-    lines = [md_table(data["rows"], ROW_COLUMNS)]
+    lines = [md_table(data["rows"], TIME_COLUMNS), md_table(data["rows"], MEM_COLUMNS)]
     if data.get("scaling"):
         lines.append(md_table(data["scaling"], SCALING_COLUMNS))
     baselines = [(s["size"], s["baseline"]["ru_maxrss"] / MB) for s in data["sizes"]]
@@ -391,12 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-ft", type=int, default=1)
     ap.add_argument("--shard", default=DEFAULT_SHARD, help="input and output shard limit")
     ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in the children (default: one per core); 1 gives contention-robust CPU times")
     ap.add_argument("--quick", action="store_true", help="smallest size, one repeat")
     ap.add_argument("--out", default=None, help="JSON result path")
     args = ap.parse_args(argv)
     sizes, repeats = (["10m"], 1) if args.quick else (args.sizes, args.repeats)
     data = run(sizes, methods=args.methods, repeats=repeats, n_ft=args.n_ft, shard=args.shard,
-               naive=not args.no_naive, out=args.out)
+               naive=not args.no_naive, threads=args.threads, out=args.out)
     print(report(data))
     print(f"[merge] results: {data['path']}")
     return 0

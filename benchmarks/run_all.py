@@ -13,6 +13,7 @@ import sys
 import time
 
 from benchmarks import analysis as analysis_bench
+from benchmarks import kernels as kernels_bench
 from benchmarks import latency as latency_bench
 from benchmarks import merge as merge_bench
 from benchmarks.common import RESULTS, machine_info
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", nargs="+", default=None, help="merge sizes (default: 10m 50m 200m 800m)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["merge", "analysis", "latency"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["merge", "analysis", "latency", "kernels"])
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     parts = [f"# Benchmark report ({'quick' if args.quick else 'full'})\n",
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if "latency" not in args.skip:
         data = latency_bench.run(args.quick)
         parts += ["## Interactive latency\n", latency_bench.report(data)]
+    if "kernels" not in args.skip:
+        data = kernels_bench.run(1 << 20 if args.quick else 32000 * 2048, reps=2 if args.quick else 3)
+        parts += ["## Merge kernels\n", kernels_bench.report(data)]
     parts.append(f"Total: {time.perf_counter() - t0:.0f} s\n")
     text = "\n".join(parts)
     RESULTS.mkdir(parents=True, exist_ok=True)

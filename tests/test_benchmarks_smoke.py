@@ -11,6 +11,7 @@ import importlib.util
 import pytest
 
 from benchmarks import analysis as analysis_bench
+from benchmarks import kernels as kernels_bench
 from benchmarks import latency as latency_bench
 from benchmarks import merge as merge_bench
 from benchmarks.common import lstsq_slope, md_table
@@ -71,3 +72,11 @@ def test_latency_quick(tmp_path):
     gen = [r for r in data["generation"] if r["what"] == "generate (alone)"]
     assert gen and all(r["new_tokens"] > 0 and r["first_token_ms"] > 0 for r in gen)
     assert "| what |" in latency_bench.report(data)
+
+
+def test_kernels_quick(tmp_path):
+    data = kernels_bench.run(1 << 16, reps=1, out=str(tmp_path / "kernels.json"), log=lambda *_: None)
+    kinds = {r["kernel"] for r in data["rows"]}
+    assert {"task-arithmetic update", "TIES threshold", "DARE drop mask"} <= kinds
+    exact = [r for r in data["rows"] if r["variant"].startswith("radix")]
+    assert exact and "True" in exact[0]["note"]   # the radix select agrees with kthvalue
