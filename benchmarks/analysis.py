@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.common import MB, child_main, machine_info, md_table, proc_status, run_child, save_result
+from benchmarks.common import MB, child_main, machine_info, md_table, proc_status, run_task, save_result
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
          "you were her she there been if we one all would their will has more so what when can no who some them "
@@ -284,7 +284,6 @@ def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, 
     """``pool``: analyze gets ``pool × samples`` texts and selects ``samples`` by k-means (timed apart)."""
     t_start = time.perf_counter()
     ok, why = analysis_available()
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
     overhead_rows: list[dict] = []
     scaling_rows: list[dict] = []
     for m in model_sets(sizes):
@@ -293,10 +292,10 @@ def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, 
         best: dict | None = None
         for rep in range(repeats):
             if ok:
-                res = run_child("benchmarks.analysis", {"task": "both", "samples": samples, **common}, env=env)
+                res = run_task("benchmarks.analysis", {"task": "both", "samples": samples, **common}, threads=threads)
                 fwd, ana = res.payload["forward"], res.payload["analyze"]
             else:
-                res = run_child("benchmarks.analysis", {"task": "forward", "samples": samples, **common}, env=env)
+                res = run_task("benchmarks.analysis", {"task": "forward", "samples": samples, **common}, threads=threads)
                 fwd, ana = res.payload, None
             if best is None or (ana and ana["core_s"] < best["ana"]["core_s"]):
                 best = {"fwd": fwd, "ana": ana, "res": res}
@@ -324,8 +323,8 @@ def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, 
     if ok and scaling:
         m = model_sets(sizes[:1])[0]
         for n in scaling:
-            res = run_child("benchmarks.analysis", {"task": "analyze", "samples": n, "base": m["base"], "fts": m["fts"],
-                                                    "max_tokens": max_tokens, "batch_size": batch_size, "pool": 1}, env=env)
+            res = run_task("benchmarks.analysis", {"task": "analyze", "samples": n, "base": m["base"], "fts": m["fts"],
+                                                    "max_tokens": max_tokens, "batch_size": batch_size, "pool": 1}, threads=threads)
             p = res.payload
             scaling_rows.append({"model": m["name"], "samples": n, "tokens": p["tokens"], "core_s": p["core_s"],
                                  "tok_s": (p["tokens"] / p["core_s"]) if p["tokens"] and p["core_s"] > 0 else None,

@@ -192,6 +192,90 @@ def run_child(module: str, args: dict[str, Any], *, timeout: float = 3600, env: 
                        stderr_tail="\n".join(stderr.strip().splitlines()[-5:]))
 
 
+_FORK_CTX = None
+
+
+def _fork_context():
+    """A forkserver that has imported torch / transformers / acm once (see ``benchmarks._preload``)."""
+    global _FORK_CTX
+    if _FORK_CTX is None:
+        import multiprocessing as mp
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["benchmarks._preload"])
+        _FORK_CTX = ctx
+    return _FORK_CTX
+
+
+def _forked_entry(conn, module: str, args: dict, threads: int | None) -> None:
+    import importlib
+    import resource
+    import traceback
+
+    try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        tasks = importlib.import_module(module).TASKS
+        result = tasks[args["task"]](args)
+        st = proc_status()
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        result.setdefault("rss_self_end", st.get("VmRSS", 0))
+        conn.send({"ok": True, "payload": result, "hwm": st.get("VmHWM", 0), "cpu": ru.ru_utime + ru.ru_stime})
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        conn.send({"ok": False, "error": traceback.format_exc()})
+    finally:
+        conn.close()
+
+
+def run_task(module: str, args: dict[str, Any], *, threads: int | None = None, fresh: bool | None = None,
+             timeout: float = 3600, poll_interval: float = 0.005) -> ChildResult:
+    """Run ``TASKS[args['task']]`` of ``module`` in a new process and measure it.
+
+    Default: forked from a fork server that already imported torch / transformers / acm (no
+    work done in it), which saves several seconds of imports per measurement on a 2-core machine.
+    ``fresh=True`` (or ACM_BENCH_FRESH=1) starts a whole new interpreter instead (``run_child``).
+    Peak RSS is the child's own VmHWM; the inherited, already-resident import pages are part of
+    it, as they are in a fresh interpreter after its imports (report peak − ``rss_before``).
+    """
+    if fresh is None:
+        fresh = os.environ.get("ACM_BENCH_FRESH", "") not in ("", "0")
+    if fresh:
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
+        return run_child(module, args, timeout=timeout, env=env, poll_interval=poll_interval)
+    ctx = _fork_context()
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    t0 = time.perf_counter()
+    proc = ctx.Process(target=_forked_entry, args=(child_conn, module, args, threads), daemon=True)
+    proc.start()
+    child_conn.close()
+    msg = None
+    deadline = time.monotonic() + timeout
+    with PeakPoller(proc.pid, poll_interval) as poller:
+        while msg is None:
+            if parent_conn.poll(0.01):
+                try:
+                    msg = parent_conn.recv()
+                except EOFError:
+                    break
+            elif not proc.is_alive() and not parent_conn.poll(0):
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                break
+    proc.join()
+    wall = time.perf_counter() - t0
+    if not msg or not msg.get("ok"):
+        err = (msg or {}).get("error") or f"exit code {proc.exitcode}"
+        raise RuntimeError(f"benchmark task {module} {args.get('task', '')} failed:\n{err[-3000:]}")
+    return ChildResult(payload=msg["payload"], wall_s=wall, ru_maxrss=msg["hwm"], peak_anon=poller.peak_anon,
+                       peak_file=poller.peak_file, returncode=proc.exitcode or 0, cpu_s=msg["cpu"])
+
+
 def child_main(tasks: dict[str, Any]) -> None:
     """Entry point of a child: ``python -m benchmarks.X '<json>'`` dispatches to ``tasks[args['task']]``.
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (CACHE, MB, child_main, dir_bytes, lstsq_slope, loglog_exponent, machine_info,
-                               md_table, proc_status, run_child, save_result, warm_files)
+                               md_table, proc_status, run_task, save_result, warm_files)
 
 METHODS = {  # benchmark name -> (engine method, uses ACM λ table)
     "task_arithmetic": ("task_arithmetic", False),
@@ -238,17 +238,10 @@ def _largest_tensor_bytes(models, dtype_bytes: int = 4) -> int:
     return largest * dtype_bytes
 
 
-def child_env(threads: int | None) -> dict | None:
-    """Pin the children's torch/OpenMP thread count (None: torch's default, one per core)."""
-    if not threads:
-        return None
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-
-
 def _run(task: str, args: dict, out_root: Path, label: str, threads: int | None = None) -> dict:
     out = out_root / label
     shutil.rmtree(out, ignore_errors=True)
-    res = run_child("benchmarks.merge", {"task": task, "out": str(out), **args}, env=child_env(threads))
+    res = run_task("benchmarks.merge", {"task": task, "out": str(out), **args}, threads=threads)
     p = res.payload
     row = {"seconds": p["seconds"], "cpu_seconds": p.get("cpu_seconds"), "wall_s": res.wall_s, "cpu_s": res.cpu_s, "loadavg_1m": os.getloadavg()[0], "ru_maxrss": res.ru_maxrss, "peak_anon": res.peak_anon,
            "peak_file": res.peak_file, "rss_before": p.get("rss_before", 0), "anon_before": p.get("anon_before", 0),
