@@ -28,10 +28,13 @@ THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="slate", neutral_hue=
     button_primary_text_color="white", button_primary_border_color="*primary_600")
 
 
-def build_app() -> gr.Blocks:
-    """The whole UI: a header, then one tab per step; every panel's events wired to the others."""
+def build_app(prewarm: bool = True) -> gr.Blocks:
+    """The whole UI: a header, then one tab per step; every panel's events wired to the others.
+
+    ``prewarm``: when the first page has loaded, preload the chat models in the background.
+    """
     with gr.Blocks(title="ACM Merge Explorer", analytics_enabled=False) as demo:
-        ui = SimpleNamespace(demo=demo, tabs={})
+        ui = SimpleNamespace(demo=demo, tabs={}, prewarm=prewarm)
         ui.state = gr.State(SessionState(), delete_callback=close_session)
         with gr.Row(elem_id="header"):
             gr.Markdown(texts.INTRO, elem_id="intro")
@@ -55,8 +58,8 @@ def launch_kwargs() -> dict:
     return dict(theme=THEME, css_paths=css_paths, footer_links=["api", "gradio"])
 
 
-def create_app() -> gr.Blocks:
-    demo = build_app()
+def create_app(prewarm: bool = True) -> gr.Blocks:
+    demo = build_app(prewarm)
     # Heavy jobs (analyse / merge / evaluate) share concurrency_id="heavy" with a limit of 1, so two
     # users never run two of them at once on one GPU; the queue holds the rest.
     demo.queue(default_concurrency_limit=4, max_size=32)
@@ -69,20 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="port (default: env GRADIO_SERVER_PORT or the first free one from 7860)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME"), help="interface to bind")
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
-    p.add_argument("--no-prewarm", action="store_true", help="do not preload the demo models for the chat")
+    p.add_argument("--no-prewarm", action="store_true",
+                   help="do not preload the default models for the chat after the first page load")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    demo = create_app()
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
-                **launch_kwargs())
-    if not args.no_prewarm:
-        # After the server is up, so loading the chat models does not delay the first page.
-        base, fts = models.default_models(models.scan_demo_models())
-        chat.prewarm([s for s in [base, *fts] if s])
-    demo.block_thread()
+    demo = create_app(prewarm=not args.no_prewarm)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs())
 
 
 if __name__ == "__main__":

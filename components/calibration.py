@@ -131,6 +131,9 @@ def wire(ui) -> None:
 
     def _preview_quietly(mode, upload, hub_id, split, field):
         # Opening the tab shows the current set at once; problems are a line of text, not a toast.
+        from components.common import warm_imports
+
+        warm_imports()
         from acm.errors import ACMError
 
         if mode == HUB:          # never start a download just because the tab was opened

@@ -218,9 +218,23 @@ def example_prompts(n: int = 6) -> list[str]:
     return [p for p in picks if p]
 
 
+_PREWARM_STARTED = threading.Event()
+
+
 def prewarm(specs: list[str]) -> None:
-    """Load the default source models in the background so the first chat streams at once."""
+    """Load the default source models in the background so the first chat streams at once.
+
+    Runs once per process. It is started by the first page load, not at launch: importing torch
+    and transformers holds the GIL for seconds and would slow down serving that first page.
+    """
+    if _PREWARM_STARTED.is_set():
+        return
+    _PREWARM_STARTED.set()
+
     def run():
+        from components.common import warm_imports
+
+        warm_imports(specs)
         for spec in specs:
             try:
                 load_source_model(spec)
@@ -328,6 +342,12 @@ def wire(ui) -> None:
         return snapshot(state, targets(state, base, fts))
 
     c.clear.click(do_clear, layout_inputs, stream_outputs, api_name="chat_clear", queue=False)
+    if getattr(ui, "prewarm", False):
+        def start_prewarm(base, fts):
+            prewarm([s for s in [base, *as_list(fts)] if s])
+
+        ui.demo.load(start_prewarm, [m.base, m.fts], None, api_visibility="private", queue=False,
+                     show_progress="hidden")
     # Columns follow the chosen models and the latest merge.
     ui.merge_event.then(relayout, layout_inputs, layout_outputs, api_visibility="private", queue=False)
     gr.on([m.base.change, m.fts.change], relayout, layout_inputs, layout_outputs, api_visibility="private",

@@ -9,6 +9,7 @@ import functools
 import inspect
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -83,6 +84,48 @@ def optional_float(value: Any) -> float | None:
     return None if value != value else value  # NaN -> None
 
 
+# ----------------------------------------------------------------------------- imports
+
+_IMPORT_LOCK = threading.Lock()
+_IMPORTED = threading.Event()
+
+
+def warm_imports(specs: tuple | list = ()) -> None:
+    """Import the heavy stack once, in one thread at a time.
+
+    transformers resolves its classes lazily, and two threads doing that for the first time at
+    once (a page-load check, the chat preloader, an analysis) can fail with ``ImportError: cannot
+    import name 'AutoConfig'``. Every handler calls this first; after the first run it is a flag
+    check. ``specs`` also resolves those models' architecture classes.
+    """
+    if _IMPORTED.is_set() and not specs:
+        return
+    with _IMPORT_LOCK:
+        if not _IMPORTED.is_set():
+            import torch  # noqa: F401
+            import transformers
+            from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer,  # noqa: F401
+                                      PreTrainedTokenizerFast, TextIteratorStreamer)
+
+            import acm.analysis  # noqa: F401
+            import acm.calibration  # noqa: F401
+            import acm.coefficients  # noqa: F401
+            import acm.evaluate  # noqa: F401
+            import acm.generation  # noqa: F401
+            import acm.merge  # noqa: F401
+            import acm.models  # noqa: F401
+            del transformers
+            _IMPORTED.set()
+        for spec in specs:
+            try:
+                from transformers import AutoConfig, AutoModelForCausalLM
+
+                config = AutoConfig.from_pretrained(spec)
+                AutoModelForCausalLM._model_mapping[type(config)]   # imports the modeling module
+            except Exception:  # noqa: BLE001 - only a warm-up; real errors surface when used
+                pass
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -120,6 +163,7 @@ def ui_errors(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def gen_wrapper(*args, **kwargs):
             try:
+                warm_imports()
                 yield from fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001
                 raise _translate(exc) from None
@@ -128,6 +172,7 @@ def ui_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            warm_imports()
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
             raise _translate(exc) from None
@@ -183,6 +228,7 @@ def progress_callback(progress: Any, span: tuple[float, float] = (0.0, 1.0)) -> 
 
 def device_summary() -> str:
     """One line on where heavy work runs."""
+    warm_imports()
     import torch
 
     if torch.cuda.is_available():

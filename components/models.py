@@ -89,6 +89,9 @@ def _fmt_params(n: int) -> str:
 
 def initial_check(state: SessionState, base, fts, trust_remote_code: bool = False) -> str:
     """The check run on page load: a message instead of an error toast when something is off."""
+    from components.common import warm_imports
+
+    warm_imports([base, *as_list(fts)] if base else [])
     from acm.errors import ACMError
 
     if not base or not as_list(fts):

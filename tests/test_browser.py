@@ -86,7 +86,8 @@ def server(tmp_path_factory):
             if time.time() > deadline:
                 pytest.fail(f"app.py did not serve {url} within 120 s:\n{log.read_text()[-3000:]}")
             time.sleep(0.1)
-        yield url, start, proc
+        server_up = time.perf_counter() - start
+        yield url, start, proc, server_up
     finally:
         proc.terminate()
         try:
@@ -96,7 +97,7 @@ def server(tmp_path_factory):
 
 
 def test_analyse_and_move_the_t_slider(browser, server, tmp_path):
-    url, start, _ = server
+    url, start, _, server_up = server
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -107,7 +108,11 @@ def test_analyse_and_move_the_t_slider(browser, server, tmp_path):
 
     page.get_by_role("tab", name="3 · Analyse").click()
     page.locator("#analyse-btn").click()
-    page.locator("#analysis-summary").get_by_text("Analysis ready").wait_for(timeout=120_000)
+    try:
+        page.locator("#analysis-summary").get_by_text("Analysis ready").wait_for(timeout=120_000)
+    except Exception:
+        save_shot(page, tmp_path, "failed_analyse.png")
+        raise
     page.locator("#nmi-plot .main-svg").first.wait_for(timeout=30_000)
     nmi_points = page.locator("#nmi-plot .scatterlayer .trace .points path").count()
     page.get_by_text("at t = 8, α = 1").first.wait_for(timeout=30_000)
@@ -126,6 +131,6 @@ def test_analyse_and_move_the_t_slider(browser, server, tmp_path):
     assert nmi_points >= 3                       # embed, ≥ 1 block, head
     assert shot.stat().st_size > 10_000
     assert not errors, errors
-    print(f"\n[browser] launch→interactive {interactive_s:.1f} s · t-slider move→redrawn chart {redraw_ms:.0f} ms "
+    print(f"\n[browser] launch→serving {server_up:.1f} s · launch→interactive {interactive_s:.1f} s · t-slider move→redrawn chart {redraw_ms:.0f} ms "
           f"· screenshots in {tmp_path}")
     page.close()
