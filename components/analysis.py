@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Callable
 
 from components import help as texts
 from components import plots
@@ -197,7 +197,8 @@ def build() -> SimpleNamespace:
             batch_size = gr.Slider(1, 64, value=DEFAULT_BATCH, step=1, label="Batch size")
             seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed")
             chat_template = gr.Checkbox(value=True, label="Apply chat template to calibration text")
-    nmi_plot = gr.Plot(plots.empty_figure("Per-layer NMI appears here after “Analyse”"), label="Per-layer NMI", show_label=False,
+    nmi_plot = gr.Plot(plots.empty_figure("Per-layer NMI appears here after “Analyse”"), label="Per-layer NMI",
+                       show_label=False,
                        elem_id="nmi-plot")
     with gr.Group(elem_classes=["coef-controls"]):
         with gr.Row(equal_height=True):
@@ -209,9 +210,11 @@ def build() -> SimpleNamespace:
                                   info="optional clip")
             clip_max = gr.Textbox(value="", label="λ max", placeholder="none", scale=1, min_width=90,
                                   info="optional clip")
-    coef_plot = gr.Plot(plots.empty_figure("The coefficient curve λₖ(t) appears here"), label="Coefficients", show_label=False,
+    coef_plot = gr.Plot(plots.empty_figure("The coefficient curve λₖ(t) appears here"), label="Coefficients",
+                        show_label=False,
                         elem_id="coef-plot")
-    multi_plot = gr.Plot(plots.empty_figure("Several t at once"), label="Several t at once", show_label=False, elem_id="multi-plot")
+    multi_plot = gr.Plot(plots.empty_figure("Several t at once"), label="Several t at once", show_label=False,
+                         elem_id="multi-plot")
     with gr.Accordion("λ table (JSON)", open=False):
         table = gr.JSON(label="coefficient table")
     with gr.Row():
@@ -295,6 +298,7 @@ def wire(ui) -> None:
                  "merging uses it for the selected models")
         return md, nmi_fig, coef_fig, multi_fig, table, save_analysis(state)
 
-    upload_event = a.upload.upload(ui_errors(upload_analysis), [ui.state, a.upload, a.t, a.alpha, a.clip_min, a.clip_max], outputs,
+    upload_event = a.upload.upload(ui_errors(upload_analysis),
+                                   [ui.state, a.upload, a.t, a.alpha, a.clip_min, a.clip_max], outputs,
                     api_name="upload_analysis")
     ui.analysis_events = [analyse_event, upload_event]

@@ -44,7 +44,8 @@ def resolve_calibration(mode: str | None, upload: str | None = None, hub_id: str
             raise InputError("upload a calibration file (.jsonl, .json, .csv or .txt) or pick the bundled set")
         path = Path(upload)
         if path.suffix.lower() not in FILE_TYPES:
-            raise InputError(f"unsupported calibration file type {path.suffix or '(none)'}: use .jsonl, .json, .csv or .txt")
+            raise InputError(f"unsupported calibration file type {path.suffix or '(none)'}: "
+                             "use .jsonl, .json, .csv or .txt")
         return {"source": str(path), "field": field, "split": split, "label": path.name,
                 "identity": (str(path), _stat(path), field)}
     if mode == HUB:

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 from components import help as texts
 from components import plots
-from components.common import (as_list, bundled_eval, gpu, none_if_auto, short_name, ui_errors, unique_labels)
+from components.common import as_list, bundled_eval, gpu, none_if_auto, ui_errors, unique_labels
 from components.state import ChatColumn, SessionState, load_source_model
 
 SLOTS = ["merged", "base", "ft0", "ft1", "ft2"]
@@ -291,7 +291,8 @@ def build() -> SimpleNamespace:
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
     bar = gr.Plot(plots.empty_figure("Mean reply length per model appears here", height=240),
                   label="Running comparison", show_label=False, elem_id="chat-bar")
-    return SimpleNamespace(columns=columns, bots=bots, lengths=lengths, prompt=prompt, pending=pending, send=send, retry=retry,
+    return SimpleNamespace(columns=columns, bots=bots, lengths=lengths, prompt=prompt, pending=pending, send=send,
+                           retry=retry,
                            clear=clear_btn, max_new=max_new, temperature=temperature, top_p=top_p, bar=bar)
 
 

@@ -141,7 +141,8 @@ def scatter(state: SessionState, setting: tuple | None = None):
 
 
 def summary_markdown(result: dict) -> str:
-    lines = [f"**{result['n']} problems** from the {result['data']} · greedy · max {result['max_new_tokens']} new tokens"]
+    lines = [f"**{result['n']} problems** from the {result['data']} · greedy · "
+             f"max {result['max_new_tokens']} new tokens"]
     merged = [m for m in result["models"] if m["kind"] == "merged"]
     longm = [m for m in result["models"] if m["kind"] == "fine-tuned"]
     if merged and longm:

@@ -148,7 +148,7 @@ def push_to_hub(state: SessionState, token: str | None, repo_id: str | None, pri
         url = api.create_repo(repo_id, private=bool(private), exist_ok=True, repo_type="model")
         api.upload_folder(repo_id=repo_id, folder_path=str(merged.out_dir), repo_type="model",
                           commit_message=f"Upload {merged.label} (ACM Merge Explorer)")
-    except (hub_errors.OfflineModeIsEnabled,) as exc:
+    except hub_errors.OfflineModeIsEnabled:
         raise OfflineError("the Hub is unreachable (offline mode is on); download the zip instead") from None
     except hub_errors.HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)

@@ -73,7 +73,8 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
 
         analysis = state.analysis
         if analysis is None:
-            raise InputError("ACM needs the per-layer NMI: run “Analyse” in step 3 first (or choose the plain mode)")
+            raise InputError("ACM needs the per-layer NMI: run “Analyse” in step 3 first "
+                             "(or choose the plain mode)")
         if len(analysis.models) != len(fts):
             raise InputError(f"the analysis covers {len(analysis.models)} fine-tuned model(s) but {len(fts)} are "
                              "selected; analyse the selected models first")

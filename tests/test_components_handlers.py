@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from acm.errors import ACMError, CompatibilityError, InputError
+from acm.errors import CompatibilityError, InputError
 from components import calibration, chat, common, evaluate, export, models
 from components.state import MergedModel, ModelCache, SessionState
 from tests.fixtures import make_pair, make_tiny_model, write_calibration
