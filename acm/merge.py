@@ -209,38 +209,44 @@ class _Plan:
                             and options.density < 1.0)
         self.thresholds: list[float] | None = None
         self._grown: list[str] = []
+        self.ws = mm.Workspace(device)
+        self.chunk = mm.CPU_CHUNK if device.type == "cpu" else mm.GPU_CHUNK
         bigger = [f.vocab_size for f in fts if (f.vocab_size or 0) > (base.vocab_size or 0)]
         self.out_vocab_size: int | None = max(bigger) if bigger else None
 
     # -- reading -----------------------------------------------------------------------------
-    def _load(self, src: ModelSource, name: str, *, copy: bool) -> torch.Tensor:
-        x = src.reader.get(name).to(device=self.device, dtype=torch.float32, copy=copy)
-        if not bool(torch.isfinite(x).all()):
+    def _read(self, src: ModelSource, name: str) -> torch.Tensor:
+        """One input tensor (CPU, stored dtype, memory-mapped), checked for NaN/Inf."""
+        x = src.reader.get(name)
+        if not mm.finite(x):
             role = "base model" if src is self.base else "fine-tuned model"
             raise InputError(f"{role} {src.spec} has NaN/Inf values in tensor {name}; "
                              "this checkpoint is broken, merge a healthy one")
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            x = x.to(torch.float32)
         return x
 
-    def _inputs(self, name: str, b: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Per fine-tuned model: τᵢ (or θᵢ for linear) in the base's shape, and rows beyond the base."""
-        vecs: list[torch.Tensor] = []
-        extras: list[torch.Tensor | None] = []
-        for i, ft in enumerate(self.fts):
-            f = self._load(ft, name, copy=True)
+    def _job(self, name: str, raw: torch.Tensor) -> tuple[mm.TensorJob, list[torch.Tensor | None]]:
+        """The chunked job for one tensor, plus each model's rows beyond the base (vocabulary growth).
+
+        Rows a fine-tuned model lacks are simply absent from its flat input: they count as τᵢ = 0.
+        """
+        base_flat = raw.reshape(-1)
+        flats, extras = [], []
+        for ft in self.fts:
+            f = self._read(ft, name)
             extra = None
-            if f.shape != b.shape:          # vocabulary rows differ (check_compatibility allowed only that)
-                rows, rows_ft = b.shape[0], f.shape[0]
-                if rows_ft > rows:
+            if f.shape != raw.shape:        # vocabulary rows differ (check_compatibility allowed only that)
+                rows = raw.shape[0]
+                if f.shape[0] > rows:
                     extra, f = f[rows:], f[:rows]
-                else:                       # missing rows: θᵢ = θ₀ there, i.e. τᵢ = 0
-                    f = torch.cat([f, b[rows_ft:]])
-            if self.method != "linear":
-                f.sub_(b)
-                if self.method in DARE_METHODS:
-                    mm.dare_(f, self.o.drop_rate, self.o.seed, i, name)
-            vecs.append(f)
+            flats.append(f.reshape(-1))
             extras.append(extra)
-        return vecs, extras
+        drops = None
+        if self.method in DARE_METHODS and self.o.drop_rate > 0:
+            p, seed, device, n = self.o.drop_rate, self.o.seed, self.device, len(self.fts)
+            drops = lambda: [mm.DropStream(p, seed, i, name, device) for i in range(n)]  # noqa: E731
+        return mm.TensorJob(base_flat, flats, self.ws, chunk=self.chunk, drops=drops), extras
 
     # -- maths ---------------------------------------------------------------------------------
     def merge_tensor(self, name: str, out_dtype: torch.dtype | None) -> torch.Tensor:
@@ -248,47 +254,39 @@ class _Plan:
         if not raw.is_floating_point():
             return raw                      # integer buffers: copied from the base
         dtype = out_dtype or raw.dtype
-        b = raw.to(device=self.device, dtype=torch.float32)
-        if not bool(torch.isfinite(b).all()):
-            raise InputError(f"base model {self.base.spec} has NaN/Inf values in tensor {name}; "
-                             "this checkpoint is broken, merge a healthy one")
-        del raw
-        vecs, extras = self._inputs(name, b)
+        raw = self._read(self.base, name)
+        job, extras = self._job(name, raw)
+        grown = [e for e in extras if e is not None]
+        if grown:
+            total = raw.shape[0] + max(e.shape[0] for e in grown)
+            out = torch.empty((total, *raw.shape[1:]), dtype=dtype)
+            flat = out[: raw.shape[0]].reshape(-1)
+        else:
+            out = torch.empty(raw.shape, dtype=dtype)
+            flat = out.reshape(-1)
         lams = [lam[self.group_of[name]] for lam in self.lams]
         if self.method == "linear":
-            out = mm.weighted_sum(vecs, lams)
+            job.linear(lams, flat)
+        elif self.method in TIES_METHODS:
+            job.ties(lams, flat, density=self.o.density, thresholds=self.thresholds, normalize=self.o.normalize)
         else:
-            if self.method in TIES_METHODS:
-                for i, tau in enumerate(vecs):
-                    if self.thresholds is not None:
-                        mm.trim_(tau, threshold=self.thresholds[i])
-                    else:
-                        mm.trim_(tau, density=self.o.density)
-                delta = mm.ties_combine(vecs, lams, normalize=self.o.normalize)
-            else:
-                delta = mm.weighted_sum(vecs, lams)
-            out = delta.add_(b)
-        del vecs, b
-        if any(e is not None for e in extras):
-            out = self._append_rows(name, out, extras)
-        return out.to(device="cpu", dtype=dtype)
+            job.task_arithmetic(lams, flat)
+        if grown:
+            self._append_rows(name, out, raw.shape[0], extras)
+        return out
 
-    def _append_rows(self, name: str, out: torch.Tensor, extras: list[torch.Tensor | None]) -> torch.Tensor:
+    def _append_rows(self, name: str, out: torch.Tensor, rows: int, extras: list[torch.Tensor | None]) -> None:
         """Rows beyond the base's vocabulary come from the first fine-tuned model that has them."""
-        rows = out.shape[0]
-        total = rows + max(e.shape[0] for e in extras if e is not None)
-        grown = out.new_empty((total - rows, *out.shape[1:]))
         for i in reversed(range(len(extras))):
             e = extras[i]
             if e is not None:
-                grown[: e.shape[0]] = e
+                out[rows: rows + e.shape[0]].copy_(e)
         covered = rows
         for i, e in enumerate(extras):
             if e is not None and rows + e.shape[0] > covered:
                 self._grown.append(f"{name}: rows {covered}-{rows + e.shape[0] - 1} (beyond the base's {rows}) "
                                    f"taken from {self.fts[i].spec}")
                 covered = rows + e.shape[0]
-        return torch.cat([out, grown])
 
     def vocab_notes(self) -> list[str]:
         notes = list(self._grown)
@@ -300,34 +298,35 @@ class _Plan:
 
     # -- global trim ---------------------------------------------------------------------------
     def global_thresholds(self, names: list[str], progress, bar) -> None:
-        """One exact |τ| threshold per model over all tensors: two streaming histogram passes."""
+        """One exact |τ| threshold per model over all tensors: two streaming histogram passes.
+
+        Pass 1 counts the high 16 bits of every |τ| (float32 bit patterns order like the values),
+        pass 2 the low 16 bits inside the one bucket holding the k-th largest: exact, O(65536) memory.
+        """
         n = len(self.fts)
         float_names = [k for k in names if self.base.reader.dtype(k).is_floating_point]
         his = [torch.zeros(1 << 15, dtype=torch.int64) for _ in range(n)]
-        totals = [0] * n
-        for j, name in enumerate(float_names):
-            b = self._load(self.base, name, copy=False)
-            vecs, _ = self._inputs(name, b)
-            for i, tau in enumerate(vecs):
-                a = tau.abs_()
-                his[i] += mm.hist_high(a)
-                totals[i] += a.numel()
-            if progress is not None:
-                progress(0.25 * (j + 1) / len(float_names), f"global trim: histogram of {name}")
-            if bar is not None:
-                bar.update(len(names) / len(float_names))
-        ks = [mm.keep_count(total, self.o.density) for total in totals]
-        located = [mm.locate(h, k) for h, k in zip(his, ks)]
         los = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n)]
-        for j, name in enumerate(float_names):
-            b = self._load(self.base, name, copy=False)
-            vecs, _ = self._inputs(name, b)
-            for i, tau in enumerate(vecs):
-                los[i] += mm.hist_low(tau.abs_(), located[i][0])
-            if progress is not None:
-                progress(0.25 + 0.25 * (j + 1) / len(float_names), f"global trim: refining at {name}")
-            if bar is not None:
-                bar.update(len(names) / len(float_names))
+        totals = [0] * n
+        located: list[tuple[int, int]] = []
+        for phase in (0, 1):
+            for j, name in enumerate(float_names):
+                job, _ = self._job(name, self._read(self.base, name))
+                job.start_pass()
+                for i in range(n):
+                    for a in job.abs_tau_chunks(i):
+                        if phase == 0:
+                            his[i] += mm.hist_high(a)
+                            totals[i] += a.numel()
+                        else:
+                            los[i] += mm.hist_low(a, located[i][0])
+                if progress is not None:
+                    progress(0.25 * (phase + (j + 1) / len(float_names)),
+                             f"global trim: {'histogram' if phase == 0 else 'refining'} at {name}")
+                if bar is not None:
+                    bar.update(len(names) / len(float_names))
+            if phase == 0:
+                located = [mm.locate(h, mm.keep_count(total, self.o.density)) for h, total in zip(his, totals)]
         self.thresholds = []
         for (bucket, rank), lo in zip(located, los):
             low_bits, _ = mm.locate(lo, rank)

@@ -1,9 +1,14 @@
 """Per-tensor merge maths: task vectors, DARE drop, TIES trim / sign election, exact thresholds.
 
 Why a separate module: these functions are the whole numerical definition of the merge methods
-(DESIGN "Merge methods"); the engine in ``acm.merge`` only streams tensors through them. Every
-function works on float32 tensors on any device and mutates its inputs in place where that saves
-a full-size allocation (the callers own those buffers).
+(DESIGN "Merge methods"); the engine in ``acm.merge`` only streams tensors through them.
+
+Speed: the maths is memory-bound, and on CPU a fresh multi-MB allocation per operation costs
+more than the operation itself (page faults). ``TensorJob`` therefore walks each tensor in
+fixed-size chunks through a ``Workspace`` of reused float32 buffers with ``out=`` / in-place
+operations: no per-op allocation, cache-sized working set, and memory bounded by the chunk
+size — except TIES with a per-tensor threshold, which keeps each model's τ of the current tensor
+(the threshold needs all of it).
 
 Precise conventions (this project's choices where DESIGN leaves room):
 
@@ -12,15 +17,18 @@ Precise conventions (this project's choices where DESIGN leaves room):
   ties at the threshold are all kept (never fewer than k entries survive). ``density = 1`` keeps
   everything (no selection is run).
 * **Sign election (TIES)**: ``S = Σᵢ λᵢ·τᵢ`` (trimmed, weighted); model i's entry is kept iff
-  ``λᵢ·τᵢ·S > 0`` (same sign as the elected one; zero entries and entries where S = 0 never
-  count). Update ``Σ`` of the kept ``λᵢ·τᵢ``; with ``normalize`` that sum is divided by the sum
+  ``τᵢ·S > 0`` (λ ≥ 0 is enforced, so this is "λᵢ·τᵢ has the elected sign"; zero entries and
+  entries where S = 0 never count). Update ``Σ`` of the kept ``λᵢ·τᵢ``; with ``normalize`` that sum is divided by the sum
   of the kept entries' λᵢ (0 where none is kept) — mergekit's convention, so the overall scale α
   cancels out under ``normalize``.
-* **DARE**: drop each entry with probability p, multiply the kept ones by ``1/(1−p)``. The random
-  stream is seeded from ``(seed, model index, tensor name)`` (SHA-256), so a merge is
-  reproducible and independent of tensor order. On CPU the stream is NumPy's PCG64 (float32
-  uniforms), on CUDA torch's Philox generator on that device: masks are reproducible per device
-  type, not across CPU/GPU.
+* **DARE**: drop each entry with probability p, multiply the kept ones by ``1/(1−p)`` (folded into
+  the coefficient: the engine computes ``(λ/(1−p))·(τ·mask)``; TIES thresholds are taken on the
+  masked, unrescaled |τ|, which selects the same entries since a common positive factor keeps
+  the order).
+  The random stream is seeded from ``(seed, model index, tensor name)`` (SHA-256), so a merge is
+  reproducible and independent of tensor order and chunking (exact definition: ``DropStream``).
+  On CUDA the stream is torch's Philox generator on that device: masks are reproducible per
+  device type, not across CPU/GPU.
 * ``dare_ties`` = DARE drop/rescale, then the full TIES step (trim to ``density`` + election);
   ``density = 1`` gives mergekit's ``dare_ties`` (no magnitude trim).
 """
@@ -34,9 +42,13 @@ import struct
 import numpy as np
 import torch
 
-# Sample size for the exact threshold search (see kth_largest).
-_SAMPLE = 1 << 16
-_EXACT_BELOW = 1 << 18
+# Exact threshold search (see kth_largest_abs): random sample size, and below this size a plain
+# torch.kthvalue is cheaper than being clever.
+_SAMPLE = 1 << 15
+_EXACT_BELOW = 1 << 17
+# Elements per chunk: float32 chunk buffers of 4 MiB on CPU; bigger on GPUs (kernel launch cost).
+CPU_CHUNK = 1 << 20
+GPU_CHUNK = 1 << 26
 
 
 def keep_count(n: int, density: float) -> int:
@@ -50,95 +62,381 @@ def stable_seed(seed: int, model_index: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf, in one cheap reduction (``aminmax`` propagates NaN; ``isfinite`` is ~10× slower on CPU)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
+class Workspace:
+    """Reusable flat buffers on one device, grown on demand and kept for the whole merge."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, key: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        buf = self._bufs.get((key, dtype))
+        if buf is None or buf.numel() < numel:
+            self._bufs.pop((key, dtype), None)
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=self.device)
+            self._bufs[(key, dtype)] = buf
+        return buf[:numel]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+    def release(self, prefix: str) -> None:
+        """Drop buffers whose key starts with ``prefix`` (e.g. the big per-tensor τ buffers)."""
+        for key in [k for k in self._bufs if k[0].startswith(prefix)]:
+            del self._bufs[key]
+
+
+class DropStream:
+    """The DARE random stream of one (seed, model, tensor), consumed chunk by chunk in tensor order.
+
+    CPU (fast and exact): one uniform random byte Bⱼ per entry from PCG64 seeded with
+    ``stable_seed(seed, i, name)`` (raw 64-bit draws, little-endian bytes, in tensor order). With
+    t = ⌊256·p⌋ and f = 256·p − t, entry j is dropped iff Bⱼ < t, or Bⱼ = t and vⱼ < f, where the vⱼ
+    are float32 uniforms from a second PCG64 (``stable_seed(seed, i, name + "/tie")``) drawn only for
+    the entries with Bⱼ = t, in order. So P(drop) = t/256 + f/256 = p exactly (up to float32
+    resolution of f), at a fifth of the cost of one float per entry, and the masks do not depend on
+    how the tensor is chunked. CUDA: float32 uniforms u from torch's Philox generator, dropped iff u < p.
+    """
+
+    def __init__(self, drop_rate: float, seed: int, model_index: int, name: str, device: torch.device):
+        self.p = float(drop_rate)
+        self.scale = 1.0 / (1.0 - self.p)
+        s = stable_seed(seed, model_index, name)
+        if device.type == "cpu":
+            self.gen = None
+            self.rng = np.random.Generator(np.random.PCG64(s))
+            self.tie_rng = np.random.Generator(np.random.PCG64(stable_seed(seed, model_index, name + "/tie")))
+            self.t = int(math.floor(self.p * 256))
+            self.f = self.p * 256 - self.t
+            self._carry = np.empty(0, dtype=np.uint8)
+        else:
+            self.rng, self.gen = None, torch.Generator(device=device).manual_seed(s)
+
+    def _bytes(self, n: int) -> np.ndarray:
+        have = self._carry.size
+        if have >= n:
+            out, self._carry = self._carry[:n], self._carry[n:]
+            return out
+        words = -(-(n - have) // 8)
+        fresh = self.rng.integers(0, 2**64, size=words, dtype=np.uint64).view(np.uint8)
+        if have:
+            fresh = np.concatenate([self._carry, fresh])
+        out, self._carry = fresh[:n], fresh[n:].copy()
+        return out
+
+    def mask(self, scratch: torch.Tensor) -> torch.Tensor:
+        """The keep mask (float 0/1) of the next ``scratch.numel()`` entries, written into scratch.
+
+        The 1/(1−p) rescale is not applied here: the engine folds it into λ (one multiply less).
+        """
+        if self.rng is None:
+            scratch.uniform_(generator=self.gen)
+            return scratch.ge_(self.p)
+        b = self._bytes(scratch.numel())
+        keep = scratch.numpy()
+        if self.f == 0:                           # p is a multiple of 1/256: Bⱼ = t is always kept
+            np.greater_equal(b, self.t, out=keep)
+        else:
+            np.greater(b, self.t, out=keep)
+            ties = np.flatnonzero(b == self.t)
+            if ties.size:
+                v = self.tie_rng.random(ties.size, dtype=np.float32)
+                keep[ties[v >= self.f]] = 1.0
+        return scratch
+
+    def apply_(self, tau: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        """τ ← τ · keep · 1/(1−p) (scratch: float32, same size as τ)."""
+        return tau.mul_(self.mask(scratch).mul_(self.scale))
+
+
 def dare_(tau: torch.Tensor, drop_rate: float, seed: int, model_index: int, name: str) -> torch.Tensor:
-    """Drop each entry of τ with probability ``drop_rate`` and rescale the rest by 1/(1−p), in place."""
+    """Whole-tensor DARE (drop with probability p, rescale by 1/(1−p)), in place; same stream as the engine."""
     if drop_rate <= 0 or tau.numel() == 0:
         return tau
-    s = stable_seed(seed, model_index, name)
-    if tau.device.type == "cpu":
-        rng = np.random.Generator(np.random.PCG64(s))
-        r = torch.from_numpy(rng.random(tau.numel(), dtype=np.float32)).view(tau.shape)
-    else:
-        gen = torch.Generator(device=tau.device).manual_seed(s)
-        r = torch.rand(tau.shape, generator=gen, device=tau.device, dtype=torch.float32)
-    # r <- (r >= p) · 1/(1 − p): keep mask and rescale in one buffer, then one multiply, so each kept
-    # entry is τ · float32(1/(1 − p)) with a single rounding.
-    r.ge_(drop_rate).mul_(1.0 / (1.0 - drop_rate))
-    return tau.mul_(r)
+    stream = DropStream(drop_rate, seed, model_index, name, tau.device)
+    flat = tau.view(-1)
+    stream.apply_(flat, torch.empty_like(flat))
+    return tau
+
+
+def _band(sample: np.ndarray, n: int, k: int) -> tuple[float, float] | None:
+    """A value band [lo, hi] that holds the k-th largest of n values w.h.p., from a random sample."""
+    m = sample.size
+    q = (n - k + 0.5) / n                          # ascending quantile of the answer
+    sd = math.sqrt(max(q * (1 - q), 1.0 / m) / m)
+    lo_i = int(math.floor((q - 6 * sd) * m)) - 2
+    hi_i = int(math.ceil((q + 6 * sd) * m)) + 2
+    if lo_i <= 0 or hi_i >= m - 1:                 # extreme density: a plain selection is as cheap
+        return None
+    part = np.partition(sample, [lo_i, hi_i])
+    return float(part[lo_i]), float(part[hi_i])
+
+
+def kth_largest_abs(x: torch.Tensor, k: int, ws: Workspace | None = None, chunk: int = CPU_CHUNK) -> float:
+    """Exact k-th largest ``|x|`` of a flat float32 tensor (1 ≤ k ≤ n), without a full sort.
+
+    Why not ``torch.kthvalue`` on everything: a full selection costs several times the
+    task-arithmetic update itself. A fixed random sample of |x| brackets the answer in a narrow
+    band [lo, hi]; one chunked pass counts the entries above ``hi`` and collects the few inside the
+    band (~1-2 %), and a partial sort of the band gives the exact value. If the band misses —
+    vanishingly unlikely, but correctness must not depend on luck — we fall back to ``kthvalue``
+    over the whole tensor. The result is exact either way.
+    """
+    n = x.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} out of range for {n} entries")
+    if n > _EXACT_BELOW:
+        gen = torch.Generator().manual_seed(n)
+        idx = torch.randint(n, (_SAMPLE,), generator=gen).to(x.device)
+        band = _band(x[idx].abs().cpu().numpy(), n, k)
+        if band is not None:
+            lo, hi = band
+            if x.device.type == "cpu":
+                xn = x.numpy()
+                scratch = (ws.get("kth.abs", min(chunk, n)) if ws is not None else torch.empty(min(chunk, n))).numpy()
+                above, parts = 0, []
+                for s in range(0, n, chunk):
+                    a = np.abs(xn[s:s + chunk], out=scratch[:min(chunk, n - s)])
+                    above += int(np.count_nonzero(a > hi))
+                    inside = (a >= lo) if lo > 0 else (a > 0)   # exact zeros (DARE, frozen weights) stay out
+                    inside &= a <= hi
+                    parts.append(a[inside])
+                vals = np.concatenate(parts)
+                if above < k <= above + vals.size:
+                    j = vals.size - (k - above)    # ascending index of the answer inside the band
+                    return float(np.partition(vals, j)[j])
+            else:
+                a = x.abs()
+                above = int(torch.count_nonzero(a > hi))
+                vals = a[((a >= lo) if lo > 0 else (a > 0)) & (a <= hi)]
+                if above < k <= above + vals.numel():
+                    return float(torch.kthvalue(vals, vals.numel() - (k - above) + 1).values)
+            if lo == 0.0 and k > above + int(vals.size if isinstance(vals, np.ndarray) else vals.numel()):
+                return 0.0                         # fewer than k non-zero entries: the k-th largest is 0
+    return float(torch.kthvalue(x.abs().reshape(-1), n - k + 1).values)
+
+
+def _below(x: float) -> float:
+    """The largest float32 strictly below x (x > 0): hardshrink keeps |τ| > λ, we keep |τ| ≥ threshold."""
+    return float(np.nextafter(np.float32(x), np.float32(0)))
 
 
 def kth_largest(a: torch.Tensor, k: int) -> float:
-    """Exact k-th largest value of a non-negative 1-D float32 tensor (1 ≤ k ≤ n).
-
-    Why not ``torch.kthvalue`` on everything: a full selection over a large tensor costs several
-    times the task-arithmetic update itself. We locate a narrow value band from a fixed random
-    sample, count the entries above it, and run ``kthvalue`` only inside the band (~1-2 % of the
-    tensor). If the band misses (it cannot for any reasonable sample, but correctness must not
-    depend on luck) we fall back to ``kthvalue`` over the whole tensor — the result is exact
-    either way.
-    """
-    n = a.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} out of range for {n} entries")
-    if n <= _EXACT_BELOW:
-        return float(torch.kthvalue(a, n - k + 1).values)
-    gen = torch.Generator().manual_seed(n)
-    idx = torch.randint(n, (_SAMPLE,), generator=gen).to(a.device)
-    sample, _ = torch.sort(a[idx])
-    q = 1.0 - k / n                              # quantile of the threshold (ascending)
-    sd = math.sqrt(max(q * (1 - q), 1.0 / _SAMPLE) / _SAMPLE)
-    lo_i = max(0, int(math.floor((q - 8 * sd) * _SAMPLE)) - 2)
-    hi_i = min(_SAMPLE - 1, int(math.ceil((q + 8 * sd) * _SAMPLE)) + 2)
-    lo = float(sample[lo_i]) if lo_i > 0 else 0.0
-    hi = float(sample[hi_i]) if hi_i < _SAMPLE - 1 else math.inf
-    above = int(torch.count_nonzero(a > hi)) if hi < math.inf else 0
-    band = a[(a >= lo) & (a <= hi)]
-    if above < k <= above + band.numel():
-        j = k - above                            # j-th largest inside the band
-        return float(torch.kthvalue(band, band.numel() - j + 1).values)
-    return float(torch.kthvalue(a, n - k + 1).values)
+    """Exact k-th largest value of a non-negative tensor (see ``kth_largest_abs``)."""
+    return kth_largest_abs(a.reshape(-1).contiguous().float(), k)
 
 
-def trim_(tau: torch.Tensor, *, density: float | None = None, threshold: float | None = None) -> torch.Tensor:
-    """Zero every entry with ``|τ| < threshold`` in place (threshold from ``density`` when not given)."""
+def trim(tau: torch.Tensor, *, density: float | None = None, threshold: float | None = None) -> torch.Tensor:
+    """Whole-tensor TIES trim: zero every entry with ``|τ| < threshold`` (from ``density`` when not given)."""
     if threshold is None:
         if density is None or density >= 1.0 or tau.numel() == 0:
             return tau
-        a = tau.abs().reshape(-1)
-        threshold = kth_largest(a, keep_count(a.numel(), density))
-        return tau.mul_(a.ge_(threshold).view(tau.shape))  # a reused as the 0/1 keep mask
+        threshold = kth_largest_abs(tau.reshape(-1).contiguous().float(), keep_count(tau.numel(), density))
     if threshold <= 0.0:
         return tau
     return tau.mul_(tau.abs().ge_(threshold))
 
 
-def weighted_sum(taus: list[torch.Tensor], lams: list[float]) -> torch.Tensor:
-    """Σᵢ λᵢ·τᵢ, reusing the first buffer (task arithmetic update)."""
-    acc = taus[0].mul_(lams[0])
+# ---------------------------------------------------------------------------------------------
+# The chunked per-tensor engine
+# ---------------------------------------------------------------------------------------------
+
+class TensorJob:
+    """Merge one tensor: base + fine-tuned inputs (flat, stored dtype, on CPU) → ``out`` (flat).
+
+    ``fts[i]`` may be shorter than the base (a smaller vocabulary): missing entries count as
+    τᵢ = 0 (θᵢ = θ₀). ``drops`` builds a fresh ``DropStream`` per model (DARE) or is None.
+    """
+
+    def __init__(self, base: torch.Tensor, fts: list[torch.Tensor], ws: Workspace, *, chunk: int,
+                 drops=None):
+        self.base, self.fts, self.ws, self.chunk = base, fts, ws, chunk
+        self.n = base.numel()
+        self.cpu = ws.device.type == "cpu"
+        self._make_drops = drops
+        self.drops: list[DropStream] | None = None
+
+    def ranges(self):
+        for s in range(0, self.n, self.chunk):
+            yield s, min(self.n, s + self.chunk)
+
+    def start_pass(self) -> None:
+        """Every pass over the tensor re-reads the DARE stream from its start."""
+        self.drops = self._make_drops() if self._make_drops is not None else None
+
+    def _stage(self, x: torch.Tensor, s: int, e: int, key: str) -> torch.Tensor:
+        c = x[s:e]
+        if self.cpu:
+            return c
+        buf = self.ws.get(key, e - s, c.dtype)
+        buf.copy_(c)
+        return buf
+
+    def base_chunk(self, s: int, e: int) -> torch.Tensor:
+        bc = self.ws.get("b", e - s)
+        bc.copy_(self.base[s:e])                    # stored dtype → float32 (and → device)
+        return bc
+
+    def tau_chunk(self, i: int, s: int, e: int, bc: torch.Tensor, dst: torch.Tensor, *,
+                  drop: bool = True) -> torch.Tensor:
+        """dst ← τᵢ[s:e] in float32, times the DARE keep mask when ``drop`` (the 1/(1−p) rescale is
+        left to the caller: see ``scale``)."""
+        f = self.fts[i]
+        ce = min(e, f.numel())
+        if ce > s:
+            torch.sub(self._stage(f, s, ce, f"f{i}"), bc[:ce - s], out=dst[:ce - s])
+        if ce < e:
+            dst[max(ce, s) - s:].zero_()
+        if drop and self.drops is not None:
+            dst.mul_(self.drops[i].mask(self.ws.get("rand", e - s)))
+        return dst
+
+    @property
+    def scale(self) -> float:
+        """The DARE rescale 1/(1−p) (1 without DARE), folded into λ by the methods."""
+        return self.drops[0].scale if self.drops else 1.0
+
+    def theta_chunk(self, i: int, s: int, e: int, bc: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        """dst ← θᵢ[s:e] as float32 (the base's values where the model has no entry)."""
+        f = self.fts[i]
+        ce = min(e, f.numel())
+        if ce > s:
+            dst[:ce - s].copy_(f[s:ce])
+        if ce < e:
+            dst[max(ce, s) - s:].copy_(bc[max(ce, s) - s:])
+        return dst
+
+    # -- methods --------------------------------------------------------------------------------
+    def _dest(self, out: torch.Tensor, s: int, e: int) -> torch.Tensor | None:
+        """On CPU the last operation writes straight into the output slice (casting on store)."""
+        return out[s:e] if self.cpu else None
+
+    def linear(self, weights: list[float], out: torch.Tensor) -> None:
+        """θ = Σᵢ wᵢ·θᵢ."""
+        k = len(self.fts)
+        for s, e in self.ranges():
+            bc = self.base_chunk(s, e)
+            dest = self._dest(out, s, e)
+            oc = self.ws.get("o", e - s)
+            th = self.theta_chunk(0, s, e, bc, self.ws.get("t", e - s))
+            torch.mul(th, weights[0], out=dest if (k == 1 and dest is not None) else oc)
+            for i in range(1, k):
+                th = self.theta_chunk(i, s, e, bc, self.ws.get("t", e - s))
+                torch.add(oc, th, alpha=weights[i], out=dest if (i == k - 1 and dest is not None) else oc)
+            if dest is None:
+                out[s:e].copy_(oc)
+
+    def task_arithmetic(self, lams: list[float], out: torch.Tensor) -> None:
+        """θ = θ₀ + Σᵢ λᵢ·τᵢ; for dare_ta θ = θ₀ + Σᵢ (λᵢ/(1−p))·(τᵢ·mᵢ) in one fused ``addcmul`` per model."""
+        self.start_pass()
+        k = len(self.fts)
+        for s, e in self.ranges():
+            bc = self.base_chunk(s, e)
+            dest = self._dest(out, s, e)
+            oc, tc = self.ws.get("o", e - s), self.ws.get("t", e - s)
+            for i in range(k):
+                self.tau_chunk(i, s, e, bc, tc, drop=False)
+                acc = oc if i > 0 else bc
+                target = dest if (i == k - 1 and dest is not None) else oc
+                if self.drops is not None:
+                    keep = self.drops[i].mask(self.ws.get("rand", e - s))
+                    torch.addcmul(acc, tc, keep, value=lams[i] * self.drops[i].scale, out=target)
+                else:
+                    torch.add(acc, tc, alpha=lams[i], out=target)
+            if dest is None:
+                out[s:e].copy_(oc)
+
+    def ties(self, lams: list[float], out: torch.Tensor, *, density: float = 1.0,
+             thresholds: list[float] | None = None, normalize: bool = False) -> list[float]:
+        """TIES: trim each τᵢ (per-tensor top ``density``, or the given per-model thresholds), elect, merge.
+
+        Returns the thresholds used. With per-tensor thresholds each model's τ of this tensor is
+        kept in a workspace buffer (the exact threshold needs all of it); with given thresholds
+        everything streams in chunks.
+        """
+        k = len(self.fts)
+        if thresholds is None and density < 1.0:
+            self.start_pass()
+            taus = [self.ws.get(f"tau{i}", self.n) for i in range(k)]
+            for s, e in self.ranges():
+                bc = self.base_chunk(s, e)
+                for i in range(k):
+                    self.tau_chunk(i, s, e, bc, taus[i][s:e])
+            thresholds = [kth_largest_abs(t, keep_count(self.n, density), self.ws, self.chunk) for t in taus]
+            stored = True
+        else:
+            thresholds = list(thresholds) if thresholds is not None else [0.0] * k
+            stored = False
+            self.start_pass()
+        for s, e in self.ranges():
+            bc = self.base_chunk(s, e)
+            tcs = []
+            for i in range(k):
+                if stored:
+                    tc = taus[i][s:e]
+                else:
+                    tc = self.tau_chunk(i, s, e, bc, self.ws.get(f"t{i}", e - s))
+                if thresholds[i] > 0.0:                      # keep |τ| ≥ threshold: |τ| > float below it
+                    torch.ops.aten.hardshrink.out(tc, _below(thresholds[i]), out=tc)
+                tcs.append(tc)
+            dest = self._dest(out, s, e)
+            res = elect(bc, tcs, [lam * self.scale for lam in lams], self.ws, normalize=normalize,
+                        norm_weights=lams, dest=dest)
+            if dest is None:
+                out[s:e].copy_(res)
+        return thresholds
+
+    def abs_tau_chunks(self, i: int):
+        """Yield |τᵢ| chunk by chunk (global-trim histograms); the caller runs ``start_pass`` first."""
+        for s, e in self.ranges():
+            bc = self.base_chunk(s, e)
+            yield self.tau_chunk(i, s, e, bc, self.ws.get("t", e - s)).abs_()
+
+
+def elect(base: torch.Tensor, taus: list[torch.Tensor], lams: list[float], ws: Workspace, *,
+          normalize: bool = False, norm_weights: list[float] | None = None,
+          dest: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES sign election + disjoint merge of trimmed task-vector chunks; returns θ (in ``dest`` if given).
+
+    S = Σᵢ λᵢ·τᵢ; model i's entry counts iff τᵢ·S > 0 (with λᵢ ≥ 0 that is "λᵢ·τᵢ has the
+    elected sign"; a model with λᵢ = 0 contributes nothing either way). Without ``normalize``:
+    θ = θ₀ + Σ agreeing λᵢ·τᵢ; with it that sum is divided by Σ agreeing λᵢ (0 where none agree).
+    ``norm_weights`` (default ``lams``) are the λᵢ of that denominator — without the DARE rescale
+    that ``lams`` may carry.
+    """
+    norm_weights = lams if norm_weights is None else norm_weights
+    L = base.numel()
+    acc = ws.get("o", L)
+    final = acc if dest is None else dest
+    k = len(taus)
+    if k == 1 and not normalize:
+        return torch.add(base, taus[0], alpha=lams[0], out=final)   # τ·S = λτ² > 0 wherever λτ ≠ 0
+    elected = torch.mul(taus[0], lams[0], out=ws.get("s", L))
     for tau, lam in zip(taus[1:], lams[1:]):
-        acc.add_(tau, alpha=lam)
-    return acc
-
-
-def ties_combine(taus: list[torch.Tensor], lams: list[float], *, normalize: bool = False) -> torch.Tensor:
-    """TIES sign election + disjoint merge of already-trimmed task vectors (buffers are reused)."""
-    contribs = [tau.mul_(lam) for tau, lam in zip(taus, lams)]   # cᵢ = λᵢ·τᵢ
-    if len(contribs) == 1 and not normalize:
-        return contribs[0]                       # cᵢ·S > 0 ⇔ cᵢ ≠ 0: the election keeps everything
-    elected = contribs[0].clone()
-    for c in contribs[1:]:
-        elected.add_(c)                          # S = Σ cᵢ
-    delta = torch.zeros_like(elected)
-    denom = torch.zeros_like(elected) if normalize else None
-    for c, lam in zip(contribs, lams):
-        agree = torch.mul(c, elected).gt_(0)     # float 0/1: same sign as S, non-zero
-        if denom is not None:
-            denom.add_(agree, alpha=lam)
-        delta.add_(c.mul_(agree))
-    if denom is not None:
-        delta = torch.where(denom > 0, delta / torch.where(denom > 0, denom, torch.ones_like(denom)),
-                            torch.zeros_like(delta))
-    return delta
+        elected.add_(tau, alpha=lam)
+    agree = ws.get("a", L)
+    if normalize:
+        denom = ws.get("d", L).zero_()
+        acc.zero_()
+    for i, (tau, lam, w) in enumerate(zip(taus, lams, norm_weights)):
+        torch.mul(tau, elected, out=agree).gt_(0)               # float 0/1
+        if normalize:
+            denom.add_(agree, alpha=w)
+            acc.addcmul_(tau, agree, value=lam)
+        else:                                                    # θ₀ + Σ λ·τ·agree, last one into dest
+            torch.addcmul(base if i == 0 else acc, tau, agree, value=lam, out=final if i == k - 1 else acc)
+    if normalize:
+        # where no model agrees the sum is 0 as well, so dividing by a tiny positive value gives 0
+        torch.add(base, acc.div_(denom.clamp_min_(torch.finfo(torch.float32).tiny)), out=final)
+    return final
 
 
 # ---------------------------------------------------------------------------------------------

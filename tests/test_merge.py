@@ -57,10 +57,16 @@ def kth_largest_sorted(a: torch.Tensor, density: float) -> float:
 
 
 def dare_reference(tau: torch.Tensor, p: float, seed: int, i: int, name: str) -> torch.Tensor:
+    """DARE as documented in ``acm.merge_methods.DropStream`` (CPU): random bytes + exact tie-break."""
+    n = tau.numel()
     rng = np.random.Generator(np.random.PCG64(stable_seed(seed, i, name)))
-    r = torch.from_numpy(rng.random(tau.numel(), dtype=np.float32)).view(tau.shape)
-    keep = (r >= p).float()
-    return tau * (keep * (1.0 / (1.0 - p)))
+    b = rng.integers(0, 2**64, size=-(-n // 8), dtype=np.uint64).view(np.uint8)[:n]
+    t, f = int(np.floor(p * 256)), p * 256 - int(np.floor(p * 256))
+    keep = b > t
+    ties = np.flatnonzero(b == t)
+    v = np.random.Generator(np.random.PCG64(stable_seed(seed, i, name + "/tie"))).random(ties.size, dtype=np.float32)
+    keep[ties[v >= f]] = True
+    return tau * (torch.from_numpy(keep).view(tau.shape).float() * (1.0 / (1.0 - p)))
 
 
 def reference(method: str, base: dict, fts: list[dict], lams: list[dict], *, density=0.2, drop=0.3, seed=0,
@@ -172,6 +178,23 @@ def test_method_matches_dense_reference(family, n_ft, method, llama, qwen2, stat
     assert (report.out_dir / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_small_chunks_and_sampled_thresholds_match_reference(method, llama, states, tmp_path, monkeypatch):
+    """Chunk boundaries that cut rows, and the sampled-band threshold path, change nothing."""
+    import acm.merge_methods as mm
+
+    monkeypatch.setattr(mm, "CPU_CHUNK", 97)
+    monkeypatch.setattr(mm, "_EXACT_BELOW", 64)
+    monkeypatch.setattr(mm, "_SAMPLE", 512)
+    base_sd, ft_sds = states["llama"]
+    lams = None if method == "linear" else acm_lambdas(2, seed=11)
+    report = _merge(llama, 2, tmp_path / "out", method=method, lambdas=lams, density=0.15, drop_rate=0.4,
+                    normalize=method == "dare_ties")
+    want = reference(method, base_sd, ft_sds, lams or [{g: 0.5 for g in groups()}] * 2, density=0.15, drop=0.4,
+                     normalize=method == "dare_ties")
+    assert_states_close(load_state(report.out_dir), want)
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_ties_normalize_matches_reference(method, llama, states, tmp_path):
     base_sd, ft_sds = states["llama"]
@@ -268,6 +291,19 @@ def test_dare_drop_fraction_and_rescale():
     assert not torch.equal(dare_(torch.ones(64), 0.5, 7, 1, "x"), dare_(torch.ones(64), 0.5, 7, 2, "x"))
 
 
+@pytest.mark.parametrize("p", [0.25, 0.3, 0.001, 0.999])
+def test_dare_stream_is_chunking_independent_and_exact_rate(p):
+    from acm.merge_methods import DropStream
+
+    n = 300_001
+    whole = DropStream(p, 5, 1, "w", torch.device("cpu")).mask(torch.empty(n))
+    stream = DropStream(p, 5, 1, "w", torch.device("cpu"))
+    parts = [stream.mask(torch.empty(m)).clone() for m in (7, 1000, 13, 120_000, n - 121_020)]
+    assert torch.equal(torch.cat(parts), whole)
+    kept = whole.mean().item()
+    assert abs(kept - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-6
+
+
 def _constructed_pair(tmp_path: Path) -> tuple[Path, Path, dict, dict]:
     """A fine-tuned model whose τ is large in embed + lm_head and tiny everywhere else."""
     import shutil
@@ -326,7 +362,7 @@ def test_global_trim_matches_reference_and_keeps_exact_fraction(method, llama, s
 
 
 def test_exact_threshold_selection_large_and_tied():
-    from acm.merge_methods import keep_count, kth_largest, trim_
+    from acm.merge_methods import keep_count, kth_largest, trim
 
     g = torch.Generator().manual_seed(0)
     for a in (torch.randn(400_000, generator=g).abs(), torch.randint(0, 7, (300_000,), generator=g).float(),
@@ -335,7 +371,7 @@ def test_exact_threshold_selection_large_and_tied():
             k = keep_count(a.numel(), density)
             assert kth_largest(a, k) == float(torch.sort(a, descending=True).values[k - 1])
     tau = torch.tensor([3.0, -3.0, 1.0, -2.0, 0.5])
-    assert trim_(tau.clone(), density=0.2).tolist() == [3.0, -3.0, 0.0, 0.0, 0.0]   # ties at the threshold kept
+    assert trim(tau.clone(), density=0.2).tolist() == [3.0, -3.0, 0.0, 0.0, 0.0]   # ties at the threshold kept
 
 
 def test_global_histogram_threshold_is_exact():
@@ -378,13 +414,25 @@ def test_vocabulary_growth_taken_from_fine_tuned_and_reported(tmp_path):
     AutoModelForCausalLM.from_pretrained(r.out_dir)   # shapes agree with the config
 
 
-def test_smaller_fine_tuned_vocabulary_counts_as_zero_task_vector(tmp_path):
+@pytest.mark.parametrize("chunk", [None, 37])
+def test_smaller_fine_tuned_vocabulary_counts_as_zero_task_vector(chunk, tmp_path, monkeypatch):
+    import acm.merge_methods as mm
+
+    if chunk:
+        monkeypatch.setattr(mm, "CPU_CHUNK", chunk)
     base = make_tiny_model(tmp_path / "b", "llama", seed=0)
     ft = make_tiny_model(tmp_path / "f", "llama", seed=1, init_from=base, vocab_size=VOCAB_SIZE - 3)
     r = merge_models(str(base), [str(ft)], tmp_path / "out", MergeOptions(alpha=1.0), show_progress=False)
     got, b, f = load_state(r.out_dir), load_state(base), load_state(ft)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert got[name].shape == b[name].shape
+        torch.testing.assert_close(got[name][:VOCAB_SIZE - 3], f[name])
+        assert torch.equal(got[name][VOCAB_SIZE - 3:], b[name][VOCAB_SIZE - 3:])
+    # linear: the missing rows are θᵢ = θ₀ there as well
+    r = merge_models(str(base), [str(ft), str(ft)], tmp_path / "lin", MergeOptions(method="linear"),
+                     show_progress=False)
+    got = load_state(r.out_dir)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
         torch.testing.assert_close(got[name][:VOCAB_SIZE - 3], f[name])
         assert torch.equal(got[name][VOCAB_SIZE - 3:], b[name][VOCAB_SIZE - 3:])
 
