@@ -18,9 +18,13 @@ Precise conventions (this project's choices where DESIGN leaves room):
   everything (no selection is run).
 * **Sign election (TIES)**: ``S = Σᵢ λᵢ·τᵢ`` (trimmed, weighted); model i's entry is kept iff
   ``τᵢ·S > 0`` (λ ≥ 0 is enforced, so this is "λᵢ·τᵢ has the elected sign"; zero entries and
-  entries where S = 0 never count). Update ``Σ`` of the kept ``λᵢ·τᵢ``; with ``normalize`` that sum is divided by the sum
-  of the kept entries' λᵢ (0 where none is kept) — mergekit's convention, so the overall scale α
-  cancels out under ``normalize``.
+  entries where S = 0 never count). Update: the sum of the kept ``λᵢ·τᵢ``; with ``normalize``
+  that sum is divided by the sum of the kept entries' λᵢ (0 where none is kept) — mergekit's
+  convention, so the overall scale α cancels out under ``normalize``.
+* **Global trim** (``trim_scope="global"``): one threshold per model, the exact k-th largest
+  |τ| over all its floating-point tensors with k = round(density · N), N = all their entries (in
+  the base's shapes; rows a model lacks count as τ = 0). Found by two streaming histogram passes
+  over the float32 bit patterns before the merge pass; O(65536) memory.
 * **DARE**: drop each entry with probability p, multiply the kept ones by ``1/(1−p)`` (folded into
   the coefficient: the engine computes ``(λ/(1−p))·(τ·mask)``; TIES thresholds are taken on the
   masked, unrescaled |τ|, which selects the same entries since a common positive factor keeps
@@ -31,6 +35,9 @@ Precise conventions (this project's choices where DESIGN leaves room):
   device type, not across CPU/GPU.
 * ``dare_ties`` = DARE drop/rescale, then the full TIES step (trim to ``density`` + election);
   ``density = 1`` gives mergekit's ``dare_ties`` (no magnitude trim).
+* Arithmetic: float32, ``θ₀ + λ·τ`` as one multiply-add (``torch.add(alpha=)`` / ``addcmul``), so
+  results agree with the written formula to float32 rounding; λ = 0 returns θ₀ bit-exactly, and
+  a plain merge and an ACM merge with λ = α everywhere run the same operations (bit-identical).
 """
 
 from __future__ import annotations

@@ -46,8 +46,9 @@ def test_merge_options_reach_the_engine(pair, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(_args(pair, out, "--method", "dare_ties", "--density", "0.5", "--drop-rate", "0.1",
                       "--trim-scope", "global", "--normalize", "--seed", "4", "--dtype", "bfloat16",
-                      "--device", "cpu")) == 0
+                      "--device", "cpu", "--threads", "1")) == 0
     o = json.loads((out / "acm_recipe.json").read_text())["options"]
+    assert o["threads"] == 1
     assert (o["density"], o["drop_rate"], o["trim_scope"], o["normalize"], o["seed"], o["dtype"]) == \
         (0.5, 0.1, "global", True, 4, "bfloat16")
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

@@ -254,6 +254,22 @@ def test_per_group_lambdas_are_applied_per_group(llama, states, tmp_path):
     assert not torch.allclose(got["lm_head.weight"], ft_sd["lm_head.weight"])
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen3", "mistral"])
+def test_other_families_merge_and_load(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, fts = make_pair(tmp_path, family, n_ft=2)
+    r = merge_models(str(base), [str(f) for f in fts], tmp_path / "out", MergeOptions(alpha=0.6),
+                     show_progress=False)
+    got, b = load_state(r.out_dir), load_state(base)
+    f0, f1 = (load_state(f) for f in fts)
+    for name in b:
+        torch.testing.assert_close(got[name], b[name] + 0.6 * (f0[name] - b[name]) + 0.6 * (f1[name] - b[name]),
+                                   rtol=1e-5, atol=1e-6)
+    assert set(r.lambdas[0]) == {"embed", "block.0", "block.1", "head"}
+    AutoModelForCausalLM.from_pretrained(r.out_dir)
+
+
 def test_output_dtype_option(llama, tmp_path):
     report = _merge(llama, 2, tmp_path / "out", method="ties", dtype="float16")
     assert {t.dtype for t in load_state(report.out_dir).values()} == {torch.float16}
@@ -560,6 +576,27 @@ def test_bad_lambdas_raise_input_error(lambdas, pattern, llama, tmp_path):
 def test_linear_rejects_acm_lambdas(llama, tmp_path):
     with pytest.raises(InputError, match="linear"):
         _merge(llama, 1, tmp_path / "out", method="linear", lambdas=[{g: 1.0 for g in groups()}])
+
+
+def test_cpu_thread_count_is_bounded_and_restored(llama, tmp_path, monkeypatch):
+    import acm.merge
+
+    seen = []
+    real = acm.merge._Plan.merge_tensor
+
+    def spy(self, name, out_dtype):
+        seen.append(torch.get_num_threads())
+        return real(self, name, out_dtype)
+
+    monkeypatch.setattr(acm.merge._Plan, "merge_tensor", spy)
+    before = torch.get_num_threads()
+    _merge(llama, 1, tmp_path / "a", threads=1)
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    seen.clear()
+    _merge(llama, 1, tmp_path / "b")
+    assert set(seen) == {acm.merge.default_cpu_threads()} and torch.get_num_threads() == before
+    with pytest.raises(InputError, match="threads"):
+        _merge(llama, 1, tmp_path / "c", threads=0)
 
 
 def test_parse_size():

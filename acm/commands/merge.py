@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from acm.errors import InputError
 
@@ -43,6 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="linear only: one weight per --ft (normalised to sum 1; default uniform)")
     p.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 2GB, 500MB or bytes (default 2GB)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU merges: torch threads (default: half the cores, at most 8; the maths is memory-bound)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickle (.bin) checkpoints, which can run code when loaded: trusted sources only")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     options = MergeOptions(method=args.method, alpha=args.alpha, density=args.density, drop_rate=args.drop_rate,
                            trim_scope=args.trim_scope, normalize=args.normalize, seed=args.seed, dtype=args.dtype,
                            shard_size=args.shard_size, weights=args.weights,
-                           device=None if args.device in (None, "", "auto") else args.device)
+                           device=None if args.device in (None, "", "auto") else args.device, threads=args.threads)
     options.validate(len(args.ft))
     lambdas = acm = None
     if args.acm is not None:
