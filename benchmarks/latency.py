@@ -232,17 +232,51 @@ def _reference_figure(groups: list[str], nmi, lam):
 # generation
 
 
-def _gen_models(quick: bool) -> tuple[list[Path], str]:
-    names = ("tiny-math-base", "tiny-math-long")
-    found = [DEMO_DIR / n for n in names if (DEMO_DIR / n / "config.json").is_file()]
-    if not found and DEMO_DIR.is_dir():
-        found = sorted(p for p in DEMO_DIR.iterdir() if (p / "config.json").is_file())[:2]
-    if found:
-        return found, "demo models (assets/demo-models)"
-    from benchmarks.models import get_models
+def _demo_size_stand_in() -> list[Path]:
+    """Random-weight Qwen2 pair at exactly the demo models' architecture (acm.demo.build.ModelSize):
+    generation speed depends on the shapes, not on what the weights learned."""
+    from benchmarks.common import CACHE
+    from benchmarks.models import make_tokenizer
 
-    ms = get_models("10m", n_ft=1)
-    return [ms.base, ms.fts[0]], "random 10M Llama (assets/demo-models not present)"
+    from acm.demo.build import ModelSize, make_model
+
+    root = CACHE / "models" / "demo-size-qwen2"
+    tok = make_tokenizer()
+    out = []
+    for i, name in enumerate(("base", "ft1")):
+        path = root / name
+        if not (path / "config.json").is_file():
+            size = ModelSize()
+
+            class _Tok:  # make_model reads len(tok) and the pad / eos ids
+                pad_token_id, eos_token_id = tok.pad_token_id, tok.eos_token_id
+
+                def __len__(self):
+                    return size.vocab
+
+            model = make_model(_Tok(), size, seed=i)
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
+        out.append(path)
+    return out
+
+
+def _gen_models(demo_dir: Path | None = None) -> tuple[list[Path], str]:
+    demo = Path(demo_dir) if demo_dir else DEMO_DIR
+    names = ("tiny-math-base", "tiny-math-long")
+    found = [demo / n for n in names if (demo / n / "config.json").is_file()]
+    if not found and demo.is_dir():
+        found = sorted(p for p in demo.iterdir() if (p / "config.json").is_file())[:2]
+    if found:
+        return found, f"demo models ({demo})"
+    try:
+        return _demo_size_stand_in(), ("random-weight Qwen2 of the demo models' size (acm.demo.build.ModelSize; "
+                                       f"{demo} not present)")
+    except Exception:  # noqa: BLE001 - demo builder absent: any small model will do, said so
+        from benchmarks.models import get_models
+
+        ms = get_models("10m", n_ft=1)
+        return [ms.base, ms.fts[0]], f"random 10M Llama ({demo} not present)"
 
 
 class _TimingStreamer:
@@ -296,12 +330,12 @@ def _stream_first_chunk(model, tok, prompt: str, max_new_tokens: int) -> dict:
             "total_s": time.perf_counter() - t0}
 
 
-def bench_generation(quick: bool) -> tuple[list[dict], str]:
+def bench_generation(quick: bool, demo_dir: Path | None = None) -> tuple[list[dict], str]:
     import torch
 
     from acm.models import load_causal_lm, resolve_model
 
-    paths, what = _gen_models(quick)
+    paths, what = _gen_models(demo_dir)
     loaded = []
     for p in paths:
         t0 = time.perf_counter()
@@ -310,10 +344,19 @@ def bench_generation(quick: bool) -> tuple[list[dict], str]:
     prompt = "What is 37 + 48? Show your steps."
     n_new = 16 if quick else 64
     rows = []
+    default_threads = torch.get_num_threads()
     for name, model, tok, load_s in loaded:
         _generate_timed(model, tok, prompt, 4)  # warm-up
-        r = _generate_timed(model, tok, prompt, n_new)
-        rows.append({"what": "generate (alone)", "model": name, "threads": torch.get_num_threads(), "load_s": load_s, **r})
+        for threads in ((default_threads,) if quick else sorted({default_threads, 1}, reverse=True)):
+            torch.set_num_threads(threads)
+            reps = [_generate_timed(model, tok, prompt, n_new) for _ in range(1 if quick else 3)]
+            torch.set_num_threads(default_threads)
+            r = dict(reps[0])
+            for key in ("first_token_ms", "decode_tok_s", "total_s"):
+                vals = [x[key] for x in reps if x[key] is not None]
+                r[key] = statistics.median(vals) if vals else None
+            rows.append({"what": "generate (alone)" + ("" if quick else f", median of {len(reps)}"), "model": name,
+                         "threads": threads, "load_s": load_s, **r})
         try:
             s = _stream_first_chunk(model, tok, prompt, n_new)
             rows.append({"what": "acm.generation.generate_stream (alone)", "model": name,
@@ -347,13 +390,13 @@ def bench_generation(quick: bool) -> tuple[list[dict], str]:
 # ============================================================================================
 
 
-def run(quick: bool, out: str | None = None, log=print) -> dict:
+def run(quick: bool, out: str | None = None, demo_dir: str | None = None, log=print) -> dict:
     t0 = time.perf_counter()
     coeff = bench_coefficients(quick)
     log(f"[latency] coefficients: {len(coeff)} rows")
     slider = bench_slider(quick)
     log(f"[latency] slider: {len(slider)} rows")
-    gen, gen_models = bench_generation(quick)
+    gen, gen_models = bench_generation(quick, Path(demo_dir) if demo_dir else None)
     log(f"[latency] generation ({gen_models}): {len(gen)} rows")
     data = {"benchmark": "latency", "machine": machine_info(), "coefficients": coeff, "slider": slider,
             "generation": gen, "generation_models": gen_models, "total_seconds": time.perf_counter() - t0,
@@ -380,8 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="interactive latency: λ(t), slider path, generation")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--demo-dir", default=None, help="folder holding tiny-math-base / tiny-math-long "
+                    "(default: assets/demo-models)")
     args = ap.parse_args(argv)
-    data = run(args.quick, args.out)
+    data = run(args.quick, args.out, demo_dir=args.demo_dir)
     print(report(data))
     print(f"[latency] results: {data['path']}")
     return 0
