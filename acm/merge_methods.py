@@ -53,8 +53,9 @@ import torch
 # torch.kthvalue is cheaper than being clever.
 _SAMPLE = 1 << 15
 _EXACT_BELOW = 1 << 17
-# Elements per chunk: float32 chunk buffers of 4 MiB on CPU; bigger on GPUs (kernel launch cost).
-CPU_CHUNK = 1 << 20
+# Elements per chunk: float32 chunk buffers of 1 MiB on CPU (cache-sized; measured faster than 4 MiB),
+# bigger on GPUs (kernel launch cost).
+CPU_CHUNK = 1 << 18
 GPU_CHUNK = 1 << 26
 
 
@@ -174,7 +175,7 @@ def dare_(tau: torch.Tensor, drop_rate: float, seed: int, model_index: int, name
     return tau
 
 
-def _band(sample: np.ndarray, n: int, k: int) -> tuple[float, float] | None:
+def _band(sample: np.ndarray, n: float, k: int) -> tuple[float, float] | None:
     """A value band [lo, hi] that holds the k-th largest of n values w.h.p., from a random sample."""
     m = sample.size
     q = (n - k + 0.5) / n                          # ascending quantile of the answer
@@ -185,6 +186,33 @@ def _band(sample: np.ndarray, n: int, k: int) -> tuple[float, float] | None:
         return None
     part = np.partition(sample, [lo_i, hi_i])
     return float(part[lo_i]), float(part[hi_i])
+
+
+class BandCounter:
+    """Streams chunks of x (CPU) and keeps what the exact k-th largest |x| needs, given a band [lo, hi]:
+    the count above ``hi`` and the values inside the band (exact zeros excluded)."""
+
+    def __init__(self, lo: float, hi: float, k: int, scratch: np.ndarray):
+        self.lo, self.hi, self.k, self.scratch = lo, hi, k, scratch
+        self.above, self.parts = 0, []
+
+    def update(self, x: np.ndarray) -> None:
+        a = np.abs(x, out=self.scratch[:x.size])
+        self.above += int(np.count_nonzero(a > self.hi))
+        inside = (a >= self.lo) if self.lo > 0 else (a > 0)   # exact zeros (DARE, frozen weights) stay out
+        inside &= a <= self.hi
+        self.parts.append(a[inside])
+
+    def result(self) -> float | None:
+        """The exact k-th largest |x|, or None when the band missed it."""
+        vals = np.concatenate(self.parts) if self.parts else np.empty(0, np.float32)
+        k, above = self.k, self.above
+        if above < k <= above + vals.size:
+            j = vals.size - (k - above)            # ascending index of the answer inside the band
+            return float(np.partition(vals, j)[j])
+        if self.lo == 0.0 and k > above + vals.size:
+            return 0.0                             # fewer than k non-zero entries: the k-th largest is 0
+        return None
 
 
 def kth_largest_abs(x: torch.Tensor, k: int, ws: Workspace | None = None, chunk: int = CPU_CHUNK) -> float:
@@ -209,25 +237,20 @@ def kth_largest_abs(x: torch.Tensor, k: int, ws: Workspace | None = None, chunk:
             if x.device.type == "cpu":
                 xn = x.numpy()
                 scratch = (ws.get("kth.abs", min(chunk, n)) if ws is not None else torch.empty(min(chunk, n))).numpy()
-                above, parts = 0, []
+                counter = BandCounter(lo, hi, k, scratch)
                 for s in range(0, n, chunk):
-                    a = np.abs(xn[s:s + chunk], out=scratch[:min(chunk, n - s)])
-                    above += int(np.count_nonzero(a > hi))
-                    inside = (a >= lo) if lo > 0 else (a > 0)   # exact zeros (DARE, frozen weights) stay out
-                    inside &= a <= hi
-                    parts.append(a[inside])
-                vals = np.concatenate(parts)
-                if above < k <= above + vals.size:
-                    j = vals.size - (k - above)    # ascending index of the answer inside the band
-                    return float(np.partition(vals, j)[j])
+                    counter.update(xn[s:s + chunk])
+                value = counter.result()
+                if value is not None:
+                    return value
             else:
                 a = x.abs()
                 above = int(torch.count_nonzero(a > hi))
                 vals = a[((a >= lo) if lo > 0 else (a > 0)) & (a <= hi)]
                 if above < k <= above + vals.numel():
                     return float(torch.kthvalue(vals, vals.numel() - (k - above) + 1).values)
-            if lo == 0.0 and k > above + int(vals.size if isinstance(vals, np.ndarray) else vals.numel()):
-                return 0.0                         # fewer than k non-zero entries: the k-th largest is 0
+                if lo == 0.0 and k > above + vals.numel():
+                    return 0.0
     return float(torch.kthvalue(x.abs().reshape(-1), n - k + 1).values)
 
 
@@ -372,12 +395,20 @@ class TensorJob:
         k = len(self.fts)
         if thresholds is None and density < 1.0:
             self.start_pass()
+            keep = keep_count(self.n, density)
             taus = [self.ws.get(f"tau{i}", self.n) for i in range(k)]
+            # CPU: count the band while each τ chunk is still in cache (band from a sample of the inputs)
+            counters = [self._band_counter(i, keep) for i in range(k)] if self.cpu else [None] * k
             for s, e in self.ranges():
                 bc = self.base_chunk(s, e)
                 for i in range(k):
-                    self.tau_chunk(i, s, e, bc, taus[i][s:e])
-            thresholds = [kth_largest_abs(t, keep_count(self.n, density), self.ws, self.chunk) for t in taus]
+                    tc = self.tau_chunk(i, s, e, bc, taus[i][s:e])
+                    if counters[i] is not None:
+                        counters[i].update(tc.numpy())
+            thresholds = []
+            for i in range(k):
+                value = counters[i].result() if counters[i] is not None else None
+                thresholds.append(value if value is not None else kth_largest_abs(taus[i], keep, self.ws, self.chunk))
             stored = True
         else:
             thresholds = list(thresholds) if thresholds is not None else [0.0] * k
@@ -400,6 +431,29 @@ class TensorJob:
             if dest is None:
                 out[s:e].copy_(res)
         return thresholds
+
+    def _band_counter(self, i: int, k: int) -> BandCounter | None:
+        """A band for model i's k-th largest |τ| from a fixed random sample of the *inputs*
+        (τⱼ = θᵢⱼ − θ₀ⱼ at sampled j; with DARE the quantile accounts for the (1−p) kept share)."""
+        n = self.n
+        if n <= _EXACT_BELOW:
+            return None
+        gen = torch.Generator().manual_seed(n)
+        idx = torch.randint(n, (_SAMPLE,), generator=gen)
+        f = self.fts[i]
+        inside = idx < f.numel()
+        ft = torch.zeros(_SAMPLE)
+        ft[inside] = f[idx[inside]].float()
+        b = self.base[idx].float()
+        sample = (ft - b).abs_()
+        sample[~inside] = 0.0
+        n_eff = n * (1.0 - self.drops[i].p) if self.drops is not None else float(n)
+        if k >= n_eff:
+            return None
+        band = _band(sample.numpy(), n_eff, k)
+        if band is None:
+            return None
+        return BandCounter(band[0], band[1], k, self.ws.get(f"band{i}", min(self.chunk, n)).numpy())
 
     def abs_tau_chunks(self, i: int):
         """Yield |τᵢ| chunk by chunk (global-trim histograms); the caller runs ``start_pass`` first."""
