@@ -30,20 +30,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", nargs="+", default=None, help="merge sizes (default: 10m 50m 200m 800m)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["merge", "analysis", "latency", "kernels"])
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for merge/analysis children (1 = contention-robust; default one per core)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     parts = [f"# Benchmark report ({'quick' if args.quick else 'full'})\n",
              f"Machine: {machine_line(machine_info())}\n"]
     if "merge" not in args.skip:
         sizes = ["10m"] if args.quick else (args.sizes or merge_bench.DEFAULT_SIZES)
-        data = merge_bench.run(sizes, repeats=1 if args.quick else None)
+        data = merge_bench.run(sizes, repeats=1 if args.quick else None, threads=args.threads)
         parts += ["## Merge\n", f"Command: `{'python -m benchmarks.merge --quick' if args.quick else 'python -m benchmarks.merge --sizes ' + ' '.join(sizes)}`; "
                   f"cache: {data['cache']}; shard limit {data['shard_limit']}\n", merge_bench.report(data)]
     if "analysis" not in args.skip:
         if args.quick:
-            data = analysis_bench.run(["10m"], samples=8, scaling=[4, 8], max_tokens=64, batch_size=4)
+            data = analysis_bench.run(["10m"], samples=8, scaling=[4, 8], max_tokens=64, batch_size=4,
+                                      threads=args.threads)
         else:
-            data = analysis_bench.run(["10m", "50m"], samples=32, scaling=[8, 32, 128], max_tokens=256, batch_size=4)
+            data = analysis_bench.run(["10m", "50m"], samples=16, scaling=[8, 32, 128], max_tokens=256, batch_size=4,
+                                      threads=args.threads)
         parts += ["## Analysis\n", analysis_bench.report(data)]
     if "latency" not in args.skip:
         data = latency_bench.run(args.quick)
