@@ -527,20 +527,86 @@ def test_failure_midway_leaves_nothing(llama, tmp_path, monkeypatch):
     assert (out / "keep.txt").read_text() == "x" and _leftovers(tmp_path) == []
 
 
-def test_nan_in_fine_tuned_tensor_is_named(tmp_path):
+def _broken_copy(src: Path, dst: Path, name: str, index, value: float) -> Path:
     import shutil
 
     from safetensors.torch import save_file
 
+    shutil.copytree(src, dst)
+    sd = load_state(src)
+    sd[name][index] = value
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_nan_in_fine_tuned_tensor_is_named(tmp_path):
     base, (ft,) = make_pair(tmp_path, "llama", n_ft=1)
-    bad = tmp_path / "bad-ft"
-    shutil.copytree(ft, bad)
-    sd = load_state(ft)
-    sd["model.layers.1.self_attn.q_proj.weight"][2, 3] = float("nan")
-    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(InputError, match=r"bad-ft.*model\.layers\.1\.self_attn\.q_proj\.weight"):
+    bad = _broken_copy(ft, tmp_path / "bad-ft", "model.layers.1.self_attn.q_proj.weight", (2, 3), float("nan"))
+    with pytest.raises(InputError, match=r"fine-tuned model .*bad-ft.*model\.layers\.1\.self_attn\.q_proj\.weight"):
         merge_models(str(base), [str(bad)], tmp_path / "out", MergeOptions(), show_progress=False)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+# The engine checks the merged tensor, not every input (one pass instead of 1 + n); a broken input must
+# still be named whatever the method, even where the method zeroes that entry (λ = 0, DARE drop, TIES
+# trim or a losing sign), because 0·NaN and 0·Inf are NaN.
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("role", ["base", "ft2"])
+@pytest.mark.parametrize("method, extra", [
+    ("linear", {}), ("task_arithmetic", {}), ("task_arithmetic", {"alpha": 0.0}), ("ties", {}),
+    ("ties", {"trim_scope": "global"}), ("ties", {"normalize": True}), ("dare_ta", {"drop_rate": 0.9}),
+    ("dare_ties", {"drop_rate": 0.9}),
+])
+def test_nan_or_inf_in_any_input_is_named_for_every_method(value, role, method, extra, llama, tmp_path):
+    base, fts = llama[0], list(llama[1])
+    name = "model.embed_tokens.weight"
+    if role == "base" and method == "linear":
+        # linear is Σ wᵢθᵢ: the base's values are not an input (only its config/tokenizer), so a broken
+        # base cannot reach the output and is not reported; the merge is exactly the fine-tuned average
+        bad = _broken_copy(base, tmp_path / "bad-base", name, (5, 7), value)
+        merge_models(str(bad), [str(f) for f in fts], tmp_path / "out", MergeOptions(method=method),
+                     show_progress=False)
+        got = load_state(tmp_path / "out")
+        want = reference("linear", load_state(base), [load_state(f) for f in fts], [])
+        assert_states_close(got, want)
+        return
+    if role == "base":
+        base = _broken_copy(base, tmp_path / "bad-base", name, (5, 7), value)
+        want = r"base model .*bad-base"
+    else:
+        fts[1] = _broken_copy(fts[1], tmp_path / "bad-ft", name, (5, 7), value)
+        want = r"fine-tuned model .*bad-ft"
+    with pytest.raises(InputError, match=want + r".*NaN/Inf.*model\.embed_tokens\.weight"):
+        merge_models(str(base), [str(f) for f in fts], tmp_path / "out", MergeOptions(method=method, **extra),
+                     show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_nan_in_large_tensor_with_sampled_threshold_is_named(method, tmp_path, monkeypatch):
+    """Tensors above the exact-selection size take the sampled-band TIES path; a NaN must not slip through it."""
+    import acm.merge_methods as mm
+
+    monkeypatch.setattr(mm, "_EXACT_BELOW", 64)
+    monkeypatch.setattr(mm, "_SAMPLE", 256)
+    base, (ft,) = make_pair(tmp_path, "llama", n_ft=1)
+    bad = _broken_copy(ft, tmp_path / "bad-ft", "model.layers.0.mlp.up_proj.weight", (1, 1), float("nan"))
+    with pytest.raises(InputError, match=r"bad-ft.*model\.layers\.0\.mlp\.up_proj\.weight"):
+        merge_models(str(base), [str(bad)], tmp_path / "out", MergeOptions(method=method), show_progress=False)
+
+
+def test_overflow_of_the_output_dtype_is_reported(tmp_path):
+    """Finite inputs whose merge does not fit the output dtype: say so (and what to do), blame no model."""
+    base, (ft,) = make_pair(tmp_path, "llama", n_ft=1)
+    big = _broken_copy(ft, tmp_path / "big-ft", "model.layers.0.mlp.down_proj.weight", (0, 0), 60000.0)
+    with pytest.raises(InputError, match=r"merged tensor model\.layers\.0\.mlp\.down_proj\.weight has values "
+                                         r"outside the float16 range \(the inputs are finite\).*--dtype"):
+        merge_models(str(base), [str(big)], tmp_path / "out", MergeOptions(alpha=2.0, dtype="float16"),
+                     show_progress=False)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+    # the same merge in float32 is fine
+    merge_models(str(base), [str(big)], tmp_path / "out32", MergeOptions(alpha=2.0, dtype="float32"),
+                 show_progress=False)
 
 
 def test_output_inside_an_input_is_refused(llama, tmp_path):
