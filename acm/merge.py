@@ -170,6 +170,7 @@ def merge_models(base: str | ModelSource, fts: list[str | ModelSource], out_dir:
             start = 0.5 if plan.global_trim else 0.0
             for i, name in enumerate(names):
                 writer.add(name, plan.merge_tensor(name, out_dtype))
+                plan.release(name)
                 if progress is not None:
                     progress(start + (1 - start) * (i + 1) / len(names) * 0.98, f"merging {name}")
                 if bar is not None:
@@ -222,6 +223,12 @@ class _Plan:
         self.out_vocab_size: int | None = max(bigger) if bigger else None
 
     # -- reading -----------------------------------------------------------------------------
+    def release(self, name: str) -> None:
+        """Done with ``name`` in this pass: each reader unmaps a shard once all its tensors are done,
+        so the inputs' mapped pages (counted in RSS) stay about one shard per model, not the model."""
+        for src in (self.base, *self.fts):
+            src.reader.release(name)
+
     def _read(self, src: ModelSource, name: str) -> torch.Tensor:
         """One input tensor (CPU, stored dtype, memory-mapped).
 
@@ -328,11 +335,15 @@ class _Plan:
         """
         n = len(self.fts)
         float_names = [k for k in names if self.base.reader.dtype(k).is_floating_point]
+        float_set = set(float_names)
         his = [torch.zeros(1 << 15, dtype=torch.int64) for _ in range(n)]
         los = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n)]
         totals = [0] * n
         located: list[tuple[int, int]] = []
         for phase in (0, 1):
+            for name in names:
+                if name not in float_set:
+                    self.release(name)
             for j, name in enumerate(float_names):
                 job, _ = self._job(name, self._read(self.base, name))
                 job.start_pass()
@@ -343,6 +354,8 @@ class _Plan:
                             totals[i] += a.numel()
                         else:
                             los[i] += mm.hist_low(a, located[i][0])
+                del job
+                self.release(name)
                 if progress is not None:
                     progress(0.25 * (phase + (j + 1) / len(float_names)),
                              f"global trim: {'histogram' if phase == 0 else 'refining'} at {name}")

@@ -3,6 +3,13 @@
 Merging and compatibility checks only ever need one tensor (or just its shape) at a time, so we
 open safetensors shards lazily (``safe_open`` memory-maps them). Pickle checkpoints (``.bin``)
 are read only when the caller explicitly allowed it, with ``weights_only=True`` and ``mmap``.
+
+Memory: every page of a memory-mapped shard that has been read counts in the process's RSS for
+as long as the shard stays mapped. A streaming reader (the merge engine) therefore calls
+``release(key)`` when it is done with a tensor; once every tensor of a shard has been released
+the shard's handle is dropped, and its mapping goes away with the last tensor still using it.
+So a streamed pass keeps at most about one shard per model mapped, not the whole model. A
+released shard is reopened (lazily) if it is read again.
 """
 
 from __future__ import annotations
@@ -71,6 +78,8 @@ class TensorReader:
         self._handles: dict[int, object] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
+        self._file_keys: dict[int, int] = {}          # file -> how many tensors it holds
+        self._released: dict[int, set[str]] = {}      # file -> tensors released since it was (re)opened
         for i, path in enumerate(self.files):
             if fmt == "safetensors":
                 handle = self._open_safetensors(path)
@@ -79,6 +88,7 @@ class TensorReader:
                     self._where[key] = i
                     self._shapes[key] = tuple(sl.get_shape())
                     self._dtypes[key] = _ST_DTYPES.get(sl.get_dtype(), torch.float32)
+                self._handles.pop(i, None)            # headers read; map the data only when it is read
             else:
                 state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
                 self._handles[i] = state
@@ -86,6 +96,8 @@ class TensorReader:
                     self._where[key] = i
                     self._shapes[key] = tuple(value.shape)
                     self._dtypes[key] = value.dtype
+        for i in self._where.values():
+            self._file_keys[i] = self._file_keys.get(i, 0) + 1
 
     def _open_safetensors(self, path: Path):
         from safetensors import SafetensorError, safe_open
@@ -129,19 +141,43 @@ class TensorReader:
         return n * torch.empty((), dtype=self._dtypes[key]).element_size()
 
     def get(self, key: str) -> torch.Tensor:
-        """Load one tensor (CPU). Corruption surfaces here as a one-line InputError."""
+        """Load one tensor (CPU). Corruption surfaces here as a one-line InputError.
+
+        safetensors tensors are zero-copy views of the shard's memory map; the map stays valid for
+        as long as any tensor from it is alive, even after ``release`` dropped the handle.
+        """
         i = self._where[key]
         if self.format == "safetensors":
             from safetensors import SafetensorError
 
+            handle = self._handles.get(i)
+            if handle is None:
+                handle = self._open_safetensors(self.files[i])
             try:
-                return self._handles[i].get_tensor(key)
+                return handle.get_tensor(key)
             except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
                 raise _corrupt(self.files[i], exc) from exc
         return self._handles[i][key]
 
+    def release(self, key: str) -> None:
+        """The caller is done with ``key`` for this pass; drop its shard's handle once every tensor of
+        the shard has been released (safetensors only; a later ``get`` reopens it)."""
+        if self.format != "safetensors":
+            return
+        i = self._where[key]
+        done = self._released.setdefault(i, set())
+        done.add(key)
+        if len(done) >= self._file_keys[i]:
+            self._handles.pop(i, None)
+            done.clear()
+
+    def open_files(self) -> int:
+        """How many shards are open now (for tests and memory accounting)."""
+        return len(self._handles)
+
     def close(self) -> None:
         self._handles.clear()
+        self._released.clear()
 
     def __enter__(self) -> "TensorReader":
         return self
