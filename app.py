@@ -53,9 +53,16 @@ def build_app(prewarm: bool = True) -> gr.Blocks:
 
 
 def launch_kwargs() -> dict:
-    """Theme, CSS and queue settings (Gradio 6 takes theme/css in launch())."""
+    """Theme, CSS and upload limit (Gradio 6 takes theme/css in launch()).
+
+    ``max_file_size``: Gradio refuses bigger uploads before they reach a handler, so a 1 GB
+    "calibration file" never fills the server's disk or memory (same limit as the library's,
+    ``ACM_MAX_CALIBRATION_MB``).
+    """
+    from acm.calibration import max_file_bytes
+
     css_paths = [CSS_PATH] if CSS_PATH.is_file() else None
-    return dict(theme=THEME, css_paths=css_paths, footer_links=["api", "gradio"])
+    return dict(theme=THEME, css_paths=css_paths, footer_links=["api", "gradio"], max_file_size=max_file_bytes())
 
 
 def create_app(prewarm: bool = True) -> gr.Blocks:

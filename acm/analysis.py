@@ -38,7 +38,7 @@ from acm.calibration import (
     load_texts,
     select_samples,
 )
-from acm.errors import ACMError, InputError, OutOfMemoryAdvice
+from acm.errors import ACMError, InputError, OutOfMemoryAdvice, is_out_of_memory
 from acm.grouping import EMBED, HEAD, build_group_map, find_group_modules, group_names
 from acm.mi import QUANTILES, StreamingMI, bin_indices, check_bins, robust_range
 from acm.models import ModelSource, check_compatibility, load_causal_lm, parse_dtype, resolve_model
@@ -128,7 +128,11 @@ class AnalysisResult:
         folder = path.parent if str(path.parent) else Path(".")
         if not folder.is_dir():
             raise InputError(f"cannot write {path}: folder {folder} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise InputError(f"cannot write {path}: folder {folder} is not writable ({exc.strerror or exc}); "
+                             "choose another --out") from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(self.to_json())
@@ -159,18 +163,33 @@ class AnalysisResult:
 # ===================================================================================== capture
 
 
-def _is_oom(exc: BaseException) -> bool:
-    oom_cls = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom_cls is not None and isinstance(exc, oom_cls):
-        return True
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        isinstance(exc, MemoryError) or "out of memory" in str(exc).lower())
+_is_oom = is_out_of_memory     # CUDA / MPS / CPU allocator / MemoryError (see acm.errors)
 
 
 def _oom_advice(where: str, device: str, batch_size: int, max_tokens: int, n: int) -> OutOfMemoryAdvice:
+    """One line that says what to change; names both the CLI flags and the app's controls."""
     return OutOfMemoryAdvice(
         f"out of memory on {device} while {where} (batch size {batch_size}, {n} samples, up to {max_tokens} "
-        f"tokens each): use a smaller --batch-size, fewer --samples or a smaller --max-tokens")
+        f"tokens each): use a smaller batch size (--batch-size), fewer samples (--samples) or fewer max "
+        f"tokens (--max-tokens)")
+
+
+def check_finite_weights(model: torch.nn.Module, role: str, spec: str) -> None:
+    """Refuse a loaded model with NaN/Inf parameters before any forward pass.
+
+    Why: NaN weights do not crash a forward pass; they quietly turn activations into NaN, which the
+    histograms would bin as an extreme value and report as a plausible-looking NMI. One ``aminmax``
+    per parameter (NaN and Inf propagate to the min or max) reads each weight once and allocates
+    nothing the size of a parameter.
+    """
+    with torch.inference_mode():
+        for name, p in model.named_parameters():
+            if p.numel() == 0 or not p.is_floating_point() or p.device.type == "meta":
+                continue
+            lo, hi = torch.aminmax(p.detach())
+            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+                raise InputError(f"{role} {spec} has NaN/Inf values in {name}; this checkpoint is broken, "
+                                 "analyse a healthy one")
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -360,7 +379,7 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     ft_srcs = [f if isinstance(f, ModelSource) else resolve_model(
         f, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for f in fts]
-    check_compatibility(base_src, ft_srcs)
+    compat = check_compatibility(base_src, ft_srcs)
     texts = load_texts(calibration, field=field, split=split)
 
     dev_name = "cpu"
@@ -370,6 +389,8 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         base_model, tokenizer = loaded[0]
         models = [m for m, _ in loaded]
         dev_name = str(_input_device(base_model))
+        for i, (m, src) in enumerate(zip(models, [base_src] + ft_srcs)):
+            check_finite_weights(m, "base model" if i == 0 else "fine-tuned model", src.spec)
         report(0.1, "selecting calibration samples")
         sel_progress = (lambda f, m: report(0.1 + 0.1 * f, m)) if progress else None
         selected = select_samples(texts, base_model, tokenizer, clusters=clusters, fraction=fraction,
@@ -462,6 +483,7 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         "ranges": {"base": [list(r) if r else None for r in capture.base_range],
                    "fine_tuned": [[list(r) if r else None for r in est.y_range] for est in estimators]},
         "group_tensors": _group_tensors(base_src),
+        "vocab_notes": list(compat.vocab_notes),
         "version": acm.__version__, "device": dev_name, "dtype": str(param.dtype).replace("torch.", ""),
         "seconds": round(seconds, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

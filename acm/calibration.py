@@ -27,6 +27,8 @@ from acm.errors import InputError, OfflineError
 TEXT_FIELDS = ("text", "question", "prompt", "instruction", "input")
 FILE_TYPES = (".jsonl", ".json", ".csv", ".txt")
 MAX_FILE_BYTES = 200 * 1024 * 1024          # refuse larger calibration files (message states it)
+MAX_FILE_ENV = "ACM_MAX_CALIBRATION_MB"     # operators may lower / raise the limit (e.g. on a Space)
+HUB_PREFIX = "hub:"                         # "hub:org/name" = a Hub dataset, never a local path
 BUNDLED_ALIASES = ("bundled", "demo", "")
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_CLUSTERS = 20
@@ -50,6 +52,45 @@ def describe_source(source: str | os.PathLike | Sequence[str] | None) -> str:
 # --------------------------------------------------------------------------------- loading
 
 
+def max_file_bytes() -> int:
+    """The calibration file size limit: ``ACM_MAX_CALIBRATION_MB`` when set, else 200 MiB.
+
+    Why a limit at all: the file is read into memory and tokenised; a 1 GB upload to a public
+    Space would stall it for everyone, and ~100 prompts is what the method needs.
+    """
+    raw = os.environ.get(MAX_FILE_ENV, "").strip()
+    if not raw:
+        return MAX_FILE_BYTES
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise InputError(f"{MAX_FILE_ENV}={raw!r} is not a number of megabytes") from None
+    if not mb > 0:
+        raise InputError(f"{MAX_FILE_ENV} must be > 0, got {raw!r}")
+    return int(mb * 1024 * 1024)
+
+
+def check_hub_id(dataset_id: str) -> str:
+    """A Hub dataset id (``name`` or ``org/name``), refusing anything shaped like a local path.
+
+    Why: in the app the Hub box must never become a way to read files on the server.
+    """
+    ident = (dataset_id or "").strip()
+    if not ident:
+        raise InputError("type a Hub dataset id such as simplescaling/s1K")
+    looks_local = (ident.startswith(("/", ".", "~", "\\")) or "\\" in ident or ".." in ident
+                   or ident.count("/") > 1 or os.path.isabs(ident) or ":" in ident)
+    if looks_local:
+        raise InputError(f"{ident!r} is not a Hub dataset id (org/name); local paths are not accepted here")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(ident)
+    except HFValidationError:
+        raise InputError(f"{ident!r} is not a valid Hub dataset id (org/name: letters, digits, '-', '_', '.')") from None
+    return ident
+
+
 def load_texts(source: str | os.PathLike | Sequence[str] | None, *, field: str | None = None,
                split: str = "train") -> list[str]:
     """Calibration texts from the bundled set (``None``/"bundled"), a file, a Hub dataset id or a list.
@@ -66,6 +107,8 @@ def load_texts(source: str | os.PathLike | Sequence[str] | None, *, field: str |
             raise InputError("the calibration list holds no non-empty texts")
         return texts
     spec = "" if source is None else str(source).strip()
+    if spec.lower().startswith(HUB_PREFIX):
+        return _load_hub(check_hub_id(spec[len(HUB_PREFIX):]), field=field, split=split)
     if spec.lower() in BUNDLED_ALIASES:
         path = bundled_path()
         if not path.is_file():
@@ -90,9 +133,11 @@ def _load_file(path: Path, field: str | None) -> list[str]:
     size = path.stat().st_size
     if size == 0:
         raise InputError(f"calibration file {path.name} is empty")
-    if size > MAX_FILE_BYTES:
-        raise InputError(f"calibration file {path.name} is {size / 2**20:.0f} MB, over the "
-                         f"{MAX_FILE_BYTES / 2**20:.0f} MB limit; pass a smaller sample of it")
+    limit = max_file_bytes()
+    if size > limit:
+        raise InputError(f"calibration file {path.name} is {_mb(size)}, over the "
+                         f"{_mb(limit)} limit; pass a smaller sample of it "
+                         f"(about 100 prompts suffice; {MAX_FILE_ENV} changes the limit)")
     suffix = path.suffix.lower()
     if suffix not in FILE_TYPES:
         raise InputError(f"unsupported calibration file type {suffix or '(none)'} for {path.name}: "
@@ -135,6 +180,10 @@ def _load_file(path: Path, field: str | None) -> list[str]:
             raise InputError(f"calibration file {path.name} has a header but no rows")
         return _finish(_pick_field(records, field, path.name, columns), path.name, field)
     return _finish(_pick_field(records, field, path.name), path.name, field)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.0f} MB" if n >= 10 * 2**20 else f"{n / 2**20:.2g} MB"
 
 
 def _txt_records(text: str) -> list[str]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Sequence
 
 from acm import __version__
-from acm.errors import ACMError
+from acm.errors import OOM_ADVICE, ACMError, is_out_of_memory, redact
 
 # Order here is the order shown in --help.
 COMMAND_MODULES = ("analyze", "coefficients", "merge", "eval", "build_demo")
@@ -48,12 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    if not args.debug:
+        _quiet_hub_logs()
     try:
         return int(args.func(args) or 0)
     except ACMError as exc:
         if args.debug:
             raise
-        print(f"acm {args.command}: error: {exc}", file=sys.stderr)
+        _error_line(args.command, str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"acm {args.command}: interrupted", file=sys.stderr)
@@ -61,9 +64,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, not a traceback
         if args.debug:
             raise
-        print(f"acm {args.command}: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        if is_out_of_memory(exc):
+            _error_line(args.command, f"out of memory ({_first_line(exc)}): {OOM_ADVICE}")
+            return 1
+        _error_line(args.command, f"{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)")
         return 1
+
+
+# Libraries that print retry chatter ("Retrying in 8s [Retry 5/5]", twice: own handler + root) while
+# the Hub is unreachable; their failure becomes our one-line error, so only their errors are shown.
+_CHATTY_LOGGERS = ("huggingface_hub", "datasets")
+
+
+def _quiet_hub_logs() -> None:
+    # Both libraries set their logger's level when first imported (from these variables), so set
+    # the variables for a later import and the levels for an earlier one.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _error_line(command: str, message: str) -> None:
+    """Exactly one line on stderr, with any Hub token masked (messages may quote requests)."""
+    text = " ".join(redact(message).split())
+    print(f"acm {command}: error: {text}", file=sys.stderr)
 
 
 def main_entry() -> None:

@@ -44,7 +44,7 @@ class ModelSource:
     @property
     def reader(self) -> TensorReader:
         if self._reader is None:
-            self._reader = TensorReader(self.weight_files, self.weight_format)
+            self._reader = _open_reader(self)
         return self._reader
 
     @property
@@ -67,6 +67,25 @@ class ModelSource:
         return {"model": self.spec, "revision": self.revision, "commit": self.commit,
                 "architecture": (getattr(self.config, "architectures", None) or [None])[0],
                 "model_type": getattr(self.config, "model_type", None)}
+
+
+def _open_reader(src: "ModelSource") -> TensorReader:
+    """Open the weight headers; a pickle that is not plain tensors is refused, never executed.
+
+    Why here: ``TensorReader`` loads ``.bin`` files with ``weights_only=True``, so a pickle that
+    would run code fails with an ``UnpicklingError`` — that is the safety net working, and the
+    user should read it as one line naming the model, not as a crash.
+    """
+    if src.weight_format != "pickle":
+        return TensorReader(src.weight_files, src.weight_format)
+    import pickle
+
+    try:
+        return TensorReader(src.weight_files, src.weight_format)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError):
+        raise InputError(f"refusing the pickle (.bin) weights of {src.spec}: they hold more than plain tensors "
+                         "(or are damaged) and could run code when loaded, so they were not unpickled; "
+                         "use a safetensors copy") from None
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -16,7 +16,7 @@ from components import help as texts
 from components import plots
 from components.calibration import resolve_calibration
 from components.common import (gpu, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels,
-                               warn)
+                               uploaded_file, warn)
 from components.models import validate_selection
 from components.state import SessionState
 
@@ -94,6 +94,7 @@ def load_analysis_file(state: SessionState, path: str | None):
 
     if not path:
         raise InputError("no analysis file given")
+    path = str(uploaded_file(path, "analysis file"))      # only Gradio's upload area, never other paths
     try:
         result = AnalysisResult.load(path)
     except InputError:

@@ -6,7 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from components import help as texts
-from components.common import bundled_calibration, ui_errors
+from components.common import bundled_calibration, ui_errors, uploaded_file
 
 BUNDLED, UPLOAD, HUB = "Bundled demo set", "Upload a file", "Hub dataset"
 MODES = [BUNDLED, UPLOAD, HUB]
@@ -42,17 +42,21 @@ def resolve_calibration(mode: str | None, upload: str | None = None, hub_id: str
     if mode == UPLOAD:
         if not upload:
             raise InputError("upload a calibration file (.jsonl, .json, .csv or .txt) or pick the bundled set")
-        path = Path(upload)
-        if path.suffix.lower() not in FILE_TYPES:
-            raise InputError(f"unsupported calibration file type {path.suffix or '(none)'}: "
+        suffix = Path(str(upload)).suffix.lower()
+        if suffix not in FILE_TYPES:
+            raise InputError(f"unsupported calibration file type {suffix or '(none)'}: "
                              "use .jsonl, .json, .csv or .txt")
+        path = uploaded_file(upload, "calibration file")     # only Gradio's upload area, never other paths
         return {"source": str(path), "field": field, "split": split, "label": path.name,
                 "identity": (str(path), _stat(path), field)}
     if mode == HUB:
         hub_id = (hub_id or "").strip()
         if not hub_id:
             raise InputError("type a Hub dataset id (e.g. simplescaling/s1K) or pick the bundled set")
-        return {"source": hub_id, "field": field, "split": split, "label": f"{hub_id} [{split}]",
+        from acm.calibration import HUB_PREFIX, check_hub_id
+
+        hub_id = check_hub_id(hub_id)       # a Hub id, never a path on the server
+        return {"source": HUB_PREFIX + hub_id, "field": field, "split": split, "label": f"{hub_id} [{split}]",
                 "identity": (hub_id, split, field)}
     raise InputError(f"unknown calibration source {mode!r}")
 

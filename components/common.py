@@ -9,6 +9,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -129,28 +130,41 @@ def warm_imports(specs: tuple | list = ()) -> None:
 # ----------------------------------------------------------------------------- errors
 
 
+def _one_line(text: str) -> str:
+    """Hub tokens masked, whitespace (newlines included) collapsed: a toast is one readable line."""
+    from acm.errors import redact
+
+    return " ".join(redact(str(text)).split())
+
+
 def _translate(exc: BaseException):
     """An exception as a readable one-line gr.Error (library errors keep their own message)."""
+    import traceback
+
     import gradio as gr
 
-    from acm.errors import ACMError
+    from acm.errors import OOM_ADVICE, ACMError, is_out_of_memory
 
     if isinstance(exc, gr.Error):
+        exc.message = _one_line(exc.message)
         return exc
     if isinstance(exc, ACMError):
-        return gr.Error(str(exc), print_exception=False)
-    try:
-        import torch
-
-        if isinstance(exc, torch.OutOfMemoryError):
-            return gr.Error("out of memory: use fewer calibration samples, fewer max tokens or a smaller "
-                            "model (or a GPU with more memory)", print_exception=False)
-    except Exception:  # pragma: no cover - torch always present here
-        pass
-    log.exception("unexpected error in the app", exc_info=exc)
+        return gr.Error(_one_line(str(exc)), print_exception=False)
+    if is_out_of_memory(exc):
+        return gr.Error(f"out of memory: {OOM_ADVICE} (the batch size is under “Advanced analysis settings”)",
+                        print_exception=False)
+    # The server log keeps the traceback for the operator, with any token masked.
+    log.error("unexpected error in the app:\n%s",
+              _redacted_traceback(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     first = (str(exc).strip().splitlines() or [""])[0]
-    return gr.Error(f"unexpected {type(exc).__name__}: {first}" if first else f"unexpected {type(exc).__name__}",
-                    print_exception=False)
+    return gr.Error(_one_line(f"unexpected {type(exc).__name__}: {first}" if first else
+                              f"unexpected {type(exc).__name__}"), print_exception=False)
+
+
+def _redacted_traceback(lines: list[str]) -> str:
+    from acm.errors import redact
+
+    return redact("".join(lines))
 
 
 def ui_errors(fn: Callable) -> Callable:
@@ -196,6 +210,58 @@ def info(message: str) -> None:
         gr.Info(message)
     except Exception:  # pragma: no cover
         log.info(message)
+
+
+# ----------------------------------------------------------------------------- uploads + file names
+
+UPLOAD_ROOTS_ENV = "ACM_UPLOAD_ROOTS"     # extra folders (os.pathsep-separated) uploads may come from
+
+
+def upload_roots() -> list[Path]:
+    """Where uploaded files may live: Gradio's upload folder (``GRADIO_TEMP_DIR`` or <tmp>/gradio),
+    plus any folder an operator lists in ``ACM_UPLOAD_ROOTS``."""
+    from gradio.utils import get_upload_folder
+
+    roots = [Path(get_upload_folder())]
+    roots += [Path(p) for p in os.environ.get(UPLOAD_ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    return [Path(os.path.realpath(r)) for r in roots]
+
+
+def uploaded_file(path: str | os.PathLike | None, what: str = "file") -> Path:
+    """The real path of an uploaded file, refused unless it is a regular file inside the upload area.
+
+    Why: handlers receive a *path string*; via the API a caller could send ``../../etc/passwd`` or
+    an absolute path of the server. Only files Gradio itself stored for an upload are read, so the
+    upload boxes cannot be used to read anything else on the machine.
+    """
+    from acm.errors import InputError
+
+    if path is None or not str(path).strip():
+        raise InputError(f"no {what} uploaded")
+    raw = str(path)
+    shown = safe_filename(Path(raw).name) or "(unnamed)"
+    if "\x00" in raw or ".." in Path(raw).parts:
+        raise InputError(f"refusing {what} {shown!r}: its path contains '..'; upload the file instead")
+    real = Path(os.path.realpath(raw))
+    if not any(real == root or root in real.parents for root in upload_roots()):
+        raise InputError(f"refusing {what} {shown!r}: it is not a file uploaded to this app; upload it instead")
+    if not real.is_file():
+        raise InputError(f"the uploaded {what} {shown!r} is gone or is not a regular file; upload it again")
+    return real
+
+
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_filename(name: str, default: str = "file", max_len: int = 120) -> str:
+    """A file name safe to create anywhere: no folders, no leading dots, only ``[A-Za-z0-9._-]``.
+
+    Why: names of exported files are built from labels and folder names; none of them may climb
+    out of the export folder (``../``), be absolute, hidden, or carry shell/HTML metacharacters.
+    """
+    base = str(name).replace("\\", "/").split("/")[-1]
+    cleaned = _UNSAFE_CHARS.sub("_", base).strip("._-")[:max_len].strip("._-")
+    return cleaned or default
 
 
 # ----------------------------------------------------------------------------- GPU + progress

@@ -8,7 +8,8 @@ from typing import Callable
 
 from components import help as texts
 from components import plots
-from components.common import bundled_eval, gpu, none_if_auto, progress_callback, ui_errors, unique_labels
+from components.common import (bundled_eval, gpu, none_if_auto, progress_callback, ui_errors, unique_labels,
+                               uploaded_file)
 from components.models import validate_selection
 from components.state import SessionState, load_source_model
 
@@ -25,7 +26,8 @@ def _data(mode: str | None, upload: str | None) -> tuple[str, str]:
     if mode == UPLOAD:
         if not upload:
             raise InputError("upload a .jsonl evaluation file (question/answer per line) or pick the bundled set")
-        return str(upload), Path(upload).name
+        path = uploaded_file(upload, "evaluation file")      # only Gradio's upload area, never other paths
+        return str(path), path.name
     path = bundled_eval()
     if not path.is_file():
         raise InputError("the bundled evaluation set is missing (assets/eval/demo_eval.jsonl); upload a .jsonl")

@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+from acm.errors import redact
 from components import help as texts
-from components.common import ui_errors
+from components.common import safe_filename, ui_errors
 from components.state import SessionState
 
 
@@ -23,11 +24,16 @@ def _require_merge(state: SessionState):
 def export_model_zip(state: SessionState) -> str:
     """Zip of the merged safetensors folder (config, tokenizer, model card included)."""
     merged = _require_merge(state)
-    out = state.subdir("exports") / merged.out_dir.name
+    out = state.subdir("exports") / export_name(merged)
     zip_path = Path(str(out) + ".zip")
     if not zip_path.exists():
         shutil.make_archive(str(out), "zip", root_dir=merged.out_dir.parent, base_dir=merged.out_dir.name)
     return str(zip_path)
+
+
+def export_name(merged) -> str:
+    """The stem of every exported file of a merge: its folder name, sanitised (no '..', '/', dots first)."""
+    return safe_filename(Path(str(merged.out_dir)).name, default="merged-model")
 
 
 def recipe_dict(state: SessionState) -> dict:
@@ -68,12 +74,12 @@ def export_recipe(state: SessionState) -> list[str]:
     merged = _require_merge(state)
     folder = state.subdir("exports")
     paths = []
-    json_path = folder / f"{merged.out_dir.name}.recipe.json"
+    json_path = folder / f"{export_name(merged)}.recipe.json"
     json_path.write_text(json.dumps(recipe_dict(state), indent=2, ensure_ascii=False), encoding="utf-8")
     paths.append(str(json_path))
     yaml = mergekit_yaml(state)
     if yaml:
-        yaml_path = folder / f"{merged.out_dir.name}.mergekit.yaml"
+        yaml_path = folder / f"{export_name(merged)}.mergekit.yaml"
         yaml_path.write_text(yaml, encoding="utf-8")
         paths.append(str(yaml_path))
     return paths
@@ -94,7 +100,8 @@ def export_plots(state: SessionState) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     png = kaleido_available()
-    for name, fig in state.figures.items():
+    for key, fig in state.figures.items():
+        name = safe_filename(key, default="chart")
         html = folder / f"{name}.html"
         fig.write_html(str(html), include_plotlyjs=True, full_html=True)   # self-contained, works offline
         paths.append(str(html))
@@ -154,12 +161,18 @@ def push_to_hub(state: SessionState, token: str | None, repo_id: str | None, pri
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
             raise InputError("the token was refused: it needs write access to that namespace") from None
-        raise InputError(f"upload failed: {str(exc).splitlines()[0].replace(token, '***')}") from None
+        raise InputError(f"upload failed: {redact(_first_line(exc), token)}") from None
     except OSError as exc:
         raise OfflineError(f"upload failed, the Hub is unreachable: {type(exc).__name__}") from None
+    except Exception as exc:  # noqa: BLE001 - anything else may quote the request: mask the token, drop the chain
+        raise InputError(f"upload failed: {type(exc).__name__}: {redact(_first_line(exc), token)}") from None
     finally:
         del api, token
     return f"✓ Uploaded **{merged.label}** to [{repo_id}]({url})"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def build() -> SimpleNamespace:

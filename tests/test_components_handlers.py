@@ -16,6 +16,14 @@ from components.state import MergedModel, ModelCache, SessionState
 from tests.fixtures import make_pair, make_tiny_model, write_calibration
 
 
+@pytest.fixture(scope="module", autouse=True)
+def uploads_from_pytest_tmp(tmp_path_factory):
+    """The handlers read uploads only from Gradio's upload area; here pytest's temp dirs stand in for it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(common.UPLOAD_ROOTS_ENV, str(tmp_path_factory.getbasetemp()))
+        yield
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -187,7 +195,7 @@ def test_resolve_calibration_modes(tmp_path):
     up = calibration.resolve_calibration(calibration.UPLOAD, str(f), field="text")
     assert up["source"] == str(f) and up["field"] == "text" and up["identity"][0] == str(f)
     hub = calibration.resolve_calibration(calibration.HUB, hub_id="simplescaling/s1K", split="train", field="")
-    assert hub["source"] == "simplescaling/s1K" and hub["field"] is None
+    assert hub["source"] == "hub:simplescaling/s1K" and hub["field"] is None
     with pytest.raises(InputError, match="upload a calibration file"):
         calibration.resolve_calibration(calibration.UPLOAD, None)
     with pytest.raises(InputError, match="unsupported"):
@@ -408,9 +416,10 @@ def test_coefficient_view_and_analysis_json_round_trip(analysed, tmp_path):
     with pytest.raises(InputError, match="not a number"):
         analysis.coefficient_view(st, 8.0, 0.7, "abc", "")
 
-    path = analysis.save_analysis(st)
+    path = tmp_path / "uploaded_analysis.json"            # as if downloaded, then uploaded again
+    path.write_text(Path(analysis.save_analysis(st)).read_text())
     fresh = SessionState()
-    loaded = analysis.load_analysis_file(fresh, path)
+    loaded = analysis.load_analysis_file(fresh, str(path))
     assert loaded.groups == st.analysis.groups and fresh.analysis is loaded
     bad = tmp_path / "bad.json"
     bad.write_text('{"hello": 1}')
@@ -473,5 +482,5 @@ def test_api_friendly_aliases():
     with pytest.raises(InputError, match="unknown coefficient mode"):
         merge.normalize_mode("fancy")
     assert merge.METHOD_ALIASES["ta"] == "task_arithmetic" and merge.METHOD_ALIASES["dare-ties"] == "dare_ties"
-    assert calibration.resolve_calibration("hub", hub_id="a/b")["source"] == "a/b"
+    assert calibration.resolve_calibration("hub", hub_id="a/b")["source"] == "hub:a/b"   # never a local path
     assert calibration.resolve_calibration("bundled")["label"] == "bundled demo set"

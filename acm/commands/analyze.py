@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def validate(args: argparse.Namespace) -> None:
         raise InputError(f"--out {args.out} is a folder; give a file name such as analysis.json")
     if not out.parent.is_dir() and str(out.parent) not in ("", "."):
         raise InputError(f"--out folder {out.parent} does not exist")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not os.access(folder, os.W_OK | os.X_OK):     # before minutes of forward passes, not after
+        raise InputError(f"--out folder {folder} is not writable; choose another --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,5 +90,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"analysed {len(result.groups)} layer groups on {cal.get('samples')} samples "
           f"({cal.get('tokens')} tokens) in {result.provenance.get('seconds', 0):.1f}s")
     print(summarize(result))
+    for note in result.provenance.get("vocab_notes") or []:
+        print(f"note: {note}")
     print(f"wrote {path}")
     return 0
