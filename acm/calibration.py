@@ -183,7 +183,11 @@ def _load_file(path: Path, field: str | None) -> list[str]:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2**20:.0f} MB" if n >= 10 * 2**20 else f"{n / 2**20:.2g} MB"
+    if n < 1024:
+        return f"{n} bytes"
+    if n < 2**20:
+        return f"{n / 1024:.1f} KB"
+    return f"{n / 2**20:.0f} MB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MB"
 
 
 def _txt_records(text: str) -> list[str]:

@@ -65,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         if is_out_of_memory(exc):
-            _error_line(args.command, f"out of memory ({_first_line(exc)}): {OOM_ADVICE}")
+            advice = _OOM_ADVICE.get(args.command, "use a machine (or device) with more memory")
+            _error_line(args.command, f"out of memory ({_first_line(exc)}): {advice}")
             return 1
         _error_line(args.command, f"{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)")
         return 1
@@ -83,6 +84,14 @@ def _quiet_hub_logs() -> None:
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_OOM_ADVICE = {
+    "analyze": OOM_ADVICE,
+    "merge": "the merge holds only a few tensors at a time; try --device cpu, a smaller --shard-size "
+             "or a machine with more memory",
+    "eval": "use a smaller --batch-size or fewer --max-new-tokens",
+}
 
 
 def _first_line(exc: BaseException) -> str:
