@@ -208,6 +208,88 @@ def test_heavy_jobs_share_one_slot_and_endpoints_are_named():
     assert not deps["coefficients"].queue                      # instant: no queueing behind heavy jobs
 
 
+def test_two_sessions_at_once_keep_their_own_state_and_heavy_jobs_queue(app_url, monkeypatch):
+    """Two gradio_client sessions analyse and merge at the same time, with different settings:
+    each gets its own analysis, coefficients and merge (no cross-talk through globals), and the
+    heavy jobs run one at a time (the shared "heavy" slot), the other waiting in the queue."""
+    import threading
+
+    import components.analysis as ca
+    import components.merge as cm
+    from gradio_client import Client
+
+    lock, active, spans = threading.Lock(), {"now": 0, "max": 0}, []
+
+    def tracked(fn):
+        def wrapper(*args, **kwargs):
+            with lock:
+                active["now"] += 1
+                active["max"] = max(active["max"], active["now"])
+            t0 = time.monotonic()
+            try:
+                time.sleep(0.3)          # widen each job so an overlap could not slip through
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    active["now"] -= 1
+                    spans.append((t0, time.monotonic()))
+        return wrapper
+
+    monkeypatch.setattr(ca, "run_analysis", tracked(ca.run_analysis))
+    monkeypatch.setattr(cm, "run_merge", tracked(cm.run_merge))
+    a, b = Client(app_url, verbose=False), Client(app_url, verbose=False)
+    ja = a.submit(samples=6, bins=32, seed=1, api_name="/analyse")
+    jb = b.submit(samples=10, bins=64, seed=2, api_name="/analyse")
+    ra, rb = ja.result(timeout=300), jb.result(timeout=300)
+    an_a, an_b = json.loads(Path(ra[5]).read_text()), json.loads(Path(rb[5]).read_text())
+    assert (an_a["provenance"]["bins"], an_b["provenance"]["bins"]) == (32, 64)
+    assert (an_a["provenance"]["calibration"]["size"], an_b["provenance"]["calibration"]["size"]) == (6, 10)
+    assert Path(ra[5]).parent != Path(rb[5]).parent                       # separate session workspaces
+
+    # Each session's coefficients come from its own analysis.
+    for client, an in ((a, an_a), (b, an_b)):
+        table = client.predict(8.0, 1.0, "", "", api_name="/coefficients")[2]
+        nmi = [g["nmi"] for g in table["models"][0]["groups"]]
+        assert nmi == pytest.approx(an["models"][0]["nmi"])
+
+    ma = a.submit(method="task_arithmetic", mode="plain (α everywhere)", alpha=0.3, api_name="/merge")
+    mb = b.submit(method="ties", mode="ACM (per-layer λ)", t=4.0, alpha=1.0, density=0.5, api_name="/merge")
+    rep_a, rep_b = ma.result(timeout=300)[2], mb.result(timeout=300)[2]
+    assert rep_a["label"] == "#1 TA α=0.3" and rep_b["label"] == "#1 ACM-TIES t=4 α=1"   # per-session counters
+    assert Path(rep_a["out_dir"]).is_dir() and Path(rep_b["out_dir"]).is_dir()
+    assert Path(rep_a["out_dir"]).parents[1] != Path(rep_b["out_dir"]).parents[1]
+    assert active["max"] == 1 and len(spans) == 4                          # queued, never two at once
+    spans.sort()
+    assert all(end <= nxt_start + 1e-3 for (_, end), (nxt_start, _) in zip(spans, spans[1:]))
+
+
+def test_upload_boxes_cannot_read_server_files_over_http(app_url, tmp_path):
+    """An API caller that names a server path instead of uploading (or types one into the Hub box)
+    gets an error, never the file's contents."""
+    import httpx
+
+    secret = tmp_path / "server_secret.jsonl"
+    secret.write_text(json.dumps({"text": "TOP-SECRET-CALIBRATION"}) + "\n")
+    file_data = {"path": str(secret), "orig_name": "x.jsonl", "meta": {"_type": "gradio.FileData"}}
+    attempts = [["Upload a file", file_data, "", "train", ""],
+                ["Upload a file", {**file_data, "path": f"{tmp_path}/../{tmp_path.name}/server_secret.jsonl"},
+                 "", "train", ""],
+                ["Hub dataset", None, str(secret), "train", ""]]
+    base = app_url.rstrip("/")
+    for data in attempts:
+        event = httpx.post(f"{base}/gradio_api/call/calibration_preview", json={"data": data}, timeout=30)
+        assert event.status_code == 200, event.text
+        stream = httpx.get(f"{base}/gradio_api/call/calibration_preview/{event.json()['event_id']}", timeout=60).text
+        assert "event: error" in stream and "TOP-SECRET" not in stream, (data, stream)
+
+
+def test_queue_is_bounded():
+    import app
+
+    demo = app.create_app(prewarm=False)
+    assert demo._queue.max_size == 32 and demo._queue.default_concurrency_limit == 4
+
+
 def test_cli_arguments(monkeypatch):
     import app
 
