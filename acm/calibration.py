@@ -87,7 +87,8 @@ def check_hub_id(dataset_id: str) -> str:
     try:
         validate_repo_id(ident)
     except HFValidationError:
-        raise InputError(f"{ident!r} is not a valid Hub dataset id (org/name: letters, digits, '-', '_', '.')") from None
+        raise InputError(f"{ident!r} is not a valid Hub dataset id "
+                         "(org/name: letters, digits, '-', '_', '.')") from None
     return ident
 
 
@@ -187,7 +188,7 @@ def _mb(n: int) -> str:
         return f"{n} bytes"
     if n < 2**20:
         return f"{n / 1024:.1f} KB"
-    return f"{n / 2**20:.0f} MB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MB"
+    return f"{n / 2**20:.1f}".rstrip("0").rstrip(".") + " MB"
 
 
 def _txt_records(text: str) -> list[str]:

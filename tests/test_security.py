@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -178,17 +179,20 @@ def test_exported_file_names_are_sanitised(tmp_path):
         st.set_merged(MergedModel(1, "#1", nasty, {"out_dir": str(nasty)},
                                   {"base": "b", "fts": ["f"], "method": "task_arithmetic", "acm": False, "t": None,
                                    "alpha": 1.0, "density": 0.2, "clip": None}, [{"embed": 1.0}], 0.1))
-        st.figures["../../../escaped"] = plots.empty_figure("x")
+        escape = f"escaped-{uuid.uuid4().hex[:8]}"
+        st.figures[f"../../../{escape}"] = plots.empty_figure("x")
         st.figures["/abs/chart"] = plots.empty_figure("y")
+        charts = st.workspace / "exports" / "charts"
+        would_be = [Path(os.path.normpath(charts / f"../../../{escape}.html")), Path("/abs/chart.html")]
         files, _ = export.export_all(st, include_model=True)
         exports = (st.workspace / "exports").resolve()
         for f in files:
             p = Path(f).resolve()
             assert exports in p.parents, f
             assert all(c.isalnum() or c in "._-" for c in p.name) and not p.name.startswith("."), p.name
-        assert not list(st.workspace.parent.glob("escaped*")) and not Path("/abs/chart.html").exists()
+        assert not any(p.exists() for p in would_be)
         names = {Path(f).name for f in files}
-        assert {"merge_01_rm_-rf_b.zip", "merge_01_rm_-rf_b.recipe.json", "escaped.html", "chart.html"} <= names
+        assert {"merge_01_rm_-rf_b.zip", "merge_01_rm_-rf_b.recipe.json", f"{escape}.html", "chart.html"} <= names
     finally:
         st.close()
 
