@@ -53,6 +53,78 @@ def one_call(tree: Path, size: str, methods: list[str], threads: int, out: Path)
     return json.loads(out.read_text())
 
 
+def _load_methods(tree: Path, tag: str):
+    """``acm/merge_methods.py`` of one tree as its own module (it imports only numpy / torch)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_ab_merge_methods_{tag}", tree / "acm" / "merge_methods.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def kernel_ab(trees: dict[str, Path], size: str, methods: list[str], reps: int, tensor: str | None = None,
+              log=print) -> list[dict]:
+    """In-process A/B of the per-tensor kernels (``TensorJob``) on one real tensor of a cached model.
+
+    Much less noisy than whole merges on a loaded machine: same process, same input pages, the two
+    versions alternate call by call, and the per-call CPU time is taken with ``time.process_time``.
+    """
+    import torch
+
+    from acm.tensors import TensorReader, find_weight_files
+    from benchmarks.models import get_models
+
+    torch.set_num_threads(1)
+    models = get_models(size, n_ft=1)
+    readers = [TensorReader(find_weight_files(p)[0]) for p in (models.base, models.fts[0])]
+    name = tensor or max(readers[0].keys(), key=lambda k: readers[0].nbytes(k))
+    base = readers[0].get(name).reshape(-1)
+    ft = readers[1].get(name).reshape(-1)
+    mods = {label: _load_methods(tree, str(i)) for i, (label, tree) in enumerate(trees.items())}
+    rows = []
+    spaces = {label: mods[label].Workspace("cpu") for label in mods}   # kept across calls, as in a merge
+    for method in methods:
+        times: dict[str, list[float]] = {label: [] for label in mods}
+        outs: dict[str, torch.Tensor] = {}
+        for rep in range(reps + 1):
+            order = list(mods) if rep % 2 == 0 else list(reversed(mods))
+            for label in order:
+                mm = mods[label]
+                ws = spaces[label]
+                out = torch.empty(base.numel(), dtype=base.dtype)
+                drops = None
+                if method.startswith("dare"):
+                    drops = lambda mm=mm: [mm.DropStream(0.3, rep, 0, name, torch.device("cpu"))]  # noqa: E731
+                job = mm.TensorJob(base, [ft], ws, chunk=mm.CPU_CHUNK, drops=drops)
+                c0 = time.process_time()
+                if method in ("ties", "dare_ties"):
+                    job.ties([1.0], out, density=0.2)
+                else:
+                    job.task_arithmetic([1.0], out)
+                if rep:                                    # the first round warms up both
+                    times[label].append(time.process_time() - c0)
+                outs[label] = out
+        a, b = list(mods)
+        same = torch.equal(outs[a], outs[b])
+        row = {"size": size, "tensor": name, "numel": base.numel(), "method": method, "n": reps,
+               "cpu_a": statistics.median(times[a]), "cpu_b": statistics.median(times[b]),
+               "min_a": min(times[a]), "min_b": min(times[b]), "identical": same}
+        row["cpu_ratio"] = row["cpu_b"] / row["cpu_a"]
+        row["ns_per_elem_a"] = row["cpu_a"] / base.numel() * 1e9
+        row["ns_per_elem_b"] = row["cpu_b"] / base.numel() * 1e9
+        rows.append(row)
+        log(f"[ab] kernel {method}: A {row['cpu_a']:.3f}s B {row['cpu_b']:.3f}s (B/A {row['cpu_ratio']:.2f}), "
+            f"outputs identical: {same}")
+    return rows
+
+
+KERNEL_COLUMNS = [("size", "size"), ("tensor", "tensor"), ("numel", "elements"), ("method", "method"), ("n", "n"),
+                  ("cpu_a", "CPU s A"), ("cpu_b", "CPU s B"), ("cpu_ratio", "CPU B/A"), ("min_a", "min s A"),
+                  ("min_b", "min s B"), ("ns_per_elem_a", "ns/element A"), ("ns_per_elem_b", "ns/element B"),
+                  ("identical", "same output")]
+
+
 def summarise(calls: dict[str, list[dict]], a: str, b: str) -> list[dict]:
     rows = []
     keys: list[tuple[str, str]] = []
@@ -95,11 +167,18 @@ COLUMNS = [("size", "size"), ("method", "method"), ("n", "n"), ("cpu_a", "CPU s 
 
 
 def run(a: str, b: str, sizes: list[str], methods: list[str], rounds: int, threads: int = 1,
-        out: str | None = None, log=print) -> dict:
+        out: str | None = None, log=print, kernel: bool = False) -> dict:
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="acm-ab-"))
     try:
         trees = {a: materialise(a, tmp), b: materialise(b, tmp)}
+        if kernel:
+            rows = [r for size in sizes for r in kernel_ab(trees, size, methods, rounds, log=log)]
+            data = {"benchmark": "ab-kernel", "a": a, "b": b, "sizes": sizes, "methods": methods, "rounds": rounds,
+                    "threads": 1, "rows": rows, "total_seconds": time.perf_counter() - t0,
+                    "command": " ".join(["python -m benchmarks.ab", *sys.argv[1:]])}
+            data["path"] = str(save_result("ab-kernel", data, out))
+            return data
         calls: dict[str, list[dict]] = {a: [], b: []}
         for size in sizes:
             for rnd in range(rounds):
@@ -120,6 +199,9 @@ def run(a: str, b: str, sizes: list[str], methods: list[str], rounds: int, threa
 
 
 def report(data: dict) -> str:
+    if data["benchmark"] == "ab-kernel":
+        return (f"A = {data['a']}, B = {data['b']}; kernels alternating in one process, {data['rounds']} calls each, "
+                "1 torch thread; median CPU s per call\n\n" + md_table(data["rows"], KERNEL_COLUMNS))
     return (f"A = {data['a']}, B = {data['b']}; {data['rounds']} interleaved rounds, {data['threads']} torch thread(s); "
             "medians of CPU / wall s, max of memory\n\n" + md_table(data["rows"], COLUMNS))
 
@@ -132,12 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "dare_ties"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--kernel", action="store_true",
+                    help="per-tensor kernels in one process on the size's largest tensor (low noise); "
+                         "--rounds = calls per version")
     ap.add_argument("--quick", action="store_true", help="10m, TA + TIES, 1 round")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.methods, args.rounds = ["10m"], ["task_arithmetic", "ties"], 1
-    data = run(args.a, args.b, args.sizes, args.methods, args.rounds, args.threads, args.out)
+    data = run(args.a, args.b, args.sizes, args.methods, args.rounds, args.threads, args.out, kernel=args.kernel)
     print(report(data))
     print(f"[ab] results: {data['path']}")
     return 0

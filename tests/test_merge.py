@@ -195,6 +195,61 @@ def test_small_chunks_and_sampled_thresholds_match_reference(method, llama, stat
     assert_states_close(load_state(report.out_dir), want)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_working_buffers_are_chunk_sized(method, llama, tmp_path, monkeypatch):
+    """Memory flat like task arithmetic: on CPU no method keeps a whole tensor's float32 τ (TIES recomputes τ
+    in its merge pass instead of storing it for the threshold); DARE-TIES keeps only a 1-byte keep mask."""
+    import acm.merge_methods as mm
+
+    monkeypatch.setattr(mm, "CPU_CHUNK", 97)
+    monkeypatch.setattr(mm, "_EXACT_BELOW", 64)
+    # tiny tensors: the whole tensor is the threshold sample (as a real sample is for a big one, relatively)
+    monkeypatch.setattr(mm, "_sample_slice", lambda n: slice(0, n, 1))
+    monkeypatch.setattr(mm, "_SIGMAS", 3.0)
+    biggest = {torch.float32: 0, torch.bool: 0}
+    real_get = mm.Workspace.get
+
+    def recording_get(self, key, numel, dtype=torch.float32):
+        biggest[dtype] = max(biggest[dtype], numel)
+        return real_get(self, key, numel, dtype)
+
+    monkeypatch.setattr(mm.Workspace, "get", recording_get)
+    _merge(llama, 2, tmp_path / "out", method=method)
+    assert 0 < biggest[torch.float32] <= 97
+    assert set(biggest) == {torch.float32, torch.bool}
+    if method == "dare_ties":
+        assert biggest[torch.bool] == max(t.numel() for t in load_state(llama[0]).values())
+    else:
+        assert biggest[torch.bool] == 0
+
+
+@pytest.mark.parametrize("miss", ["low", "high"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_sampled_band_miss_falls_back_to_exact_threshold(method, miss, llama, states, tmp_path, monkeypatch):
+    """A band that misses the k-th largest (forced here; by chance it is ~never) must still give the exact
+    trim: the engine then rebuilds that model's τ (same DARE mask) and selects over all of it."""
+    import acm.merge_methods as mm
+
+    monkeypatch.setattr(mm, "CPU_CHUNK", 97)
+    monkeypatch.setattr(mm, "_EXACT_BELOW", 64)
+    monkeypatch.setattr(mm, "_SAMPLE", 512)
+    calls = {"full": 0}
+    real_full = mm.TensorJob._full_threshold
+
+    def counting_full(self, i, keep):
+        calls["full"] += 1
+        return real_full(self, i, keep)
+
+    monkeypatch.setattr(mm, "_band", lambda sample, n, k: (1e3, 2e3) if miss == "high" else (1e-30, 2e-30))
+    monkeypatch.setattr(mm.TensorJob, "_full_threshold", counting_full)
+    base_sd, ft_sds = states["llama"]
+    lams = acm_lambdas(2, seed=5)
+    report = _merge(llama, 2, tmp_path / "out", method=method, lambdas=lams, density=0.15, drop_rate=0.4)
+    assert calls["full"] > 0
+    want = reference(method, base_sd, ft_sds, lams, density=0.15, drop=0.4)
+    assert_states_close(load_state(report.out_dir), want)
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_ties_normalize_matches_reference(method, llama, states, tmp_path):
     base_sd, ft_sds = states["llama"]
@@ -478,6 +533,49 @@ def test_sharded_inputs_and_output_load_and_generate(tmp_path):
     assert out.shape[1] == ids["input_ids"].shape[1] + 4
     assert_states_close(load_state(r.out_dir), reference("ties", load_state(base), [load_state(ft)],
                                                         [{g: 1.0 for g in groups()}]))
+
+
+def _mapped(paths) -> set[str]:
+    names = {str(Path(p).resolve()) for p in paths}
+    return {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+            if line.split() and line.split()[-1] in names}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("method, extra", [("task_arithmetic", {}), ("ties", {}), ("ties", {"trim_scope": "global"}),
+                                           ("dare_ties", {})])
+def test_input_shards_are_unmapped_once_read(method, extra, tmp_path, monkeypatch):
+    """Peak RSS must not grow with the model: while merging, each input keeps at most the shard being
+    read mapped (a released shard is unmapped), none after the merge, and the result is unchanged."""
+    import acm.shards
+    from acm.models import resolve_model
+
+    base = make_tiny_model(tmp_path / "b", "llama", seed=0, max_shard_size="8KB")
+    ft = make_tiny_model(tmp_path / "f", "llama", seed=1, init_from=base, max_shard_size="8KB")
+    srcs = [resolve_model(str(base)), resolve_model(str(ft))]
+    files = [f for s in srcs for f in s.weight_files]
+    assert len(srcs[0].weight_files) >= 4
+    seen = {"open": 0, "mapped": 0, "calls": 0}
+    real_add = acm.shards.ShardWriter.add
+
+    def watching_add(self, name, tensor):
+        seen["calls"] += 1
+        seen["open"] = max(seen["open"], max(s.reader.open_files() for s in srcs))
+        seen["mapped"] = max(seen["mapped"], len(_mapped(files)))
+        return real_add(self, name, tensor)
+
+    monkeypatch.setattr(acm.shards.ShardWriter, "add", watching_add)
+    r = merge_models(srcs[0], [srcs[1]], tmp_path / "out", MergeOptions(method=method, **extra), show_progress=False)
+    assert seen["calls"] == r.num_tensors
+    assert seen["open"] <= 1 and seen["mapped"] <= 2 * 2      # the current shard (and the one before) per model
+    assert all(s.reader.open_files() == 0 for s in srcs)
+    import gc
+
+    gc.collect()
+    assert _mapped(files) == set()
+    want = reference(method, load_state(base), [load_state(ft)], [{g: 1.0 for g in groups()}],
+                     global_trim=extra.get("trim_scope") == "global")
+    assert_states_close(load_state(r.out_dir), want)
 
 
 # ---------------------------------------------------------------------------------------------
