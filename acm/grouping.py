@@ -10,6 +10,7 @@ decoder-only model whose blocks live in one ModuleList.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -110,15 +111,41 @@ def meta_model(config, *, trust_remote_code: bool = False) -> nn.Module:
         ) from exc
 
 
+_STRUCTURE_CACHE: "OrderedDict[tuple[str, bool], tuple[dict[str, str], str, str]]" = OrderedDict()
+_STRUCTURE_CACHE_SIZE = 8
+
+
+def _structure(config, trust_remote_code: bool) -> tuple[dict[str, str], str, str]:
+    """(parameter → group, base-model prefix, class name) of an architecture, cached per config.
+
+    Why cached: building the meta model is most of a small merge's fixed cost (15 ms of a 75 ms
+    merge of a 10M-parameter model, more for deep models), and the app merges the same pair again
+    for every t it is asked for. The key is the config's full JSON, so any change rebuilds it.
+    """
+    try:
+        key = (config.to_json_string(use_diff=False), bool(trust_remote_code))
+    except (TypeError, ValueError, AttributeError):   # a config that cannot be serialised: no caching
+        key = None
+    if key is not None and key in _STRUCTURE_CACHE:
+        _STRUCTURE_CACHE.move_to_end(key)
+        return _STRUCTURE_CACHE[key]
+    model = meta_model(config, trust_remote_code=trust_remote_code)
+    found = (group_map_for_model(model), getattr(model, "base_model_prefix", "") or "", type(model).__name__)
+    if key is not None:
+        _STRUCTURE_CACHE[key] = found
+        while len(_STRUCTURE_CACHE) > _STRUCTURE_CACHE_SIZE:
+            _STRUCTURE_CACHE.popitem(last=False)
+    return found
+
+
 def build_group_map(config, param_names: Iterable[str], *, trust_remote_code: bool = False) -> dict[str, str]:
     """Map checkpoint tensor names to groups; any name that maps to no group is an error.
 
     Checkpoints sometimes omit the base-model prefix (old GPT-2 files say ``h.0.attn`` for
-    ``transformer.h.0.attn``), so a name is tried as-is and then with the prefix.
+    ``transformer.h.0.attn``), so a name is tried as-is and then with the prefix. The
+    architecture's structure is built once per config and process (``_structure``).
     """
-    model = meta_model(config, trust_remote_code=trust_remote_code)
-    by_param = group_map_for_model(model)
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    by_param, prefix, class_name = _structure(config, trust_remote_code)
     mapping: dict[str, str] = {}
     unknown: list[str] = []
     for name in param_names:
@@ -129,7 +156,7 @@ def build_group_map(config, param_names: Iterable[str], *, trust_remote_code: bo
             mapping[name] = group
     if unknown:
         raise InputError(
-            f"{len(unknown)} tensor(s) map to no layer group for {type(model).__name__}, e.g. {unknown[0]!r}; "
+            f"{len(unknown)} tensor(s) map to no layer group for {class_name}, e.g. {unknown[0]!r}; "
             "this checkpoint does not match its config")
     return mapping
 

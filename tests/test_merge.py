@@ -782,3 +782,26 @@ def test_progress_callback_and_report(llama, tmp_path):
     d = r.to_dict()
     assert json.loads(json.dumps(d))["num_tensors"] == r.num_tensors
     assert d["options"]["method"] == "ties" and d["lambdas"][0]["embed"] == 1.0
+
+
+def test_repeated_merges_build_the_architecture_once(llama, tmp_path, monkeypatch):
+    """The group map's meta model is cached per config (the app merges the same pair for many t); the result
+    is unchanged, and another architecture still gets its own map."""
+    import acm.grouping
+
+    acm.grouping._STRUCTURE_CACHE.clear()
+    calls = {"n": 0}
+    real = acm.grouping.meta_model
+
+    def counting(config, **kw):
+        calls["n"] += 1
+        return real(config, **kw)
+
+    monkeypatch.setattr(acm.grouping, "meta_model", counting)
+    a = _merge(llama, 2, tmp_path / "a", method="ties", lambdas=acm_lambdas(2))
+    b = _merge(llama, 2, tmp_path / "b", method="ties", lambdas=acm_lambdas(2))
+    assert calls["n"] == 1
+    assert_states_close(load_state(a.out_dir), load_state(b.out_dir), exact=True)
+    other = make_pair(tmp_path / "q", "qwen2", n_ft=1)
+    _merge(other, 1, tmp_path / "c")
+    assert calls["n"] == 2
