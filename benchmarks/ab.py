@@ -167,13 +167,13 @@ COLUMNS = [("size", "size"), ("method", "method"), ("n", "n"), ("cpu_a", "CPU s 
 
 
 def run(a: str, b: str, sizes: list[str], methods: list[str], rounds: int, threads: int = 1,
-        out: str | None = None, log=print, kernel: bool = False) -> dict:
+        out: str | None = None, log=print, kernel: bool = False, tensor: str | None = None) -> dict:
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="acm-ab-"))
     try:
         trees = {a: materialise(a, tmp), b: materialise(b, tmp)}
         if kernel:
-            rows = [r for size in sizes for r in kernel_ab(trees, size, methods, rounds, log=log)]
+            rows = [r for size in sizes for r in kernel_ab(trees, size, methods, rounds, tensor, log=log)]
             data = {"benchmark": "ab-kernel", "a": a, "b": b, "sizes": sizes, "methods": methods, "rounds": rounds,
                     "threads": 1, "rows": rows, "total_seconds": time.perf_counter() - t0,
                     "command": " ".join(["python -m benchmarks.ab", *sys.argv[1:]])}
@@ -217,12 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel", action="store_true",
                     help="per-tensor kernels in one process on the size's largest tensor (low noise); "
                          "--rounds = calls per version")
+    ap.add_argument("--tensor", default=None, help="--kernel: tensor name (default: the largest)")
     ap.add_argument("--quick", action="store_true", help="10m, TA + TIES, 1 round")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.methods, args.rounds = ["10m"], ["task_arithmetic", "ties"], 1
-    data = run(args.a, args.b, args.sizes, args.methods, args.rounds, args.threads, args.out, kernel=args.kernel)
+    data = run(args.a, args.b, args.sizes, args.methods, args.rounds, args.threads, args.out, kernel=args.kernel,
+               tensor=args.tensor)
     print(report(data))
     print(f"[ab] results: {data['path']}")
     return 0

@@ -346,10 +346,16 @@ def scaling(rows: list[dict], sizes: list[dict]) -> list[dict]:
         ys = [r["seconds"] for r in pts]
         slope, icpt, r2 = lstsq_slope(xs, ys)
         mem = [r["anon_minus_baseline_mib"] for r in pts]
+        model = [by_size[r["size"]]["bytes_per_model"] for r in pts]
+        rss = [r["peak_rss_mib"] for r in pts]
         out.append({"method": m, "sec_per_gb_input": slope, "intercept_s": icpt, "r2": r2,
                     "time_exponent": loglog_exponent(xs, ys),
-                    "mem_exponent": loglog_exponent([by_size[r["size"]]["bytes_per_model"] for r in pts], mem),
-                    "anon_mib_smallest": mem[0], "anon_mib_largest": mem[-1]})
+                    "mem_exponent": loglog_exponent(model, mem),
+                    "anon_mib_smallest": mem[0], "anon_mib_largest": mem[-1],
+                    # peak VmRSS (what ru_maxrss / a container limit sees), all sizes and the two largest
+                    "rss_exponent": loglog_exponent(model, rss),
+                    "rss_exponent_top2": loglog_exponent(model[-2:], rss[-2:]),
+                    "rss_mib_smallest": rss[0], "rss_mib_largest": rss[-1]})
     return out
 
 
@@ -366,7 +372,9 @@ ROW_COLUMNS = TIME_COLUMNS
 SCALING_COLUMNS = [("method", "method"), ("sec_per_gb_input", "s per GB input (slope)"),
                    ("intercept_s", "intercept s"), ("r2", "r²"), ("time_exponent", "time ∝ size^k"),
                    ("mem_exponent", "working memory ∝ size^k"), ("anon_mib_smallest", "working MiB smallest"),
-                   ("anon_mib_largest", "working MiB largest")]
+                   ("anon_mib_largest", "working MiB largest"), ("rss_exponent", "peak RSS ∝ size^k"),
+                   ("rss_exponent_top2", "peak RSS ∝ size^k, two largest"), ("rss_mib_smallest", "peak RSS MiB smallest"),
+                   ("rss_mib_largest", "peak RSS MiB largest")]
 
 
 def run(sizes: list[str], *, methods: list[str] | None = None, repeats: int | None = None, n_ft: int = 1,
@@ -387,8 +395,9 @@ def run(sizes: list[str], *, methods: list[str] | None = None, repeats: int | No
 
 def report(data: dict) -> str:
     lines = [md_table(data["rows"], TIME_COLUMNS), md_table(data["rows"], MEM_COLUMNS)]
-    if data.get("scaling"):
-        lines.append(md_table(data["scaling"], SCALING_COLUMNS))
+    fits = scaling(data["rows"], data["sizes"]) if data.get("sizes") else data.get("scaling")   # (re-fit old files)
+    if fits:
+        lines.append(md_table(fits, SCALING_COLUMNS))
     baselines = [(s["size"], s["baseline"]["ru_maxrss"] / MB) for s in data["sizes"]]
     lines.append("Baseline (interpreter + torch + acm imports) RSS MiB: "
                  + ", ".join(f"{s}: {v:.0f}" for s, v in baselines) + "\n")

@@ -80,3 +80,30 @@ def test_kernels_quick(tmp_path):
     assert {"task-arithmetic update", "TIES threshold", "DARE drop mask"} <= kinds
     exact = [r for r in data["rows"] if r["variant"].startswith("radix")]
     assert exact and "True" in exact[0]["note"]   # the radix select agrees with kthvalue
+
+
+def _git_ok() -> bool:
+    import subprocess
+
+    from benchmarks.common import ROOT
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _git_ok() or not _has("acm.merge"), reason="needs a git checkout and the engine")
+def test_ab_quick(tmp_path):
+    from benchmarks import ab
+
+    data = ab.run("HEAD", ab.WORKTREE, ["10m"], ["task_arithmetic"], 1, out=str(tmp_path / "ab.json"),
+                  log=lambda *_: None)
+    rows = {r["method"]: r for r in data["rows"]}
+    assert {"floor", "task_arithmetic"} <= set(rows)
+    assert rows["task_arithmetic"]["cpu_a"] > 0 and rows["task_arithmetic"]["cpu_b"] > 0
+    kern = ab.run("HEAD", ab.WORKTREE, ["10m"], ["task_arithmetic", "ties"], 1, out=str(tmp_path / "abk.json"),
+                  log=lambda *_: None, kernel=True)
+    assert [r["method"] for r in kern["rows"]] == ["task_arithmetic", "ties"]
+    assert all(r["cpu_a"] > 0 and r["identical"] is not None for r in kern["rows"])
+    assert "| size |" in ab.report(data) and "| size |" in ab.report(kern)
