@@ -10,6 +10,7 @@ decoder-only model whose blocks live in one ModuleList.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable
@@ -113,6 +114,7 @@ def meta_model(config, *, trust_remote_code: bool = False) -> nn.Module:
 
 _STRUCTURE_CACHE: "OrderedDict[tuple[str, bool], tuple[dict[str, str], str, str]]" = OrderedDict()
 _STRUCTURE_CACHE_SIZE = 8
+_STRUCTURE_LOCK = threading.Lock()
 
 
 def _structure(config, trust_remote_code: bool) -> tuple[dict[str, str], str, str]:
@@ -126,15 +128,19 @@ def _structure(config, trust_remote_code: bool) -> tuple[dict[str, str], str, st
         key = (config.to_json_string(use_diff=False), bool(trust_remote_code))
     except (TypeError, ValueError, AttributeError):   # a config that cannot be serialised: no caching
         key = None
-    if key is not None and key in _STRUCTURE_CACHE:
-        _STRUCTURE_CACHE.move_to_end(key)
-        return _STRUCTURE_CACHE[key]
+    if key is not None:
+        with _STRUCTURE_LOCK:                          # the app merges from several sessions' threads
+            found = _STRUCTURE_CACHE.get(key)
+            if found is not None:
+                _STRUCTURE_CACHE.move_to_end(key)
+                return found
     model = meta_model(config, trust_remote_code=trust_remote_code)
     found = (group_map_for_model(model), getattr(model, "base_model_prefix", "") or "", type(model).__name__)
     if key is not None:
-        _STRUCTURE_CACHE[key] = found
-        while len(_STRUCTURE_CACHE) > _STRUCTURE_CACHE_SIZE:
-            _STRUCTURE_CACHE.popitem(last=False)
+        with _STRUCTURE_LOCK:
+            _STRUCTURE_CACHE[key] = found
+            while len(_STRUCTURE_CACHE) > _STRUCTURE_CACHE_SIZE:
+                _STRUCTURE_CACHE.popitem(last=False)
     return found
 
 
