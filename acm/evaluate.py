@@ -135,31 +135,26 @@ def load_data(data: Sequence[dict] | str | os.PathLike, *, field_question: str =
 # ----------------------------------------------------------------------------- models
 
 
-def load_model(path: str | os.PathLike, *, trust_remote_code: bool = False):
-    """(model, tokenizer) from a local folder, safetensors only, on CPU in float32, eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(spec: str | os.PathLike, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+               device: str | None = None):
+    """(model, tokenizer) from a local folder or a Hub id, in eval mode.
 
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"model folder {path} not found; pass a local folder with config.json and safetensors")
-    if not any(path.glob("*.safetensors")):
-        raise InputError(f"{path} has no .safetensors weights; convert the checkpoint to safetensors first")
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
-    model.eval()
-    return model, tok
+    Goes through ``acm.models`` so evaluation gets the same safety rules as analysis and merge
+    (safetensors only unless ``allow_pickle``, no model code unless ``trust_remote_code``) and the
+    same placement: CUDA in bfloat16 when available, else CPU in float32.
+    """
+    from acm.models import load_causal_lm, resolve_model
+
+    src = resolve_model(str(spec), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return load_causal_lm(src, device=device)
 
 
-def _resolve(spec: ModelSpec, trust_remote_code: bool) -> tuple[str, object, object]:
+def _resolve(spec: ModelSpec, **load_options) -> tuple[str, object, object]:
     if isinstance(spec, tuple):
         if len(spec) != 3:
             raise InputError("a model given in memory must be a (name, model, tokenizer) tuple")
         return spec
-    model, tok = load_model(spec, trust_remote_code=trust_remote_code)
+    model, tok = load_model(spec, **load_options)
     return str(spec), model, tok
 
 
@@ -227,10 +222,12 @@ def _level_key(level: str):
 def evaluate(models: Iterable[ModelSpec], data: Sequence[dict] | str | os.PathLike, *, limit: int | None = None,
              max_new_tokens: int = 512, batch_size: int = 16, field_question: str = "question",
              field_answer: str = "answer", chat_template: bool = True, trust_remote_code: bool = False,
-             progress: Progress | None = None, show_progress: bool = True, keep_records: bool = False) -> dict:
+             allow_pickle: bool = False, device: str | None = None, progress: Progress | None = None,
+             show_progress: bool = True, keep_records: bool = False) -> dict:
     """Evaluate each model on the same problems; the JSON-ready dict the CLI writes and the UI shows.
 
-    ``models`` are local folders or ``(name, model, tokenizer)`` tuples (e.g. a merge in memory).
+    ``models`` are local folders, Hub ids or ``(name, model, tokenizer)`` tuples (e.g. a merge in
+    memory). Models are loaded one at a time and released before the next, so only one is resident.
     """
     models = list(models)
     if not models:
@@ -241,10 +238,12 @@ def evaluate(models: Iterable[ModelSpec], data: Sequence[dict] | str | os.PathLi
     result = {"data": str(data) if isinstance(data, (str, os.PathLike)) else "<list>", "n": len(rows),
               "max_new_tokens": max_new_tokens, "decoding": "greedy", "models": []}
     for k, spec in enumerate(models):
-        name, model, tok = _resolve(spec, trust_remote_code)
+        name, model, tok = _resolve(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                    device=device)
         span = (k / len(models), (k + 1) / len(models))
         res = evaluate_model(model, tok, rows, name=name, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              chat_template=chat_template, progress=progress, show_progress=show_progress, span=span)
+        del model, tok  # free this model before loading the next
         if not keep_records:
             res.pop("records")
         result["models"].append(res)

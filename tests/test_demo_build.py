@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from acm.cli import main
@@ -20,7 +21,11 @@ def test_quick_build_loads_and_generates(tmp_path):
         assert (path / "model.safetensors").is_file() and (path / "generation_config.json").is_file()
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
-        assert model.config.model_type == "qwen2" and model.config.num_hidden_layers >= 4
+        assert model.config.model_type == "llama" and model.config.num_hidden_layers >= 4
+        # the saved tokenizer is the trained one (not replaced by an architecture default)
+        text = "Question: What is 23 + 5?\n 23 + 5 = 28."
+        raw = Tokenizer.from_file(str(path / "tokenizer.json"))
+        assert tok.encode(text, add_special_tokens=False) == raw.encode(text, add_special_tokens=False).ids
         prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
                                          add_generation_prompt=True)
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
@@ -45,13 +50,14 @@ def test_build_is_deterministic_per_seed(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(ma.parameters(), mb.parameters()))
 
 
-def test_tokenizer_round_trips_and_keeps_digits_single():
-    tok = build_tokenizer(["What is 4736 + 2958?", "ones 6+8+0=14", "So the answer is 7694."], 300)
-    text = "Add 4736 + 2958 column by column.\nSo the answer is -7,694.5 \\boxed{1} héllo"
+def test_tokenizer_round_trips_and_numbers_are_single_tokens():
+    tok = build_tokenizer(["What is 27 + 5?", " 27 + 5 = 32.", "So the answer is 32."] * 20, 300)
+    text = "Add 4736 + 2958.\n 27 + 5 = 32.\nSo the answer is -7,694.5 \\boxed{1} héllo"
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text
-    pieces = tok.convert_ids_to_tokens(tok.encode("4736", add_special_tokens=False))
-    assert pieces == ["4", "7", "3", "6"]
+    assert tok.convert_ids_to_tokens(tok.encode(" 27 + 5", add_special_tokens=False)) == ["Ġ27", "Ġ+", "Ġ5"]
+    # digits are never merged across a group of two, so long numbers stay readable to the model
+    assert all(len(t.lstrip("Ġ")) <= 2 for t in tok.convert_ids_to_tokens(tok.encode(" 4736")))
 
 
 def test_cli_build_demo_quick(tmp_path, capsys):

@@ -10,13 +10,18 @@ from acm.evaluate import extract_answer
 
 
 def _replay(text: str) -> int:
-    """Recompute every line of a worked solution and return the final answer."""
+    """Every worked line must be a true sum chained on the previous result; returns the answer."""
+    results = []
     for line in text.splitlines():
-        m = re.fullmatch(r"(\d+) ([+-]) (\d) = (-?\d+)\.", line)
+        m = re.fullmatch(r" \(([a-h])\) (\d+) ([+-]) (\d) = (\d+)", line)
         if m:
-            a, op, b, r = m.groups()
-            assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(r), line
-            assert 0 <= int(r) <= tasks.MAX_TOTAL, line
+            label, a, op, b, value = m.groups()
+            assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(value), line
+            assert 0 <= int(value) <= tasks.MAX_TOTAL, line
+            if label != "a":
+                assert int(a) == results[-1], (line, results)
+            results.append(int(value))
+    assert results, text
     return int(extract_answer(text))
 
 
@@ -51,9 +56,13 @@ def test_word_problem_and_expression_match_the_steps():
     rng = random.Random(0)
     p = tasks.make_problem(5, rng)
     assert len(p.steps) == tasks.OPS_PER_LEVEL[5] and p.question.endswith("have now?")
-    assert str(p.steps[0].a) in p.question
+    assert p.question.split(" ")[2] == str(p.steps[0].a)
     q = tasks.make_problem(4, rng)
-    assert " ".join([str(q.steps[0].a)] + [f"{s.op} {s.b}" for s in q.steps]) in q.question
+    assert q.question.startswith(f"Start with {q.steps[0].a}. ")
+    for i, s in enumerate(q.steps):
+        assert f"({tasks.LABELS[i]}) " in q.question and f" {s.b}." in q.question
+    # the worked solution reads each step under the label it has in the question
+    assert all(f"({tasks.LABELS[i]}) {s.a} {s.op} {s.b} = {s.value}" in q.cot() for i, s in enumerate(q.steps))
 
 
 def test_held_out_sets_are_disjoint():

@@ -3,14 +3,14 @@
 Nothing here can be downloaded, so the app's Long-to-Short story is reproduced in miniature and
 from scratch, seeded, on CPU:
 
-1. a byte-level BPE tokenizer (digits kept as single tokens) with a tiny chat template;
-2. ``tiny-math-base``: a small ``Qwen2ForCausalLM`` "pre-trained" on worked solutions written as
-   plain documents and "instruction-tuned" to answer chats tersely (``A: 7694``) - System 1;
-3. ``tiny-math-long``: a copy of the base fine-tuned on chats answered in the long style (worked
-   columns plus a redundant re-check) - System 2;
+1. a byte-level BPE tokenizer (numbers below 100 are single tokens) with a tiny chat template;
+2. ``tiny-math-base``: a small ``LlamaForCausalLM`` "pre-trained" on worked solutions written as
+   plain documents and "instruction-tuned" to answer chats tersely (``A: 13``) - System 1;
+3. ``tiny-math-long``: a copy of the base fine-tuned on chats answered in the long style (one
+   worked line per step plus a redundant re-check) - System 2;
 4. the held-out calibration prompts and evaluation problems as jsonl.
 
-The base learns the column method as text but not to use it when asked, as a math base model
+The base learns the worked method as text but not to use it when asked, as a math base model
 does; the fine-tune teaches it to reason (at length). That shared ancestry is what makes merging
 the two meaningful.
 """
@@ -48,22 +48,23 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-# GPT-2-like word splitting, except that every digit is its own piece (with its leading space).
-_PRETOKEN_PATTERN = r"""'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d| ?[^\s\w]+|_+|\s+(?!\S)|\s+"""
+# GPT-2-like word splitting, with digits cut into pieces of at most two (and their leading space):
+# every number the tasks use (0..99) can become one token, as small numbers are in GPT-2's BPE.
+_PRETOKEN_PATTERN = r"""'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d{1,2}| ?[^\s\w]+|_+|\s+(?!\S)|\s+"""
 BASE_NAME, LONG_NAME = "tiny-math-base", "tiny-math-long"
 CALIBRATION_NAME, EVAL_NAME = "demo_calibration.jsonl", "demo_eval.jsonl"
 
 
 @dataclass
 class ModelSize:
-    """Architecture of the demo models (``Qwen2ForCausalLM``)."""
+    """Architecture of the demo models (``LlamaForCausalLM``)."""
 
-    hidden: int = 128
+    hidden: int = 96
     layers: int = 6
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 256
-    vocab: int = 384
+    vocab: int = 512
     max_positions: int = 1024
 
 
@@ -83,8 +84,8 @@ class BuildConfig:
 
     seed: int = 0
     size: ModelSize = field(default_factory=ModelSize)
-    base: Phase = field(default_factory=lambda: Phase(steps=1500))
-    long: Phase = field(default_factory=lambda: Phase(steps=400, lr=1e-3))
+    base: Phase = field(default_factory=lambda: Phase(steps=4500))
+    long: Phase = field(default_factory=lambda: Phase(steps=1500, lr=1e-3))
     n_base_docs: int = 6000  # worked solutions as plain text ("pre-training")
     n_base_chat: int = 6000  # chats answered tersely ("instruction tuning")
     n_long_chat: int = 6000  # chats answered at length (the fine-tune)
@@ -121,7 +122,10 @@ class BuildReport:
 
 
 def build_tokenizer(corpus: Iterable[str], vocab_size: int):
-    """Byte-level BPE trained on the task text; digits are always single tokens (as in Qwen)."""
+    """Byte-level BPE trained on the task text; a number below 100 seen in training is one token.
+
+    One token per number keeps the worked solutions short and makes copying an operand from the
+    question a one-token copy, which a model this small learns in minutes instead of hours."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -256,18 +260,22 @@ def train(model, examples: list, phase: Phase, *, seed: int, pad_id: int, desc: 
 
 
 def make_model(tok, size: ModelSize, seed: int):
-    """A fresh ``Qwen2ForCausalLM`` sized by ``size`` (untied head, so ``head`` is its own group)."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    """A fresh ``LlamaForCausalLM`` sized by ``size`` (untied head, so ``head`` is its own group).
+
+    Llama rather than Qwen2 because transformers 5 loads every ``qwen2`` folder with
+    ``Qwen2Tokenizer``, which replaces the saved pre-tokenizer by Qwen's (single digits); a
+    ``llama`` folder keeps the ``tokenizer.json`` it was trained with."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    config = LlamaConfig(
         vocab_size=len(tok), hidden_size=size.hidden, intermediate_size=size.intermediate,
         num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
         max_position_embeddings=size.max_positions, tie_word_embeddings=False,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
-    model = Qwen2ForCausalLM(config)
+    model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         do_sample=False, max_new_tokens=512, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return model

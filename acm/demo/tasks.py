@@ -3,15 +3,17 @@
 Pure Python and seeded, so the bundled models, the calibration set and the evaluation set can be
 rebuilt byte for byte. Every problem can be written in three styles:
 
-* ``short`` - the terse "System 1" answer the base model is trained on (``A: 7694``);
-* ``cot`` - a concise worked solution, one line per operation (``14 + 7 = 21.``);
+* ``short`` - the terse "System 1" answer the base model is trained on (``A: 13``);
+* ``cot`` - a concise worked solution, one line per operation (``(b) 19 - 6 = 13``);
 * ``long`` - the "System 2" answer of the fine-tuned model: the worked solution, then a redundant
   re-check of every step ("Wait, let me verify ...") and a closing "So the answer is X.".
 
-Problems are chains of additions and subtractions of single digits on a running total (0..40).
-A tiny transformer cannot evaluate a five-operation chain in one shot, but each line of the
-worked solution is one small table lookup, so the long style really helps on the harder levels -
-which is why a long model exists at all.
+A problem is a start value and a chain of labelled single-digit steps, ``Start with 10. (a) Add 9.
+(b) Take away 6. What is the result?``, with a running total that stays in 0..MAX_TOTAL. A tiny
+transformer cannot compose four or five additions in one forward pass, so the terse answer fails
+on the longer chains; each line of the worked solution is one small sum whose inputs are easy to
+find (the previous line's result and the step with the same label in the question), so the long
+style really helps on the harder levels - which is why a long model exists at all.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ LEVEL_NAMES = {
     4: "five operations",
     5: "word problem, four operations",
 }
-MAX_TOTAL = 40
+MAX_TOTAL = 20
 
-_ASK = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "Find {e}.", "How much is {e}?")
+_ASK = ("What is the result?", "What number do you get?", "Where do you end up?", "What is the total?")
+LABELS = "abcdefgh"
+_ADD = ("Add {k}.", "Plus {k}.")
+_SUB = ("Take away {k}.", "Minus {k}.", "Subtract {k}.")
 _NAMES = ("Sam", "Mia", "Leo", "Ava", "Noah", "Zoe", "Omar", "Lena", "Ivan", "Rosa")
 _ITEMS = ("apples", "stamps", "marbles", "coins", "books", "shells", "cards", "beads")
 _GAIN = ("buys {k}", "finds {k}", "gets {k} more", "wins {k}")
@@ -93,23 +98,30 @@ def _chain(rng: random.Random, start: int, n_ops: int) -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def _expression(steps: Sequence[Step]) -> str:
-    return " ".join([str(steps[0].a)] + [f"{s.op} {s.b}" for s in steps])
+def _expression(rng: random.Random, steps: Sequence[Step]) -> str:
+    """``Start with 10. (a) Add 9. (b) Take away 6. What is the result?``
+
+    One sentence per step: with bare ``(a) + 9 (b) - 6`` the small model confused neighbouring
+    steps when reading them back (10-30 % worked-solution accuracy on three steps, against 100 %
+    for the word problems written one sentence per step)."""
+    parts = [f"({LABELS[i]}) " + rng.choice(_ADD if s.op == "+" else _SUB).format(k=s.b)
+             for i, s in enumerate(steps)]
+    return f"Start with {steps[0].a}. " + " ".join(parts) + " " + rng.choice(_ASK)
 
 
 def _word(rng: random.Random, steps: Sequence[Step]) -> str:
     n, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    parts = [rng.choice(_GAIN if s.op == "+" else _LOSS).format(k=s.b) for s in steps]
-    return (f"{n} has {steps[0].a} {item}. {n} " + ", then ".join(parts)
-            + f". How many {item} does {n} have now?")
+    parts = [f"({LABELS[i]}) {n} " + rng.choice(_GAIN if s.op == "+" else _LOSS).format(k=s.b) + "."
+             for i, s in enumerate(steps)]
+    return f"{n} has {steps[0].a} {item}. " + " ".join(parts) + f" How many {item} does {n} have now?"
 
 
 def make_problem(level: int, rng: random.Random) -> Problem:
     """Draw one problem of ``level`` (1..5) from ``rng``."""
     if level not in OPS_PER_LEVEL:
         raise ValueError(f"unknown level {level}; use one of {LEVELS}")
-    steps = _chain(rng, rng.randint(5, 30), OPS_PER_LEVEL[level])
-    q = _word(rng, steps) if level == 5 else rng.choice(_ASK).format(e=_expression(steps))
+    steps = _chain(rng, rng.randint(2, 18), OPS_PER_LEVEL[level])
+    q = _word(rng, steps) if level == 5 else _expression(rng, steps)
     return Problem(q, steps[-1].value, level, steps)
 
 
@@ -150,13 +162,18 @@ def short_answer(p: Problem) -> str:
 
 
 def work(p: Problem) -> list[str]:
-    """One line per operation, carrying the running total forward."""
-    return [f"{s.a} {s.op} {s.b} = {s.value}." for s in p.steps]
+    """One line per step: ``(b) 19 - 6 = 13``.
+
+    Every line has the same shape, so the previous result sits at a fixed distance above, and
+    the step's label points at the operation to read from the question: a small model only ever
+    copies two things it can find reliably and looks up one small sum.
+    """
+    return [f" ({LABELS[i]}) {s.a} {s.op} {s.b} = {s.value}" for i, s in enumerate(p.steps)]
 
 
 def solution(p: Problem, *, verify: bool) -> str:
     """The worked solution; with ``verify`` every step is redundantly re-checked (System 2)."""
-    lines = [f"Start with {p.steps[0].a}."] + work(p)
+    lines = work(p)
     if verify:
         lines += ["Wait, let me verify each step again."] + work(p)
         lines.append(f"Yes, the result is {p.answer}.")
