@@ -9,10 +9,12 @@ dir is deleted, so nothing that looks like a finished model is left behind.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -112,8 +114,10 @@ class AtomicFolder:
 
     def __enter__(self) -> Path:
         parent = self.target.parent
+        remove_stale_temps(self.target)
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=parent))
+            (self.tmp / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
         except OSError as exc:
             raise InputError(f"cannot create a temp folder in {parent}: {exc.strerror or exc}") from None
         return self.tmp
@@ -135,6 +139,7 @@ class AtomicFolder:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(self.tmp, target)
+        (target / OWNER_FILE).unlink(missing_ok=True)
         self.committed = True
         self.tmp = None
         return target
@@ -143,6 +148,41 @@ class AtomicFolder:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
+
+
+OWNER_FILE = ".acm-writer"
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Delete temp folders that a killed writer of ``target`` left behind (SIGKILL skips cleanup).
+
+    Only folders whose owner file names a process on this host that no longer exists are
+    removed; a temp folder of a merge still running, of another host (shared disks), or without
+    an owner file is left alone. ``.old-*`` folders are never touched: they may hold the only copy
+    of a previous output.
+    """
+    removed = []
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
+        try:
+            host, pid_text = (tmp / OWNER_FILE).read_text(encoding="utf-8").split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        if host != socket.gethostname() or _alive(pid):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_target(target: Path, *, force: bool) -> None:

@@ -116,6 +116,8 @@ def test_sigkill_mid_merge_leaves_nothing_that_looks_complete_and_a_rerun_succee
 
     assert main(_merge_argv(base, ft, out)) == 0                      # a plain rerun works
     assert _looks_complete(out)
+    assert not any(p.exists() for p in leftovers)                     # and removed the killed writer's temp
+    assert not (out / ".acm-writer").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert all((out / shard).is_file() for shard in set(index["weight_map"].values()))
     from transformers import AutoModelForCausalLM
