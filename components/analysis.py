@@ -21,8 +21,9 @@ from components.models import validate_selection
 from components.state import SessionState
 
 T_MAX = 40.0
-DEFAULT_T = 8.0
-DEFAULT_ALPHA = 1.0
+# From the demo sweep (README "Demo results"); see components/merge.py.
+DEFAULT_T = 1.0
+DEFAULT_ALPHA = 0.7
 T_GRID = (0.0, 2.0, 5.0, 10.0, 20.0, 40.0)   # the small-multiples view
 DEFAULT_BINS = 64
 DEFAULT_BATCH = 4

@@ -18,7 +18,10 @@ METHOD_CHOICES = [("Task Arithmetic (TA)", "task_arithmetic"), ("TIES", "ties"),
 METHOD_SHORT = {"task_arithmetic": "TA", "ties": "TIES", "dare_ta": "DARE-TA", "dare_ties": "DARE-TIES",
                 "linear": "Linear"}
 ACM, PLAIN = "ACM (per-layer λ)", "plain (α everywhere)"
-DEFAULT_METHOD = "task_arithmetic"
+# Defaults from the demo sweep (README "Demo results"): ACM-TIES α=0.7, density 0.7, t=1 keeps the
+# base model's accuracy on the bundled problems with answers about half as long as the long model's.
+DEFAULT_METHOD = "ties"
+DEFAULT_DENSITY = 0.7
 # Short names accepted from API callers (gradio_client) besides the dropdown values.
 METHOD_ALIASES = {"ta": "task_arithmetic", "task-arithmetic": "task_arithmetic", "dare-ta": "dare_ta",
                   "dare-ties": "dare_ties", **{label.lower(): value for label, value in METHOD_CHOICES}}
@@ -44,7 +47,7 @@ def merge_label(method: str, use_acm: bool, t: float, alpha: float, merge_id: in
 
 
 def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAULT_METHOD, mode: str = ACM,
-              t: float = 8.0, alpha: float = 1.0, density: float = 0.2, drop_rate: float = 0.3,
+              t: float = 1.0, alpha: float = 0.7, density: float = DEFAULT_DENSITY, drop_rate: float = 0.3,
               trim_scope: str = "tensor", seed: int = 0, clip_min=None, clip_max=None, device: str | None = "auto",
               dtype: str | None = "auto", trust_remote_code: bool = False,
               progress: Callable[[float, str], None] | None = None) -> MergedModel:
@@ -187,9 +190,10 @@ def build() -> SimpleNamespace:
         alpha = gr.Slider(0.0, 2.0, value=DEFAULT_ALPHA, step=0.05, label="α", scale=2,
                           info="plain: the coefficient; ACM: the mean λ")
     with gr.Row():
-        density = gr.Slider(0.01, 1.0, value=0.2, step=0.01, label="Density (TIES)", visible=False,
+        ties = DEFAULT_METHOD in ("ties", "dare_ties")
+        density = gr.Slider(0.01, 1.0, value=DEFAULT_DENSITY, step=0.01, label="Density (TIES)", visible=ties,
                             info="share of each task vector kept")
-        trim_scope = gr.Radio(["tensor", "global"], value="tensor", label="Trim scope (TIES)", visible=False)
+        trim_scope = gr.Radio(["tensor", "global"], value="tensor", label="Trim scope (TIES)", visible=ties)
         drop_rate = gr.Slider(0.0, 0.99, value=0.3, step=0.01, label="Drop rate (DARE)", visible=False)
         seed = gr.Number(value=0, precision=0, label="Seed (DARE)", visible=False)
     acm_status = gr.Markdown(acm_status_line(None), elem_classes=["muted"])
@@ -222,7 +226,7 @@ def wire(ui) -> None:
 
     @gpu(duration=600)
     def merge(state, base=None, fts=None, method=DEFAULT_METHOD, mode=ACM, t=DEFAULT_T, alpha=DEFAULT_ALPHA,
-              density=0.2, drop_rate=0.3, trim_scope="tensor", seed=0, clip_min=None, clip_max=None, device="auto",
+              density=DEFAULT_DENSITY, drop_rate=0.3, trim_scope="tensor", seed=0, clip_min=None, clip_max=None, device="auto",
               dtype="auto", trust=False, progress=gr.Progress()):
         """Merge base + fine-tuned models (plain or ACM) and load the result for chat and evaluation."""
         progress(0.0, desc="starting the merge")

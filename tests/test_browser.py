@@ -115,17 +115,20 @@ def test_analyse_and_move_the_t_slider(browser, server, tmp_path):
         raise
     page.locator("#nmi-plot .main-svg").first.wait_for(timeout=30_000)
     nmi_points = page.locator("#nmi-plot .scatterlayer .trace .points path").count()
-    page.get_by_text("at t = 8, α = 1").first.wait_for(timeout=30_000)
+    from components.analysis import DEFAULT_ALPHA, DEFAULT_T
+
+    a = f"α = {DEFAULT_ALPHA:g}"
+    page.get_by_text(f"at t = {DEFAULT_T:g}, {a}").first.wait_for(timeout=30_000)
 
     slider = page.locator("#t-slider input[type=range]")
     t0 = time.perf_counter()
     slider.fill("20")
-    page.get_by_text("at t = 20, α = 1").first.wait_for(timeout=30_000)
+    page.get_by_text(f"at t = 20, {a}").first.wait_for(timeout=30_000)
     redraw_ms = (time.perf_counter() - t0) * 1000
     slider.fill("2")
-    page.get_by_text("at t = 2, α = 1").first.wait_for(timeout=30_000)
+    page.get_by_text(f"at t = 2, {a}").first.wait_for(timeout=30_000)
     slider.fill("20")
-    page.get_by_text("at t = 20, α = 1").first.wait_for(timeout=30_000)
+    page.get_by_text(f"at t = 20, {a}").first.wait_for(timeout=30_000)
     shot = save_shot(page, tmp_path, "02_analysis_t20.png")
 
     assert nmi_points >= 3                       # embed, ≥ 1 block, head
