@@ -9,6 +9,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -111,3 +112,12 @@ def write_calibration(path: Path, n: int = 24) -> Path:
     lines = [json.dumps({"text": f"what is {i} plus {i * 3}? the answer is {i * 4}."}) for i in range(n)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: on a shared 2-core machine two OpenMP threads stall each other."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -31,18 +31,12 @@ from acm.analysis import AnalysisResult, ModelNMI
 from acm.cli import main
 from components import analysis, calibration, common, evaluate, merge, models
 from components.state import SessionState
-from tests.fixtures import VOCAB_SIZE, make_pair, make_tiny_model, write_calibration
+from tests.fixtures import VOCAB_SIZE, make_pair, make_tiny_model, one_torch_thread, write_calibration  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 GROUPS = ["embed", "block.0", "block.1", "head"]
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- the bad inputs

@@ -23,7 +23,7 @@ import acm.analysis
 from acm.cli import main
 from components import analysis, calibration, common, merge
 from components.state import SessionState
-from tests.fixtures import make_pair, write_calibration
+from tests.fixtures import make_pair, one_torch_thread, write_calibration  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,13 +41,7 @@ from acm.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

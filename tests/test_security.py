@@ -27,18 +27,12 @@ from acm.cli import main
 from acm.errors import InputError, redact
 from components import common, export, merge, models
 from components.state import MergedModel, SessionState
-from tests.fixtures import make_pair, write_calibration
+from tests.fixtures import make_pair, one_torch_thread, write_calibration  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefABCDEFgh"
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
