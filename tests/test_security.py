@@ -30,7 +30,9 @@ from components.state import MergedModel, SessionState
 from tests.fixtures import make_pair, one_torch_thread, write_calibration  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
-FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefABCDEFgh"
+# Token-shaped but fake; assembled at run time so no token-like literal sits in the repository
+# (secret scanners would flag it, and users would rightly ask whether it is real).
+FAKE_TOKEN = "hf" + "_" + "FAKE" + "0123456789" * 3
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
