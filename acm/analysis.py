@@ -40,6 +40,7 @@ from acm.calibration import (
 )
 from acm.errors import ACMError, InputError, OutOfMemoryAdvice, is_out_of_memory
 from acm.grouping import EMBED, HEAD, build_group_map, find_group_modules, group_names
+from acm.merge_methods import finite
 from acm.mi import QUANTILES, StreamingMI, bin_indices, check_bins, robust_range
 from acm.models import ModelSource, check_compatibility, load_causal_lm, parse_dtype, resolve_model
 
@@ -163,9 +164,6 @@ class AnalysisResult:
 # ===================================================================================== capture
 
 
-_is_oom = is_out_of_memory     # CUDA / MPS / CPU allocator / MemoryError (see acm.errors)
-
-
 def _oom_advice(where: str, device: str, batch_size: int, max_tokens: int, n: int) -> OutOfMemoryAdvice:
     """One line that says what to change; names both the CLI flags and the app's controls."""
     return OutOfMemoryAdvice(
@@ -184,10 +182,7 @@ def check_finite_weights(model: torch.nn.Module, role: str, spec: str) -> None:
     """
     with torch.inference_mode():
         for name, p in model.named_parameters():
-            if p.numel() == 0 or not p.is_floating_point() or p.device.type == "meta":
-                continue
-            lo, hi = torch.aminmax(p.detach())
-            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            if p.device.type != "meta" and not finite(p.detach()):
                 raise InputError(f"{role} {spec} has NaN/Inf values in {name}; this checkpoint is broken, "
                                  "analyse a healthy one")
 
@@ -399,7 +394,7 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     except ACMError:
         raise
     except Exception as exc:
-        if _is_oom(exc):
+        if is_out_of_memory(exc):
             raise _oom_advice("loading models / selecting samples", dev_name, batch_size, max_tokens,
                               len(texts)) from None
         raise
@@ -447,7 +442,7 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     except ACMError:
         raise
     except Exception as exc:
-        if _is_oom(exc):
+        if is_out_of_memory(exc):
             raise _oom_advice("running the analysis", dev_name, batch_size, max_tokens, len(ids)) from None
         raise
     finally:

@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from acm import __version__
-from acm.errors import OOM_ADVICE, ACMError, is_out_of_memory, redact
+from acm.errors import OOM_ADVICE, ACMError, first_line, is_out_of_memory, redact
 
 # Order here is the order shown in --help.
 COMMAND_MODULES = ("analyze", "coefficients", "merge", "eval", "build_demo")
@@ -66,9 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if is_out_of_memory(exc):
             advice = _OOM_ADVICE.get(args.command, "use a machine (or device) with more memory")
-            _error_line(args.command, f"out of memory ({_first_line(exc)}): {advice}")
+            _error_line(args.command, f"out of memory ({first_line(exc)}): {advice}")
             return 1
-        _error_line(args.command, f"{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)")
+        _error_line(args.command, f"{type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)")
         return 1
 
 
@@ -92,10 +92,6 @@ _OOM_ADVICE = {
              "or a machine with more memory",
     "eval": "use a smaller --batch-size or fewer --max-new-tokens",
 }
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def _error_line(command: str, message: str) -> None:

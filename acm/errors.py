@@ -56,6 +56,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(p in str(exc).lower() for p in _OOM_PHRASES)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library messages can span many lines)."""
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
 # Hugging Face user access tokens ("hf_" + letters/digits) and the legacy "api_org_" tokens.
 _TOKEN_RE = re.compile(r"\b(?:hf_|api_org_)[A-Za-z0-9]{8,}")
 

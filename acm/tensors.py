@@ -150,9 +150,7 @@ class TensorReader:
         if self.format == "safetensors":
             from safetensors import SafetensorError
 
-            handle = self._handles.get(i)
-            if handle is None:
-                handle = self._open_safetensors(self.files[i])
+            handle = self._open_safetensors(self.files[i])     # reopens a released shard
             try:
                 return handle.get_tensor(key)
             except (SafetensorError, OSError, RuntimeError, ValueError) as exc:

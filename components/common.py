@@ -143,7 +143,7 @@ def _translate(exc: BaseException):
 
     import gradio as gr
 
-    from acm.errors import OOM_ADVICE, ACMError, is_out_of_memory
+    from acm.errors import OOM_ADVICE, ACMError, first_line, is_out_of_memory, redact
 
     if isinstance(exc, gr.Error):
         exc.message = _one_line(exc.message)
@@ -155,16 +155,10 @@ def _translate(exc: BaseException):
                         print_exception=False)
     # The server log keeps the traceback for the operator, with any token masked.
     log.error("unexpected error in the app:\n%s",
-              _redacted_traceback(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    first = (str(exc).strip().splitlines() or [""])[0]
+              redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+    first = first_line(exc)
     return gr.Error(_one_line(f"unexpected {type(exc).__name__}: {first}" if first else
                               f"unexpected {type(exc).__name__}"), print_exception=False)
-
-
-def _redacted_traceback(lines: list[str]) -> str:
-    from acm.errors import redact
-
-    return redact("".join(lines))
 
 
 def ui_errors(fn: Callable) -> Callable:

@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-from acm.errors import redact
+from acm.errors import first_line, redact
 from components import help as texts
 from components.common import safe_filename, ui_errors
+from components.merge import TIES_METHODS
 from components.state import SessionState
 
 
@@ -66,7 +67,7 @@ def mergekit_yaml(state: SessionState) -> str | None:
         return None
     t = s["t"] if s.get("acm") else 0.0
     return to_mergekit_yaml(state.analysis, t, s["alpha"], method=s["method"], base_model=s["base"],
-                            density=s["density"] if s["method"] in ("ties", "dare_ties") else None,
+                            density=s["density"] if s["method"] in TIES_METHODS else None,
                             clip=s.get("clip"))
 
 
@@ -161,18 +162,14 @@ def push_to_hub(state: SessionState, token: str | None, repo_id: str | None, pri
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
             raise InputError("the token was refused: it needs write access to that namespace") from None
-        raise InputError(f"upload failed: {redact(_first_line(exc), token)}") from None
+        raise InputError(f"upload failed: {redact(first_line(exc), token)}") from None
     except OSError as exc:
         raise OfflineError(f"upload failed, the Hub is unreachable: {type(exc).__name__}") from None
     except Exception as exc:  # noqa: BLE001 - anything else may quote the request: mask the token, drop the chain
-        raise InputError(f"upload failed: {type(exc).__name__}: {redact(_first_line(exc), token)}") from None
+        raise InputError(f"upload failed: {type(exc).__name__}: {redact(first_line(exc), token)}") from None
     finally:
         del api, token
     return f"✓ Uploaded **{merged.label}** to [{repo_id}]({url})"
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def build() -> SimpleNamespace:

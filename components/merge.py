@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Callable
 
 from components import help as texts
+from components.analysis import DEFAULT_ALPHA, DEFAULT_T, T_MAX
 from components.common import gpu, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels
 from components.models import validate_selection
 from components.state import MergedModel, SessionState
@@ -22,6 +23,9 @@ ACM, PLAIN = "ACM (per-layer λ)", "plain (α everywhere)"
 # base model's accuracy on the bundled problems with answers about half as long as the long model's.
 DEFAULT_METHOD = "ties"
 DEFAULT_DENSITY = 0.7
+# acm.merge.TIES_METHODS / DARE_METHODS, repeated so that building the UI does not import torch.
+TIES_METHODS = ("ties", "dare_ties")       # methods with a density / trim scope
+DARE_METHODS = ("dare_ta", "dare_ties")    # methods with a drop rate / seed
 # Short names accepted from API callers (gradio_client) besides the dropdown values.
 METHOD_ALIASES = {"ta": "task_arithmetic", "task-arithmetic": "task_arithmetic", "dare-ta": "dare_ta",
                   "dare-ties": "dare_ties", **{label.lower(): value for label, value in METHOD_CHOICES}}
@@ -47,7 +51,7 @@ def merge_label(method: str, use_acm: bool, t: float, alpha: float, merge_id: in
 
 
 def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAULT_METHOD, mode: str = ACM,
-              t: float = 1.0, alpha: float = 0.7, density: float = DEFAULT_DENSITY, drop_rate: float = 0.3,
+              t: float = DEFAULT_T, alpha: float = DEFAULT_ALPHA, density: float = DEFAULT_DENSITY, drop_rate: float = 0.3,
               trim_scope: str = "tensor", seed: int = 0, clip_min=None, clip_max=None, device: str | None = "auto",
               dtype: str | None = "auto", trust_remote_code: bool = False,
               progress: Callable[[float, str], None] | None = None) -> MergedModel:
@@ -145,9 +149,9 @@ def summary_markdown(merged: MergedModel) -> str:
     bits = [f"✓ **{merged.label}** merged in **{merged.seconds:.1f} s** (including loading it for chat)",
             f"{_size(r.get('bytes_written', 0))} in {r.get('num_tensors', '?')} tensors, "
             f"{r.get('num_shards', '?')} shard(s)"]
-    if s["method"] in ("ties", "dare_ties"):
+    if s["method"] in TIES_METHODS:
         bits.append(f"density {s['density']:g}, trim scope {s['trim_scope']}")
-    if s["method"].startswith("dare"):
+    if s["method"] in DARE_METHODS:
         bits.append(f"drop rate {s['drop_rate']:g}, seed {s['seed']}")
     notes = "".join(f"\n- ⚠ {n}" for n in r.get("vocab_notes") or [])
     return " · ".join(bits) + notes + "\n\nThe merged model is loaded: try it in **5 · Chat** and **6 · Evaluate**."
@@ -167,8 +171,8 @@ def method_changed(method: str, mode: str):
     """Show only the knobs the method uses."""
     import gradio as gr
 
-    ties = method in ("ties", "dare_ties")
-    dare = method in ("dare_ta", "dare_ties")
+    ties = method in TIES_METHODS
+    dare = method in DARE_METHODS
     linear = method == "linear"
     return (gr.update(visible=ties), gr.update(visible=ties), gr.update(visible=dare), gr.update(visible=dare),
             gr.update(interactive=not linear, value=PLAIN if linear else mode),
@@ -177,8 +181,6 @@ def method_changed(method: str, mode: str):
 
 def build() -> SimpleNamespace:
     import gradio as gr
-
-    from components.analysis import DEFAULT_ALPHA, DEFAULT_T, T_MAX
 
     gr.Markdown(texts.MERGE, elem_classes=["step-help"])
     with gr.Row(equal_height=True):
@@ -190,7 +192,7 @@ def build() -> SimpleNamespace:
         alpha = gr.Slider(0.0, 2.0, value=DEFAULT_ALPHA, step=0.05, label="α", scale=2,
                           info="plain: the coefficient; ACM: the mean λ")
     with gr.Row():
-        ties = DEFAULT_METHOD in ("ties", "dare_ties")
+        ties = DEFAULT_METHOD in TIES_METHODS
         density = gr.Slider(0.01, 1.0, value=DEFAULT_DENSITY, step=0.01, label="Density (TIES)", visible=ties,
                             info="share of each task vector kept")
         trim_scope = gr.Radio(["tensor", "global"], value="tensor", label="Trim scope (TIES)", visible=ties)
@@ -212,8 +214,6 @@ def build() -> SimpleNamespace:
 
 def wire(ui) -> None:
     import gradio as gr
-
-    from components.analysis import DEFAULT_ALPHA, DEFAULT_T
 
     g, m, a = ui.merge, ui.models, ui.analysis
     g.method.change(method_changed, [g.method, g.mode], [g.density, g.trim_scope, g.drop_rate, g.seed, g.mode, g.t],
