@@ -315,10 +315,16 @@ def _head_ids(vocab: int, seed: int) -> torch.Tensor:
     return torch.randperm(vocab, generator=gen)[:HEAD_VOCAB_SUBSET].sort().values
 
 
-def _group_tensors(src: ModelSource) -> dict[str, list[str]]:
-    """Checkpoint tensor names of the embed and head groups (for exports such as mergekit filters)."""
+def _group_tensors(src: ModelSource, layout=None) -> dict[str, list[str]]:
+    """Tensor names of the embed and head groups in the merged model (for exports such as mergekit
+    filters): a separate head counts as ``head`` even when the base itself is tied (``acm.heads``)."""
     try:
-        mapping = build_group_map(src.config, src.reader.keys(), trust_remote_code=src.trust_remote_code)
+        names = layout.output_names(src.reader.keys()) if layout is not None else src.reader.keys()
+        floats = [k for k in names if k not in src.reader or src.reader.dtype(k).is_floating_point]
+        mapping = build_group_map(src.config, [k for k in floats if k in src.reader],
+                                  trust_remote_code=src.trust_remote_code)
+        if layout is not None and layout.merged_untied:
+            mapping[layout.head_key] = HEAD
     except Exception:  # noqa: BLE001 - informative only; never fail an analysis over it
         return {}
     return {EMBED: sorted(k for k, g in mapping.items() if g == EMBED),
@@ -477,7 +483,8 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         "head_vocab_subset": int(len(head_ids_cpu)) if head_ids_cpu is not None else None,
         "ranges": {"base": [list(r) if r else None for r in capture.base_range],
                    "fine_tuned": [[list(r) if r else None for r in est.y_range] for est in estimators]},
-        "group_tensors": _group_tensors(base_src),
+        "group_tensors": _group_tensors(base_src, compat.layout),
+        "heads": compat.heads,
         "vocab_notes": list(compat.vocab_notes),
         "version": acm.__version__, "device": dev_name, "dtype": str(param.dtype).replace("torch.", ""),
         "seconds": round(seconds, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

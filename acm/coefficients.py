@@ -143,13 +143,35 @@ def _filters(analysis, group: str) -> list[str]:
     return list(_EMBED_FALLBACK if group == "embed" else _HEAD_FALLBACK)
 
 
+def _head_warning(heads: dict) -> list[str]:
+    """What mergekit does differently when tied and untied heads are mixed (``acm.heads``)."""
+    kinds = [heads.get("base"), *(heads.get("fine_tuned") or [])]
+    if heads.get("merged") != "untied" or "tied" not in kinds:
+        return []
+    head = heads.get("head_tensor") or "lm_head.weight"
+    lines = [
+        f"# WARNING - tied and untied output heads are mixed (base {heads.get('base')}, fine-tuned "
+        f"{', '.join(heads.get('fine_tuned') or [])}).",
+        f"#   ACM Merge Explorer writes an untied model: {head} = base head + lambda_head*(head - base head),",
+        "#   a tied model's head being its input embedding, and sets tie_word_embeddings: false.",
+        f"#   mergekit computes the same {head} (it reads a tied model's head from its embedding) and copies",
+    ]
+    if heads.get("base") == "tied":
+        lines += ["#   the base's config.json, which says tie_word_embeddings: true: transformers then ties the head",
+                  f"#   back to the embedding and ignores the merged {head}. After mergekit, set",
+                  "#   \"tie_word_embeddings\": false in the output config.json to get this merge."]
+    else:
+        lines += ["#   the base's (untied) config.json, so this mix loads as intended."]
+    return lines
+
+
 def _r(v: float) -> float:
     return float(f"{v:.6g}")
 
 
 def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "task_arithmetic",
                      base_model: str | None = None, density: float | None = None, clip=None,
-                     dtype: str | None = None) -> str:
+                     dtype: str | None = None, tokenizer_source: str | None = None) -> str:
     """A mergekit-style config reproducing the ACM λ of every layer group.
 
     What mergekit can express, and how we use it: ``weight`` per model may be a list of
@@ -204,6 +226,12 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
     ]
     for name, lam in zip(models, per_model):
         header.append(f"# {name}: embed {_r(lam.get('embed', float('nan')))}, head {_r(lam.get('head', float('nan')))}")
+    header += _head_warning(prov.get("heads") or {})
+    if tokenizer_source:
+        header += [f"# Tokenizer: this merge carries the tokenizer, chat template and generation defaults of "
+                   f"{tokenizer_source}.",
+                   "#   Copy those files into mergekit's output; do not use mergekit's tokenizer_source, which",
+                   "#   re-maps embedding rows by token text (R1-distilled models reuse ids for other tokens)."]
     body = yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=120)
     return "\n".join(header) + "\n" + body
 

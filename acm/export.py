@@ -142,6 +142,8 @@ def reproduce_command(rec: dict, out: str | None = None, *, display: bool = Fals
         parts += ["--acm", "analysis.json", "--t", _fmt(rec["acm_analysis"].get("t"))]
     if o.get("dtype"):
         parts += ["--dtype", str(o["dtype"])]
+    if o.get("tokenizer_from") and o["tokenizer_from"] != "base":
+        parts += ["--tokenizer-from", str(o["tokenizer_from"])]
     parts += ["--out", out or rec.get("name") or "merged"]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -209,9 +211,24 @@ def model_card(rec: dict) -> str:
             out += [f"Analysis file: `{display_name(str(acm['source']))}`", ""]
         out += _provenance_lines(acm.get("analysis") or {}) or ["- (not recorded)"]
         out.append("")
+    stats = rec.get("output", {})
+    heads, tok = stats.get("heads") or {}, stats.get("tokenizer") or {}
+    if heads or tok:
+        out += ["## Output head and tokenizer", ""]
+        if heads:
+            out.append(f"- Output head: **{heads.get('merged')}** (base {heads.get('base')}; fine-tuned "
+                       f"{', '.join(heads.get('fine_tuned') or []) or '—'})."
+                       + (f" `{heads.get('head_tensor')}` = base head + Σ λ_head·(head − base head), where a tied "
+                          "model's head is its input embedding; `tie_word_embeddings: false`."
+                          if heads.get("merged") == "untied" and "tied" in [heads.get("base"), *(heads.get("fine_tuned") or [])]
+                          else ""))
+        if tok:
+            src = display_name(str(tok.get("model", "")))
+            out.append(f"- Tokenizer, chat template ({tok.get('template')}) and generation defaults: from "
+                       f"{tok.get('from')} (`{src}`), eos `{tok.get('eos_token')}`.")
+        out.append("")
     if rec.get("vocab_notes"):
         out += ["## Vocabulary", ""] + [f"- {n}" for n in rec["vocab_notes"]] + [""]
-    stats = rec.get("output", {})
     if stats:
         out += ["## Output", "",
                 f"{stats.get('num_tensors')} tensors in {stats.get('num_shards')} safetensors shard(s), "

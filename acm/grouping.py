@@ -112,13 +112,54 @@ def meta_model(config, *, trust_remote_code: bool = False) -> nn.Module:
         ) from exc
 
 
-_STRUCTURE_CACHE: "OrderedDict[tuple[str, bool], tuple[dict[str, str], str, str]]" = OrderedDict()
+@dataclass(frozen=True)
+class Structure:
+    """What the merge needs to know about an architecture, without its weights."""
+
+    group_of: dict[str, str]      # parameter name (tied aliases included) -> group
+    prefix: str                   # base-model prefix (``model``, ``transformer``)
+    class_name: str
+    embed_name: str | None        # the input embedding's weight, e.g. ``model.embed_tokens.weight``
+    head_name: str | None         # the output head's weight, e.g. ``lm_head.weight`` (None: no head)
+
+    def lookup(self, name: str) -> str | None:
+        """Group of a checkpoint tensor name, tried as-is and with the base-model prefix."""
+        return self.group_of.get(name) or (self.group_of.get(f"{self.prefix}.{name}") if self.prefix else None)
+
+    def checkpoint_name(self, canonical: str | None, keys) -> str | None:
+        """``canonical`` as this checkpoint spells it (with or without the prefix), or None if absent."""
+        if canonical is None:
+            return None
+        if canonical in keys:
+            return canonical
+        if self.prefix and canonical.startswith(self.prefix + "."):
+            short = canonical[len(self.prefix) + 1:]
+            if short in keys:
+                return short
+        return None
+
+
+def _weight_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    if module is None or getattr(module, "weight", None) is None:
+        return None
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if mod is module:
+            return f"{name}.weight"
+    return None
+
+
+_STRUCTURE_CACHE: "OrderedDict[tuple[str, bool], Structure]" = OrderedDict()
 _STRUCTURE_CACHE_SIZE = 8
 _STRUCTURE_LOCK = threading.Lock()
 
 
-def _structure(config, trust_remote_code: bool) -> tuple[dict[str, str], str, str]:
-    """(parameter → group, base-model prefix, class name) of an architecture, cached per config.
+def structure(config, *, trust_remote_code: bool = False) -> Structure:
+    """The architecture's group map and embedding / head tensor names, cached per config."""
+    return _structure(config, trust_remote_code)
+
+
+def _structure(config, trust_remote_code: bool) -> Structure:
+    """(parameter → group, base-model prefix, class name, embed / head names), cached per config.
 
     Why cached: building the meta model is most of a small merge's fixed cost (15 ms of a 75 ms
     merge of a 10M-parameter model, more for deep models), and the app merges the same pair again
@@ -135,7 +176,13 @@ def _structure(config, trust_remote_code: bool) -> tuple[dict[str, str], str, st
                 _STRUCTURE_CACHE.move_to_end(key)
                 return found
     model = meta_model(config, trust_remote_code=trust_remote_code)
-    found = (group_map_for_model(model), getattr(model, "base_model_prefix", "") or "", type(model).__name__)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed_name = _weight_name(model, model.get_input_embeddings())
+    head_name = _weight_name(model, head)
+    if head_name == embed_name:           # named_modules found the shared module under its first name
+        head_name = None
+    found = Structure(group_map_for_model(model), getattr(model, "base_model_prefix", "") or "",
+                      type(model).__name__, embed_name, head_name)
     if key is not None:
         with _STRUCTURE_LOCK:
             _STRUCTURE_CACHE[key] = found
@@ -151,11 +198,12 @@ def build_group_map(config, param_names: Iterable[str], *, trust_remote_code: bo
     ``transformer.h.0.attn``), so a name is tried as-is and then with the prefix. The
     architecture's structure is built once per config and process (``_structure``).
     """
-    by_param, prefix, class_name = _structure(config, trust_remote_code)
+    found = _structure(config, trust_remote_code)
+    class_name = found.class_name
     mapping: dict[str, str] = {}
     unknown: list[str] = []
     for name in param_names:
-        group = by_param.get(name) or (by_param.get(f"{prefix}.{name}") if prefix else None)
+        group = found.lookup(name)
         if group is None:
             unknown.append(name)
         else:

@@ -38,8 +38,18 @@ import torch
 
 from acm import merge_methods as mm
 from acm.errors import InputError
+from acm.heads import HeadLayout
 from acm.models import ModelSource, check_compatibility, parse_dtype, pick_device, resolve_model
 from acm.shards import AtomicFolder, ShardWriter, check_target, parse_size
+from acm.templates import (
+    check_tokenizer_fits,
+    copy_tokenizer_files,
+    is_tokenizer_file,
+    load_tokenizer,
+    parse_tokenizer_from,
+    template_family,
+    tokenizer_from_label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +80,7 @@ class MergeOptions:
     weights: list[float] | None = None   # linear only; normalised to sum 1
     device: str | None = None            # None/"auto" = CUDA when available
     threads: int | None = None           # CPU merges: torch threads (None = half the cores, 1..8)
+    tokenizer_from: str = "base"         # tokenizer + chat template + generation defaults: base | ft | ft:N
 
     def validate(self, n_models: int | None = None) -> None:
         """Raise InputError (one line) for an out-of-range option."""
@@ -87,6 +98,8 @@ class MergeOptions:
             raise InputError(f"seed must be an integer, got {self.seed!r}")
         parse_dtype(self.dtype)
         parse_size(self.shard_size)
+        if n_models is not None:
+            parse_tokenizer_from(self.tokenizer_from, n_models)
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise InputError(f"threads must be a positive integer, got {self.threads!r}")
@@ -152,13 +165,17 @@ def merge_models(base: str | ModelSource, fts: list[str | ModelSource], out_dir:
     device = pick_device(options.device)
     out_dtype = parse_dtype(options.dtype)
 
-    names = base_src.reader.keys()
-    group_of = _group_map(base_src, names)
+    layout = compat.layout
+    names = layout.output_names(base_src.reader.keys())
+    group_of = _group_map(base_src, names, layout)
     groups = _ordered_groups(base_src, group_of)
     lams = _resolve_lambdas(lambdas, groups, len(ft_srcs), options, base_src.num_layers)
-    _check_disk_space(base_src, target, out_dtype)
+    _check_disk_space(base_src, names, layout, target, out_dtype)
 
-    plan = _Plan(base_src, ft_srcs, options, device, group_of, lams)
+    plan = _Plan(base_src, ft_srcs, options, device, group_of, lams, layout)
+    tok_index = parse_tokenizer_from(options.tokenizer_from, len(ft_srcs))
+    tok_src = [base_src, *ft_srcs][tok_index]
+    tokenizer_info = _check_tokenizer(tok_src, tok_index, plan.out_vocab_size or _embedding_rows(base_src, layout))
     shard_bytes = parse_size(options.shard_size)
     atomic = AtomicFolder(target, force=force)
     with atomic as tmp, _cpu_threads(options.threads, device):
@@ -181,14 +198,15 @@ def merge_models(base: str | ModelSource, fts: list[str | ModelSource], out_dir:
                 bar.close()
         vocab_notes = list(compat.vocab_notes) + plan.vocab_notes()
         config_dtype = options.dtype and str(out_dtype).replace("torch.", "") or _base_dtype_name(base_src)
-        _write_config(base_src, tmp, config_dtype, plan.out_vocab_size)
-        _copy_side_files(base_src, tmp)
+        _write_config(base_src, tmp, config_dtype, plan.out_vocab_size, untie=layout.merged_untied,
+                      token_ids_from=tok_src if tok_index else None)
+        _copy_side_files(base_src, tmp, tok_src)
         from acm import __version__
         from acm.export import build_recipe, model_card
 
         stats = {"num_tensors": writer.num_tensors, "num_shards": num_shards, "bytes": writer.total_bytes,
                  "dtype": config_dtype, "vocab_size": plan.out_vocab_size or base_src.vocab_size,
-                 "device": str(device)}
+                 "device": str(device), "heads": compat.heads, "tokenizer": tokenizer_info}
         recipe = build_recipe(base_src, ft_srcs, options, lams, groups=groups, acm=acm,
                               vocab_notes=vocab_notes, stats=stats, version=__version__,
                               out_name=target.name)
@@ -209,13 +227,16 @@ class _Plan:
     """Per-merge state: the sources, resolved λ, device, global thresholds, vocabulary growth."""
 
     def __init__(self, base: ModelSource, fts: list[ModelSource], options: MergeOptions, device: torch.device,
-                 group_of: dict[str, str], lams: list[dict[str, float]]):
+                 group_of: dict[str, str], lams: list[dict[str, float]], layout: HeadLayout):
         self.base, self.fts, self.o, self.device = base, fts, options, device
+        self.layout = layout
+        self.sources = [base, *fts]
         self.group_of, self.lams = group_of, lams
         self.method = options.method
         self.global_trim = (self.method in TIES_METHODS and options.trim_scope == "global"
                             and options.density < 1.0)
         self.thresholds: list[float] | None = None
+        self._global_ties: dict[str, list[int | None]] = {}
         self._grown: list[str] = []
         self.ws = mm.Workspace(device)
         self.chunk = mm.CPU_CHUNK if device.type == "cpu" else mm.GPU_CHUNK
@@ -226,8 +247,13 @@ class _Plan:
     def release(self, name: str) -> None:
         """Done with ``name`` in this pass: each reader unmaps a shard once all its tensors are done,
         so the inputs' mapped pages (counted in RSS) stay about one shard per model, not the model."""
-        for src in (self.base, *self.fts):
-            src.reader.release(name)
+        for i, src in enumerate(self.sources):
+            src.reader.release(self.layout.source_key(i, name))
+
+    def _get(self, src: ModelSource, name: str) -> torch.Tensor:
+        """Output tensor ``name`` as ``src`` holds it (a tied model's head is its input embedding)."""
+        index = next(i for i, s in enumerate(self.sources) if s is src)
+        return src.reader.get(self.layout.source_key(index, name))
 
     def _read(self, src: ModelSource, name: str) -> torch.Tensor:
         """One input tensor (CPU, stored dtype, memory-mapped).
@@ -239,15 +265,15 @@ class _Plan:
         output is not finite re-reads the inputs to name the broken model (``_check_inputs``).
         ``linear`` (Σ wᵢθᵢ) does not use the base's values, so a broken base does not affect it.
         """
-        x = src.reader.get(name)
+        x = self._get(src, name)
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             x = x.to(torch.float32)
         return x
 
     def _check_inputs(self, name: str, out_dtype: torch.dtype) -> None:
         """The merged ``name`` is not finite: name the input that is broken, or say it overflowed."""
-        for src in [self.base, *self.fts]:
-            if not mm.finite(src.reader.get(name)):
+        for src in self.sources:
+            if not mm.finite(self._get(src, name)):
                 role = "base model" if src is self.base else "fine-tuned model"
                 raise InputError(f"{role} {src.spec} has NaN/Inf values in tensor {name}; "
                                  "this checkpoint is broken, merge a healthy one")
@@ -278,7 +304,7 @@ class _Plan:
 
     # -- maths ---------------------------------------------------------------------------------
     def merge_tensor(self, name: str, out_dtype: torch.dtype | None) -> torch.Tensor:
-        raw = self.base.reader.get(name)
+        raw = self._get(self.base, name)
         if not raw.is_floating_point():
             return raw                      # integer buffers: copied from the base
         dtype = out_dtype or raw.dtype
@@ -296,7 +322,7 @@ class _Plan:
         if self.method == "linear":
             job.linear(lams, flat)
         elif self.method in TIES_METHODS:
-            job.ties(lams, flat, density=self.o.density, thresholds=self.thresholds, normalize=self.o.normalize)
+            job.ties(lams, flat, density=self.o.density, thresholds=self.trim_specs(name), normalize=self.o.normalize)
         else:
             job.task_arithmetic(lams, flat)
         if grown:
@@ -334,7 +360,7 @@ class _Plan:
         pass 2 the low 16 bits inside the one bucket holding the k-th largest: exact, O(65536) memory.
         """
         n = len(self.fts)
-        float_names = [k for k in names if self.base.reader.dtype(k).is_floating_point]
+        float_names = [k for k in names if self.base.reader.dtype(self.layout.source_key(0, k)).is_floating_point]
         float_set = set(float_names)
         his = [torch.zeros(1 << 15, dtype=torch.int64) for _ in range(n)]
         los = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n)]
@@ -364,17 +390,71 @@ class _Plan:
             if phase == 0:
                 located = [mm.locate(h, mm.keep_count(total, self.o.density)) for h, total in zip(his, totals)]
         self.thresholds = []
-        for (bucket, rank), lo in zip(located, los):
+        tie_budget: list[int | None] = []
+        for i, ((bucket, rank), lo) in enumerate(zip(located, los)):
             low_bits, _ = mm.locate(lo, rank)
-            self.thresholds.append(mm.bits_to_float((bucket << 16) | low_bits))
+            value = mm.bits_to_float((bucket << 16) | low_bits)
+            above = int(his[i][bucket + 1:].sum()) + int(lo[low_bits + 1:].sum())
+            spec = mm.trim_spec(value, above, int(lo[low_bits]), mm.keep_count(totals[i], self.o.density))
+            self.thresholds.append(spec.threshold)
+            tie_budget.append(spec.ties)
+        self._global_ties = self._split_ties(float_names, tie_budget) if any(
+            b is not None for b in tie_budget) else {}
         log.info("global trim thresholds: %s", self.thresholds)
 
+    def _split_ties(self, float_names: list[str], budgets: list[int | None]) -> dict[str, list[int | None]]:
+        """Global trim whose threshold ties overflow k: hand each tensor its share of the tie budget.
 
-def _group_map(base: ModelSource, names: list[str]) -> dict[str, str]:
-    from acm.grouping import build_group_map
+        Ties are broken in the order (tensor name sorted as text, flat index) — independent of the
+        checkpoint's tensor order and of chunking. One extra counting pass finds how many entries
+        of each tensor sit exactly at the threshold; only models whose ties overflow need it.
+        """
+        n = len(self.fts)
+        equal: dict[str, list[int]] = {}
+        for name in float_names:
+            job, _ = self._job(name, self._read(self.base, name))
+            job.start_pass()
+            counts = [0] * n
+            for i in range(n):
+                if budgets[i] is None or self.thresholds[i] <= 0.0:
+                    continue
+                thr = self.thresholds[i]
+                counts[i] = sum(int(torch.count_nonzero(a == thr)) for a in job.abs_tau_chunks(i))
+            equal[name] = counts
+            del job
+            self.release(name)
+        shares: dict[str, list[int | None]] = {}
+        left = list(budgets)
+        for name in sorted(float_names):
+            row: list[int | None] = []
+            for i in range(n):
+                if budgets[i] is None:
+                    row.append(None)
+                else:
+                    take = min(left[i], equal[name][i])
+                    left[i] -= take
+                    row.append(take)
+            shares[name] = row
+        return shares
 
-    float_names = [k for k in names if base.reader.dtype(k).is_floating_point]
-    return build_group_map(base.config, float_names, trust_remote_code=base.trust_remote_code)
+    def trim_specs(self, name: str) -> list[mm.TrimSpec] | None:
+        """Global trim: each model's spec for tensor ``name`` (threshold + this tensor's tie share)."""
+        if self.thresholds is None:
+            return None
+        ties = self._global_ties.get(name) or [None] * len(self.fts)
+        return [mm.TrimSpec(thr, tie) for thr, tie in zip(self.thresholds, ties)]
+
+
+def _group_map(base: ModelSource, names: list[str], layout: HeadLayout) -> dict[str, str]:
+    """Output tensor → group. A separate head is the ``head`` group even when the base's own config is
+    tied (where the architecture would call ``lm_head`` an alias of the embedding)."""
+    from acm.grouping import HEAD, build_group_map
+
+    float_names = [k for k in names if base.reader.dtype(layout.source_key(0, k)).is_floating_point]
+    mapping = build_group_map(base.config, float_names, trust_remote_code=base.trust_remote_code)
+    if layout.merged_untied:
+        mapping[layout.head_key] = HEAD
+    return mapping
 
 
 def _ordered_groups(base: ModelSource, group_of: dict[str, str]) -> list[str]:
@@ -434,10 +514,12 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _check_disk_space(base: ModelSource, target: Path, out_dtype: torch.dtype | None) -> None:
+def _check_disk_space(base: ModelSource, names: list[str], layout: HeadLayout, target: Path,
+                      out_dtype: torch.dtype | None) -> None:
     reader = base.reader
     need = 0
-    for key in reader.keys():
+    for name in names:
+        key = layout.source_key(0, name)
         dt = reader.dtype(key)
         size = _element_size(out_dtype) if (out_dtype is not None and dt.is_floating_point) else _element_size(dt)
         need += math.prod(reader.shape(key)) * size
@@ -464,9 +546,38 @@ def _base_dtype_name(base: ModelSource) -> str:
     return str(dt).replace("torch.", "")
 
 
-def _write_config(base: ModelSource, folder: Path, dtype_name: str, vocab_size: int | None) -> None:
+def _embedding_rows(base: ModelSource, layout: HeadLayout) -> int:
+    if layout.embed_key and layout.embed_key in base.reader:
+        return int(base.reader.shape(layout.embed_key)[0])
+    return int(base.vocab_size or 0)
+
+
+def _check_tokenizer(src: ModelSource, index: int, rows: int) -> dict:
+    """Load the tokenizer the merged model will carry and check its ids fit the merged vocabulary."""
+    tok = load_tokenizer(src.path, trust_remote_code=src.trust_remote_code)
+    check_tokenizer_fits(tok, rows, what=f"the tokenizer of {src.spec} (--tokenizer-from {tokenizer_from_label(index)})")
+    return {"from": tokenizer_from_label(index), "model": src.spec, "template": template_family(tok),
+            "eos_token": tok.eos_token, "size": len(tok)}
+
+
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _write_config(base: ModelSource, folder: Path, dtype_name: str, vocab_size: int | None, *,
+                  untie: bool = False, token_ids_from: ModelSource | None = None) -> None:
     cfg = json.loads((base.path / "config.json").read_text(encoding="utf-8"))
+    if token_ids_from is not None:        # special-token ids follow the tokenizer the merged model carries
+        other = json.loads((token_ids_from.path / "config.json").read_text(encoding="utf-8"))
+        for key in _TOKEN_ID_KEYS:
+            if key in other:
+                cfg[key] = other[key]
+            else:
+                cfg.pop(key, None)
     cfg["dtype"] = dtype_name
+    if untie:                    # the merged model has its own head (acm.heads): transformers must not tie it
+        cfg["tie_word_embeddings"] = False
+        if isinstance(cfg.get("text_config"), dict):
+            cfg["text_config"]["tie_word_embeddings"] = False
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = dtype_name
     if vocab_size:
@@ -477,16 +588,21 @@ def _write_config(base: ModelSource, folder: Path, dtype_name: str, vocab_size: 
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _copy_side_files(base: ModelSource, folder: Path) -> list[str]:
-    """Copy every non-weight file of the base (generation config, tokenizer, chat template, licence...)."""
+def _copy_side_files(base: ModelSource, folder: Path, tokenizer_src: ModelSource | None = None) -> list[str]:
+    """Copy every non-weight file of the base (licence, notices …); the tokenizer, chat template and
+    generation defaults come from ``tokenizer_src`` (default: the base), never a mix of two."""
+    tokenizer_src = tokenizer_src or base
     copied = []
     for path in sorted(base.path.iterdir()):
         name = path.name
         if (name.startswith(".") or name in _NOT_COPIED or name.endswith(_WEIGHT_SUFFIXES)
-                or re.fullmatch(r".*\.index\.json", name) or not path.is_file()):
+                or re.fullmatch(r".*\.index\.json", name) or not path.is_file()
+                or (tokenizer_src is not base and is_tokenizer_file(name))):
             continue
         shutil.copyfile(path, folder / name)
         copied.append(name)
+    if tokenizer_src is not base:
+        copied += copy_tokenizer_files(tokenizer_src.path, folder)
     return copied
 
 

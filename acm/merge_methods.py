@@ -12,10 +12,13 @@ size — except TIES with a per-tensor threshold, which keeps each model's τ of
 
 Precise conventions (this project's choices where DESIGN leaves room):
 
-* **Trim (TIES)**: keep the ``k = max(1, round(density · n))`` entries of largest ``|τ|``; the
-  threshold is the exact k-th largest ``|τ|`` and every entry with ``|τ| ≥ threshold`` is kept, so
-  ties at the threshold are all kept (never fewer than k entries survive). ``density = 1`` keeps
-  everything (no selection is run).
+* **Trim (TIES)**: keep exactly the ``k = max(1, round(density · n))`` entries of largest ``|τ|``.
+  The threshold is the exact k-th largest ``|τ|``; every entry above it is kept, and of the entries
+  *equal* to it (bf16 task vectors take few distinct magnitudes, so thousands can tie) only the
+  ones with the lowest flat indices are kept, as many as k still needs (``TrimSpec``). The tie-break
+  depends on positions only, so it is the same for every chunk size and tensor order.
+  ``density = 1`` keeps everything (no selection is run). If fewer than k entries are non-zero,
+  all non-zero entries are kept.
 * **Sign election (TIES)**: ``S = Σᵢ λᵢ·τᵢ`` (trimmed, weighted); model i's entry is kept iff
   ``τᵢ·S > 0`` (λ ≥ 0 is enforced, so this is "λᵢ·τᵢ has the elected sign"; zero entries and
   entries where S = 0 never count). Update: the sum of the kept ``λᵢ·τᵢ``; with ``normalize``
@@ -24,7 +27,9 @@ Precise conventions (this project's choices where DESIGN leaves room):
 * **Global trim** (``trim_scope="global"``): one threshold per model, the exact k-th largest
   |τ| over all its floating-point tensors with k = round(density · N), N = all their entries (in
   the base's shapes; rows a model lacks count as τ = 0). Found by two streaming histogram passes
-  over the float32 bit patterns before the merge pass; O(65536) memory.
+  over the float32 bit patterns before the merge pass; O(65536) memory. Ties at the threshold are
+  broken in the order (tensor name sorted as text, flat index), which a third counting pass
+  resolves into a per-tensor tie budget only when the ties do not all fit.
 * **DARE**: drop each entry with probability p, multiply the kept ones by ``1/(1−p)`` (folded into
   the coefficient: the engine computes ``(λ/(1−p))·(τ·mask)``; TIES thresholds are taken on the
   masked, unrescaled |τ|, which selects the same entries since a common positive factor keeps
@@ -45,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -274,6 +280,19 @@ class BandCounter:
             return 0.0                             # fewer than k non-zero entries: the k-th largest is 0
         return None
 
+    def spec(self) -> TrimSpec | None:
+        """The exact ``TrimSpec`` (threshold + tie budget) for k, or None when the band missed it.
+
+        The counts come for free: entries above ``hi`` were counted, the rest above or at the
+        threshold are all inside the band (which holds the threshold itself)."""
+        value = self.result()
+        if value is None or value <= 0.0:
+            return None if value is None else TrimSpec(0.0)
+        vals = np.concatenate(self.parts) if self.parts else np.empty(0, np.float32)
+        v32 = np.float32(value)
+        above = self.above + int(np.count_nonzero(vals > v32))
+        return trim_spec(value, above, int(np.count_nonzero(vals == v32)), self.k)
+
 
 def kth_largest_abs(x: torch.Tensor, k: int, ws: Workspace | None = None, chunk: int = CPU_CHUNK) -> float:
     """Exact k-th largest ``|x|`` of a flat float32 tensor (1 ≤ k ≤ n), without a full sort.
@@ -317,20 +336,88 @@ def _below(x: float) -> float:
     return float(np.nextafter(np.float32(x), np.float32(0)))
 
 
+@dataclass(frozen=True)
+class TrimSpec:
+    """One model's TIES trim of one tensor.
+
+    Keep every entry with ``|τ| > threshold``; of the entries with ``|τ| == threshold`` keep the
+    first ``ties`` in flat order (``None``: keep them all — they all fit in k, the common case for
+    float32 task vectors, which needs no extra pass). ``threshold <= 0`` keeps everything.
+    """
+
+    threshold: float
+    ties: int | None = None
+
+
+def trim_spec(value: float, above: int, equal: int, k: int) -> TrimSpec:
+    """The spec that keeps exactly k entries, given the k-th largest |τ| and how many entries are
+    strictly above it / equal to it."""
+    if value <= 0.0:
+        return TrimSpec(0.0)
+    need = k - above
+    if not 0 < need < equal:
+        # need == equal: every tie fits. Anything else only happens with NaN in τ (NaN is neither
+        # above, below nor equal to anything); keep the threshold and let the NaN check name the input.
+        return TrimSpec(float(value))
+    return TrimSpec(float(value), int(need))
+
+
+def exact_trim(x: torch.Tensor, k: int, ws: Workspace | None = None, chunk: int = CPU_CHUNK) -> TrimSpec:
+    """``TrimSpec`` keeping exactly the k largest ``|x|`` of a flat float32 tensor (ties: lowest index)."""
+    value = kth_largest_abs(x, k, ws, chunk)
+    if value <= 0.0:
+        return TrimSpec(0.0)
+    above = equal = 0
+    for s in range(0, x.numel(), chunk):
+        a = x[s:s + chunk].abs()
+        above += int(torch.count_nonzero(a > value))
+        equal += int(torch.count_nonzero(a == value))
+    return trim_spec(value, above, equal, k)
+
+
+def apply_trim(tc: torch.Tensor, spec: TrimSpec, budget: int | None) -> int | None:
+    """Trim one chunk of τ in place, chunks taken in flat order; returns the tie budget left.
+
+    ``budget`` is how many entries equal to the threshold may still be kept (``None`` = all): the
+    first ones met in flat order win, so the result does not depend on the chunk size.
+    """
+    thr = spec.threshold
+    if thr <= 0.0:
+        return budget
+    if budget is None:
+        torch.ops.aten.hardshrink.out(tc, _below(thr), out=tc)      # keep |τ| ≥ threshold
+        return None
+    if budget == 0:
+        torch.ops.aten.hardshrink.out(tc, thr, out=tc)              # keep |τ| > threshold only
+        return 0
+    at = torch.nonzero(tc.abs() == thr).squeeze(1)
+    if at.numel() > budget:
+        tc[at[budget:]] = 0.0
+        left = 0
+    else:
+        left = budget - at.numel()
+    torch.ops.aten.hardshrink.out(tc, _below(thr), out=tc)
+    return left
+
+
 def kth_largest(a: torch.Tensor, k: int) -> float:
     """Exact k-th largest value of a non-negative tensor (see ``kth_largest_abs``)."""
     return kth_largest_abs(a.reshape(-1).contiguous().float(), k)
 
 
 def trim(tau: torch.Tensor, *, density: float | None = None, threshold: float | None = None) -> torch.Tensor:
-    """Whole-tensor TIES trim: zero every entry with ``|τ| < threshold`` (from ``density`` when not given)."""
-    if threshold is None:
-        if density is None or density >= 1.0 or tau.numel() == 0:
-            return tau
-        threshold = kth_largest_abs(tau.reshape(-1).contiguous().float(), keep_count(tau.numel(), density))
-    if threshold <= 0.0:
+    """Whole-tensor TIES trim, in place: keep exactly the ``round(density·n)`` largest ``|τ|`` (ties
+    at the threshold: lowest flat index first); with ``threshold`` instead, keep every ``|τ| ≥ threshold``."""
+    if threshold is not None:
+        return tau if threshold <= 0.0 else tau.mul_(tau.abs().ge_(threshold))
+    if density is None or density >= 1.0 or tau.numel() == 0:
         return tau
-    return tau.mul_(tau.abs().ge_(threshold))
+    flat = tau.view(-1)
+    f32 = flat.float()
+    spec = exact_trim(f32, keep_count(flat.numel(), density))
+    apply_trim(f32, spec, spec.ties)
+    flat.copy_(f32)
+    return tau
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,19 +542,21 @@ class TensorJob:
                 out[s:e].copy_(oc)
 
     def ties(self, lams: list[float], out: torch.Tensor, *, density: float = 1.0,
-             thresholds: list[float] | None = None, normalize: bool = False) -> list[float]:
-        """TIES: trim each τᵢ (per-tensor top ``density``, or the given per-model thresholds), elect, merge.
+             thresholds: list[TrimSpec] | None = None, normalize: bool = False) -> list[TrimSpec]:
+        """TIES: trim each τᵢ (per-tensor top ``density``, or the given per-model specs), elect, merge.
 
-        Returns the thresholds used. Per-tensor thresholds take a first pass over the tensor
+        Returns the trim specs used. Per-tensor specs take a first pass over the tensor
         (``_thresholds``); the merge pass then recomputes each τ chunk from the inputs, so on CPU
-        TIES holds chunk-sized buffers only, like task arithmetic.
+        TIES holds chunk-sized buffers only, like task arithmetic. Chunks are trimmed in flat order
+        with a running tie budget (``apply_trim``), so exactly k entries per model survive.
         """
         k = len(self.fts)
         taus = keeps = None
         if thresholds is None and density < 1.0:
             thresholds, taus, keeps = self._thresholds(keep_count(self.n, density))
         else:
-            thresholds = list(thresholds) if thresholds is not None else [0.0] * k
+            thresholds = list(thresholds) if thresholds is not None else [TrimSpec(0.0)] * k
+        budgets = [spec.ties for spec in thresholds]
         if taus is None and keeps is None:
             self.start_pass()
         for s, e in self.ranges():
@@ -480,8 +569,7 @@ class TensorJob:
                     tc = self.keep_chunk(i, s, e, bc, self.ws.get(f"t{i}", e - s), keeps[i][s:e])
                 else:
                     tc = self.tau_chunk(i, s, e, bc, self.ws.get(f"t{i}", e - s))
-                if thresholds[i] > 0.0:                      # keep |τ| ≥ threshold: |τ| > float below it
-                    torch.ops.aten.hardshrink.out(tc, _below(thresholds[i]), out=tc)
+                budgets[i] = apply_trim(tc, thresholds[i], budgets[i])
                 tcs.append(tc)
             dest = self._dest(out, s, e)
             res = elect(bc, tcs, [lam * self.scale for lam in lams], self.ws, normalize=normalize,
@@ -490,8 +578,9 @@ class TensorJob:
                 out[s:e].copy_(res)
         return thresholds
 
-    def _thresholds(self, keep: int) -> tuple[list[float], list[torch.Tensor] | None, list[torch.Tensor] | None]:
-        """Each model's exact k-th largest |τ| of this tensor, plus what the merge pass reuses.
+    def _thresholds(self, keep: int) -> tuple[list[TrimSpec], list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """Each model's exact trim of this tensor (k-th largest |τ| + tie budget), plus what the merge
+        pass reuses.
 
         CPU, large tensors: one streamed pass feeds each τ chunk to a ``BandCounter`` while it is in
         cache and keeps no τ (the merge pass recomputes it from the inputs). With DARE it keeps each
@@ -511,16 +600,16 @@ class TensorJob:
                 for i in range(k):
                     kc = keeps[i][s:e] if keeps is not None else None
                     counters[i].update(self.tau_chunk(i, s, e, bc, tc, keep=kc).numpy())
-            values = [c.result() for c in counters]
-            return [v if v is not None else self._full_threshold(i, keep) for i, v in enumerate(values)], None, keeps
+            specs = [c.spec() for c in counters]
+            return [v if v is not None else self._full_threshold(i, keep) for i, v in enumerate(specs)], None, keeps
         taus = [self.ws.get(f"tau{i}", self.n) for i in range(k)]
         for s, e in self.ranges():
             bc = self.base_chunk(s, e)
             for i in range(k):
                 self.tau_chunk(i, s, e, bc, taus[i][s:e])
-        return [kth_largest_abs(t, keep, self.ws, self.chunk) for t in taus], taus, None
+        return [exact_trim(t, keep, self.ws, self.chunk) for t in taus], taus, None
 
-    def _full_threshold(self, i: int, keep: int) -> float:
+    def _full_threshold(self, i: int, keep: int) -> TrimSpec:
         """The band missed (vanishingly rare): materialise model i's whole τ once and select exactly."""
         drops = self.drops
         self.drops = [self._make_drops()[i] if j == i else None for j in range(len(self.fts))] \
@@ -529,9 +618,9 @@ class TensorJob:
         for s, e in self.ranges():
             self.tau_chunk(i, s, e, self.base_chunk(s, e), tau[s:e])
         self.drops = drops
-        value = kth_largest_abs(tau, keep, self.ws, self.chunk)
+        spec = exact_trim(tau, keep, self.ws, self.chunk)
         self.ws.release("tau.full")
-        return value
+        return spec
 
     def _band_counter(self, i: int, k: int) -> BandCounter | None:
         """A band for model i's k-th largest |τ| from a fixed systematic sample of the *inputs*

@@ -168,12 +168,17 @@ class CompatibilityReport:
     parameters: dict[str, int]           # model spec -> parameter count
     vocab_sizes: dict[str, int]          # model spec -> rows of the input embedding
     vocab_notes: list[str]               # human-readable notes on vocabulary differences
+    heads: dict = field(default_factory=dict)   # tied/untied per model and merged (acm.heads.HeadLayout.describe)
+    head_notes: list[str] = field(default_factory=list)
+    layout: Any = field(default=None, repr=False)   # acm.heads.HeadLayout (for the merge)
 
     def summary(self) -> str:
         lines = [f"{self.architecture}: {self.num_layers} layers, hidden size {self.hidden_size}"]
+        per_model = self.heads.get("models", {})
         for name, count in self.parameters.items():
-            lines.append(f"  {name}: {count / 1e6:.2f}M parameters, vocab {self.vocab_sizes.get(name)}")
-        lines.extend(f"  note: {n}" for n in self.vocab_notes)
+            head = f", {per_model[name]} head" if name in per_model else ""
+            lines.append(f"  {name}: {count / 1e6:.2f}M parameters, vocab {self.vocab_sizes.get(name)}{head}")
+        lines.extend(f"  note: {n}" for n in self.vocab_notes + self.head_notes)
         return "\n".join(lines)
 
 
@@ -194,6 +199,8 @@ def check_compatibility(base: ModelSource, fts: list[ModelSource]) -> Compatibil
         raise InputError("give at least one fine-tuned model")
     if len(fts) > 3:
         raise InputError(f"at most 3 fine-tuned models are supported, got {len(fts)}")
+    from acm.heads import head_layout
+
     notes: list[str] = []
     base_vocab_keys = _vocab_dim_keys(base)
     for ft in fts:
@@ -202,7 +209,10 @@ def check_compatibility(base: ModelSource, fts: list[ModelSource]) -> Compatibil
             a, b = get(base), get(ft)
             if a != b:
                 raise CompatibilityError(f"{what} differs: base {base.spec} has {a}, fine-tuned {ft.spec} has {b}")
-        base_keys, ft_keys = set(base.reader.keys()), set(ft.reader.keys())
+    layout = head_layout(base, fts)           # a tied model has no head tensor: compare the rest
+    head = {layout.head_key} if layout.head_key else set()
+    for ft in fts:
+        base_keys, ft_keys = set(base.reader.keys()) - head, set(ft.reader.keys()) - head
         if base_keys != ft_keys:
             only_base, only_ft = sorted(base_keys - ft_keys), sorted(ft_keys - base_keys)
             example = (f"{only_base[0]!r} only in the base" if only_base else f"{only_ft[0]!r} only in {ft.spec}")
@@ -218,10 +228,14 @@ def check_compatibility(base: ModelSource, fts: list[ModelSource]) -> Compatibil
             notes.append(f"{ft.spec} has vocabulary {ft.vocab_size} vs base {base.vocab_size}: "
                          f"{'extra rows are taken from the fine-tuned model' if (ft.vocab_size or 0) > (base.vocab_size or 0) else 'missing rows keep the base values'}")
     models = [base] + list(fts)
+    specs = [m.spec for m in models]
+    head_note = layout.note(specs)
     return CompatibilityReport(
         architecture=_arch(base), num_layers=base.num_layers, hidden_size=base.hidden_size,
         parameters={m.spec: m.reader.numel() for m in models},
-        vocab_sizes={m.spec: m.vocab_size for m in models}, vocab_notes=notes)
+        vocab_sizes={m.spec: m.vocab_size for m in models}, vocab_notes=notes,
+        heads=layout.describe(specs),
+        head_notes=[head_note] if head_note else [], layout=layout)
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -281,6 +295,11 @@ def load_causal_lm(src: ModelSource, *, device: torch.device | str | None = None
     if not big:
         model.to(dev)
     model.eval()
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        from acm.templates import check_tokenizer_fits
+
+        check_tokenizer_fits(tokenizer, int(embeddings.weight.shape[0]), what=f"the tokenizer of {src.spec}")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

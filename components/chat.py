@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import queue
 import threading
@@ -62,11 +63,13 @@ def count_tokens(tokenizer, text: str) -> int:
 
 
 def length_line(col: ChatColumn | None) -> str:
+    """Reply lengths of one column, and which chat template / end-of-turn tokens the model uses."""
+    template = f"<br><span class='muted'>{html.escape(col.template)}</span>" if col is not None and col.template else ""
     if col is None or not col.lengths:
-        return "<span class='muted'>no replies yet</span>"
+        return "<span class='muted'>no replies yet</span>" + template
     mean = sum(col.lengths) / len(col.lengths)
     return (f"last reply **{col.lengths[-1]}** tokens · mean **{mean:.0f}** over {len(col.lengths)} "
-            f"repl{'y' if len(col.lengths) == 1 else 'ies'}")
+            f"repl{'y' if len(col.lengths) == 1 else 'ies'}" + template)
 
 
 def comparison_figure(state: SessionState, active: list[tuple[str, str, str | None]]):
@@ -114,6 +117,7 @@ def chat_stream(state: SessionState, message: str, base: str | None, fts, *, max
     """Send ``message`` to every active model; yield snapshots while the replies stream in parallel."""
     from acm.errors import InputError
     from acm.generation import generate_stream
+    from acm.templates import describe_chat
 
     message = (message or "").strip()
     if not message:
@@ -125,6 +129,7 @@ def chat_stream(state: SessionState, message: str, base: str | None, fts, *, max
     for slot, label, spec in active:
         model, tok = _load(state, spec, device, dtype, trust_remote_code)
         col = _column(state, slot, label)
+        col.template = describe_chat(model, tok)
         prompt = [{"role": m["role"], "content": m["content"]} for m in col.history] + \
                  [{"role": "user", "content": message}]
         col.history = col.history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]

@@ -66,9 +66,11 @@ def mergekit_yaml(state: SessionState) -> str | None:
     if state.analysis is None or s["method"] == "linear":
         return None
     t = s["t"] if s.get("acm") else 0.0
+    tok = s.get("tokenizer_from") or "base"
+    tok_source = None if tok == "base" else s["fts"][int(tok.split(":")[1]) - 1 if ":" in tok else 0]
     return to_mergekit_yaml(state.analysis, t, s["alpha"], method=s["method"], base_model=s["base"],
                             density=s["density"] if s["method"] in TIES_METHODS else None,
-                            clip=s.get("clip"))
+                            clip=s.get("clip"), tokenizer_source=tok_source)
 
 
 def export_recipe(state: SessionState) -> list[str]:

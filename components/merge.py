@@ -26,6 +26,9 @@ DEFAULT_DENSITY = 0.7
 # acm.merge.TIES_METHODS / DARE_METHODS, repeated so that building the UI does not import torch.
 TIES_METHODS = ("ties", "dare_ties")       # methods with a density / trim scope
 DARE_METHODS = ("dare_ta", "dare_ties")    # methods with a drop rate / seed
+# Whose tokenizer / chat template / generation defaults the merged model carries (acm.templates).
+TOKENIZER_CHOICES = [("base model", "base"), ("fine-tuned 1", "ft:1"), ("fine-tuned 2", "ft:2"),
+                     ("fine-tuned 3", "ft:3")]
 # Short names accepted from API callers (gradio_client) besides the dropdown values.
 METHOD_ALIASES = {"ta": "task_arithmetic", "task-arithmetic": "task_arithmetic", "dare-ta": "dare_ta",
                   "dare-ties": "dare_ties", **{label.lower(): value for label, value in METHOD_CHOICES}}
@@ -53,7 +56,7 @@ def merge_label(method: str, use_acm: bool, t: float, alpha: float, merge_id: in
 def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAULT_METHOD, mode: str = ACM,
               t: float = DEFAULT_T, alpha: float = DEFAULT_ALPHA, density: float = DEFAULT_DENSITY, drop_rate: float = 0.3,
               trim_scope: str = "tensor", seed: int = 0, clip_min=None, clip_max=None, device: str | None = "auto",
-              dtype: str | None = "auto", trust_remote_code: bool = False,
+              dtype: str | None = "auto", trust_remote_code: bool = False, tokenizer_from: str = "base",
               progress: Callable[[float, str], None] | None = None) -> MergedModel:
     """Merge into a fresh folder of the session workspace and load the result for chat/eval.
 
@@ -94,7 +97,7 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
     out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{method}{'-acm' if use_acm else ''}"
     options = MergeOptions(method=method, alpha=alpha, density=float(density), drop_rate=float(drop_rate),
                            trim_scope=trim_scope, seed=int(seed), dtype=none_if_auto(dtype),
-                           device=none_if_auto(device))
+                           device=none_if_auto(device), tokenizer_from=(tokenizer_from or "base"))
     t0 = time.perf_counter()
     try:
         report = merge_models(base, fts, out_dir, options, lambdas=lambdas, acm=acm_info, force=True,
@@ -112,7 +115,8 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
         report=report.to_dict(), lambdas=report.lambdas or lambdas,
         settings=dict(base=base, fts=fts, method=method, acm=use_acm, t=t if use_acm else None, alpha=alpha,
                       density=float(density), drop_rate=float(drop_rate), trim_scope=trim_scope, seed=int(seed),
-                      clip=acm_info["clip"] if acm_info else None, dtype=none_if_auto(dtype)),
+                      clip=acm_info["clip"] if acm_info else None, dtype=none_if_auto(dtype),
+                      tokenizer_from=options.tokenizer_from),
         seconds=seconds, model=model, tokenizer=tokenizer)
     with state.lock:
         state.set_merged(merged)
@@ -153,6 +157,12 @@ def summary_markdown(merged: MergedModel) -> str:
         bits.append(f"density {s['density']:g}, trim scope {s['trim_scope']}")
     if s["method"] in DARE_METHODS:
         bits.append(f"drop rate {s['drop_rate']:g}, seed {s['seed']}")
+    out = (r.get("recipe") or {}).get("output") or {}
+    heads, tok = out.get("heads") or {}, out.get("tokenizer") or {}
+    if heads.get("merged") == "untied" and "tied" in [heads.get("base"), *(heads.get("fine_tuned") or [])]:
+        bits.append("untied output head (the tied models' heads read from their embeddings)")
+    if tok:
+        bits.append(f"tokenizer + chat template ({tok.get('template')}) from {tok.get('from')}")
     notes = "".join(f"\n- ⚠ {n}" for n in r.get("vocab_notes") or [])
     return " · ".join(bits) + notes + "\n\nThe merged model is loaded: try it in **5 · Chat** and **6 · Evaluate**."
 
@@ -198,6 +208,10 @@ def build() -> SimpleNamespace:
         trim_scope = gr.Radio(["tensor", "global"], value="tensor", label="Trim scope (TIES)", visible=ties)
         drop_rate = gr.Slider(0.0, 0.99, value=0.3, step=0.01, label="Drop rate (DARE)", visible=False)
         seed = gr.Number(value=0, precision=0, label="Seed (DARE)", visible=False)
+    with gr.Row():
+        tokenizer_from = gr.Dropdown(TOKENIZER_CHOICES, value="base", label="Tokenizer & chat template from",
+                                     info="R1-distilled models ship their own template and special tokens",
+                                     scale=0, min_width=280)
     acm_status = gr.Markdown(acm_status_line(None), elem_classes=["muted"])
     with gr.Row():
         merge_btn = gr.Button("Merge", variant="primary", scale=0, min_width=180, elem_id="merge-btn")
@@ -208,7 +222,8 @@ def build() -> SimpleNamespace:
         report = gr.JSON()
     return SimpleNamespace(acm_status=acm_status, method=method, mode=mode, t=t, alpha=alpha, density=density,
                            trim_scope=trim_scope,
-                           drop_rate=drop_rate, seed=seed, merge_btn=merge_btn, summary=summary, table=table,
+                           drop_rate=drop_rate, seed=seed, tokenizer_from=tokenizer_from, merge_btn=merge_btn,
+                           summary=summary, table=table,
                            report=report)
 
 
@@ -227,13 +242,13 @@ def wire(ui) -> None:
     @gpu(duration=600)
     def merge(state, base=None, fts=None, method=DEFAULT_METHOD, mode=ACM, t=DEFAULT_T, alpha=DEFAULT_ALPHA,
               density=DEFAULT_DENSITY, drop_rate=0.3, trim_scope="tensor", seed=0, clip_min=None, clip_max=None, device="auto",
-              dtype="auto", trust=False, progress=gr.Progress()):
+              dtype="auto", trust=False, tokenizer_from="base", progress=gr.Progress()):
         """Merge base + fine-tuned models (plain or ACM) and load the result for chat and evaluation."""
         progress(0.0, desc="starting the merge")
         merged = run_merge(state, base, fts, method=method, mode=mode, t=t, alpha=alpha, density=density,
                            drop_rate=drop_rate, trim_scope=trim_scope, seed=seed, clip_min=clip_min,
                            clip_max=clip_max, device=device, dtype=dtype, trust_remote_code=trust,
-                           progress=progress_callback(progress))
+                           tokenizer_from=tokenizer_from, progress=progress_callback(progress))
         groups = list(state.analysis.groups) if state.analysis is not None else None
         headers, rows = lambda_rows(merged, groups)
         report = {**merged.report, "label": merged.label, "settings": merged.settings}
@@ -246,7 +261,7 @@ def wire(ui) -> None:
     ui.merge_event = g.merge_btn.click(
         ui_errors(merge),
         [ui.state, m.base, m.fts, g.method, g.mode, g.t, g.alpha, g.density, g.drop_rate, g.trim_scope, g.seed,
-         a.clip_min, a.clip_max, m.device, m.dtype, m.trust],
+         a.clip_min, a.clip_max, m.device, m.dtype, m.trust, g.tokenizer_from],
         [g.summary, g.table, g.report], api_name="merge", concurrency_id="heavy", concurrency_limit=1,
         show_progress_on=[g.summary])
 

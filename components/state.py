@@ -44,6 +44,7 @@ class ChatColumn:
     label: str
     history: list[dict] = field(default_factory=list)   # gr.Chatbot messages format
     lengths: list[int] = field(default_factory=list)    # reply lengths in tokens
+    template: str = ""              # chat template + end-of-turn tokens in use (acm.templates.describe_chat)
 
 
 class SessionState:

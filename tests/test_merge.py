@@ -50,10 +50,14 @@ def groups(num_layers: int = 2) -> list[str]:
     return ["embed"] + [f"block.{k}" for k in range(num_layers)] + ["head"]
 
 
-def kth_largest_sorted(a: torch.Tensor, density: float) -> float:
-    flat = a.reshape(-1)
+def top_k_mask(a: torch.Tensor, density: float) -> torch.Tensor:
+    """Exactly k = round(density·n) entries of largest |a| (ties: lowest flat index first), by a stable sort."""
+    flat = a.abs().reshape(-1)
     k = max(1, min(flat.numel(), int(round(density * flat.numel()))))
-    return float(torch.sort(flat, descending=True).values[k - 1])
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order] = True
+    return (keep & (flat > 0)).view(a.shape)
 
 
 def dare_reference(tau: torch.Tensor, p: float, seed: int, i: int, name: str) -> torch.Tensor:
@@ -88,18 +92,24 @@ def reference(method: str, base: dict, fts: list[dict], lams: list[dict], *, den
         taus_all[name] = taus
     if method == "linear":
         return out
-    thresholds = None
-    if global_trim:
-        thresholds = [kth_largest_sorted(torch.cat([taus_all[n][i].abs().reshape(-1) for n in taus_all]), density)
-                      for i in range(len(fts))]
+    global_masks: dict[str, list[torch.Tensor]] = {}
+    if global_trim:       # one selection per model over all tensors, in (sorted name, flat index) order
+        names = sorted(taus_all)
+        for i in range(len(fts)):
+            whole = top_k_mask(torch.cat([taus_all[n][i].reshape(-1) for n in names]), density)
+            start = 0
+            for n in names:
+                size = taus_all[n][i].numel()
+                global_masks.setdefault(n, []).append(whole[start:start + size].view(taus_all[n][i].shape))
+                start += size
     for name, taus in taus_all.items():
         b = base[name].float()
         lam = [l[group_of(name)] for l in lams]
         if method in ("ties", "dare_ties"):
             trimmed = []
             for i, t in enumerate(taus):
-                thr = thresholds[i] if thresholds else kth_largest_sorted(t.abs(), density)
-                trimmed.append(torch.where(t.abs() >= thr, t, torch.zeros_like(t)))
+                keep = global_masks[name][i] if global_trim else top_k_mask(t, density)
+                trimmed.append(torch.where(keep, t, torch.zeros_like(t)))
             contrib = [l * t for l, t in zip(lam, trimmed)]
             elected = torch.sign(sum(contrib))
             agree = [(torch.sign(c) == elected) & (c != 0) for c in contrib]
@@ -442,7 +452,8 @@ def test_exact_threshold_selection_large_and_tied():
             k = keep_count(a.numel(), density)
             assert kth_largest(a, k) == float(torch.sort(a, descending=True).values[k - 1])
     tau = torch.tensor([3.0, -3.0, 1.0, -2.0, 0.5])
-    assert trim(tau.clone(), density=0.2).tolist() == [3.0, -3.0, 0.0, 0.0, 0.0]   # ties at the threshold kept
+    assert trim(tau.clone(), density=0.2).tolist() == [3.0, 0.0, 0.0, 0.0, 0.0]   # k = 1: the lower index wins the tie
+    assert trim(tau.clone(), density=0.4).tolist() == [3.0, -3.0, 0.0, 0.0, 0.0]
 
 
 def test_global_histogram_threshold_is_exact():

@@ -40,6 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="output dtype (default: the base's)")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
                    help="linear only: one weight per --ft (normalised to sum 1; default uniform)")
+    p.add_argument("--tokenizer-from", default="base", metavar="base|ft|ft:N",
+                   help="which model's tokenizer, chat template and generation defaults the merged model is "
+                        "saved with: base (default), ft (the first --ft) or ft:N (the N-th --ft)")
     p.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 2GB, 500MB or bytes (default 2GB)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None,
@@ -107,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     options = MergeOptions(method=args.method, alpha=args.alpha, density=args.density, drop_rate=args.drop_rate,
                            trim_scope=args.trim_scope, normalize=args.normalize, seed=args.seed, dtype=args.dtype,
                            shard_size=args.shard_size, weights=args.weights,
-                           device=None if args.device in (None, "", "auto") else args.device, threads=args.threads)
+                           device=None if args.device in (None, "", "auto") else args.device, threads=args.threads,
+                           tokenizer_from=args.tokenizer_from)
     options.validate(len(args.ft))
     lambdas = acm = None
     if args.acm is not None:
@@ -118,6 +122,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"merged {len(args.ft)} model(s) into {args.base} with {label}")
     print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.num_shards} shard(s), "
           f"{_size(report.bytes_written)} in {report.seconds:.2f} s")
+    heads = report.recipe.get("output", {}).get("heads") or {}
+    tok = report.recipe.get("output", {}).get("tokenizer") or {}
+    if heads:
+        print(f"output head: {heads.get('merged')} (base {heads.get('base')}, fine-tuned "
+              f"{', '.join(heads.get('fine_tuned') or [])})")
+    if tok:
+        print(f"tokenizer and chat template ({tok.get('template')}) from {tok.get('from')}: {tok.get('model')}")
     for note in report.vocab_notes:
         print(f"note: {note}")
     return 0
