@@ -129,8 +129,8 @@ def _base_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def _tensor(name: str, shape: tuple[int, ...], base_seed: int, ft_seed: int | None, noise: float,
-            dtype: torch.dtype) -> torch.Tensor:
-    t = _base_tensor(name, shape, base_seed)
+            dtype: torch.dtype, base_name: str | None = None) -> torch.Tensor:
+    t = _base_tensor(base_name or name, shape, base_seed)
     if ft_seed is not None:
         gen = torch.Generator().manual_seed(_tensor_seed(name, 10_000 + ft_seed))
         eps = torch.empty(shape, dtype=torch.float32)
@@ -142,8 +142,12 @@ def _tensor(name: str, shape: tuple[int, ...], base_seed: int, ft_seed: int | No
 
 def write_model(out_dir: Path, config, *, base_seed: int = 0, ft_seed: int | None = None,
                 noise: float = DEFAULT_NOISE, dtype: torch.dtype = torch.bfloat16,
-                max_shard_size: str | int = DEFAULT_SHARD) -> Path:
-    """Write one model folder shard by shard (peak memory ≈ one shard + one float32 tensor)."""
+                max_shard_size: str | int = DEFAULT_SHARD, sources: dict[str, str] | None = None) -> Path:
+    """Write one model folder shard by shard (peak memory ≈ one shard + one float32 tensor).
+
+    A tied config gets no head tensor (as real tied checkpoints). ``sources`` maps a tensor name to
+    the name whose base values it starts from (an untied fine-tune of a tied base: its
+    ``lm_head.weight`` starts from the base's embedding)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -153,6 +157,9 @@ def write_model(out_dir: Path, config, *, base_seed: int = 0, ft_seed: int | Non
     limit = parse_size(max_shard_size)
     elem = torch.empty((), dtype=dtype).element_size()
     shapes = param_shapes(config)
+    if getattr(config, "tie_word_embeddings", False):
+        shapes = [(n, s) for n, s in shapes if n != "lm_head.weight"]
+    sources = sources or {}
     # assign tensors to shards up front (so file names can carry the shard count)
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     cur = 0
@@ -172,7 +179,7 @@ def write_model(out_dir: Path, config, *, base_seed: int = 0, ft_seed: int | Non
         fname = f"model-{i:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
         tensors = {}
         for name, shape in members:
-            tensors[name] = _tensor(name, shape, base_seed, ft_seed, noise, dtype)
+            tensors[name] = _tensor(name, shape, base_seed, ft_seed, noise, dtype, base_name=sources.get(name))
             weight_map[name] = fname
             total_size += tensors[name].numel() * elem
         save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
