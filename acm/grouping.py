@@ -153,9 +153,67 @@ _STRUCTURE_CACHE_SIZE = 8
 _STRUCTURE_LOCK = threading.Lock()
 
 
-def structure(config, *, trust_remote_code: bool = False) -> Structure:
-    """The architecture's group map and embedding / head tensor names, cached per config."""
+# Decoder families whose checkpoint layout is read straight from the tensor names (no modeling code
+# imported, no meta model built: the merge's and the Check button's start-up cost). Each family is
+# pinned against the structural meta-model map in tests/test_grouping.py; any other model type, or a
+# checkpoint whose names do not fit, takes the structural path.
+_NAME_LAYOUTS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+    # model_type: (base prefix, blocks path, input-embedding prefixes, head weight)
+    **{t: ("model", "model.layers", ("model.embed_tokens.",), "lm_head.weight")
+       for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "granite", "phi3")},
+    "gpt2": ("transformer", "transformer.h", ("transformer.wte.", "transformer.wpe."), "lm_head.weight"),
+}
+
+
+def structure(config, *, trust_remote_code: bool = False, names=None) -> Structure:
+    """The architecture's group map and embedding / head tensor names.
+
+    With checkpoint ``names`` of a known decoder family, read from the names alone (milliseconds);
+    otherwise from the architecture built on the meta device (cached per config).
+    """
+    if names is not None and not trust_remote_code:
+        found = _structure_from_names(config, names)
+        if found is not None:
+            return found
     return _structure(config, trust_remote_code)
+
+
+def _structure_from_names(config, names) -> Structure | None:
+    """Group map of a known family from its checkpoint names, or None when they do not fit exactly."""
+    layout = _NAME_LAYOUTS.get(getattr(config, "model_type", None))
+    if layout is None:
+        return None
+    prefix, blocks_path, embed_prefixes, head_name = layout
+    try:
+        num_layers = num_layers_of(config)
+    except InputError:
+        return None
+    tied = bool(getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                        "tie_word_embeddings", False))
+    group_of: dict[str, str] = {}
+    seen_blocks: set[int] = set()
+    for raw in names:
+        name = raw if raw.startswith(prefix + ".") or raw == head_name else f"{prefix}.{raw}"
+        if name.startswith(blocks_path + "."):
+            index = name[len(blocks_path) + 1:].split(".", 1)[0]
+            if not index.isdigit() or int(index) >= num_layers:
+                return None
+            seen_blocks.add(int(index))
+            group_of[name] = block_name(int(index))
+        elif name.startswith(embed_prefixes):
+            group_of[name] = EMBED
+        elif name == head_name:
+            group_of[name] = EMBED if tied else HEAD
+        elif name.startswith(prefix + ".") and "." not in name[len(prefix) + 1:].rsplit(".", 1)[0]:
+            group_of[name] = HEAD            # final norm: ``model.norm.weight``, ``transformer.ln_f.bias``
+        else:
+            return None
+    if seen_blocks != set(range(num_layers)):
+        return None
+    group_of.setdefault(head_name, EMBED if tied else HEAD)
+    embed_name = embed_prefixes[0] + "weight"
+    return Structure(group_of, prefix, f"{getattr(config, 'model_type', '?')} (from tensor names)", embed_name,
+                     head_name)
 
 
 def _structure(config, trust_remote_code: bool) -> Structure:
@@ -198,7 +256,8 @@ def build_group_map(config, param_names: Iterable[str], *, trust_remote_code: bo
     ``transformer.h.0.attn``), so a name is tried as-is and then with the prefix. The
     architecture's structure is built once per config and process (``_structure``).
     """
-    found = _structure(config, trust_remote_code)
+    param_names = list(param_names)
+    found = structure(config, trust_remote_code=trust_remote_code, names=param_names)
     class_name = found.class_name
     mapping: dict[str, str] = {}
     unknown: list[str] = []

@@ -91,9 +91,9 @@ def head_layout(base: "ModelSource", fts: list["ModelSource"]) -> HeadLayout:
     """
     from acm.grouping import structure
 
-    found = structure(base.config, trust_remote_code=base.trust_remote_code)
     models = [base, *fts]
     keys = [set(m.reader.keys()) for m in models]
+    found = structure(base.config, trust_remote_code=base.trust_remote_code, names=sorted(keys[0]))
     embed_key = found.checkpoint_name(found.embed_name, keys[0])
     head_key = None
     if found.head_name is not None:

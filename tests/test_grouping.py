@@ -124,3 +124,34 @@ def test_meta_model_costs_no_memory():
     model = meta_model(tiny_config("llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                                    num_key_value_heads=8, num_hidden_layers=4))
     assert all(p.device == torch.device("meta") for p in model.parameters())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_name_layout_fast_path_equals_the_structural_map(tmp_path, family, tied):
+    """The start-up fast path (names only, no modeling code) agrees with the meta-model structure."""
+    from acm.grouping import _structure, _structure_from_names, structure
+
+    layers = {"n_layer": 3} if family == "gpt2" else {"num_hidden_layers": 3}
+    src = resolve_model(str(make_tiny_model(tmp_path / family, family, tie_word_embeddings=tied, **layers)))
+    keys = src.reader.keys()
+    fast = _structure_from_names(src.config, keys)
+    slow = _structure(src.config, False)
+    assert fast is not None
+    assert {k: fast.lookup(k) for k in keys} == {k: slow.lookup(k) for k in keys}
+    assert (fast.embed_name, fast.head_name) == (slow.embed_name, slow.head_name)
+    assert fast.lookup("lm_head.weight") == slow.lookup("lm_head.weight")
+    assert structure(src.config, names=keys) is not None
+
+
+def test_name_layout_refuses_names_that_do_not_fit():
+    from acm.grouping import _structure_from_names
+
+    cfg = tiny_config("llama", num_hidden_layers=2)
+    good = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight",
+            "model.norm.weight"]
+    assert _structure_from_names(cfg, good) is not None
+    assert _structure_from_names(cfg, good + ["model.layers.2.mlp.up_proj.weight"]) is None   # block 2 of 2
+    assert _structure_from_names(cfg, good + ["model.vision_tower.patch.weight"]) is None
+    assert _structure_from_names(cfg, good[:2] + good[3:]) is None                           # block 1 missing
+    assert _structure_from_names(tiny_config("llama"), []) is None
