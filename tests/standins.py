@@ -14,13 +14,13 @@ trip over is kept as in the real checkpoint:
   ``rope_theta``/``rope_type`` and, for Llama 3.1, ``factor``/``low_freq_factor``/``high_freq_factor``/
   ``original_max_position_embeddings``), and the real ``max_position_embeddings``;
 - the real bos/eos/pad ids in config.json and the real generation_config.json (sampling settings included);
-- a tokenizer whose ordinary vocabulary is a few printable characters but whose special tokens sit at their
-  real ids, with the real bos/eos/pad tokens, the real "adds a BOS" behaviour and the real chat template. The
+- a byte-level tokenizer (the 256 byte symbols, no merges) whose special tokens sit at their real ids, with the
+  real bos/eos/pad tokens, tokenizer_class, "adds a BOS" behaviour and chat template. The
   fine-tuned model keeps its own tokenizer: DeepSeek's R1 distills ship different special tokens and another
   template on the same vocabulary as their Qwen / Llama base.
 
-Every number comes from a source that was read; the source is named next to each facts dict. What could not be
-verified is marked ``UNVERIFIED`` and listed in ``ModelFacts.unverified`` so tests don't pin it.
+Every value is either read from a source named in the comment above its facts dict, or marked ``UNVERIFIED``
+there and listed in ``ModelFacts.unverified`` (don't build a test on those as if they were the real thing).
 
 Usage::
 
@@ -34,7 +34,6 @@ Usage::
 from __future__ import annotations
 
 import json
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -359,10 +358,11 @@ def make_config(facts: ModelFacts, *, hidden: int | None = None, layers: int = 2
     """The real config with only hidden / intermediate size, layer count and head size shrunk.
 
     The real numbers of query and key/value heads are kept. For Qwen2 / Llama (no head_dim in the real
-    config) the hidden size defaults to ``num_attention_heads * head_dim`` so head_dim stays implicit as in the
-    real config; Qwen3 has an explicit ``head_dim`` in its config and takes ``hidden`` (default 64) freely.
+    config) the hidden size defaults to ``num_attention_heads * head_dim`` so head_dim follows from the sizes as in
+    the real config (transformers 5 writes ``head_dim`` into a Llama config.json anyway); Qwen3 has an explicit
+    ``head_dim`` in its config and takes ``hidden`` (default 64) freely.
     """
-    n_heads, n_kv = facts.heads
+    n_heads = facts.config["num_attention_heads"]
     kw = {k: v for k, v in facts.config.items() if k != "architectures"}
     if facts.family == "qwen3":
         hidden = 64 if hidden is None else hidden
@@ -372,8 +372,8 @@ def make_config(facts: ModelFacts, *, hidden: int | None = None, layers: int = 2
         if hidden % n_heads:
             raise ValueError(f"hidden={hidden} is not a multiple of the {n_heads} attention heads of {facts.repo}")
     kw.update(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers)
-    if "max_window_layers" in _CONFIG_CLASSES[facts.family]().to_dict():
-        kw["max_window_layers"] = layers
+    if facts.family in ("qwen2", "qwen3"):
+        kw["max_window_layers"] = layers  # a layer count (real: 21 of 28 / 28 of 28); unused without sliding window
     config = _CONFIG_CLASSES[facts.family](**kw)
     config.architectures = list(facts.config["architectures"])
     return config
