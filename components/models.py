@@ -65,13 +65,15 @@ def check_models(state: SessionState, base: str | None, fts, trust_remote_code: 
                     "hidden_size": report.hidden_size, "parameters": dict(report.parameters),
                     "vocab_notes": list(report.vocab_notes)}
     labels = unique_labels([base] + fts)
-    rows = ["| role | model | parameters | vocabulary |", "|---|---|---:|---:|"]
+    rows = ["| role | model | parameters | vocabulary | output head |", "|---|---|---:|---:|---|"]
+    heads = report.heads.get("models", {})
     for i, (spec, label) in enumerate(zip([base] + fts, labels)):
         role = "base" if i == 0 else f"fine-tuned {i}"
         params = report.parameters.get(spec, 0)
-        rows.append(f"| {role} | `{label}` | {_fmt_params(params)} | {report.vocab_sizes.get(spec)} |")
+        rows.append(f"| {role} | `{label}` | {_fmt_params(params)} | {report.vocab_sizes.get(spec)} | "
+                    f"{heads.get(spec, '—')} |")
     groups = report.num_layers + 2
-    notes = "".join(f"\n- ⚠ {n}" for n in report.vocab_notes)
+    notes = "".join(f"\n- ⚠ {n}" for n in report.vocab_notes) + "".join(f"\n- ℹ {n}" for n in report.head_notes)
     return (f"✓ **Compatible** — `{report.architecture}`, **{report.num_layers} layers** "
             f"(→ {groups} layer groups: embed, block.0…{report.num_layers - 1}, head), "
             f"hidden size {report.hidden_size}.\n\n" + "\n".join(rows) + notes)
