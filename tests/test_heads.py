@@ -228,3 +228,19 @@ def test_cli_merges_the_paper_mix_and_says_what_it_did(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "output head: untied (base tied, fine-tuned untied)" in proc.stdout
     assert "tokenizer and chat template" in proc.stdout
+
+
+def test_cli_hidden_head_mismatch_is_one_line_and_writes_nothing(tmp_path):
+    base, (ft,) = build(tmp_path, [True, False])
+    state = load_file(str(ft / "model.safetensors"))
+    state[HEAD] = state[HEAD][:, :8].contiguous()
+    save_file(state, str(ft / "model.safetensors"), metadata={"format": "pt"})
+    for cmd in (["merge", "--out", str(tmp_path / "out")],
+                ["analyze", "--calibration", "bundled", "--out", str(tmp_path / "a.json")]):
+        proc = subprocess.run([sys.executable, "-m", "acm", cmd[0], "--base", str(base), "--ft", str(ft), *cmd[1:]],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "output head differs" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "a.json").exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
