@@ -159,6 +159,13 @@ def parse_gold(gold: str) -> tuple:
     return tuple(parsed)
 
 
+def _last_boxed_only(region: str) -> str:
+    """Only the last ``\\boxed{}`` of a reply: math-verify joins several boxed answers into one set
+    ("\\boxed{5} … no, \\boxed{7}" would become {5, 7}); a grader reads the last one."""
+    boxed = _boxed(region)
+    return region if boxed is None else f"\\boxed{{{boxed}}}"
+
+
 def _verify(gold: tuple, pred: list) -> bool:
     from math_verify import verify
 
@@ -220,7 +227,7 @@ def check(reply: str | None, gold: str, *, finished: bool = True, thinking_opene
     if not region.strip():
         return Verdict(False, None, "none", split.thinks)
     pred_config, _ = _configs()
-    parsed = _parse(region, pred_config)
+    parsed = _parse(_last_boxed_only(region), pred_config)
     if not parsed:
         return Verdict(False, None, "none", split.thinks)
     gold_parsed = parse_gold(gold)
@@ -244,7 +251,7 @@ def extract_answer(text: str | None, *, thinking_opened: bool = False) -> str | 
     boxed = _boxed(region)
     if boxed is not None:
         return normalize_number(boxed)
-    shown = _shown(_parse(region, _configs()[0])) if region.strip() else None
+    shown = _shown(_parse(_last_boxed_only(region), _configs()[0])) if region.strip() else None
     if shown is not None:
         return normalize_number(shown)
     nums = _ANY_NUM.findall(region)
