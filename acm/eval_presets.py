@@ -69,12 +69,13 @@ def _hub_offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def load_preset(key: str | Preset, *, source: str | os.PathLike | None = None,
-                limit: int | None = None) -> list[dict]:
+def load_preset(key: str | Preset, *, source: str | os.PathLike | None = None, limit: int | None = None,
+                cache_dir: str | os.PathLike | None = None) -> list[dict]:
     """Rows ``{question, prompt, answer, level?}`` of a benchmark preset, loaded with ``datasets``.
 
     ``source``: a local folder with the same layout as the Hub repository (a mirror, or the tests'
     fixtures) used in place of the Hub id; everything else (config, split, fields) is the preset's.
+    ``cache_dir``: where ``datasets`` keeps its cache (default: its own).
     """
     from acm.answers import gold_answer
 
@@ -90,7 +91,8 @@ def load_preset(key: str | Preset, *, source: str | os.PathLike | None = None,
     except ImportError:  # pragma: no cover - datasets is a requirement
         raise InputError("benchmark presets need the 'datasets' package (pip install datasets)") from None
     try:
-        ds = datasets.load_dataset(target, preset.config, split=preset.split)
+        ds = datasets.load_dataset(target, preset.config, split=preset.split,
+                                   cache_dir=None if cache_dir is None else str(cache_dir))
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; one line each
         msg = (str(exc).splitlines() or [type(exc).__name__])[0]
         name = type(exc).__name__
