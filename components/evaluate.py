@@ -95,8 +95,6 @@ def run_eval(state: SessionState, base: str | None, fts, *, data_mode: str | Non
     limit = int(limit) if limit else None
     max_new_tokens = check_max_new_tokens(int(max_new_tokens))
     dec = decoding_options(decoding, temperature, top_p, samples, seed)
-    if dec["samples"] > 1 and decoding == GREEDY:
-        raise InputError("several samples per problem need sampled decoding")
     setting = (path, limit, max_new_tokens, decoding or GREEDY, *(
         (dec.get("temperature"), dec.get("top_p"), dec["samples"], dec["seed"]) if decoding != GREEDY else ()))
     wanted: list[tuple[str, str, str | None]] = []      # (kind, label, spec or None for merged)

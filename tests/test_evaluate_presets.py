@@ -169,3 +169,29 @@ def test_app_evaluate_tab_offers_presets(monkeypatch, hub_copies, tmp_path):
     assert len(overall[0]) == len(tab.OVERALL_HEADERS)
     with pytest.raises(InputError, match="unknown benchmark preset"):
         tab.run_eval(state, str(BASE), [str(LONG)], data_mode=tab.PRESET, preset="../../etc/passwd")
+
+
+def test_app_sampled_decoding_has_its_own_setting_and_hover():
+    """Sampled runs are separate scatter settings (never mixed with greedy points), report per-sample
+    accuracy, and the scatter's hover carries the thinking / answer split and truncation when present."""
+    from components import evaluate as tab
+    from components import plots
+    from components.state import SessionState
+
+    state = SessionState()
+    greedy = tab.run_eval(state, str(BASE), [str(LONG)], data_mode=tab.BUNDLED, limit=3,
+                          max_new_tokens=6, batch_size=3)
+    sampled = tab.run_eval(state, str(BASE), [str(LONG)], data_mode=tab.BUNDLED, limit=3,
+                           max_new_tokens=6, batch_size=3, decoding=tab.SAMPLED, temperature=0.9, top_p=0.9,
+                           samples=2, seed=1)
+    assert greedy["decoding"] == "greedy" and sampled["decoding"].startswith("sampled (temperature 0.9")
+    assert all(m["replies"] == 6 and len(m["accuracy_per_sample"]) == 2 for m in sampled["models"])
+    assert len({p["setting"] for p in state.eval_points}) == 2 and len(state.eval_points) == 4
+    assert tab.decoding_options(tab.GREEDY, 0.6, 0.95, 4, 3)["samples"] == 1     # hidden controls are ignored
+    fig = plots.eval_scatter([{"label": "r1", "kind": "fine-tuned", "accuracy": 0.5, "mean_length": 900, "n": 4,
+                               "thinking_length": 800.0, "answer_length": 100.0, "truncated": 2,
+                               "truncated_in_thinking": 1}])
+    trace = fig.data[0]
+    assert "%{customdata[2]}" in trace["hovertemplate"]
+    assert "thinking 800.0 + answer 100.0 tokens" in trace["customdata"][0][2]
+    assert "1 while thinking" in trace["customdata"][0][2]
