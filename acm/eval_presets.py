@@ -98,7 +98,7 @@ def load_preset(key: str | Preset, *, source: str | os.PathLike | None = None, l
         name = type(exc).__name__
         if source is None and (_hub_offline() or "offline" in msg.lower() or "Connect" in name or "Connect" in msg):
             raise OfflineError(f"cannot load {preset.hub_id} ({preset.title}): the Hub is unreachable or offline "
-                               "mode is set, and it is not cached; pass --preset-source with a local copy") from None
+                               "mode is set, and it is not cached; use a local copy (CLI: --preset-source DIR)") from None
         raise InputError(f"cannot load {preset.hub_id} split {preset.split!r}: {name}: {msg}") from None
     columns = set(ds.column_names)
     missing = [f for f in (preset.question, preset.answer, preset.level) if f and f not in columns]
