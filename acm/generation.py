@@ -1,14 +1,16 @@
-"""Generation helpers: batched greedy decoding for the evaluator, token streaming for the chat.
+"""Generation helpers: batched greedy or sampled decoding for the evaluator, token streaming for the chat.
 
 Both go through the tokenizer's chat template when it has one, so a model is always prompted the
-way it was trained to be answered; plain ``question`` text is used otherwise.
+way it was trained to be answered; plain ``question`` text is used otherwise. R1-distilled models
+are meant to be sampled (their cards: temperature 0.6, top-p 0.95) and loop under greedy decoding,
+so the evaluator offers both; sampled runs are seeded per batch and reproducible.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -37,7 +39,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
         ids.extend(eos if isinstance(eos, (list, tuple)) else [eos])
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    return sorted(set(int(i) for i in ids))
+    return sorted({int(i) for i in ids})
 
 
 def _pad_id(tokenizer, eos_ids: list[int]) -> int:
@@ -48,25 +50,132 @@ def _pad_id(tokenizer, eos_ids: list[int]) -> int:
     raise InputError("the tokenizer has neither a pad nor an eos token; set one before generating")
 
 
+MAX_NEW_TOKENS_LIMIT = 32768
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings: ``temperature`` 0 is greedy; ``top_k`` 0 means no top-k cut."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise InputError(f"top-p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"top-k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generate_kwargs(self) -> dict:
+        """The ``model.generate`` arguments; explicit values so a model's own generation_config
+        (e.g. Qwen's top_k 20) never changes what was asked for."""
+        if self.greedy:
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        return {"do_sample": True, "temperature": float(self.temperature), "top_p": float(self.top_p),
+                "top_k": int(self.top_k)}
+
+    def to_dict(self) -> dict:
+        return {"mode": "greedy"} if self.greedy else {"mode": "sampled", **asdict(self)}
+
+
+def sampling_from_model(model, override: dict | None = None) -> Sampling:
+    """The decoding a model's ``generation_config.json`` asks for (R1-distill: sampled at 0.6 / 0.95).
+
+    Only values the file sets count (``to_diff_dict``), so library defaults never sneak in; a file
+    without ``do_sample: true`` means greedy. ``override`` (non-None values) wins over the file.
+    """
+    gc = getattr(model, "generation_config", None)
+    diff = gc.to_diff_dict() if gc is not None else {}
+    values = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    if diff.get("do_sample"):
+        values.update(temperature=float(diff.get("temperature", 1.0) or 1.0),
+                      top_p=float(diff.get("top_p", 1.0) or 1.0), top_k=int(diff.get("top_k", 0) or 0))
+    values.update({k: v for k, v in (override or {}).items() if v is not None})
+    return Sampling(**values)
+
+
+def check_max_new_tokens(max_new_tokens: int) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise InputError(f"max new tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens!r}")
+    return max_new_tokens
+
+
 @dataclass
 class Completion:
-    """One generated reply: its text and its length in generated tokens (EOS included)."""
+    """One generated reply: its text, its length in generated tokens (EOS included), and for
+    replies that think, how many of those tokens were thinking (up to and including ``</think>``)."""
 
     text: str
     num_tokens: int
     finished: bool  # ended with EOS (False: hit max_new_tokens)
+    thinking_tokens: int = 0
+    thinking_opened: bool = False   # the prompt itself opened a <think> block (R1-distill templates)
+
+
+def count_thinking_tokens(tokenizer, ids: Sequence[int], *, opened: bool = False) -> int:
+    """Generated tokens spent thinking: up to and including the token that closes ``</think>``.
+
+    Binary search on decoded prefixes (whether a prefix contains ``</think>`` is monotone), so it
+    works whether the tag is one token (R1, Qwen3) or several, in O(log n) decodes. An open block
+    that never closes counts every token as thinking; a reply without a block counts 0.
+    """
+    ids = list(ids)
+
+    def closed_by(k: int) -> bool:
+        return THINK_CLOSE in tokenizer.decode(ids[:k], skip_special_tokens=False)
+
+    if not ids or not closed_by(len(ids)):
+        opened = opened or THINK_OPEN in tokenizer.decode(ids, skip_special_tokens=False)
+        return len(ids) if opened else 0
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if closed_by(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def opens_thinking(prompt_text: str) -> bool:
+    """Whether a templated prompt ends inside an open ``<think>`` block (DeepSeek-R1-Distill)."""
+    tail = prompt_text.rstrip()
+    return tail.endswith(THINK_OPEN)
+
+
+def seed_for(seed: int, *parts: int) -> int:
+    """A per-batch seed from the run seed and the batch's coordinates (sample, batch index), so a
+    batch's replies do not depend on how many batches ran before it."""
+    value = int(seed) & 0xFFFFFFFF
+    for p in parts:
+        value = (value * 1_000_003 + int(p) + 1) % (2 ** 63 - 1)
+    return value
 
 
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 512,
-                   chat_template: bool = True, add_special_tokens: bool | None = None) -> list[Completion]:
-    """Greedy decoding of a batch with left padding (as the paper's evaluation: deterministic).
+                   chat_template: bool = True, add_special_tokens: bool | None = None,
+                   sampling: Sampling | None = None, seed: int | None = None) -> list[Completion]:
+    """Decode a batch with left padding: greedy by default (deterministic), or sampled.
 
     The length counted is the number of generated tokens up to and including the first EOS, so a
-    model that stops early is not charged for the padding of its batch neighbours.
+    model that stops early is not charged for the padding of its batch neighbours. Sampling uses
+    ``seed`` (default 0) in a forked RNG, so the same batch with the same seed gives the same replies
+    and the caller's random state is left alone.
     """
     if not prompts:
         return []
+    check_max_new_tokens(max_new_tokens)
+    sampling = sampling or Sampling()
     texts = [build_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
     templated = chat_template and has_chat_template(tokenizer)
     if add_special_tokens is None:
@@ -83,16 +192,25 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
         tokenizer.padding_side = old_side
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids or None,
-                         pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
+    kwargs = dict(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos_ids or None, pad_token_id=pad_id,
+                  **sampling.generate_kwargs())
+    if sampling.greedy:
+        out = model.generate(**kwargs)
+    else:
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0 if seed is None else int(seed))
+            out = model.generate(**kwargs)
     new = out[:, enc["input_ids"].shape[1]:].tolist()
     results = []
-    for row in new:
+    for text_in, row in zip(texts, new):
         stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
         kept = row if stop is None else row[:stop]
+        opened = templated and opens_thinking(text_in)
         results.append(Completion(
             text=tokenizer.decode(kept, skip_special_tokens=True),
-            num_tokens=len(kept) + (0 if stop is None else 1), finished=stop is not None))
+            num_tokens=len(kept) + (0 if stop is None else 1), finished=stop is not None,
+            thinking_tokens=count_thinking_tokens(tokenizer, kept, opened=opened), thinking_opened=opened))
     return results
 
 

@@ -50,8 +50,10 @@ the last reply's length in tokens and the mean so far.
 """
 
 EVALUATE = """
-Greedy decoding on the bundled evaluation problems (or your `.jsonl` with `question`/`answer`, optional `level`).
-Every evaluation adds points to the scatter, so you can see the accuracy-vs-length frontier as you try settings.
+The bundled problems, a benchmark preset (GSM8K, MATH-500, AIME 2024, Minerva Math from the Hub) or your `.jsonl`
+(`question`/`answer`, optional `level`). Answers are checked with math-verify; R1-style replies are graded on what
+follows `</think>`, and their length is split into thinking and answer tokens. Greedy by default; sample (seeded)
+for R1-distilled models. Every evaluation adds points to the scatter: the accuracy-vs-length frontier.
 """
 
 EXPORT = """

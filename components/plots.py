@@ -10,7 +10,8 @@ way (it calls ``to_json()``). ``PlotSpec.figure()`` gives the full ``go.Figure``
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 # One colour per role, reused everywhere so a model keeps its colour across charts.
 PALETTE = ["#e8590c", "#0c8599", "#5f3dc4", "#2b8a3e", "#c2255c"]   # fine-tuned models / misc
@@ -191,10 +192,23 @@ def length_bar_figure(labels: Sequence[str], means: Sequence[float], counts: Seq
                                   xaxis=_axis(showgrid=False), yaxis=_axis("tokens", rangemode="tozero")))
 
 
+def _eval_hover_extra(p: dict) -> str:
+    """Hover lines for a thinking model (thinking + answer tokens) and for truncated replies."""
+    extra = ""
+    if p.get("thinking_length") is not None:
+        extra += f"<br>thinking {float(p['thinking_length']):.1f} + answer {float(p.get('answer_length') or 0):.1f} tokens"
+    if p.get("truncated"):
+        extra += f"<br>hit max tokens: {int(p['truncated'])}"
+        if p.get("truncated_in_thinking"):
+            extra += f" ({int(p['truncated_in_thinking'])} while thinking, counted wrong)"
+    return extra
+
+
 def eval_scatter(points: Iterable[dict]) -> PlotSpec:
     """Accuracy vs mean answer length, one marker per evaluated model (accumulated per session).
 
-    ``points``: ``[{"label", "kind": "merged"|"base"|"fine-tuned", "accuracy", "mean_length", "n"}]``.
+    ``points``: ``[{"label", "kind": "merged"|"base"|"fine-tuned", "accuracy", "mean_length", "n"}]``, optionally
+    ``thinking_length``/``answer_length`` (models that think) and ``truncated``/``truncated_in_thinking``.
     Up and to the left is better: more accurate with shorter answers.
     """
     points = list(points)
@@ -214,9 +228,9 @@ def eval_scatter(points: Iterable[dict]) -> PlotSpec:
             "x": _f(p["mean_length"] for p in pts), "y": [100 * float(p["accuracy"]) for p in pts],
             "text": [p["label"] for p in pts], "textposition": "top center", "textfont": {"size": 11},
             "marker": {"line": {"width": 1, "color": "white"}, "opacity": 0.9, **styles[kind]},
-            "customdata": [[p["label"], int(p.get("n") or 0)] for p in pts],
+            "customdata": [[p["label"], int(p.get("n") or 0), _eval_hover_extra(p)] for p in pts],
             "hovertemplate": "<b>%{customdata[0]}</b><br>accuracy %{y:.1f}%<br>mean length %{x:.1f} tokens"
-                             "<br>n = %{customdata[1]}<extra></extra>"})
+                             "%{customdata[2]}<br>n = %{customdata[1]}<extra></extra>"})
     return PlotSpec(data, _layout("Accuracy vs answer length (up-left is better)", height=420,
                                   xaxis=_axis("mean answer length (tokens)", rangemode="tozero"),
                                   yaxis=_axis("accuracy (%)", range=[-3, 108])))

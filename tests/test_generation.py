@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def test_stream_yields_growing_text_equal_to_greedy(base):
     messages = [{"role": "user", "content": "What is 47 + 8?"}]
     chunks = list(generate_stream(model, tok, messages, max_new_tokens=12))
     assert chunks, "nothing streamed"
-    assert all(b.startswith(a) for a, b in zip(chunks, chunks[1:]))
+    assert all(b.startswith(a) for a, b in itertools.pairwise(chunks))
     greedy = generate_batch(model, tok, ["What is 47 + 8?"], max_new_tokens=12)[0].text
     assert chunks[-1].strip() == greedy.strip()
 
@@ -53,3 +54,60 @@ def test_stream_sampling_and_bad_settings(base):
         next(generate_stream(model, tok, "hi", max_new_tokens=0))
     with pytest.raises(InputError):
         next(generate_stream(model, tok, "hi", top_p=0.0))
+
+
+def test_sampled_batch_is_seeded_and_leaves_the_callers_rng_alone(base):
+    import torch
+
+    from acm.generation import Sampling
+
+    model, tok = base
+    prompts = ["What is 47 + 8?", "What is 3 + 9?"]
+    hot = Sampling(temperature=1.5, top_p=1.0)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = generate_batch(model, tok, prompts, max_new_tokens=12, sampling=hot, seed=7)
+    after = torch.rand(1)
+    assert torch.equal(before, after)                     # forked RNG: the caller's stream is unchanged
+    b = generate_batch(model, tok, prompts, max_new_tokens=12, sampling=hot, seed=7)
+    assert [c.text for c in a] == [c.text for c in b]
+    others = [generate_batch(model, tok, prompts, max_new_tokens=12, sampling=hot, seed=s) for s in range(8, 12)]
+    assert any([c.text for c in o] != [c.text for c in a] for o in others)
+    greedy = generate_batch(model, tok, prompts, max_new_tokens=12)
+    assert greedy[0].thinking_tokens == 0 and not greedy[0].thinking_opened
+
+
+def test_sampling_settings_and_generation_config():
+    from transformers import GenerationConfig
+
+    from acm.generation import Sampling, sampling_from_model
+
+    assert Sampling().greedy and Sampling().to_dict() == {"mode": "greedy"}
+    assert Sampling(0.6, 0.95).generate_kwargs() == {"do_sample": True, "temperature": 0.6, "top_p": 0.95,
+                                                     "top_k": 0}
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"top_k": 1.5}):
+        with pytest.raises(InputError):
+            Sampling(**bad)
+
+    class M:
+        generation_config = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95)
+
+    assert sampling_from_model(M()) == Sampling(0.6, 0.95, 0)              # R1-distill's card settings
+    assert sampling_from_model(M(), {"temperature": 1.0, "top_p": None}) == Sampling(1.0, 0.95, 0)
+    M.generation_config = GenerationConfig(do_sample=False, max_new_tokens=512)
+    assert sampling_from_model(M()).greedy                                  # the bundled models: greedy
+
+
+def test_thinking_tokens_are_counted_up_to_the_closing_tag(base):
+    from acm.generation import count_thinking_tokens, opens_thinking
+
+    _, tok = base
+    ids = tok("<think>so 4</think> A: 4", add_special_tokens=False)["input_ids"]
+    head = tok("<think>so 4</think>", add_special_tokens=False)["input_ids"]
+    assert count_thinking_tokens(tok, ids) == len(head) < len(ids)
+    open_ids = tok("so 4 and", add_special_tokens=False)["input_ids"]
+    assert count_thinking_tokens(tok, open_ids) == 0                        # no thinking block
+    assert count_thinking_tokens(tok, open_ids, opened=True) == len(open_ids)   # opened by the template
+    assert count_thinking_tokens(tok, []) == 0
+    assert opens_thinking("<|assistant|><think>\n") and not opens_thinking("<|assistant|>")
