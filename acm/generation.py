@@ -31,15 +31,11 @@ def build_prompt(tokenizer, messages: Sequence[dict] | str, *, chat_template: bo
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        eos = getattr(src, "eos_token_id", None) if src is not None else None
-        if eos is None:
-            continue
-        ids.extend(eos if isinstance(eos, (list, tuple)) else [eos])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return sorted({int(i) for i in ids})
+    """Every id that ends a reply: eos of the generation config, config and tokenizer, and the chat
+    template's end-of-turn token (``acm.templates.end_of_turn_ids``)."""
+    from acm.templates import end_of_turn_ids
+
+    return end_of_turn_ids(model, tokenizer)
 
 
 def _pad_id(tokenizer, eos_ids: list[int]) -> int:

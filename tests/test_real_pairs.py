@@ -126,3 +126,19 @@ def test_paper_pair_through_the_app_handlers(standin_pair, tmp_path):
         assert "DeepSeek-R1" in ft_line
     finally:
         state.close()
+
+
+@pytest.mark.parametrize("name,role,family,must_stop_at", [
+    ("qwen2.5-math-1.5b", "base", "ChatML", "<|im_end|>"),          # eos is <|endoftext|>; a chat turn ends at im_end
+    ("qwen2.5-math-1.5b", "ft", "DeepSeek-R1", "<｜end▁of▁sentence｜>"),
+    ("qwen3", "ft", "ChatML", "<|im_end|>"),
+])
+def test_each_model_stops_at_its_own_end_of_turn(standin_pair, name, role, family, must_stop_at):
+    from acm.generation import _eos_ids
+    from acm.templates import template_family
+
+    folder = dict(zip(("base", "ft"), standin_pair(name)))[role]
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert template_family(tok) == family
+    assert tok.convert_tokens_to_ids(must_stop_at) in _eos_ids(model, tok)
