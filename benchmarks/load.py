@@ -117,10 +117,10 @@ class Session(threading.Thread):
     """One visitor: Analyse → 3 coefficient redraws → 1 chat message, each call timed."""
 
     def __init__(self, idx: int, url: str, start: threading.Barrier, deadline: float, chat_tokens: int | None,
-                 analyse_kwargs: dict):
+                 analyse_kwargs: dict, chat: bool = True):
         super().__init__(daemon=True, name=f"session-{idx}")
         self.idx, self.url, self.start_barrier, self.deadline = idx, url, start, deadline
-        self.chat_tokens, self.analyse_kwargs = chat_tokens, analyse_kwargs
+        self.chat_tokens, self.analyse_kwargs, self.chat = chat_tokens, analyse_kwargs, chat
         self.times: dict[str, list[float]] = {e: [] for e in ENDPOINTS}
         self.outcome: dict[str, str] = {}
         self.messages: list[str] = []
@@ -144,7 +144,7 @@ class Session(threading.Thread):
 
         client = None
         try:
-            client = Client(self.url, verbose=False, analytics_enabled=False, download_files=False)
+            client = Client(self.url, verbose=False, analytics_enabled=False, download_files=False, ssl_verify=False)
         except BaseException as exc:  # noqa: BLE001
             self.outcome["connect"] = classify(exc)
             self.messages.append(f"connect: {type(exc).__name__}: {exc}")
@@ -163,6 +163,9 @@ class Session(threading.Thread):
             for t in REDRAW_TS:
                 self._call("coefficients", lambda t=t: client.predict(t, 0.7, "", "", api_name="/coefficients"))
             step = "chat"
+            if not self.chat:
+                self.outcome["done"] = "ok"
+                return
             kwargs = {"message": CHAT_MESSAGE}
             if self.chat_tokens:
                 kwargs["max_new_tokens"] = self.chat_tokens
@@ -180,7 +183,7 @@ def warm_up(url: str, chat_tokens: int | None) -> None:
     """A first visitor with another analysis key (4 samples): imports and models loaded, defaults not cached."""
     from gradio_client import Client
 
-    client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+    client = Client(url, verbose=False, analytics_enabled=False, download_files=False, ssl_verify=False)
     try:
         client.predict(samples=4, api_name="/analyse")
         kwargs = {"message": "What is 1 + 2?"}
@@ -192,7 +195,7 @@ def warm_up(url: str, chat_tokens: int | None) -> None:
 
 
 def run(sessions: int = 12, *, time_limit: float = 300.0, cache: bool = True, cache_dir: str | None = None,
-        chat_tokens: int | None = None, startup_timeout: float = 120.0, out: str | None = None,
+        chat_tokens: int | None = None, chat: bool = True, startup_timeout: float = 120.0, out: str | None = None,
         log=print) -> dict:
     """Start the app, run ``sessions`` visitors at once, stop the app; return the measurements."""
     if not 1 <= sessions <= MAX_SESSIONS:
@@ -212,7 +215,7 @@ def run(sessions: int = 12, *, time_limit: float = 300.0, cache: bool = True, ca
     load_before = os.getloadavg()
     log(f"[load] starting the app on {url} (cache: {env.get('ACM_CACHE_DIR', 'off')})")
     proc = start_app(port, env, work / "app.log")
-    result: dict[str, Any] = {"sessions": sessions, "cache": cache, "time_limit_s": time_limit,
+    result: dict[str, Any] = {"sessions": sessions, "cache": cache, "chat": chat, "time_limit_s": time_limit,
                               "machine": machine, "loadavg_before": load_before, "url": url}
     try:
         result["startup_s"] = wait_ready(url, proc, startup_timeout)
@@ -224,7 +227,7 @@ def run(sessions: int = 12, *, time_limit: float = 300.0, cache: bool = True, ca
         result["rss_idle_mib"] = proc_status(proc.pid).get("VmRSS", 0) / MB
         deadline = time.monotonic() + time_limit
         barrier = threading.Barrier(sessions)
-        workers = [Session(i, url, barrier, deadline, chat_tokens, {}) for i in range(sessions)]
+        workers = [Session(i, url, barrier, deadline, chat_tokens, {}, chat) for i in range(sessions)]
         log(f"[load] {sessions} sessions: analyse → {len(REDRAW_TS)} × coefficients → chat")
         with PeakPoller(proc.pid, interval=0.05) as peak:
             t_run = time.perf_counter()
@@ -298,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cache", action="store_true", help="run the app with ACM_CACHE=off (no shared cache)")
     ap.add_argument("--cache-dir", default=None, help="shared-cache folder (default: a fresh temp folder, cold)")
     ap.add_argument("--chat-tokens", type=int, default=None, help="max new tokens per chat reply (default: the app's)")
+    ap.add_argument("--no-chat", action="store_true", help="sessions stop after the coefficient redraws")
     ap.add_argument("--quick", action="store_true", help="3 sessions, 16 chat tokens, 120 s (a smoke run)")
     ap.add_argument("--out", default=None, help="JSON result path (default benchmarks/.cache/results/)")
     args = ap.parse_args(argv)
@@ -305,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         args.sessions, args.chat_tokens, args.time_limit = min(args.sessions, 3), args.chat_tokens or 16, \
             min(args.time_limit, 120.0)
     data = run(args.sessions, time_limit=args.time_limit, cache=not args.no_cache, cache_dir=args.cache_dir,
-               chat_tokens=args.chat_tokens, out=args.out)
+               chat_tokens=args.chat_tokens, chat=not args.no_chat, out=args.out)
     print(report(data))
     return 0
 
