@@ -248,7 +248,7 @@ def wire(ui) -> None:
                            progress=progress_callback(progress))
         groups = list(state.analysis.groups) if state.analysis is not None else None
         headers, rows = lambda_rows(merged, groups)
-        report = {**merged.report, "label": merged.label, "settings": merged.settings}
+        report = {**merged.report, "label": merged.label, "settings": merged.settings, "cache": merged.cache}
         import pandas as pd
 
         return summary_markdown(merged), pd.DataFrame(rows, columns=headers), _jsonable(report)
