@@ -82,6 +82,24 @@ def create_app(prewarm: bool = True) -> gr.Blocks:
     return demo
 
 
+def configure_threads() -> None:
+    """Torch intra-op threads: half the cores (at least 1) unless ``OMP_NUM_THREADS`` is set.
+
+    Why: up to three jobs run at once (one heavy slot, two chats), and on a small CPU box that is
+    also running other work a full-width OpenMP pool per job stalls on its descheduled threads —
+    measured here (2 cores, load average 8) the default analysis took 17 s with 2 threads and 2.1 s
+    with 1 (BENCHMARKS.md, "A crowd"). Set before torch is imported, so it applies everywhere.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import sys
+
+    if "torch" in sys.modules:                # already imported (e.g. by a launcher): apply directly
+        sys.modules["torch"].set_num_threads(threads)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "acm-merge-explorer"
 
@@ -118,6 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     configure_cache(args.cache_dir, enabled=not args.no_cache)
+    configure_threads()
     demo = create_app(prewarm=not args.no_prewarm)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs())
 

@@ -287,7 +287,7 @@ def report(data: dict) -> str:
              f"{data.get('completed', 0)} completed, {data.get('analyse_cache_hits', 0)} Analyse answers were cache "
              f"hits; run {data.get('run_s', 0):.1f} s; app RSS at startup {data.get('rss_startup_mib', 0):.0f} MiB, "
              f"idle (after warm-up) {idle or 0:.0f} MiB, peak {peak or 0:.0f} MiB{ratio}; shared cache on disk "
-             f"{(data.get('cache_bytes') or 0) / MB:.1f} MiB; load average before {la[0]:.2f} / {la[1]:.2f} / "
+             f"{(data.get('cache_bytes') or 0) / 1024:.0f} KiB; load average before {la[0]:.2f} / {la[1]:.2f} / "
              f"{la[2]:.2f}, after {lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f}")]
     if data.get("messages"):
         lines.append("messages: " + " | ".join(data["messages"][:5]))
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=None, help="shared-cache folder (default: a fresh temp folder, cold)")
     ap.add_argument("--chat-tokens", type=int, default=None, help="max new tokens per chat reply (default: the app's)")
     ap.add_argument("--no-chat", action="store_true", help="sessions stop after the coefficient redraws")
-    ap.add_argument("--quick", action="store_true", help="3 sessions, 16 chat tokens, 120 s (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="3 sessions, 16 chat tokens, 120 s (a smoke run; CI)")
     ap.add_argument("--out", default=None, help="JSON result path (default benchmarks/.cache/results/)")
     args = ap.parse_args(argv)
     if args.quick:
