@@ -64,10 +64,10 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[k]
 
 
-def start_app(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def start_app(port: int, env: dict[str, str], log_path: Path, root: Path = ROOT) -> subprocess.Popen:
     with open(log_path, "wb") as log:
         return subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), "--no-prewarm"],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> float:
@@ -196,7 +196,7 @@ def warm_up(url: str, chat_tokens: int | None) -> None:
 
 def run(sessions: int = 12, *, time_limit: float = 300.0, cache: bool = True, cache_dir: str | None = None,
         chat_tokens: int | None = None, chat: bool = True, startup_timeout: float = 120.0, out: str | None = None,
-        log=print) -> dict:
+        app_root: str | None = None, log=print) -> dict:
     """Start the app, run ``sessions`` visitors at once, stop the app; return the measurements."""
     if not 1 <= sessions <= MAX_SESSIONS:
         raise SystemExit(f"--sessions must be in 1..{MAX_SESSIONS}, got {sessions}")
@@ -214,8 +214,9 @@ def run(sessions: int = 12, *, time_limit: float = 300.0, cache: bool = True, ca
     machine = machine_info()
     load_before = os.getloadavg()
     log(f"[load] starting the app on {url} (cache: {env.get('ACM_CACHE_DIR', 'off')})")
-    proc = start_app(port, env, work / "app.log")
-    result: dict[str, Any] = {"sessions": sessions, "cache": cache, "chat": chat, "time_limit_s": time_limit,
+    root = Path(app_root).resolve() if app_root else ROOT
+    proc = start_app(port, env, work / "app.log", root)
+    result: dict[str, Any] = {"sessions": sessions, "cache": cache, "chat": chat, "app_root": str(root), "time_limit_s": time_limit,
                               "machine": machine, "loadavg_before": load_before, "url": url}
     try:
         result["startup_s"] = wait_ready(url, proc, startup_timeout)
@@ -303,13 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chat-tokens", type=int, default=None, help="max new tokens per chat reply (default: the app's)")
     ap.add_argument("--no-chat", action="store_true", help="sessions stop after the coefficient redraws")
     ap.add_argument("--quick", action="store_true", help="3 sessions, 16 chat tokens, 120 s (a smoke run; CI)")
+    ap.add_argument("--app-root", default=None,
+                    help="run the app.py of another checkout (e.g. `git archive REV | tar -x -C DIR`) for a before/after")
     ap.add_argument("--out", default=None, help="JSON result path (default benchmarks/.cache/results/)")
     args = ap.parse_args(argv)
     if args.quick:
         args.sessions, args.chat_tokens, args.time_limit = min(args.sessions, 3), args.chat_tokens or 16, \
             min(args.time_limit, 120.0)
     data = run(args.sessions, time_limit=args.time_limit, cache=not args.no_cache, cache_dir=args.cache_dir,
-               chat_tokens=args.chat_tokens, chat=not args.no_chat, out=args.out)
+               chat_tokens=args.chat_tokens, chat=not args.no_chat, out=args.out, app_root=args.app_root)
     print(report(data))
     return 0
 

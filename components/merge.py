@@ -255,6 +255,7 @@ def wire(ui) -> None:
 
     for event in getattr(ui, "analysis_events", []):
         event.then(acm_status_line, ui.state, g.acm_status, api_visibility="private", queue=False)
+
     def admit_merge():
         admit(ui.demo, "the merge")
 
