@@ -205,13 +205,16 @@ def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
 def model_identity(spec: str, *, revision: str | None = None, hasher: FileHasher | None = None) -> str | None:
     """A content identity for a model: ``local:<sha256 of the folder>`` or ``hub:<id>@<commit>``.
 
-    None when it cannot be determined (a Hub id while offline and not cached); the caller then
-    does not use the cache for this request.
+    None when it cannot be determined (a Hub id while offline and not cached, an empty or unreadable
+    folder); the caller then does not use the cache for this request.
     """
     spec = (spec or "").strip()
     local = Path(spec).expanduser()
     if local.is_dir():
-        return "local:" + folder_digest(local, hasher)
+        try:
+            return "local:" + folder_digest(local, hasher)
+        except (InputError, OSError):      # empty or unreadable: the work itself reports it in its own words
+            return None
     if local.exists() or not spec:
         return None
     commit = hub_commit(spec, revision)

@@ -102,6 +102,8 @@ def test_model_identity_local_and_hub(tmp_path, monkeypatch):
     assert model_identity("org/tiny") == f"hub:org/tiny@{sha}"
     assert model_identity("org/not-cached") is None          # unknown offline: not cacheable
     assert model_identity(str(tmp_path / "missing" / "folder")) is None
+    (tmp_path / "empty").mkdir()
+    assert model_identity(str(tmp_path / "empty")) is None         # the analysis says what is wrong, not the cache
 
 
 def test_keys_change_with_every_part():
