@@ -78,6 +78,10 @@ def create_app(prewarm: bool = True) -> gr.Blocks:
     # visitor sees their position and an estimated wait (Gradio's status on the heavy outputs).
     # Identical analyses and merges are answered from the shared result cache (acm.cache), so a
     # crowd on the defaults computes them once and the rest pass through the slot in milliseconds.
+    # Gradio rebuilds a pandas summary of *every* recorded event (up to 10,000) after each event, for its
+    # monitoring page; under a crowd that was ~14 % of the server's CPU in a redraw loop (py-spy) and it
+    # grows with the Space's age. Every 100 events is plenty for a dashboard.
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "100")
     demo.queue(default_concurrency_limit=LIGHT_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
     return demo
 
