@@ -2,13 +2,15 @@
 
 Builds the Blocks from ``components/`` (one module per step) and launches. ``python app.py``
 opens it on the bundled demo models with nothing to configure. Options: ``--port N`` (or env
-GRADIO_SERVER_PORT), ``--host`` (or GRADIO_SERVER_NAME), ``--share`` (off by default).
+GRADIO_SERVER_PORT), ``--host`` (or GRADIO_SERVER_NAME), ``--share`` (off by default), ``--cache-dir`` (or
+ACM_CACHE_DIR; default ~/.cache/acm-merge-explorer) and ``--no-cache`` for the shared result cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -65,12 +67,59 @@ def launch_kwargs() -> dict:
     return dict(theme=THEME, css_paths=css_paths, footer_links=["api", "gradio"], max_file_size=max_file_bytes())
 
 
+QUEUE_MAX_SIZE = 32          # waiting events, all groups together; past it Gradio refuses (HTTP 503)
+LIGHT_CONCURRENCY = 4        # events of the default group running at once
+
+
 def create_app(prewarm: bool = True) -> gr.Blocks:
     demo = build_app(prewarm)
     # Heavy jobs (analyse / merge / evaluate) share concurrency_id="heavy" with a limit of 1, so two
-    # users never run two of them at once on one GPU; the queue holds the rest.
-    demo.queue(default_concurrency_limit=4, max_size=32)
+    # users never run two of them at once on one GPU; the queue holds the rest, and each waiting
+    # visitor sees their position and an estimated wait (Gradio's status on the heavy outputs).
+    # Identical analyses and merges are answered from the shared result cache (acm.cache), so a
+    # crowd on the defaults computes them once and the rest pass through the slot in milliseconds.
+    # Gradio rebuilds a pandas summary of *every* recorded event (up to 10,000) after each event, for its
+    # monitoring page; under a crowd that was ~14 % of the server's CPU in a redraw loop (py-spy) and it
+    # grows with the Space's age. Every 100 events is plenty for a dashboard.
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "100")
+    demo.queue(default_concurrency_limit=LIGHT_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
     return demo
+
+
+def configure_threads() -> None:
+    """Torch intra-op threads: half the cores (at least 1) unless ``OMP_NUM_THREADS`` is set.
+
+    Why: up to three jobs run at once (one heavy slot, two chats), and on a small CPU box that is
+    also running other work a full-width OpenMP pool per job stalls on its descheduled threads —
+    measured here (2 cores, load average 8) the default analysis took 17 s with 2 threads and 2.1 s
+    with 1 (BENCHMARKS.md, "A crowd"). Set before torch is imported, so it applies everywhere.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import sys
+
+    if "torch" in sys.modules:                # already imported (e.g. by a launcher): apply directly
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "acm-merge-explorer"
+
+
+def configure_cache(cache_dir: str | None, enabled: bool = True) -> None:
+    """Turn the shared result cache on for this process (``ACM_CACHE_DIR``) unless it is switched off.
+
+    The library leaves the cache off unless told; the app turns it on because a Space's visitors
+    mostly repeat the same work. An explicit ``ACM_CACHE_DIR`` / ``ACM_CACHE=off`` wins.
+    """
+    if not enabled:
+        os.environ["ACM_CACHE"] = "off"
+        return
+    if cache_dir:
+        os.environ["ACM_CACHE_DIR"] = str(cache_dir)
+    os.environ.setdefault("ACM_CACHE_DIR", str(default_cache_dir()))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,11 +130,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
     p.add_argument("--no-prewarm", action="store_true",
                    help="do not preload the default models for the chat after the first page load")
+    p.add_argument("--cache-dir", default=None,
+                   help="shared result cache folder (default: env ACM_CACHE_DIR or ~/.cache/acm-merge-explorer; "
+                        "cap: env ACM_CACHE_MAX_GB, default 20)")
+    p.add_argument("--no-cache", action="store_true", help="do not share analyses and merges between sessions")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    configure_cache(args.cache_dir, enabled=not args.no_cache)
+    configure_threads()
     demo = create_app(prewarm=not args.no_prewarm)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs())
 

@@ -18,7 +18,7 @@ from components.calibration import resolve_calibration
 from components.common import (gpu, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels,
                                uploaded_file, warn)
 from components.models import validate_selection
-from components.state import SessionState
+from components.state import SessionState, admit, reused_line, shared_cache
 
 T_MAX = 40.0
 # From the demo sweep (README "Demo results"); see components/merge.py.
@@ -55,7 +55,9 @@ def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_cod
                  progress: Callable[[float, str], None] | None = None) -> dict:
     """Analyse (or fetch from the session cache) and make it the session's current analysis.
 
-    Returns ``{"analysis", "cached", "seconds", "calibration"}``.
+    Returns ``{"analysis", "cached", "seconds", "calibration", "shared"}``; ``shared`` is None, or the
+    shared-cache entry's ``{"hit", "waited", "age_s", "compute_s"}`` (another session's identical
+    request — same model contents, calibration texts, settings and code — computed it already).
     """
     from acm.analysis import analyze
 
@@ -73,19 +75,74 @@ def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_cod
             progress(1.0, "cached analysis")
         state.analysis, state.analysis_key = cached, key
         state.base, state.fts = base, fts
-        return {"analysis": cached, "cached": True, "seconds": 0.0, "calibration": cal}
+        return {"analysis": cached, "cached": True, "seconds": 0.0, "calibration": cal, "shared": None}
     t0 = time.perf_counter()
-    result = analyze(base, fts, cal["source"], field=cal["field"], split=cal["split"], samples=samples,
-                     clusters=settings["clusters"], fraction=settings["fraction"], max_tokens=settings["max_tokens"],
-                     bins=settings["bins"], batch_size=settings["batch_size"], seed=settings["seed"],
-                     device=settings["device"], dtype=settings["dtype"], chat_template=settings["chat_template"],
-                     trust_remote_code=settings["trust"], progress=progress, show_progress=False)
+
+    def compute():
+        return analyze(base, fts, cal["source"], field=cal["field"], split=cal["split"], samples=samples,
+                       clusters=settings["clusters"], fraction=settings["fraction"],
+                       max_tokens=settings["max_tokens"], bins=settings["bins"], batch_size=settings["batch_size"],
+                       seed=settings["seed"], device=settings["device"], dtype=settings["dtype"],
+                       chat_template=settings["chat_template"], trust_remote_code=settings["trust"],
+                       progress=progress, show_progress=False)
+
+    result, shared = shared_analysis(base, fts, cal, settings, compute)
     seconds = time.perf_counter() - t0
     with state.lock:
         state.analysis_cache[key] = result
         state.analysis, state.analysis_key, state.analysis_seconds = result, key, seconds
         state.base, state.fts = base, fts
-    return {"analysis": result, "cached": False, "seconds": seconds, "calibration": cal}
+    return {"analysis": result, "cached": bool(shared and shared["hit"]), "seconds": seconds, "calibration": cal,
+            "shared": shared}
+
+
+def shared_analysis_key(store, base: str, fts: list[str], cal: dict, settings: dict) -> str | None:
+    """The shared-cache key of an analysis: model contents (folder hashes / Hub commits), the
+    calibration texts' hash, every setting, the device kind and the code version. None when a model
+    has no content identity (a Hub id offline and not cached): then nothing is shared."""
+    from acm.cache import calibration_identity, make_key, model_identity
+
+    ids = [model_identity(spec, hasher=store.hasher) for spec in [base, *fts]]
+    if any(i is None for i in ids):
+        return None
+    texts = calibration_identity(cal["source"], field=cal["field"], split=cal["split"])
+    import torch
+
+    device = settings["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    return make_key("analysis", {"base": [base, ids[0]], "fts": [[f, i] for f, i in zip(fts, ids[1:])],
+                                 "calibration": {"texts": texts, "field": cal["field"], "split": cal["split"]},
+                                 "settings": settings, "device": device})
+
+
+def shared_analysis(base: str, fts: list[str], cal: dict, settings: dict, compute: Callable[[], object]):
+    """(AnalysisResult, shared-cache info or None): from the shared cache, or computed once for all.
+
+    A reused result names this session's own calibration source in its provenance (the texts are
+    the same; the file name another visitor uploaded them under is not shown).
+    """
+    from acm.analysis import AnalysisResult
+    from acm.calibration import describe_source
+
+    store = shared_cache()
+    key = shared_analysis_key(store, base, fts, cal, settings) if store is not None else None
+    if key is None:
+        return compute(), None
+    made = {}
+
+    def build(folder: Path) -> dict:
+        made["result"] = compute()
+        made["result"].save(folder / "analysis.json")
+        return {"what": "analysis", "base": base, "fts": fts}
+
+    with store.get_or_create("analysis", key, build) as entry:
+        result = made.get("result") or AnalysisResult.load(entry.path / "analysis.json")
+        info = {"hit": entry.hit, "waited": entry.waited, "age_s": entry.age_s, "compute_s": entry.compute_s,
+                "key": key}
+    if entry.hit:
+        cal_prov = result.provenance.get("calibration")
+        if isinstance(cal_prov, dict):
+            cal_prov["source"] = describe_source(cal["source"])
+    return result, info
 
 
 def load_analysis_file(state: SessionState, path: str | None):
@@ -161,12 +218,17 @@ def coefficient_view(state: SessionState, t: float, alpha: float, clip_min=None,
 
 
 def summary_markdown(analysis, *, cached: bool = False, seconds: float | None = None,
-                     calibration_label: str | None = None) -> str:
+                     calibration_label: str | None = None, shared: dict | None = None) -> str:
     prov = getattr(analysis, "provenance", {}) or {}
     cal = prov.get("calibration") or {}
     n = cal.get("size") or cal.get("samples") or cal.get("n")
     tokens = cal.get("tokens")
-    how = "from the session cache (no model work)" if cached else (f"in {seconds:.1f} s" if seconds else "")
+    if shared and shared.get("hit"):
+        how = "— " + reused_line(shared["age_s"], shared.get("compute_s"))
+    elif cached:
+        how = "from the session cache (no model work)"
+    else:
+        how = f"in {seconds:.1f} s" if seconds else ""
     parts = [f"**Analysis ready** {how}".strip()]
     src = calibration_label or cal.get("source")
     if src:
@@ -253,15 +315,22 @@ def wire(ui) -> None:
         state.figures["nmi"] = nmi_fig
         coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max)
         md = summary_markdown(res, cached=out["cached"], seconds=out["seconds"],
-                              calibration_label=out["calibration"]["label"])
+                              calibration_label=out["calibration"]["label"], shared=out.get("shared"))
         return md, nmi_fig, coef_fig, multi_fig, table, save_analysis(state)
 
+    def admit_analysis():
+        admit(ui.demo, "the analysis")
+
+    # A light check first (no queue): a full queue is refused with when to retry, and a visitor
+    # behind others is told where they stand; then the heavy job, whose queue position and ETA
+    # Gradio shows on the summary and the NMI plot.
     analyse_event = a.analyse_btn.click(
+        admit_analysis, None, None, queue=False, api_visibility="private", show_progress="hidden").success(
         ui_errors(analyse),
         [ui.state, m.base, m.fts, m.trust, m.device, m.dtype, c.mode, c.upload, c.hub_id, c.split, c.field,
          c.samples, c.clusters, c.fraction, c.max_tokens, a.bins, a.batch_size, a.seed, a.chat_template,
          a.t, a.alpha, a.clip_min, a.clip_max],
-        outputs, api_name="analyse", concurrency_id="heavy", concurrency_limit=1, show_progress_on=[a.nmi_plot])
+        outputs, api_name="analyse", concurrency_id="heavy", concurrency_limit=1, show_progress_on=[a.summary, a.nmi_plot])
 
     def coefficients(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None):
         """λₖ(t) per layer group and fine-tuned model from the cached NMI (no model work): the curve at t,

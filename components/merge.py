@@ -12,7 +12,7 @@ from components import help as texts
 from components.analysis import DEFAULT_ALPHA, DEFAULT_T, T_MAX
 from components.common import gpu, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels
 from components.models import validate_selection
-from components.state import MergedModel, SessionState
+from components.state import MergedModel, SessionState, admit, load_merged, reused_line, shared_merge
 
 METHOD_CHOICES = [("Task Arithmetic (TA)", "task_arithmetic"), ("TIES", "ties"), ("DARE-TA", "dare_ta"),
                   ("DARE-TIES", "dare_ties"), ("Linear (weight average)", "linear")]
@@ -65,7 +65,6 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
     """
     from acm.errors import InputError
     from acm.merge import METHODS, MergeOptions, merge_models
-    from acm.models import load_causal_lm, parse_dtype, resolve_model
 
     base, fts = validate_selection(base, fts)
     mode = normalize_mode(mode)
@@ -99,20 +98,29 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
                            trim_scope=trim_scope, seed=int(seed), dtype=none_if_auto(dtype),
                            device=none_if_auto(device), tokenizer_from=(tokenizer_from or "base"))
     t0 = time.perf_counter()
+    shared = shared_merge(base, fts, f"{method}{'-acm' if use_acm else ''}", options, lambdas, acm_info, progress)
     try:
-        report = merge_models(base, fts, out_dir, options, lambdas=lambdas, acm=acm_info, force=True,
-                              progress=progress_callback(progress, (0.0, 0.9)), show_progress=False)
+        if shared is None:
+            report = merge_models(base, fts, out_dir, options, lambdas=lambdas, acm=acm_info, force=True,
+                                  progress=progress_callback(progress, (0.0, 0.9)), show_progress=False)
+            report_dict, used = report.to_dict(), report.lambdas
+        else:
+            out_dir, report_dict, used = shared["out_dir"], shared["report"], shared["report"].get("lambdas")
         if progress:
             progress(0.92, "loading the merged model for chat")
-        model, tokenizer = load_causal_lm(resolve_model(str(report.out_dir)), device=none_if_auto(device),
-                                          dtype=parse_dtype(none_if_auto(dtype)))
+        model, tokenizer = load_merged(out_dir, device, dtype, shared=shared is not None)
     except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
+        if shared is None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        else:
+            shared["release"]()
         raise
     seconds = time.perf_counter() - t0
     merged = MergedModel(
-        merge_id=merge_id, label=merge_label(method, use_acm, t, alpha, merge_id), out_dir=Path(report.out_dir),
-        report=report.to_dict(), lambdas=report.lambdas or lambdas,
+        merge_id=merge_id, label=merge_label(method, use_acm, t, alpha, merge_id), out_dir=Path(out_dir),
+        report=report_dict, lambdas=used or lambdas,
+        cache=shared and {k: v for k, v in shared.items() if k not in ("release", "report", "out_dir")},
+        release=shared and shared["release"],
         settings=dict(base=base, fts=fts, method=method, acm=use_acm, t=t if use_acm else None, alpha=alpha,
                       density=float(density), drop_rate=float(drop_rate), trim_scope=trim_scope, seed=int(seed),
                       clip=acm_info["clip"] if acm_info else None, dtype=none_if_auto(dtype),
@@ -150,7 +158,11 @@ def lambda_rows(merged: MergedModel, groups: list[str] | None = None) -> tuple[l
 def summary_markdown(merged: MergedModel) -> str:
     r = merged.report
     s = merged.settings
-    bits = [f"✓ **{merged.label}** merged in **{merged.seconds:.1f} s** (including loading it for chat)",
+    hit = merged.cache and merged.cache.get("hit")
+    done = (f"— {reused_line(merged.cache['age_s'], merged.cache.get('compute_s'), 'merge')}; loaded in "
+            f"**{merged.seconds:.1f} s**") if hit else \
+        f"merged in **{merged.seconds:.1f} s** (including loading it for chat)"
+    bits = [f"✓ **{merged.label}** {done}",
             f"{_size(r.get('bytes_written', 0))} in {r.get('num_tensors', '?')} tensors, "
             f"{r.get('num_shards', '?')} shard(s)"]
     if s["method"] in TIES_METHODS:
@@ -251,14 +263,19 @@ def wire(ui) -> None:
                            tokenizer_from=tokenizer_from, progress=progress_callback(progress))
         groups = list(state.analysis.groups) if state.analysis is not None else None
         headers, rows = lambda_rows(merged, groups)
-        report = {**merged.report, "label": merged.label, "settings": merged.settings}
+        report = {**merged.report, "label": merged.label, "settings": merged.settings, "cache": merged.cache}
         import pandas as pd
 
         return summary_markdown(merged), pd.DataFrame(rows, columns=headers), _jsonable(report)
 
     for event in getattr(ui, "analysis_events", []):
         event.then(acm_status_line, ui.state, g.acm_status, api_visibility="private", queue=False)
+
+    def admit_merge():
+        admit(ui.demo, "the merge")
+
     ui.merge_event = g.merge_btn.click(
+        admit_merge, None, None, queue=False, api_visibility="private", show_progress="hidden").success(
         ui_errors(merge),
         [ui.state, m.base, m.fts, g.method, g.mode, g.t, g.alpha, g.density, g.drop_rate, g.trim_scope, g.seed,
          a.clip_min, a.clip_max, m.device, m.dtype, m.trust, g.tokenizer_from],

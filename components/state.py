@@ -5,13 +5,17 @@ lives in one ``SessionState`` per browser session (or per ``gradio_client.Client
 never see each other's work. Gradio deep-copies a ``gr.State``'s initial value for every new
 session; ``SessionState.__deepcopy__`` therefore hands out a *fresh, empty* session.
 
-The only thing shared between sessions is ``SOURCE_MODELS``: loaded weights of the *input*
-models (base and fine-tuned), which are never modified, so that a Space does not hold one copy
-of the same 7B model per visitor. Merged models are per session.
+Shared between sessions, and only ever read: ``SOURCE_MODELS``, loaded weights of the *input*
+models (base and fine-tuned) and of merged models that came from the shared cache, so that a
+Space does not hold one copy of the same 7B model per visitor; and the shared result cache
+(``acm.cache``, on when ``ACM_CACHE_DIR`` is set — ``python app.py`` sets a default), which holds
+immutable analyses and merged-model folders keyed by content. A session that uses a cached merged
+model pins it (eviction never removes it) until the session drops it.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import threading
@@ -19,6 +23,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from components.common import none_if_auto, progress_callback
+
+log = logging.getLogger("acm.app")
 
 
 @dataclass
@@ -34,6 +42,16 @@ class MergedModel:
     seconds: float
     model: Any = None
     tokenizer: Any = None
+    cache: dict | None = None       # {"hit", "age_s", ...} when the folder is a shared-cache entry
+    release: Callable[[], None] | None = field(default=None, repr=False)   # unpins that entry
+
+    def drop(self) -> None:
+        """Forget the loaded model and let the shared cache evict the folder again."""
+        self.model = None
+        self.tokenizer = None
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
 
 @dataclass
@@ -92,8 +110,7 @@ class SessionState:
         old = self.merged
         self.merged = merged
         if old is not None and old is not merged:
-            old.model = None
-            old.tokenizer = None
+            old.drop()
             if self._workspace is not None and old.out_dir != merged.out_dir and \
                     self._workspace in Path(old.out_dir).resolve().parents:
                 shutil.rmtree(old.out_dir, ignore_errors=True)
@@ -101,7 +118,7 @@ class SessionState:
     def close(self) -> None:
         """Free memory and delete the workspace (Gradio calls this when the session expires)."""
         if self.merged is not None:
-            self.merged.model = None
+            self.merged.drop()
         self.merged = None
         self.analysis_cache.clear()
         if self._workspace is not None:
@@ -172,3 +189,166 @@ def load_source_model(spec: str, *, device: str | None = None, dtype: str | None
         return load_causal_lm(src, device=device, dtype=parse_dtype(dtype))
 
     return SOURCE_MODELS.get(source_model_key(spec, device, dtype) + (bool(trust_remote_code),), loader)
+
+
+# ----------------------------------------------------------------------------- shared result cache
+
+
+def shared_cache():
+    """The shared, content-addressed result cache (``acm.cache.default_store()``), or None when off.
+
+    A cache folder that cannot be used is logged once and the app carries on without the cache:
+    the cache only saves work, it must never stop it.
+    """
+    from acm.cache import default_store
+    from acm.errors import ACMError
+
+    try:
+        return default_store()
+    except (ACMError, OSError) as exc:
+        global _CACHE_WARNED
+        if not _CACHE_WARNED:
+            _CACHE_WARNED = True
+            log.warning("shared cache disabled: %s", exc)
+        return None
+
+
+_CACHE_WARNED = False
+
+
+def reused_line(age_s: float, compute_s: float | None = None, what: str = "result") -> str:
+    """'reused a result computed 2 min ago (it took 2.5 s)': how a cache hit is shown."""
+    from acm.cache import describe_age
+
+    took = f"; computing it took {compute_s:.1f} s" if compute_s else ""
+    return f"reused a {what} computed {describe_age(age_s)} ago (shared cache, no model work{took})"
+
+
+# ----------------------------------------------------------------------------- shared merges
+
+
+def shared_merge(base: str, fts: list[str], name: str, options, lambdas, acm_info: dict | None,
+                 progress: Callable[[float, str], None] | None = None) -> dict | None:
+    """The merged model from the shared cache (computed once for everyone), or None when the cache is
+    off or a model has no content identity. The key: model contents, every option (seed included),
+    the λ used, the ACM analysis behind them (its provenance), the folder name and the code version.
+
+    Returns ``{"out_dir", "report", "hit", "waited", "age_s", "compute_s", "release"}``; the folder
+    is pinned (never evicted) until ``release()`` — the session calls it when it drops the model.
+    """
+    from acm.cache import make_key, model_identity
+    from acm.merge import merge_models
+
+    store = shared_cache()
+    if store is None:
+        return None
+    ids = [model_identity(spec, hasher=store.hasher) for spec in [base, *fts]]
+    if any(i is None for i in ids):
+        return None
+    import torch
+
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    key = make_key("merge", {"base": [base, ids[0]], "fts": [[f, i] for f, i in zip(fts, ids[1:])],
+                             "options": options.to_dict(), "lambdas": lambdas, "acm": acm_info, "name": name,
+                             "device": device})
+
+    def build(folder: Path) -> dict:
+        report = merge_models(base, fts, folder / name, options, lambdas=lambdas, acm=acm_info, force=True,
+                              progress=progress_callback(progress, (0.0, 0.9)), show_progress=False)
+        return {"what": "merge", "name": name, "report": report.to_dict()}
+
+    entry = store.get_or_create("merge", key, build)
+    report = dict(entry.meta["report"], out_dir=str(entry.path / name))
+    return {"out_dir": entry.path / name, "report": report, "hit": entry.hit, "waited": entry.waited,
+            "age_s": entry.age_s, "compute_s": entry.compute_s, "key": key, "release": entry.release}
+
+
+def load_merged(out_dir: Path, device: str | None, dtype: str | None, *, shared: bool):
+    """(model, tokenizer) of a merged folder. A shared-cache folder is immutable, so its loaded
+    weights are shared between sessions like the source models' (one copy for the whole crowd)."""
+    from acm.models import load_causal_lm, parse_dtype, resolve_model
+
+    def loader():
+        return load_causal_lm(resolve_model(str(out_dir)), device=none_if_auto(device),
+                              dtype=parse_dtype(none_if_auto(dtype)))
+
+    if not shared:
+        return loader()
+    return SOURCE_MODELS.get(source_model_key(out_dir, none_if_auto(device), none_if_auto(dtype)) + ("merged",),
+                             loader)
+
+
+# ----------------------------------------------------------------------------- queue status
+
+HEAVY = "heavy"
+
+
+def queue_status(demo: Any, concurrency_id: str = HEAVY) -> dict:
+    """Where the queue stands now: waiting jobs (all and in ``concurrency_id``), running ones, the
+    mean run time Gradio measured for them, an estimated wait, and the queue's bound.
+
+    Reads Gradio's queue (``Blocks._queue``: per-group event queues and per-function run times);
+    if that ever changes shape, the estimate is simply unknown (None) and admission falls back to
+    Gradio's own bound.
+    """
+    out = {"total": 0, "max_size": None, "waiting": 0, "running": 0, "avg_s": None, "eta_s": None}
+    try:
+        q = demo._queue
+        out["max_size"] = q.max_size
+        out["total"] = len(q)
+        group = q.event_queue_per_concurrency_id.get(concurrency_id)
+        if group is None:
+            return out
+        out["waiting"] = len(group.queue)
+        out["running"] = int(group.current_concurrency)
+        times = [pt.avg_time for fn, pt in q.process_time_per_fn.items()
+                 if getattr(fn, "concurrency_id", None) == concurrency_id and pt.count]
+        if times:
+            out["avg_s"] = sum(times) / len(times)
+            limit = group.concurrency_limit or 1
+            out["eta_s"] = (out["waiting"] + out["running"]) * out["avg_s"] / limit
+    except Exception:  # an estimate only
+        log.debug("queue status unavailable", exc_info=True)
+    return out
+
+
+def admission(demo: Any, what: str, *, margin: int = 2) -> tuple[str, str] | None:
+    """("refuse", line) when the queue is (about to be) full, ("info", where you stand) or None.
+
+    Why before queuing: Gradio refuses a full queue with a generic "busy" message; checking first
+    lets us say how long the line is and when to come back. ``margin`` leaves room for events that
+    pass the check at the same moment (Gradio's own bound stays the hard limit).
+    """
+    st = queue_status(demo)
+    eta = st["eta_s"]
+    wait = f"about {_duration(eta)}" if eta is not None else "a little while"
+    if st["max_size"] is not None and st["total"] >= st["max_size"] - margin:
+        retry = _duration(max(30.0, eta or 60.0))
+        return ("refuse", (f"The queue is full ({st['total']} jobs waiting, {wait} of work ahead): {what} was not "
+                           f"started. Please try again in {retry}."))
+    if st["waiting"] + st["running"] > 0:
+        n = st["waiting"] + 1
+        return ("info", (f"{what.capitalize()}: you are number {n} in line for the heavy-job slot; "
+                         f"estimated wait {wait}."))
+    return None
+
+
+def _duration(seconds: float) -> str:
+    s = max(0.0, float(seconds))
+    if s < 90:
+        return f"{max(1, round(s))} s"
+    return f"{round(s / 60)} min"
+
+
+def admit(demo: Any, what: str) -> None:
+    """Before a heavy job is queued: refuse with a clear line (and when to retry) if the queue is
+    full, or say where the visitor stands in line (a toast) when others are ahead."""
+    verdict = admission(demo, what)
+    if verdict is None:
+        return
+    import gradio as gr
+
+    kind, line = verdict
+    if kind == "refuse":
+        raise gr.Error(line, print_exception=False)
+    gr.Info(line)

@@ -107,3 +107,18 @@ def test_ab_quick(tmp_path):
     assert [r["method"] for r in kern["rows"]] == ["task_arithmetic", "ties"]
     assert all(r["cpu_a"] > 0 and r["identical"] is not None for r in kern["rows"])
     assert "| size |" in ab.report(data) and "| size |" in ab.report(kern)
+
+
+def test_load_quick(tmp_path):
+    """The bounded load test in quick mode: starts the app on loopback, 2 sessions, stops it (no timings asserted)."""
+    from benchmarks import load as load_bench
+
+    data = load_bench.run(2, time_limit=120.0, chat_tokens=8, out=str(tmp_path / "load.json"), log=lambda *_: None)
+    assert (tmp_path / "load.json").is_file()
+    rows = {r["endpoint"]: r for r in data["rows"]}
+    assert set(rows) == set(load_bench.ENDPOINTS)
+    assert rows["analyse"]["calls"] == 2 and rows["coefficients"]["calls"] == 2 * len(load_bench.REDRAW_TS)
+    assert all(r["errors"] == 0 and r["timeouts"] == 0 for r in rows.values()), data.get("messages")
+    assert data["completed"] == 2 and data["analyse_cache_hits"] == 1        # the second visitor reused it
+    assert data["rss_peak_mib"] > 0 and data["rss_idle_mib"] > 0
+    assert "| endpoint |" in load_bench.report(data)

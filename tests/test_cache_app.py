@@ -1,0 +1,250 @@
+"""The shared result cache in the app: sessions reuse each other's identical analyses and merges, see it
+said ("reused a result computed … ago"), never see another visitor's file names, and a reused merged
+model is byte-identical to a fresh merge. Plus the queue admission line (full queue / place in line)."""
+
+from __future__ import annotations
+
+import datetime as real_datetime
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from acm import cache
+from components import analysis, calibration, common, merge
+from components.state import SessionState, admission, queue_status
+from tests.fixtures import make_pair, one_torch_thread, write_calibration  # noqa: F401
+
+SMALL = {"samples": 6, "clusters": 2, "max_tokens": 32, "batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    base, fts = make_pair(tmp_path_factory.mktemp("models"), "llama", n_ft=1)
+    return str(base), [str(f) for f in fts]
+
+
+@pytest.fixture()
+def shared(tmp_path, monkeypatch):
+    """The shared cache on, in a fresh folder; uploads may come from tmp_path."""
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "shared-cache"))
+    monkeypatch.delenv(cache.ENV_SWITCH, raising=False)
+    monkeypatch.delenv(cache.ENV_MAX_GB, raising=False)
+    monkeypatch.setenv(common.UPLOAD_ROOTS_ENV, str(tmp_path))
+    return cache.default_store()
+
+
+@pytest.fixture()
+def sessions():
+    made = []
+
+    def new():
+        made.append(SessionState())
+        return made[-1]
+
+    yield new
+    for st in made:
+        st.close()
+
+
+def test_a_second_session_reuses_the_analysis_and_is_told_so(shared, pair, sessions, one_torch_thread):  # noqa: F811
+    a, b = sessions(), sessions()
+    first = analysis.run_analysis(a, pair[0], pair[1], **SMALL)
+    second = analysis.run_analysis(b, pair[0], pair[1], **SMALL)
+    assert first["shared"]["hit"] is False and second["shared"]["hit"] is True and second["cached"]
+    assert second["analysis"].to_dict() == first["analysis"].to_dict()
+    md = analysis.summary_markdown(second["analysis"], cached=True, seconds=second["seconds"],
+                                   shared=second["shared"])
+    assert "reused a result computed" in md and "ago" in md
+    assert "reused" not in analysis.summary_markdown(first["analysis"], seconds=first["seconds"],
+                                                     shared=first["shared"])
+    # Any setting that changes the result is another key.
+    third = analysis.run_analysis(sessions(), pair[0], pair[1], **{**SMALL, "seed": 1})
+    assert third["shared"]["hit"] is False
+    assert shared.stats["misses"] == 2
+
+
+def test_without_the_cache_nothing_is_shared(pair, sessions, monkeypatch, one_torch_thread):  # noqa: F811
+    monkeypatch.delenv(cache.ENV_DIR, raising=False)
+    out = analysis.run_analysis(sessions(), pair[0], pair[1], **SMALL)
+    assert out["shared"] is None and not out["cached"]
+
+
+def test_uploaded_calibration_is_shared_by_content_and_never_shows_another_visitors_name(
+        shared, pair, sessions, tmp_path, one_torch_thread):  # noqa: F811
+    mine = write_calibration(tmp_path / "alice-private-notes.jsonl", n=12)
+    yours = tmp_path / "bob.jsonl"
+    yours.write_bytes(mine.read_bytes())
+    other = write_calibration(tmp_path / "carol.jsonl", n=13)
+    kw = {"cal_mode": calibration.UPLOAD, **SMALL}
+    a = analysis.run_analysis(sessions(), pair[0], pair[1], cal_upload=str(mine), **kw)
+    b = analysis.run_analysis(sessions(), pair[0], pair[1], cal_upload=str(yours), **kw)
+    c = analysis.run_analysis(sessions(), pair[0], pair[1], cal_upload=str(other), **kw)
+    assert (a["shared"]["hit"], b["shared"]["hit"], c["shared"]["hit"]) == (False, True, False)
+    assert b["analysis"].models[0].nmi == a["analysis"].models[0].nmi
+    text_b = b["analysis"].to_json()
+    assert "alice" not in text_b and "bob.jsonl" in b["analysis"].provenance["calibration"]["source"]
+    assert "alice" in a["analysis"].provenance["calibration"]["source"]      # the first visitor's own view
+
+
+class _FrozenDatetime(real_datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2026, 11, 25, 12, 0, 0, tzinfo=tz)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_reused_merge_is_byte_identical_to_a_fresh_merge(shared, pair, sessions, tmp_path, monkeypatch,
+                                                           one_torch_thread):  # noqa: F811
+    import acm.export
+    from acm.coefficients import lambdas_by_group
+    from acm.merge import MergeOptions, merge_models
+
+    # The recipe records when a merge was made; pin the clock so "when" is not the difference.
+    monkeypatch.setattr(acm.export, "_dt", SimpleNamespace(datetime=_FrozenDatetime,
+                                                           timezone=real_datetime.timezone))
+    a, b = sessions(), sessions()
+    for st in (a, b):
+        analysis.run_analysis(st, pair[0], pair[1], **SMALL)
+    kw = {"method": "dare_ties", "mode": merge.ACM, "t": 4.0, "alpha": 0.9, "density": 0.6, "drop_rate": 0.2, "seed": 7}
+    ma = merge.run_merge(a, pair[0], pair[1], **kw)
+    mb = merge.run_merge(b, pair[0], pair[1], **kw)
+    assert ma.cache["hit"] is False and mb.cache["hit"] is True
+    assert mb.out_dir == ma.out_dir and mb.model is ma.model            # one folder, one loaded copy
+    assert "reused a merge computed" in merge.summary_markdown(mb)
+    assert mb.label == "#1 ACM-DARE-TIES t=4 α=0.9"                     # still this session's merge #1
+
+    # A fresh merge, without any cache, of the same inputs and settings into a folder of the same name.
+    fresh = tmp_path / "fresh" / ma.out_dir.name
+    options = MergeOptions(method="dare_ties", alpha=0.9, density=0.6, drop_rate=0.2, seed=7)
+    lams = lambdas_by_group(a.analysis, 4.0, 0.9)
+    merge_models(pair[0], pair[1], fresh, options, lambdas=lams,
+                 acm={"analysis": a.analysis.provenance, "t": 4.0, "alpha": 0.9, "clip": None}, show_progress=False)
+    cached_files, fresh_files = _files(mb.out_dir), _files(fresh)
+    assert sorted(cached_files) == sorted(fresh_files) and any(n.endswith(".safetensors") for n in fresh_files)
+    for name in fresh_files:
+        assert cached_files[name] == fresh_files[name], name
+    # Another seed is another merge.
+    assert merge.run_merge(a, pair[0], pair[1], **{**kw, "seed": 8}).cache["hit"] is False
+
+
+def test_a_cached_merge_in_use_is_never_evicted(shared, pair, sessions, tmp_path, monkeypatch,
+                                               one_torch_thread):  # noqa: F811
+    monkeypatch.setenv(cache.ENV_MAX_GB, "0.000001")         # 1 kB: every merge is over the cap
+    a, b = sessions(), sessions()
+    ma = merge.run_merge(a, pair[0], pair[1], method="task_arithmetic", mode=merge.PLAIN, alpha=0.5)
+    merge.run_merge(b, pair[0], pair[1], method="task_arithmetic", mode=merge.PLAIN, alpha=0.6)
+    merge.run_merge(b, pair[0], pair[1], method="task_arithmetic", mode=merge.PLAIN, alpha=0.7)
+    assert (ma.out_dir / "config.json").is_file()              # session a still uses it: kept
+    store = cache.default_store()
+    assert store.pinned(ma.cache["key"]) == 1
+    a.close()                                                  # the session ends: the pin goes
+    assert store.pinned(ma.cache["key"]) == 0
+    merge.run_merge(b, pair[0], pair[1], method="task_arithmetic", mode=merge.PLAIN, alpha=0.8)
+    assert not ma.out_dir.exists()
+
+
+def test_a_session_replacing_its_merge_releases_the_old_one(shared, pair, sessions, one_torch_thread):  # noqa: F811
+    st = sessions()
+    m1 = merge.run_merge(st, pair[0], pair[1], method="task_arithmetic", mode=merge.PLAIN, alpha=0.5)
+    store = cache.default_store()
+    assert store.pinned(m1.cache["key"]) == 1
+    merge.run_merge(st, pair[0], pair[1], method="task_arithmetic", mode=merge.PLAIN, alpha=0.4)
+    assert store.pinned(m1.cache["key"]) == 0 and m1.out_dir.is_dir()   # released, not deleted
+
+
+# ----------------------------------------------------------------------------- queue admission
+
+
+def _demo(total=0, max_size=32, waiting=0, running=0, avg=None):
+    class Fn:
+        concurrency_id = "heavy"
+
+    fn = Fn()
+    group = SimpleNamespace(queue=[object()] * waiting, current_concurrency=running, concurrency_limit=1)
+
+    class Q:
+        def __len__(self):
+            return total
+
+    q = Q()
+    q.max_size = max_size
+    q.event_queue_per_concurrency_id = {"heavy": group}
+    q.process_time_per_fn = {fn: SimpleNamespace(avg_time=avg, count=3)} if avg else {}
+    return SimpleNamespace(_queue=q)
+
+
+def test_queue_status_and_admission_lines():
+    assert admission(_demo(), "the analysis") is None                                   # nobody ahead
+    kind, line = admission(_demo(total=3, waiting=3, running=1, avg=2.0), "the analysis")
+    assert kind == "info" and "number 4 in line" in line and "about 8 s" in line
+    kind, line = admission(_demo(total=31, waiting=30, running=1, avg=4.0), "the merge")
+    assert kind == "refuse" and "queue is full" in line and "the merge was not started" in line
+    assert "try again in 2 min" in line                                                 # 31 jobs × 4 s
+    st = queue_status(SimpleNamespace())                                                # no queue: unknown
+    assert st["eta_s"] is None and admission(SimpleNamespace(), "x") is None
+
+
+def test_the_heavy_buttons_check_the_queue_first_and_show_where_you_stand():
+    import app
+
+    demo = app.build_app(prewarm=False)
+    deps = {d.api_name: d for d in demo.fns.values() if d.api_name}
+    for name in ("analyse", "merge"):
+        assert deps[name].concurrency_id == "heavy" and deps[name].concurrency_limit == 1
+        assert deps[name].show_progress != "hidden"          # Gradio's queue position + ETA are shown
+    gates = [d for d in demo.fns.values() if getattr(d.fn, "__name__", "") in ("admit_analysis", "admit_merge")]
+    assert len(gates) == 2 and all(not g.queue for g in gates)
+    summary_id = demo.ui.analysis.summary._id
+    assert summary_id in [getattr(b, "_id", b) for b in deps["analyse"].show_progress_on or []]
+
+
+def test_app_turns_the_cache_on_with_a_default_folder(monkeypatch, tmp_path):
+    import app
+
+    monkeypatch.delenv(cache.ENV_DIR, raising=False)
+    monkeypatch.delenv(cache.ENV_SWITCH, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    app.configure_cache(None)
+    assert Path(__import__("os").environ[cache.ENV_DIR]) == tmp_path / "acm-merge-explorer"
+    app.configure_cache(str(tmp_path / "elsewhere"))
+    assert __import__("os").environ[cache.ENV_DIR] == str(tmp_path / "elsewhere")
+    app.configure_cache(None, enabled=False)
+    assert cache.default_store() is None
+    args = app.parse_args(["--no-cache", "--cache-dir", "/x"])
+    assert args.no_cache and args.cache_dir == "/x"
+
+
+# ----------------------------------------------------------------------------- over HTTP
+
+
+def test_two_gradio_client_sessions_share_one_analysis_over_http(tmp_path, monkeypatch):
+    from gradio_client import Client
+
+    from tests.test_app_e2e import demo_assets_dir, free_port
+
+    monkeypatch.setenv("ACM_ASSETS_DIR", str(demo_assets_dir(tmp_path)))
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "shared-cache"))
+    monkeypatch.delenv(cache.ENV_SWITCH, raising=False)
+    import app
+
+    demo = app.create_app(prewarm=False)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            **app.launch_kwargs())
+    try:
+        a, b = Client(url, verbose=False), Client(url, verbose=False)
+        ra = a.predict(samples=4, api_name="/analyse")
+        rb = b.predict(samples=4, api_name="/analyse")
+        assert "reused" not in ra[0] and "reused a result computed" in rb[0]
+        an_a, an_b = json.loads(Path(ra[5]).read_text()), json.loads(Path(rb[5]).read_text())
+        assert an_a == an_b                                               # the same result, byte for byte
+        pa = a.predict(method="ties", mode="ACM (per-layer λ)", t=2.0, alpha=0.7, density=0.7, api_name="/merge")[2]
+        pb = b.predict(method="ties", mode="ACM (per-layer λ)", t=2.0, alpha=0.7, density=0.7, api_name="/merge")[2]
+        assert pa["out_dir"] == pb["out_dir"] and pa["label"] == pb["label"] == "#1 ACM-TIES t=2 α=0.7"
+        assert not pa["cache"]["hit"] and pb["cache"]["hit"]
+    finally:
+        demo.close()
