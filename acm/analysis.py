@@ -1,13 +1,28 @@
 """Activation analysis: per-layer-group NMI between the base and each fine-tuned model.
 
 Why it is built this way: ACM needs, for every layer group, how much information the fine-tuned
-model's activations still share with the base's on the same calibration tokens. We run the
-models batch by batch with forward hooks; the base's activations of the current batch are binned
-as soon as each layer produces them (one int16 bin index per value), each fine-tuned model's
-activations are binned in its own hooks and added straight into a B×B joint histogram
-(``acm.mi.StreamingMI``). Nothing larger than one batch's activations is ever held, the estimator
-state is O(groups·B²), and the extra work per value is a few element-wise passes plus one
-``bincount`` on the activations' device — small next to the forward passes themselves.
+model's activations still share with the base's on the same calibration tokens, and real pairs
+(2 × 15 GB for 7B models in bf16) do not fit one device together. So **one model is resident at
+a time**: the base is loaded, selects and encodes the calibration samples (its tokenizer and
+chat template), and runs over every batch with forward hooks that bin its activations and keep
+only the bin indices (uint8 for B ≤ 256, else int16, on the CPU); it is then released (``gc``,
+``torch.cuda.empty_cache``) and each fine-tuned model in turn is loaded, run over the same
+batches, binned with its own ranges and paired with the stored base bins in a B×B joint histogram
+(``acm.mi.StreamingMI``). Ranges are set exactly as before (robust quantiles of the first batch,
+per model and group).
+
+What is stored is bounded by a per-group **pair budget** P (default 2²² values = 4 MiB of uint8
+per group): while a group has at most P real (token, feature) positions in the whole calibration
+set, every one is kept and the histogram is exactly the all-models-at-once one; beyond that, a
+seeded uniform draw with replacement of P positions (split over batches by their token counts,
+drawn from a generator seeded by (seed, group, batch)) is kept, identical in every pass, so pairs
+line up. Memory ≈ one model + one batch's activations (incl. its logits) + groups × (P bytes +
+B² counters); cost ≈ the plain forward passes, since binning is a few element-wise passes.
+
+Why not block by block: a block-wise pipeline would re-implement each architecture's forward
+(masks, rotary positions, caches) outside transformers. For a model larger than the device,
+``device="auto"`` already uses accelerate's big-model placement (``device_map="auto"`` with CPU
+offload, ``acm.models.load_causal_lm``); the hooks work unchanged on the offloaded modules.
 
 Groups (see ``acm.grouping``): ``embed`` → output of the input embedding; ``block.k`` → output
 hidden states of block k (``output[0]`` when a tuple); ``head`` → logits restricted to a fixed
@@ -558,6 +573,7 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     weight = getattr(out_emb, "weight", None)
     widths = [v for v in (vocab, int(weight.shape[0]) if weight is not None else None) if v]
     head_ids = _head_ids(min(widths) if widths else len(tokenizer), seed)
+    del out_emb, weight          # no reference to the base's tensors may outlive its pass
     n_batches = len(batches)
     total_steps = n_batches * (1 + len(ft_srcs))
     done = [0]
