@@ -290,14 +290,15 @@ def test_only_one_model_is_resident_at_a_time(world, monkeypatch):
     real_load = analysis_mod.load_causal_lm
 
     def load(*a, **k):
-        assert all(ref() is None for ref in alive), "a previous model is still in memory"
+        assert all(ref() is None for ref in alive), "a previous model (or one of its weights) is still in memory"
         model, tok = real_load(*a, **k)
-        alive.append(weakref.ref(model))
+        alive.extend(weakref.ref(x) for x in (model, model.get_input_embeddings().weight,
+                                              model.get_output_embeddings().weight))
         return model, tok
 
     monkeypatch.setattr(analysis_mod, "load_causal_lm", load)
     r = analyze(base, fts, TEXTS, **NO_SELECT)
-    assert len(alive) == 3 and all(ref() is None for ref in alive)
+    assert len(alive) == 9 and all(ref() is None for ref in alive)
     assert [p["model"] for p in r.provenance["passes"]] == [base, *fts]
 
 
