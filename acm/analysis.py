@@ -1,13 +1,28 @@
 """Activation analysis: per-layer-group NMI between the base and each fine-tuned model.
 
 Why it is built this way: ACM needs, for every layer group, how much information the fine-tuned
-model's activations still share with the base's on the same calibration tokens. We run the
-models batch by batch with forward hooks; the base's activations of the current batch are binned
-as soon as each layer produces them (one int16 bin index per value), each fine-tuned model's
-activations are binned in its own hooks and added straight into a B×B joint histogram
-(``acm.mi.StreamingMI``). Nothing larger than one batch's activations is ever held, the estimator
-state is O(groups·B²), and the extra work per value is a few element-wise passes plus one
-``bincount`` on the activations' device — small next to the forward passes themselves.
+model's activations still share with the base's on the same calibration tokens, and real pairs
+(2 × 15 GB for 7B models in bf16) do not fit one device together. So **one model is resident at
+a time**: the base is loaded, selects and encodes the calibration samples (its tokenizer and
+chat template), and runs over every batch with forward hooks that bin its activations and keep
+only the bin indices (uint8 for B ≤ 256, else int16, on the CPU); it is then released (``gc``,
+``torch.cuda.empty_cache``) and each fine-tuned model in turn is loaded, run over the same
+batches, binned with its own ranges and paired with the stored base bins in a B×B joint histogram
+(``acm.mi.StreamingMI``). Ranges are set exactly as before (robust quantiles of the first batch,
+per model and group).
+
+What is stored is bounded by a per-group **pair budget** P (default 2²² values = 4 MiB of uint8
+per group): while a group has at most P real (token, feature) positions in the whole calibration
+set, every one is kept and the histogram is exactly the all-models-at-once one; beyond that, a
+seeded uniform draw with replacement of P positions (split over batches by their token counts,
+drawn from a generator seeded by (seed, group, batch)) is kept, identical in every pass, so pairs
+line up. Memory ≈ one model + one batch's activations (incl. its logits) + groups × (P bytes +
+B² counters); cost ≈ the plain forward passes, since binning is a few element-wise passes.
+
+Why not block by block: a block-wise pipeline would re-implement each architecture's forward
+(masks, rotary positions, caches) outside transformers. For a model larger than the device,
+``device="auto"`` already uses accelerate's big-model placement (``device_map="auto"`` with CPU
+offload, ``acm.models.load_causal_lm``); the hooks work unchanged on the offloaded modules.
 
 Groups (see ``acm.grouping``): ``embed`` → output of the input embedding; ``block.k`` → output
 hidden states of block k (``output[0]`` when a tuple); ``head`` → logits restricted to a fixed
@@ -16,6 +31,7 @@ seeded random subset of at most 4,096 vocabulary ids. Padding positions are excl
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -198,24 +214,94 @@ def _hidden(output: Any) -> torch.Tensor:
     raise ACMError(f"cannot read a hidden-state tensor from a block output of type {type(output).__name__}")
 
 
-class _Capture:
-    """Forward hooks that bin activations on the fly.
+DEFAULT_PAIR_BUDGET = 1 << 22   # paired values kept per layer group (≈ 4.2 M; 4 MiB of uint8 base bins)
 
-    Mode ``base``: bin the base's values (ranges fixed on the first batch) and keep the int16
-    bin indices of the current batch per group. Mode ``ft``: bin the fine-tuned values with
-    that model's ranges and add (base bin, ft bin) pairs into its estimator.
+
+def check_pair_budget(pair_budget: int) -> int:
+    """The per-group budget of paired values must be a positive integer (one line otherwise)."""
+    if isinstance(pair_budget, bool) or not isinstance(pair_budget, (int, np.integer)) or pair_budget < 1:
+        raise InputError(f"pair_budget must be an integer >= 1, got {pair_budget!r}")
+    return int(pair_budget)
+
+
+def _position_seed(seed: int, group: int, batch: int) -> int:
+    """A well-mixed 63-bit seed per (seed, group, batch): the base pass and every fine-tuned pass
+    draw the same positions because they derive the same generator."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, group, batch]).generate_state(2, np.uint64)[0]
+               & np.uint64(0x7FFF_FFFF_FFFF_FFFF))
+
+
+class _Capture:
+    """Forward hooks that bin activations on the fly, one model at a time.
+
+    Mode ``base`` (the first pass, base model only): fix the base's ranges on the first batch,
+    bin its values and *store* the bin indices (uint8 when B ≤ 256, else int16, on the CPU) per
+    group and batch. Mode ``ft`` (one pass per fine-tuned model): bin that model's values with its
+    own ranges and add (stored base bin, ft bin) pairs into its estimator.
+
+    Which values are paired: every (real token, feature) position of a group while the whole
+    calibration set has at most ``pair_budget`` of them (then the histogram is exactly the one
+    the all-models-at-once analysis built); beyond that, a seeded uniform draw (with replacement)
+    of ``pair_budget`` positions, split over batches in proportion to their real tokens. The draw
+    depends only on (seed, group, batch, token counts, feature count), so the base pass and each
+    fine-tuned pass take the same positions and the pairs line up.
     """
 
-    def __init__(self, num_groups: int, bins: int, estimators: list[StreamingMI], seed: int):
+    def __init__(self, num_groups: int, bins: int, estimators: list[StreamingMI], seed: int, *,
+                 pair_budget: int = DEFAULT_PAIR_BUDGET, batch_tokens: list[int] | None = None):
         self.num_groups = num_groups
         self.bins = bins
         self.estimators = estimators
         self.seed = seed
+        self.pair_budget = int(pair_budget)
+        self.batch_tokens = list(batch_tokens or [])
+        self.total_tokens = sum(self.batch_tokens)
+        self.store_dtype = torch.uint8 if bins <= 256 else torch.int16
         self.base_range: list[tuple[float, float] | None] = [None] * num_groups
-        self.base_bins: list[torch.Tensor | None] = [None] * num_groups
+        self.stored: list[dict[int, torch.Tensor]] = [{} for _ in range(num_groups)]
+        self.features: list[int | None] = [None] * num_groups     # values per token, seen in the base pass
         self.token_index: torch.Tensor | None = None    # flat indices of real tokens, None = all
+        self.n_real = 0                                 # real tokens in the current batch
+        self.batch = 0
         self.mode = "base"
         self.ft = 0
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def subsampled(self, group: int) -> bool:
+        feats = self.features[group]
+        return feats is not None and self.total_tokens * feats > self.pair_budget
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for per in self.stored for t in per.values())
+
+    def clear(self) -> None:
+        self.stored = [{} for _ in range(self.num_groups)]
+
+    def _needs_range(self, group: int) -> bool:
+        if self.mode == "base":
+            return self.base_range[group] is None
+        return self.estimators[self.ft].y_range[group] is None
+
+    def _quota(self, group: int, features: int) -> int | None:
+        """Pairs to draw from this batch for this group; ``None`` = every real position."""
+        if self.mode == "base":
+            self.features[group] = features
+        elif self.features[group] != features:
+            raise ACMError(f"group {group}: the fine-tuned model gives {features} values per token, "
+                           f"the base {self.features[group]}")
+        if not self.subsampled(group):
+            return None
+        tokens = self.batch_tokens[self.batch] if self.batch < len(self.batch_tokens) else self.n_real
+        return max(1, round(self.pair_budget * tokens / max(1, self.total_tokens)))
+
+    def _positions(self, group: int, features: int, quota: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) of ``quota`` seeded uniform draws among the batch's real positions."""
+        gen = torch.Generator(device="cpu").manual_seed(_position_seed(self.seed, group, self.batch))
+        flat = torch.randint(0, self.n_real * features, (quota,), generator=gen)
+        rows, cols = flat // features, flat % features
+        if self.token_index is not None:
+            rows = self.token_index.cpu()[rows]
+        return rows.to(device), cols.to(device)
 
     def select(self, act: torch.Tensor) -> torch.Tensor:
         flat = act.reshape(-1, act.shape[-1])
@@ -224,54 +310,61 @@ class _Capture:
             flat = flat.index_select(0, idx)
         return flat
 
+    # -- hooks -----------------------------------------------------------------------------
     def observe(self, group: int, act: torch.Tensor) -> None:
-        """Token-major activations [..., features]: pad rows are dropped before binning."""
+        """Token-major activations [..., features]: pad rows never enter the histogram."""
         act = act.detach()
-        values = self.select(act)
-        self._bin(group, values, values, None, owned=values is not act and values.data_ptr() != act.data_ptr())
+        features = act.shape[-1]
+        quota = self._quota(group, features)
+        if quota is None:
+            values = self.select(act)
+            self._bin(group, values, values, owned=values is not act and values.data_ptr() != act.data_ptr())
+            return
+        rows, cols = self._positions(group, features, quota, act.device)
+        values = act.reshape(-1, features)[rows, cols]
+        range_values = self.select(act) if self._needs_range(group) else values   # first batch: as before
+        self._bin(group, values, range_values, owned=True)
 
     def observe_head(self, group: int, logits: torch.Tensor, head_ids: torch.Tensor) -> None:
-        """Logits restricted to ``head_ids``, gathered as [ids, tokens] (rows of the transposed
-        view: a fast contiguous copy, unlike a gather along the last dim). Pad columns are not
-        copied out again but sent to an overflow bin that is dropped (``keep`` mask)."""
+        """Logits restricted to ``head_ids``. All positions: gathered as [ids, real tokens] (rows of
+        the transposed view, a fast contiguous copy); a subsample gathers its draws directly."""
         flat = logits.detach().reshape(-1, logits.shape[-1])
-        sub = flat.t().index_select(0, head_ids)                  # [k, n_positions], contiguous
-        keep = None
-        range_values = sub
-        if self.token_index is not None:
-            idx = self.token_index if self.token_index.device == sub.device else self.token_index.to(sub.device)
-            keep = torch.zeros(sub.shape[1], dtype=torch.bool, device=sub.device)
-            keep[idx] = True
-            keep = keep.unsqueeze(0)
-            needs_range = (self.base_range[group] is None if self.mode == "base"
-                           else self.estimators[self.ft].y_range[group] is None)
-            if needs_range:                                          # first batch only
-                range_values = sub.index_select(1, idx)
-        self._bin(group, sub, range_values, keep, owned=True)
+        k = int(head_ids.numel())
+        quota = self._quota(group, k)
+        sub = None
+        if quota is None or self._needs_range(group):
+            sub = flat.t().index_select(0, head_ids)                  # [k, n_positions], contiguous
+            if self.token_index is not None:
+                idx = self.token_index if self.token_index.device == sub.device else self.token_index.to(sub.device)
+                sub = sub.index_select(1, idx)
+        if quota is None:
+            self._bin(group, sub, sub, owned=True)
+            return
+        rows, cols = self._positions(group, k, quota, flat.device)
+        values = flat[rows, head_ids[cols]]
+        self._bin(group, values, sub if sub is not None else values, owned=True)
 
-    def _bin(self, group: int, values: torch.Tensor, range_values: torch.Tensor, keep: torch.Tensor | None,
-             owned: bool = False) -> None:
+    def _bin(self, group: int, values: torch.Tensor, range_values: torch.Tensor, owned: bool = False) -> None:
         """Bin one group's values; ``owned`` = ``values`` is our own copy and may be overwritten."""
         if self.mode == "base":
             if self.base_range[group] is None:
                 self.base_range[group] = robust_range(range_values, QUANTILES, seed=self.seed + group)
                 for est in self.estimators:
                     est.set_range(group, x_range=self.base_range[group])
-            shape = values.shape
-            self.base_bins[group] = bin_indices(values, *self.base_range[group], self.bins,
-                                                inplace=owned).to(torch.int16).view(shape)
+            ix = bin_indices(values, *self.base_range[group], self.bins, inplace=owned)
+            self.stored[group][self.batch] = ix.to(self.store_dtype).cpu()
         else:
             est = self.estimators[self.ft]
             if est.y_range[group] is None:
                 # same seed as the base: the subsample (when values are many) takes the same positions,
                 # so a fine-tuned model identical to the base gets identical ranges (NMI exactly 1)
                 est.set_range(group, y_range=robust_range(range_values, QUANTILES, seed=self.seed + group))
-            shape = values.shape
-            iy = bin_indices(values, *est.y_range[group], self.bins, inplace=owned).view(shape)
-            ix = self.base_bins[group]
-            if ix.device != iy.device:
-                ix = ix.to(iy.device)
-            est.add_indices(group, ix, iy, keep=keep)
+            iy = bin_indices(values, *est.y_range[group], self.bins, inplace=owned)
+            ix = self.stored[group].get(self.batch)
+            if ix is None or ix.numel() != iy.numel():
+                raise ACMError(f"group {group}, batch {self.batch}: the base pass stored "
+                               f"{0 if ix is None else ix.numel()} values, the fine-tuned pass gave {iy.numel()}")
+            est.add_indices(group, ix.to(iy.device, non_blocking=True), iy)
 
     def hook(self, group: int):
         def fn(_module, _inputs, output):
@@ -346,20 +439,76 @@ def _check_args(*, bins, batch_size, max_tokens, clusters, fraction, samples, se
 # ===================================================================================== analyze
 
 
+def _peak_rss_bytes() -> int | None:
+    """The process's resident-set high-water mark (Linux/macOS ``ru_maxrss``; psutil elsewhere)."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    except Exception:  # noqa: BLE001 - no resource module (Windows): best effort
+        try:
+            import psutil
+
+            info = psutil.Process().memory_info()
+            return int(getattr(info, "peak_wset", info.rss))
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def _unload(model: torch.nn.Module | None) -> None:
+    """Give a model's memory back before the next one loads (CPU: the allocator; CUDA: the cache)."""
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_pass(model: torch.nn.Module, capture: _Capture, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+              head_ids: torch.Tensor, padding_side: str, step: Callable[[], None]) -> None:
+    """All calibration batches through one model with the capture hooks on."""
+    handles = _register(model, capture)
+    dev = _input_device(model)
+    head_on: dict[torch.device, torch.Tensor] = {}
+    try:
+        with torch.inference_mode():
+            for b, (inp, mask) in enumerate(batches):
+                flat_mask = mask.reshape(-1).bool()
+                token_index = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1)
+                capture.batch = b
+                capture.n_real = int(flat_mask.sum())
+                capture.token_index = None if token_index is None else token_index.to(dev)
+                kwargs: dict[str, Any] = dict(input_ids=inp.to(dev), attention_mask=mask.to(dev), use_cache=False)
+                if padding_side == "left":
+                    kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0).to(dev)
+                logits = model(**kwargs).logits
+                if logits.device not in head_on:
+                    head_on[logits.device] = head_ids.to(logits.device)
+                capture.observe_head(capture.num_groups - 1, logits, head_on[logits.device])
+                del logits
+                step()
+    finally:
+        for h in handles:
+            h.remove()
+        capture.token_index = None
+
+
 def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: str | list[str] | None, *,
             field: str | None = None, split: str = "train", samples: int | None = None, clusters: int = 20,
             fraction: float = 0.1, max_tokens: int = 512, bins: int = 64, batch_size: int = 4, seed: int = 0,
             device: str | None = None, dtype: str | None = None, chat_template: bool = True,
             allow_pickle: bool = False, trust_remote_code: bool = False,
             progress: Callable[[float, str], None] | None = None, show_progress: bool = True,
-            padding_side: str = "right") -> AnalysisResult:
+            padding_side: str = "right", pair_budget: int = DEFAULT_PAIR_BUDGET) -> AnalysisResult:
     """Per-group NMI between the base and each fine-tuned model on calibration text.
 
     Order of work (cheap checks first): validate settings → resolve models and check
     compatibility (config + safetensors headers, no weights) → read the calibration texts →
-    load the models → k-means sample selection with the base model → encode → stream batches
-    through base and fine-tuned models into the histograms. Out-of-memory becomes
-    ``OutOfMemoryAdvice``. ``calibration=None`` or ``"bundled"`` uses the bundled demo set.
+    load the base → k-means sample selection and encoding with the base → base pass (store
+    base bins) → unload → for each fine-tuned model: load, pass, unload. One model is resident at
+    a time. Out-of-memory becomes ``OutOfMemoryAdvice``. ``calibration=None`` or ``"bundled"``
+    uses the bundled demo set. ``pair_budget``: paired values per group (see ``_Capture``).
     """
     from tqdm.auto import tqdm
 
@@ -367,6 +516,7 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     fts = list(fts) if isinstance(fts, (list, tuple)) else [fts]
     _check_args(bins=bins, batch_size=batch_size, max_tokens=max_tokens, clusters=clusters, fraction=fraction,
                 samples=samples, seed=seed, fts=fts)
+    pair_budget = check_pair_budget(pair_budget)
     if padding_side not in ("right", "left"):
         raise InputError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     torch_dtype = parse_dtype(dtype)
@@ -382,18 +532,19 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         f, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for f in fts]
     compat = check_compatibility(base_src, ft_srcs)
     texts = load_texts(calibration, field=field, split=split)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
     dev_name = "cpu"
+    model_dtype = None
     try:
-        report(0.02, "loading models")
-        loaded = [load_causal_lm(s, device=device, dtype=torch_dtype) for s in [base_src] + ft_srcs]
-        base_model, tokenizer = loaded[0]
-        models = [m for m, _ in loaded]
+        report(0.02, "loading the base model")
+        base_model, tokenizer = load_causal_lm(base_src, device=device, dtype=torch_dtype)
         dev_name = str(_input_device(base_model))
-        for i, (m, src) in enumerate(zip(models, [base_src] + ft_srcs)):
-            check_finite_weights(m, "base model" if i == 0 else "fine-tuned model", src.spec)
-        report(0.1, "selecting calibration samples")
-        sel_progress = (lambda f, m: report(0.1 + 0.1 * f, m)) if progress else None
+        model_dtype = str(next(base_model.parameters()).dtype).replace("torch.", "")
+        check_finite_weights(base_model, "base model", base_src.spec)
+        report(0.05, "selecting calibration samples")
+        sel_progress = (lambda f, m: report(0.05 + 0.05 * f, m)) if progress else None
         selected = select_samples(texts, base_model, tokenizer, clusters=clusters, fraction=fraction,
                                   samples=samples, max_tokens=max_tokens, seed=seed, batch_size=max(batch_size, 8),
                                   progress=sel_progress)
@@ -409,42 +560,54 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         raise InputError("every calibration text encoded to zero tokens")
     n_tokens = sum(len(x) for x in ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = list(_batches(ids, batch_size, pad_id, padding_side))
 
     names = group_names(base_src.num_layers)
     num_groups = len(names)
     estimators = [StreamingMI(num_groups, bins=bins, seed=seed) for _ in ft_srcs]
-    capture = _Capture(num_groups, bins, estimators, seed)
+    capture = _Capture(num_groups, bins, estimators, seed, pair_budget=pair_budget,
+                       batch_tokens=[int(m.sum()) for _, m in batches])
     vocabs = [int(s.vocab_size) for s in [base_src] + ft_srcs if s.vocab_size]
     vocab = min(vocabs) if vocabs else None   # head ids valid for every model (vocabularies may differ)
-    head_ids_cpu = None
-    head_ids_on: dict[torch.device, torch.Tensor] = {}
-    handles: list = []
-    n_batches = (len(ids) + batch_size - 1) // batch_size
-    bar = tqdm(total=n_batches, desc="acm analyze", unit="batch", disable=not show_progress or progress is not None)
+    out_emb = base_model.get_output_embeddings()
+    weight = getattr(out_emb, "weight", None)
+    widths = [v for v in (vocab, int(weight.shape[0]) if weight is not None else None) if v]
+    head_ids = _head_ids(min(widths) if widths else len(tokenizer), seed)
+    del out_emb, weight          # no reference to the base's tensors may outlive its pass
+    n_batches = len(batches)
+    total_steps = n_batches * (1 + len(ft_srcs))
+    done = [0]
+    bar = tqdm(total=total_steps, desc="acm analyze", unit="batch", disable=not show_progress or progress is not None)
+    stored_peak = 0
+    passes: list[dict[str, Any]] = []
+
+    def step() -> None:
+        done[0] += 1
+        bar.update(1)
+        b = (done[0] - 1) % n_batches + 1
+        who = "base" if done[0] <= n_batches else f"fine-tuned {(done[0] - 1) // n_batches}/{len(ft_srcs)}"
+        report(0.1 + 0.9 * done[0] / total_steps, f"{who}: batch {b}/{n_batches}")
+
+    model: torch.nn.Module | None = base_model
+    del base_model
     try:
-        for m in models:
-            handles.extend(_register(m, capture))
-        with torch.inference_mode():
-            for b, (inp, mask) in enumerate(_batches(ids, batch_size, pad_id, padding_side)):
-                flat_mask = mask.reshape(-1).bool()
-                token_index = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1)
-                for i, model in enumerate(models):
-                    dev = _input_device(model)
-                    capture.token_index = None if token_index is None else token_index.to(dev)
-                    capture.mode, capture.ft = ("base", 0) if i == 0 else ("ft", i - 1)
-                    kwargs: dict[str, Any] = dict(input_ids=inp.to(dev), attention_mask=mask.to(dev), use_cache=False)
-                    if padding_side == "left":
-                        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0).to(dev)
-                    logits = model(**kwargs).logits
-                    if head_ids_cpu is None:
-                        head_ids_cpu = _head_ids(min(vocab or logits.shape[-1], logits.shape[-1]), seed)
-                    if logits.device not in head_ids_on:
-                        head_ids_on[logits.device] = head_ids_cpu.to(logits.device)
-                    capture.observe_head(num_groups - 1, logits, head_ids_on[logits.device])
-                    del logits
-                capture.base_bins = [None] * num_groups
-                bar.update(1)
-                report(0.2 + 0.8 * (b + 1) / n_batches, f"batch {b + 1}/{n_batches}")
+        t0 = time.perf_counter()
+        capture.mode = "base"
+        _run_pass(model, capture, batches, head_ids=head_ids, padding_side=padding_side, step=step)
+        passes.append({"model": base_src.spec, "seconds": round(time.perf_counter() - t0, 3)})
+        stored_peak = capture.stored_bytes()
+        model = None
+        _unload(model)
+        for i, src in enumerate(ft_srcs):
+            report(0.1 + 0.9 * done[0] / total_steps, f"loading fine-tuned model {i + 1}/{len(ft_srcs)}")
+            model, _ = load_causal_lm(src, device=device, dtype=torch_dtype)
+            check_finite_weights(model, "fine-tuned model", src.spec)
+            t0 = time.perf_counter()
+            capture.mode, capture.ft = "ft", i
+            _run_pass(model, capture, batches, head_ids=head_ids, padding_side=padding_side, step=step)
+            passes.append({"model": src.spec, "seconds": round(time.perf_counter() - t0, 3)})
+            model = None
+            _unload(model)
     except ACMError:
         raise
     except Exception as exc:
@@ -453,9 +616,8 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         raise
     finally:
         bar.close()
-        for h in handles:
-            h.remove()
-        capture.base_bins = [None] * num_groups
+        model = None
+        capture.clear()
 
     results = []
     for src, est in zip(ft_srcs, estimators):
@@ -467,7 +629,10 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         results.append(ModelNMI(model=src.spec, nmi=[float(v) for v in nmi], mi=[float(s[0]) for s in stats],
                                 entropy_base=[float(s[1]) for s in stats], entropy_ft=[float(s[2]) for s in stats]))
     seconds = time.perf_counter() - t_start
-    param = next(base_model.parameters())
+    histogram_bytes = sum(int(j.numel() * j.element_size()) for est in estimators for j in est._joint if j is not None)
+    cuda_peak = None
+    if dev_name.startswith("cuda"):
+        cuda_peak = int(torch.cuda.max_memory_allocated())
     provenance = {
         "method": "ACM per-group NMI, streaming B×B joint histogram (this project's estimator)",
         "models": {"base": base_src.provenance(), "fine_tuned": [s.provenance() for s in ft_srcs]},
@@ -480,13 +645,21 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         "bins": int(bins), "quantiles": list(QUANTILES), "seed": int(seed), "max_tokens": int(max_tokens),
         "clusters": int(clusters), "fraction": float(fraction), "batch_size": int(batch_size),
         "padding_side": padding_side,
-        "head_vocab_subset": int(len(head_ids_cpu)) if head_ids_cpu is not None else None,
+        "head_vocab_subset": len(head_ids),
         "ranges": {"base": [list(r) if r else None for r in capture.base_range],
                    "fine_tuned": [[list(r) if r else None for r in est.y_range] for est in estimators]},
+        "residency": "one model at a time (base pass, then each fine-tuned model)",
+        "pair_budget": int(pair_budget),
+        "pairs_per_group": [estimators[0].count(g) for g in range(num_groups)],
+        "subsampled_groups": [names[g] for g in range(num_groups) if capture.subsampled(g)],
+        "memory": {"peak_rss_bytes": _peak_rss_bytes(), "cuda_max_allocated_bytes": cuda_peak,
+                   "estimator_bytes": int(histogram_bytes + stored_peak), "histogram_bytes": int(histogram_bytes),
+                   "stored_base_bins_bytes": int(stored_peak)},
+        "passes": passes,
         "group_tensors": _group_tensors(base_src, compat.layout),
         "heads": compat.heads,
         "vocab_notes": list(compat.vocab_notes),
-        "version": acm.__version__, "device": dev_name, "dtype": str(param.dtype).replace("torch.", ""),
+        "version": acm.__version__, "device": dev_name, "dtype": model_dtype,
         "seconds": round(seconds, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     report(1.0, "analysis done")

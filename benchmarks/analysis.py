@@ -16,6 +16,12 @@ histograms must not grow with the number of samples.
 
     python -m benchmarks.analysis --quick
     python -m benchmarks.analysis --sizes 10m 50m --samples 32 --scaling 8 32 128
+    python -m benchmarks.analysis --fullsize --threads 1 [--dtypes float32 bfloat16]
+
+``--fullsize`` uses the cached 1.5B-shaped pair of ``benchmarks.fullsize`` (built on first use):
+8 synthetic samples cut to 78 tokens (624 tokens), batch size 4, analyze and the plain forward
+passes (base then fine-tuned, one model loaded at a time) each in a fresh child, so the peak RSS
+is each one's own.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import MB, child_main, machine_info, md_table, proc_status, run_task, save_result
@@ -60,7 +67,8 @@ class _Timers:
         self.returned: dict[str, Any] = {}
         self._undo: list[tuple[Any, str, Any]] = []
 
-    def wrap(self, module, name: str, label: str | None = None) -> None:
+    def wrap(self, module, name: str, label: str | None = None, *, keep: bool = False) -> None:
+        """``keep``: remember the last return value (never for loaders: it would keep a model alive)."""
         fn = getattr(module, name, None)
         if fn is None or not callable(fn):
             return
@@ -71,7 +79,8 @@ class _Timers:
             t0, c0 = time.perf_counter(), time.process_time()
             try:
                 out = fn(*a, **k)
-                self.returned[label] = out
+                if keep:
+                    self.returned[label] = out
                 return out
             finally:
                 self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
@@ -187,19 +196,19 @@ def task_analyze(args: dict) -> dict:
     """One full ``analyze`` call with its loading / selection / encoding timed apart."""
     import torch
 
-    import acm.analysis as analysis
+    import acm.analysis as analysis  # noqa: PLR0402 - the module object is patched
 
     torch.manual_seed(0)
     timers = _Timers()
     for name in ("load_causal_lm", "resolve_model", "check_compatibility"):
         timers.wrap(analysis, name, "load" if name == "load_causal_lm" else "resolve")
-    timers.wrap(analysis, "select_samples", "select")
+    timers.wrap(analysis, "select_samples", "select", keep=True)
     timers.wrap(analysis, "encode", "encode")
     try:
         import acm.calibration as calibration
 
         if not hasattr(analysis, "select_samples"):
-            timers.wrap(calibration, "select_samples", "select")
+            timers.wrap(calibration, "select_samples", "select", keep=True)
         if not hasattr(analysis, "encode"):
             timers.wrap(calibration, "encode", "encode")
     except ImportError:
@@ -255,6 +264,138 @@ def task_analyze_only(args: dict) -> dict:
 
 
 TASKS = {"forward": task_forward, "analyze": task_analyze_only, "both": task_both}
+
+
+# ============================================================================================
+# full size (1.5B shape): one model resident at a time, against plain forward passes
+
+
+def _fullsize_texts(args: dict) -> list[str]:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return calibration_texts(args["samples"], seed=args.get("seed", 0))
+
+
+def task_fs_forward(args: dict) -> dict:
+    """The cost floor: plain forward passes of the same tokens, base then fine-tuned, one model
+    loaded at a time (loading and encoding not timed), analyze's own batching and padding."""
+    import gc
+
+    import torch
+
+    from acm.analysis import _batches
+    from acm.calibration import encode
+    from acm.models import load_causal_lm, parse_dtype, resolve_model
+
+    dtype = parse_dtype(args["dtype"])
+    seconds = cpu = load_s = 0.0
+    per_model, tokens, samples = [], 0, 0
+    for spec in [args["base"], *args["fts"]]:
+        t0 = time.perf_counter()
+        model, tok = load_causal_lm(resolve_model(spec), device="cpu", dtype=dtype)
+        load_s += time.perf_counter() - t0
+        ids = [x for x in encode(_fullsize_texts(args), tok, max_tokens=args["max_tokens"], chat_template=False) if x]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        batches = list(_batches(ids, args["batch_size"], pad))
+        tokens, samples = sum(len(x) for x in ids), len(ids)
+        t1, c1 = time.perf_counter(), time.process_time()
+        with torch.inference_mode():
+            for inp, mask in batches:
+                model(input_ids=inp, attention_mask=mask, use_cache=False)
+        per_model.append(time.perf_counter() - t1)
+        seconds += time.perf_counter() - t1
+        cpu += time.process_time() - c1
+        del model
+        gc.collect()
+    return {"seconds": seconds, "cpu_seconds": cpu, "per_model_s": per_model, "load_s": load_s,
+            "tokens": tokens, "samples": samples, "dtype": args["dtype"]}
+
+
+def task_fs_analyze(args: dict) -> dict:
+    """``acm.analysis.analyze`` on the same texts (all kept: no k-means), loading timed apart."""
+    import acm.analysis as analysis  # noqa: PLR0402 - the module object is patched
+
+    timers = _Timers()
+    timers.wrap(analysis, "load_causal_lm", "load")
+    timers.wrap(analysis, "select_samples", "select")
+    timers.wrap(analysis, "encode", "encode")
+    texts = _fullsize_texts(args)
+    rss_before = proc_status().get("VmRSS", 0)
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        result = analysis.analyze(args["base"], args["fts"], texts, samples=args["samples"],
+                                  max_tokens=args["max_tokens"], batch_size=args["batch_size"], device="cpu",
+                                  dtype=args["dtype"], chat_template=False, show_progress=False,
+                                  **({"pair_budget": args["pair_budget"]} if args.get("pair_budget") else {}))
+    finally:
+        timers.restore()
+    total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
+    excluded = ("load", "select", "encode")
+    prov = result.provenance
+    return {"seconds_total": total, "cpu_total": total_cpu,
+            "core_s": total - sum(timers.seconds.get(k, 0.0) for k in excluded),
+            "core_cpu_s": total_cpu - sum(timers.cpu.get(k, 0.0) for k in excluded),
+            "load_s": timers.seconds.get("load", 0.0), "tokens": prov["calibration"]["tokens"],
+            "samples": prov["calibration"]["samples"], "memory": prov.get("memory"), "passes": prov.get("passes"),
+            "subsampled_groups": prov.get("subsampled_groups"), "nmi": result.models[0].nmi,
+            "rss_before": rss_before}
+
+
+TASKS.update({"fs_forward": task_fs_forward, "fs_analyze": task_fs_analyze})
+
+
+def run_fullsize(*, dtypes: list[str], samples: int, max_tokens: int, batch_size: int, threads: int | None,
+                 out: str | None = None, log=print) -> dict:
+    """Per dtype: analyze in one fresh child, the forward floor in another (peak RSS of each)."""
+    from benchmarks.fullsize import get_pair
+
+    pair = get_pair(verbose=False)
+    sizes = {}
+    for role, folder in (("base", pair.base), ("ft", pair.fts[0])):
+        sizes[role] = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))   # bf16 on disk
+    rows = []
+    for dtype in dtypes:
+        common = {"base": str(pair.base), "fts": [str(f) for f in pair.fts], "samples": samples,
+                  "max_tokens": max_tokens, "batch_size": batch_size, "dtype": dtype}
+        load_before = os.getloadavg()[0]
+        ana = run_task("benchmarks.analysis", {"task": "fs_analyze", **common}, threads=threads)
+        fwd = run_task("benchmarks.analysis", {"task": "fs_forward", **common}, threads=threads)
+        a, f = ana.payload, fwd.payload
+        scale = 2 if dtype in ("float32", "fp32") else 1
+        one_model = max(sizes.values()) * scale                    # the larger model in the compute dtype
+        row = {"dtype": dtype, "samples": a["samples"], "tokens": a["tokens"],
+               "forward_s": f["seconds"], "forward_cpu_s": f["cpu_seconds"],
+               "analyze_core_s": a["core_s"], "analyze_core_cpu_s": a["core_cpu_s"],
+               "analyze_total_s": a["seconds_total"], "analyze_cpu_total_s": a["cpu_total"], "load_s": a["load_s"],
+               "overhead_cpu": a["core_cpu_s"] / f["cpu_seconds"], "overhead_wall": a["core_s"] / f["seconds"],
+               "analyze_peak_rss_gib": ana.ru_maxrss / 1024**3, "forward_peak_rss_gib": fwd.ru_maxrss / 1024**3,
+               "analyze_peak_anon_gib": ana.peak_anon / 1024**3, "analyze_peak_file_gib": ana.peak_file / 1024**3,
+               "forward_peak_anon_gib": fwd.peak_anon / 1024**3,
+               "baseline_rss_gib": a.get("rss_before", 0) / 1024**3,
+               "one_model_gib": one_model / 1024**3, "peak_vs_model": ana.ru_maxrss / one_model,
+               "estimator_mib": (a["memory"] or {}).get("estimator_bytes", 0) / MB,
+               "subsampled": len(a["subsampled_groups"] or []),
+               "loadavg_1m": f"{load_before:.1f}–{os.getloadavg()[0]:.1f}"}
+        rows.append(row)
+        log(f"[analysis fullsize] {dtype}: forward {f['seconds']:.1f}s ({f['cpu_seconds']:.1f} CPU s), analyze core "
+            f"{a['core_s']:.1f}s ({a['core_cpu_s']:.1f} CPU s) -> {row['overhead_cpu']:.2f}x CPU; peak RSS "
+            f"{row['analyze_peak_rss_gib']:.2f} GiB = {row['peak_vs_model']:.2f}x one model")
+    data = {"benchmark": "analysis-fullsize", "machine": machine_info(), "pair": pair.to_dict(), "threads": threads,
+            "rows": rows, "command": " ".join(["python -m benchmarks.analysis", *sys.argv[1:]])}
+    data["path"] = str(save_result("analysis-fullsize", data, out))
+    return data
+
+
+FULLSIZE_COLUMNS = [("dtype", "dtype"), ("samples", "samples"), ("tokens", "tokens"),
+                    ("forward_s", "2× forward s"), ("forward_cpu_s", "2× forward CPU s"),
+                    ("analyze_core_s", "analyze core s"), ("analyze_core_cpu_s", "analyze core CPU s"),
+                    ("overhead_cpu", "CPU-time ×"), ("overhead_wall", "wall ×"),
+                    ("analyze_total_s", "analyze total s"), ("load_s", "load s (excl.)"),
+                    ("analyze_peak_rss_gib", "analyze peak RSS GiB"), ("analyze_peak_anon_gib", "of it anon GiB"),
+                    ("analyze_peak_file_gib", "of it file GiB"), ("forward_peak_rss_gib", "forward peak RSS GiB"),
+                    ("one_model_gib", "one model GiB"), ("peak_vs_model", "peak ÷ one model"),
+                    ("estimator_mib", "estimator MiB"), ("loadavg_1m", "load avg")]
 
 
 # ============================================================================================
@@ -374,7 +515,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the children (default: one per core)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fullsize", action="store_true",
+                    help="the 1.5B-shaped pair of benchmarks.fullsize: analyze vs plain forward passes, peak RSS")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="--fullsize: compute dtypes")
     args = ap.parse_args(argv)
+    if args.fullsize:
+        data = run_fullsize(dtypes=args.dtypes, samples=8 if args.samples == 32 else args.samples,
+                            max_tokens=78 if args.max_tokens == 256 else args.max_tokens, batch_size=args.batch_size,
+                            threads=args.threads, out=args.out)
+        print(md_table(data["rows"], FULLSIZE_COLUMNS))
+        print(f"[analysis] results: {data['path']}")
+        return 0
     if args.quick:
         args.sizes, args.samples, args.scaling, args.max_tokens, args.repeats = ["10m"], 8, [4, 8], 64, 1
     data = run(args.sizes, samples=args.samples, scaling=args.scaling, max_tokens=args.max_tokens,

@@ -43,7 +43,7 @@ def world(tmp_path_factory):
 def analysis_path(world):
     out = world["root"] / "analysis.json"
     args = ["analyze", "--base", world["base"], "--ft", world["fts"][0], "--ft", world["fts"][1],
-            "--calibration", world["cal"], *FAST, "--bins", "32", "--seed", "1", "--device", "cpu", "--out", str(out)]
+            "--calibration", world["cal"], *FAST, "--bins", "32", "--seed", "1", "--device", "cpu", "--pair-budget", "3000", "--out", str(out)]
     assert main(args) == 0
     return out
 
@@ -54,6 +54,15 @@ def test_analyze_writes_a_valid_analysis(analysis_path, world):
     assert [m.model for m in result.models] == world["fts"]
     assert result.provenance["bins"] == 32 and result.provenance["seed"] == 1
     assert result.provenance["calibration"]["samples"] == 8
+    assert result.provenance["pair_budget"] == 3000 and result.provenance["subsampled_groups"] == result.groups
+    assert result.provenance["memory"]["peak_rss_bytes"] > 0
+
+
+def test_pair_budget_default_matches_the_library():
+    from acm.analysis import DEFAULT_PAIR_BUDGET
+    from acm.commands.analyze import PAIR_BUDGET
+
+    assert PAIR_BUDGET == DEFAULT_PAIR_BUDGET
 
 
 def test_coefficients_json(analysis_path, capsys):
@@ -164,6 +173,7 @@ def test_negative_t(analysis_path, capsys):
 @pytest.mark.parametrize("argv_over, word", [
     ({"--bins": "1"}, "--bins"), ({"--fraction": "0"}, "--fraction"), ({"--samples": "0"}, "--samples"),
     ({"--batch-size": "0"}, "--batch-size"), ({"--max-tokens": "0"}, "--max-tokens"),
+    ({"--pair-budget": "0"}, "--pair-budget"),
 ])
 def test_range_checks(world, tmp_path, capsys, argv_over, word):
     argv = _bad(world, tmp_path)

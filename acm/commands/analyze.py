@@ -10,6 +10,8 @@ from pathlib import Path
 
 from acm.errors import InputError
 
+PAIR_BUDGET = 1 << 22   # = acm.analysis.DEFAULT_PAIR_BUDGET (not imported: keeps `acm --help` free of torch)
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -31,7 +33,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="feed the raw text, not a one-turn chat")
     p.add_argument("--bins", type=int, default=64, help="histogram bins per axis, 2..1024 (default: 64)")
     p.add_argument("--batch-size", type=int, default=4, help="samples per forward pass (default: 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling and the head vocabulary subset")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for sampling, the head vocabulary subset and the paired positions")
+    p.add_argument("--pair-budget", type=int, default=PAIR_BUDGET, metavar="N",
+                   help="paired values kept per layer group; beyond it a seeded sample of N (token, feature) "
+                        f"positions is used, the same for every model (default: {PAIR_BUDGET} = 2^22, "
+                        "4 MiB of stored base bins per group)")
     p.add_argument("--device", default=None, help="auto (GPU when available, big models spread), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights — only if you trust them")
@@ -55,6 +62,8 @@ def validate(args: argparse.Namespace) -> None:
         raise InputError(f"--bins must be between 2 and 1024, got {args.bins}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.pair_budget < 1:
+        raise InputError(f"--pair-budget must be at least 1, got {args.pair_budget}")
     if len(args.ft) > 3:
         raise InputError(f"at most 3 fine-tuned models are supported, got {len(args.ft)}")
     out = Path(args.out)
@@ -84,12 +93,20 @@ def run(args: argparse.Namespace) -> int:
                      max_tokens=args.max_tokens, bins=args.bins, batch_size=args.batch_size, seed=args.seed,
                      device=args.device, dtype=args.dtype, chat_template=not args.no_chat_template,
                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                     show_progress=interactive)
+                     show_progress=interactive, pair_budget=args.pair_budget)
     path = result.save(args.out)
     cal = result.provenance.get("calibration", {})
     print(f"analysed {len(result.groups)} layer groups on {cal.get('samples')} samples "
           f"({cal.get('tokens')} tokens) in {result.provenance.get('seconds', 0):.1f}s")
     print(summarize(result))
+    mem = result.provenance.get("memory") or {}
+    if mem.get("peak_rss_bytes"):
+        cuda = mem.get("cuda_max_allocated_bytes")
+        print(f"peak memory: {mem['peak_rss_bytes'] / 2**30:.2f} GiB RSS"
+              + (f", {cuda / 2**30:.2f} GiB CUDA" if cuda else "")
+              + f"; estimator {mem.get('estimator_bytes', 0) / 2**20:.1f} MiB"
+              + (f"; pairs subsampled in {len(result.provenance['subsampled_groups'])} groups"
+                 if result.provenance.get("subsampled_groups") else ""))
     for note in result.provenance.get("vocab_notes") or []:
         print(f"note: {note}")
     print(f"wrote {path}")
