@@ -539,7 +539,9 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
                 t0 = time.perf_counter()
                 yield rec
             del model, tok
-        # 2. the grid, on the tune split
+        # 2. the grid, on the tune split (temporary merges of a killed run are removed first)
+        for stale in out.glob(".tmp-merges-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp_root = Path(tempfile.mkdtemp(prefix=".tmp-merges-", dir=out))
         stopped = None
         try:
