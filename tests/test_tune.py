@@ -159,7 +159,7 @@ def test_run_streams_records_writes_frontier_and_holdout_report(tmp_path, analys
     grid = expand_grid(["ties"], [0.7], [1, 4], [0.7])
     seen = []
     run_tune(str(BASE), [str(LONG)], tmp_path, grid, limit=8, holdout=0.5, analysis=analysis_file,
-                      max_new_tokens=24, batch_size=8, show_progress=False, on_record=lambda r: seen.append(r["kind"]))
+             max_new_tokens=24, batch_size=8, show_progress=False, on_record=lambda r: seen.append(r["kind"]))
     # records stream in order: references on both splits, every setting, then the held-out check
     assert seen == ["reference"] * 4 + ["setting"] * 3 + ["holdout", "report"]
     lines = read_results(tmp_path / "tune.jsonl")

@@ -51,12 +51,10 @@ def test_points_stream_in_before_the_grid_is_done_then_frontier_and_recommendati
 
 
 def test_cancel_stops_between_settings_and_keeps_the_finished_ones(state):
-    seen = 0
     final = None
     for _records, report, running in panel.iter_tune_ui(state, str(BASE), [str(LONG)], **SMALL):
         if report["done"] >= 1 and running:
             state.tune["cancel"] = True
-        seen += 1
         final = report
     assert final["stopped"] == "cancelled" and 1 <= final["done"] < 3
     assert "cancelled" in panel.status_line(final, state.tune["records"], running=False)
