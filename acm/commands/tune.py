@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 from acm.errors import InputError
@@ -74,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.max_settings < 1:
         raise InputError(f"--max-settings must be at least 1, got {args.max_settings}")
+    with contextlib.suppress(Exception):   # one tqdm bar for the run, not one per model load (cosmetic)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     grid = expand_grid(args.methods, args.alphas, args.ts, args.densities, args.drop_rates, plain=not args.no_plain,
                        max_settings=args.max_settings)
     print(f"tune: {len(grid)} settings -> {args.out}/tune.jsonl")
