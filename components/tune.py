@@ -109,7 +109,7 @@ def table_rows(report: dict | None) -> list[list]:
     for s in (report or {}).get("settings", []):
         rows.append([s["label"], round(100 * s["accuracy"], 1), s["mean_length"],
                      round(s.get("accuracy_per_1k_tokens") or 0.0, 1), "✓" if s["on_frontier"] else "",
-                     s.get("seconds")])
+                     None if s.get("seconds") is None else round(s["seconds"], 1)])
     return rows
 
 
