@@ -95,3 +95,16 @@ def test_tune_endpoint_via_gradio_client(app_url):  # noqa: F811
     assert "Recommended:" in recommendation
     text, merge_summary = client.predict(key=None, api_name="/tune_use")
     assert "is now the merged model" in text and "merged in" in merge_summary
+
+
+def test_tune_jobs_take_the_heavy_slot_and_cancel_is_wired():
+    import app
+
+    demo = app.build_app(prewarm=False)
+    deps = {d.api_name: d for d in demo.fns.values() if d.api_name}
+    for name in ("tune", "tune_use"):
+        assert deps[name].concurrency_id == "heavy" and deps[name].concurrency_limit == 1, name
+        assert deps[name].api_visibility == "public", name
+    tune_fn = next(i for i, d in demo.fns.items() if d.api_name == "tune")
+    assert any(tune_fn in (d.cancels or []) for d in demo.fns.values())    # the Cancel button's click
+    assert [t for t, _ in app.STEPS][6:] == ["7 · Tune", "8 · Export"]
