@@ -237,3 +237,20 @@ def test_report_of_nothing_yet():
     grid = expand_grid(["ties"], [0.7], [1], [0.7])
     rep = build_report([], grid)
     assert rep["done"] == 0 and rep["recommended"]["key"] is None and not rep["complete"]
+
+
+def test_eval_set_sources_bundled_file_and_hub_id(tmp_path):
+    from acm.errors import OfflineError
+    from acm.tune import load_eval_set
+
+    rows, label = load_eval_set("bundled")
+    assert label == "bundled demo set" and len(rows) == 300 and {"question", "answer", "level"} <= set(rows[0])
+    f = tmp_path / "qa.jsonl"
+    f.write_text('{"q": "1+1?", "a": "#### 2"}\n', encoding="utf-8")
+    rows, _ = load_eval_set(str(f), field_question="q", field_answer="a")
+    assert rows == [{"question": "1+1?", "answer": "2"}]
+    with pytest.raises(OfflineError) as exc:          # tests run with HF_HUB_OFFLINE=1
+        load_eval_set("someone/some-math-set")
+    assert "offline" in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(InputError, match="not a Hub dataset id"):
+        load_eval_set("../no/such/folder")
