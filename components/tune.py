@@ -39,7 +39,8 @@ HELP = """
 folder, evaluated greedily on part of the problems, and removed. Points appear as they finish; the line is the
 **Pareto frontier** (nothing is both more accurate and shorter), the star the **recommended** setting. The
 recommendation is then re-measured on the **held-out** problems it was not picked on. *Use this setting* merges
-the chosen point for Chat / Evaluate / Export. The same run from the command line: `python -m acm tune`.
+the chosen point for Chat / Evaluate / Export. At most 60 settings per run here; larger grids, resumable runs
+and Hub evaluation sets: `python -m acm tune`.
 """
 
 
