@@ -74,7 +74,7 @@ def markdown(rows: list[dict]) -> str:
 def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: Path = CALIBRATION,
               eval_path: Path = EVAL, alphas: Sequence[float], ts: Sequence[float], densities: Sequence[float],
               limit: int | None, max_new_tokens: int, batch_size: int, samples: int | None,
-              threads: int) -> dict:
+              threads: int | None = None) -> dict:
     """The demo preset of ``acm.tune``: this grid, the first ``limit`` problems, no held-out split.
 
     Results stream to ``out/tune.jsonl`` as with ``acm tune`` (so a killed sweep resumes); the
@@ -134,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--samples", type=int, default=None, help="calibration prompts (default: the analysis default)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: acm.tune.auto_threads, 1 for the demo models)")
     a = p.parse_args(argv)
     res = run_sweep(a.out, base=a.base, long=a.long, calibration=a.calibration, eval_path=a.eval, alphas=a.alphas, ts=a.ts, densities=a.densities, limit=a.limit,
                     max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, samples=a.samples, threads=a.threads)
