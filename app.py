@@ -15,14 +15,23 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from components import analysis, calibration, chat, evaluate, export, merge, models
+from components import (
+    analysis,
+    calibration,
+    chat,
+    evaluate,
+    export,
+    merge,
+    models,
+    tune,
+)
 from components import help as texts
 from components.common import REPO_ROOT
 from components.state import SessionState, close_session
 
 STEPS = [("1 · Models", models), ("2 · Calibration", calibration), ("3 · Analyse", analysis),
          ("4 · Merge", merge), ("5 · Chat", chat),
-         ("6 · Evaluate", evaluate), ("7 · Export", export)]
+         ("6 · Evaluate", evaluate), ("7 · Tune", tune), ("8 · Export", export)]
 CSS_PATH = REPO_ROOT / "assets" / "style.css"
 THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="slate", neutral_hue="slate",
                        font=["Inter", "system-ui", "-apple-system", "Segoe UI", "sans-serif"]).set(

@@ -14,6 +14,7 @@ from benchmarks import analysis as analysis_bench
 from benchmarks import kernels as kernels_bench
 from benchmarks import latency as latency_bench
 from benchmarks import merge as merge_bench
+from benchmarks import tune as tune_bench
 from benchmarks.common import lstsq_slope, md_table
 
 
@@ -80,6 +81,16 @@ def test_kernels_quick(tmp_path):
     assert {"task-arithmetic update", "TIES threshold", "DARE drop mask"} <= kinds
     exact = [r for r in data["rows"] if r["variant"].startswith("radix")]
     assert exact and "True" in exact[0]["note"]   # the radix select agrees with kthvalue
+
+
+@pytest.mark.skipif(not (tune_bench.DEMO / "tiny-math-base" / "config.json").is_file(), reason="needs the demo models")
+def test_tune_quick(tmp_path):
+    data = tune_bench.run(True, out=str(tmp_path / "tune.json"), log=lambda *_: None)
+    row = data["row"]
+    assert row["settings"] == 2 and row["tune_problems"] == 8 and row["holdout_problems"] == 8
+    assert row["tune_s"] > 0 and row["analysis_s"] > 0 and row["load_before"] >= 0
+    assert data["report"]["complete"] and data["report"]["recommended"]["holdout"]["n"] == 8
+    assert "| settings |" in tune_bench.report(data) and (tmp_path / "tune.json").is_file()
 
 
 def _git_ok() -> bool:

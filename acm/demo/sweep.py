@@ -1,9 +1,10 @@
 """Measure the Long-to-Short trade-off on the demo pair: plain vs ACM merges over a small grid.
 
-``python -m acm.demo.sweep --out results_dir`` runs the analysis once, merges the base and the
-long model with task arithmetic and TIES (plain and ACM, several α / t / density), evaluates every
-model greedily on the bundled evaluation set and writes ``sweep.json`` plus ``table.md`` (the
-table in the README's "Demo results"). Merged folders are temporary; only numbers are kept.
+``python -m acm.demo.sweep --out results_dir`` is a preset of ``acm tune`` (``acm.tune``) for the
+demo pair: the analysis once, task arithmetic and TIES (plain and ACM, several α / t / density),
+every model evaluated greedily on the first ``--limit`` bundled problems (no held-out split), then
+``sweep.json`` plus ``table.md`` (the table in the README's "Demo results"). Merged folders are
+temporary; only numbers are kept, streamed to ``tune.jsonl`` so a killed sweep resumes.
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "assets"
@@ -74,37 +74,47 @@ def markdown(rows: list[dict]) -> str:
 def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: Path = CALIBRATION,
               eval_path: Path = EVAL, alphas: Sequence[float], ts: Sequence[float], densities: Sequence[float],
               limit: int | None, max_new_tokens: int, batch_size: int, samples: int | None,
-              threads: int) -> dict:
-    import torch
+              threads: int | None = None) -> dict:
+    """The demo preset of ``acm.tune``: this grid, the first ``limit`` problems, no held-out split.
 
-    from acm.analysis import analyze
-    from acm.coefficients import lambdas_by_group
-    from acm.evaluate import evaluate
-    from acm.merge import MergeOptions, merge_models
+    Results stream to ``out/tune.jsonl`` as with ``acm tune`` (so a killed sweep resumes); the
+    ``sweep.json`` / ``table.md`` of the README are built from them.
+    """
+    from acm.evaluate import load_data
+    from acm.tune import Setting, run_tune
 
-    torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    analysis = analyze(str(base), [str(long)], str(calibration), samples=samples, seed=0, show_progress=False)
-    analysis.save(out / "analysis.json")
-    ev = dict(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=False)
-    ref = evaluate([str(base), str(long)], str(eval_path), **ev)
-    base_m, long_m = ref["models"]
+    grid = [Setting(method=s["method"], alpha=s["alpha"], t=s["t"], density=s["density"])
+            for s in settings(alphas, ts, densities)]
+    rows_in = load_data(str(eval_path), limit=limit)
+    recs: list[dict] = []
+
+    def show(rec: dict) -> None:
+        if rec["kind"] in ("reference", "setting"):
+            recs.append(rec)
+            print(json.dumps({k: rec[k] for k in ("label", "accuracy", "mean_length")}, ensure_ascii=False),
+                  flush=True)
+
+    report = run_tune(str(base), [str(long)], out, grid, data=rows_in, holdout=0.0, analysis=out / "analysis.json",
+                      calibration=str(calibration), samples=samples, max_new_tokens=max_new_tokens,
+                      batch_size=batch_size, threads=threads, show_progress=False, on_record=show)
+    from acm.tune import read_results
+
+    done = {(r["kind"], r["key"]): r for r in read_results(out / "tune.jsonl") if r.get("kind") != "run"}
+    base_m, long_m = done[("reference", "base")], done[("reference", "ft")]
     rows = [_row("base (System 1)", base_m, long_m["mean_length"]), _row("long (System 2)", long_m, None)]
-    print(json.dumps(rows[0]), json.dumps(rows[1]), sep="\n", flush=True)
-    for s in settings(alphas, ts, densities):
-        opts = MergeOptions(method=s["method"], alpha=s["alpha"], density=s["density"] or 0.2)
-        lams = lambdas_by_group(analysis, s["t"], alpha=s["alpha"]) if s["t"] is not None else None
-        with tempfile.TemporaryDirectory(dir=out) as tmp:
-            merged = Path(tmp) / "merged"
-            merge_models(str(base), [str(long)], merged, opts, lambdas=lams, show_progress=False)
-            res = evaluate([str(merged)], str(eval_path), **ev)["models"][0]
-        row = {**_row(label(s), res, long_m["mean_length"]), "setting": s}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    result = {"base": str(base), "long": str(long), "eval": str(eval_path), "n": ref["n"], "max_new_tokens": max_new_tokens,
+    for s in grid:
+        m = done[("setting", s.key())]
+        rows.append({**_row(label(s.to_dict()), m, long_m["mean_length"]),
+                     "setting": {k: v for k, v in s.to_dict().items() if k != "drop_rate"}})
+    from acm.analysis import AnalysisResult
+
+    analysis = AnalysisResult.load(out / "analysis.json")
+    result = {"base": str(base), "long": str(long), "eval": str(eval_path), "n": len(rows_in),
+              "max_new_tokens": max_new_tokens,
               "nmi": {g: round(v, 4) for g, v in zip(analysis.groups, analysis.nmi_matrix()[0].tolist())},
-              "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+              "rows": rows, "seconds": round(time.perf_counter() - t0, 1), "tune": report.get("recommended")}
     (out / "sweep.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "table.md").write_text(markdown(rows), encoding="utf-8")
     return result
@@ -124,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--samples", type=int, default=None, help="calibration prompts (default: the analysis default)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: acm.tune.auto_threads, 1 for the demo models)")
     a = p.parse_args(argv)
     res = run_sweep(a.out, base=a.base, long=a.long, calibration=a.calibration, eval_path=a.eval, alphas=a.alphas, ts=a.ts, densities=a.densities, limit=a.limit,
                     max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, samples=a.samples, threads=a.threads)

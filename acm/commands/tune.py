@@ -1,0 +1,110 @@
+"""``acm tune``: sweep methods / α / t / density / drop rate, stream results, write the frontier."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+
+from acm.errors import InputError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from acm.tune import DEFAULT_HOLDOUT, DEFAULT_TOLERANCE, MAX_SETTINGS, OBJECTIVES
+
+    p = subparsers.add_parser(
+        "tune", help="sweep t (and α, density, method): accuracy-vs-length frontier and a recommended setting",
+        description="Every setting of the grid is merged into a temporary folder, evaluated greedily (same "
+                    "prompts and answer extraction as `acm eval`) on the tune split and removed unless --keep. "
+                    "Results stream to OUT/tune.jsonl (a killed run resumes where it stopped); OUT/frontier.json "
+                    "and frontier.md hold the Pareto frontier and the recommended setting, re-measured on a "
+                    "disjoint held-out split.")
+    p.add_argument("--base", required=True, metavar="MODEL", help="base model: local folder or Hub id")
+    p.add_argument("--ft", action="append", required=True, metavar="MODEL", help="fine-tuned model; repeatable")
+    p.add_argument("--analysis", default=None, metavar="JSON",
+                   help="analysis from `acm analyze` (computed and saved there if the file does not exist; "
+                        "default OUT/analysis.json)")
+    p.add_argument("--calibration", default=None, metavar="SRC",
+                   help="calibration for a computed analysis: bundled (default), a file or a Hub dataset id")
+    p.add_argument("--samples", type=int, default=None, help="calibration prompts for a computed analysis")
+    p.add_argument("--data", default="bundled", metavar="SRC",
+                   help="evaluation set: bundled (default), a .jsonl/.json file or a Hub dataset id")
+    p.add_argument("--split", default="test", help="Hub dataset split (default test)")
+    p.add_argument("--field-question", default="question")
+    p.add_argument("--field-answer", default="answer")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use N problems, drawn evenly over difficulty levels (seeded), before the holdout split")
+    p.add_argument("--methods", nargs="+", default=["ties"], metavar="M",
+                   help="task_arithmetic (ta), ties, dare_ta, dare_ties (default: ties)")
+    p.add_argument("--alphas", nargs="+", type=float, default=[0.7], metavar="A", help="α values (default 0.7)")
+    p.add_argument("--ts", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0], metavar="T",
+                   help="ACM sharpness values (default 0.5 1 2 4; t = 0 equals plain)")
+    p.add_argument("--densities", nargs="+", type=float, default=[0.7], metavar="D", help="TIES density (default 0.7)")
+    p.add_argument("--drop-rates", nargs="+", type=float, default=[0.3], metavar="P", help="DARE drop rate")
+    p.add_argument("--no-plain", action="store_true", help="do not include the plain method (λ = α) per point")
+    p.add_argument("--max-settings", type=int, default=MAX_SETTINGS,
+                   help=f"refuse grids larger than this (default {MAX_SETTINGS})")
+    p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT,
+                   help=f"share of problems held out to report the recommended setting (default {DEFAULT_HOLDOUT}; "
+                        "0 = none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the problem split")
+    p.add_argument("--objective", choices=OBJECTIVES, default="shortest",
+                   help="shortest (default): shortest answers with accuracy >= base and >= fine-tuned − tolerance; "
+                        "acc-per-1k: accuracy per 1k answer tokens; max-accuracy")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"accuracy (fraction) the recommendation may lose vs the fine-tuned model "
+                        f"(default {DEFAULT_TOLERANCE})")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--budget-minutes", type=float, default=None, help="stop cleanly after this many minutes")
+    p.add_argument("--keep", action="store_true", help="keep every merged model under OUT/")
+    p.add_argument("--restart", action="store_true", help="discard OUT/tune.jsonl and start over")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for models under 200 MB, else torch's default)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (tune.jsonl, frontier.json/.md)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from acm.tune import expand_grid, run_tune
+
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    if args.max_settings < 1:
+        raise InputError(f"--max-settings must be at least 1, got {args.max_settings}")
+    with contextlib.suppress(Exception):   # one tqdm bar for the run, not one per model load (cosmetic)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    grid = expand_grid(args.methods, args.alphas, args.ts, args.densities, args.drop_rates, plain=not args.no_plain,
+                       max_settings=args.max_settings)
+    print(f"tune: {len(grid)} settings -> {args.out}/tune.jsonl")
+
+    def show(rec: dict) -> None:
+        if rec["kind"] == "resumed":
+            print(f"resuming: {rec['done']} of {rec['of']} settings already done")
+        elif rec["kind"] in ("reference", "setting", "holdout"):
+            print(json.dumps({k: rec[k] for k in ("kind", "label", "split", "accuracy", "mean_length")}), flush=True)
+
+    report = run_tune(args.base, args.ft, args.out, grid, data=args.data, field_question=args.field_question,
+                      field_answer=args.field_answer, split=args.split, limit=args.limit, holdout=args.holdout,
+                      seed=args.seed, analysis=args.analysis, calibration=args.calibration, samples=args.samples,
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      chat_template=not args.no_chat_template, objective=args.objective, tolerance=args.tolerance,
+                      keep=args.keep, restart=args.restart, budget_minutes=args.budget_minutes, device=args.device,
+                      threads=args.threads, on_record=show)
+    rec = report["recommended"]
+    if rec.get("key"):
+        h = rec.get("holdout")
+        held = f"; held-out accuracy {h['accuracy']:.3f}, mean length {h['mean_length']:.1f}" if h else ""
+        print(f"recommended: {rec['label']} ({rec['why']}){held}")
+    else:
+        print(f"no recommendation: {rec['why']}")
+    if report.get("stopped"):
+        print(f"stopped early ({report['stopped']}): {report['done']} of {report['grid_size']} settings done; "
+              "run the same command again to continue")
+    print(f"wrote {args.out}/frontier.json and frontier.md in {report['seconds']} s")
+    return 0

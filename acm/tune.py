@@ -1,0 +1,712 @@
+"""Tuning: sweep t (and α, density, drop rate, method), stream results, find the frontier, pick a point.
+
+Why: the paper leaves the sharpness t to the user, and on our demo pair the right t (and α) decides
+whether ACM helps at all. ``run_tune`` merges every setting of a grid into a temporary folder,
+evaluates it greedily (same prompts and answer extraction as ``acm eval``), removes it, and
+appends one JSON line per finished setting to ``tune.jsonl`` — so a killed run resumes where it
+stopped. The base and fine-tuned models are evaluated once. At the end (or whenever asked) the
+Pareto frontier of accuracy vs mean answer length and a recommended setting under a stated
+objective are written to ``frontier.json`` / ``frontier.md``; the recommended setting is then
+re-measured on a disjoint held-out split, so the reported number is not the one it was picked on.
+
+Everything the evaluator does goes through ``evaluate_rows`` (one small adapter), so the
+evaluation module can change underneath without touching the rest of this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from acm.errors import InputError
+
+Progress = Callable[[float, str], None]
+
+MAX_SETTINGS = 200                  # a grid larger than this is refused (one line): it would run for hours
+T_RANGE = (0.0, 100.0)
+ALPHA_RANGE = (0.0, 4.0)            # α in (0, 4]
+TUNABLE_METHODS = ("task_arithmetic", "ties", "dare_ta", "dare_ties")
+OBJECTIVES = ("shortest", "acc-per-1k", "max-accuracy")
+DEFAULT_TOLERANCE = 0.05            # accuracy (fraction) the recommendation may lose vs the fine-tuned model
+DEFAULT_HOLDOUT = 0.5
+RESULTS_FILE, FRONTIER_JSON, FRONTIER_MD = "tune.jsonl", "frontier.json", "frontier.md"
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = {"task_arithmetic": "TA", "ties": "TIES", "dare_ta": "DARE-TA", "dare_ties": "DARE-TIES"}
+METHOD_ALIASES = {"ta": "task_arithmetic", "task-arithmetic": "task_arithmetic", "dare-ta": "dare_ta",
+                  "dare-ties": "dare_ties"}
+
+
+# ----------------------------------------------------------------------------- grid
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the grid. ``t=None`` is the plain method (λ = α everywhere)."""
+
+    method: str
+    alpha: float
+    t: float | None = None
+    density: float | None = None      # TIES / DARE-TIES
+    drop_rate: float | None = None    # DARE
+
+    @property
+    def acm(self) -> bool:
+        return self.t is not None
+
+    def key(self) -> str:
+        """Stable id (used to resume and to pick a point)."""
+        def f(v):
+            return "-" if v is None else f"{float(v):g}"
+        return f"{self.method}|a={f(self.alpha)}|t={f(self.t)}|d={f(self.density)}|p={f(self.drop_rate)}"
+
+    def label(self) -> str:
+        """``ACM-TIES (α=0.7, d=0.7, t=1)`` — the same labels as the README tables."""
+        name = ("ACM-" if self.acm else "") + SHORT.get(self.method, self.method)
+        parts = [f"α={self.alpha:g}"]
+        if self.density is not None:
+            parts.append(f"d={self.density:g}")
+        if self.drop_rate is not None:
+            parts.append(f"p={self.drop_rate:g}")
+        if self.t is not None:
+            parts.append(f"t={self.t:g}")
+        return f"{name} ({', '.join(parts)})"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Setting:
+        return cls(method=str(d["method"]), alpha=float(d["alpha"]),
+                   t=None if d.get("t") is None else float(d["t"]),
+                   density=None if d.get("density") is None else float(d["density"]),
+                   drop_rate=None if d.get("drop_rate") is None else float(d["drop_rate"]))
+
+    def merge_options(self, **extra):
+        """The ``MergeOptions`` of this point (library defaults for what the grid does not set)."""
+        from acm.merge import MergeOptions
+
+        kw: dict[str, Any] = {"method": self.method, "alpha": self.alpha}
+        if self.density is not None:
+            kw["density"] = self.density
+        if self.drop_rate is not None:
+            kw["drop_rate"] = self.drop_rate
+        return MergeOptions(**kw, **extra)
+
+
+def _values(name: str, values, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> list[float]:
+    """Unique, finite, in-range floats in the given order, or one InputError line."""
+    if values is None:
+        return []
+    out: list[float] = []
+    for v in values:
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise InputError(f"{name}: {v!r} is not a number") from None
+        bad = not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo) or (hi_open and x == hi)
+        if bad:
+            rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise InputError(f"{name} must be in {rng}, got {v!r}")
+        if x not in out:
+            out.append(x)
+    return out
+
+
+def parse_values(text: str | Sequence | None) -> list[str]:
+    """``"0, 0.5 1"`` → ``["0", "0.5", "1"]`` (text boxes and CLI lists alike)."""
+    if text is None:
+        return []
+    if isinstance(text, str):
+        return [p for p in text.replace(",", " ").replace(";", " ").split() if p]
+    return [str(p) for p in text]
+
+
+def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence = (), densities: Sequence = (),
+                drop_rates: Sequence = (), *, plain: bool = True,
+                max_settings: int = MAX_SETTINGS) -> list[Setting]:
+    """Every (method, α, density/drop rate) plain (if ``plain``) and with ACM at each t.
+
+    t = 0 is bit-for-bit the plain method, so with ``plain`` it is not run twice. Bad grids
+    (empty, out of range, too many settings) raise one InputError line.
+    """
+    ms = []
+    for m in methods or []:
+        name = METHOD_ALIASES.get(str(m).strip().lower(), str(m).strip().lower())
+        if name == "linear":
+            raise InputError("linear averaging has no task-vector coefficient to tune; use task_arithmetic, ties, "
+                             "dare_ta or dare_ties")
+        if name not in TUNABLE_METHODS:
+            raise InputError(f"unknown method {m!r}; choose from {', '.join(TUNABLE_METHODS)}")
+        if name not in ms:
+            ms.append(name)
+    if not ms:
+        raise InputError("empty grid: give at least one method")
+    alphas_ = _values("α", alphas, *ALPHA_RANGE, lo_open=True)
+    if not alphas_:
+        raise InputError("empty grid: give at least one α")
+    ts_ = _values("t", ts, *T_RANGE)
+    if not ts_ and not plain:
+        raise InputError("empty grid: give at least one t, or include the plain method")
+    dens = _values("density", densities, 0.0, 1.0, lo_open=True)
+    drops = _values("drop rate", drop_rates, 0.0, 1.0, hi_open=True)
+    if any(m in ("ties", "dare_ties") for m in ms) and not dens:
+        raise InputError("empty grid: TIES / DARE-TIES need at least one density")
+    if any(m.startswith("dare") for m in ms) and not drops:
+        raise InputError("empty grid: DARE needs at least one drop rate")
+    t_points: list[float | None] = ([None] if plain else []) + [t for t in ts_ if not (plain and t == 0)]
+    out: list[Setting] = []
+    for m in ms:
+        d_opts = dens if m in ("ties", "dare_ties") else [None]
+        p_opts = drops if m.startswith("dare") else [None]
+        for a in alphas_:
+            for d in d_opts:
+                for p in p_opts:
+                    out.extend(Setting(m, a, t, d, p) for t in t_points)
+    if max_settings is not None and len(out) > max_settings:
+        raise InputError(f"the grid has {len(out)} settings, more than the maximum of {max_settings}; "
+                         "use fewer values (or raise --max-settings)")
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def bundled_eval_path() -> Path:
+    """The bundled demo evaluation set (``ACM_ASSETS_DIR`` overrides the assets folder, as in the app)."""
+    return Path(os.environ.get("ACM_ASSETS_DIR") or ROOT / "assets") / "eval" / "demo_eval.jsonl"
+
+
+def load_eval_set(source: str | os.PathLike | Sequence[dict] | None = "bundled", *, field_question: str = "question",
+                  field_answer: str = "answer", split: str = "test") -> tuple[list[dict], str]:
+    """(rows, label): the bundled set, a ``.jsonl``/``.json`` file, a list, or a Hub dataset id."""
+    from acm.evaluate import load_data
+
+    if source is not None and not isinstance(source, (str, os.PathLike)):
+        return load_data(list(source), field_question=field_question, field_answer=field_answer), "<list>"
+    spec = "bundled" if source is None else str(source).strip()
+    if spec.lower() in ("", "bundled", "demo"):
+        path = bundled_eval_path()
+        if not path.is_file():
+            raise InputError(f"the bundled evaluation set is missing ({path}); pass --data FILE.jsonl")
+        return load_data(path), "bundled demo set"
+    if os.path.exists(spec) or spec.endswith((".jsonl", ".json")):
+        return load_data(spec, field_question=field_question, field_answer=field_answer), spec
+    from acm.calibration import check_hub_id
+
+    ident = check_hub_id(spec)
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(ident, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; one line for all
+        msg = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE") or "offline" in msg.lower():
+            from acm.errors import OfflineError
+
+            raise OfflineError(f"cannot load Hub dataset {ident!r}: offline and not cached; pass a local .jsonl") \
+                from None
+        raise InputError(f"cannot load Hub dataset {ident!r} (split {split!r}): {type(exc).__name__}: {msg}") from None
+    rows = [dict(r) for r in ds]
+    return load_data(rows, field_question=field_question, field_answer=field_answer), f"hub:{ident}:{split}"
+
+
+def split_rows(rows: Sequence[dict], *, holdout: float = DEFAULT_HOLDOUT, limit: int | None = None,
+               seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(tune rows, held-out rows): disjoint, seeded, stratified by ``level`` when the data has one.
+
+    ``limit`` first draws that many problems spread evenly over the levels, so a small run still
+    sees every difficulty. ``holdout`` 0 returns no held-out rows.
+    """
+    if not 0 <= holdout < 1:
+        raise InputError(f"--holdout must be in [0, 1), got {holdout}")
+    if limit is not None and limit < 2 and holdout > 0:
+        raise InputError(f"--limit must be at least 2 to leave problems for the held-out split, got {limit}")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
+    rng = random.Random(seed)
+    by_level: dict[str, list[dict]] = {}
+    for r in rows:
+        by_level.setdefault(str(r.get("level", "")), []).append(r)
+    for group in by_level.values():
+        rng.shuffle(group)
+    # Round-robin over levels: any prefix is spread evenly over the difficulties.
+    order: list[dict] = []
+    queues = [list(g) for _, g in sorted(by_level.items())]
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+    if limit is not None:
+        order = order[:limit]
+    if holdout == 0:
+        return order, []
+    n_hold = max(1, round(len(order) * holdout))
+    if n_hold >= len(order):
+        raise InputError(f"{len(order)} problem(s) cannot be split into tune and held-out parts; use more problems")
+    # Alternate in the round-robin order so both parts keep the level mix.
+    step = len(order) / n_hold
+    hold_idx = {int(i * step) for i in range(n_hold)}
+    hold = [r for i, r in enumerate(order) if i in hold_idx]
+    tune = [r for i, r in enumerate(order) if i not in hold_idx]
+    return tune, hold
+
+
+# ----------------------------------------------------------------------------- evaluation adapter
+
+
+def evaluate_rows(model, rows: Sequence[dict], *, max_new_tokens: int, batch_size: int,
+                  chat_template: bool = True, device: str | None = None) -> dict:
+    """THE one call into ``acm.evaluate``: accuracy, length and per-level numbers of one model.
+
+    ``model`` is a folder / Hub id or a ``(name, model, tokenizer)`` tuple. Greedy, batched, the same
+    prompts and answer extraction as ``acm eval``. Only the keys used here are kept, so a change in
+    the evaluator's result dict needs a change in this function only.
+    """
+    from acm.evaluate import evaluate
+
+    res = evaluate([model], list(rows), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   chat_template=chat_template, device=device, show_progress=False)["models"][0]
+    acc, mean_len = float(res["accuracy"]), float(res["mean_length"])
+    out = {"accuracy": acc, "mean_length": mean_len, "median_length": res.get("median_length"),
+           "n": res.get("n", len(rows)), "truncated": res.get("truncated", 0),
+           "accuracy_per_1k_tokens": res.get("accuracy_per_1k_tokens",
+                                             round(1000 * acc / mean_len, 4) if mean_len else 0.0)}
+    out["per_level"] = {str(k): {"accuracy": v["accuracy"], "mean_length": v["mean_length"], "n": v.get("n")}
+                        for k, v in (res.get("per_level") or {}).items()}
+    return out
+
+
+def _load(spec: str, device: str | None):
+    from acm.evaluate import load_model
+
+    return load_model(spec, device=device)
+
+
+def auto_threads(base: str) -> int | None:
+    """CPU threads for a tune run: 1 for small models (< 200 MB of weights), else torch's default.
+
+    Why: the demo-size models do too little work per op to split over threads; on a busy 2-core
+    machine a second thread makes greedy decoding about 20× slower, not faster (measured).
+    """
+    p = Path(base)
+    if not p.is_dir():
+        return None
+    size = sum(f.stat().st_size for f in p.glob("*.safetensors"))
+    return 1 if 0 < size < 200 * 2**20 else None
+
+
+# ----------------------------------------------------------------------------- frontier + objectives
+
+
+def pareto_front(points: Sequence[dict]) -> list[dict]:
+    """Points not dominated by another (≥ accuracy and ≤ length, one strictly), by length."""
+    pts = sorted(points, key=lambda p: (p["mean_length"], -p["accuracy"]))
+    front, best = [], -math.inf
+    for p in pts:
+        if p["accuracy"] > best:
+            front.append(p)
+            best = p["accuracy"]
+    return front
+
+
+def recommend(settings: Sequence[dict], refs: dict, *, objective: str = "shortest",
+              tolerance: float = DEFAULT_TOLERANCE) -> dict:
+    """The recommended setting under ``objective`` (records with accuracy/mean_length), and why.
+
+    * ``shortest``: the shortest answers among settings whose accuracy is ≥ the base model's and
+      ≥ the best fine-tuned model's minus ``tolerance``; if none qualifies, the most accurate
+      setting, and the report says so.
+    * ``acc-per-1k``: the highest accuracy per 1,000 answer tokens.
+    * ``max-accuracy``: the highest accuracy (shorter answers break ties).
+    Returns ``{"key", "why", "fallback"}`` (key None when there is no setting).
+    """
+    if objective not in OBJECTIVES:
+        raise InputError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+    if not settings:
+        return {"key": None, "why": "no setting has finished yet", "fallback": False}
+    by_acc = max(settings, key=lambda r: (r["accuracy"], -r["mean_length"]))
+    if objective == "max-accuracy":
+        return {"key": by_acc["key"], "why": f"highest accuracy ({by_acc['accuracy']:.3f})", "fallback": False}
+    if objective == "acc-per-1k":
+        best = max(settings, key=lambda r: (1000 * r["accuracy"] / max(r["mean_length"], 1e-9), r["accuracy"]))
+        return {"key": best["key"], "fallback": False,
+                "why": f"highest accuracy per 1k answer tokens ({1000 * best['accuracy'] / max(best['mean_length'], 1e-9):.1f})"}
+    base_acc = refs.get("base", {}).get("accuracy", 0.0)
+    ft_acc = max((r["accuracy"] for k, r in refs.items() if k != "base"), default=0.0)
+    bar = max(base_acc, ft_acc - tolerance)
+    ok = [r for r in settings if r["accuracy"] >= bar - 1e-12]
+    if ok:
+        best = min(ok, key=lambda r: (r["mean_length"], -r["accuracy"]))
+        return {"key": best["key"], "fallback": False,
+                "why": f"shortest answers ({best['mean_length']:.1f} tokens) among settings with accuracy ≥ "
+                       f"{bar:.3f} (≥ base {base_acc:.3f} and ≥ fine-tuned {ft_acc:.3f} − {tolerance:g})"}
+    return {"key": by_acc["key"], "fallback": True,
+            "why": f"no setting reached accuracy {bar:.3f} (base {base_acc:.3f}, fine-tuned {ft_acc:.3f} − "
+                   f"{tolerance:g}); showing the most accurate one ({by_acc['accuracy']:.3f})"}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _fingerprint(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _rows_digest(rows: Sequence[dict]) -> str:
+    return _fingerprint({"q": [(r["question"], r["answer"]) for r in rows]})
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``tune.jsonl``; a half-written last line (a killed run) is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+class _Stream:
+    """Appends one JSON record per line, flushed and fsynced, so a SIGKILL loses at most one line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        # A killed run can leave a partial last line: start on a fresh line.
+        if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            with open(path, "ab") as f:
+                f.write(b"\n")
+
+    def write(self, rec: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _ensure_analysis(base: str, fts: list[str], analysis, out: Path, *, calibration, samples, device,
+                     progress: Progress | None):
+    """An ``AnalysisResult``: given, loaded from a path, the run folder's cache, or computed (and cached)."""
+    from acm.analysis import AnalysisResult, analyze
+
+    if isinstance(analysis, AnalysisResult):
+        return analysis, "given"
+    path = Path(analysis) if analysis else out / "analysis.json"
+    if path.is_file():
+        result = AnalysisResult.load(path)
+        if len(result.models) != len(fts):
+            raise InputError(f"{path} covers {len(result.models)} fine-tuned model(s), not {len(fts)}; "
+                             "analyse the same models or pass another --analysis")
+        return result, str(path)
+    result = analyze(base, fts, calibration, samples=samples, device=device, progress=progress,
+                     show_progress=progress is None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result.save(path)
+    return result, f"computed → {path}"
+
+
+def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: Sequence[Setting], *,
+              data: str | os.PathLike | Sequence[dict] | None = "bundled", field_question: str = "question",
+              field_answer: str = "answer", split: str = "test", limit: int | None = None,
+              holdout: float = DEFAULT_HOLDOUT, seed: int = 0, analysis=None, calibration: str | None = None,
+              samples: int | None = None, max_new_tokens: int = 256, batch_size: int = 64,
+              chat_template: bool = True, objective: str = "shortest", tolerance: float = DEFAULT_TOLERANCE,
+              keep: bool = False, restart: bool = False, budget_minutes: float | None = None,
+              device: str | None = None, threads: int | None = None, progress: Progress | None = None,
+              show_progress: bool = True, should_stop: Callable[[], bool] | None = None) -> Iterator[dict]:
+    """Run (or resume) a tune, yielding each record as it is written and finally the report.
+
+    Yields ``{"kind": "reference" | "setting" | "holdout", ...}`` records and, last,
+    ``{"kind": "report", ...}`` (the ``frontier.json`` content). Closing the generator (a cancelled
+    UI job) or ``should_stop()`` returning True stops between settings, removing temporary merges.
+    """
+    from tqdm.auto import tqdm
+
+    fts = [str(f) for f in fts]
+    base = str(base)
+    settings = list(settings)
+    if not settings:
+        raise InputError("empty grid: nothing to tune")
+    if objective not in OBJECTIVES:
+        raise InputError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+    if not (math.isfinite(tolerance) and 0 <= tolerance <= 1):
+        raise InputError(f"--tolerance must be in [0, 1] (accuracy as a fraction), got {tolerance}")
+    if budget_minutes is not None and not budget_minutes > 0:
+        raise InputError(f"--budget-minutes must be > 0, got {budget_minutes}")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise InputError(f"max new tokens and batch size must be >= 1, got {max_new_tokens} and {batch_size}")
+    rows, data_label = load_eval_set(data, field_question=field_question, field_answer=field_answer, split=split)
+    tune_rows, hold_rows = split_rows(rows, holdout=holdout, limit=limit, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / RESULTS_FILE
+    if restart and results.exists():
+        results.unlink()
+    t_start = time.perf_counter()
+    threads = auto_threads(base) if threads is None else threads
+    old_threads = None
+    if threads:
+        import torch
+
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(int(threads))
+    try:
+        need_acm = any(s.acm for s in settings)
+        an, an_label = (None, None)
+        if need_acm:
+            an, an_label = _ensure_analysis(base, fts, analysis, out, calibration=calibration, samples=samples,
+                                            device=device, progress=progress)
+        config = {"base": base, "fts": fts, "data": data_label, "tune_rows": _rows_digest(tune_rows),
+                  "holdout_rows": _rows_digest(hold_rows), "n_tune": len(tune_rows), "n_holdout": len(hold_rows),
+                  "holdout": holdout, "limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
+                  "chat_template": chat_template, "device": device,
+                  "nmi": None if an is None else [[round(x, 6) for x in m.nmi] for m in an.models]}
+        fp = _fingerprint(config)
+        previous = read_results(results)
+        if previous:
+            head = previous[0]
+            if head.get("kind") != "run" or head.get("fingerprint") != fp:
+                raise InputError(f"{results} holds a tune run with other models, data or settings; "
+                                 "use another --out or pass --restart to start over")
+        stream = _Stream(results)
+        if not previous:
+            stream.write({"kind": "run", "fingerprint": fp, "config": config, "started": time.time()})
+            previous = []
+        done = {(r.get("kind"), r.get("key"), r.get("split")): r for r in previous if r.get("kind") != "run"}
+        resumed = sum(1 for r in previous if r.get("kind") == "setting")
+        refs = [("base", base)] + [(f"ft{i}" if len(fts) > 1 else "ft", f) for i, f in enumerate(fts)]
+        splits = [("tune", tune_rows)] + ([("holdout", hold_rows)] if hold_rows else [])
+        todo_units = (sum(1 for k, _ in refs for s, _ in splits if ("reference", k, s) not in done)
+                      + sum(1 for s in settings if ("setting", s.key(), "tune") not in done) + (1 if hold_rows else 0))
+        total = max(todo_units, 1)
+        bar = tqdm(total=total, desc="tune", unit="eval", disable=progress is not None or not show_progress)
+        finished = 0
+        unit_times: list[float] = []
+
+        def tick(desc: str, seconds: float | None) -> None:
+            nonlocal finished
+            finished += 1
+            if seconds is not None:
+                unit_times.append(seconds)
+            bar.update(1)
+            if progress is not None:
+                eta = ""
+                if unit_times:
+                    left = (total - finished) * sum(unit_times) / len(unit_times)
+                    eta = f" · ETA {left:.0f} s"
+                progress(min(1.0, finished / total), f"{desc} ({finished}/{total}){eta}")
+
+        def stop_reason() -> str | None:
+            if should_stop is not None and should_stop():
+                return "cancelled"
+            if budget_minutes is not None and time.perf_counter() - t_start > 60 * budget_minutes:
+                return "budget"
+            return None
+
+        if resumed:
+            yield {"kind": "resumed", "done": resumed, "of": len(settings)}
+        # 1. the base and fine-tuned models, once, on both splits
+        for role, spec in refs:
+            pending = [(s, r) for s, r in splits if ("reference", role, s) not in done]
+            if not pending:
+                continue
+            t0 = time.perf_counter()
+            model, tok = _load(spec, device)
+            for split_name, split_rows_ in pending:
+                t1 = time.perf_counter()
+                m = evaluate_rows((spec, model, tok), split_rows_, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, chat_template=chat_template)
+                rec = {"kind": "reference", "key": role, "label": "base" if role == "base" else _short(spec),
+                       "model": spec, "split": split_name, **m, "seconds": round(time.perf_counter() - t1, 3)}
+                stream.write(rec)
+                done[("reference", role, split_name)] = rec
+                tick(f"{role} on the {split_name} split", time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                yield rec
+            del model, tok
+        # 2. the grid, on the tune split (temporary merges of a killed run are removed first)
+        for stale in out.glob(".tmp-merges-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp_root = Path(tempfile.mkdtemp(prefix=".tmp-merges-", dir=out))
+        stopped = None
+        try:
+            for s in settings:
+                if ("setting", s.key(), "tune") in done:
+                    continue
+                stopped = stop_reason()
+                if stopped:
+                    break
+                t0 = time.perf_counter()
+                folder = _merge(base, fts, s, an, out if keep else tmp_root, threads=threads, device=device)
+                try:
+                    m = evaluate_rows(str(folder), tune_rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                      chat_template=chat_template, device=device)
+                finally:
+                    if not keep:
+                        shutil.rmtree(folder, ignore_errors=True)
+                rec = {"kind": "setting", "key": s.key(), "label": s.label(), "setting": s.to_dict(), "split": "tune",
+                       **m, "seconds": round(time.perf_counter() - t0, 3)}
+                if keep:
+                    rec["folder"] = str(folder)
+                stream.write(rec)
+                done[("setting", s.key(), "tune")] = rec
+                tick(s.label(), time.perf_counter() - t0)
+                yield rec
+            # 3. the recommendation, re-measured on the held-out split
+            report = build_report(list(done.values()), settings, objective=objective, tolerance=tolerance)
+            key = report["recommended"]["key"]
+            if hold_rows and key is not None and stopped != "cancelled" and ("holdout", key, "holdout") not in done:
+                s = Setting.from_dict(report["recommended"]["setting"])
+                t0 = time.perf_counter()
+                folder = _merge(base, fts, s, an, tmp_root, threads=threads, device=device)
+                m = evaluate_rows(str(folder), hold_rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  chat_template=chat_template, device=device)
+                shutil.rmtree(folder, ignore_errors=True)
+                rec = {"kind": "holdout", "key": key, "label": s.label(), "setting": s.to_dict(), "split": "holdout",
+                       **m, "seconds": round(time.perf_counter() - t0, 3)}
+                stream.write(rec)
+                done[("holdout", key, "holdout")] = rec
+                tick(f"{s.label()} on the held-out split", time.perf_counter() - t0)
+                yield rec
+        finally:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+            bar.close()
+        report = build_report(list(done.values()), settings, objective=objective, tolerance=tolerance)
+        report.update(stopped=stopped, resumed=resumed, analysis=an_label, data=data_label, threads=threads,
+                      seconds=round(time.perf_counter() - t_start, 1), max_new_tokens=max_new_tokens)
+        write_report(report, out)
+        yield {"kind": "report", **report}
+    finally:
+        if old_threads is not None:
+            import torch
+
+            torch.set_num_threads(old_threads)
+
+
+def _short(spec: str) -> str:
+    s = str(spec).rstrip("/\\")
+    return Path(s).name if os.path.sep in s else s
+
+
+def _merge(base: str, fts: list[str], s: Setting, analysis, where: Path, *, threads, device) -> Path:
+    """Merge one setting into a fresh folder under ``where`` (plain or ACM via ``lambdas_by_group``)."""
+    from acm.coefficients import lambdas_by_group
+    from acm.merge import merge_models
+
+    lams = acm = None
+    if s.acm:
+        lams = lambdas_by_group(analysis, s.t, alpha=s.alpha)
+        acm = {"analysis": analysis.provenance, "t": s.t, "alpha": s.alpha}
+    folder = Path(where) / ("merge-" + "".join(c if c.isalnum() or c in ".-=" else "_" for c in s.key()))
+    merge_models(base, fts, folder, s.merge_options(threads=threads, device=device), lambdas=lams, acm=acm,
+                 force=True, show_progress=False)
+    return folder
+
+
+def build_report(records: Sequence[dict], settings: Sequence[Setting] | None = None, *, objective: str = "shortest",
+                 tolerance: float = DEFAULT_TOLERANCE) -> dict:
+    """The frontier report from the records so far (tune split; held-out numbers where measured)."""
+    refs = {r["key"]: r for r in records if r.get("kind") == "reference" and r.get("split") == "tune"}
+    hold_refs = {r["key"]: r for r in records if r.get("kind") == "reference" and r.get("split") == "holdout"}
+    pts = [r for r in records if r.get("kind") == "setting"]
+    front_keys = {p["key"] for p in pareto_front(pts)}
+    rec = recommend(pts, refs, objective=objective, tolerance=tolerance)
+    rows = [{"key": p["key"], "label": p["label"], "setting": p["setting"], "accuracy": p["accuracy"],
+             "mean_length": p["mean_length"], "accuracy_per_1k_tokens": p.get("accuracy_per_1k_tokens"),
+             "per_level": p.get("per_level", {}), "n": p.get("n"), "on_frontier": p["key"] in front_keys,
+             "seconds": p.get("seconds")} for p in pts]
+    recommended = {"key": rec["key"], "why": rec["why"], "fallback": rec["fallback"]}
+    if rec["key"] is not None:
+        p = next(p for p in pts if p["key"] == rec["key"])
+        recommended.update(label=p["label"], setting=p["setting"], tune={"accuracy": p["accuracy"],
+                                                                          "mean_length": p["mean_length"]})
+        h = next((r for r in records if r.get("kind") == "holdout" and r.get("key") == rec["key"]), None)
+        if h is not None:
+            recommended["holdout"] = {k: h[k] for k in ("accuracy", "mean_length", "n", "per_level") if k in h}
+    n_tune = next((r.get("n") for r in refs.values()), None)
+    n_hold = next((r.get("n") for r in hold_refs.values()), None)
+    return {
+        "objective": objective, "tolerance": tolerance, "n_tune": n_tune, "n_holdout": n_hold,
+        "grid_size": len(settings) if settings is not None else len(pts), "done": len(pts),
+        "complete": settings is not None and all(any(p["key"] == s.key() for p in pts) for s in settings),
+        "references": {k: {"label": v.get("label"), "model": v.get("model"),
+                           "tune": {"accuracy": v["accuracy"], "mean_length": v["mean_length"]},
+                           **({"holdout": {"accuracy": hold_refs[k]["accuracy"],
+                                           "mean_length": hold_refs[k]["mean_length"]}} if k in hold_refs else {})}
+                       for k, v in refs.items()},
+        "frontier": [p["key"] for p in pareto_front(pts)], "settings": rows, "recommended": recommended}
+
+
+def report_markdown(report: dict) -> str:
+    """``frontier.md``: the held-out result first, then every setting (frontier ones in bold)."""
+    lines = [f"# Tune report — objective: {report['objective']} (tolerance {report['tolerance']:g})", ""]
+    r = report["recommended"]
+    refs = report["references"]
+    if r.get("key"):
+        lines.append(f"**Recommended: {r['label']}** — {r['why']}.")
+        lines.append("")
+        lines.append("| model | tune accuracy | tune length | held-out accuracy | held-out length |")
+        lines.append("|---|---|---|---|---|")
+
+        def row(name, d):
+            h = d.get("holdout") or {}
+            ha = f"{h['accuracy']:.3f}" if h else "–"
+            hl = f"{h['mean_length']:.1f}" if h else "–"
+            return f"| {name} | {d['tune']['accuracy']:.3f} | {d['tune']['mean_length']:.1f} | {ha} | {hl} |"
+        lines.append(row(f"**{r['label']}**", r))
+        for k, v in refs.items():
+            lines.append(row(v.get("label") or k, v))
+        lines.append("")
+        if report.get("n_holdout"):
+            lines.append(f"Tuned on {report['n_tune']} problems; held-out numbers on {report['n_holdout']} other "
+                         "problems (the recommendation was not picked on them).")
+        else:
+            lines.append(f"Tuned on {report['n_tune']} problems; **no held-out split** (--holdout 0): the numbers "
+                         "above are the ones the setting was picked on.")
+    else:
+        lines.append(f"No recommendation: {r['why']}.")
+    stopped = report.get("stopped")
+    lines += ["", f"{report['done']} of {report['grid_size']} settings done"
+              + (f" (stopped: {stopped})" if stopped else "") + ". Pareto frontier in bold.", "",
+              "| setting | accuracy | mean length | acc. per 1k tokens |", "|---|---|---|---|"]
+    for s in sorted(report["settings"], key=lambda s: s["mean_length"]):
+        name = f"**{s['label']}**" if s["on_frontier"] else s["label"]
+        lines.append(f"| {name} | {s['accuracy']:.3f} | {s['mean_length']:.1f} | "
+                     f"{s.get('accuracy_per_1k_tokens') or 0:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: str | os.PathLike) -> None:
+    """``frontier.json`` + ``frontier.md``, each written atomically."""
+    out = Path(out)
+    for name, text in ((FRONTIER_JSON, json.dumps(report, indent=2, ensure_ascii=False) + "\n"),
+                       (FRONTIER_MD, report_markdown(report))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
+
+
+def run_tune(*args, on_record: Callable[[dict], None] | None = None, **kwargs) -> dict:
+    """``iter_tune`` run to the end; returns the report (``frontier.json``). ``on_record`` sees every record."""
+    report: dict = {}
+    for rec in iter_tune(*args, **kwargs):
+        if on_record is not None:
+            on_record(rec)
+        if rec["kind"] == "report":
+            report = rec
+    return report

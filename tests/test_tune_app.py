@@ -1,0 +1,110 @@
+"""The Tune tab: streamed points, frontier + recommendation, cancel, "use this setting", the /tune endpoint.
+
+Handlers run on the bundled 0.7M demo pair with a few problems and few new tokens; the analysis is
+hand-made (it is an input of the tune). The browser flow is in test_browser_tune.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from acm.errors import InputError
+from components import tune as panel
+from components.state import SessionState
+from tests.test_app_e2e import app_url  # noqa: F401 - module fixture: the app on a free port
+from tests.test_tune import BASE, LONG, needs_demo
+
+pytestmark = needs_demo
+
+
+@pytest.fixture()
+def state(tmp_path):
+    from acm.analysis import AnalysisResult, ModelNMI
+
+    st = SessionState()
+    groups = ["embed"] + [f"block.{i}" for i in range(6)] + ["head"]
+    nmi = [0.48, 0.25, 0.25, 0.23, 0.22, 0.20, 0.15, 0.24]
+    st.analysis = AnalysisResult(groups=groups, models=[ModelNMI(model=str(LONG), nmi=nmi, mi=nmi)])
+    st.base, st.fts = str(BASE), [str(LONG)]
+    yield st
+    st.close()
+
+
+SMALL = {"ts": "0, 1, 4", "limit": 6, "max_new_tokens": 16}
+
+
+def test_points_stream_in_before_the_grid_is_done_then_frontier_and_recommendation(state):
+    steps = list(panel.iter_tune_ui(state, str(BASE), [str(LONG)], **SMALL))
+    records, report, running = steps[-1]
+    assert not running and report["complete"] and report["done"] == 3     # plain + t=1 + t=4 (t=0 is plain)
+    partial = [rep["done"] for _, rep, run in steps if run and 0 < rep["done"] < 3]
+    assert partial, "points must appear before the whole grid is done"
+    fig = panel.tune_figure(records, report).to_dict()
+    names = [t["name"] for t in fig["data"]]
+    assert {"base", "fine-tuned", "recommended"} <= set(names) and ("plain" in names or "ACM" in names)
+    assert len(panel.table_rows(report)) == 3
+    md = panel.recommendation_markdown(report)
+    assert "Recommended:" in md and "Held out" in md
+    assert [key for _, key in panel.choices(report)] == [s["key"] for s in report["settings"]]
+
+
+def test_cancel_stops_between_settings_and_keeps_the_finished_ones(state):
+    final = None
+    for _records, report, running in panel.iter_tune_ui(state, str(BASE), [str(LONG)], **SMALL):
+        if report["done"] >= 1 and running:
+            state.tune["cancel"] = True
+        final = report
+    assert final["stopped"] == "cancelled" and 1 <= final["done"] < 3
+    assert "cancelled" in panel.status_line(final, state.tune["records"], running=False)
+
+
+def test_use_this_setting_makes_it_the_merged_model(state):
+    list(panel.iter_tune_ui(state, str(BASE), [str(LONG)], **SMALL))
+    report = state.tune["report"]
+    acm_row = next(s for s in report["settings"] if s["setting"]["t"] == 4.0)
+    merged, setting = panel.use_setting(state, acm_row["key"])
+    assert state.merged is merged and merged.model is not None
+    assert merged.settings["acm"] and merged.settings["t"] == 4.0 and merged.settings["alpha"] == 0.7
+    assert setting.label() == acm_row["label"]
+    # no key: the recommended one
+    merged2, s2 = panel.use_setting(state, None)
+    assert s2.key() == report["recommended"]["key"] and state.merged is merged2
+
+
+def test_bad_grid_and_nothing_to_use_are_one_line(state):
+    with pytest.raises(InputError, match="t must be in"):
+        next(panel.iter_tune_ui(state, str(BASE), [str(LONG)], ts="1, -2"))
+    with pytest.raises(InputError, match="maximum of 60"):
+        next(panel.iter_tune_ui(state, str(BASE), [str(LONG)], ts=" ".join(str(i) for i in range(1, 30)),
+                                alphas="0.5 0.7 0.9"))
+    with pytest.raises(InputError, match="run a tune first"):
+        panel.use_setting(SessionState(), None)
+
+
+def test_tune_endpoint_via_gradio_client(app_url):  # noqa: F811
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    # plain-only grid (no t values): needs no analysis, so the call is quick
+    out = client.predict(methods=["ties"], alphas="0.6, 0.7", ts="", limit=6, max_new_tokens=16, api_name="/tune")
+    status, _plot, _table, recommendation, _pick, raw = out
+    raw = raw if isinstance(raw, dict) else json.loads(raw)
+    assert status.startswith("✓ done: 2 of 2") and raw["complete"] and raw["recommended"]["key"]
+    assert "Recommended:" in recommendation
+    text, merge_summary = client.predict(key=None, api_name="/tune_use")
+    assert "is now the merged model" in text and "merged in" in merge_summary
+
+
+def test_tune_jobs_take_the_heavy_slot_and_cancel_is_wired():
+    import app
+
+    demo = app.build_app(prewarm=False)
+    deps = {d.api_name: d for d in demo.fns.values() if d.api_name}
+    for name in ("tune", "tune_use"):
+        assert deps[name].concurrency_id == "heavy" and deps[name].concurrency_limit == 1, name
+        assert deps[name].api_visibility == "public", name
+    tune_fn = next(i for i, d in demo.fns.items() if d.api_name == "tune")
+    assert any(tune_fn in (d.cancels or []) for d in demo.fns.values())    # the Cancel button's click
+    assert [t for t, _ in app.STEPS][6:] == ["7 · Tune", "8 · Export"]
