@@ -186,12 +186,32 @@ def folder_digest(folder: str | os.PathLike, hasher: FileHasher | None = None) -
     return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
 
 
+_HUB_TTL_S = 60.0
+_HUB_MEMO: dict[tuple[str, str | None], tuple[float, str | None]] = {}
+_HUB_LOCK = threading.Lock()
+
+
 def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
     """The commit sha a Hub id (and revision) resolves to now, or None when it cannot be told.
 
     Fetches only ``config.json`` (the snapshot folder is named by the commit); offline, the local
-    cache's ref answers. None means "not cacheable": the caller computes without the cache.
+    cache's ref answers. None means "not cacheable": the caller computes without the cache. Answers
+    are remembered for a minute, so a crowd clicking on the same Hub model asks the Hub once.
     """
+    now = time.monotonic()
+    with _HUB_LOCK:
+        hit = _HUB_MEMO.get((repo_id, revision))
+    if hit is not None and now - hit[0] < _HUB_TTL_S:
+        return hit[1]
+    sha = _resolve_hub_commit(repo_id, revision)
+    with _HUB_LOCK:
+        if len(_HUB_MEMO) > 1024:
+            _HUB_MEMO.clear()
+        _HUB_MEMO[(repo_id, revision)] = (now, sha)
+    return sha
+
+
+def _resolve_hub_commit(repo_id: str, revision: str | None) -> str | None:
     try:
         from huggingface_hub import snapshot_download
 

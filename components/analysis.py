@@ -15,7 +15,7 @@ from typing import Callable
 from components import help as texts
 from components import plots
 from components.calibration import resolve_calibration
-from components.common import (gpu, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels,
+from components.common import (gpu, log, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels,
                                uploaded_file, warn)
 from components.models import validate_selection
 from components.state import SessionState, admit, reused_line, shared_cache
@@ -130,14 +130,25 @@ def shared_analysis(base: str, fts: list[str], cal: dict, settings: dict, comput
     made = {}
 
     def build(folder: Path) -> dict:
+        made["started"] = True
         made["result"] = compute()
         made["result"].save(folder / "analysis.json")
         return {"what": "analysis", "base": base, "fts": fts}
 
-    with store.get_or_create("analysis", key, build) as entry:
-        result = made.get("result") or AnalysisResult.load(entry.path / "analysis.json")
-        info = {"hit": entry.hit, "waited": entry.waited, "age_s": entry.age_s, "compute_s": entry.compute_s,
-                "key": key}
+    try:
+        with store.get_or_create("analysis", key, build) as entry:
+            result = made.get("result") or AnalysisResult.load(entry.path / "analysis.json")
+            info = {"hit": entry.hit, "waited": entry.waited, "age_s": entry.age_s, "compute_s": entry.compute_s,
+                    "key": key}
+    except OSError as exc:
+        # The cache only saves work: a full or broken cache disk must not cost the visitor their result.
+        if "result" in made:
+            log.warning("could not store the analysis in the shared cache: %s", exc)
+            return made["result"], None
+        if made.get("started"):
+            raise                                   # the analysis itself failed
+        log.warning("shared cache unavailable (%s); analysing without it", exc)
+        return compute(), None
     if entry.hit:
         cal_prov = result.provenance.get("calibration")
         if isinstance(cal_prov, dict):

@@ -252,12 +252,22 @@ def shared_merge(base: str, fts: list[str], name: str, options, lambdas, acm_inf
                              "options": options.to_dict(), "lambdas": lambdas, "acm": acm_info, "name": name,
                              "device": device})
 
+    made = {}
+
     def build(folder: Path) -> dict:
+        made["started"] = True
         report = merge_models(base, fts, folder / name, options, lambdas=lambdas, acm=acm_info, force=True,
                               progress=progress_callback(progress, (0.0, 0.9)), show_progress=False)
+        made["done"] = True
         return {"what": "merge", "name": name, "report": report.to_dict()}
 
-    entry = store.get_or_create("merge", key, build)
+    try:
+        entry = store.get_or_create("merge", key, build)
+    except OSError as exc:
+        if made.get("started") and not made.get("done"):
+            raise                                   # the merge itself failed (e.g. disk full): say so
+        log.warning("shared cache unavailable for the merge (%s); merging into the session folder", exc)
+        return None
     report = dict(entry.meta["report"], out_dir=str(entry.path / name))
     return {"out_dir": entry.path / name, "report": report, "hit": entry.hit, "waited": entry.waited,
             "age_s": entry.age_s, "compute_s": entry.compute_s, "key": key, "release": entry.release}

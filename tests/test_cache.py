@@ -99,9 +99,14 @@ def test_model_identity_local_and_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(cache, "_HUB_MEMO", {})
     assert model_identity("org/tiny") == f"hub:org/tiny@{sha}"
     assert model_identity("org/not-cached") is None          # unknown offline: not cacheable
     assert model_identity(str(tmp_path / "missing" / "folder")) is None
+    calls = []
+    monkeypatch.setattr(cache, "_resolve_hub_commit", lambda repo, rev: calls.append(repo) or sha)
+    assert [model_identity("org/other") for _ in range(3)] == [f"hub:org/other@{sha}"] * 3
+    assert calls == ["org/other"]                                 # a crowd asks the Hub once a minute
     (tmp_path / "empty").mkdir()
     assert model_identity(str(tmp_path / "empty")) is None         # the analysis says what is wrong, not the cache
 

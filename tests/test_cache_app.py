@@ -157,6 +157,23 @@ def test_a_session_replacing_its_merge_releases_the_old_one(shared, pair, sessio
     assert store.pinned(m1.cache["key"]) == 0 and m1.out_dir.is_dir()   # released, not deleted
 
 
+def test_a_broken_cache_disk_never_costs_the_visitor_their_result(shared, pair, sessions, monkeypatch,
+                                                                   one_torch_thread):  # noqa: F811
+    import errno
+
+    def no_space(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache, "_tree_bytes", no_space)           # storing any entry fails after its build
+    st = sessions()
+    out = analysis.run_analysis(st, pair[0], pair[1], **SMALL)
+    assert out["shared"] is None and st.analysis is out["analysis"] and len(out["analysis"].models) == 1
+    merged = merge.run_merge(st, pair[0], pair[1], method="task_arithmetic", mode=merge.ACM, t=2.0, alpha=1.0)
+    assert merged.cache is None and merged.model is not None
+    assert st.workspace in merged.out_dir.parents                 # merged into the session's own folder
+    assert shared.entries() == []
+
+
 # ----------------------------------------------------------------------------- queue admission
 
 
