@@ -51,9 +51,9 @@ from acm.templates import (
     check_tokenizer_fits,
     copy_tokenizer_files,
     is_tokenizer_file,
-    load_tokenizer,
     parse_tokenizer_from,
     template_family,
+    tokenizer_facts,
     tokenizer_from_label,
 )
 from acm.tensors import StreamedTensor, Window
@@ -613,7 +613,7 @@ def _embedding_rows(base: ModelSource, layout: HeadLayout) -> int:
 
 def _check_tokenizer(src: ModelSource, index: int, rows: int) -> dict:
     """Load the tokenizer the merged model will carry and check its ids fit the merged vocabulary."""
-    tok = load_tokenizer(src.path, trust_remote_code=src.trust_remote_code)
+    tok = tokenizer_facts(src.path, trust_remote_code=src.trust_remote_code)
     check_tokenizer_fits(tok, rows, what=f"the tokenizer of {src.spec} (--tokenizer-from {tokenizer_from_label(index)})")
     return {"from": tokenizer_from_label(index), "model": src.spec, "template": template_family(tok),
             "eos_token": tok.eos_token, "size": len(tok)}
