@@ -209,11 +209,28 @@ def _load_config(path: Path, spec: str, trust_remote_code: bool):
         data = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         data = None
-    if (isinstance(data, dict) and data.get("model_type") in _JSON_CONFIG_TYPES and not trust_remote_code
-            and "auto_map" not in data and "text_config" not in data
-            and isinstance(data.get("num_hidden_layers", data.get("n_layer")), int)):
+    if _plain(data, trust_remote_code):
         return JsonConfig(data, path, spec, trust_remote_code)
     return _auto_config(path, spec, trust_remote_code)
+
+
+def _plain(data, trust_remote_code: bool) -> bool:
+    return (isinstance(data, dict) and data.get("model_type") in _JSON_CONFIG_TYPES and not trust_remote_code
+            and "auto_map" not in data and "text_config" not in data
+            and isinstance(data.get("num_hidden_layers", data.get("n_layer")), int))
+
+
+def config_is_plain_json(spec: str, *, trust_remote_code: bool = False) -> bool:
+    """Whether resolving ``spec`` reads its config as JSON without importing transformers (a local
+    folder of a known decoder family). The app uses it to skip warming the heavy imports."""
+    import json
+
+    folder = Path(str(spec or "").strip()).expanduser()
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return _plain(data, trust_remote_code)
 
 
 def _auto_config(path: Path, spec: str, trust_remote_code: bool):
@@ -342,6 +359,27 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def fit_advice(name: str, nbytes: int, device: torch.device, dtype: torch.dtype, *,
+               free_total: tuple[int, int] | None = None, headroom: float = 1.2) -> str | None:
+    """One line of advice when ``nbytes`` of weights (plus ``headroom`` for activations and workspace)
+    will not fit the free memory of CUDA ``device``; None when they fit or the device is not CUDA.
+
+    Why before loading: a failed load wastes the time spent reading the weights and ends in a CUDA
+    out-of-memory traceback; the safetensors headers tell the size up front. ``free_total`` is
+    ``torch.cuda.mem_get_info(device)`` (passed in by tests).
+    """
+    if device.type != "cuda":
+        return None
+    free, total = free_total if free_total is not None else torch.cuda.mem_get_info(device)
+    need = int(nbytes * headroom)
+    if need <= free:
+        return None
+    dt = str(dtype).replace("torch.", "")
+    return (f"{name} needs about {need / 1e9:.1f} GB of GPU memory in {dt} but {free / 1e9:.1f} GB of "
+            f"{total / 1e9:.1f} GB are free: choose device auto to offload layers to the CPU, use a GPU with "
+            "more memory or a smaller model, or run on the CPU (slow)")
+
+
 def load_causal_lm(src: ModelSource, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
     """Load (model, tokenizer) for forward passes / generation, in eval mode.
 
@@ -357,6 +395,10 @@ def load_causal_lm(src: ModelSource, *, device: torch.device | str | None = None
                                   use_safetensors=src.weight_format == "safetensors")
     if big:
         kwargs["device_map"] = "auto"
+    elif dev.type == "cuda":
+        advice = fit_advice(src.spec, src.reader.numel() * torch.empty((), dtype=dtype).element_size(), dev, dtype)
+        if advice is not None:
+            raise InputError(advice)
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(src.path, trust_remote_code=src.trust_remote_code)
