@@ -147,6 +147,8 @@ class ShardWriter:
                          for i, g in enumerate(groups)]
         self._where = {name: shard for shard in self._planned for name in shard.names}
         self._shards = [(shard.path, shard.names) for shard in self._planned]
+        if self._planned:
+            self._planned[0].open()          # header first: the file exists as the first tensor starts
 
     def _write_planned(self, name: str, tensor: torch.Tensor) -> int:
         shard = self._where.get(name)

@@ -227,6 +227,8 @@ _ST_DTYPES = {
     "BOOL": torch.bool,
 }
 _STREAMABLE = (torch.float32, torch.bfloat16, torch.float16)
+# Strided slices at least this sparse are gathered through a temporary memory map (``_gather_mapped``).
+_SPARSE_STRIDE_BYTES = 256
 DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
@@ -321,6 +323,31 @@ class StreamedTensor:
         lo = (s - w.start) * self.itemsize
         return w.buf[lo: lo + (e - s) * self.itemsize].view(self.dtype)
 
+    def _gather_mapped(self, s: int, e: int, k: int, count: int) -> torch.Tensor:
+        """A sparse strided sample (TIES's threshold band, one entry per ~100-2000) through a short-lived
+        memory map of the tensor's bytes: the page cache is read in place instead of copying the whole
+        tensor with ``preadv`` only to keep one entry in k. The map is closed before returning, so its
+        pages leave the process's RSS at once."""
+        import mmap
+
+        import numpy as np
+
+        first = self.offset + s * self.itemsize
+        last = self.offset + (s + (count - 1) * k + 1) * self.itemsize
+        base = first - first % mmap.ALLOCATIONGRANULARITY
+        np_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[self.itemsize]
+        try:
+            mm = mmap.mmap(self.fd, last - base, access=mmap.ACCESS_READ, offset=base)
+        except (OSError, ValueError) as exc:
+            raise _corrupt(self.path, exc) from exc
+        try:
+            view = np.frombuffer(mm, dtype=np.uint8, count=last - first, offset=first - base)
+            picked = view.view(np_dtype)[::k].copy()
+            del view
+        finally:
+            mm.close()
+        return torch.from_numpy(picked).view(self.dtype)
+
     def read(self, s: int, e: int) -> torch.Tensor:
         """Entries [s, e) as a new tensor."""
         out = torch.empty(max(e - s, 0), dtype=self.dtype)
@@ -335,6 +362,8 @@ class StreamedTensor:
         if k == 1:
             return self._load(s, max(s, e))
         count = len(range(s, e, k))
+        if k * self.itemsize >= _SPARSE_STRIDE_BYTES and count:
+            return self._gather_mapped(s, e, k, count)
         out = torch.empty(count, dtype=self.dtype)
         j, pos = 0, s
         step_window = max(k, self.window.nbytes // self.itemsize)

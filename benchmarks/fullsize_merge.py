@@ -8,6 +8,8 @@ whole command. Measured in the same run, interleaved (floor, TA, TIES, floor, TA
   reused buffer (``readinto``) and writes a file the size of the merged model from that buffer: the
   least any merge must do on this machine, with a ~50 ms interpreter start and no torch import.
 * ``task_arithmetic`` / ``ties`` — ``python -m acm merge … --threads 1`` (α = 0.7; TIES density 0.2).
+* ``ref_*`` (optional) — the same commands from another checkout (``--ref-src DIR``, e.g. ``git archive``
+  of the commit before a change), interleaved: a before/after A/B under the same load.
 * ``mergekit`` (optional) — ``mergekit-yaml`` from a separate venv with an equivalent config, when
   ``--mergekit PATH`` points at it (never a project dependency); skipped cleanly otherwise.
 
@@ -35,7 +37,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MB, PeakPoller, machine_info, md_table, save_result, warm_files
+from benchmarks.common import (
+    MB,
+    PeakPoller,
+    machine_info,
+    md_table,
+    save_result,
+    warm_files,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("floor", "task_arithmetic", "ties")
@@ -84,13 +93,14 @@ def _watch_first_shard(out: Path, t0: float, found: dict, stop: threading.Event)
         time.sleep(0.005)
 
 
-def run_one(cmd: list[str], out: Path, *, watch: bool = False, env: dict | None = None) -> dict[str, Any]:
+def run_one(cmd: list[str], out: Path, *, watch: bool = False, env: dict | None = None,
+            cwd: Path = ROOT) -> dict[str, Any]:
     """Run ``cmd`` as a child: wall, CPU (user + sys), peak RSS (anon / file), faults, first tensor."""
     shutil.rmtree(out, ignore_errors=True)
     found: dict[str, float] = {}
     stop = threading.Event()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, **(env or {})})
     watcher = threading.Thread(target=_watch_first_shard, args=(out, t0, found, stop), daemon=True)
     if watch:
@@ -118,6 +128,7 @@ def _commands(name: str, base: Path, ft: Path, out: Path, out_bytes: int, mergek
     py = sys.executable
     if name == "floor":
         return [py, "-c", FLOOR_CODE, *map(str, _files(base) + _files(ft)), str(out), str(out_bytes)]
+    name = name.removeprefix("ref_")
     if name in ("task_arithmetic", "ties"):
         cmd = [py, "-m", "acm", "merge", "--base", str(base), "--ft", str(ft), "--method", name,
                "--alpha", str(ALPHA), "--threads", "1", "--out", str(out), "--force"]
@@ -131,7 +142,7 @@ def _commands(name: str, base: Path, ft: Path, out: Path, out_bytes: int, mergek
 
 
 def run(*, quick: bool = False, repeats: int | None = None, mergekit: str | None = None, out: str | None = None,
-        log=print) -> dict[str, Any]:
+        ref_src: str | None = None, log=print) -> dict[str, Any]:
     pair = _pair(quick)
     base, ft = Path(pair.base), Path(pair.fts[0])
     inputs = _files(base) + _files(ft)
@@ -144,6 +155,8 @@ def run(*, quick: bool = False, repeats: int | None = None, mergekit: str | None
         names += ["mergekit_task_arithmetic", "mergekit_ties"]
     elif mergekit:
         log(f"[fullsize-merge] mergekit not found at {mergekit}: skipped")
+    if ref_src:                          # another checkout of the project (e.g. the commit before a change)
+        names += ["ref_task_arithmetic", "ref_ties"]
     repeats = repeats or (1 if quick else 2)
     work = Path(tempfile.mkdtemp(prefix="acm-fullsize-merge-"))
     runs: dict[str, list[dict]] = {n: [] for n in names}
@@ -154,7 +167,8 @@ def run(*, quick: bool = False, repeats: int | None = None, mergekit: str | None
             for name in order:
                 target = work / name
                 row = run_one(_commands(name, base, ft, target, out_bytes, mergekit), target,
-                              watch=name in ("task_arithmetic", "ties"))
+                              watch=name in ("task_arithmetic", "ties"),
+                              cwd=Path(ref_src) if name.startswith("ref_") else ROOT)
                 runs[name].append(row)
                 log(f"[fullsize-merge] {name} #{rep + 1}: wall {row['wall_s']:.2f}s cpu {row['cpu_s']:.2f}s "
                     f"rss {row['peak_rss_mib']:.0f} MiB load {row['loadavg_1m']:.1f}"
@@ -163,7 +177,7 @@ def run(*, quick: bool = False, repeats: int | None = None, mergekit: str | None
         shutil.rmtree(work, ignore_errors=True)
     rows = summarize(runs, model_bytes=pair.bytes_per_model)
     data = {"benchmark": "fullsize_merge", "machine": machine_info(), "quick": quick, "pair": pair.to_dict(),
-            "input_bytes": in_bytes, "output_bytes": out_bytes, "runs": runs, "rows": rows,
+            "ref_src": ref_src, "input_bytes": in_bytes, "output_bytes": out_bytes, "runs": runs, "rows": rows,
             "total_seconds": time.perf_counter() - t_start,
             "command": " ".join(["python -m benchmarks.fullsize_merge", *sys.argv[1:]])}
     data["path"] = str(save_result("fullsize_merge", data, out))
@@ -214,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the 10m benchmark model, one round (smoke test)")
     ap.add_argument("--repeats", type=int, default=None, help="rounds (default 2; 1 with --quick)")
     ap.add_argument("--mergekit", default=None, metavar="PATH", help="mergekit-yaml of a separate venv, to compare")
+    ap.add_argument("--ref-src", default=None, metavar="DIR",
+                    help="also run `python -m acm merge` from this checkout (rows ref_*), interleaved: a before/after A/B")
     ap.add_argument("--out", default=None, help="JSON result path")
     args = ap.parse_args(argv)
-    data = run(quick=args.quick, repeats=args.repeats, mergekit=args.mergekit, out=args.out)
+    data = run(quick=args.quick, repeats=args.repeats, mergekit=args.mergekit, out=args.out, ref_src=args.ref_src)
     print(report(data))
     print(f"[fullsize-merge] results: {data['path']}")
     return 0
