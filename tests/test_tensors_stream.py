@@ -51,13 +51,7 @@ def test_streamed_slices_equal_the_stored_tensor(stored, window_bytes):
         head = x.narrow_flat(20)
         assert head.numel() == 20 and torch.equal(head[0:20], want[:20])
     maps = Path("/proc/self/maps")
-    if maps.exists():                    # a window's map (and the sparse gathers') goes with the last view of it
-        import gc
-
-        gc.collect()                     # (earlier keys' windows: a window and its owner form a cycle)
-        assert maps.read_text().count(str(path.resolve())) <= 1
-        del x, head
-        gc.collect()
+    if maps.exists():                    # the sparse gathers' temporary maps are gone
         assert str(path.resolve()) not in maps.read_text()
     # integer tensors are not streamed: the real tensor, flat
     assert torch.equal(reader.stream("d.i64", Window()), tensors["d.i64"])
