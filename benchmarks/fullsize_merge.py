@@ -142,7 +142,7 @@ def _commands(name: str, base: Path, ft: Path, out: Path, out_bytes: int, mergek
 
 
 def run(*, quick: bool = False, repeats: int | None = None, mergekit: str | None = None, out: str | None = None,
-        ref_src: str | None = None, log=print) -> dict[str, Any]:
+        ref_src: str | None = None, only: list[str] | None = None, log=print) -> dict[str, Any]:
     pair = _pair(quick)
     base, ft = Path(pair.base), Path(pair.fts[0])
     inputs = _files(base) + _files(ft)
@@ -157,6 +157,8 @@ def run(*, quick: bool = False, repeats: int | None = None, mergekit: str | None
         log(f"[fullsize-merge] mergekit not found at {mergekit}: skipped")
     if ref_src:                          # another checkout of the project (e.g. the commit before a change)
         names += ["ref_task_arithmetic", "ref_ties"]
+    if only:                             # a subset (the floor always runs: every ratio needs it)
+        names = ["floor", *[n for n in names if n in only and n != "floor"]]
     repeats = repeats or (1 if quick else 2)
     work = Path(tempfile.mkdtemp(prefix="acm-fullsize-merge-"))
     runs: dict[str, list[dict]] = {n: [] for n in names}
@@ -230,9 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mergekit", default=None, metavar="PATH", help="mergekit-yaml of a separate venv, to compare")
     ap.add_argument("--ref-src", default=None, metavar="DIR",
                     help="also run `python -m acm merge` from this checkout (rows ref_*), interleaved: a before/after A/B")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                    help="run only these rows (e.g. task_arithmetic mergekit_task_arithmetic); the floor always runs")
     ap.add_argument("--out", default=None, help="JSON result path")
     args = ap.parse_args(argv)
-    data = run(quick=args.quick, repeats=args.repeats, mergekit=args.mergekit, out=args.out, ref_src=args.ref_src)
+    data = run(quick=args.quick, repeats=args.repeats, mergekit=args.mergekit, out=args.out, ref_src=args.ref_src,
+               only=args.only)
     print(report(data))
     print(f"[fullsize-merge] results: {data['path']}")
     return 0
