@@ -59,6 +59,7 @@ def _load_methods(tree: Path, tag: str):
 
     spec = importlib.util.spec_from_file_location(f"_ab_merge_methods_{tag}", tree / "acm" / "merge_methods.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod        # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod
 
