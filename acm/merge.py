@@ -293,10 +293,10 @@ class _Plan:
         return self._out[:n].view(dtype).view(shape)
 
     def close(self) -> None:
-        """Close the inputs' file descriptors (the readers reopen them if read again)."""
+        """Close the inputs' file descriptors (the readers reopen them if streamed again); the readers'
+        own handles are left alone, since a caller may keep using its ``ModelSource``."""
         for src in self.sources:
-            if src.reader.format == "safetensors":
-                src.reader.close()
+            src.reader.close_streams()
 
     # -- reading -----------------------------------------------------------------------------
     def release(self, name: str) -> None:

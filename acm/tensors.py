@@ -207,11 +207,15 @@ class TensorReader:
         """How many shards are open now (for tests and memory accounting)."""
         return len(self._handles)
 
-    def close(self) -> None:
-        self._handles.clear()
+    def close_streams(self) -> None:
+        """Close the file descriptors ``stream`` opened (reopened if streamed again); mapped handles stay."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+    def close(self) -> None:
+        self._handles.clear()
+        self.close_streams()
         self._released.clear()
 
     def __enter__(self) -> "TensorReader":

@@ -219,3 +219,19 @@ def test_fit_advice_from_header_sizes():
     assert "\n" not in msg
     assert fit_advice("org/7b", 15_231_233_024, cuda, torch.bfloat16, free_total=(80 * 10**9, 80 * 10**9)) is None
     assert fit_advice("org/7b", 10**12, torch.device("cpu"), torch.float32) is None
+
+
+def test_resolved_sources_survive_a_merge_and_merge_again(tmp_path):
+    """The engine closes only the descriptors it opened for streaming: a caller's ModelSource (the app keeps
+    them) still reads after a merge, and a second merge with the same objects gives the same bytes."""
+    from acm.merge import MergeOptions, merge_models
+    from acm.models import resolve_model
+
+    base, (ft,) = make_pair(tmp_path, "llama", n_ft=1)
+    srcs = [resolve_model(str(base)), resolve_model(str(ft))]
+    a = merge_models(srcs[0], [srcs[1]], tmp_path / "a", MergeOptions(method="ties"), show_progress=False)
+    key = srcs[0].reader.keys()[0]
+    assert srcs[0].reader.get(key).numel() > 0
+    b = merge_models(srcs[0], [srcs[1]], tmp_path / "b", MergeOptions(method="ties"), show_progress=False)
+    assert (a.out_dir / "model.safetensors").read_bytes() == (b.out_dir / "model.safetensors").read_bytes()
+    assert not srcs[0].reader._fds and not srcs[1].reader._fds
