@@ -103,6 +103,10 @@ def meta_model(config, *, trust_remote_code: bool = False) -> nn.Module:
     """The architecture with no weights (meta device): free to build even for 70B models."""
     from transformers import AutoModelForCausalLM
 
+    from acm.models import full_config
+
+    config = full_config(config)
+
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -223,6 +227,9 @@ def _structure(config, trust_remote_code: bool) -> Structure:
     merge of a 10M-parameter model, more for deep models), and the app merges the same pair again
     for every t it is asked for. The key is the config's full JSON, so any change rebuilds it.
     """
+    from acm.models import full_config
+
+    config = full_config(config)
     try:
         key = (config.to_json_string(use_diff=False), bool(trust_remote_code))
     except (TypeError, ValueError, AttributeError):   # a config that cannot be serialised: no caching

@@ -39,17 +39,24 @@ import torch
 from acm import merge_methods as mm
 from acm.errors import InputError
 from acm.heads import HeadLayout
-from acm.models import ModelSource, check_compatibility, parse_dtype, pick_device, resolve_model
+from acm.models import (
+    ModelSource,
+    check_compatibility,
+    parse_dtype,
+    pick_device,
+    resolve_model,
+)
 from acm.shards import AtomicFolder, ShardWriter, check_target, parse_size
 from acm.templates import (
     check_tokenizer_fits,
     copy_tokenizer_files,
     is_tokenizer_file,
-    load_tokenizer,
     parse_tokenizer_from,
     template_family,
+    tokenizer_facts,
     tokenizer_from_label,
 )
+from acm.tensors import StreamedTensor, Window
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +190,7 @@ def merge_models(base: str | ModelSource, fts: list[str | ModelSource], out_dir:
         try:
             if plan.global_trim:
                 plan.global_thresholds(names, progress, bar)
-            writer = ShardWriter(tmp, shard_bytes)
+            writer = ShardWriter(tmp, shard_bytes, plan=plan.output_plan(names, out_dtype))
             start = 0.5 if plan.global_trim else 0.0
             for i, name in enumerate(names):
                 writer.add(name, plan.merge_tensor(name, out_dtype))
@@ -194,6 +201,9 @@ def merge_models(base: str | ModelSource, fts: list[str | ModelSource], out_dir:
                     bar.update(1)
             num_shards = writer.close()
         finally:
+            if "writer" in locals():
+                writer.abort()
+            plan.close()
             if bar is not None:
                 bar.close()
         vocab_notes = list(compat.vocab_notes) + plan.vocab_notes()
@@ -240,8 +250,53 @@ class _Plan:
         self._grown: list[str] = []
         self.ws = mm.Workspace(device)
         self.chunk = mm.CPU_CHUNK if device.type == "cpu" else mm.GPU_CHUNK
+        # One read window per model (inputs are read with positioned reads, not memory-mapped) and one
+        # reused output buffer: no fresh allocation, page fault and zero-fill per merged tensor.
+        pin = device.type == "cuda"
+        self.windows = [Window(max(Window.DEFAULT_BYTES, 4 * self.chunk), pin=pin) for _ in self.sources]
+        self._out: torch.Tensor | None = None
+        self._out_bytes = 0
+        self._shapes: dict[str, tuple[int, ...]] = {}
         bigger = [f.vocab_size for f in fts if (f.vocab_size or 0) > (base.vocab_size or 0)]
         self.out_vocab_size: int | None = max(bigger) if bigger else None
+
+    # -- output plan ---------------------------------------------------------------------------
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of merged ``name``: the base's, plus rows beyond the base's vocabulary that a
+        fine-tuned model adds (the same rule as ``_job``)."""
+        shape = self._shapes.get(name)
+        if shape is None:
+            raw = tuple(self.base.reader.shape(self.layout.source_key(0, name)))
+            rows = raw[0] if raw else 0
+            shapes = [tuple(ft.reader.shape(self.layout.source_key(i + 1, name))) for i, ft in enumerate(self.fts)]
+            grown = [fs[0] - rows for fs in shapes if raw and fs != raw and fs[0] > rows]
+            shape = self._shapes[name] = (rows + max(grown), *raw[1:]) if grown else raw
+        return shape
+
+    def output_dtype(self, name: str, out_dtype: torch.dtype | None) -> torch.dtype:
+        dt = self.base.reader.dtype(self.layout.source_key(0, name))
+        return (out_dtype or dt) if dt.is_floating_point else dt
+
+    def output_plan(self, names: list[str], out_dtype: torch.dtype | None) -> list[tuple[str, torch.dtype, tuple]]:
+        """Every output tensor's (name, dtype, shape), in merge order: lets the writer lay out the shards."""
+        plan = [(n, self.output_dtype(n, out_dtype), self.output_shape(n)) for n in names]
+        self._out_bytes = max((math.prod(shape) * _element_size(dt) for _, dt, shape in plan), default=0)
+        return plan
+
+    def _out_buffer(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The merged tensor's memory: a view of one reused byte buffer (the writer copies it out
+        before the next tensor is merged)."""
+        shape = self.output_shape(name)
+        n = math.prod(shape) * _element_size(dtype)
+        if self._out is None or self._out.numel() < n:
+            self._out = torch.empty(max(n, self._out_bytes, 1), dtype=torch.uint8)
+        return self._out[:n].view(dtype).view(shape)
+
+    def close(self) -> None:
+        """Close the inputs' file descriptors (the readers reopen them if streamed again); the readers'
+        own handles are left alone, since a caller may keep using its ``ModelSource``."""
+        for src in self.sources:
+            src.reader.close_streams()
 
     # -- reading -----------------------------------------------------------------------------
     def release(self, name: str) -> None:
@@ -256,7 +311,7 @@ class _Plan:
         return src.reader.get(self.layout.source_key(index, name))
 
     def _read(self, src: ModelSource, name: str) -> torch.Tensor:
-        """One input tensor (CPU, stored dtype, memory-mapped).
+        """One input tensor, flat (CPU, stored dtype), read on demand (``acm.tensors.StreamedTensor``).
 
         Not checked for NaN/Inf here: every method carries a NaN/Inf in any input it uses into the
         merged tensor, even where it zeroes that entry (λ = 0, DARE drop, TIES trim or a losing sign:
@@ -265,10 +320,11 @@ class _Plan:
         output is not finite re-reads the inputs to name the broken model (``_check_inputs``).
         ``linear`` (Σ wᵢθᵢ) does not use the base's values, so a broken base does not affect it.
         """
-        x = self._get(src, name)
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            x = x.to(torch.float32)
-        return x
+        index = next(i for i, s in enumerate(self.sources) if s is src)
+        key = self.layout.source_key(index, name)
+        if src.reader.dtype(key) not in (torch.float32, torch.bfloat16, torch.float16):
+            return src.reader.get(key).to(torch.float32)
+        return src.reader.stream(key, self.windows[index])
 
     def _check_inputs(self, name: str, out_dtype: torch.dtype) -> None:
         """The merged ``name`` is not finite: name the input that is broken, or say it overflowed."""
@@ -286,15 +342,17 @@ class _Plan:
         Rows a fine-tuned model lacks are simply absent from its flat input: they count as τᵢ = 0.
         """
         base_flat = raw.reshape(-1)
+        shape = tuple(self.base.reader.shape(self.layout.source_key(0, name)))
         flats, extras = [], []
-        for ft in self.fts:
-            f = self._read(ft, name)
+        for i, ft in enumerate(self.fts):
+            f = self._read(ft, name).reshape(-1)
+            fshape = tuple(ft.reader.shape(self.layout.source_key(i + 1, name)))
             extra = None
-            if f.shape != raw.shape:        # vocabulary rows differ (check_compatibility allowed only that)
-                rows = raw.shape[0]
-                if f.shape[0] > rows:
-                    extra, f = f[rows:], f[:rows]
-            flats.append(f.reshape(-1))
+            if fshape != shape and fshape[0] > shape[0]:   # vocabulary rows differ (all check_compatibility allows)
+                cut = base_flat.numel()
+                extra = _flat_range(f, cut, f.numel()).view(fshape[0] - shape[0], *fshape[1:])
+                f = f.narrow_flat(cut) if isinstance(f, StreamedTensor) else f[:cut]
+            flats.append(f)
             extras.append(extra)
         drops = None
         if self.method in DARE_METHODS and self.o.drop_rate > 0:
@@ -304,20 +362,16 @@ class _Plan:
 
     # -- maths ---------------------------------------------------------------------------------
     def merge_tensor(self, name: str, out_dtype: torch.dtype | None) -> torch.Tensor:
-        raw = self._get(self.base, name)
-        if not raw.is_floating_point():
-            return raw                      # integer buffers: copied from the base
-        dtype = out_dtype or raw.dtype
+        """The merged ``name``, as a view of the reused output buffer: valid until the next call."""
+        if not self.base.reader.dtype(self.layout.source_key(0, name)).is_floating_point:
+            return self._get(self.base, name)          # integer buffers: copied from the base
+        dtype = self.output_dtype(name, out_dtype)
         raw = self._read(self.base, name)
+        rows = (self.base.reader.shape(self.layout.source_key(0, name)) or (0,))[0]
         job, extras = self._job(name, raw)
         grown = [e for e in extras if e is not None]
-        if grown:
-            total = raw.shape[0] + max(e.shape[0] for e in grown)
-            out = torch.empty((total, *raw.shape[1:]), dtype=dtype)
-            flat = out[: raw.shape[0]].reshape(-1)
-        else:
-            out = torch.empty(raw.shape, dtype=dtype)
-            flat = out.reshape(-1)
+        out = self._out_buffer(name, dtype)
+        flat = (out[:rows] if grown else out).reshape(-1)
         lams = [lam[self.group_of[name]] for lam in self.lams]
         if self.method == "linear":
             job.linear(lams, flat)
@@ -326,7 +380,7 @@ class _Plan:
         else:
             job.task_arithmetic(lams, flat)
         if grown:
-            self._append_rows(name, out, raw.shape[0], extras)
+            self._append_rows(name, out, rows, extras)
         if not mm.finite(out):
             self._check_inputs(name, dtype)
         return out
@@ -510,6 +564,11 @@ def _check_not_an_input(target: Path, sources: list[ModelSource]) -> None:
                              "choose another --out")
 
 
+def _flat_range(x, s: int, e: int) -> torch.Tensor:
+    """Entries [s, e) of a flat input as a tensor of their own."""
+    return x.read(s, e) if isinstance(x, StreamedTensor) else x[s:e]
+
+
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -554,7 +613,7 @@ def _embedding_rows(base: ModelSource, layout: HeadLayout) -> int:
 
 def _check_tokenizer(src: ModelSource, index: int, rows: int) -> dict:
     """Load the tokenizer the merged model will carry and check its ids fit the merged vocabulary."""
-    tok = load_tokenizer(src.path, trust_remote_code=src.trust_remote_code)
+    tok = tokenizer_facts(src.path, trust_remote_code=src.trust_remote_code)
     check_tokenizer_fits(tok, rows, what=f"the tokenizer of {src.spec} (--tokenizer-from {tokenizer_from_label(index)})")
     return {"from": tokenizer_from_label(index), "model": src.spec, "template": template_family(tok),
             "eos_token": tok.eos_token, "size": len(tok)}

@@ -144,7 +144,96 @@ def _download(repo_id: str, *, revision: str | None, allow_pickle: bool) -> tupl
     return folder, commit
 
 
+# Families whose config.json is read as plain JSON on the merge / Check path (the same families
+# ``acm.grouping`` groups from tensor names): no transformers import, which costs ~1.5 s of CPU.
+_JSON_CONFIG_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "granite",
+                                "phi3", "gpt2"})
+
+
+class JsonConfig:
+    """A model's config.json as attributes, with transformers' own config built only when needed.
+
+    Why: resolving a model for a merge or a compatibility check needs a handful of plain fields
+    (model type, architectures, layer count, hidden size, vocabulary size, tied head), and importing
+    transformers to parse them costs more than the rest of a small merge. Any attribute the JSON
+    does not spell out (a class default, an ``attribute_map`` alias) and any method falls through to
+    the real ``AutoConfig``, built once on first use, so callers see the same values either way.
+    """
+
+    def __init__(self, data: dict, path: Path, spec: str, trust_remote_code: bool = False):
+        self.__dict__["_data"] = data
+        self.__dict__["_where"] = (path, spec, trust_remote_code)
+        self.__dict__["_full"] = None
+
+    def full(self):
+        """transformers' ``PretrainedConfig`` for this folder (imported and built on first call)."""
+        if self._full is None:
+            path, spec, trust = self._where
+            self.__dict__["_full"] = _auto_config(path, spec, trust)
+        return self._full
+
+    def get_text_config(self, *args, **kwargs):
+        return self
+
+    def to_dict(self) -> dict:
+        return dict(self._data)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        data = self.__dict__["_data"]
+        if name in data:
+            return data[name]
+        return getattr(self.full(), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        self._data[name] = value
+        if self._full is not None:
+            setattr(self._full, name, value)
+
+    def __repr__(self) -> str:
+        return f"JsonConfig({self._data.get('model_type')!r}, {self._where[0]})"
+
+
+def full_config(config):
+    """transformers' config object behind ``config`` (itself unless it is a ``JsonConfig``)."""
+    return config.full() if isinstance(config, JsonConfig) else config
+
+
 def _load_config(path: Path, spec: str, trust_remote_code: bool):
+    """The folder's config: plain JSON for the known decoder families, else transformers' AutoConfig
+    (which also gives every error message for unknown, remote-code and malformed configs)."""
+    import json
+
+    try:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        data = None
+    if _plain(data, trust_remote_code):
+        return JsonConfig(data, path, spec, trust_remote_code)
+    return _auto_config(path, spec, trust_remote_code)
+
+
+def _plain(data, trust_remote_code: bool) -> bool:
+    return (isinstance(data, dict) and data.get("model_type") in _JSON_CONFIG_TYPES and not trust_remote_code
+            and "auto_map" not in data and "text_config" not in data
+            and isinstance(data.get("num_hidden_layers", data.get("n_layer")), int))
+
+
+def config_is_plain_json(spec: str, *, trust_remote_code: bool = False) -> bool:
+    """Whether resolving ``spec`` reads its config as JSON without importing transformers (a local
+    folder of a known decoder family). The app uses it to skip warming the heavy imports."""
+    import json
+
+    folder = Path(str(spec or "").strip()).expanduser()
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return _plain(data, trust_remote_code)
+
+
+def _auto_config(path: Path, spec: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     try:
@@ -270,6 +359,27 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def fit_advice(name: str, nbytes: int, device: torch.device, dtype: torch.dtype, *,
+               free_total: tuple[int, int] | None = None, headroom: float = 1.2) -> str | None:
+    """One line of advice when ``nbytes`` of weights (plus ``headroom`` for activations and workspace)
+    will not fit the free memory of CUDA ``device``; None when they fit or the device is not CUDA.
+
+    Why before loading: a failed load wastes the time spent reading the weights and ends in a CUDA
+    out-of-memory traceback; the safetensors headers tell the size up front. ``free_total`` is
+    ``torch.cuda.mem_get_info(device)`` (passed in by tests).
+    """
+    if device.type != "cuda":
+        return None
+    free, total = free_total if free_total is not None else torch.cuda.mem_get_info(device)
+    need = int(nbytes * headroom)
+    if need <= free:
+        return None
+    dt = str(dtype).replace("torch.", "")
+    return (f"{name} needs about {need / 1e9:.1f} GB of GPU memory in {dt} but {free / 1e9:.1f} GB of "
+            f"{total / 1e9:.1f} GB are free: choose device auto to offload layers to the CPU, use a GPU with "
+            "more memory or a smaller model, or run on the CPU (slow)")
+
+
 def load_causal_lm(src: ModelSource, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
     """Load (model, tokenizer) for forward passes / generation, in eval mode.
 
@@ -285,6 +395,10 @@ def load_causal_lm(src: ModelSource, *, device: torch.device | str | None = None
                                   use_safetensors=src.weight_format == "safetensors")
     if big:
         kwargs["device_map"] = "auto"
+    elif dev.type == "cuda":
+        advice = fit_advice(src.spec, src.reader.numel() * torch.empty((), dtype=dtype).element_size(), dev, dtype)
+        if advice is not None:
+            raise InputError(advice)
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(src.path, trust_remote_code=src.trust_remote_code)

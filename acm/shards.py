@@ -1,8 +1,12 @@
 """Sharded safetensors output, written tensor by tensor, plus the atomic output folder.
 
-Why: a merged 7B model must never be held in memory as a whole. ``ShardWriter`` buffers merged
-tensors until the shard size limit and flushes them to disk, so peak memory is one shard plus the
-tensors being computed. ``AtomicFolder`` makes the output appear only when complete: everything
+Why: a merged 7B model must never be held in memory as a whole. With a ``plan`` (every output
+tensor's name, dtype and shape, which the merge engine knows before it merges anything)
+``ShardWriter`` lays out every shard up front, writes each shard's safetensors header first and
+then each tensor's bytes the moment it is added, so nothing but the tensor being written is in
+memory — the engine merges every tensor into one reused buffer. Without a plan it buffers tensors
+until the shard size limit and flushes them with ``safetensors.torch.save_file`` (one shard in
+memory). ``AtomicFolder`` makes the output appear only when complete: everything
 is written into a temp dir next to the target and renamed onto it on success; on failure the temp
 dir is deleted, so nothing that looks like a finished model is left behind.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -45,10 +50,76 @@ def parse_size(size: int | float | str) -> int:
     return value
 
 
-class ShardWriter:
-    """Collect tensors and flush them to ``model-XXXXX-of-YYYYY.safetensors`` shards at a size limit."""
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
-    def __init__(self, folder: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None):
+
+class _PlannedShard:
+    """One output file laid out in advance: header bytes and each tensor's absolute offset."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict):
+        from acm.tensors import DTYPE_NAMES
+
+        self.path, self.names = path, [e[0] for e in entries]
+        # Data layout: widest elements first (as safetensors' own writer does), so every tensor
+        # starts at a multiple of its element size; the order of the add() calls does not matter.
+        order = sorted(range(len(entries)), key=lambda j: -torch.empty((), dtype=entries[j][1]).element_size())
+        header: dict = {"__metadata__": metadata}
+        rel: dict[str, int] = {}
+        pos = 0
+        for j in order:
+            name, dtype, shape = entries[j]
+            if dtype not in DTYPE_NAMES:
+                raise InputError(f"cannot write tensor {name}: dtype {dtype} has no safetensors name")
+            n = _nbytes(dtype, shape)
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+            rel[name] = pos
+            pos += n
+        text = json.dumps({k: header[k] for k in ["__metadata__", *self.names]}, separators=(",", ":"))
+        raw = text.encode("utf-8")
+        raw += b" " * (-len(raw) % 8)            # the data starts 8-byte aligned (the spec's padding)
+        self.header = len(raw).to_bytes(8, "little") + raw
+        self.offset = {name: len(self.header) + r for name, r in rel.items()}
+        self.expect = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
+        self.size = len(self.header) + pos
+        self.left = set(self.names)
+        self.fd: int | None = None
+
+    def open(self) -> None:
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _write_all(self.fd, memoryview(self.header), 0)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    pos = 0
+    while pos < len(data):
+        pos += os.pwrite(fd, data[pos:], offset + pos)
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous()
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B") if flat.numel() else memoryview(b"")
+
+
+class ShardWriter:
+    """Write tensors to ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``max_shard_bytes``.
+
+    With ``plan`` (``[(name, dtype, shape), …]`` in the order they will be added) every tensor is
+    written to its file as soon as it is added (streamed; the caller may reuse the tensor's memory
+    right after). Without it, tensors are buffered up to the shard limit. Either way a shard starts
+    a new file when the next tensor would overflow it, so both give the same shards.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None,
+                 plan: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None):
         self.folder = Path(folder)
         self.max_bytes = int(max_shard_bytes)
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -57,8 +128,54 @@ class ShardWriter:
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
         self.num_tensors = 0
+        self._planned: list[_PlannedShard] | None = None
+        self._where: dict[str, _PlannedShard] = {}
+        if plan is not None:
+            self._lay_out(plan)
+
+    def _lay_out(self, plan: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+        groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = []
+        size = 0
+        for name, dtype, shape in plan:
+            n = _nbytes(dtype, shape)
+            if not groups or (groups[-1] and size + n > self.max_bytes):
+                groups.append([])
+                size = 0
+            groups[-1].append((name, dtype, tuple(shape)))
+            size += n
+        self._planned = [_PlannedShard(self.folder / f"shard-{i:05d}.tmp", g, self.metadata)
+                         for i, g in enumerate(groups)]
+        self._where = {name: shard for shard in self._planned for name in shard.names}
+        self._shards = [(shard.path, shard.names) for shard in self._planned]
+        if self._planned:
+            self._planned[0].open()          # header first: the file exists as the first tensor starts
+
+    def _write_planned(self, name: str, tensor: torch.Tensor) -> int:
+        shard = self._where.get(name)
+        if shard is None or name not in shard.left:
+            raise ValueError(f"tensor {name} is not in the write plan (or was written twice)")
+        dtype, shape = shard.expect[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name} is {tensor.dtype} {list(tensor.shape)}, the plan says {dtype} {list(shape)}")
+        if shard.fd is None:
+            shard.open()
+        data = _as_bytes(tensor)
+        _write_all(shard.fd, data, shard.offset[name])
+        shard.left.discard(name)
+        if not shard.left:
+            shard.close()
+        return len(data)
+
+    def abort(self) -> None:
+        """Close any open shard file (the temp folder holding it is deleted by the caller)."""
+        for shard in self._planned or []:
+            shard.close()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._planned is not None:
+            self.total_bytes += self._write_planned(name, tensor)
+            self.num_tensors += 1
+            return
         nbytes = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.max_bytes:
             self.flush()
@@ -80,6 +197,11 @@ class ShardWriter:
 
     def close(self) -> int:
         """Flush, give the shards their final names, write the index when > 1 shard; returns #shards."""
+        if self._planned is not None:
+            missing = [n for shard in self._planned for n in shard.names if n in shard.left]
+            self.abort()
+            if missing:
+                raise ValueError(f"{len(missing)} planned tensor(s) were never written, e.g. {missing[0]}")
         self.flush()
         n = len(self._shards)
         if n == 0:

@@ -82,6 +82,71 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False):
         raise InputError(f"cannot load the tokenizer of {Path(path).name}: {str(exc).splitlines()[0]}") from None
 
 
+class TokenizerFacts:
+    """What the merge records and checks about a tokenizer, read from its files without transformers.
+
+    Why: ``AutoTokenizer`` costs a transformers import (~1.5 s of CPU) plus building the Python
+    tokenizer, all for four facts — the largest id, the chat template, the eos token and the size.
+    ``tokenizer.json`` (read by the Rust ``tokenizers`` package) and ``tokenizer_config.json`` hold
+    them. It offers the attributes ``highest_token`` / ``template_family`` read from a tokenizer.
+    """
+
+    def __init__(self, vocab: dict[str, int], chat_template, eos_token: str | None, size: int):
+        self._vocab, self.chat_template, self.eos_token, self._size = vocab, chat_template, eos_token, size
+        self.added_tokens_decoder: dict[int, str] = {}
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._vocab
+
+    def __len__(self) -> int:
+        return self._size
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_tokenizer_facts(path: Path) -> TokenizerFacts | None:
+    """``TokenizerFacts`` of a folder with a ``tokenizer.json``, or None (then load the real tokenizer)."""
+    import json
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        cfg_file = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+        special_file = path / "special_tokens_map.json"
+        special = json.loads(special_file.read_text(encoding="utf-8")) if special_file.is_file() else {}
+    except Exception:  # noqa: BLE001 - anything unusual: the real tokenizer decides (and words the error)
+        return None
+    if not isinstance(cfg, dict) or not isinstance(special, dict):
+        return None
+    vocab = tok.get_vocab(with_added_tokens=True)
+    for tok_id, entry in (cfg.get("added_tokens_decoder") or {}).items():
+        text = _token_text(entry)
+        if text is not None and str(tok_id).isdigit():
+            vocab.setdefault(text, int(tok_id))
+    jinja = path / "chat_template.jinja"
+    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else cfg.get("chat_template")
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    eos = _token_text(cfg.get("eos_token")) or _token_text(special.get("eos_token"))
+    return TokenizerFacts(vocab, template, eos, len(vocab))
+
+
+def tokenizer_facts(path: Path, *, trust_remote_code: bool = False):
+    """Facts of a folder's tokenizer for checks and records: from its files when it has a
+    ``tokenizer.json`` and needs no remote code, else the loaded tokenizer itself."""
+    facts = None if trust_remote_code else read_tokenizer_facts(path)
+    return facts if facts is not None else load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
 def highest_token(tokenizer) -> tuple[int, str]:
     """(largest id the tokenizer can produce, that token) — added special tokens included."""
     best_id, best_tok = -1, ""

@@ -161,17 +161,20 @@ def _translate(exc: BaseException):
                               f"unexpected {type(exc).__name__}"), print_exception=False)
 
 
-def ui_errors(fn: Callable) -> Callable:
+def ui_errors(fn: Callable, *, warm: bool = True) -> Callable:
     """Wrap an event handler so failures reach the user as one readable line, never a traceback.
 
     Keeps the wrapped signature (Gradio reads it to inject ``gr.Progress``) and works for plain
-    functions and generators (streaming handlers).
+    functions and generators (streaming handlers). ``warm=False`` skips ``warm_imports`` for
+    handlers that never touch transformers (the Check button: configs as JSON, safetensors headers),
+    so they answer in milliseconds instead of waiting seconds for the heavy imports.
     """
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen_wrapper(*args, **kwargs):
             try:
-                warm_imports()
+                if warm:
+                    warm_imports()
                 yield from fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001
                 raise _translate(exc) from None
@@ -180,7 +183,8 @@ def ui_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            warm_imports()
+            if warm:
+                warm_imports()
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
             raise _translate(exc) from None
@@ -261,14 +265,102 @@ def safe_filename(name: str, default: str = "file", max_len: int = 120) -> str:
 # ----------------------------------------------------------------------------- GPU + progress
 
 
-def gpu(duration: int = 120) -> Callable[[Callable], Callable]:
-    """``spaces.GPU`` on Hugging Face ZeroGPU Spaces when the package is importable, else a no-op."""
+# ZeroGPU: ``spaces.GPU(duration=N)`` reserves N seconds (default 60) and aborts the call when they run out;
+# ``duration`` may also be a callable taking the decorated function's arguments and returning seconds
+# (a "dynamic duration"). A shorter request queues sooner, and a request above the visitor's per-call cap
+# is refused, so each job asks for what its size needs, within [GPU_MIN_SECONDS, GPU_MAX_SECONDS].
+GPU_MIN_SECONDS = 30
+GPU_MAX_SECONDS = int(os.environ.get("ACM_GPU_MAX_DURATION", "900"))
+# Conservative throughputs for sizing (one ZeroGPU H200 slice, bfloat16, small batches with hooks):
+_GPU_FLOPS = 5e13          # effective FLOP/s of a forward pass
+_LOAD_BYTES_PER_S = 1e9    # weights from the local cache into GPU memory
+_MERGE_BYTES_PER_S = 5e8   # streamed merge: inputs read + output written, per second
+_JOBS = {"analyse": "analysis", "analyze": "analysis", "merge": "merge"}
+
+
+def model_bytes(spec: str, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(parameters, bytes in bfloat16) of a model from its config + safetensors headers (no weights)."""
+    from acm.models import resolve_model
+
+    src = resolve_model(str(spec), trust_remote_code=trust_remote_code)
+    n = src.reader.numel()
+    return n, 2 * n
+
+
+def estimate_gpu_seconds(job: str, base: str | None, fts, *, samples: int | None = None, max_tokens: int | None = None,
+                         method: str | None = None, trim_scope: str | None = None, fraction: float | None = None,
+                         trust_remote_code: bool = False) -> int:
+    """Seconds of GPU time a job needs, from its size: the models' parameter counts (safetensors
+    headers) and, for an analysis, the calibration tokens.
+
+    analysis: load each model once (bfloat16) and run 2·P FLOPs per token and model over
+    ``samples × max_tokens`` tokens, plus the base's embedding pass over the k-means candidates
+    (``samples / fraction`` texts, at most 10×); merge: read every input, write one model, load the
+    merged model for chat (TIES/DARE: one more pass over the inputs; global trim: three). Then ×1.5 and
+    +20 s of fixed cost, clamped to [GPU_MIN_SECONDS, GPU_MAX_SECONDS]. A 7B pair with 100 samples of
+    512 tokens comes to ~350 s: far past ZeroGPU's default 60 s.
+    """
+    specs = [s for s in [base, *as_list(fts)] if s]
+    sizes = [model_bytes(s, trust_remote_code) for s in specs]
+    params = [p for p, _ in sizes]
+    nbytes = sum(b for _, b in sizes)
+    if job == "analysis":
+        tokens = max(1, int(samples or 16)) * max(1, int(max_tokens or 128))
+        candidates = min(10.0, 1.0 / max(float(fraction or 0.1), 0.1))
+        flops = sum(2 * p * tokens for p in params) + 2 * (params[0] if params else 0) * tokens * candidates
+        seconds = nbytes / _LOAD_BYTES_PER_S + flops / _GPU_FLOPS
+    elif job == "merge":
+        passes = 1 + (method in ("ties", "dare_ties")) * (2 if trim_scope == "global" else 1)
+        out = sizes[0][1] if sizes else 0
+        seconds = (passes * nbytes + out) / _MERGE_BYTES_PER_S + out / _LOAD_BYTES_PER_S
+    else:
+        raise ValueError(f"no GPU time estimate for job {job!r}")
+    return int(max(GPU_MIN_SECONDS, min(GPU_MAX_SECONDS, 1.5 * seconds + 20)))
+
+
+def _dynamic_duration(fn: Callable, job: str, fallback: int) -> Callable[..., int]:
+    """A ``spaces.GPU`` duration callable for ``fn``: the job's estimate from the call's own arguments
+    (``base``, ``fts``, ``samples``, ``max_tokens``, ``method``, …), or ``fallback`` when it cannot tell."""
+    sig = inspect.signature(fn)
+
+    def duration(*args, **kwargs) -> int:
+        try:
+            bound = sig.bind_partial(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            base = a.get("base") or getattr(a.get("state"), "base", None)
+            fts = a.get("fts") or getattr(a.get("state"), "fts", None)
+            if not base or not fts:
+                return fallback
+            return estimate_gpu_seconds(job, base, fts, samples=a.get("samples"), max_tokens=a.get("max_tokens"),
+                                        fraction=a.get("fraction"), method=a.get("method"),
+                                        trim_scope=a.get("trim_scope"), trust_remote_code=bool(a.get("trust")))
+        except Exception:  # noqa: BLE001 - sizing must never break the call; the fixed duration applies
+            return fallback
+    return duration
+
+
+def gpu(duration: int | Callable[..., int] = 120, *, job: str | None = None) -> Callable[[Callable], Callable]:
+    """``spaces.GPU`` on Hugging Face ZeroGPU Spaces when the package is importable, else a no-op.
+
+    ``duration``: seconds, or a callable with the function's arguments (spaces' dynamic duration).
+    ``job`` (``"analysis"`` / ``"merge"``; inferred from a function named ``analyse`` / ``merge``)
+    sizes the request from the call's models and settings (``estimate_gpu_seconds``), with the fixed
+    ``duration`` as the fallback when the size cannot be read.
+    """
     try:
         import spaces  # type: ignore
-
-        return spaces.GPU(duration=duration)
-    except Exception:  # ImportError, or not on a Space
+    except Exception:  # noqa: BLE001 - ImportError, or not on a Space
         return lambda fn: fn
+
+    def decorate(fn: Callable) -> Callable:
+        kind = job or _JOBS.get(getattr(fn, "__name__", ""))
+        wanted = duration if (callable(duration) or kind is None) else _dynamic_duration(fn, kind, int(duration))
+        try:
+            return spaces.GPU(duration=wanted)(fn)
+        except Exception:  # noqa: BLE001 - not on a Space (or an old spaces without dynamic durations)
+            return fn
+    return decorate
 
 
 def progress_callback(progress: Any, span: tuple[float, float] = (0.0, 1.0)) -> Callable[[float, str], None] | None:
@@ -287,8 +379,7 @@ def progress_callback(progress: Any, span: tuple[float, float] = (0.0, 1.0)) -> 
 
 
 def device_summary() -> str:
-    """One line on where heavy work runs."""
-    warm_imports()
+    """One line on where heavy work runs (imports torch only: the page shows it while loading)."""
     import torch
 
     if torch.cuda.is_available():

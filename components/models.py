@@ -6,7 +6,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from components import help as texts
-from components.common import as_list, demo_models_dir, device_summary, ui_errors, unique_labels, warn
+from components.common import (
+    as_list,
+    demo_models_dir,
+    device_summary,
+    ui_errors,
+    unique_labels,
+    warm_imports,
+    warn,
+)
 from components.state import SessionState
 
 DEVICES = ["auto", "cpu", "cuda"]
@@ -54,9 +62,11 @@ def check_models(state: SessionState, base: str | None, fts, trust_remote_code: 
 
     Returns a Markdown summary: architecture, layer count, parameters and vocabulary per model.
     """
-    from acm.models import check_compatibility, resolve_model
+    from acm.models import check_compatibility, config_is_plain_json, resolve_model
 
     base, fts = validate_selection(base, fts)
+    if not all(config_is_plain_json(s, trust_remote_code=trust_remote_code) for s in [base, *fts]):
+        warm_imports()          # transformers will build a config: import it once, in one thread
     src_base = resolve_model(base, trust_remote_code=trust_remote_code)
     src_fts = [resolve_model(f, trust_remote_code=trust_remote_code) for f in fts]
     report = check_compatibility(src_base, src_fts)
@@ -90,12 +100,17 @@ def _fmt_params(n: int) -> str:
 
 
 def initial_check(state: SessionState, base, fts, trust_remote_code: bool = False) -> str:
-    """The check run on page load: a message instead of an error toast when something is off."""
-    from components.common import warm_imports
+    """The check run on page load: a message instead of an error toast when something is off.
 
-    warm_imports([base, *as_list(fts)] if base else [])
+    The check itself needs no transformers (configs as JSON, safetensors headers), so it answers
+    first; the heavy imports and the models' architecture classes are then warmed in the background
+    for the analysis / chat that usually follows."""
+    import threading
+
     from acm.errors import ACMError
 
+    specs = [base, *as_list(fts)] if base else []
+    threading.Thread(target=warm_imports, args=(specs,), name="acm-warm-imports", daemon=True).start()
     if not base or not as_list(fts):
         return "Choose a base model and at least one fine-tuned model, then **Check compatibility**."
     try:
@@ -152,5 +167,5 @@ def wire(ui) -> None:
     ui.demo.load(initial_check, [ui.state, m.base, m.fts, m.trust], m.check_md, api_visibility="private",
                  queue=False, show_progress="hidden")
     m.trust.change(trust_toggled, m.trust, m.trust_md, api_visibility="private", queue=False)
-    m.check_btn.click(ui_errors(check_models), [ui.state, m.base, m.fts, m.trust], m.check_md,
+    m.check_btn.click(ui_errors(check_models, warm=False), [ui.state, m.base, m.fts, m.trust], m.check_md,
                       api_name="check")

@@ -11,6 +11,7 @@ import importlib.util
 import pytest
 
 from benchmarks import analysis as analysis_bench
+from benchmarks import fullsize_merge as fullsize_merge_bench
 from benchmarks import kernels as kernels_bench
 from benchmarks import latency as latency_bench
 from benchmarks import merge as merge_bench
@@ -49,6 +50,21 @@ def test_merge_quick(tmp_path):
             assert rows[m]["status"] == "ok", rows[m]
             assert rows[m]["seconds"] > 0 and rows[m]["x_ta"] is not None and rows[m]["x_floor"] > 0
     assert "| size |" in merge_bench.report(data)
+
+
+def test_fullsize_merge_quick(tmp_path):
+    """The full-size merge benchmark's --quick mode (tiny model): every row measured, no timing asserted."""
+    data = fullsize_merge_bench.run(quick=True, out=str(tmp_path / "fullsize_merge.json"), log=lambda *_: None)
+    assert (tmp_path / "fullsize_merge.json").is_file()
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(fullsize_merge_bench.METHODS) <= set(rows)
+    for name in fullsize_merge_bench.METHODS:
+        r = rows[name]
+        assert r["status"] == "ok", r
+        for key in ("wall_s", "cpu_s", "x_floor", "cpu_x_floor", "peak_rss_mib", "peak_anon_mib", "minor_faults_k"):
+            assert r[key] is not None, (name, key)
+    assert rows["task_arithmetic"]["first_tensor_s"] is not None and rows["ties"]["first_tensor_s"] is not None
+    assert "| method |" in fullsize_merge_bench.report(data)
 
 
 def test_analysis_quick(tmp_path):

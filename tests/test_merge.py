@@ -810,9 +810,11 @@ def test_repeated_merges_build_the_architecture_once(llama, tmp_path, monkeypatc
 
     monkeypatch.setattr(acm.grouping, "meta_model", counting)
     a = _merge(llama, 2, tmp_path / "a", method="ties", lambdas=acm_lambdas(2))
+    first = calls["n"]
     b = _merge(llama, 2, tmp_path / "b", method="ties", lambdas=acm_lambdas(2))
-    assert calls["n"] == 1
+    # known families are grouped from their tensor names (no meta model at all); others build it once
+    assert first <= 1 and calls["n"] == first
     assert_states_close(load_state(a.out_dir), load_state(b.out_dir), exact=True)
     other = make_pair(tmp_path / "q", "qwen2", n_ft=1)
     _merge(other, 1, tmp_path / "c")
-    assert calls["n"] == 2
+    assert calls["n"] <= first + 1
