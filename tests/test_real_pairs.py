@@ -19,7 +19,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.fixtures import write_calibration
-from tests.standins import PAIRS, standin_pair  # noqa: F401  (standin_pair is a fixture)
+from tests.standins import PAIRS
 
 CASES = [("qwen2.5-math-1.5b", False), ("qwen2.5-math-1.5b", True), ("qwen2.5-math-7b", False),
          ("llama-3.1-8b", True), ("qwen3", False)]

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from tests import standin_templates
 from tests.fixtures import one_torch_thread  # noqa: F401
-from tests.standins import BYTE_VOCAB, PAIRS, standin_pair  # noqa: F401
+from tests.standins import BYTE_VOCAB, PAIRS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
