@@ -5,7 +5,7 @@ from every model (``TensorReader``), merged in float32 on ``options.device`` (CU
 cast to the output dtype and handed to a ``ShardWriter``; peak memory is a few tensors plus one
 output shard. The output folder appears atomically (temp dir renamed on success).
 
-The per-tensor maths lives in ``acm.merge_methods``; the formulas (DESIGN "Merge methods"):
+The per-tensor maths lives in ``acm.merge_methods``; the formulas (docs/design.md "Merge methods"):
 
 * ``linear``:          θ = Σᵢ wᵢ·θᵢ  (weights normalised to sum 1; default uniform)
 * ``task_arithmetic``: θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ,  τᵢ = θᵢ − θ₀

@@ -1,7 +1,7 @@
 """Per-tensor merge maths: task vectors, DARE drop, TIES trim / sign election, exact thresholds.
 
 Why a separate module: these functions are the whole numerical definition of the merge methods
-(DESIGN "Merge methods"); the engine in ``acm.merge`` only streams tensors through them.
+(docs/design.md "Merge methods"); the engine in ``acm.merge`` only streams tensors through them.
 
 Speed: the maths is memory-bound, and on CPU a fresh multi-MB allocation per operation costs
 more than the operation itself (page faults). ``TensorJob`` therefore walks each tensor in
@@ -10,7 +10,7 @@ operations: no per-op allocation, cache-sized working set, and memory bounded by
 size — except TIES with a per-tensor threshold, which keeps each model's τ of the current tensor
 (the threshold needs all of it).
 
-Precise conventions (this project's choices where DESIGN leaves room):
+Precise conventions (this project's choices where docs/design.md leaves room):
 
 * **Trim (TIES)**: keep exactly the ``k = max(1, round(density · n))`` entries of largest ``|τ|``.
   The threshold is the exact k-th largest ``|τ|``; every entry above it is kept, and of the entries

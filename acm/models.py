@@ -311,7 +311,7 @@ def check_compatibility(base: ModelSource, fts: list[ModelSource]) -> Compatibil
             if a == b:
                 continue
             if key in base_vocab_keys and a[1:] == b[1:]:
-                continue  # vocabulary rows differ; handled by the merge (see DESIGN)
+                continue  # vocabulary rows differ; handled by the merge (see docs/design.md)
             raise CompatibilityError(f"shape of {key} differs: base {list(a)}, {ft.spec} {list(b)}")
         if ft.vocab_size != base.vocab_size:
             notes.append(f"{ft.spec} has vocabulary {ft.vocab_size} vs base {base.vocab_size}: "

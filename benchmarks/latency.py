@@ -53,7 +53,7 @@ def _lambdas_fn():
     except ImportError:
         import numpy as np
 
-        def lambdas(nmi, t, alpha=1.0, clip=None):  # DESIGN formula, vectorised over a t grid
+        def lambdas(nmi, t, alpha=1.0, clip=None):  # docs/design.md formula, vectorised over a t grid
             nmi = np.asarray(nmi, dtype=float)
             t = np.asarray(t, dtype=float)
             z = -t.reshape(t.shape + (1,) * nmi.ndim) * nmi

@@ -211,7 +211,7 @@ def synthetic_lambdas(num_layers: int, n_ft: int, t: float = 2.0, alpha: float =
             from acm.coefficients import lambdas as lam_fn
 
             lam = np.asarray(lam_fn(nmi, t, alpha=alpha), dtype=float).reshape(-1)
-        except ImportError:  # formula from DESIGN: α·K·softmax(−t·NMI)
+        except ImportError:  # formula from docs/design.md: α·K·softmax(−t·NMI)
             w = np.exp(-t * nmi)
             lam = alpha * len(groups) * w / w.sum()
         out.append({g: float(v) for g, v in zip(groups, lam)})

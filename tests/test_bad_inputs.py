@@ -252,7 +252,7 @@ sys.exit(main({analyze(w, calibration="some-org/some-dataset", out=w.root / "cha
 
 
 def test_cli_different_vocabulary_is_handled_and_reported(w, tmp_path, capsys):
-    """Per DESIGN: vocab may differ; extra rows come from the fine-tuned model, and it is said."""
+    """Per docs/design.md: vocab may differ; extra rows come from the fine-tuned model, and it is said."""
     assert main(merge_cmd(w, ft=w.vocab, out=tmp_path / "m")) == 0
     out = capsys.readouterr().out
     assert f"note: {w.vocab} has vocabulary {VOCAB_SIZE + 7} vs base {VOCAB_SIZE}: extra rows are taken" in out

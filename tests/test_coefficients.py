@@ -1,4 +1,4 @@
-"""NMI → λ(t) (acm.coefficients): the properties DESIGN pins, tables and the mergekit YAML."""
+"""NMI → λ(t) (acm.coefficients): the properties docs/design.md pins, tables and the mergekit YAML."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Merge engine: every method against a dense computation written here, ACM ≡ plain at λ = α,
 per-group λ, vocabulary growth, dtypes, sharded output that transformers loads.
 
-The reference below loads whole state dicts and applies the formulas of DESIGN "Merge methods"
+The reference below loads whole state dicts and applies the formulas of docs/design.md "Merge methods"
 directly (sort-based thresholds, explicit sign election), independently of ``acm.merge_methods``;
 only the DARE random stream is shared (its seeding is the documented contract).
 """
@@ -75,7 +75,7 @@ def dare_reference(tau: torch.Tensor, p: float, seed: int, i: int, name: str) ->
 
 def reference(method: str, base: dict, fts: list[dict], lams: list[dict], *, density=0.2, drop=0.3, seed=0,
               normalize=False, weights=None, global_trim=False) -> dict[str, torch.Tensor]:
-    """θ from the DESIGN formulas, in float32, on whole state dicts."""
+    """θ from the docs/design.md formulas, in float32, on whole state dicts."""
     out = {}
     taus_all = {}
     for name, b0 in base.items():
