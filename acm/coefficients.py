@@ -143,6 +143,15 @@ def _filters(analysis, group: str) -> list[str]:
     return list(_EMBED_FALLBACK if group == "embed" else _HEAD_FALLBACK)
 
 
+def _not_expressible(reason: str) -> str:
+    """A mergekit 'config' that says plainly why there is none, instead of one that merges something else."""
+    import textwrap
+
+    lines = ["# ACM (Activation-Guided Consensus Merging): NO mergekit config for this merge.",
+             *("# " + line for line in textwrap.wrap(reason, 100))]
+    return "\n".join(lines) + "\n"
+
+
 def _head_warning(heads: dict) -> list[str]:
     """What mergekit does differently when tied and untied heads are mixed (``acm.heads``)."""
     kinds = [heads.get("base"), *(heads.get("fine_tuned") or [])]
@@ -171,7 +180,8 @@ def _r(v: float) -> float:
 
 def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "task_arithmetic",
                      base_model: str | None = None, density: float | None = None, clip=None,
-                     dtype: str | None = None, tokenizer_source: str | None = None) -> str:
+                     dtype: str | None = None, tokenizer_source: str | None = None,
+                     drop_rate: float | None = None) -> str:
     """A mergekit-style config reproducing the ACM λ of every layer group.
 
     What mergekit can express, and how we use it: ``weight`` per model may be a list of
@@ -190,6 +200,18 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
                          "(ACM coefficients scale task vectors, so 'linear' has nothing to carry them)")
     if density is not None and not (0.0 < float(density) <= 1.0):
         raise InputError(f"density must be in (0, 1], got {density!r}")
+    if drop_rate is not None and method in ("dare_ta", "dare_linear", "dare_ties"):
+        # A merge's DARE drop rate p: mergekit's `density` is the random keep fraction 1 − p. Our dare_ties
+        # also trims by magnitude (TIES density); mergekit's dare_ties has no magnitude trim.
+        if not (0.0 <= float(drop_rate) < 1.0):
+            raise InputError(f"drop rate must be in [0, 1), got {drop_rate!r}")
+        if method == "dare_ties" and density is not None and float(density) < 1.0:
+            return _not_expressible(
+                f"this dare_ties merge drops entries at random (p = {_r(float(drop_rate))}) AND trims each task "
+                f"vector to its top {_r(float(density))} by magnitude; mergekit's dare_ties does the random drop "
+                "only (its `density` is the keep fraction), so no mergekit config reproduces it. Use "
+                "`python -m acm merge` (the recipe's reproduce command), or merge with TIES density 1 to export.")
+        density = 1.0 - float(drop_rate)
     groups, models, _ = _nmi_rows(analysis)
     per_model = lambdas_by_group(analysis, t, alpha, clip=clip)
     blocks = [g for g in groups if g.startswith("block.")]

@@ -68,8 +68,10 @@ def mergekit_yaml(state: SessionState) -> str | None:
     t = s["t"] if s.get("acm") else 0.0
     tok = s.get("tokenizer_from") or "base"
     tok_source = None if tok == "base" else s["fts"][int(tok.split(":")[1]) - 1 if ":" in tok else 0]
+    dare = s["method"] in ("dare_ta", "dare_ties")
     return to_mergekit_yaml(state.analysis, t, s["alpha"], method=s["method"], base_model=s["base"],
                             density=s["density"] if s["method"] in TIES_METHODS else None,
+                            drop_rate=s.get("drop_rate", 0.3) if dare else None,
                             clip=s.get("clip"), tokenizer_source=tok_source)
 
 

@@ -147,3 +147,18 @@ def test_mergekit_yaml_reproduces_every_group(method, mk):
 def test_mergekit_yaml_rejects_linear():
     with pytest.raises(InputError, match="linear"):
         to_mergekit_yaml(make_analysis(), 1.0, method="linear")
+
+
+@pytest.mark.parametrize("method, trim, drop, expect", [
+    ("dare_ta", None, 0.4, 0.6),            # mergekit's density is the random keep fraction 1 − p
+    ("dare_ties", 1.0, 0.25, 0.75),         # no magnitude trim: mergekit's dare_ties is the same merge
+    ("dare_ties", 0.7, 0.25, None),         # random drop AND magnitude trim: no mergekit equivalent
+])
+def test_mergekit_yaml_dare_density_follows_the_drop_rate(method, trim, drop, expect):
+    text = to_mergekit_yaml(make_analysis(), 2.0, 1.0, method=method, density=trim, drop_rate=drop)
+    if expect is None:
+        assert text.startswith("# ACM (Activation-Guided Consensus Merging): NO mergekit config")
+        assert yaml.safe_load(text) is None and "magnitude" in text
+    else:
+        cfg = yaml.safe_load(text)
+        assert [m["parameters"]["density"] for m in cfg["models"]] == pytest.approx([expect] * len(cfg["models"]))

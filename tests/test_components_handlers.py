@@ -484,3 +484,20 @@ def test_api_friendly_aliases():
     assert merge.METHOD_ALIASES["ta"] == "task_arithmetic" and merge.METHOD_ALIASES["dare-ties"] == "dare_ties"
     assert calibration.resolve_calibration("hub", hub_id="a/b")["source"] == "hub:a/b"   # never a local path
     assert calibration.resolve_calibration("bundled")["label"] == "bundled demo set"
+
+
+def test_dare_exports_write_the_drop_rate_as_mergekits_density(analysed, pair):
+    """The exported YAML reproduces the merge: DARE-TA keeps 1 − p; DARE-TIES with a magnitude trim says
+    plainly that mergekit cannot express it (it used to write the TIES density as the keep fraction)."""
+    import yaml
+
+    from components import merge
+
+    st, _, _ = analysed
+    merge.run_merge(st, pair[0], pair[1][:1], method="dare_ta", mode=merge.ACM, t=2.0, alpha=1.0, drop_rate=0.4)
+    cfg = yaml.safe_load(export.mergekit_yaml(st))
+    assert cfg["merge_method"] == "dare_linear"
+    assert [m["parameters"]["density"] for m in cfg["models"]] == pytest.approx([0.6])
+    merge.run_merge(st, pair[0], pair[1][:1], method="dare_ties", mode=merge.ACM, t=2.0, alpha=1.0, drop_rate=0.4,
+                    density=0.7)
+    assert export.mergekit_yaml(st).startswith("# ACM (Activation-Guided Consensus Merging): NO mergekit config")
