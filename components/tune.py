@@ -302,6 +302,16 @@ def _jsonable(obj: Any):
     return json.loads(json.dumps(obj, default=str)) if obj is not None else None
 
 
+def cancelled_outputs(state: SessionState) -> tuple:
+    """The tab's outputs once a run was cancelled (its finished settings kept), for the Cancel button and
+    for a last update of the running job that races with it."""
+    tune_state = _tune(state)
+    report = dict(tune_state.get("report") or {}, stopped="cancelled")
+    if report.get("settings") is not None:
+        tune_state["report"] = report
+    return _outputs(tune_state["records"], report if report.get("settings") is not None else None, False)
+
+
 def wire(ui) -> None:
     import gradio as gr
 
@@ -323,6 +333,9 @@ def wire(ui) -> None:
                 plain=plain, limit=limit, holdout=holdout, max_new_tokens=max_new_tokens, objective=objective,
                 tolerance=tolerance, upload=upload, device=device, dtype=dtype, trust_remote_code=trust,
                 progress=progress_callback(progress)):
+            if _tune(state).get("cancel"):      # Cancel was pressed: never show "running" again after it
+                yield cancelled_outputs(state)
+                return
             yield _outputs(records, report, running)
 
     outputs = [u.status, u.scatter, u.table, u.recommendation, u.pick, u.raw]
@@ -334,12 +347,8 @@ def wire(ui) -> None:
 
     def cancel(state):
         """Stop the running tune between settings; finished settings are kept."""
-        tune_state = _tune(state)
-        tune_state["cancel"] = True
-        report = dict(tune_state.get("report") or {}, stopped="cancelled")
-        if report.get("settings") is not None:
-            tune_state["report"] = report
-        return _outputs(tune_state["records"], report if report.get("settings") is not None else None, False)
+        _tune(state)["cancel"] = True
+        return cancelled_outputs(state)
 
     u.cancel_btn.click(cancel, ui.state, outputs, cancels=[event], api_name="tune_cancel", queue=False)
 
