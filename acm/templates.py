@@ -198,12 +198,13 @@ def end_of_turn_ids(model: Any, tokenizer) -> list[int]:
     template = getattr(tokenizer, "chat_template", None) or ""
     if isinstance(template, dict):
         template = " ".join(str(v) for v in template.values())
-    vocab = None
     for marker, end, _ in _TEMPLATE_FAMILIES:
         if marker in template:
-            vocab = vocab if vocab is not None else tokenizer.get_vocab()
-            if end in vocab:
-                ids.append(vocab[end])
+            # one lookup, not get_vocab(): this runs for every chat message and a 150k-entry vocabulary
+            # dict costs tens of ms to build; an unknown token maps to unk (or None), hence the round trip
+            end_id = tokenizer.convert_tokens_to_ids(end)
+            if end_id is not None and tokenizer.convert_ids_to_tokens(end_id) == end:
+                ids.append(end_id)
             break
     return sorted({int(i) for i in ids})
 
