@@ -38,10 +38,11 @@ import os
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ class ModelNMI:
                 "entropy_base": list(self.entropy_base), "entropy_ft": list(self.entropy_ft)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelNMI":
+    def from_dict(cls, d: dict) -> ModelNMI:
         return cls(model=str(d["model"]), nmi=[float(x) for x in d["nmi"]],
                    mi=[float(x) for x in d.get("mi", [math.nan] * len(d["nmi"]))],
                    entropy_base=[float(x) for x in d.get("entropy_base", [])],
@@ -108,7 +109,7 @@ class AnalysisResult:
                 "models": [m.to_dict() for m in self.models], "provenance": self.provenance}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AnalysisResult":
+    def from_dict(cls, d: dict) -> AnalysisResult:
         """Parse and validate (InputError, one line, when it is not an analysis)."""
         if not isinstance(d, dict) or "groups" not in d or "models" not in d:
             raise InputError("not an ACM analysis: expected an object with 'groups' and 'models'")
@@ -133,7 +134,7 @@ class AnalysisResult:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "AnalysisResult":
+    def from_json(cls, text: str) -> AnalysisResult:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -165,7 +166,7 @@ class AnalysisResult:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "AnalysisResult":
+    def load(cls, path: str | os.PathLike) -> AnalysisResult:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"analysis file not found: {path}")

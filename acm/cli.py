@@ -13,7 +13,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from acm import __version__
 from acm.errors import OOM_ADVICE, ACMError, first_line, is_out_of_memory, redact

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -152,7 +152,7 @@ def _weight_name(model: nn.Module, module: nn.Module | None) -> str | None:
     return None
 
 
-_STRUCTURE_CACHE: "OrderedDict[tuple[str, bool], Structure]" = OrderedDict()
+_STRUCTURE_CACHE: OrderedDict[tuple[str, bool], Structure] = OrderedDict()
 _STRUCTURE_CACHE_SIZE = 8
 _STRUCTURE_LOCK = threading.Lock()
 

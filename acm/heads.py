@@ -83,7 +83,7 @@ class HeadLayout:
                 "head read from its input embedding")
 
 
-def head_layout(base: "ModelSource", fts: list["ModelSource"]) -> HeadLayout:
+def head_layout(base: ModelSource, fts: list[ModelSource]) -> HeadLayout:
     """Find every model's head tensor; one clear line when a head is missing or the wrong shape.
 
     Cheap: reads configs and safetensors headers only (the architecture's names come from
@@ -114,7 +114,7 @@ def head_layout(base: "ModelSource", fts: list["ModelSource"]) -> HeadLayout:
     return layout
 
 
-def _check_head_shapes(models: list["ModelSource"], layout: HeadLayout) -> None:
+def _check_head_shapes(models: list[ModelSource], layout: HeadLayout) -> None:
     """Every model's effective head [vocab, hidden] must agree with the base's except in vocabulary rows."""
     def head_shape(i: int) -> tuple[str, tuple[int, ...]]:
         key = layout.source_key(i, layout.head_key)

@@ -221,7 +221,7 @@ class StreamingMI:
         """NMI in [0, 1] per group (NaN for a group with no data)."""
         return np.array([nmi_from_entropies(*s) for s in self.stats()], dtype=np.float64)
 
-    def merge(self, other: "StreamingMI") -> None:
+    def merge(self, other: StreamingMI) -> None:
         """Add another estimator's counts (same bins and ranges): histograms are additive."""
         if other.bins != self.bins or other.num_groups != self.num_groups:
             raise ValueError("cannot merge estimators with different shapes")

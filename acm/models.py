@@ -69,7 +69,7 @@ class ModelSource:
                 "model_type": getattr(self.config, "model_type", None)}
 
 
-def _open_reader(src: "ModelSource") -> TensorReader:
+def _open_reader(src: ModelSource) -> TensorReader:
     """Open the weight headers; a pickle that is not plain tensors is refused, never executed.
 
     Why here: ``TensorReader`` loads ``.bin`` files with ``weights_only=True``, so a pickle that
@@ -120,8 +120,8 @@ def resolve_model(spec: str, *, allow_pickle: bool = False, revision: str | None
 
 def _download(repo_id: str, *, revision: str | None, allow_pickle: bool) -> tuple[Path, str | None]:
     """Fetch a Hub snapshot (config, tokenizer, weights) into the local cache."""
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
 
     patterns = _HUB_PATTERNS + (_PICKLE_PATTERNS if allow_pickle else [])
     try:
@@ -314,8 +314,9 @@ def check_compatibility(base: ModelSource, fts: list[ModelSource]) -> Compatibil
                 continue  # vocabulary rows differ; handled by the merge (see docs/design.md)
             raise CompatibilityError(f"shape of {key} differs: base {list(a)}, {ft.spec} {list(b)}")
         if ft.vocab_size != base.vocab_size:
-            notes.append(f"{ft.spec} has vocabulary {ft.vocab_size} vs base {base.vocab_size}: "
-                         f"{'extra rows are taken from the fine-tuned model' if (ft.vocab_size or 0) > (base.vocab_size or 0) else 'missing rows keep the base values'}")
+            larger = (ft.vocab_size or 0) > (base.vocab_size or 0)
+            what = "extra rows are taken from the fine-tuned model" if larger else "missing rows keep the base values"
+            notes.append(f"{ft.spec} has vocabulary {ft.vocab_size} vs base {base.vocab_size}: {what}")
     models = [base] + list(fts)
     specs = [m.spec for m in models]
     head_note = layout.note(specs)

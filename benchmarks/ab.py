@@ -193,7 +193,8 @@ def run(a: str, b: str, sizes: list[str], methods: list[str], rounds: int, threa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     data = {"benchmark": "ab", "a": a, "b": b, "sizes": sizes, "methods": methods, "rounds": rounds,
-            "threads": threads, "rows": rows, "calls": {k: [d["rows"] for d in v] for k, v in calls.items()}, "total_seconds": time.perf_counter() - t0,
+            "threads": threads, "rows": rows, "calls": {k: [d["rows"] for d in v] for k, v in calls.items()},
+            "total_seconds": time.perf_counter() - t0,
             "command": " ".join(["python -m benchmarks.ab", *sys.argv[1:]])}
     data["path"] = str(save_result("ab", data, out))
     return data

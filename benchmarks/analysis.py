@@ -431,7 +431,7 @@ def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, 
         common = {"base": m["base"], "fts": m["fts"], "max_tokens": max_tokens, "batch_size": batch_size,
                   "pool": pool, "clusters": max(2, min(20, samples // 2))}
         best: dict | None = None
-        for rep in range(repeats):
+        for _rep in range(repeats):
             if ok:
                 res = run_task("benchmarks.analysis", {"task": "both", "samples": samples, **common}, threads=threads)
                 fwd, ana = res.payload["forward"], res.payload["analyze"]

@@ -18,9 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ACM_BENCH_CACHE", ROOT / "benchmarks" / ".cache"))
@@ -110,7 +111,7 @@ class PeakPoller:
                 return
             time.sleep(self.interval)
 
-    def __enter__(self) -> "PeakPoller":
+    def __enter__(self) -> PeakPoller:
         self._sample()
         self._thread.start()
         return self

@@ -19,8 +19,9 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.common import ROOT, machine_info, md_table, save_result
 
@@ -112,8 +113,8 @@ def bench_coefficients(quick: bool) -> list[dict]:
 
 def _series(groups, nmi, lam, labels=None):
     labels = labels or [f"ft{i + 1}" for i in range(len(nmi))]
-    return [{"label": lab, "nmi": [float(x) for x in n], "lambdas": [float(x) for x in l]}
-            for lab, n, l in zip(labels, nmi, lam)]
+    return [{"label": lab, "nmi": [float(x) for x in n], "lambdas": [float(x) for x in lam_row]}
+            for lab, n, lam_row in zip(labels, nmi, lam)]
 
 
 def _to_json_bytes(fig) -> int:
@@ -235,10 +236,9 @@ def _reference_figure(groups: list[str], nmi, lam):
 def _demo_size_stand_in() -> list[Path]:
     """Random-weight Qwen2 pair at exactly the demo models' architecture (acm.demo.build.ModelSize):
     generation speed depends on the shapes, not on what the weights learned."""
+    from acm.demo.build import ModelSize, make_model
     from benchmarks.common import CACHE
     from benchmarks.models import make_tokenizer
-
-    from acm.demo.build import ModelSize, make_model
 
     root = CACHE / "models" / "demo-size-qwen2"
     tok = make_tokenizer()

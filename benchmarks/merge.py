@@ -33,8 +33,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (CACHE, MB, child_main, dir_bytes, lstsq_slope, loglog_exponent, machine_info,
-                               md_table, proc_status, run_task, save_result, warm_files)
+from benchmarks.common import (
+    CACHE,
+    MB,
+    child_main,
+    dir_bytes,
+    loglog_exponent,
+    lstsq_slope,
+    machine_info,
+    md_table,
+    proc_status,
+    run_task,
+    save_result,
+    warm_files,
+)
 
 METHODS = {  # benchmark name -> (engine method, uses ACM λ table)
     "task_arithmetic": ("task_arithmetic", False),
@@ -243,7 +255,9 @@ def _run(task: str, args: dict, out_root: Path, label: str, threads: int | None 
     shutil.rmtree(out, ignore_errors=True)
     res = run_task("benchmarks.merge", {"task": task, "out": str(out), **args}, threads=threads)
     p = res.payload
-    row = {"seconds": p["seconds"], "cpu_seconds": p.get("cpu_seconds"), "wall_s": res.wall_s, "cpu_s": res.cpu_s, "loadavg_1m": os.getloadavg()[0], "ru_maxrss": res.ru_maxrss, "peak_anon": res.peak_anon,
+    row = {"seconds": p["seconds"], "cpu_seconds": p.get("cpu_seconds"), "wall_s": res.wall_s, "cpu_s": res.cpu_s,
+           "loadavg_1m": os.getloadavg()[0],
+           "ru_maxrss": res.ru_maxrss, "peak_anon": res.peak_anon,
            "peak_file": res.peak_file, "rss_before": p.get("rss_before", 0), "anon_before": p.get("anon_before", 0),
            "bytes_written": p.get("bytes_written"), "num_shards": p.get("num_shards")}
     for k in ("load_s", "merge_s", "save_s", "bytes_read", "engine_seconds"):
@@ -386,7 +400,8 @@ def run(sizes: list[str], *, methods: list[str] | None = None, repeats: int | No
                           naive=naive, threads=threads, log=log) for s in sizes]
     rows = summarize(results)
     data = {"benchmark": "merge", "machine": machine_info(), "cache": "warm (inputs pre-read; os.sync() between runs)",
-            "shard_limit": shard, "n_ft": n_ft, "threads": threads or "default", "sizes": results, "rows": rows, "scaling": scaling(rows, results),
+            "shard_limit": shard, "n_ft": n_ft, "threads": threads or "default", "sizes": results, "rows": rows,
+            "scaling": scaling(rows, results),
             "total_seconds": time.perf_counter() - t0, "command": " ".join(["python -m benchmarks.merge", *sys.argv[1:]])}
     path = save_result("merge" if not out else "merge", data, out)
     data["path"] = str(path)

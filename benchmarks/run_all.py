@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if "merge" not in args.skip:
         sizes = ["10m"] if args.quick else (args.sizes or merge_bench.DEFAULT_SIZES)
         data = merge_bench.run(sizes, repeats=1 if args.quick else None, threads=args.threads)
-        parts += ["## Merge\n", f"Command: `{'python -m benchmarks.merge --quick' if args.quick else 'python -m benchmarks.merge --sizes ' + ' '.join(sizes)}`; "
+        command = 'python -m benchmarks.merge --quick' if args.quick else 'python -m benchmarks.merge --sizes ' + ' '.join(sizes)
+        parts += ["## Merge\n", f"Command: `{command}`; "
                   f"cache: {data['cache']}; shard limit {data['shard_limit']}\n", merge_bench.report(data)]
     if "analysis" not in args.skip:
         if args.quick:

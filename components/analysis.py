@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 from components import help as texts
 from components import plots
 from components.calibration import resolve_calibration
-from components.common import (gpu, log, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels,
-                               uploaded_file, warn)
+from components.common import gpu, log, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels, uploaded_file, warn
 from components.models import validate_selection
 from components.state import SessionState, admit, reused_line, shared_cache
 

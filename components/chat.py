@@ -7,8 +7,9 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 from components import help as texts
 from components import plots

@@ -11,8 +11,9 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("acm.app")
 
@@ -105,8 +106,7 @@ def warm_imports(specs: tuple | list = ()) -> None:
         if not _IMPORTED.is_set():
             import torch  # noqa: F401
             import transformers
-            from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer,  # noqa: F401
-                                      PreTrainedTokenizerFast, TextIteratorStreamer)
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, TextIteratorStreamer  # noqa: F401
 
             import acm.analysis  # noqa: F401
             import acm.calibration  # noqa: F401

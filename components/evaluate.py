@@ -116,7 +116,7 @@ def run_eval(state: SessionState, base: str | None, fts, *, data_mode: str | Non
             to_run.append((kind, label, spec, key))
     if to_run:
         models = []
-        for k, (kind, label, spec, _) in enumerate(to_run):
+        for k, (_kind, label, spec, _) in enumerate(to_run):
             if progress:
                 progress(0.02 * k, f"loading {label}")
             if spec is None:
@@ -128,7 +128,7 @@ def run_eval(state: SessionState, base: str | None, fts, *, data_mode: str | Non
         data = preset_rows(path.split(":", 1)[1], limit) if path.startswith("preset:") else path
         out = evaluate(models, data, limit=limit, max_new_tokens=max_new_tokens, batch_size=int(batch_size),
                        progress=progress_callback(progress, (0.05, 1.0)), show_progress=False, **dec)
-        for (kind, label, spec, key), res in zip(to_run, out["models"]):
+        for (_kind, label, _spec, key), res in zip(to_run, out["models"]):
             cache[key] = res
             results[label] = res
         n = out.get("n")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 from components import help as texts
 from components.analysis import DEFAULT_ALPHA, DEFAULT_T, T_MAX

@@ -20,9 +20,10 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from components.common import none_if_auto, progress_callback
 
@@ -89,7 +90,7 @@ class SessionState:
         self.lock = threading.RLock()
 
     # gr.State deep-copies its initial value for each session: give every session a new one.
-    def __deepcopy__(self, memo) -> "SessionState":
+    def __deepcopy__(self, memo) -> SessionState:
         return SessionState()
 
     @property

@@ -240,7 +240,8 @@ LLAMA_3_1_8B = ModelFacts(
     chat_template=None, end_of_turn=None,
     unverified=frozenset({"generation_config", "chat_template", "adds_bos"}),
     sources=("find_string 20086630943", "find_string 59178817283",
-             "daniel-p-green/alain-ai-learning-platform out/research-meta-llama-llama-3-2-1b/sources/huggingface/model.json",
+             "daniel-p-green/alain-ai-learning-platform "
+             "out/research-meta-llama-llama-3-2-1b/sources/huggingface/model.json",
              "find_string 3036918142"),
 )
 
@@ -276,7 +277,8 @@ R1_DISTILL_LLAMA_8B = ModelFacts(
                           "num_key_value_heads", "rms_norm_eps", "tokens:<｜User｜>", "tokens:<｜Assistant｜>",
                           "tokens:<think>", "tokens:</think>", "non_special"}),
     sources=("ds28-ops/deepseek-distill-sft model-checkpoint/generation_config.json",
-             "daniel-p-green/alain-ai-learning-platform out/research-deepseek-ai-deepseek-r1-distill-llama-8b/sources/huggingface/model.json"),
+             "daniel-p-green/alain-ai-learning-platform "
+             "out/research-deepseek-ai-deepseek-r1-distill-llama-8b/sources/huggingface/model.json"),
 )
 
 # --- Qwen3-1.7B-Base ↔ Qwen3-1.7B -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from acm.errors import CompatibilityError, InputError, OutOfMemoryAdvice
 from acm.grouping import group_names
 from tests.fixtures import make_pair, make_tiny_model, write_calibration
 
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
     """Tiny models: intra-op threads only add synchronisation (10x slower on a busy 2-core box)."""

@@ -214,9 +214,10 @@ def test_two_sessions_at_once_keep_their_own_state_and_heavy_jobs_queue(app_url,
     heavy jobs run one at a time (the shared "heavy" slot), the other waiting in the queue."""
     import threading
 
+    from gradio_client import Client
+
     import components.analysis as ca
     import components.merge as cm
-    from gradio_client import Client
 
     lock, active, spans = threading.Lock(), {"now": 0, "max": 0}, []
 

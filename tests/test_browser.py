@@ -134,6 +134,7 @@ def test_analyse_and_move_the_t_slider(browser, server, tmp_path):
     assert nmi_points >= 3                       # embed, ≥ 1 block, head
     assert shot.stat().st_size > 10_000
     assert not errors, errors
-    print(f"\n[browser] launch→serving {server_up:.1f} s · launch→interactive {interactive_s:.1f} s · t-slider move→redrawn chart {redraw_ms:.0f} ms "
+    print(f"\n[browser] launch→serving {server_up:.1f} s · launch→interactive {interactive_s:.1f} s · t-slider move→redrawn chart "
+          f"{redraw_ms:.0f} ms "
           f"· screenshots in {tmp_path}")
     page.close()

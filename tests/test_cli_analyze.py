@@ -18,6 +18,7 @@ from acm.cli import main
 from acm.coefficients import lambdas
 from tests.fixtures import make_pair, make_tiny_model, write_calibration
 
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
     """Tiny models: intra-op threads only add synchronisation (10x slower on a busy 2-core box)."""
@@ -43,7 +44,8 @@ def world(tmp_path_factory):
 def analysis_path(world):
     out = world["root"] / "analysis.json"
     args = ["analyze", "--base", world["base"], "--ft", world["fts"][0], "--ft", world["fts"][1],
-            "--calibration", world["cal"], *FAST, "--bins", "32", "--seed", "1", "--device", "cpu", "--pair-budget", "3000", "--out", str(out)]
+            "--calibration", world["cal"], *FAST, "--bins", "32", "--seed", "1", "--device", "cpu",
+            "--pair-budget", "3000", "--out", str(out)]
     assert main(args) == 0
     return out
 

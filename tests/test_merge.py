@@ -104,22 +104,22 @@ def reference(method: str, base: dict, fts: list[dict], lams: list[dict], *, den
                 start += size
     for name, taus in taus_all.items():
         b = base[name].float()
-        lam = [l[group_of(name)] for l in lams]
+        lam = [lam_of[group_of(name)] for lam_of in lams]
         if method in ("ties", "dare_ties"):
             trimmed = []
             for i, t in enumerate(taus):
                 keep = global_masks[name][i] if global_trim else top_k_mask(t, density)
                 trimmed.append(torch.where(keep, t, torch.zeros_like(t)))
-            contrib = [l * t for l, t in zip(lam, trimmed)]
+            contrib = [w * t for w, t in zip(lam, trimmed)]
             elected = torch.sign(sum(contrib))
             agree = [(torch.sign(c) == elected) & (c != 0) for c in contrib]
             delta = sum(torch.where(a, c, torch.zeros_like(c)) for a, c in zip(agree, contrib))
             if normalize:
-                denom = sum(a.float() * l for a, l in zip(agree, lam))
+                denom = sum(a.float() * w for a, w in zip(agree, lam))
                 delta = torch.where(denom > 0, delta / denom.clamp_min(1e-30), torch.zeros_like(delta))
             out[name] = b + delta
         else:
-            out[name] = b + sum(l * t for l, t in zip(lam, taus))
+            out[name] = b + sum(w * t for w, t in zip(lam, taus))
     return out
 
 
@@ -130,7 +130,7 @@ def assert_states_close(got: dict, want: dict, *, exact: bool = False):
         if exact:
             assert torch.equal(g, w), name
         else:
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def ft_paths(pair, n):

@@ -117,8 +117,8 @@ def test_paper_pair_through_the_app_handlers(standin_pair, tmp_path):
         assert "untied output head" in merge.summary_markdown(merged)
         assert merged.model.lm_head.weight.data_ptr() != merged.model.get_input_embeddings().weight.data_ptr()
         last = None
-        for last in chat.chat_stream(state, "What is 2+3?", str(base), [str(ft)], max_new_tokens=3):
-            pass
+        for update in chat.chat_stream(state, "What is 2+3?", str(base), [str(ft)], max_new_tokens=3):
+            last = update
         lines = last[len(chat.SLOTS):2 * len(chat.SLOTS)]
         merged_line, base_line, ft_line = lines[0], lines[1], lines[2]
         assert "DeepSeek-R1" in merged_line and "151643" in merged_line          # R1 template, its end of turn

@@ -25,9 +25,9 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -95,7 +95,7 @@ class BuildConfig:
     threads: int = 2
 
     @classmethod
-    def quick(cls, seed: int = 0) -> "BuildConfig":
+    def quick(cls, seed: int = 0) -> BuildConfig:
         return cls(seed=seed, size=ModelSize(hidden=32, layers=4, heads=2, kv_heads=1, intermediate=64, vocab=320),
                    base=Phase(steps=4, batch_size=8, warmup=1), long=Phase(steps=3, batch_size=8, warmup=1),
                    n_base_docs=40, n_base_chat=40, n_long_chat=40, n_eval=20, n_calibration=10)

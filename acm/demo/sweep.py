@@ -137,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: acm.tune.auto_threads, 1 for the demo models)")
     a = p.parse_args(argv)
-    res = run_sweep(a.out, base=a.base, long=a.long, calibration=a.calibration, eval_path=a.eval, alphas=a.alphas, ts=a.ts, densities=a.densities, limit=a.limit,
+    res = run_sweep(a.out, base=a.base, long=a.long, calibration=a.calibration, eval_path=a.eval, alphas=a.alphas, ts=a.ts,
+                    densities=a.densities,
+                    limit=a.limit,
                     max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, samples=a.samples, threads=a.threads)
     print((a.out / "table.md").read_text())
     print(f"{len(res['rows'])} rows in {res['seconds']} s -> {a.out / 'sweep.json'}")

@@ -19,8 +19,8 @@ style really helps on the harder levels - which is why a long model exists at al
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 LEVELS = (1, 2, 3, 4, 5)
 OPS_PER_LEVEL = {1: 1, 2: 2, 3: 3, 4: 5, 5: 4}
