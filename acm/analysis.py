@@ -455,7 +455,7 @@ def _peak_rss_bytes() -> int | None:
 
             info = psutil.Process().memory_info()
             return int(getattr(info, "peak_wset", info.rss))
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - peak memory is provenance only; never fail an analysis for it
             return None
 
 

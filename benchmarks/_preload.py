@@ -7,10 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import safetensors.torch  # noqa: E402,F401
-import torch  # noqa: E402,F401
-import transformers.models.llama.modeling_llama  # noqa: E402,F401
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402,F401
+import safetensors.torch  # noqa: F401
+import torch  # noqa: F401
+import transformers.models.llama.modeling_llama  # noqa: F401
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 for _name in ("transformers.models.qwen2.modeling_qwen2", "acm.tensors", "acm.models", "acm.grouping", "acm.merge",
               "acm.analysis", "acm.calibration"):

@@ -49,7 +49,7 @@ def machine_info() -> dict[str, Any]:
         import psutil
 
         mem_gb = round(psutil.virtual_memory().total / 1024**3, 1)
-    except Exception:  # pragma: no cover - psutil is a requirement
+    except (ImportError, OSError):  # pragma: no cover - psutil is a requirement
         pass
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": mem_gb, "loadavg": os.getloadavg(),
                             "python": platform.python_version(), "platform": platform.platform()}
@@ -59,12 +59,12 @@ def machine_info() -> dict[str, Any]:
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
         info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:  # pragma: no cover
+    except (ImportError, RuntimeError):  # pragma: no cover
         info["gpu"] = None
     for mod in ("transformers", "safetensors"):
         try:
             info[mod] = __import__(mod).__version__
-        except Exception:  # pragma: no cover
+        except (ImportError, AttributeError):  # pragma: no cover
             info[mod] = None
     return info
 

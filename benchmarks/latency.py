@@ -82,7 +82,7 @@ def synthetic_analysis(n_models: int, n_groups: int):
              "provenance": {"bins": 64, "seed": 0}}
         try:
             return AnalysisResult.from_dict(d), groups, np.stack(nmis)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a stale result file from another version is skipped
             pass
     except ImportError:
         pass
@@ -144,7 +144,7 @@ def bench_slider(quick: bool) -> list[dict]:
 
     try:
         from components import plots
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - a row says what could not be measured
         plots, why = None, f"components.plots not importable: {exc}"[:120]
     for n_groups in ((8,) if quick else (8, 30)):
         n_models = 2
@@ -174,7 +174,7 @@ def bench_slider(quick: bool) -> list[dict]:
                 r = timeit(lambda: coef().figure().to_json(), min_time=min_time, min_reps=3)
                 rows.append({"what": "same curve as a validated plotly go.Figure (for comparison)", "groups": n_groups,
                              "models": n_models, **r, "status": "ok"})
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - optional comparison row
                 pass
         # the app's own handler: components.analysis.coefficient_view (t slider: multi=False; α: multi=True)
         handler_ok = False
@@ -200,7 +200,7 @@ def bench_slider(quick: bool) -> list[dict]:
                              "groups": n_groups, "models": n_models, **timeit(alpha_change, min_time=min_time),
                              "status": "ok"})
                 handler_ok = True
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - a row says what could not be measured
                 rows.append({"what": "t-slider handler: components.analysis.coefficient_view", "groups": n_groups,
                              "status": f"skipped: {type(exc).__name__}: {exc}"[:140]})
         if not handler_ok:  # the slider's work without the app's handler: λ + a figure + JSON

@@ -145,7 +145,7 @@ class Session(threading.Thread):
         client = None
         try:
             client = Client(self.url, verbose=False, analytics_enabled=False, download_files=False, ssl_verify=False)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - every connection failure is classified and reported
             self.outcome["connect"] = classify(exc)
             self.messages.append(f"connect: {type(exc).__name__}: {exc}")
         try:

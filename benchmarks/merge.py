@@ -76,8 +76,8 @@ def _preimport() -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    import acm.grouping  # noqa: F401
-    import acm.tensors  # noqa: F401
+    import acm.grouping
+    import acm.tensors
     try:
         import acm.merge  # noqa: F401
     except ImportError:
@@ -233,7 +233,7 @@ def synthetic_lambdas(num_layers: int, n_ft: int, t: float = 2.0, alpha: float =
 def engine_available() -> tuple[bool, str]:
     try:
         from acm.merge import MergeOptions, merge_models  # noqa: F401
-    except Exception as exc:  # ImportError, or a half-written module
+    except Exception as exc:  # noqa: BLE001 - ImportError or a half-written module: report, do not crash
         return False, f"acm.merge not importable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return True, ""
 

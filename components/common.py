@@ -108,12 +108,12 @@ def warm_imports(specs: tuple | list = ()) -> None:
             import transformers
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, TextIteratorStreamer  # noqa: F401
 
-            import acm.analysis  # noqa: F401
-            import acm.calibration  # noqa: F401
-            import acm.coefficients  # noqa: F401
-            import acm.evaluate  # noqa: F401
-            import acm.generation  # noqa: F401
-            import acm.merge  # noqa: F401
+            import acm.analysis
+            import acm.calibration
+            import acm.coefficients
+            import acm.evaluate
+            import acm.generation
+            import acm.merge
             import acm.models  # noqa: F401
             del transformers
             _IMPORTED.set()
@@ -176,7 +176,7 @@ def ui_errors(fn: Callable, *, warm: bool = True) -> Callable:
                 if warm:
                     warm_imports()
                 yield from fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - every failure becomes one gr.Error line (_translate)
                 raise _translate(exc) from None
         return gen_wrapper
 
@@ -186,7 +186,7 @@ def ui_errors(fn: Callable, *, warm: bool = True) -> Callable:
             if warm:
                 warm_imports()
             return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one gr.Error line (_translate)
             raise _translate(exc) from None
     return wrapper
 
@@ -197,7 +197,7 @@ def warn(message: str) -> None:
         import gradio as gr
 
         gr.Warning(message)
-    except Exception:  # pragma: no cover
+    except Exception:  # noqa: BLE001 - outside an event gr.Warning raises; the log still gets it
         log.warning(message)
 
 
@@ -206,7 +206,7 @@ def info(message: str) -> None:
         import gradio as gr
 
         gr.Info(message)
-    except Exception:  # pragma: no cover
+    except Exception:  # noqa: BLE001 - outside an event gr.Info raises; the log still gets it
         log.info(message)
 
 

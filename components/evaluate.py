@@ -286,7 +286,7 @@ def wire(ui) -> None:
     def evaluate(state, base=None, fts=None, mode=BUNDLED, upload=None, limit=DEFAULT_LIMIT,
                  max_new_tokens=DEFAULT_MAX_NEW_TOKENS, include=True, batch=DEFAULT_BATCH, device="auto", dtype="auto",
                  trust=False, preset="math500", decoding=GREEDY, temperature=0.6, top_p=0.95, samples=1, seed=0,
-                 progress=gr.Progress()):  # noqa: B008 - Gradio injects the progress tracker this way
+                 progress=gr.Progress()):
         """Accuracy and mean answer length (thinking / answer split for R1-style models) of the merged
         model and the source models; greedy or sampled."""
         progress(0.0, desc="preparing")

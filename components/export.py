@@ -95,7 +95,7 @@ def kaleido_available() -> bool:
         import kaleido  # noqa: F401
 
         return True
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a broken kaleido install means no PNG export, not a crash
         return False
 
 

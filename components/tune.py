@@ -325,7 +325,7 @@ def wire(ui) -> None:
     def tune(state, base=None, fts=None, methods=None, alphas="0.7", ts=DEFAULT_TS, densities="0.7",
              drop_rates="0.3", plain=True, limit=DEFAULT_LIMIT, holdout=DEFAULT_HOLDOUT,
              max_new_tokens=DEFAULT_MAX_NEW_TOKENS, objective="shortest", tolerance=0.05, upload=None,
-             device="auto", dtype="auto", trust=False, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+             device="auto", dtype="auto", trust=False, progress=gr.Progress()):
         """Sweep t (and α, density, method): merge + evaluate each setting, stream the frontier, recommend one."""
         progress(0.0, desc="preparing the grid")
         for records, report, running in iter_tune_ui(
@@ -353,7 +353,7 @@ def wire(ui) -> None:
     u.cancel_btn.click(cancel, ui.state, outputs, cancels=[event], api_name="tune_cancel", queue=False)
 
     @gpu(duration=600)
-    def use(state, key=None, device="auto", dtype="auto", trust=False, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+    def use(state, key=None, device="auto", dtype="auto", trust=False, progress=gr.Progress()):
         """Merge the picked tune setting (default: the recommended one) for Chat / Evaluate / Export."""
         from components.merge import summary_markdown
 

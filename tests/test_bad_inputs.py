@@ -31,7 +31,7 @@ from acm.analysis import AnalysisResult, ModelNMI
 from acm.cli import main
 from components import analysis, calibration, common, evaluate, merge, models
 from components.state import SessionState
-from tests.fixtures import VOCAB_SIZE, make_pair, make_tiny_model, one_torch_thread, write_calibration  # noqa: F401
+from tests.fixtures import VOCAB_SIZE, make_pair, make_tiny_model, write_calibration
 
 REPO = Path(__file__).resolve().parent.parent
 GROUPS = ["embed", "block.0", "block.1", "head"]

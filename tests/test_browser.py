@@ -43,7 +43,7 @@ def browser():
     with sync_playwright() as p:
         try:
             b = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any launch failure is an environment problem: skip, saying why
             pytest.skip(f"chromium at {exe} could not be started by playwright: {str(exc).splitlines()[0]}")
         yield b
         b.close()

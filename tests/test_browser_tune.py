@@ -28,7 +28,7 @@ def _status(page) -> str:
     return page.locator("#tune-status").inner_text()
 
 
-def test_tune_tab_streams_uses_and_cancels(browser, server, tmp_path):  # noqa: F811
+def test_tune_tab_streams_uses_and_cancels(browser, server, tmp_path):  # noqa: F811 - pytest injects the imported module fixtures by name
     url, *_ = server
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []

@@ -14,7 +14,7 @@ import pytest
 from acm import cache
 from components import analysis, calibration, common, merge
 from components.state import SessionState, admission, queue_status
-from tests.fixtures import make_pair, one_torch_thread, write_calibration  # noqa: F401
+from tests.fixtures import make_pair, write_calibration
 
 SMALL = {"samples": 6, "clusters": 2, "max_tokens": 32, "batch_size": 2}
 
@@ -48,7 +48,7 @@ def sessions():
         st.close()
 
 
-def test_a_second_session_reuses_the_analysis_and_is_told_so(shared, pair, sessions, one_torch_thread):  # noqa: F811
+def test_a_second_session_reuses_the_analysis_and_is_told_so(shared, pair, sessions, one_torch_thread):
     a, b = sessions(), sessions()
     first = analysis.run_analysis(a, pair[0], pair[1], **SMALL)
     second = analysis.run_analysis(b, pair[0], pair[1], **SMALL)
@@ -65,14 +65,14 @@ def test_a_second_session_reuses_the_analysis_and_is_told_so(shared, pair, sessi
     assert shared.stats["misses"] == 2
 
 
-def test_without_the_cache_nothing_is_shared(pair, sessions, monkeypatch, one_torch_thread):  # noqa: F811
+def test_without_the_cache_nothing_is_shared(pair, sessions, monkeypatch, one_torch_thread):
     monkeypatch.delenv(cache.ENV_DIR, raising=False)
     out = analysis.run_analysis(sessions(), pair[0], pair[1], **SMALL)
     assert out["shared"] is None and not out["cached"]
 
 
 def test_uploaded_calibration_is_shared_by_content_and_never_shows_another_visitors_name(
-        shared, pair, sessions, tmp_path, one_torch_thread):  # noqa: F811
+        shared, pair, sessions, tmp_path, one_torch_thread):
     mine = write_calibration(tmp_path / "alice-private-notes.jsonl", n=12)
     yours = tmp_path / "bob.jsonl"
     yours.write_bytes(mine.read_bytes())
@@ -99,7 +99,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_reused_merge_is_byte_identical_to_a_fresh_merge(shared, pair, sessions, tmp_path, monkeypatch,
-                                                           one_torch_thread):  # noqa: F811
+                                                           one_torch_thread):
     import acm.export
     from acm.coefficients import lambdas_by_group
     from acm.merge import MergeOptions, merge_models
@@ -133,7 +133,7 @@ def test_a_reused_merge_is_byte_identical_to_a_fresh_merge(shared, pair, session
 
 
 def test_a_cached_merge_in_use_is_never_evicted(shared, pair, sessions, tmp_path, monkeypatch,
-                                               one_torch_thread):  # noqa: F811
+                                               one_torch_thread):
     monkeypatch.setenv(cache.ENV_MAX_GB, "0.000001")         # 1 kB: every merge is over the cap
     a, b = sessions(), sessions()
     ma = merge.run_merge(a, pair[0], pair[1], method="task_arithmetic", mode=merge.PLAIN, alpha=0.5)
@@ -148,7 +148,7 @@ def test_a_cached_merge_in_use_is_never_evicted(shared, pair, sessions, tmp_path
     assert not ma.out_dir.exists()
 
 
-def test_a_session_replacing_its_merge_releases_the_old_one(shared, pair, sessions, one_torch_thread):  # noqa: F811
+def test_a_session_replacing_its_merge_releases_the_old_one(shared, pair, sessions, one_torch_thread):
     st = sessions()
     m1 = merge.run_merge(st, pair[0], pair[1], method="task_arithmetic", mode=merge.PLAIN, alpha=0.5)
     store = cache.default_store()
@@ -158,7 +158,7 @@ def test_a_session_replacing_its_merge_releases_the_old_one(shared, pair, sessio
 
 
 def test_a_broken_cache_disk_never_costs_the_visitor_their_result(shared, pair, sessions, monkeypatch,
-                                                                   one_torch_thread):  # noqa: F811
+                                                                   one_torch_thread):
     import errno
 
     def no_space(*_a, **_k):

@@ -23,7 +23,7 @@ import acm.analysis
 from acm.cli import main
 from components import analysis, calibration, common, merge
 from components.state import SessionState
-from tests.fixtures import make_pair, one_torch_thread, write_calibration  # noqa: F401 (fixture)
+from tests.fixtures import make_pair, write_calibration
 
 REPO = Path(__file__).resolve().parent.parent
 

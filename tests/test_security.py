@@ -27,7 +27,7 @@ from acm.cli import main
 from acm.errors import InputError, redact
 from components import common, export, merge, models
 from components.state import MergedModel, SessionState
-from tests.fixtures import make_pair, one_torch_thread, write_calibration  # noqa: F401 (fixture)
+from tests.fixtures import make_pair, write_calibration
 
 REPO = Path(__file__).resolve().parent.parent
 # Token-shaped but fake; assembled at run time so no token-like literal sits in the repository

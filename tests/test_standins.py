@@ -11,7 +11,6 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from tests import standin_templates
-from tests.fixtures import one_torch_thread  # noqa: F401
 from tests.standins import BYTE_VOCAB, PAIRS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

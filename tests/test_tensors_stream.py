@@ -102,7 +102,7 @@ def test_planned_shards_load_and_match_the_buffered_writer(tmp_path, limit):
         n = int.from_bytes(raw[:8], "little")
         assert n % 8 == 0 and json.loads(raw[8: 8 + n])["__metadata__"] == {"format": "pt"}
         with safe_open(str(f), "pt") as h:
-            got.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118 - safe_open has no __iter__
+            got.update({k: h.get_tensor(k) for k in h.keys()})
     assert set(got) == set(tensors)
     for k, v in tensors.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k

@@ -83,7 +83,7 @@ def test_bad_grid_and_nothing_to_use_are_one_line(state):
         panel.use_setting(SessionState(), None)
 
 
-def test_tune_endpoint_via_gradio_client(app_url):  # noqa: F811
+def test_tune_endpoint_via_gradio_client(app_url):  # noqa: F811 - pytest injects the imported module fixture by name
     from gradio_client import Client
 
     client = Client(app_url, verbose=False)
