@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from acm.errors import CompatibilityError, InputError, OfflineError
+from acm.residency import convert_parameters, stored_float_dtype
 from acm.tensors import TensorReader, find_weight_files
 
 # Files we fetch from the Hub: configs, tokenizer files, safetensors (pickle only when allowed).
@@ -400,6 +401,12 @@ def load_causal_lm(src: ModelSource, *, device: torch.device | str | None = None
         advice = fit_advice(src.spec, src.reader.numel() * torch.empty((), dtype=dtype).element_size(), dev, dtype)
         if advice is not None:
             raise InputError(advice)
+    # On the CPU, a checkpoint stored in another floating dtype loads file-backed in its own dtype and
+    # is then cast tensor by tensor (acm/residency.py): peak ≈ the cast copy, not file pages + copy.
+    stored = stored_float_dtype([src.reader.dtype(k) for k in src.reader.keys()]) if src.weight_format == "safetensors" else None
+    cast_after = not big and dev.type == "cpu" and stored is not None and stored != dtype
+    if cast_after:
+        kwargs["dtype"] = stored
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(src.path, trust_remote_code=src.trust_remote_code)
@@ -407,6 +414,9 @@ def load_causal_lm(src: ModelSource, *, device: torch.device | str | None = None
         raise  # callers turn this into advice
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load {src.spec}: {str(exc).splitlines()[0]}") from None
+    if cast_after:
+        convert_parameters(model, dtype)
+        model.config.dtype = dtype
     if not big:
         model.to(dev)
     model.eval()
