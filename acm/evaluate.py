@@ -33,7 +33,7 @@ from acm.answers import (  # noqa: F401 - public API
 from acm.errors import InputError
 
 Progress = Callable[[float, str], None]
-ModelSpec = str | os.PathLike | tuple  # folder, or (name, model, tokenizer)
+ModelSpec = str | os.PathLike | tuple  # folder, (name, model, tokenizer), or (name, opened engine)
 SAMPLES_KEPT = 5
 SLOW_CPU_TOKENS = 4096   # warn above this many new tokens per reply on CPU
 REPLY_FIELDS = ("reply", "response", "completion", "output", "generation")
@@ -101,15 +101,6 @@ def load_model(spec: str | os.PathLike, *, trust_remote_code: bool = False, allo
 
     src = resolve_model(str(spec), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     return load_causal_lm(src, device=device)
-
-
-def _resolve(spec: ModelSpec, **load_options) -> tuple[str, object, object]:
-    if isinstance(spec, tuple):
-        if len(spec) != 3:
-            raise InputError("a model given in memory must be a (name, model, tokenizer) tuple")
-        return spec
-    model, tok = load_model(spec, **load_options)
-    return str(spec), model, tok
 
 
 def length_warning(max_new_tokens: int, device: str | None = None) -> str | None:
@@ -196,16 +187,19 @@ def evaluate_model(model, tokenizer, rows: Sequence[dict], *, name: str = "model
                    batch_size: int = 16, chat_template: bool = True, sampling=None, samples: int = 1,
                    seed: int = 0, fast_path: bool = True, keep_records: bool = False,
                    replies: list | None = None, progress: Progress | None = None, show_progress: bool = True,
-                   span: tuple[float, float] = (0.0, 1.0)) -> dict:
+                   span: tuple[float, float] = (0.0, 1.0), engine=None) -> dict:
     """Accuracy, length (total, and thinking / answer for models that think) and per-level breakdown
     of one model on ``rows``; with sampling, ``samples`` seeded replies per problem (accuracy = mean).
 
     ``replies``: a list that receives one saved-reply dict per generation (``save_replies`` format).
+    ``engine``: an opened ``acm.engines`` engine (e.g. vLLM); default: transformers on ``model``.
     """
     from tqdm.auto import tqdm
 
-    from acm.generation import Sampling, check_max_new_tokens, generate_batch, seed_for
+    from acm.engines import TransformersEngine
+    from acm.generation import Sampling, check_max_new_tokens, seed_for
 
+    engine = engine or TransformersEngine(model, tokenizer)
     sampling = sampling or Sampling()
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
@@ -215,6 +209,8 @@ def evaluate_model(model, tokenizer, rows: Sequence[dict], *, name: str = "model
                          "(greedy decoding gives the same reply every time)")
     # Similar prompt lengths in one batch: less padding, same greedy results.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].get("prompt") or rows[i]["question"]))
+    if engine.whole_set_per_call:   # vLLM batches on its own; one call per sample gives it every prompt
+        batch_size = max(1, len(order))
     total = len(rows) * samples
     records: list[dict] = []
     bar = tqdm(total=total, desc=f"eval {Path(name).name}", disable=progress is not None or not show_progress)
@@ -222,9 +218,9 @@ def evaluate_model(model, tokenizer, rows: Sequence[dict], *, name: str = "model
     for s in range(samples):
         for b, start in enumerate(range(0, len(order), batch_size)):
             idx = order[start:start + batch_size]
-            outs = generate_batch(model, tokenizer, [rows[i].get("prompt") or rows[i]["question"] for i in idx],
-                                  max_new_tokens=max_new_tokens, chat_template=chat_template, sampling=sampling,
-                                  seed=seed_for(seed, s, b))
+            outs = engine.generate([rows[i].get("prompt") or rows[i]["question"] for i in idx],
+                                   max_new_tokens=max_new_tokens, chat_template=chat_template, sampling=sampling,
+                                   seed=seed_for(seed, s, b))
             for i, comp in zip(idx, outs):
                 rec = score_reply(comp.text, rows[i]["answer"], num_tokens=comp.num_tokens, finished=comp.finished,
                                   thinking_tokens=comp.thinking_tokens, thinking_opened=comp.thinking_opened,
@@ -254,7 +250,8 @@ def evaluate(models: Iterable[ModelSpec], data: Sequence[dict] | str | os.PathLi
              top_k: int | None = None, samples: int = 1, seed: int = 0, use_generation_config: bool = False,
              fast_path: bool = True, save_replies: str | os.PathLike | None = None,
              trust_remote_code: bool = False, allow_pickle: bool = False, device: str | None = None,
-             progress: Progress | None = None, show_progress: bool = True, keep_records: bool = False) -> dict:
+             progress: Progress | None = None, show_progress: bool = True, keep_records: bool = False,
+             engine: str = "transformers") -> dict:
     """Evaluate each model on the same problems; the JSON-ready dict the CLI writes and the UI shows.
 
     ``models`` are local folders, Hub ids or ``(name, model, tokenizer)`` tuples (e.g. a merge in
@@ -262,7 +259,10 @@ def evaluate(models: Iterable[ModelSpec], data: Sequence[dict] | str | os.PathLi
     Problems come from ``data`` (file or rows) or a benchmark ``preset`` (``acm.eval_presets``).
     Decoding: greedy unless ``temperature`` > 0; ``use_generation_config`` takes each model's own
     ``generation_config.json`` sampling (explicit ``temperature``/``top_p``/``top_k`` still win).
+    ``engine``: ``transformers`` (default) or ``vllm`` (optional, CUDA; ``acm.engines``) — same prompts,
+    stop ids and grading; ``models`` may also hold ``(name, engine)`` pairs opened by the caller.
     """
+    from acm.engines import check_engine, engine_record, open_engine
     from acm.generation import Sampling, check_max_new_tokens, sampling_from_model
 
     models = list(models)
@@ -273,6 +273,7 @@ def evaluate(models: Iterable[ModelSpec], data: Sequence[dict] | str | os.PathLi
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise InputError(f"--samples must be an integer >= 1, got {samples!r}")
     check_max_new_tokens(max_new_tokens)
+    engine = check_engine(engine, device=device)
     override = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
     fixed = None if use_generation_config else Sampling(
         temperature=0.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
@@ -284,24 +285,28 @@ def evaluate(models: Iterable[ModelSpec], data: Sequence[dict] | str | os.PathLi
     result = {"data": label, "n": len(rows), "max_new_tokens": max_new_tokens,
               "decoding": fixed.to_dict() if fixed is not None else {"mode": "generation_config", **{
                   k: v for k, v in override.items() if v is not None}},
-              "samples_per_problem": samples, "seed": seed, "models": []}
+              "samples_per_problem": samples, "seed": seed, "engine": engine_record(engine), "models": []}
     warning = length_warning(max_new_tokens, device)
     if warning:
         result["warnings"] = [warning]
     saved: list[dict] | None = [] if save_replies is not None else None
     for k, spec in enumerate(models):
-        name, model, tok = _resolve(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                    device=device)
-        sampling = fixed if fixed is not None else sampling_from_model(model, override)
-        if samples > 1 and sampling.greedy:
-            raise InputError(f"{name}: its generation_config asks for greedy decoding, so --samples {samples} "
-                             "would repeat one reply; pass --temperature")
-        span = (k / len(models), (k + 1) / len(models))
-        res = evaluate_model(model, tok, rows, name=name, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             chat_template=chat_template, sampling=sampling, samples=samples, seed=seed,
-                             fast_path=fast_path, keep_records=keep_records, replies=saved, progress=progress,
-                             show_progress=show_progress, span=span)
-        del model, tok  # free this model before loading the next
+        owned = not (isinstance(spec, tuple) and len(spec) == 2)   # an engine the caller opened stays open
+        name, eng = open_engine(engine, spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                device=device, seed=seed)
+        try:
+            sampling = fixed if fixed is not None else sampling_from_model(eng.model, override)
+            if samples > 1 and sampling.greedy:
+                raise InputError(f"{name}: its generation_config asks for greedy decoding, so --samples {samples} "
+                                 "would repeat one reply; pass --temperature")
+            span = (k / len(models), (k + 1) / len(models))
+            res = evaluate_model(None, None, rows, name=name, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 chat_template=chat_template, sampling=sampling, samples=samples, seed=seed,
+                                 fast_path=fast_path, keep_records=keep_records, replies=saved, progress=progress,
+                                 show_progress=show_progress, span=span, engine=eng)
+        finally:
+            if owned:
+                eng.close()  # free this model before loading the next
         result["models"].append(res)
     if save_replies is not None:
         write_jsonl(saved or [], save_replies)

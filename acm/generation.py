@@ -157,6 +157,49 @@ def seed_for(seed: int, *parts: int) -> int:
     return value
 
 
+@dataclass
+class PromptBatch:
+    """What a batch of prompts becomes before decoding, the same for every generation engine:
+    the templated texts and, per prompt, the unpadded token ids the model is fed."""
+
+    texts: list[str]
+    ids: list[list[int]]
+    templated: bool               # the chat template was applied
+    add_special_tokens: bool      # whether the tokenizer added its own BOS/EOS to the texts
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Sequence[dict] | str], *, chat_template: bool = True,
+                   add_special_tokens: bool | None = None) -> PromptBatch:
+    """Template and tokenize prompts once, for every engine (transformers pads these texts; vLLM
+    receives these ids), so the two engines can only differ in how they decode, not in what they see."""
+    texts = [build_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
+    templated = chat_template and has_chat_template(tokenizer)
+    if add_special_tokens is None:
+        add_special_tokens = not templated  # a chat template already holds its special tokens
+    ids = [list(map(int, row)) for row in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]] \
+        if texts else []
+    return PromptBatch(texts=texts, ids=ids, templated=templated, add_special_tokens=add_special_tokens)
+
+
+def completion_from_ids(tokenizer, generated: Sequence[int], stop_ids: Sequence[int], *, prompt_text: str,
+                        templated: bool, stopped: bool | None = None) -> Completion:
+    """One ``Completion`` from the generated ids, the same way for every engine.
+
+    The reply ends at the first id in ``stop_ids`` (kept out of the text, counted in ``num_tokens``).
+    ``stopped=True`` (an engine reporting a stop whose token it did not return) counts one stop token
+    after the ids; ``stopped=False`` means the engine hit the token limit.
+    """
+    row = [int(t) for t in generated]
+    stop_set = {int(i) for i in stop_ids}
+    at = next((i for i, t in enumerate(row) if t in stop_set), None)
+    kept = row if at is None else row[:at]
+    finished = at is not None or bool(stopped)
+    opened = templated and opens_thinking(prompt_text)
+    return Completion(text=tokenizer.decode(kept, skip_special_tokens=True),
+                      num_tokens=len(kept) + (1 if finished else 0), finished=finished,
+                      thinking_tokens=count_thinking_tokens(tokenizer, kept, opened=opened), thinking_opened=opened)
+
+
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 512,
                    chat_template: bool = True, add_special_tokens: bool | None = None,
@@ -172,10 +215,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
         return []
     check_max_new_tokens(max_new_tokens)
     sampling = sampling or Sampling()
-    texts = [build_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
-    templated = chat_template and has_chat_template(tokenizer)
-    if add_special_tokens is None:
-        add_special_tokens = not templated  # a chat template already holds its special tokens
+    batch = encode_prompts(tokenizer, prompts, chat_template=chat_template, add_special_tokens=add_special_tokens)
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer, eos_ids)
     old_side = tokenizer.padding_side
@@ -183,7 +223,8 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
     try:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token_id = pad_id
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        enc = tokenizer(batch.texts, return_tensors="pt", padding=True,
+                        add_special_tokens=batch.add_special_tokens)
     finally:
         tokenizer.padding_side = old_side
     device = next(model.parameters()).device
@@ -198,16 +239,8 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
             torch.manual_seed(0 if seed is None else int(seed))
             out = model.generate(**kwargs)
     new = out[:, enc["input_ids"].shape[1]:].tolist()
-    results = []
-    for text_in, row in zip(texts, new):
-        stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
-        kept = row if stop is None else row[:stop]
-        opened = templated and opens_thinking(text_in)
-        results.append(Completion(
-            text=tokenizer.decode(kept, skip_special_tokens=True),
-            num_tokens=len(kept) + (0 if stop is None else 1), finished=stop is not None,
-            thinking_tokens=count_thinking_tokens(tokenizer, kept, opened=opened), thinking_opened=opened))
-    return results
+    return [completion_from_ids(tokenizer, row, eos_ids, prompt_text=text_in, templated=batch.templated)
+            for text_in, row in zip(batch.texts, new)]
 
 
 def generate_stream(model, tokenizer, messages: Sequence[dict] | str, *, max_new_tokens: int = 256,

@@ -265,17 +265,18 @@ def split_rows(rows: Sequence[dict], *, holdout: float = DEFAULT_HOLDOUT, limit:
 
 
 def evaluate_rows(model, rows: Sequence[dict], *, max_new_tokens: int, batch_size: int,
-                  chat_template: bool = True, device: str | None = None) -> dict:
+                  chat_template: bool = True, device: str | None = None, engine: str = "transformers") -> dict:
     """THE one call into ``acm.evaluate``: accuracy, length and per-level numbers of one model.
 
-    ``model`` is a folder / Hub id or a ``(name, model, tokenizer)`` tuple. Greedy, batched, the same
-    prompts and answer extraction as ``acm eval``. Only the keys used here are kept, so a change in
+    ``model`` is a folder / Hub id, a ``(name, model, tokenizer)`` tuple or a ``(name, engine)`` pair
+    (``acm.engines``). Greedy, batched, the same prompts and answer extraction as ``acm eval``, with
+    the generation ``engine`` asked for (transformers or vllm). Only the keys used here are kept, so a change in
     the evaluator's result dict needs a change in this function only.
     """
     from acm.evaluate import evaluate
 
     res = evaluate([model], list(rows), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                   chat_template=chat_template, device=device, show_progress=False)["models"][0]
+                   chat_template=chat_template, device=device, show_progress=False, engine=engine)["models"][0]
     acc, mean_len = float(res["accuracy"]), float(res["mean_length"])
     out = {"accuracy": acc, "mean_length": mean_len, "median_length": res.get("median_length"),
            "n": res.get("n", len(rows)), "truncated": res.get("truncated", 0),
@@ -290,6 +291,17 @@ def _load(spec: str, device: str | None):
     from acm.evaluate import load_model
 
     return load_model(spec, device=device)
+
+
+def _open_reference(spec: str, device: str | None, engine: str) -> tuple:
+    """A base / fine-tuned model opened once for both splits: ``(spec, model, tokenizer)`` for
+    transformers, ``(spec, engine)`` for vLLM (closed by the caller)."""
+    if engine == "transformers":
+        model, tok = _load(spec, device)
+        return spec, model, tok
+    from acm.engines import open_engine
+
+    return open_engine(engine, spec, device=device)
 
 
 def auto_threads(base: str) -> int | None:
@@ -428,7 +440,8 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
               chat_template: bool = True, objective: str = "shortest", tolerance: float = DEFAULT_TOLERANCE,
               keep: bool = False, restart: bool = False, budget_minutes: float | None = None,
               device: str | None = None, threads: int | None = None, progress: Progress | None = None,
-              show_progress: bool = True, should_stop: Callable[[], bool] | None = None) -> Iterator[dict]:
+              show_progress: bool = True, should_stop: Callable[[], bool] | None = None,
+              engine: str = "transformers") -> Iterator[dict]:
     """Run (or resume) a tune, yielding each record as it is written and finally the report.
 
     Yields ``{"kind": "reference" | "setting" | "holdout", ...}`` records and, last,
@@ -450,6 +463,9 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
         raise InputError(f"--budget-minutes must be > 0, got {budget_minutes}")
     if max_new_tokens < 1 or batch_size < 1:
         raise InputError(f"max new tokens and batch size must be >= 1, got {max_new_tokens} and {batch_size}")
+    from acm.engines import check_engine
+
+    engine = check_engine(engine, device=device)
     rows, data_label = load_eval_set(data, field_question=field_question, field_answer=field_answer, split=split)
     tune_rows, hold_rows = split_rows(rows, holdout=holdout, limit=limit, seed=seed)
     out = Path(out)
@@ -476,6 +492,8 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
                   "holdout": holdout, "limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
                   "chat_template": chat_template, "device": device,
                   "nmi": None if an is None else [[round(x, 6) for x in m.nmi] for m in an.models]}
+        if engine != "transformers":   # only then: runs written before engines existed keep their fingerprint
+            config["engine"] = engine
         fp = _fingerprint(config)
         previous = read_results(results)
         if previous:
@@ -485,7 +503,7 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
                                  "use another --out or pass --restart to start over")
         stream = _Stream(results)
         if not previous:
-            stream.write({"kind": "run", "fingerprint": fp, "config": config, "started": time.time()})
+            stream.write({"kind": "run", "fingerprint": fp, "config": config, "engine": engine, "started": time.time()})
             previous = []
         done = {(r.get("kind"), r.get("key"), r.get("split")): r for r in previous if r.get("kind") != "run"}
         resumed = sum(1 for r in previous if r.get("kind") == "setting")
@@ -526,19 +544,23 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
             if not pending:
                 continue
             t0 = time.perf_counter()
-            model, tok = _load(spec, device)
-            for split_name, split_rows_ in pending:
-                t1 = time.perf_counter()
-                m = evaluate_rows((spec, model, tok), split_rows_, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, chat_template=chat_template)
-                rec = {"kind": "reference", "key": role, "label": "base" if role == "base" else _short(spec),
-                       "model": spec, "split": split_name, **m, "seconds": round(time.perf_counter() - t1, 3)}
-                stream.write(rec)
-                done[("reference", role, split_name)] = rec
-                tick(f"{role} on the {split_name} split", time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                yield rec
-            del model, tok
+            loaded = _open_reference(spec, device, engine)
+            try:
+                for split_name, split_rows_ in pending:
+                    t1 = time.perf_counter()
+                    m = evaluate_rows(loaded, split_rows_, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size, chat_template=chat_template, engine=engine)
+                    rec = {"kind": "reference", "key": role, "label": "base" if role == "base" else _short(spec),
+                           "model": spec, "split": split_name, **m, "seconds": round(time.perf_counter() - t1, 3)}
+                    stream.write(rec)
+                    done[("reference", role, split_name)] = rec
+                    tick(f"{role} on the {split_name} split", time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    yield rec
+            finally:
+                if len(loaded) == 2:   # an engine (vLLM) holds the GPU until closed, even on a cancelled run
+                    loaded[1].close()
+                del loaded
         # 2. the grid, on the tune split (temporary merges of a killed run are removed first)
         for stale in out.glob(".tmp-merges-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -555,7 +577,7 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
                 folder = _merge(base, fts, s, an, out if keep else tmp_root, threads=threads, device=device)
                 try:
                     m = evaluate_rows(str(folder), tune_rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                      chat_template=chat_template, device=device)
+                                      chat_template=chat_template, device=device, engine=engine)
                 finally:
                     if not keep:
                         shutil.rmtree(folder, ignore_errors=True)
@@ -575,7 +597,7 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
                 t0 = time.perf_counter()
                 folder = _merge(base, fts, s, an, tmp_root, threads=threads, device=device)
                 m = evaluate_rows(str(folder), hold_rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  chat_template=chat_template, device=device)
+                                  chat_template=chat_template, device=device, engine=engine)
                 shutil.rmtree(folder, ignore_errors=True)
                 rec = {"kind": "holdout", "key": key, "label": s.label(), "setting": s.to_dict(), "split": "holdout",
                        **m, "seconds": round(time.perf_counter() - t0, 3)}
@@ -588,7 +610,7 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
             bar.close()
         report = build_report(list(done.values()), settings, objective=objective, tolerance=tolerance)
         report.update(stopped=stopped, resumed=resumed, analysis=an_label, data=data_label, threads=threads,
-                      seconds=round(time.perf_counter() - t_start, 1), max_new_tokens=max_new_tokens)
+                      seconds=round(time.perf_counter() - t_start, 1), max_new_tokens=max_new_tokens, engine=engine)
         write_report(report, out)
         yield {"kind": "report", **report}
     finally:
@@ -655,6 +677,8 @@ def build_report(records: Sequence[dict], settings: Sequence[Setting] | None = N
 def report_markdown(report: dict) -> str:
     """``frontier.md``: the held-out result first, then every setting (frontier ones in bold)."""
     lines = [f"# Tune report — objective: {report['objective']} (tolerance {report['tolerance']:g})", ""]
+    if report.get("engine"):
+        lines += [f"Generation engine: {report['engine']}.", ""]
     r = report["recommended"]
     refs = report["references"]
     if r.get("key"):

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from acm.engines import ENGINES
 from acm.errors import InputError
 
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -52,6 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-replies", default=None, metavar="FILE",
                    help="also write every reply as .jsonl (the --predictions format)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA in bfloat16 when available)")
+    p.add_argument("--engine", choices=ENGINES, default="transformers",
+                   help="generation engine: transformers (default) or vllm (optional: pip install vllm, needs a CUDA "
+                        "GPU; same prompts, stop tokens and grading; unverified, see README)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights (unsafe)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the folder (unsafe)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -75,6 +79,9 @@ def _check(args: argparse.Namespace) -> None:
         raise InputError("--preset-source needs --preset")
     if args.tokenizer:
         raise InputError("--tokenizer is for --predictions; a model's own tokenizer is used when generating")
+    from acm.engines import check_engine
+
+    check_engine(args.engine, device=args.device)   # before any model or data is loaded
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                           seed=args.seed, use_generation_config=args.generation_config,
                           fast_path=not args.no_fast_path, save_replies=args.save_replies,
                           trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-                          device=args.device)
+                          device=args.device, engine=args.engine)
     save_results(result, args.out)
     for m in result["models"]:
         keys = ("model", "accuracy", "mean_length", "median_length", "n", "replies", "truncated",

@@ -10,6 +10,7 @@ from acm.errors import InputError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from acm.engines import ENGINES
     from acm.tune import DEFAULT_HOLDOUT, DEFAULT_TOLERANCE, MAX_SETTINGS, OBJECTIVES
 
     p = subparsers.add_parser(
@@ -61,6 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep every merged model under OUT/")
     p.add_argument("--restart", action="store_true", help="discard OUT/tune.jsonl and start over")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
+    p.add_argument("--engine", choices=ENGINES, default="transformers",
+                   help="generation engine for every evaluation: transformers (default) or vllm (optional: pip "
+                        "install vllm, needs a CUDA GPU; unverified, see README)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for models under 200 MB, else torch's default)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (tune.jsonl, frontier.json/.md)")
@@ -75,13 +79,16 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.max_settings < 1:
         raise InputError(f"--max-settings must be at least 1, got {args.max_settings}")
+    from acm.engines import check_engine
+
+    check_engine(args.engine, device=args.device)   # before the analysis or any merge
     with contextlib.suppress(Exception):   # one tqdm bar for the run, not one per model load (cosmetic)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     grid = expand_grid(args.methods, args.alphas, args.ts, args.densities, args.drop_rates, plain=not args.no_plain,
                        max_settings=args.max_settings)
-    print(f"tune: {len(grid)} settings -> {args.out}/tune.jsonl")
+    print(f"tune: {len(grid)} settings -> {args.out}/tune.jsonl (engine: {args.engine})")
 
     def show(rec: dict) -> None:
         if rec["kind"] == "resumed":
@@ -95,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       chat_template=not args.no_chat_template, objective=args.objective, tolerance=args.tolerance,
                       keep=args.keep, restart=args.restart, budget_minutes=args.budget_minutes, device=args.device,
-                      threads=args.threads, on_record=show)
+                      threads=args.threads, engine=args.engine, on_record=show)
     rec = report["recommended"]
     if rec.get("key"):
         h = rec.get("holdout")
