@@ -584,6 +584,7 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
                 t0 = time.perf_counter()
                 folder = _merge(base, fts, s, an, out if keep else tmp_root, threads=threads, device=device,
                                 calibration=calibration, samples=samples)
+                extra = _rule_fields(folder)
                 try:
                     m = evaluate_rows(str(folder), tune_rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                       chat_template=chat_template, device=device)
@@ -591,7 +592,7 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
                     if not keep:
                         shutil.rmtree(folder, ignore_errors=True)
                 rec = {"kind": "setting", "key": s.key(), "label": s.label(), "setting": s.to_dict(), "split": "tune",
-                       **m, "seconds": round(time.perf_counter() - t0, 3)}
+                       **m, **extra, "seconds": round(time.perf_counter() - t0, 3)}
                 if keep:
                     rec["folder"] = str(folder)
                 stream.write(rec)
@@ -633,6 +634,15 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
 def _short(spec: str) -> str:
     s = str(spec).rstrip("/\\")
     return Path(s).name if os.path.sep in s else s
+
+
+def _rule_fields(folder: Path) -> dict:
+    """A rule-rescaled merge's per-group s and kept fraction (from its recipe), for the record."""
+    try:
+        rule = json.loads((Path(folder) / "acm_recipe.json").read_text(encoding="utf-8")).get("rule") or {}
+    except (OSError, ValueError):
+        return {}
+    return {"rule_s": rule["s"], "rule_kept": rule["scale"]} if rule.get("s") else {}
 
 
 def _merge(base: str, fts: list[str], s: Setting, analysis, where: Path, *, threads, device,

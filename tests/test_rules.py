@@ -203,3 +203,61 @@ def test_bad_rule_input_is_one_line_and_writes_nothing(pair, tmp_path, capsys, e
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("acm merge: error: ") and message in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- tune / sweep
+
+
+def test_tune_grid_has_a_rules_dimension():
+    from acm.tune import Setting, expand_grid
+
+    old = expand_grid(["ties"], [0.7], [1.0], [0.7])
+    assert [s.key() for s in old] == ["ties|a=0.7|t=-|d=0.7|p=-", "ties|a=0.7|t=1|d=0.7|p=-"]   # keys as before
+    grid = expand_grid(["ta", "ties"], [0.7], [1.0], [0.7], rules=["softmax", "sigmoid"], thetas=[0.7, 5],
+                       estimators=["labels", "binned"])
+    sig = [s for s in grid if s.rule == "sigmoid"]
+    assert len(grid) == 2 * (2 + 4) and len(sig) == 8 and all(s.t is None and not s.acm for s in sig)
+    assert len({s.key() for s in grid}) == len(grid)
+    s = next(x for x in sig if x.method == "ties" and x.theta == 5 and x.estimator == "binned")
+    assert s.label() == "TIES (α=0.7, d=0.7) + sigmoid (θ=5, binned)"
+    assert Setting.from_dict(s.to_dict()) == s
+    only = expand_grid(["ties"], [0.7], [1.0, 2.0], [0.7], rules=["sigmoid"])
+    assert [x.rule for x in only] == [None, "sigmoid"]                   # the plain point + its rescaled twin
+    with pytest.raises(InputError, match="unknown coefficient rule"):
+        expand_grid(["ties"], [0.7], [1.0], [0.7], rules=["cosine"])
+    with pytest.raises(InputError, match="θ must be in"):
+        expand_grid(["ties"], [0.7], [1.0], [0.7], rules=["sigmoid"], thetas=[-1])
+
+
+def test_demo_sweep_preset_compares_rules():
+    from acm.demo.sweep import label, markdown, settings
+
+    grid = settings([0.7], [1.0], [0.7], rules=("softmax", "sigmoid"), thetas=(0.7,), estimators=("labels", "binned"))
+    labels = [label(s) for s in grid]
+    assert labels == ["TA (α=0.7)", "ACM-TA (α=0.7, t=1)", "TA (α=0.7) + sigmoid (θ=0.7, labels)",
+                      "TA (α=0.7) + sigmoid (θ=0.7, binned)", "TIES (α=0.7, d=0.7)", "ACM-TIES (α=0.7, d=0.7, t=1)",
+                      "TIES (α=0.7, d=0.7) + sigmoid (θ=0.7, labels)", "TIES (α=0.7, d=0.7) + sigmoid (θ=0.7, binned)"]
+    row = {"model": "x", "accuracy": 0.5, "mean_length": 4.0, "acc_per_1k_tokens": 125.0, "per_level": {}}
+    table = markdown([row, {**row, "kept": {"embed": 0.5, "head": 0.7}}])
+    assert "kept (1 − s)" in table and "0.60 (0.50–0.70)" in table and "| x | — | 0.500" in table
+    assert "kept" not in markdown([row])                                  # softmax-only tables unchanged
+
+
+def test_tune_runs_a_sigmoid_setting_and_records_its_scales(tmp_path, one_torch_thread):  # noqa: F811
+    """A grid with the sigmoid rule on the demo pair: merged in one call per setting, s recorded, nothing left."""
+    from acm.tune import expand_grid, read_results, run_tune
+
+    root = Path(__file__).resolve().parents[1] / "assets"
+    base, long = root / "demo-models" / "tiny-math-base", root / "demo-models" / "tiny-math-long"
+    if not (base / "config.json").is_file():
+        pytest.skip("demo models not built")
+    grid = expand_grid(["ta"], [0.7], [], [], rules=["sigmoid"], estimators=["binned"])
+    report = run_tune(str(base), [str(long)], tmp_path, grid, limit=4, holdout=0.0, max_new_tokens=8,
+                      samples=4, show_progress=False)
+    assert report["complete"] and report["done"] == 2
+    recs = {r["key"]: r for r in read_results(tmp_path / "tune.jsonl") if r.get("kind") == "setting"}
+    sig = recs["task_arithmetic|a=0.7|t=-|d=-|p=-|r=sigmoid|th=0.7|e=binned"]
+    assert set(sig["rule_kept"]) == {"embed", *(f"block.{i}" for i in range(6)), "head"}
+    assert all(0.5 <= v < 1 for v in sig["rule_kept"].values())
+    assert "rule_kept" not in recs["task_arithmetic|a=0.7|t=-|d=-|p=-"]
+    assert not list(tmp_path.glob(".tmp-merges-*")) and not (tmp_path / "analysis.json").exists()

@@ -67,19 +67,24 @@ def _row(name: str, m: dict, ref_long: float | None) -> dict:
                          for k, v in m.get("per_level", {}).items()}}
     if ref_long:
         row["length_cut_vs_long"] = round(1 - m["mean_length"] / ref_long, 4)
+    if m.get("rule_kept"):   # sigmoid rule: the fraction of each layer group's delta the merge kept
+        row["kept"] = m["rule_kept"]
     return row
 
 
 def markdown(rows: list[dict]) -> str:
     levels = sorted({k for r in rows for k in r["per_level"]}, key=float)
-    head = ("| model | accuracy | mean length | length cut vs long | acc. per 1k tokens | "
-            + " | ".join(f"L{k} acc" for k in levels) + " |")
-    sep = "|" + "---|" * (5 + len(levels))
+    kept = any(r.get("kept") for r in rows)   # a column only when a rule rescaled some merge
+    head = ("| model | " + ("kept (1 − s): mean (range) | " if kept else "") + "accuracy | mean length | "
+            "length cut vs long | acc. per 1k tokens | " + " | ".join(f"L{k} acc" for k in levels) + " |")
+    sep = "|" + "---|" * (5 + kept + len(levels))
     lines = [head, sep]
     for r in rows:
         cut = r.get("length_cut_vs_long")
+        k = list((r.get("kept") or {}).values())
+        kcol = ((f"{sum(k) / len(k):.2f} ({min(k):.2f}–{max(k):.2f}) | " if k else "— | ") if kept else "")
         lines.append(
-            f"| {r['model']} | {r['accuracy']:.3f} | {r['mean_length']:.1f} | "
+            f"| {r['model']} | {kcol}{r['accuracy']:.3f} | {r['mean_length']:.1f} | "
             f"{'' if cut is None else f'{100 * cut:.0f}%'} | {r['acc_per_1k_tokens']:.2f} | "
             + " | ".join(f"{r['per_level'][k]['accuracy']:.2f}" for k in levels) + " |")
     return "\n".join(lines) + "\n"
