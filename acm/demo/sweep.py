@@ -3,7 +3,9 @@
 ``python -m acm.demo.sweep --out results_dir`` is a preset of ``acm tune`` (``acm.tune``) for the
 demo pair: the analysis once, task arithmetic and TIES (plain and ACM, several α / t / density),
 every model evaluated greedily on the first ``--limit`` bundled problems (no held-out split), then
-``sweep.json`` plus ``table.md`` (the table in the README's "Demo results"). Merged folders are
+``sweep.json`` plus ``table.md`` (the table in the README's "Demo results"). ``--rules softmax sigmoid``
+adds, per plain point, the sigmoid coefficient rule (``acm.rules``) at each ``--thetas`` × ``--rule-estimators``
+(README "Softmax vs sigmoid rule"). Merged folders are
 temporary; only numbers are kept, streamed to ``tune.jsonl`` so a killed sweep resumes.
 """
 
