@@ -144,15 +144,27 @@ def reproduce_command(rec: dict, out: str | None = None, *, display: bool = Fals
     if rule.get("key") == "sigmoid":
         cal = (rule.get("calibration") or {})
         parts += ["--rule", "sigmoid", "--theta", _fmt(rule.get("theta")), "--rule-estimator",
-                  str(rule.get("estimator")), "--calibration", str(cal.get("source") or "bundled")]
+                  str(rule.get("estimator")), "--calibration", _calibration_arg(cal.get("source"), name)]
+        if rule.get("estimator") == "binned" and rule.get("bins") not in (None, 64):
+            parts += ["--rule-bins", str(rule["bins"])]
+        if rule.get("max_values") not in (None, 1 << 18):
+            parts += ["--rule-max-values", str(rule["max_values"])]
         if cal.get("requested_samples"):
             parts += ["--samples", str(cal["requested_samples"])]
+        if cal.get("max_tokens") not in (None, 512):
+            parts += ["--max-tokens", str(cal["max_tokens"])]
     if o.get("dtype"):
         parts += ["--dtype", str(o["dtype"])]
     if o.get("tokenizer_from") and o["tokenizer_from"] != "base":
         parts += ["--tokenizer-from", str(o["tokenizer_from"])]
     parts += ["--out", out or rec.get("name") or "merged"]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _calibration_arg(source: Any, name) -> str:
+    """A recorded calibration source as a ``--calibration`` value (``bundled:<file>`` → ``bundled``)."""
+    src = str(source or "bundled")
+    return "bundled" if src.startswith("bundled:") else name(src)
 
 
 def rule_section(rec: dict) -> list[str]:
@@ -171,7 +183,8 @@ def rule_section(rec: dict) -> list[str]:
             "between half and all of its delta.", "",
             _table(["parameter", "value"], [["θ", rule.get("theta")], ["MI estimator", est_text],
                                             ["values per sample and point", rule.get("max_values")],
-                                            ["calibration", cal.get("source")], ["samples", cal.get("samples")]]),
+                                            ["calibration", _calibration_arg(cal.get("source"), display_name)],
+                                            ["samples", cal.get("samples")]]),
             "", _table(["group", "s", "delta kept (1 − s)"], [[g, s[g], scale.get(g)] for g in s]), ""]
 
 

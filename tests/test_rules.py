@@ -175,6 +175,7 @@ def test_two_stage_command_end_to_end(pair, tmp_path, capsys, estimator, one_tor
     assert not [p for p in tmp_path.iterdir() if p.name != "final"]            # no temp dir left next to it
     card = (out / "README.md").read_text()
     assert "sigmoid rule" in card and "derivative" in card and "--rule sigmoid" in card
+    assert "--calibration cal.jsonl --samples 5 --max-tokens 16" in card and str(Path(cal).parent) not in card
     # The final weights are base + (1 − s_g)·(plain merge − base), tensor by tensor.
     plain = tmp_path / "plain"
     merge_models(base, [ft], plain, MergeOptions(method="ties", alpha=0.7, density=0.7), show_progress=False)
