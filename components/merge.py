@@ -233,7 +233,8 @@ def build() -> SimpleNamespace:
     with gr.Accordion("Merge report (JSON)", open=False):
         report = gr.JSON()
     from components import rules
-    return SimpleNamespace(rule=rules.build(), acm_status=acm_status, method=method, mode=mode, t=t, alpha=alpha, density=density,
+    rule = rules.build()   # the sigmoid coefficient rule's panel and button (components/rules.py)
+    return SimpleNamespace(rule=rule, acm_status=acm_status, method=method, mode=mode, t=t, alpha=alpha, density=density,
                            trim_scope=trim_scope,
                            drop_rate=drop_rate, seed=seed, tokenizer_from=tokenizer_from, merge_btn=merge_btn,
                            summary=summary, table=table,

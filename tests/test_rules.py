@@ -190,6 +190,7 @@ def test_two_stage_command_end_to_end(pair, tmp_path, capsys, estimator, one_tor
 
 @pytest.mark.parametrize("extra, message", [
     (["--theta", "0.5"], "--theta belongs to the sigmoid rule"),
+    (["--max-tokens", "8"], "--max-tokens belongs to the sigmoid rule"),
     (["--rule", "sigmoid"], "needs --calibration"),
     (["--rule", "sigmoid", "--calibration", "bundled", "--theta", "-1"], "θ must be in"),
     (["--rule", "sigmoid", "--calibration", "bundled", "--rule-estimator", "knn"], "estimator must be one of"),

@@ -54,7 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     rules.add_argument("--field", default=None, help="sigmoid rule: calibration text field")
     rules.add_argument("--samples", type=int, default=None,
                        help="sigmoid rule: calibration samples (default: 10%% of each of 20 k-means clusters)")
-    rules.add_argument("--max-tokens", type=int, default=512, help="sigmoid rule: tokens per sample (default 512)")
+    rules.add_argument("--max-tokens", type=int, default=None, help="sigmoid rule: tokens per sample (default 512)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="output dtype (default: the base's)")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
 _SIGMOID_ONLY = (("--theta", "theta"), ("--rule-estimator", "rule_estimator"), ("--rule-bins", "rule_bins"),
                  ("--rule-max-values", "rule_max_values"), ("--calibration", "calibration"), ("--field", "field"),
-                 ("--samples", "samples"))
+                 ("--samples", "samples"), ("--max-tokens", "max_tokens"))
 
 
 def _rule_args(args: argparse.Namespace) -> dict | None:
@@ -180,7 +180,7 @@ def _rule_args(args: argparse.Namespace) -> dict | None:
                             "max_values": args.rule_max_values})
     if args.samples is not None and args.samples < 1:
         raise InputError(f"--samples must be >= 1, got {args.samples}")
-    if args.max_tokens < 1:
+    if args.max_tokens is not None and args.max_tokens < 1:
         raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     return params
 
@@ -199,7 +199,7 @@ def _run_sigmoid(args: argparse.Namespace, options, params: dict) -> int:
 
     result = merge_with_sigmoid_rule(
         args.base, args.ft, args.out, options, calibration=args.calibration, field=args.field, samples=args.samples,
-        max_tokens=args.max_tokens, seed=args.seed, force=args.force, allow_pickle=args.allow_pickle,
+        max_tokens=args.max_tokens or 512, seed=args.seed, force=args.force, allow_pickle=args.allow_pickle,
         analysis_device=None if args.device in (None, "", "auto") else args.device,
         progress=None if tty else progress, show_progress=tty, **params)
     report = result.merge
