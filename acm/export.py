@@ -140,12 +140,52 @@ def reproduce_command(rec: dict, out: str | None = None, *, display: bool = Fals
         parts += ["--weights", *[_fmt(w) for w in o["weights"]]]
     if rec.get("acm") and rec.get("acm_analysis"):
         parts += ["--acm", "analysis.json", "--t", _fmt(rec["acm_analysis"].get("t"))]
+    rule = rec.get("rule") or {}
+    if rule.get("key") == "sigmoid":
+        cal = (rule.get("calibration") or {})
+        parts += ["--rule", "sigmoid", "--theta", _fmt(rule.get("theta")), "--rule-estimator",
+                  str(rule.get("estimator")), "--calibration", _calibration_arg(cal.get("source"), name)]
+        if rule.get("estimator") == "binned" and rule.get("bins") not in (None, 64):
+            parts += ["--rule-bins", str(rule["bins"])]
+        if rule.get("max_values") not in (None, 1 << 18):
+            parts += ["--rule-max-values", str(rule["max_values"])]
+        if cal.get("requested_samples"):
+            parts += ["--samples", str(cal["requested_samples"])]
+        if cal.get("max_tokens") not in (None, 512):
+            parts += ["--max-tokens", str(cal["max_tokens"])]
     if o.get("dtype"):
         parts += ["--dtype", str(o["dtype"])]
     if o.get("tokenizer_from") and o["tokenizer_from"] != "base":
         parts += ["--tokenizer-from", str(o["tokenizer_from"])]
     parts += ["--out", out or rec.get("name") or "merged"]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _calibration_arg(source: Any, name) -> str:
+    """A recorded calibration source as a ``--calibration`` value (``bundled:<file>`` → ``bundled``)."""
+    src = str(source or "bundled")
+    return "bundled" if src.startswith("bundled:") else name(src)
+
+
+def rule_section(rec: dict) -> list[str]:
+    """The model card's lines for a coefficient rule applied after the merge (``acm.rules``), if any."""
+    rule = rec.get("rule") or {}
+    if rule.get("key") != "sigmoid":
+        return []
+    s, scale = rule.get("s") or {}, rule.get("scale") or {}
+    cal = rule.get("calibration") or {}
+    est = rule.get("estimator")
+    est_text = ("scikit-learn `mutual_info_score` of the flattened bf16 values taken as discrete labels"
+                if est == "labels" else f"this project's {rule.get('bins')}-bin joint histogram, per sample")
+    return ["## Coefficient rule: sigmoid (applied after the merge)", "",
+            f"{rule.get('formula', '')}. Source: {rule.get('source', '')}. The merge above was the plain stage 1; "
+            "the final weights are base + (1 − s_g)·(stage-1 merge − base) per layer group g, so every group keeps "
+            "between half and all of its delta.", "",
+            _table(["parameter", "value"], [["θ", rule.get("theta")], ["MI estimator", est_text],
+                                            ["values per sample and point", rule.get("max_values")],
+                                            ["calibration", _calibration_arg(cal.get("source"), display_name)],
+                                            ["samples", cal.get("samples")]]),
+            "", _table(["group", "s", "delta kept (1 − s)"], [[g, s[g], scale.get(g)] for g in s]), ""]
 
 
 def _provenance_lines(prov: Any, prefix: str = "") -> list[str]:
@@ -168,6 +208,8 @@ def model_card(rec: dict) -> str:
     method = rec.get("method", "")
     acm = rec.get("acm_analysis") if rec.get("acm") else None
     label = ("ACM-" if acm else "") + METHOD_NAMES.get(method, method)
+    if (rec.get("rule") or {}).get("key") == "sigmoid":
+        label += " + sigmoid rule"
     front = {"base_model": [base] + models, "base_model_relation": "merge", "library_name": "transformers",
              "tags": ["merge", "acm"]}
     name = rec.get("name") or "merged model"
@@ -205,6 +247,7 @@ def model_card(rec: dict) -> str:
                 for k, g in enumerate(acm["groups"])]
         out += ["NMI between base and fine-tuned activations per group (from the analysis):", "",
                 _table(["group"] + [display_name(n) for n in names], rows), ""]
+    out += rule_section(rec)
     if acm:
         out += ["## ACM analysis provenance", ""]
         if acm.get("source"):

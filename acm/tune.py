@@ -58,6 +58,9 @@ class Setting:
     t: float | None = None
     density: float | None = None      # TIES / DARE-TIES
     drop_rate: float | None = None    # DARE
+    rule: str | None = None           # None/"softmax": λ from t (or plain); "sigmoid": acm.rules' sigmoid rule
+    theta: float | None = None        # sigmoid rule θ
+    estimator: str | None = None      # sigmoid rule per-sample MI estimator
 
     @property
     def acm(self) -> bool:
@@ -67,7 +70,10 @@ class Setting:
         """Stable id (used to resume and to pick a point)."""
         def f(v):
             return "-" if v is None else f"{float(v):g}"
-        return f"{self.method}|a={f(self.alpha)}|t={f(self.t)}|d={f(self.density)}|p={f(self.drop_rate)}"
+        key = f"{self.method}|a={f(self.alpha)}|t={f(self.t)}|d={f(self.density)}|p={f(self.drop_rate)}"
+        if self.rule == "sigmoid":   # softmax keys stay as before, so older tune.jsonl files resume
+            key += f"|r=sigmoid|th={f(self.theta)}|e={self.estimator}"
+        return key
 
     def label(self) -> str:
         """``ACM-TIES (α=0.7, d=0.7, t=1)`` — the same labels as the README tables."""
@@ -79,6 +85,8 @@ class Setting:
             parts.append(f"p={self.drop_rate:g}")
         if self.t is not None:
             parts.append(f"t={self.t:g}")
+        if self.rule == "sigmoid":
+            return f"{name} ({', '.join(parts)}) + sigmoid (θ={self.theta:g}, {self.estimator})"
         return f"{name} ({', '.join(parts)})"
 
     def to_dict(self) -> dict:
@@ -89,7 +97,9 @@ class Setting:
         return cls(method=str(d["method"]), alpha=float(d["alpha"]),
                    t=None if d.get("t") is None else float(d["t"]),
                    density=None if d.get("density") is None else float(d["density"]),
-                   drop_rate=None if d.get("drop_rate") is None else float(d["drop_rate"]))
+                   drop_rate=None if d.get("drop_rate") is None else float(d["drop_rate"]),
+                   rule=d.get("rule"), theta=None if d.get("theta") is None else float(d["theta"]),
+                   estimator=d.get("estimator"))
 
     def merge_options(self, **extra):
         """The ``MergeOptions`` of this point (library defaults for what the grid does not set)."""
@@ -132,13 +142,31 @@ def parse_values(text: str | Sequence | None) -> list[str]:
 
 
 def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence = (), densities: Sequence = (),
-                drop_rates: Sequence = (), *, plain: bool = True,
+                drop_rates: Sequence = (), *, plain: bool = True, rules: Sequence[str] = ("softmax",),
+                thetas: Sequence = (0.7,), estimators: Sequence[str] = ("labels",),
                 max_settings: int = MAX_SETTINGS) -> list[Setting]:
-    """Every (method, α, density/drop rate) plain (if ``plain``) and with ACM at each t.
+    """Every (method, α, density/drop rate) plain (if ``plain``) and with each coefficient rule.
 
-    t = 0 is bit-for-bit the plain method, so with ``plain`` it is not run twice. Bad grids
-    (empty, out of range, too many settings) raise one InputError line.
+    ``rules`` (``acm.rules``): ``softmax`` adds ACM at each t; ``sigmoid`` adds, per point, the
+    sigmoid rule at each θ × estimator on top of that point's plain merge. t = 0 is bit-for-bit the
+    plain method, so with ``plain`` it is not run twice. Bad grids (empty, out of range, too many
+    settings) raise one InputError line.
     """
+    from acm.rules import get_rule
+
+    rule_keys: list[str] = []
+    for r in rules or ("softmax",):
+        k = get_rule(r).key
+        if k not in rule_keys:
+            rule_keys.append(k)
+    sig_points: list[tuple[float, str]] = []
+    if "sigmoid" in rule_keys:
+        sig = get_rule("sigmoid")
+        th = [sig.param("theta").check(v) for v in (thetas or [sig.defaults()["theta"]])]
+        es = [sig.param("estimator").check(v) for v in (estimators or [sig.defaults()["estimator"]])]
+        sig_points = [(a, e) for a in dict.fromkeys(th) for e in dict.fromkeys(es)]
+    if "softmax" not in rule_keys:
+        ts = ()
     ms = []
     for m in methods or []:
         name = METHOD_ALIASES.get(str(m).strip().lower(), str(m).strip().lower())
@@ -155,7 +183,7 @@ def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence = (), den
     if not alphas_:
         raise InputError("empty grid: give at least one α")
     ts_ = _values("t", ts, *T_RANGE)
-    if not ts_ and not plain:
+    if not ts_ and not plain and not sig_points:
         raise InputError("empty grid: give at least one t, or include the plain method")
     dens = _values("density", densities, 0.0, 1.0, lo_open=True)
     drops = _values("drop rate", drop_rates, 0.0, 1.0, hi_open=True)
@@ -172,6 +200,8 @@ def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence = (), den
             for d in d_opts:
                 for p in p_opts:
                     out.extend(Setting(m, a, t, d, p) for t in t_points)
+                    out.extend(Setting(m, a, None, d, p, rule="sigmoid", theta=th, estimator=e)
+                               for th, e in sig_points)
     if max_settings is not None and len(out) > max_settings:
         raise InputError(f"the grid has {len(out)} settings, more than the maximum of {max_settings}; "
                          "use fewer values (or raise --max-settings)")
@@ -574,7 +604,9 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
                 if stopped:
                     break
                 t0 = time.perf_counter()
-                folder = _merge(base, fts, s, an, out if keep else tmp_root, threads=threads, device=device)
+                folder = _merge(base, fts, s, an, out if keep else tmp_root, threads=threads, device=device,
+                                calibration=calibration, samples=samples)
+                extra = _rule_fields(folder)
                 try:
                     m = evaluate_rows(str(folder), tune_rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                       chat_template=chat_template, device=device, engine=engine)
@@ -582,7 +614,7 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
                     if not keep:
                         shutil.rmtree(folder, ignore_errors=True)
                 rec = {"kind": "setting", "key": s.key(), "label": s.label(), "setting": s.to_dict(), "split": "tune",
-                       **m, "seconds": round(time.perf_counter() - t0, 3)}
+                       **m, **extra, "seconds": round(time.perf_counter() - t0, 3)}
                 if keep:
                     rec["folder"] = str(folder)
                 stream.write(rec)
@@ -595,7 +627,8 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
             if hold_rows and key is not None and stopped != "cancelled" and ("holdout", key, "holdout") not in done:
                 s = Setting.from_dict(report["recommended"]["setting"])
                 t0 = time.perf_counter()
-                folder = _merge(base, fts, s, an, tmp_root, threads=threads, device=device)
+                folder = _merge(base, fts, s, an, tmp_root, threads=threads, device=device,
+                                calibration=calibration, samples=samples)
                 m = evaluate_rows(str(folder), hold_rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                   chat_template=chat_template, device=device, engine=engine)
                 shutil.rmtree(folder, ignore_errors=True)
@@ -625,16 +658,34 @@ def _short(spec: str) -> str:
     return Path(s).name if os.path.sep in s else s
 
 
-def _merge(base: str, fts: list[str], s: Setting, analysis, where: Path, *, threads, device) -> Path:
-    """Merge one setting into a fresh folder under ``where`` (plain or ACM via ``lambdas_by_group``)."""
+def _rule_fields(folder: Path) -> dict:
+    """A rule-rescaled merge's per-group s and kept fraction (from its recipe), for the record."""
+    try:
+        rule = json.loads((Path(folder) / "acm_recipe.json").read_text(encoding="utf-8")).get("rule") or {}
+    except (OSError, ValueError):
+        return {}
+    return {"rule_s": rule["s"], "rule_kept": rule["scale"]} if rule.get("s") else {}
+
+
+def _merge(base: str, fts: list[str], s: Setting, analysis, where: Path, *, threads, device,
+           calibration: str | None = None, samples: int | None = None) -> Path:
+    """Merge one setting into a fresh folder under ``where`` (plain, ACM via ``lambdas_by_group``, or the
+    sigmoid rule's one-call two-stage workflow)."""
     from acm.coefficients import lambdas_by_group
     from acm.merge import merge_models
 
+    folder = Path(where) / ("merge-" + "".join(c if c.isalnum() or c in ".-=" else "_" for c in s.key()))
+    if s.rule == "sigmoid":
+        from acm.sigmoid_rule import merge_with_sigmoid_rule
+
+        merge_with_sigmoid_rule(base, fts, folder, s.merge_options(threads=threads, device=device),
+                                calibration=calibration or "bundled", samples=samples, theta=s.theta,
+                                estimator=s.estimator, analysis_device=device, force=True, show_progress=False)
+        return folder
     lams = acm = None
     if s.acm:
         lams = lambdas_by_group(analysis, s.t, alpha=s.alpha)
         acm = {"analysis": analysis.provenance, "t": s.t, "alpha": s.alpha}
-    folder = Path(where) / ("merge-" + "".join(c if c.isalnum() or c in ".-=" else "_" for c in s.key()))
     merge_models(base, fts, folder, s.merge_options(threads=threads, device=device), lambdas=lams, acm=acm,
                  force=True, show_progress=False)
     return folder

@@ -356,6 +356,7 @@ def wire(ui) -> None:
         ui.demo.load(start_prewarm, [m.base, m.fts], None, api_visibility="private", queue=False,
                      show_progress="hidden")
     # Columns follow the chosen models and the latest merge.
-    ui.merge_event.then(relayout, layout_inputs, layout_outputs, api_visibility="private", queue=False)
+    for event in (ui.merge_event, *[e for e in [getattr(ui, "rule_merge_event", None)] if e is not None]):
+        event.then(relayout, layout_inputs, layout_outputs, api_visibility="private", queue=False)
     gr.on([m.base.change, m.fts.change], relayout, layout_inputs, layout_outputs, api_visibility="private",
           queue=False)

@@ -232,7 +232,9 @@ def build() -> SimpleNamespace:
         table = gr.Dataframe(interactive=False, max_height=320)
     with gr.Accordion("Merge report (JSON)", open=False):
         report = gr.JSON()
-    return SimpleNamespace(acm_status=acm_status, method=method, mode=mode, t=t, alpha=alpha, density=density,
+    from components import rules
+    rule = rules.build()   # the sigmoid coefficient rule's panel and button (components/rules.py)
+    return SimpleNamespace(rule=rule, acm_status=acm_status, method=method, mode=mode, t=t, alpha=alpha, density=density,
                            trim_scope=trim_scope,
                            drop_rate=drop_rate, seed=seed, tokenizer_from=tokenizer_from, merge_btn=merge_btn,
                            summary=summary, table=table,
@@ -281,6 +283,8 @@ def wire(ui) -> None:
          a.clip_min, a.clip_max, m.device, m.dtype, m.trust, g.tokenizer_from],
         [g.summary, g.table, g.report], api_name="merge", concurrency_id="heavy", concurrency_limit=1,
         show_progress_on=[g.summary])
+    from components import rules
+    rules.wire(ui)
 
 
 def _jsonable(obj):

@@ -36,6 +36,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--t", type=float, default=None, help="ACM sharpness t >= 0 (t = 0 is the plain method)")
     p.add_argument("--clip-min", type=float, default=None, help="ACM: clip λ from below (after the formula)")
     p.add_argument("--clip-max", type=float, default=None, help="ACM: clip λ from above (after the formula)")
+    rules = p.add_argument_group(
+        "coefficient rule", "softmax (default) is the ACM rule above (--acm/--t). sigmoid runs the whole two-stage "
+        "workflow in one command: the plain merge given by --method/--alpha/…, per-sample MI between base and "
+        "merged activations on --calibration, then each layer group keeps 1 − s of its delta (from a public "
+        "derivative of the authors' code, not the paper; README \"Coefficient rules\")")
+    rules.add_argument("--rule", default="softmax", metavar="softmax|sigmoid", help="coefficient rule (default softmax)")
+    rules.add_argument("--theta", type=float, default=None, help="sigmoid rule: θ > 0 (default 0.7)")
+    rules.add_argument("--rule-estimator", default=None, metavar="labels|binned",
+                       help="sigmoid rule: per-sample MI estimator, labels = scikit-learn mutual_info_score of bf16 "
+                            "values as labels (default), binned = 64-bin joint histogram")
+    rules.add_argument("--rule-bins", type=int, default=None, help="sigmoid rule, binned estimator: bins (default 64)")
+    rules.add_argument("--rule-max-values", type=int, default=None, metavar="N",
+                       help="sigmoid rule: values per sample and activation point kept for the MI (default 262144)")
+    rules.add_argument("--calibration", default=None, metavar="SRC",
+                       help="sigmoid rule: calibration text (bundled, a .jsonl/.json/.csv/.txt file or hub:org/name)")
+    rules.add_argument("--field", default=None, help="sigmoid rule: calibration text field")
+    rules.add_argument("--samples", type=int, default=None,
+                       help="sigmoid rule: calibration samples (default: 10%% of each of 20 k-means clusters)")
+    rules.add_argument("--max-tokens", type=int, default=None, help="sigmoid rule: tokens per sample (default 512)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="output dtype (default: the base's)")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
@@ -113,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
                            device=None if args.device in (None, "", "auto") else args.device, threads=args.threads,
                            tokenizer_from=args.tokenizer_from)
     options.validate(len(args.ft))
+    rule = _rule_args(args)
+    if rule is not None:
+        return _run_sigmoid(args, options, rule)
     lambdas = acm = None
     if args.acm is not None:
         lambdas, acm = _lambdas_from_analysis(args.acm, args.t, args.alpha, args.ft, clip)
@@ -131,4 +153,61 @@ def run(args: argparse.Namespace) -> int:
         print(f"tokenizer and chat template ({tok.get('template')}) from {tok.get('from')}: {tok.get('model')}")
     for note in report.vocab_notes:
         print(f"note: {note}")
+    return 0
+
+
+_SIGMOID_ONLY = (("--theta", "theta"), ("--rule-estimator", "rule_estimator"), ("--rule-bins", "rule_bins"),
+                 ("--rule-max-values", "rule_max_values"), ("--calibration", "calibration"), ("--field", "field"),
+                 ("--samples", "samples"), ("--max-tokens", "max_tokens"))
+
+
+def _rule_args(args: argparse.Namespace) -> dict | None:
+    """None for the softmax rule (the classic path); the checked sigmoid parameters otherwise."""
+    from acm.rules import get_rule
+
+    rule = get_rule(args.rule)
+    if rule.key == "softmax":
+        given = [flag for flag, name in _SIGMOID_ONLY if getattr(args, name) is not None]
+        if given:
+            raise InputError(f"{given[0]} belongs to the sigmoid rule: add --rule sigmoid")
+        return None
+    if args.acm is not None:
+        raise InputError("--acm/--t set the softmax rule's coefficients; the sigmoid rule starts from a plain "
+                         "merge: drop --acm and --t")
+    if args.calibration is None:
+        raise InputError("--rule sigmoid needs --calibration (e.g. bundled, or a .jsonl file of texts)")
+    params = rule.validate({"theta": args.theta, "estimator": args.rule_estimator, "bins": args.rule_bins,
+                            "max_values": args.rule_max_values})
+    if args.samples is not None and args.samples < 1:
+        raise InputError(f"--samples must be >= 1, got {args.samples}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    return params
+
+
+def _run_sigmoid(args: argparse.Namespace, options, params: dict) -> int:
+    from acm.sigmoid_rule import merge_with_sigmoid_rule
+
+    tty = sys.stderr.isatty()
+    last = [""]
+
+    def progress(frac: float, msg: str) -> None:   # one stdout line per stage when not on a terminal
+        stage = msg.split(":", 1)[0]
+        if stage != last[0]:
+            print(f"[{frac:4.0%}] {stage}", flush=True)
+            last[0] = stage
+
+    result = merge_with_sigmoid_rule(
+        args.base, args.ft, args.out, options, calibration=args.calibration, field=args.field, samples=args.samples,
+        max_tokens=args.max_tokens or 512, seed=args.seed, force=args.force, allow_pickle=args.allow_pickle,
+        analysis_device=None if args.device in (None, "", "auto") else args.device,
+        progress=None if tty else progress, show_progress=tty, **params)
+    report = result.merge
+    print(f"merged {len(args.ft)} model(s) into {args.base} with {args.method} + sigmoid rule "
+          f"(θ={params['theta']:g}, estimator {params['estimator']})")
+    print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.stage_seconds.items()))
+    kept = result.scales
+    print("delta kept per group (1 − s): " + ", ".join(f"{g} {v:.3f}" for g, v in kept.items()))
+    print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.num_shards} shard(s), "
+          f"{_size(report.bytes_written)}")
     return 0

@@ -43,6 +43,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--densities", nargs="+", type=float, default=[0.7], metavar="D", help="TIES density (default 0.7)")
     p.add_argument("--drop-rates", nargs="+", type=float, default=[0.3], metavar="P", help="DARE drop rate")
     p.add_argument("--no-plain", action="store_true", help="do not include the plain method (λ = α) per point")
+    p.add_argument("--rules", nargs="+", default=["softmax"], metavar="R",
+                   help="coefficient rules to compare (acm.rules): softmax (ACM at each --ts; default) and/or sigmoid "
+                        "(each point's plain merge rescaled by the sigmoid rule at each --thetas × --rule-estimators)")
+    p.add_argument("--thetas", nargs="+", type=float, default=[0.7], metavar="θ", help="sigmoid rule θ (default 0.7)")
+    p.add_argument("--rule-estimators", nargs="+", default=["labels"], metavar="E",
+                   help="sigmoid rule MI estimators: labels (default), binned")
     p.add_argument("--max-settings", type=int, default=MAX_SETTINGS,
                    help=f"refuse grids larger than this (default {MAX_SETTINGS})")
     p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT,
@@ -87,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()
     grid = expand_grid(args.methods, args.alphas, args.ts, args.densities, args.drop_rates, plain=not args.no_plain,
+                       rules=args.rules, thetas=args.thetas, estimators=args.rule_estimators,
                        max_settings=args.max_settings)
     print(f"tune: {len(grid)} settings -> {args.out}/tune.jsonl (engine: {args.engine})")
 

@@ -3,7 +3,9 @@
 ``python -m acm.demo.sweep --out results_dir`` is a preset of ``acm tune`` (``acm.tune``) for the
 demo pair: the analysis once, task arithmetic and TIES (plain and ACM, several α / t / density),
 every model evaluated greedily on the first ``--limit`` bundled problems (no held-out split), then
-``sweep.json`` plus ``table.md`` (the table in the README's "Demo results"). Merged folders are
+``sweep.json`` plus ``table.md`` (the table in the README's "Demo results"). ``--rules softmax sigmoid``
+adds, per plain point, the sigmoid coefficient rule (``acm.rules``) at each ``--thetas`` × ``--rule-estimators``
+(README "Softmax vs sigmoid rule"). Merged folders are
 temporary; only numbers are kept, streamed to ``tune.jsonl`` so a killed sweep resumes.
 """
 
@@ -24,19 +26,33 @@ CALIBRATION = ASSETS / "calibration" / "demo_calibration.jsonl"
 EVAL = ASSETS / "eval" / "demo_eval.jsonl"
 
 
-def settings(alphas: Sequence[float], ts: Sequence[float], densities: Sequence[float]) -> list[dict]:
-    """The grid: every (method, α[, density]) plain, and the same with ACM at each t."""
+_RULE_FIELDS = ("rule", "theta", "estimator")   # absent from a softmax / plain row (as before the rules)
+
+
+def settings(alphas: Sequence[float], ts: Sequence[float], densities: Sequence[float], *,
+             rules: Sequence[str] = ("softmax",), thetas: Sequence[float] = (0.7,),
+             estimators: Sequence[str] = ("labels",)) -> list[dict]:
+    """The grid: every (method, α[, density]) plain, the same with ACM at each t (rule ``softmax``) and,
+    with rule ``sigmoid``, its plain merge rescaled by the sigmoid rule at each θ × estimator."""
+    sig = [{"rule": "sigmoid", "theta": th, "estimator": e} for th in thetas for e in estimators] \
+        if "sigmoid" in rules else []
+    ts = ts if "softmax" in rules else []
     out = []
     for alpha in alphas:
-        out.append({"method": "task_arithmetic", "alpha": alpha, "t": None, "density": None})
-        out += [{"method": "task_arithmetic", "alpha": alpha, "t": t, "density": None} for t in ts]
-        for d in densities:
-            out.append({"method": "ties", "alpha": alpha, "t": None, "density": d})
-            out += [{"method": "ties", "alpha": alpha, "t": t, "density": d} for t in ts]
+        for method, dens in (("task_arithmetic", [None]), ("ties", list(densities))):
+            for d in dens:
+                point = {"method": method, "alpha": alpha, "t": None, "density": d}
+                out.append(point)
+                out += [{**point, "t": t} for t in ts]
+                out += [{**point, **r} for r in sig]
     return out
 
 
 def label(s: dict) -> str:
+    if s.get("rule") == "sigmoid":
+        from acm.tune import Setting
+
+        return Setting.from_dict(s).label()
     name = ("ACM-" if s["t"] is not None else "") + ("TA" if s["method"] == "task_arithmetic" else "TIES")
     parts = [f"α={s['alpha']:g}"]
     if s["density"] is not None:
@@ -53,19 +69,24 @@ def _row(name: str, m: dict, ref_long: float | None) -> dict:
                          for k, v in m.get("per_level", {}).items()}}
     if ref_long:
         row["length_cut_vs_long"] = round(1 - m["mean_length"] / ref_long, 4)
+    if m.get("rule_kept"):   # sigmoid rule: the fraction of each layer group's delta the merge kept
+        row["kept"] = m["rule_kept"]
     return row
 
 
 def markdown(rows: list[dict]) -> str:
     levels = sorted({k for r in rows for k in r["per_level"]}, key=float)
-    head = ("| model | accuracy | mean length | length cut vs long | acc. per 1k tokens | "
-            + " | ".join(f"L{k} acc" for k in levels) + " |")
-    sep = "|" + "---|" * (5 + len(levels))
+    kept = any(r.get("kept") for r in rows)   # a column only when a rule rescaled some merge
+    head = ("| model | " + ("kept (1 − s): mean (range) | " if kept else "") + "accuracy | mean length | "
+            "length cut vs long | acc. per 1k tokens | " + " | ".join(f"L{k} acc" for k in levels) + " |")
+    sep = "|" + "---|" * (5 + kept + len(levels))
     lines = [head, sep]
     for r in rows:
         cut = r.get("length_cut_vs_long")
+        k = list((r.get("kept") or {}).values())
+        kcol = ((f"{sum(k) / len(k):.2f} ({min(k):.2f}–{max(k):.2f}) | " if k else "— | ") if kept else "")
         lines.append(
-            f"| {r['model']} | {r['accuracy']:.3f} | {r['mean_length']:.1f} | "
+            f"| {r['model']} | {kcol}{r['accuracy']:.3f} | {r['mean_length']:.1f} | "
             f"{'' if cut is None else f'{100 * cut:.0f}%'} | {r['acc_per_1k_tokens']:.2f} | "
             + " | ".join(f"{r['per_level'][k]['accuracy']:.2f}" for k in levels) + " |")
     return "\n".join(lines) + "\n"
@@ -74,7 +95,8 @@ def markdown(rows: list[dict]) -> str:
 def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: Path = CALIBRATION,
               eval_path: Path = EVAL, alphas: Sequence[float], ts: Sequence[float], densities: Sequence[float],
               limit: int | None, max_new_tokens: int, batch_size: int, samples: int | None,
-              threads: int | None = None) -> dict:
+              threads: int | None = None, rules: Sequence[str] = ("softmax",), thetas: Sequence[float] = (0.7,),
+              estimators: Sequence[str] = ("labels",)) -> dict:
     """The demo preset of ``acm.tune``: this grid, the first ``limit`` problems, no held-out split.
 
     Results stream to ``out/tune.jsonl`` as with ``acm tune`` (so a killed sweep resumes); the
@@ -85,8 +107,8 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    grid = [Setting(method=s["method"], alpha=s["alpha"], t=s["t"], density=s["density"])
-            for s in settings(alphas, ts, densities)]
+    grid = [Setting.from_dict(s) for s in settings(alphas, ts, densities, rules=rules, thetas=thetas,
+                                                    estimators=estimators)]
     rows_in = load_data(str(eval_path), limit=limit)
     recs: list[dict] = []
 
@@ -107,13 +129,15 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
     for s in grid:
         m = done[("setting", s.key())]
         rows.append({**_row(label(s.to_dict()), m, long_m["mean_length"]),
-                     "setting": {k: v for k, v in s.to_dict().items() if k != "drop_rate"}})
+                     "setting": {k: v for k, v in s.to_dict().items()
+                                 if k != "drop_rate" and not (k in _RULE_FIELDS and v is None)}})
     from acm.analysis import AnalysisResult
 
-    analysis = AnalysisResult.load(out / "analysis.json")
+    analysis = AnalysisResult.load(out / "analysis.json") if (out / "analysis.json").is_file() else None
     result = {"base": str(base), "long": str(long), "eval": str(eval_path), "n": len(rows_in),
               "max_new_tokens": max_new_tokens,
-              "nmi": {g: round(v, 4) for g, v in zip(analysis.groups, analysis.nmi_matrix()[0].tolist())},
+              "nmi": None if analysis is None else
+              {g: round(v, 4) for g, v in zip(analysis.groups, analysis.nmi_matrix()[0].tolist())},
               "rows": rows, "seconds": round(time.perf_counter() - t0, 1), "tune": report.get("recommended")}
     (out / "sweep.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "table.md").write_text(markdown(rows), encoding="utf-8")
@@ -130,6 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.7, 1.0])
     p.add_argument("--ts", type=float, nargs="+", default=[2.0, 5.0, 10.0])
     p.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.5])
+    p.add_argument("--rules", nargs="+", default=["softmax"], choices=("softmax", "sigmoid"),
+                   help="coefficient rules to compare (default softmax; sigmoid adds each plain point + sigmoid rule)")
+    p.add_argument("--thetas", type=float, nargs="+", default=[0.7], help="sigmoid rule θ values (default 0.7)")
+    p.add_argument("--rule-estimators", nargs="+", default=["labels"], choices=("labels", "binned"),
+                   help="sigmoid rule MI estimators (default labels)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=50)
@@ -138,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch CPU threads (default: acm.tune.auto_threads, 1 for the demo models)")
     a = p.parse_args(argv)
     res = run_sweep(a.out, base=a.base, long=a.long, calibration=a.calibration, eval_path=a.eval, alphas=a.alphas, ts=a.ts,
-                    densities=a.densities,
+                    densities=a.densities, rules=a.rules, thetas=a.thetas, estimators=a.rule_estimators,
                     limit=a.limit,
                     max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, samples=a.samples, threads=a.threads)
     print((a.out / "table.md").read_text())
