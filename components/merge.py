@@ -89,8 +89,11 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
                              "selected; analyse the selected models first")
         lo, hi = optional_float(clip_min), optional_float(clip_max)
         clip = None if lo is None and hi is None else (lo, hi)
-        lambdas = lambdas_by_group(analysis, t, alpha, clip=clip)
-        acm_info = {"analysis": analysis.provenance, "t": t, "alpha": alpha, "clip": clip}
+        # λ driven by the metric chosen in step 3 ("λ driven by"; NMI unless changed)
+        metric = (state.coef_view or {}).get("metric") or "nmi"
+        metric = metric if metric in analysis.metrics() else analysis.metrics()[0]
+        lambdas = lambdas_by_group(analysis, t, alpha, clip=clip, metric=metric)
+        acm_info = {"analysis": analysis.provenance, "t": t, "alpha": alpha, "clip": clip, "metric": metric}
     state.merge_count += 1
     merge_id = state.merge_count
     out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{method}{'-acm' if use_acm else ''}"

@@ -354,3 +354,62 @@ def test_cli_metric_errors_are_one_line(world, tmp_path, capsys, argv, msg):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"acm {cmd}: error:") and msg in err[0]
+
+
+# ----------------------------------------------------------------------------- app handlers
+
+
+def test_app_analysis_with_several_metrics_and_the_lambda_driver(world, tmp_path, monkeypatch):
+    from components import analysis, calibration, common
+    from components.state import SessionState
+
+    monkeypatch.setenv(common.UPLOAD_ROOTS_ENV, str(Path(world["cal"]).parent))
+    st = SessionState()
+    try:
+        out = analysis.run_analysis(st, world["base"], [world["ft"]], cal_mode=calibration.UPLOAD,
+                                    cal_upload=world["cal"], samples=6, clusters=2, max_tokens=24,
+                                    metrics=["nmi", "cka", "cosine"])
+        res = out["analysis"]
+        assert res.metrics() == ["nmi", "cka", "cosine"]
+        md = analysis.summary_markdown(res)
+        assert "mean NMI" in md and "mean linear CKA" in md and "mean cosine" in md
+        # one chart, every metric side by side on [0, 1]; the driver is emphasised
+        fig = analysis.nmi_view(res, "cka")
+        assert [t["name"] for t in fig.data] == [f"{lab} · {name}" + (" (drives λ)" if name == "linear CKA" else "")
+                                                 for lab in analysis.model_labels(res)
+                                                 for name in ("NMI", "linear CKA", "cosine")]
+        assert fig.layout["yaxis"]["range"] == [0, 1.02]
+        # the chosen metric drives λ, and the charts stop saying NMI
+        coef, multi, table = analysis.coefficient_view(st, 2.0, 0.7, metric="cka")
+        assert table["metric"] == "cka" and st.coef_view["metric"] == "cka"
+        np.testing.assert_allclose([g["lambda"] for g in table["models"][0]["groups"]],
+                                   lambdas(res.similarity_matrix("cka")[0], 2.0, 0.7))
+        assert "linear CKA" in coef.data[1]["hovertemplate"] and "NMI" not in coef.data[1]["hovertemplate"]
+        assert "driven by linear CKA" in coef.layout["title"]["text"]
+        assert "linear CKA" in multi.data[0]["hovertemplate"]
+        # a t-slider move keeps the driver (metric=None = the last choice)
+        _, _, again = analysis.coefficient_view(st, 3.0, 0.7, multi=False)
+        assert again["metric"] == "cka"
+        # NMI-only analyses keep the classic chart; an unavailable driver falls back to the first metric
+        st.analysis = AnalysisResult.load(OLD_FILE)
+        assert analysis.nmi_view(st.analysis).layout["title"]["text"].startswith("Per-layer NMI")
+        _, _, table = analysis.coefficient_view(st, 2.0, 0.7, metric="cosine")
+        assert table["metric"] == "nmi"
+    finally:
+        st.close()
+
+
+def test_app_merge_uses_the_chosen_driver(world, tmp_path, three):
+    from components import merge
+    from components.state import SessionState
+
+    st = SessionState()
+    try:
+        st.analysis = three
+        st.coef_view = {"t": 2.0, "alpha": 0.7, "clip": None, "metric": "cosine"}
+        merged = merge.run_merge(st, world["base"], [world["ft"]], method="task_arithmetic", mode=merge.ACM,
+                                 t=2.0, alpha=0.7, device="cpu")
+        expected = lambdas_by_group(three, 2.0, 0.7, metric="cosine")[0]
+        assert merged.report["lambdas"][0] == pytest.approx(expected)
+    finally:
+        st.close()
