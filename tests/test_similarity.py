@@ -413,3 +413,39 @@ def test_app_merge_uses_the_chosen_driver(world, tmp_path, three):
         assert merged.report["lambdas"][0] == pytest.approx(expected)
     finally:
         st.close()
+
+
+# ----------------------------------------------------------------------------- tune / demo sweep
+
+
+def test_tune_grid_has_a_metric_dimension_and_nmi_keys_are_unchanged():
+    from acm.demo.sweep import label, settings
+    from acm.tune import Setting, expand_grid
+
+    grid = expand_grid(["ties"], [0.7], [1.0, 2.0], [0.7], metrics=["nmi", "cka,cosine"])
+    assert len(grid) == 1 + 2 * 3                                       # plain once, ACM per (t, metric)
+    assert [s.metric for s in grid if s.acm] == ["nmi", "cka", "cosine"] * 2
+    nmi_point, cka_point = grid[1], grid[2]
+    assert nmi_point.key() == "ties|a=0.7|t=1|d=0.7|p=-"                # resumes old tune.jsonl files
+    assert cka_point.key() == "ties|a=0.7|t=1|d=0.7|p=-|m=cka"
+    assert cka_point.label() == "ACM-TIES (α=0.7, d=0.7, t=1, by cka)"
+    assert Setting.from_dict(cka_point.to_dict()) == cka_point
+    assert Setting.from_dict({"method": "ties", "alpha": 0.7, "t": 1.0, "density": 0.7}).metric == "nmi"
+    with pytest.raises(InputError, match="unknown similarity metric"):
+        expand_grid(["ties"], [0.7], [1.0], [0.7], metrics=["kl"])
+    demo = settings([0.7], [1.0], [0.7], metrics=["nmi", "cka"], methods=["ties"])
+    assert [label(s) for s in demo] == ["TIES (α=0.7, d=0.7)", "ACM-TIES (α=0.7, d=0.7, t=1)",
+                                        "ACM-TIES (α=0.7, d=0.7, t=1, by cka)"]
+
+
+def test_tune_analysis_must_hold_every_metric_of_the_grid(three, tmp_path, world):
+    from acm.tune import _ensure_analysis
+
+    got, _ = _ensure_analysis(world["base"], [world["ft"]], three, tmp_path, calibration=None, samples=None,
+                              device="cpu", progress=None, metrics=["cka", "nmi"])
+    assert got is three
+    old = tmp_path / "old.json"
+    shutil.copy(OLD_FILE, old)
+    with pytest.raises(InputError, match="has no cka values .*--metric nmi,cka"):
+        _ensure_analysis(world["base"], [world["ft"]], str(old), tmp_path, calibration=None, samples=None,
+                         device="cpu", progress=None, metrics=["nmi", "cka"])

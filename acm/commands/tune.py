@@ -41,6 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="ACM sharpness values (default 0.5 1 2 4; t = 0 equals plain)")
     p.add_argument("--densities", nargs="+", type=float, default=[0.7], metavar="D", help="TIES density (default 0.7)")
     p.add_argument("--drop-rates", nargs="+", type=float, default=[0.3], metavar="P", help="DARE drop rate")
+    p.add_argument("--metrics", nargs="+", default=["nmi"], metavar="M",
+                   help="similarity metric(s) that drive ACM's λ, one grid dimension: nmi (default), cka, cosine "
+                        "(all computed in one analysis)")
     p.add_argument("--no-plain", action="store_true", help="do not include the plain method (λ = α) per point")
     p.add_argument("--max-settings", type=int, default=MAX_SETTINGS,
                    help=f"refuse grids larger than this (default {MAX_SETTINGS})")
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()
     grid = expand_grid(args.methods, args.alphas, args.ts, args.densities, args.drop_rates, plain=not args.no_plain,
-                       max_settings=args.max_settings)
+                       max_settings=args.max_settings, metrics=args.metrics)
     print(f"tune: {len(grid)} settings -> {args.out}/tune.jsonl")
 
     def show(rec: dict) -> None:

@@ -24,15 +24,16 @@ CALIBRATION = ASSETS / "calibration" / "demo_calibration.jsonl"
 EVAL = ASSETS / "eval" / "demo_eval.jsonl"
 
 
-def settings(alphas: Sequence[float], ts: Sequence[float], densities: Sequence[float]) -> list[dict]:
-    """The grid: every (method, α[, density]) plain, and the same with ACM at each t."""
+def settings(alphas: Sequence[float], ts: Sequence[float], densities: Sequence[float],
+             metrics: Sequence[str] = ("nmi",), methods: Sequence[str] = ("task_arithmetic", "ties")) -> list[dict]:
+    """The grid: every (method, α[, density]) plain, and the same with ACM at each t for each metric."""
     out = []
     for alpha in alphas:
-        out.append({"method": "task_arithmetic", "alpha": alpha, "t": None, "density": None})
-        out += [{"method": "task_arithmetic", "alpha": alpha, "t": t, "density": None} for t in ts]
-        for d in densities:
-            out.append({"method": "ties", "alpha": alpha, "t": None, "density": d})
-            out += [{"method": "ties", "alpha": alpha, "t": t, "density": d} for t in ts]
+        for method in methods:
+            for d in (densities if method == "ties" else [None]):
+                out.append({"method": method, "alpha": alpha, "t": None, "density": d, "metric": "nmi"})
+                out += [{"method": method, "alpha": alpha, "t": t, "density": d, "metric": m}
+                        for m in metrics for t in ts]
     return out
 
 
@@ -43,6 +44,8 @@ def label(s: dict) -> str:
         parts.append(f"d={s['density']:g}")
     if s["t"] is not None:
         parts.append(f"t={s['t']:g}")
+        if s.get("metric", "nmi") != "nmi":
+            parts.append(f"by {s['metric']}")
     return f"{name} ({', '.join(parts)})"
 
 
@@ -74,7 +77,8 @@ def markdown(rows: list[dict]) -> str:
 def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: Path = CALIBRATION,
               eval_path: Path = EVAL, alphas: Sequence[float], ts: Sequence[float], densities: Sequence[float],
               limit: int | None, max_new_tokens: int, batch_size: int, samples: int | None,
-              threads: int | None = None) -> dict:
+              threads: int | None = None, metrics: Sequence[str] = ("nmi",),
+              methods: Sequence[str] = ("task_arithmetic", "ties")) -> dict:
     """The demo preset of ``acm.tune``: this grid, the first ``limit`` problems, no held-out split.
 
     Results stream to ``out/tune.jsonl`` as with ``acm tune`` (so a killed sweep resumes); the
@@ -85,8 +89,8 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    grid = [Setting(method=s["method"], alpha=s["alpha"], t=s["t"], density=s["density"])
-            for s in settings(alphas, ts, densities)]
+    grid = [Setting(method=s["method"], alpha=s["alpha"], t=s["t"], density=s["density"], metric=s["metric"])
+            for s in settings(alphas, ts, densities, metrics, methods)]
     rows_in = load_data(str(eval_path), limit=limit)
     recs: list[dict] = []
 
@@ -113,7 +117,10 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
     analysis = AnalysisResult.load(out / "analysis.json")
     result = {"base": str(base), "long": str(long), "eval": str(eval_path), "n": len(rows_in),
               "max_new_tokens": max_new_tokens,
-              "nmi": {g: round(v, 4) for g, v in zip(analysis.groups, analysis.nmi_matrix()[0].tolist())},
+              **({"nmi": {g: round(v, 4) for g, v in zip(analysis.groups, analysis.nmi_matrix()[0].tolist())}}
+                 if "nmi" in analysis.metrics() else {}),
+              "similarity": {k: {g: round(v, 4) for g, v in zip(analysis.groups, analysis.similarity_matrix(k)[0])}
+                             for k in analysis.metrics()},
               "rows": rows, "seconds": round(time.perf_counter() - t0, 1), "tune": report.get("recommended")}
     (out / "sweep.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "table.md").write_text(markdown(rows), encoding="utf-8")
@@ -130,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.7, 1.0])
     p.add_argument("--ts", type=float, nargs="+", default=[2.0, 5.0, 10.0])
     p.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.5])
+    p.add_argument("--metrics", nargs="+", default=["nmi"],
+                   help="similarity metric(s) driving ACM's λ, compared side by side: nmi (default), cka, cosine")
+    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"], choices=("task_arithmetic", "ties"))
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=50)
@@ -137,10 +147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: acm.tune.auto_threads, 1 for the demo models)")
     a = p.parse_args(argv)
+    from acm.similarity import parse_metrics
+
     res = run_sweep(a.out, base=a.base, long=a.long, calibration=a.calibration, eval_path=a.eval, alphas=a.alphas, ts=a.ts,
                     densities=a.densities,
                     limit=a.limit,
-                    max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, samples=a.samples, threads=a.threads)
+                    max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, samples=a.samples, threads=a.threads,
+                    metrics=parse_metrics(a.metrics), methods=a.methods)
     print((a.out / "table.md").read_text())
     print(f"{len(res['rows'])} rows in {res['seconds']} s -> {a.out / 'sweep.json'}")
     return 0
