@@ -91,8 +91,8 @@ class ModelNMI:
         vals = self.nmi if metric == "nmi" else self.similarity.get(metric)
         if not vals:
             have = ", ".join(self.metrics()) or "none"
-            raise InputError(f"this analysis has no {metric!r} values (it holds: {have}); "
-                             f"analyse again with --metric {metric}")
+            raise InputError(f"this analysis has no {metric!r} values (it holds: {have}); choose one of those "
+                             f"or analyse again with --metric {metric}")
         return vals
 
     def to_dict(self) -> dict:
@@ -358,7 +358,8 @@ class _Capture:
                 for per_ft in self.row_estimators:       # base-only statistics for every fine-tuned model
                     out = per_ft[key].base_rows(group, rows)
                     kept = out if kept is None else kept
-                self.row_store[key][group][self.batch] = kept.cpu()
+                # a copy: never a view that keeps (or shares) the model's activation buffer
+                self.row_store[key][group][self.batch] = kept.to("cpu", copy=True)
             return
         for key, est in self.row_estimators[self.ft].items():
             stored = self.row_store[key][group].get(self.batch)
