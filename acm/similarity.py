@@ -347,6 +347,11 @@ def parse_metrics(values: str | Iterable[str] | None) -> list[str]:
     return keys
 
 
+def keys_help() -> str:
+    """``nmi (default), cka, cosine`` — the registry as CLI help text (parsers import this module, not torch)."""
+    return ", ".join(f"{k} (default)" if k == DEFAULT_METRIC else k for k in METRICS)
+
+
 def metric_label(key: str) -> str:
     """Human label of a metric key (the key itself when unknown, e.g. from a newer file)."""
     spec = METRICS.get(key)
@@ -354,4 +359,4 @@ def metric_label(key: str) -> str:
 
 
 __all__ = ["METRICS", "MetricSpec", "SimilarityEstimator", "TwoPhaseEstimator", "NMIEstimator", "CKAEstimator", "CosineEstimator",
-           "DEFAULT_METRIC", "get_metric", "parse_metrics", "metric_label", "cosine_to_unit", "projection"]
+           "DEFAULT_METRIC", "get_metric", "parse_metrics", "keys_help", "metric_label", "cosine_to_unit", "projection"]

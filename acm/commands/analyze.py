@@ -1,4 +1,4 @@
-"""``acm analyze``: per-layer-group similarity (NMI, CKA, cosine) between a base and fine-tuned models → JSON."""
+"""``acm analyze``: per-layer-group similarity (NMI by default) between a base and fine-tuned models → JSON."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ SKETCH_DIM = 128        # = acm.similarity.DEFAULT_SKETCH_DIM
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from acm.similarity import keys_help  # torch-light: numpy only
+
     p = subparsers.add_parser(
         "analyze", help="measure per-layer NMI between base and fine-tuned activations (forward passes only)",
         description="Run base and fine-tuned models on calibration text and write the per-layer-group "
                     "normalised mutual information (NMI) of their activations as JSON (or, with --metric, "
-                    "other similarities: linear CKA, cosine; several at once in the same passes).")
+                    "other similarities, several at once in the same passes).")
     p.add_argument("--base", required=True, metavar="MODEL", help="base model: local folder or Hub id")
     p.add_argument("--ft", action="append", required=True, metavar="MODEL",
                    help="fine-tuned model (folder or Hub id); repeat for several (at most 3)")
@@ -35,12 +37,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per sample, truncated (default: 512)")
     p.add_argument("--no-chat-template", action="store_true", help="feed the raw text, not a one-turn chat")
     p.add_argument("--metric", action="append", default=None, metavar="NAME",
-                   help="similarity metric(s): nmi (default), cka, cosine; repeat or give a comma list "
+                   help=f"similarity metric(s): {keys_help()}; repeat or give a comma list "
                         "(e.g. --metric nmi,cka,cosine) to compute several in one analysis")
     p.add_argument("--sketch-dim", type=int, default=SKETCH_DIM, metavar="K",
-                   help=f"cka/cosine: random-projection width for wider layer groups (default: {SKETCH_DIM})")
+                   help=f"row metrics (all but nmi): random-projection width for wider layer groups (default: {SKETCH_DIM})")
     p.add_argument("--row-budget", type=int, default=ROW_BUDGET, metavar="N",
-                   help=f"cka/cosine: tokens paired per layer group; beyond it a seeded subset (default: {ROW_BUDGET})")
+                   help=f"row metrics (all but nmi): tokens paired per layer group; beyond it a seeded subset (default: {ROW_BUDGET})")
     p.add_argument("--bins", type=int, default=64, help="histogram bins per axis, 2..1024 (default: 64)")
     p.add_argument("--batch-size", type=int, default=4, help="samples per forward pass (default: 4)")
     p.add_argument("--seed", type=int, default=0,

@@ -10,6 +10,8 @@ from acm.errors import InputError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from acm.similarity import keys_help  # torch-light: numpy only
+
     p = subparsers.add_parser(
         "coefficients", help="per-layer-group merge coefficients λ(t) from an analysis JSON",
         description="lambda_k = alpha*K*exp(-t*NMI_k)/sum_j exp(-t*NMI_j), optionally clipped after. "
@@ -20,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--clip-min", type=float, default=None, help="clip lambda from below (after the formula)")
     p.add_argument("--clip-max", type=float, default=None, help="clip lambda from above (after the formula)")
     p.add_argument("--metric", default="nmi", metavar="NAME",
-                   help="which similarity of the analysis drives lambda: nmi (default), cka, cosine")
+                   help=f"which similarity of the analysis drives lambda: {keys_help()}")
     p.add_argument("--format", choices=("json", "yaml"), default="json", help="json table or mergekit YAML")
     p.add_argument("--method", default="task_arithmetic",
                    help="YAML only: task_arithmetic, ties, dare_ta or dare_ties (default: task_arithmetic)")

@@ -14,6 +14,8 @@ METHOD_CHOICES = ("linear", "task_arithmetic", "ties", "dare_ta", "dare_ties")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from acm.similarity import keys_help  # torch-light: numpy only
+
     p = subparsers.add_parser(
         "merge", help="merge fine-tuned models into a base (linear / TA / TIES / DARE, plain or ACM)",
         description="Streamed, sharded merge. Plain methods use one coefficient α for the whole network; with "
@@ -35,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="use ACM coefficients from this analysis (from `acm analyze`); needs --t")
     p.add_argument("--t", type=float, default=None, help="ACM sharpness t >= 0 (t = 0 is the plain method)")
     p.add_argument("--metric", default=None, metavar="NAME",
-                   help="ACM: which similarity of the analysis drives λ: nmi (default), cka, cosine")
+                   help=f"ACM: which similarity of the analysis drives λ: {keys_help()}")
     p.add_argument("--clip-min", type=float, default=None, help="ACM: clip λ from below (after the formula)")
     p.add_argument("--clip-max", type=float, default=None, help="ACM: clip λ from above (after the formula)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,

@@ -10,6 +10,7 @@ from acm.errors import InputError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from acm.similarity import keys_help
     from acm.tune import DEFAULT_HOLDOUT, DEFAULT_TOLERANCE, MAX_SETTINGS, OBJECTIVES
 
     p = subparsers.add_parser(
@@ -42,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--densities", nargs="+", type=float, default=[0.7], metavar="D", help="TIES density (default 0.7)")
     p.add_argument("--drop-rates", nargs="+", type=float, default=[0.3], metavar="P", help="DARE drop rate")
     p.add_argument("--metrics", nargs="+", default=["nmi"], metavar="M",
-                   help="similarity metric(s) that drive ACM's λ, one grid dimension: nmi (default), cka, cosine "
+                   help=f"similarity metric(s) that drive ACM's λ, one grid dimension: {keys_help()} "
                         "(all computed in one analysis)")
     p.add_argument("--no-plain", action="store_true", help="do not include the plain method (λ = α) per point")
     p.add_argument("--max-settings", type=int, default=MAX_SETTINGS,

@@ -128,6 +128,8 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from acm.similarity import keys_help
+
     p = argparse.ArgumentParser(prog="python -m acm.demo.sweep", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--base", type=Path, default=BASE)
@@ -138,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ts", type=float, nargs="+", default=[2.0, 5.0, 10.0])
     p.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.5])
     p.add_argument("--metrics", nargs="+", default=["nmi"],
-                   help="similarity metric(s) driving ACM's λ, compared side by side: nmi (default), cka, cosine")
+                   help=f"similarity metric(s) driving ACM's λ, compared side by side: {keys_help()}")
     p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"], choices=("task_arithmetic", "ties"))
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
