@@ -57,7 +57,7 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
               t: float = DEFAULT_T, alpha: float = DEFAULT_ALPHA, density: float = DEFAULT_DENSITY, drop_rate: float = 0.3,
               trim_scope: str = "tensor", seed: int = 0, clip_min=None, clip_max=None, device: str | None = "auto",
               dtype: str | None = "auto", trust_remote_code: bool = False, tokenizer_from: str = "base",
-              progress: Callable[[float, str], None] | None = None) -> MergedModel:
+              progress: Callable[[float, str], None] | None = None, metric: str | None = None) -> MergedModel:
     """Merge into a fresh folder of the session workspace and load the result for chat/eval.
 
     The session's current merged model is replaced only when everything succeeded, so a failed
@@ -90,8 +90,11 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
         lo, hi = optional_float(clip_min), optional_float(clip_max)
         clip = None if lo is None and hi is None else (lo, hi)
         # λ driven by the metric chosen in step 3 ("λ driven by"; NMI unless changed)
-        metric = (state.coef_view or {}).get("metric") or "nmi"
-        metric = metric if metric in analysis.metrics() else analysis.metrics()[0]
+        metric = metric or (state.coef_view or {}).get("metric") or "nmi"
+        if metric not in analysis.metrics():
+            if metric != (state.coef_view or {}).get("metric"):       # asked for explicitly (a tune point)
+                raise InputError(f"the analysis has no {metric} values; analyse with that metric first")
+            metric = analysis.metrics()[0]
         lambdas = lambdas_by_group(analysis, t, alpha, clip=clip, metric=metric)
         acm_info = {"analysis": analysis.provenance, "t": t, "alpha": alpha, "clip": clip, "metric": metric}
     state.merge_count += 1
