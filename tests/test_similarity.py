@@ -449,3 +449,37 @@ def test_tune_analysis_must_hold_every_metric_of_the_grid(three, tmp_path, world
     with pytest.raises(InputError, match="has no cka values .*--metric nmi,cka"):
         _ensure_analysis(world["base"], [world["ft"]], str(old), tmp_path, calibration=None, samples=None,
                          device="cpu", progress=None, metrics=["nmi", "cka"])
+
+
+def test_adding_a_metric_is_one_registry_entry(world, monkeypatch, tmp_path):
+    """The recipe of docs/ARCHITECTURE.md: a class + a METRICS entry, and analysis, result file and λ take it."""
+    from acm.similarity import MetricSpec
+
+    class SignAgreement:               # share of values with the same sign in both models
+        def __init__(self, num_groups, **_):
+            self.n, self.same = np.zeros(num_groups), np.zeros(num_groups)
+
+        def base_rows(self, group, base_act):
+            return base_act.float().clone()
+
+        def update_stored(self, group, base_rows, other_act):
+            self.same[group] += float((torch.sign(base_rows) == torch.sign(other_act.float())).sum())
+            self.n[group] += base_rows.numel()
+
+        def update(self, group, base_act, other_act):
+            self.update_stored(group, self.base_rows(group, base_act), other_act)
+
+        def similarity(self):
+            return np.where(self.n > 0, self.same / np.maximum(self.n, 1), np.nan)
+
+        def state_bytes(self):
+            return int(self.n.nbytes + self.same.nbytes)
+
+    monkeypatch.setitem(METRICS, "signs", MetricSpec("signs", "sign agreement", "share of equal signs", "test",
+                                                     make=SignAgreement))
+    res = analyze(world["base"], [world["ft"]], world["cal"], metrics="nmi,signs", **FAST)
+    back = AnalysisResult.load(res.save(tmp_path / "signs.json"))
+    assert back.metrics() == ["nmi", "signs"]
+    s = back.similarity_matrix("signs")
+    assert np.all((s > 0.5) & (s <= 1))                        # a fine-tuned descendant mostly keeps signs
+    assert coefficient_table(back, 1.0, metric="signs")["metric"] == "signs"
