@@ -634,7 +634,9 @@ def _merge(base: str, fts: list[str], s: Setting, analysis, where: Path, *, thre
     lams = acm = None
     if s.acm:
         lams = lambdas_by_group(analysis, s.t, alpha=s.alpha, metric=s.metric)
-        acm = {"analysis": analysis.provenance, "t": s.t, "alpha": s.alpha, "metric": s.metric}
+        acm = {"analysis": analysis.provenance, "t": s.t, "alpha": s.alpha}
+        if s.metric != "nmi":
+            acm["metric"] = s.metric
     folder = Path(where) / ("merge-" + "".join(c if c.isalnum() or c in ".-=" else "_" for c in s.key()))
     merge_models(base, fts, folder, s.merge_options(threads=threads, device=device), lambdas=lams, acm=acm,
                  force=True, show_progress=False)

@@ -96,7 +96,9 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
                 raise InputError(f"the analysis has no {metric} values; analyse with that metric first")
             metric = analysis.metrics()[0]
         lambdas = lambdas_by_group(analysis, t, alpha, clip=clip, metric=metric)
-        acm_info = {"analysis": analysis.provenance, "t": t, "alpha": alpha, "clip": clip, "metric": metric}
+        acm_info = {"analysis": analysis.provenance, "t": t, "alpha": alpha, "clip": clip}
+        if metric != "nmi":            # NMI-driven merges keep the recipe (and shared-cache key) they always had
+            acm_info["metric"] = metric
     state.merge_count += 1
     merge_id = state.merge_count
     out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{method}{'-acm' if use_acm else ''}"

@@ -333,6 +333,8 @@ def test_cli_analyze_metric_then_coefficients_and_merge(world, tmp_path, capsys)
     recipe = json.loads((merged / "acm_recipe.json").read_text())
     expected = lambdas_by_group(res, 2.0, metric="cosine")[0]
     assert recipe["lambdas"][0]["lambda"] == pytest.approx(expected)
+    assert recipe["acm_analysis"]["metric"] == "cosine"
+    assert "sₖ = cosine similarity" in (merged / "README.md").read_text()
     shutil.rmtree(merged)
 
 

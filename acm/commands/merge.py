@@ -75,10 +75,11 @@ def _lambdas_from_analysis(path: str, t: float, alpha: float, fts: list[str], cl
                         i + 1, m.model, spec)
     lambdas = lambdas_by_group(analysis, t, alpha, clip=clip, metric=metric)
     acm = {"analysis": analysis.provenance, "t": t, "alpha": alpha, "clip": list(clip) if clip else None,
-           "source": str(path), "metric": metric,
+           "source": str(path),
            "nmi": {str(m.model): [float(x) for x in m.nmi] for m in analysis.models},
            "groups": list(analysis.groups)}
-    if metric != "nmi":
+    if metric != "nmi":          # NMI-driven merges keep the recipe they always had
+        acm["metric"] = metric
         acm["similarity"] = {str(m.model): [float(x) for x in m.values(metric)] for m in analysis.models}
         if not all(m.nmi for m in analysis.models):
             del acm["nmi"]
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     report = merge_models(args.base, args.ft, args.out, options, lambdas=lambdas, acm=acm, force=args.force,
                           allow_pickle=args.allow_pickle, show_progress=sys.stderr.isatty())
     label = ("ACM " if acm else "") + args.method + (
-        f" (t={args.t:g}, alpha={args.alpha:g}{'' if acm['metric'] == 'nmi' else ', by ' + acm['metric']})"
+        f" (t={args.t:g}, alpha={args.alpha:g}{'' if acm.get('metric', 'nmi') == 'nmi' else ', by ' + acm['metric']})"
         if acm else "")
     print(f"merged {len(args.ft)} model(s) into {args.base} with {label}")
     print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.num_shards} shard(s), "
