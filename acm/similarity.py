@@ -8,10 +8,11 @@ of one group at a time and whose state does **not grow with the calibration size
 
 * ``nmi``: normalised mutual information of the (base, fine-tuned) value pairs (``acm.mi``, the
   paper's measure and the default).
-* ``cka``: linear CKA of the token rows (centred), streamed as k×k cross-covariance sums of the
-  rows, after a fixed seeded Gaussian random projection to k = ``sketch_dim`` features when a group
-  is wider (exact when it is not). Error vs exact CKA: tests/test_similarity.py.
-* ``cosine``: mean over tokens of cos(base row, fine-tuned row), clamped at 0 (see ``COSINE``).
+* ``cka``: linear CKA of the token rows (centred), streamed as cross-covariance sums; a group wider
+  than k = ``sketch_dim`` keeps one-sided d×k sketches of them (a fixed seeded Gaussian projection,
+  unbiased for each squared Frobenius norm; exact when d ≤ k). Error vs exact CKA: tests/test_similarity.py.
+* ``cosine``: mean over tokens of cos(base row, fine-tuned row), clamped at 0 (``CosineEstimator``
+  says why this map).
 
 How to add a metric: docs/ARCHITECTURE.md "Adding a similarity metric".
 """
