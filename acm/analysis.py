@@ -61,6 +61,7 @@ from acm.grouping import EMBED, HEAD, build_group_map, find_group_modules, group
 from acm.merge_methods import finite
 from acm.mi import QUANTILES, StreamingMI, bin_indices, check_bins, robust_range
 from acm.models import ModelSource, check_compatibility, load_causal_lm, parse_dtype, resolve_model
+from acm.similarity import DEFAULT_SKETCH_DIM, METRICS, metric_label, parse_metrics
 
 FORMAT = "acm-analysis"
 FORMAT_VERSION = 1
@@ -79,17 +80,39 @@ class ModelNMI:
     mi: list[float]
     entropy_base: list[float] = field(default_factory=list)
     entropy_ft: list[float] = field(default_factory=list)
+    similarity: dict[str, list[float]] = field(default_factory=dict)   # other metrics: {"cka": [...], ...}
+
+    def metrics(self) -> list[str]:
+        """Metric keys this model has values for (``nmi`` first when present)."""
+        return (["nmi"] if self.nmi else []) + [k for k in self.similarity if k != "nmi"]
+
+    def values(self, metric: str) -> list[float]:
+        """Per-group similarity of ``metric`` (InputError, one line, when it was not computed)."""
+        vals = self.nmi if metric == "nmi" else self.similarity.get(metric)
+        if not vals:
+            have = ", ".join(self.metrics()) or "none"
+            raise InputError(f"this analysis has no {metric!r} values (it holds: {have}); choose one of those "
+                             f"or analyse again with --metric {metric}")
+        return vals
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "nmi": list(self.nmi), "mi": list(self.mi),
-                "entropy_base": list(self.entropy_base), "entropy_ft": list(self.entropy_ft)}
+        d = {"model": self.model, "nmi": list(self.nmi), "mi": list(self.mi),
+             "entropy_base": list(self.entropy_base), "entropy_ft": list(self.entropy_ft)}
+        if self.similarity:     # absent in NMI-only analyses: the file is byte-for-byte the old format
+            d["similarity"] = {k: list(v) for k, v in self.similarity.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelNMI:
-        return cls(model=str(d["model"]), nmi=[float(x) for x in d["nmi"]],
-                   mi=[float(x) for x in d.get("mi", [math.nan] * len(d["nmi"]))],
+        nmi = [float(x) for x in d.get("nmi") or []]
+        sim = d.get("similarity") or {}
+        if not isinstance(sim, dict):
+            raise TypeError("'similarity' must be an object of per-metric lists")
+        return cls(model=str(d["model"]), nmi=nmi,
+                   mi=[float(x) for x in d.get("mi") or [math.nan] * len(nmi)],
                    entropy_base=[float(x) for x in d.get("entropy_base", [])],
-                   entropy_ft=[float(x) for x in d.get("entropy_ft", [])])
+                   entropy_ft=[float(x) for x in d.get("entropy_ft", [])],
+                   similarity={str(k): [float(x) for x in v] for k, v in sim.items() if str(k) != "nmi"})
 
 
 @dataclass
@@ -102,7 +125,17 @@ class AnalysisResult:
 
     def nmi_matrix(self) -> np.ndarray:
         """[n_models, n_groups] NMI."""
-        return np.array([m.nmi for m in self.models], dtype=np.float64).reshape(len(self.models), len(self.groups))
+        return self.similarity_matrix("nmi")
+
+    def metrics(self) -> list[str]:
+        """Similarity metrics every model has values for, in a stable order (``nmi`` first)."""
+        first = self.models[0].metrics() if self.models else []
+        return [k for k in first if all(k in m.metrics() for m in self.models)]
+
+    def similarity_matrix(self, metric: str = "nmi") -> np.ndarray:
+        """[n_models, n_groups] similarity in [0, 1] of ``metric`` (``acm.similarity.METRICS``)."""
+        return np.array([m.values(metric) for m in self.models],
+                        dtype=np.float64).reshape(len(self.models), len(self.groups))
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "groups": list(self.groups),
@@ -123,11 +156,16 @@ class AnalysisResult:
         if not groups or not models:
             raise InputError("ACM analysis holds no groups or no models")
         for m in models:
-            if len(m.nmi) != len(groups):
-                raise InputError(f"ACM analysis: model {m.model} has {len(m.nmi)} NMI values for {len(groups)} groups")
-            bad = [g for g, v in zip(groups, m.nmi) if not (math.isfinite(v) and -1e-9 <= v <= 1 + 1e-9)]
-            if bad:
-                raise InputError(f"ACM analysis: model {m.model} has an invalid NMI for group {bad[0]}")
+            if not m.metrics():
+                raise InputError(f"ACM analysis: model {m.model} has no similarity values (no NMI, no other metric)")
+            for key in m.metrics():
+                vals, name = m.values(key), "NMI" if key == "nmi" else key
+                if len(vals) != len(groups):
+                    raise InputError(f"ACM analysis: model {m.model} has {len(vals)} {name} values for "
+                                     f"{len(groups)} groups")
+                bad = [g for g, v in zip(groups, vals) if not (math.isfinite(v) and -1e-9 <= v <= 1 + 1e-9)]
+                if bad:
+                    raise InputError(f"ACM analysis: model {m.model} has an invalid {name} for group {bad[0]}")
         return cls(groups=groups, models=models, provenance=dict(d.get("provenance") or {}))
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -217,12 +255,15 @@ def _hidden(output: Any) -> torch.Tensor:
 
 
 DEFAULT_PAIR_BUDGET = 1 << 22   # paired values kept per layer group (≈ 4.2 M; 4 MiB of uint8 base bins)
+# Row metrics (CKA, cosine): tokens paired per group. Stored: ≤ 8192 × sketch_dim (128) float32 = 4 MiB per
+# group and metric; beyond it a seeded subset of tokens (the same for every group and pass).
+DEFAULT_ROW_BUDGET = 1 << 13
 
 
-def check_pair_budget(pair_budget: int) -> int:
+def check_pair_budget(pair_budget: int, name: str = "pair_budget") -> int:
     """The per-group budget of paired values must be a positive integer (one line otherwise)."""
     if isinstance(pair_budget, bool) or not isinstance(pair_budget, (int, np.integer)) or pair_budget < 1:
-        raise InputError(f"pair_budget must be an integer >= 1, got {pair_budget!r}")
+        raise InputError(f"{name} must be an integer >= 1, got {pair_budget!r}")
     return int(pair_budget)
 
 
@@ -250,10 +291,16 @@ class _Capture:
     """
 
     def __init__(self, num_groups: int, bins: int, estimators: list[StreamingMI], seed: int, *,
-                 pair_budget: int = DEFAULT_PAIR_BUDGET, batch_tokens: list[int] | None = None):
+                 pair_budget: int = DEFAULT_PAIR_BUDGET, batch_tokens: list[int] | None = None,
+                 row_estimators: list[dict[str, Any]] | None = None, row_budget: int = DEFAULT_ROW_BUDGET):
         self.num_groups = num_groups
         self.bins = bins
-        self.estimators = estimators
+        self.estimators = estimators                    # NMI, one per fine-tuned model ([] = NMI not asked for)
+        self.row_estimators = [dict(r) for r in (row_estimators or [])]   # per fine-tuned model: {metric: est}
+        self.row_budget = int(row_budget)
+        self.row_store: dict[str, list[dict[int, torch.Tensor]]] = {
+            k: [{} for _ in range(num_groups)] for k in (self.row_estimators[0] if self.row_estimators else {})}
+        self.rows_per_group = [0] * num_groups
         self.seed = seed
         self.pair_budget = int(pair_budget)
         self.batch_tokens = list(batch_tokens or [])
@@ -274,10 +321,53 @@ class _Capture:
         return feats is not None and self.total_tokens * feats > self.pair_budget
 
     def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for per in self.stored for t in per.values())
+        per_metric = [t for store in self.row_store.values() for per in store for t in per.values()]
+        return sum(t.numel() * t.element_size() for per in self.stored for t in per.values()) + sum(
+            t.numel() * t.element_size() for t in per_metric)
 
     def clear(self) -> None:
         self.stored = [{} for _ in range(self.num_groups)]
+        self.row_store = {k: [{} for _ in range(self.num_groups)] for k in self.row_store}
+
+    # -- row metrics (CKA, cosine, …: acm.similarity) ------------------------------------------
+    def rows_subsampled(self) -> bool:
+        return self.total_tokens > self.row_budget
+
+    def _row_take(self, device: torch.device) -> torch.Tensor | None:
+        """Which of the batch's real tokens the row metrics pair: all while the calibration set has at
+        most ``row_budget`` tokens, else a seeded draw without replacement, in proportion to the
+        batch's tokens — the same tokens in every pass and for every group."""
+        if not self.rows_subsampled():
+            return None
+        tokens = self.batch_tokens[self.batch] if self.batch < len(self.batch_tokens) else self.n_real
+        quota = min(self.n_real, max(1, round(self.row_budget * tokens / max(1, self.total_tokens))))
+        gen = torch.Generator(device="cpu").manual_seed(_position_seed(self.seed, 1 << 20, self.batch))
+        return torch.randperm(self.n_real, generator=gen)[:quota].sort().values.to(device)
+
+    def observe_rows(self, group: int, real_rows: torch.Tensor) -> None:
+        """Real-token rows ``[n_real, width]`` of one group: base pass → each metric's ``base_rows``
+        (stored on the CPU, bounded width); fine-tuned pass → ``update_stored`` with them."""
+        if not self.row_estimators:
+            return
+        take = self._row_take(real_rows.device)
+        rows = real_rows if take is None else real_rows.index_select(0, take)
+        if self.mode == "base":
+            self.rows_per_group[group] += int(rows.shape[0])
+            for key in self.row_store:
+                kept = None
+                for per_ft in self.row_estimators:       # base-only statistics for every fine-tuned model
+                    out = per_ft[key].base_rows(group, rows)
+                    kept = out if kept is None else kept
+                # a copy: never a view that keeps (or shares) the model's activation buffer
+                self.row_store[key][group][self.batch] = kept.to("cpu", copy=True)
+            return
+        for key, est in self.row_estimators[self.ft].items():
+            stored = self.row_store[key][group].get(self.batch)
+            if stored is None or stored.shape[0] != rows.shape[0]:
+                raise ACMError(f"group {group}, batch {self.batch}: the base pass stored "
+                               f"{0 if stored is None else stored.shape[0]} rows for {key}, the fine-tuned "
+                               f"pass gave {rows.shape[0]}")
+            est.update_stored(group, stored.to(rows.device, non_blocking=True), rows)
 
     def _needs_range(self, group: int) -> bool:
         if self.mode == "base":
@@ -316,6 +406,10 @@ class _Capture:
     def observe(self, group: int, act: torch.Tensor) -> None:
         """Token-major activations [..., features]: pad rows never enter the histogram."""
         act = act.detach()
+        if self.row_estimators:
+            self.observe_rows(group, self.select(act))
+        if not self.estimators:
+            return
         features = act.shape[-1]
         quota = self._quota(group, features)
         if quota is None:
@@ -331,6 +425,10 @@ class _Capture:
         """Logits restricted to ``head_ids``. All positions: gathered as [ids, real tokens] (rows of
         the transposed view, a fast contiguous copy); a subsample gathers its draws directly."""
         flat = logits.detach().reshape(-1, logits.shape[-1])
+        if self.row_estimators:
+            self.observe_rows(group, self.select(flat.index_select(1, head_ids)))
+        if not self.estimators:
+            return
         k = int(head_ids.numel())
         quota = self._quota(group, k)
         sub = None
@@ -520,8 +618,10 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
             device: str | None = None, dtype: str | None = None, chat_template: bool = True,
             allow_pickle: bool = False, trust_remote_code: bool = False,
             progress: Callable[[float, str], None] | None = None, show_progress: bool = True,
-            padding_side: str = "right", pair_budget: int = DEFAULT_PAIR_BUDGET) -> AnalysisResult:
-    """Per-group NMI between the base and each fine-tuned model on calibration text.
+            padding_side: str = "right", pair_budget: int = DEFAULT_PAIR_BUDGET,
+            metrics: str | list[str] | tuple[str, ...] | None = None, sketch_dim: int = DEFAULT_SKETCH_DIM,
+            row_budget: int = DEFAULT_ROW_BUDGET) -> AnalysisResult:
+    """Per-group similarity (NMI by default) between the base and each fine-tuned model on calibration text.
 
     Order of work (cheap checks first): validate settings → resolve models and check
     compatibility (config + safetensors headers, no weights) → read the calibration texts →
@@ -529,6 +629,8 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     base bins) → unload → for each fine-tuned model: load, pass, unload. One model is resident at
     a time. Out-of-memory becomes ``OutOfMemoryAdvice``. ``calibration=None`` or ``"bundled"``
     uses the bundled demo set. ``pair_budget``: paired values per group (see ``_Capture``).
+    ``metrics``: keys of ``acm.similarity.METRICS`` (default ``["nmi"]``), all computed in the same
+    passes; row metrics pair at most ``row_budget`` tokens per group, projected to ``sketch_dim``.
     """
     from tqdm.auto import tqdm
 
@@ -537,6 +639,10 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     _check_args(bins=bins, batch_size=batch_size, max_tokens=max_tokens, clusters=clusters, fraction=fraction,
                 samples=samples, seed=seed, fts=fts)
     pair_budget = check_pair_budget(pair_budget)
+    metric_keys = parse_metrics(metrics)
+    row_budget = check_pair_budget(row_budget, "row_budget")
+    if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, (int, np.integer)) or sketch_dim < 1:
+        raise InputError(f"sketch_dim must be an integer >= 1, got {sketch_dim!r}")
     if padding_side not in ("right", "left"):
         raise InputError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     torch_dtype = parse_dtype(dtype)
@@ -584,9 +690,13 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
 
     names = group_names(base_src.num_layers)
     num_groups = len(names)
-    estimators = [StreamingMI(num_groups, bins=bins, seed=seed) for _ in ft_srcs]
+    estimators = [StreamingMI(num_groups, bins=bins, seed=seed) for _ in ft_srcs] if "nmi" in metric_keys else []
+    row_keys = [k for k in metric_keys if METRICS[k].pairs == "rows"]
+    row_estimators = [{k: METRICS[k].make(num_groups, sketch_dim=sketch_dim, seed=seed, bins=bins) for k in row_keys}
+                      for _ in ft_srcs] if row_keys else []
     capture = _Capture(num_groups, bins, estimators, seed, pair_budget=pair_budget,
-                       batch_tokens=[int(m.sum()) for _, m in batches])
+                       batch_tokens=[int(m.sum()) for _, m in batches], row_estimators=row_estimators,
+                       row_budget=row_budget)
     vocabs = [int(s.vocab_size) for s in [base_src] + ft_srcs if s.vocab_size]
     vocab = min(vocabs) if vocabs else None   # head ids valid for every model (vocabularies may differ)
     out_emb = base_model.get_output_embeddings()
@@ -640,21 +750,35 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         capture.clear()
 
     results = []
-    for src, est in zip(ft_srcs, estimators):
-        stats = est.stats()
-        nmi = est.nmi()
-        if not np.all(np.isfinite(nmi)):
-            missing = [names[g] for g in range(num_groups) if not math.isfinite(nmi[g])]
-            raise ACMError(f"no activations were captured for group(s) {', '.join(missing[:3])} of {src.spec}")
-        results.append(ModelNMI(model=src.spec, nmi=[float(v) for v in nmi], mi=[float(s[0]) for s in stats],
-                                entropy_base=[float(s[1]) for s in stats], entropy_ft=[float(s[2]) for s in stats]))
+    for i, src in enumerate(ft_srcs):
+        values: dict[str, np.ndarray] = {}
+        stats: list[tuple[float, float, float]] = []
+        if estimators:
+            stats = estimators[i].stats()
+            values["nmi"] = estimators[i].nmi()
+        for key in row_keys:
+            values[key] = row_estimators[i][key].similarity()
+        for key, vals in values.items():
+            if not np.all(np.isfinite(vals)):
+                missing = [names[g] for g in range(num_groups) if not math.isfinite(vals[g])]
+                raise ACMError(f"no activations were captured for group(s) {', '.join(missing[:3])} of {src.spec} "
+                               f"({metric_label(key)})")
+        results.append(ModelNMI(model=src.spec, nmi=[float(v) for v in values.get("nmi", [])],
+                                mi=[float(s[0]) for s in stats], entropy_base=[float(s[1]) for s in stats],
+                                entropy_ft=[float(s[2]) for s in stats],
+                                similarity={k: [float(v) for v in values[k]] for k in row_keys}))
     seconds = time.perf_counter() - t_start
     histogram_bytes = sum(int(j.numel() * j.element_size()) for est in estimators for j in est._joint if j is not None)
+    metric_state_bytes = sum(int(e.state_bytes()) for per in row_estimators for e in per.values())
     cuda_peak = None
     if dev_name.startswith("cuda"):
         cuda_peak = int(torch.cuda.max_memory_allocated())
     provenance = {
-        "method": "ACM per-group NMI, streaming B×B joint histogram (this project's estimator)",
+        "method": ("ACM per-group NMI, streaming B×B joint histogram (this project's estimator)"
+                   if metric_keys == ["nmi"] else
+                   "ACM per-group similarity: " + "; ".join(f"{METRICS[k].label}: {METRICS[k].formula}"
+                                                            for k in metric_keys)),
+        "metrics": list(metric_keys),
         "models": {"base": base_src.provenance(), "fine_tuned": [s.provenance() for s in ft_srcs]},
         "calibration": {
             "source": describe_source(calibration), "field": field, "split": split,
@@ -669,12 +793,15 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         "ranges": {"base": [list(r) if r else None for r in capture.base_range],
                    "fine_tuned": [[list(r) if r else None for r in est.y_range] for est in estimators]},
         "residency": "one model at a time (base pass, then each fine-tuned model)",
+        **({"row_metrics": {"sketch_dim": int(sketch_dim), "row_budget": int(row_budget),
+                            "rows_per_group": list(capture.rows_per_group),
+                            "rows_subsampled": capture.rows_subsampled()}} if row_keys else {}),
         "pair_budget": int(pair_budget),
-        "pairs_per_group": [estimators[0].count(g) for g in range(num_groups)],
-        "subsampled_groups": [names[g] for g in range(num_groups) if capture.subsampled(g)],
+        "pairs_per_group": [estimators[0].count(g) for g in range(num_groups)] if estimators else [],
+        "subsampled_groups": [names[g] for g in range(num_groups) if capture.subsampled(g)] if estimators else [],
         "memory": {"peak_rss_bytes": _peak_rss_bytes(), "cuda_max_allocated_bytes": cuda_peak,
                    "estimator_bytes": int(histogram_bytes + stored_peak), "histogram_bytes": int(histogram_bytes),
-                   "stored_base_bins_bytes": int(stored_peak)},
+                   "stored_base_bins_bytes": int(stored_peak), "metric_state_bytes": int(metric_state_bytes)},
         "passes": passes,
         "group_tensors": _group_tensors(base_src, compat.layout),
         "heads": compat.heads,
@@ -687,13 +814,15 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
 
 
 def summarize(result: AnalysisResult) -> str:
-    """A few human lines: per model, mean NMI and the most / least changed groups."""
+    """A few human lines: per model and metric, the mean and the most / least changed groups."""
     lines = []
     for m in result.models:
-        nmi = np.asarray(m.nmi)
-        lo, hi = int(np.argmin(nmi)), int(np.argmax(nmi))
-        lines.append(f"{m.model}: mean NMI {nmi.mean():.3f}; most changed {result.groups[lo]} ({nmi[lo]:.3f}), "
-                     f"least changed {result.groups[hi]} ({nmi[hi]:.3f})")
+        for key in m.metrics():
+            vals = np.asarray(m.values(key))
+            lo, hi = int(np.argmin(vals)), int(np.argmax(vals))
+            name = metric_label(key) if key != "nmi" else "NMI"
+            lines.append(f"{m.model}: mean {name} {vals.mean():.3f}; most changed {result.groups[lo]} "
+                         f"({vals[lo]:.3f}), least changed {result.groups[hi]} ({vals[hi]:.3f})")
     return "\n".join(lines)
 
 

@@ -93,44 +93,55 @@ def lambdas(nmi, t, alpha: float = 1.0, clip=None) -> np.ndarray:
     return lam
 
 
-def _nmi_rows(analysis) -> tuple[list[str], list[str], np.ndarray]:
+def _nmi_rows(analysis, metric: str = "nmi") -> tuple[list[str], list[str], np.ndarray]:
+    """(groups, models, [n_models, K] similarity of ``metric``) — the sₖ that drive λ."""
     groups = list(analysis.groups)
     models = [m.model for m in analysis.models]
-    return groups, models, analysis.nmi_matrix()
+    if metric == "nmi":
+        return groups, models, analysis.nmi_matrix()
+    return groups, models, analysis.similarity_matrix(metric)
 
 
-def coefficient_table(analysis, t: float, alpha: float = 1.0, clip=None) -> dict:
-    """Everything a user needs to see for one t: NMI and λ per (model, group), network order.
+def coefficient_table(analysis, t: float, alpha: float = 1.0, clip=None, *, metric: str = "nmi") -> dict:
+    """Everything a user needs to see for one t: the driving similarity sₖ and λ per (model, group).
 
-    ``{"t", "alpha", "clip", "groups", "models": [{"model", "mean_lambda", "groups": [{"name",
-    "nmi", "lambda", "lambda_unclipped"?, "clipped"?}]}]}``.
+    ``metric`` (``acm.similarity.METRICS``) picks which similarity drives λ (the formula is the same
+    with sₖ in place of NMIₖ). ``{"t", "alpha", "clip", "metric", "groups", "models": [{"model",
+    "mean_lambda", "groups": [{"name", "similarity", "<metric>", "lambda", "lambda_unclipped"?,
+    "clipped"?}]}]}`` (the value is under both "similarity" and the metric's key, e.g. "nmi").
     """
     t_val = float(_check_t(t).reshape(-1)[0]) if np.ndim(t) == 0 else None
     if t_val is None:
         raise InputError("coefficient_table takes one t (use lambdas() for a grid)")
     a = _check_alpha(alpha)
     clip = _check_clip(clip)
-    groups, models, nmi = _nmi_rows(analysis)
+    groups, models, nmi = _nmi_rows(analysis, metric)
     raw = lambdas(nmi, t_val, a)
     lam = lambdas(nmi, t_val, a, clip=clip)
     out_models = []
     for i, name in enumerate(models):
         rows = []
         for k, g in enumerate(groups):
-            row: dict[str, Any] = {"name": g, "nmi": float(nmi[i, k]), "lambda": float(lam[i, k])}
+            row: dict[str, Any] = {"name": g, metric: float(nmi[i, k]), "similarity": float(nmi[i, k]),
+                                   "lambda": float(lam[i, k])}
             if clip is not None:
                 row["lambda_unclipped"] = float(raw[i, k])
                 row["clipped"] = bool(lam[i, k] != raw[i, k])
             rows.append(row)
         out_models.append({"model": name, "mean_lambda": float(lam[i].mean()), "groups": rows})
+    s = "NMI" if metric == "nmi" else f"s[{metric}]"
     return {"t": t_val, "alpha": a, "clip": list(clip) if clip is not None else None, "groups": groups,
-            "formula": "lambda_k = alpha * K * exp(-t*NMI_k) / sum_j exp(-t*NMI_j), clipped after",
+            "metric": metric,
+            "formula": f"lambda_k = alpha * K * exp(-t*{s}_k) / sum_j exp(-t*{s}_j), clipped after",
             "models": out_models}
 
 
-def lambdas_by_group(analysis, t: float, alpha: float = 1.0, clip=None) -> list[dict[str, float]]:
-    """One ``{group: λ}`` per fine-tuned model — the form ``merge_models(lambdas=...)`` takes."""
-    groups, _, nmi = _nmi_rows(analysis)
+def lambdas_by_group(analysis, t: float, alpha: float = 1.0, clip=None, *,
+                     metric: str = "nmi") -> list[dict[str, float]]:
+    """One ``{group: λ}`` per fine-tuned model — the form ``merge_models(lambdas=...)`` takes.
+
+    ``metric``: which similarity of the analysis drives λ (default NMI)."""
+    groups, _, nmi = _nmi_rows(analysis, metric)
     lam = lambdas(nmi, float(_check_t(t).reshape(-1)[0]), alpha, clip=clip)
     return [{g: float(v) for g, v in zip(groups, row)} for row in lam]
 
@@ -181,7 +192,7 @@ def _r(v: float) -> float:
 def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "task_arithmetic",
                      base_model: str | None = None, density: float | None = None, clip=None,
                      dtype: str | None = None, tokenizer_source: str | None = None,
-                     drop_rate: float | None = None) -> str:
+                     drop_rate: float | None = None, metric: str = "nmi") -> str:
     """A mergekit-style config reproducing the ACM λ of every layer group.
 
     What mergekit can express, and how we use it: ``weight`` per model may be a list of
@@ -212,8 +223,8 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
                 "only (its `density` is the keep fraction), so no mergekit config reproduces it. Use "
                 "`python -m acm merge` (the recipe's reproduce command), or merge with TIES density 1 to export.")
         density = 1.0 - float(drop_rate)
-    groups, models, _ = _nmi_rows(analysis)
-    per_model = lambdas_by_group(analysis, t, alpha, clip=clip)
+    groups, models, _ = _nmi_rows(analysis, metric)
+    per_model = lambdas_by_group(analysis, t, alpha, clip=clip, metric=metric)
     blocks = [g for g in groups if g.startswith("block.")]
     prov = analysis.provenance or {}
     if base_model is None:
@@ -238,8 +249,10 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
     clip = _check_clip(clip)
     header = [
         "# ACM (Activation-Guided Consensus Merging) coefficients as a mergekit config.",
-        f"# lambda_k = alpha*K*exp(-t*NMI_k)/sum_j exp(-t*NMI_j) with t={_r(float(t))}, alpha={_r(_check_alpha(alpha))}"
-        + (f", clipped to [{clip[0]}, {clip[1]}]" if clip else "") + f", K={len(groups)} groups.",
+        f"# lambda_k = alpha*K*exp(-t*{'NMI' if metric == 'nmi' else 's'}_k)/sum_j exp(-t*"
+        f"{'NMI' if metric == 'nmi' else 's'}_j) with t={_r(float(t))}, alpha={_r(_check_alpha(alpha))}"
+        + (f", clipped to [{clip[0]}, {clip[1]}]" if clip else "") + f", K={len(groups)} groups"
+        + ("." if metric == "nmi" else f"; s = {metric} similarity."),
         f"# weight: one value per decoder block ({len(blocks)} blocks; mergekit's layer gradient hits each block",
         "#   exactly when the list has one value per layer); the embed group (input embeddings, tied",
         "#   output embeddings) and the head group (final norm, lm_head) are carried by the 'filter'",

@@ -238,7 +238,9 @@ def model_card(rec: dict) -> str:
     out += ["## Parameters", "", _table(["parameter", "value"], prow), ""]
     out += ["## Coefficients λ per layer group", "",
             ("λ from the ACM analysis: λₖ = α·K·exp(−t·NMIₖ) / Σⱼ exp(−t·NMIⱼ) (mean α; lower NMI → larger λ)."
-             if acm else ("Normalised weights of the linear average." if method == "linear"
+             if acm and acm.get("metric", "nmi") == "nmi" else
+             f"λ from the ACM analysis: λₖ = α·K·exp(−t·sₖ) / Σⱼ exp(−t·sⱼ), sₖ = {acm.get('metric')} similarity "
+             "(mean α; lower sₖ → larger λ)." if acm else ("Normalised weights of the linear average." if method == "linear"
                           else "Plain method: λ = α for every group.")), "",
             lambda_table(rec), ""]
     if acm and isinstance(acm.get("nmi"), dict) and acm.get("groups"):

@@ -61,6 +61,7 @@ class Setting:
     rule: str | None = None           # None/"softmax": λ from t (or plain); "sigmoid": acm.rules' sigmoid rule
     theta: float | None = None        # sigmoid rule θ
     estimator: str | None = None      # sigmoid rule per-sample MI estimator
+    metric: str = "nmi"               # ACM: which similarity of the analysis drives λ (acm.similarity)
 
     @property
     def acm(self) -> bool:
@@ -71,7 +72,9 @@ class Setting:
         def f(v):
             return "-" if v is None else f"{float(v):g}"
         key = f"{self.method}|a={f(self.alpha)}|t={f(self.t)}|d={f(self.density)}|p={f(self.drop_rate)}"
-        if self.rule == "sigmoid":   # softmax keys stay as before, so older tune.jsonl files resume
+        if self.metric != "nmi" and self.acm:   # NMI keys as before, so older tune.jsonl files resume
+            key += f"|m={self.metric}"
+        if self.rule == "sigmoid":   # softmax keys stay as before
             key += f"|r=sigmoid|th={f(self.theta)}|e={self.estimator}"
         return key
 
@@ -85,6 +88,8 @@ class Setting:
             parts.append(f"p={self.drop_rate:g}")
         if self.t is not None:
             parts.append(f"t={self.t:g}")
+            if self.metric != "nmi":
+                parts.append(f"by {self.metric}")
         if self.rule == "sigmoid":
             return f"{name} ({', '.join(parts)}) + sigmoid (θ={self.theta:g}, {self.estimator})"
         return f"{name} ({', '.join(parts)})"
@@ -99,7 +104,7 @@ class Setting:
                    density=None if d.get("density") is None else float(d["density"]),
                    drop_rate=None if d.get("drop_rate") is None else float(d["drop_rate"]),
                    rule=d.get("rule"), theta=None if d.get("theta") is None else float(d["theta"]),
-                   estimator=d.get("estimator"))
+                   estimator=d.get("estimator"), metric=str(d.get("metric") or "nmi"))
 
     def merge_options(self, **extra):
         """The ``MergeOptions`` of this point (library defaults for what the grid does not set)."""
@@ -144,8 +149,9 @@ def parse_values(text: str | Sequence | None) -> list[str]:
 def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence = (), densities: Sequence = (),
                 drop_rates: Sequence = (), *, plain: bool = True, rules: Sequence[str] = ("softmax",),
                 thetas: Sequence = (0.7,), estimators: Sequence[str] = ("labels",),
-                max_settings: int = MAX_SETTINGS) -> list[Setting]:
-    """Every (method, α, density/drop rate) plain (if ``plain``) and with each coefficient rule.
+                max_settings: int = MAX_SETTINGS, metrics: Sequence[str] | str | None = None) -> list[Setting]:
+    """Every (method, α, density/drop rate) plain (if ``plain``) and with each coefficient rule;
+    ACM (softmax) at each t for each similarity ``metric`` that drives λ (default NMI).
 
     ``rules`` (``acm.rules``): ``softmax`` adds ACM at each t; ``sigmoid`` adds, per point, the
     sigmoid rule at each θ × estimator on top of that point's plain merge. t = 0 is bit-for-bit the
@@ -191,6 +197,9 @@ def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence = (), den
         raise InputError("empty grid: TIES / DARE-TIES need at least one density")
     if any(m.startswith("dare") for m in ms) and not drops:
         raise InputError("empty grid: DARE needs at least one drop rate")
+    from acm.similarity import parse_metrics
+
+    metric_keys = parse_metrics(metrics)
     t_points: list[float | None] = ([None] if plain else []) + [t for t in ts_ if not (plain and t == 0)]
     out: list[Setting] = []
     for m in ms:
@@ -199,7 +208,9 @@ def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence = (), den
         for a in alphas_:
             for d in d_opts:
                 for p in p_opts:
-                    out.extend(Setting(m, a, t, d, p) for t in t_points)
+                    for t in t_points:
+                        out.extend([Setting(m, a, t, d, p)] if t is None else
+                                   [Setting(m, a, t, d, p, metric=k) for k in metric_keys])
                     out.extend(Setting(m, a, None, d, p, rule="sigmoid", theta=th, estimator=e)
                                for th, e in sig_points)
     if max_settings is not None and len(out) > max_settings:
@@ -442,21 +453,32 @@ class _Stream:
 
 
 def _ensure_analysis(base: str, fts: list[str], analysis, out: Path, *, calibration, samples, device,
-                     progress: Progress | None):
-    """An ``AnalysisResult``: given, loaded from a path, the run folder's cache, or computed (and cached)."""
+                     progress: Progress | None, metrics: Sequence[str] = ("nmi",)):
+    """An ``AnalysisResult`` holding every metric in ``metrics``: given, loaded from a path, the run
+    folder's cache, or computed (and cached) — all metrics in one analysis pass."""
     from acm.analysis import AnalysisResult, analyze
 
+    def check(result, where: str):
+        missing = [k for k in metrics if k not in result.metrics()]
+        if missing:
+            raise InputError(f"{where} has no {', '.join(missing)} values (it holds: {', '.join(result.metrics())}); "
+                             f"analyse with --metric {','.join(metrics)} or pass another --analysis")
+        return result
+
     if isinstance(analysis, AnalysisResult):
-        return analysis, "given"
+        return check(analysis, "the given analysis"), "given"
     path = Path(analysis) if analysis else out / "analysis.json"
     if path.is_file():
         result = AnalysisResult.load(path)
         if len(result.models) != len(fts):
             raise InputError(f"{path} covers {len(result.models)} fine-tuned model(s), not {len(fts)}; "
                              "analyse the same models or pass another --analysis")
-        return result, str(path)
+        if (analysis and path != out / "analysis.json") or all(k in result.metrics() for k in metrics):
+            return check(result, str(path)), str(path)
+        # the run folder's own cached analysis lacks a metric: redo it with every metric, in one pass
+        metrics = list(dict.fromkeys([*result.metrics(), *metrics]))
     result = analyze(base, fts, calibration, samples=samples, device=device, progress=progress,
-                     show_progress=progress is None)
+                     show_progress=progress is None, metrics=list(metrics))
     path.parent.mkdir(parents=True, exist_ok=True)
     result.save(path)
     return result, f"computed → {path}"
@@ -515,8 +537,9 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
         need_acm = any(s.acm for s in settings)
         an, an_label = (None, None)
         if need_acm:
+            needed = list(dict.fromkeys(s.metric for s in settings if s.acm))
             an, an_label = _ensure_analysis(base, fts, analysis, out, calibration=calibration, samples=samples,
-                                            device=device, progress=progress)
+                                            device=device, progress=progress, metrics=needed)
         config = {"base": base, "fts": fts, "data": data_label, "tune_rows": _rows_digest(tune_rows),
                   "holdout_rows": _rows_digest(hold_rows), "n_tune": len(tune_rows), "n_holdout": len(hold_rows),
                   "holdout": holdout, "limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
@@ -684,8 +707,10 @@ def _merge(base: str, fts: list[str], s: Setting, analysis, where: Path, *, thre
         return folder
     lams = acm = None
     if s.acm:
-        lams = lambdas_by_group(analysis, s.t, alpha=s.alpha)
+        lams = lambdas_by_group(analysis, s.t, alpha=s.alpha, metric=s.metric)
         acm = {"analysis": analysis.provenance, "t": s.t, "alpha": s.alpha}
+        if s.metric != "nmi":
+            acm["metric"] = s.metric
     merge_models(base, fts, folder, s.merge_options(threads=threads, device=device), lambdas=lams, acm=acm,
                  force=True, show_progress=False)
     return folder

@@ -1,7 +1,9 @@
-"""Step 3 — Analyse: per-layer NMI (cached), and the coefficient curve λₖ(t) redrawn live.
+"""Step 3 — Analyse: per-layer similarity (NMI by default; CKA, cosine on request; cached), and the
+coefficient curve λₖ(t) redrawn live from the metric the user picks to drive λ.
 
-``run_analysis`` is the only heavy call here (``acm.analysis.analyze``); ``coefficient_view`` only
-reads the cached NMI and asks ``acm.coefficients`` for λ, so moving t or α costs milliseconds.
+``run_analysis`` is the only heavy call here (``acm.analysis.analyze``, all chosen metrics in one set of
+passes); ``coefficient_view`` only reads the cached similarities and asks ``acm.coefficients`` for λ, so
+moving t or α costs milliseconds.
 """
 
 from __future__ import annotations
@@ -27,6 +29,20 @@ T_GRID = (0.0, 2.0, 5.0, 10.0, 20.0, 40.0)   # the small-multiples view
 DEFAULT_BINS = 64
 DEFAULT_BATCH = 4
 DEFAULT_SEED = 0
+DEFAULT_METRICS = ("nmi",)
+
+
+def metric_choices() -> list[tuple[str, str]]:
+    """(label, key) of every registered similarity metric, for the checkbox group and the driver."""
+    from acm.similarity import METRICS
+
+    return [(spec.label, key) for key, spec in METRICS.items()]
+
+
+def driver_metric(analysis, wanted: str | None) -> str:
+    """The metric that drives λ: ``wanted`` when the analysis has it, else its first metric (NMI first)."""
+    have = analysis.metrics() if analysis is not None else ["nmi"]
+    return wanted if wanted in have else (have[0] if have else "nmi")
 
 
 def _clip(clip_min, clip_max) -> tuple[float | None, float | None] | None:
@@ -50,7 +66,7 @@ def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_cod
                  cal_upload: str | None = None, hub_id: str | None = None, split: str | None = None,
                  field: str | None = None, samples: int | None = 16, clusters: int = 4, fraction: float = 0.1,
                  max_tokens: int = 128, bins: int = DEFAULT_BINS, batch_size: int = DEFAULT_BATCH,
-                 seed: int = DEFAULT_SEED, chat_template: bool = True,
+                 seed: int = DEFAULT_SEED, chat_template: bool = True, metrics=DEFAULT_METRICS,
                  progress: Callable[[float, str], None] | None = None) -> dict:
     """Analyse (or fetch from the session cache) and make it the session's current analysis.
 
@@ -59,13 +75,17 @@ def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_cod
     request — same model contents, calibration texts, settings and code — computed it already).
     """
     from acm.analysis import analyze
+    from acm.similarity import parse_metrics
 
     base, fts = validate_selection(base, fts)
+    metric_keys = parse_metrics(list(metrics or []) or None)
     cal = resolve_calibration(cal_mode, cal_upload, hub_id, split, field)
     samples = int(samples) if samples else None
     settings = dict(samples=samples, clusters=int(clusters), fraction=float(fraction), max_tokens=int(max_tokens),
                     bins=int(bins), batch_size=int(batch_size), seed=int(seed), chat_template=bool(chat_template),
                     device=none_if_auto(device), dtype=none_if_auto(dtype), trust=bool(trust_remote_code))
+    if metric_keys != ["nmi"]:            # NMI-only keeps the cache keys it always had
+        settings["metrics"] = ",".join(metric_keys)
     key = analysis_key(base, fts, cal, settings)
     with state.lock:
         cached = state.analysis_cache.get(key)
@@ -83,7 +103,7 @@ def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_cod
                        max_tokens=settings["max_tokens"], bins=settings["bins"], batch_size=settings["batch_size"],
                        seed=settings["seed"], device=settings["device"], dtype=settings["dtype"],
                        chat_template=settings["chat_template"], trust_remote_code=settings["trust"],
-                       progress=progress, show_progress=False)
+                       metrics=metric_keys, progress=progress, show_progress=False)
 
     result, shared = shared_analysis(base, fts, cal, settings, compute)
     seconds = time.perf_counter() - t0
@@ -190,39 +210,53 @@ def model_labels(analysis) -> list[str]:
     return unique_labels([m.model for m in analysis.models])
 
 
-def nmi_view(analysis):
+def nmi_view(analysis, driver: str | None = None):
+    """The per-layer similarity chart: the classic NMI chart for an NMI-only analysis, else every
+    metric side by side on one [0, 1] axis with the λ driver emphasised."""
+    from acm.similarity import metric_label
+
     labels = model_labels(analysis)
-    return plots.nmi_figure(analysis.groups, [(lab, m.nmi) for lab, m in zip(labels, analysis.models)])
+    keys = analysis.metrics()
+    if keys == ["nmi"]:
+        return plots.nmi_figure(analysis.groups, [(lab, m.nmi) for lab, m in zip(labels, analysis.models)])
+    series = [{"label": lab, "metric": k, "metric_label": "NMI" if k == "nmi" else metric_label(k),
+               "values": m.values(k)} for lab, m in zip(labels, analysis.models) for k in keys]
+    return plots.similarity_figure(analysis.groups, series, driver=driver_metric(analysis, driver))
 
 
 def coefficient_view(state: SessionState, t: float, alpha: float, clip_min=None, clip_max=None, *,
-                     multi: bool = True):
+                     multi: bool = True, metric: str | None = None):
     """(λ curve figure, several-t figure, coefficient table dict) for the current analysis.
 
-    No model work: NMI is cached, λ comes from ``acm.coefficients``. Safe to call on every
-    slider move; without an analysis it returns placeholders.
+    No model work: the similarities are cached, λ comes from ``acm.coefficients``. Safe to call on
+    every slider move; without an analysis it returns placeholders. ``metric``: which similarity
+    drives λ (``None`` = the last choice; falls back to the analysis' first metric).
     """
     from acm.coefficients import coefficient_table, lambdas
+    from acm.similarity import metric_label
 
     t, alpha = float(t or 0.0), float(DEFAULT_ALPHA if alpha is None else alpha)
     clip = _clip(clip_min, clip_max)
     analysis = state.analysis
-    state.coef_view = {"t": t, "alpha": alpha, "clip": clip}
+    metric = driver_metric(analysis, metric or (state.coef_view or {}).get("metric"))
+    state.coef_view = {"t": t, "alpha": alpha, "clip": clip, "metric": metric}
     if analysis is None:
         hint = "Run “Analyse” (or upload an analysis JSON) to see the coefficients"
         return plots.empty_figure(hint), plots.empty_figure(hint), {}
-    table = coefficient_table(analysis, t, alpha, clip=clip)
+    label = "NMI" if metric == "nmi" else metric_label(metric)
+    table = coefficient_table(analysis, t, alpha, clip=clip, metric=metric)
     labels = model_labels(analysis)
-    series = [{"label": lab, "nmi": [g["nmi"] for g in m["groups"]], "lambdas": [g["lambda"] for g in m["groups"]]}
-              for lab, m in zip(labels, table["models"])]
-    coef_fig = plots.coefficient_figure(analysis.groups, series, t=t, alpha=alpha, clip=clip)
+    series = [{"label": lab, "nmi": [g["similarity"] for g in m["groups"]],
+               "lambdas": [g["lambda"] for g in m["groups"]]} for lab, m in zip(labels, table["models"])]
+    coef_fig = plots.coefficient_figure(analysis.groups, series, t=t, alpha=alpha, clip=clip, metric_label=label)
     state.figures["coefficients"] = coef_fig
     if not multi:
         return coef_fig, None, table
-    grid = lambdas(analysis.nmi_matrix(), list(T_GRID), alpha=alpha, clip=clip)   # [len(T), n_models, K]
-    per_model = [{"label": lab, "nmi": list(m.nmi), "grid": [grid[j][i] for j in range(len(T_GRID))]}
-                 for i, (lab, m) in enumerate(zip(labels, analysis.models))]
-    multi_fig = plots.multi_t_figure(analysis.groups, per_model, list(T_GRID), alpha=alpha)
+    sim = analysis.similarity_matrix(metric)
+    grid = lambdas(sim, list(T_GRID), alpha=alpha, clip=clip)   # [len(T), n_models, K]
+    per_model = [{"label": lab, "nmi": list(sim[i]), "grid": [grid[j][i] for j in range(len(T_GRID))]}
+                 for i, lab in enumerate(labels)]
+    multi_fig = plots.multi_t_figure(analysis.groups, per_model, list(T_GRID), alpha=alpha, metric_label=label)
     state.figures["coefficients_multi_t"] = multi_fig
     return coef_fig, multi_fig, table
 
@@ -245,12 +279,17 @@ def summary_markdown(analysis, *, cached: bool = False, seconds: float | None = 
         parts.append(f"calibration: {src}" + (f", {n} samples" if n else "") + (f", {tokens} tokens" if tokens else ""))
     parts.append(f"{len(analysis.groups)} layer groups")
     lines = [" · ".join(parts), ""]
+    from acm.similarity import metric_label
+
     for lab, m in zip(model_labels(analysis), analysis.models):
-        nmi = list(m.nmi)
-        lo = min(range(len(nmi)), key=nmi.__getitem__)
-        hi = max(range(len(nmi)), key=nmi.__getitem__)
-        lines.append(f"- `{lab}`: mean NMI {sum(nmi) / len(nmi):.3f}; most changed **{analysis.groups[lo]}** "
-                     f"({nmi[lo]:.3f}), least changed **{analysis.groups[hi]}** ({nmi[hi]:.3f})")
+        for key in m.metrics():
+            vals = list(m.values(key))
+            name = "NMI" if key == "nmi" else metric_label(key)
+            lo = min(range(len(vals)), key=vals.__getitem__)
+            hi = max(range(len(vals)), key=vals.__getitem__)
+            lines.append(f"- `{lab}`: mean {name} {sum(vals) / len(vals):.3f}; most changed "
+                         f"**{analysis.groups[lo]}** ({vals[lo]:.3f}), least changed **{analysis.groups[hi]}** "
+                         f"({vals[hi]:.3f})")
     return "\n".join(lines)
 
 
@@ -265,6 +304,9 @@ def build() -> SimpleNamespace:
         analyse_btn = gr.Button("Analyse", variant="primary", scale=0, min_width=180, elem_id="analyse-btn")
         summary = gr.Markdown("Not analysed yet. With the defaults this takes a few seconds.",
                               elem_id="analysis-summary")
+    metrics = gr.CheckboxGroup(choices=metric_choices(), value=list(DEFAULT_METRICS), label="Similarity metrics",
+                               info="computed together in one analysis; NMI is the paper's measure",
+                               elem_id="metrics-select")
     with gr.Accordion("Advanced analysis settings", open=False):
         with gr.Row():
             bins = gr.Slider(8, 256, value=DEFAULT_BINS, step=8, label="Histogram bins (B)")
@@ -284,6 +326,8 @@ def build() -> SimpleNamespace:
                                   info="optional clip")
             clip_max = gr.Textbox(value="", label="λ max", placeholder="none", scale=1, min_width=90,
                                   info="optional clip")
+            driver = gr.Radio(choices=[("NMI", "nmi")], value="nmi", label="λ driven by", scale=2,
+                              elem_id="driver-select", info="which similarity sₖ sets λₖ")
     coef_plot = gr.Plot(plots.empty_figure("The coefficient curve λₖ(t) appears here"), label="Coefficients",
                         show_label=False,
                         elem_id="coef-plot")
@@ -294,7 +338,8 @@ def build() -> SimpleNamespace:
     with gr.Row():
         download = gr.DownloadButton("Download analysis JSON", value=None, variant="secondary")
         upload = gr.UploadButton("Upload analysis JSON (skip analysis)", file_types=[".json"], variant="secondary")
-    return SimpleNamespace(analyse_btn=analyse_btn, summary=summary, bins=bins, batch_size=batch_size, seed=seed,
+    return SimpleNamespace(analyse_btn=analyse_btn, summary=summary, metrics=metrics, driver=driver,
+                           bins=bins, batch_size=batch_size, seed=seed,
                            chat_template=chat_template, nmi_plot=nmi_plot, t=t, alpha=alpha, clip_min=clip_min,
                            clip_max=clip_max, coef_plot=coef_plot, multi_plot=multi_plot, table=table,
                            download=download, upload=upload)
@@ -304,26 +349,27 @@ def wire(ui) -> None:
     import gradio as gr
 
     a, m, c = ui.analysis, ui.models, ui.calibration
-    coef_inputs = [ui.state, a.t, a.alpha, a.clip_min, a.clip_max]
+    coef_inputs = [ui.state, a.t, a.alpha, a.clip_min, a.clip_max, a.driver]
     outputs = [a.summary, a.nmi_plot, a.coef_plot, a.multi_plot, a.table, a.download]
 
     @gpu(duration=300)
     def analyse(state, base=None, fts=None, trust=False, device="auto", dtype="auto", cal_mode=None, cal_upload=None,
                 hub_id=None, split=None, field=None, samples=None, clusters=4, fraction=0.1, max_tokens=128,
                 bins=DEFAULT_BINS, batch_size=DEFAULT_BATCH, seed=DEFAULT_SEED, chat_template=True, t=DEFAULT_T,
-                alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, progress=gr.Progress()):
-        """Per-layer NMI between the base and each fine-tuned model (cached per models + calibration +
-        settings), then the coefficient curve at (t, α)."""
+                alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metrics=DEFAULT_METRICS, driver=None,
+                progress=gr.Progress()):
+        """Per-layer similarity (NMI by default; the chosen metrics) between the base and each fine-tuned
+        model (cached per models + calibration + settings), then the coefficient curve at (t, α)."""
         progress(0.0, desc="loading models")
         out = run_analysis(state, base, fts, trust_remote_code=trust, device=device, dtype=dtype, cal_mode=cal_mode,
                            cal_upload=cal_upload, hub_id=hub_id, split=split, field=field, samples=samples,
                            clusters=clusters, fraction=fraction, max_tokens=max_tokens, bins=bins,
-                           batch_size=batch_size, seed=seed, chat_template=chat_template,
+                           batch_size=batch_size, seed=seed, chat_template=chat_template, metrics=metrics,
                            progress=progress_callback(progress))
         res = out["analysis"]
-        nmi_fig = nmi_view(res)
+        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max, metric=driver)
+        nmi_fig = nmi_view(res, state.coef_view["metric"])
         state.figures["nmi"] = nmi_fig
-        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max)
         md = summary_markdown(res, cached=out["cached"], seconds=out["seconds"],
                               calibration_label=out["calibration"]["label"], shared=out.get("shared"))
         return md, nmi_fig, coef_fig, multi_fig, table, save_analysis(state)
@@ -339,13 +385,13 @@ def wire(ui) -> None:
         ui_errors(analyse),
         [ui.state, m.base, m.fts, m.trust, m.device, m.dtype, c.mode, c.upload, c.hub_id, c.split, c.field,
          c.samples, c.clusters, c.fraction, c.max_tokens, a.bins, a.batch_size, a.seed, a.chat_template,
-         a.t, a.alpha, a.clip_min, a.clip_max],
+         a.t, a.alpha, a.clip_min, a.clip_max, a.metrics, a.driver],
         outputs, api_name="analyse", concurrency_id="heavy", concurrency_limit=1, show_progress_on=[a.summary, a.nmi_plot])
 
-    def coefficients(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None):
-        """λₖ(t) per layer group and fine-tuned model from the cached NMI (no model work): the curve at t,
-        the several-t view and the coefficient table."""
-        return coefficient_view(state, t, alpha, clip_min, clip_max)
+    def coefficients(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metric=None):
+        """λₖ(t) per layer group and fine-tuned model from the cached similarity (no model work; ``metric``
+        drives λ, default NMI): the curve at t, the several-t view and the coefficient table."""
+        return coefficient_view(state, t, alpha, clip_min, clip_max, metric=metric)
 
     # α and clipping change every view; t only the curve and the table (the several-t view does
     # not depend on t), so a slider move re-renders one chart.
@@ -353,26 +399,27 @@ def wire(ui) -> None:
           ui_errors(coefficients), coef_inputs, [a.coef_plot, a.multi_plot, a.table], api_name="coefficients",
           queue=False, show_progress="hidden", trigger_mode="always_last")
 
-    def curve(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None):
-        coef_fig, _, table = coefficient_view(state, t, alpha, clip_min, clip_max, multi=False)
+    def curve(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metric=None):
+        coef_fig, _, table = coefficient_view(state, t, alpha, clip_min, clip_max, multi=False, metric=metric)
         return coef_fig
 
     a.t.change(ui_errors(curve), coef_inputs, [a.coef_plot], api_visibility="undocumented", queue=False,
                show_progress="hidden", trigger_mode="always_last")
 
-    def table_at(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None):
-        return coefficient_view(state, t, alpha, clip_min, clip_max, multi=False)[2]
+    def table_at(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metric=None):
+        return coefficient_view(state, t, alpha, clip_min, clip_max, multi=False, metric=metric)[2]
 
     # The λ table follows when the slider is released (re-rendering it on every step is what costs).
     a.t.release(ui_errors(table_at), coef_inputs, [a.table], api_visibility="private", queue=False,
                 show_progress="hidden", trigger_mode="always_last")
 
-    def upload_analysis(state, path=None, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None):
+    def upload_analysis(state, path=None, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None,
+                        metric=None):
         """Use an analysis JSON saved earlier instead of running the models."""
         res = load_analysis_file(state, path)
-        nmi_fig = nmi_view(res)
+        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max, metric=metric)
+        nmi_fig = nmi_view(res, state.coef_view["metric"])
         state.figures["nmi"] = nmi_fig
-        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max)
         md = summary_markdown(res, calibration_label=None) + "\n\n_Loaded from an uploaded file._"
         if state.base and list(getattr(m, "model", None) for m in res.models) != state.fts:
             warn("the uploaded analysis was made for other models than the ones selected; "
@@ -380,6 +427,29 @@ def wire(ui) -> None:
         return md, nmi_fig, coef_fig, multi_fig, table, save_analysis(state)
 
     upload_event = a.upload.upload(ui_errors(upload_analysis),
-                                   [ui.state, a.upload, a.t, a.alpha, a.clip_min, a.clip_max], outputs,
+                                   [ui.state, a.upload, a.t, a.alpha, a.clip_min, a.clip_max, a.driver], outputs,
                     api_name="upload_analysis")
+
+    def driver_choices(state):
+        """The "λ driven by" choices follow the metrics of the current analysis."""
+        from acm.similarity import metric_label
+
+        have = state.analysis.metrics() if state.analysis is not None else ["nmi"]
+        value = driver_metric(state.analysis, (state.coef_view or {}).get("metric"))
+        return gr.update(choices=[("NMI" if k == "nmi" else metric_label(k), k) for k in have], value=value)
+
+    for event in (analyse_event, upload_event):
+        event.success(driver_choices, [ui.state], [a.driver], queue=False, api_visibility="private",
+                      show_progress="hidden")
+
+    def switch_driver(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metric=None):
+        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max, metric=metric)
+        if state.analysis is None:
+            return plots.empty_figure("Per-layer NMI appears here after “Analyse”"), coef_fig, multi_fig, table
+        nmi_fig = nmi_view(state.analysis, state.coef_view["metric"])
+        state.figures["nmi"] = nmi_fig
+        return nmi_fig, coef_fig, multi_fig, table
+
+    a.driver.input(ui_errors(switch_driver), coef_inputs, [a.nmi_plot, a.coef_plot, a.multi_plot, a.table],
+                   api_name="lambda_driver", queue=False, show_progress="hidden", trigger_mode="always_last")
     ui.analysis_events = [analyse_event, upload_event]

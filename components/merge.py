@@ -57,7 +57,7 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
               t: float = DEFAULT_T, alpha: float = DEFAULT_ALPHA, density: float = DEFAULT_DENSITY, drop_rate: float = 0.3,
               trim_scope: str = "tensor", seed: int = 0, clip_min=None, clip_max=None, device: str | None = "auto",
               dtype: str | None = "auto", trust_remote_code: bool = False, tokenizer_from: str = "base",
-              progress: Callable[[float, str], None] | None = None) -> MergedModel:
+              progress: Callable[[float, str], None] | None = None, metric: str | None = None) -> MergedModel:
     """Merge into a fresh folder of the session workspace and load the result for chat/eval.
 
     The session's current merged model is replaced only when everything succeeded, so a failed
@@ -89,8 +89,16 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
                              "selected; analyse the selected models first")
         lo, hi = optional_float(clip_min), optional_float(clip_max)
         clip = None if lo is None and hi is None else (lo, hi)
-        lambdas = lambdas_by_group(analysis, t, alpha, clip=clip)
+        # λ driven by the metric chosen in step 3 ("λ driven by"; NMI unless changed)
+        metric = metric or (state.coef_view or {}).get("metric") or "nmi"
+        if metric not in analysis.metrics():
+            if metric != (state.coef_view or {}).get("metric"):       # asked for explicitly (a tune point)
+                raise InputError(f"the analysis has no {metric} values; analyse with that metric first")
+            metric = analysis.metrics()[0]
+        lambdas = lambdas_by_group(analysis, t, alpha, clip=clip, metric=metric)
         acm_info = {"analysis": analysis.provenance, "t": t, "alpha": alpha, "clip": clip}
+        if metric != "nmi":            # NMI-driven merges keep the recipe (and shared-cache key) they always had
+            acm_info["metric"] = metric
     state.merge_count += 1
     merge_id = state.merge_count
     out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{method}{'-acm' if use_acm else ''}"

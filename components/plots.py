@@ -113,11 +113,41 @@ def nmi_figure(groups: Sequence[str], series: Sequence[tuple[str, Sequence[float
                                   yaxis=_axis("NMI (1 = unchanged)")))
 
 
+# Line style per similarity metric in the side-by-side chart (the model keeps its colour).
+METRIC_DASH = ["solid", "dash", "dot", "dashdot", "longdash"]
+
+
+def similarity_figure(groups: Sequence[str], series: Sequence[dict], *, driver: str | None = None) -> PlotSpec:
+    """Several similarity metrics side by side on one [0, 1] axis (1 = unchanged): colour = model,
+    line style = metric; the metric that drives λ is drawn thicker.
+
+    ``series``: ``[{"label", "metric", "metric_label", "values": [K]}]``. Every registered metric is
+    already a similarity in [0, 1] (``acm.similarity``), so no rescaling hides the raw values.
+    """
+    metrics = list(dict.fromkeys(s["metric"] for s in series))
+    models = list(dict.fromkeys(s["label"] for s in series))
+    data = []
+    for s in series:
+        i, j = models.index(s["label"]), metrics.index(s["metric"])
+        lead = s["metric"] == driver
+        data.append({
+            "type": "scatter", "mode": "lines+markers", "name": f"{s['label']} · {s['metric_label']}"
+            + (" (drives λ)" if lead else ""), "x": list(groups), "y": _f(s["values"]),
+            "line": {"color": model_color(i), "width": 3 if lead else 1.8, "dash": METRIC_DASH[j % len(METRIC_DASH)]},
+            "marker": {"size": 7 if lead else 5}, "customdata": [[s["label"], s["metric_label"]]] * len(groups),
+            "hovertemplate": "<b>%{x}</b><br>%{customdata[0]}<br>%{customdata[1]} %{y:.4f}<extra></extra>"})
+    names = " · ".join(dict.fromkeys(s["metric_label"] for s in series))
+    return PlotSpec(data, _layout(f"Per-layer similarity (base vs fine-tuned): {names}",
+                                  xaxis=_category(groups, "layer group (network order)"),
+                                  yaxis=_axis("similarity in [0, 1] (1 = unchanged)", range=[0, 1.02])))
+
+
 def coefficient_figure(groups: Sequence[str], series: Sequence[dict], *, t: float, alpha: float,
-                       clip: tuple[float | None, float | None] | None = None) -> PlotSpec:
+                       clip: tuple[float | None, float | None] | None = None, metric_label: str = "NMI") -> PlotSpec:
     """λₖ(t) per layer group for each fine-tuned model, with the plain method (t = 0, λ = α) dashed.
 
-    ``series``: ``[{"label", "nmi": [K], "lambdas": [K]}]``.
+    ``series``: ``[{"label", "nmi": [K], "lambdas": [K]}]`` ("nmi" holds the driving similarity,
+    named ``metric_label`` in the hover text).
     """
     data = [{"type": "scatter", "mode": "lines", "name": f"plain (t = 0): λ = α = {alpha:g}", "x": list(groups),
              "y": [float(alpha)] * len(groups), "line": {"color": PLAIN_COLOR, "width": 1.5, "dash": "dash"},
@@ -127,8 +157,8 @@ def coefficient_figure(groups: Sequence[str], series: Sequence[dict], *, t: floa
             "type": "scatter", "mode": "lines+markers", "name": f"{s['label']} (t = {t:g})", "x": list(groups),
             "y": _f(s["lambdas"]), "line": {"color": model_color(i), "width": 2.5}, "marker": {"size": 7},
             "customdata": [[float(n), s["label"]] for n in s["nmi"]],
-            "hovertemplate": "<b>%{x}</b><br>%{customdata[1]}<br>NMI %{customdata[0]:.4f}<br>λ %{y:.4f}"
-                             "<extra></extra>"})
+            "hovertemplate": f"<b>%{{x}}</b><br>%{{customdata[1]}}<br>{metric_label} %{{customdata[0]:.4f}}"
+                             "<br>λ %{y:.4f}<extra></extra>"})
     shapes, notes = [], []
     for bound, name in zip(clip or (), ("λ min", "λ max")):
         if bound is not None:
@@ -136,13 +166,14 @@ def coefficient_figure(groups: Sequence[str], series: Sequence[dict], *, t: floa
                            "y1": float(bound), "line": {"color": "#adb5bd", "width": 1, "dash": "dot"}})
             notes.append({"text": name, "xref": "paper", "x": 0, "xanchor": "left", "yref": "y", "y": float(bound),
                           "yanchor": "bottom", "showarrow": False, "font": {"size": 11, "color": "#868e96"}})
-    return PlotSpec(data, _layout(f"Merge coefficients λₖ(t) at t = {t:g}, α = {alpha:g}",
+    by = "" if metric_label == "NMI" else f" (driven by {metric_label})"
+    return PlotSpec(data, _layout(f"Merge coefficients λₖ(t) at t = {t:g}, α = {alpha:g}{by}",
                                   xaxis=_category(groups, "layer group"), yaxis=_axis("λ (coefficient)"),
                                   shapes=shapes, annotations=notes))
 
 
 def multi_t_figure(groups: Sequence[str], per_model: Sequence[dict], t_values: Sequence[float], *,
-                   alpha: float) -> PlotSpec:
+                   alpha: float, metric_label: str = "NMI") -> PlotSpec:
     """Small multiples: one panel per fine-tuned model, one line per t (darker = larger t).
 
     ``per_model``: ``[{"label", "nmi": [K], "grid": [len(t_values)][K]}]``.
@@ -164,7 +195,7 @@ def multi_t_figure(groups: Sequence[str], per_model: Sequence[dict], t_values: S
                 "yaxis": f"y{suffix}",
                 "line": {"color": colors[j], "width": 2, "dash": "dash" if t == 0 else "solid"},
                 "customdata": [[v, float(t)] for v in nmi],
-                "hovertemplate": "<b>%{x}</b><br>t = %{customdata[1]:g}<br>NMI %{customdata[0]:.4f}"
+                "hovertemplate": f"<b>%{{x}}</b><br>t = %{{customdata[1]:g}}<br>{metric_label} %{{customdata[0]:.4f}}"
                                  "<br>λ %{y:.4f}<extra></extra>"})
         x0 = col * (width + gap)
         layout_axes[f"xaxis{suffix}"] = _category(groups, domain=[x0, x0 + width], anchor=f"y{suffix}",

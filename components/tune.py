@@ -9,6 +9,7 @@ through the Merge step's own code, so Chat / Evaluate / Export see it as the cur
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -180,6 +181,8 @@ def iter_tune_ui(state: SessionState, base: str | None, fts, *, methods=None, al
     tune = _tune(state)
     analysis = None
     if any(s.acm for s in grid):
+        from components.analysis import driver_metric
+
         analysis = state.analysis
         if analysis is None or state.base != base or list(state.fts) != list(fts):
             from components.analysis import run_analysis
@@ -188,6 +191,10 @@ def iter_tune_ui(state: SessionState, base: str | None, fts, *, methods=None, al
                 progress(0.0, "analysing the models first (cached for later merges)")
             analysis = run_analysis(state, base, fts, device=device, dtype=dtype,
                                     trust_remote_code=trust_remote_code)["analysis"]
+        # ACM points use the similarity chosen in step 3 ("λ driven by")
+        metric = driver_metric(analysis, (state.coef_view or {}).get("metric"))
+        if metric != "nmi":
+            grid = [replace(s, metric=metric) if s.acm else s for s in grid]
     tune["runs"] += 1
     out = state.subdir("tune") / f"run-{tune['runs']:02d}"
     tune.update(records=[], report=None, grid=grid, cancel=False, out=out, base=base, fts=fts)
@@ -234,7 +241,7 @@ def use_setting(state: SessionState, key: str | None, *, device: str | None = "a
                        mode=ACM if s.acm else PLAIN, t=s.t or 0.0, alpha=s.alpha,
                        density=s.density if s.density is not None else DEFAULT_DENSITY,
                        drop_rate=s.drop_rate if s.drop_rate is not None else 0.3, device=device, dtype=dtype,
-                       trust_remote_code=trust_remote_code, progress=progress)
+                       trust_remote_code=trust_remote_code, progress=progress, metric=s.metric if s.acm else None)
     return merged, s
 
 

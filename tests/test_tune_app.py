@@ -108,3 +108,19 @@ def test_tune_jobs_take_the_heavy_slot_and_cancel_is_wired():
     tune_fn = next(i for i, d in demo.fns.items() if d.api_name == "tune")
     assert any(tune_fn in (d.cancels or []) for d in demo.fns.values())    # the Cancel button's click
     assert [t for t, _ in app.STEPS][6:] == ["7 · Tune", "8 · Export"]
+
+
+def test_tune_points_follow_the_lambda_driver_of_step_3(state):
+    """With "λ driven by" set to cosine in step 3, the grid's ACM points (and "use this setting") use it."""
+    from acm.coefficients import lambdas_by_group
+
+    m = state.analysis.models[0]
+    m.similarity["cosine"] = [0.98, 0.89, 0.88, 0.87, 0.86, 0.84, 0.78, 0.66]
+    state.coef_view = {"t": 1.0, "alpha": 0.7, "clip": None, "metric": "cosine"}
+    list(panel.iter_tune_ui(state, str(BASE), [str(LONG)], **{**SMALL, "ts": "4"}))
+    report = state.tune["report"]
+    acm_row = next(s for s in report["settings"] if s["setting"]["t"] == 4.0)
+    assert acm_row["setting"]["metric"] == "cosine" and "by cosine" in acm_row["label"]
+    state.coef_view["metric"] = "nmi"                  # the point keeps its own metric when used later
+    merged, _ = panel.use_setting(state, acm_row["key"])
+    assert merged.report["lambdas"][0] == pytest.approx(lambdas_by_group(state.analysis, 4.0, 0.7, metric="cosine")[0])

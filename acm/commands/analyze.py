@@ -1,4 +1,4 @@
-"""``acm analyze``: per-layer-group NMI between a base and fine-tuned models → analysis JSON."""
+"""``acm analyze``: per-layer-group similarity (NMI by default) between a base and fine-tuned models → JSON."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ from pathlib import Path
 from acm.errors import InputError
 
 PAIR_BUDGET = 1 << 22   # = acm.analysis.DEFAULT_PAIR_BUDGET (not imported: keeps `acm --help` free of torch)
+ROW_BUDGET = 1 << 13    # = acm.analysis.DEFAULT_ROW_BUDGET
+SKETCH_DIM = 128        # = acm.similarity.DEFAULT_SKETCH_DIM
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from acm.similarity import keys_help  # torch-light: numpy only
+
     p = subparsers.add_parser(
         "analyze", help="measure per-layer NMI between base and fine-tuned activations (forward passes only)",
         description="Run base and fine-tuned models on calibration text and write the per-layer-group "
-                    "normalised mutual information (NMI) of their activations as JSON.")
+                    "normalised mutual information (NMI) of their activations as JSON (or, with --metric, "
+                    "other similarities, several at once in the same passes).")
     p.add_argument("--base", required=True, metavar="MODEL", help="base model: local folder or Hub id")
     p.add_argument("--ft", action="append", required=True, metavar="MODEL",
                    help="fine-tuned model (folder or Hub id); repeat for several (at most 3)")
@@ -31,6 +36,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, default=0.1, help="share drawn from each cluster (default: 0.1)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per sample, truncated (default: 512)")
     p.add_argument("--no-chat-template", action="store_true", help="feed the raw text, not a one-turn chat")
+    p.add_argument("--metric", action="append", default=None, metavar="NAME",
+                   help=f"similarity metric(s): {keys_help()}; repeat or give a comma list "
+                        "(e.g. --metric nmi,cka,cosine) to compute several in one analysis")
+    p.add_argument("--sketch-dim", type=int, default=SKETCH_DIM, metavar="K",
+                   help=f"row metrics (all but nmi): random-projection width for wider layer groups (default: {SKETCH_DIM})")
+    p.add_argument("--row-budget", type=int, default=ROW_BUDGET, metavar="N",
+                   help=f"row metrics (all but nmi): tokens paired per layer group; beyond it a seeded subset (default: {ROW_BUDGET})")
     p.add_argument("--bins", type=int, default=64, help="histogram bins per axis, 2..1024 (default: 64)")
     p.add_argument("--batch-size", type=int, default=4, help="samples per forward pass (default: 4)")
     p.add_argument("--seed", type=int, default=0,
@@ -64,6 +76,13 @@ def validate(args: argparse.Namespace) -> None:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.pair_budget < 1:
         raise InputError(f"--pair-budget must be at least 1, got {args.pair_budget}")
+    if args.sketch_dim < 1:
+        raise InputError(f"--sketch-dim must be at least 1, got {args.sketch_dim}")
+    if args.row_budget < 1:
+        raise InputError(f"--row-budget must be at least 1, got {args.row_budget}")
+    from acm.similarity import parse_metrics
+
+    args.metric = parse_metrics(args.metric)
     if len(args.ft) > 3:
         raise InputError(f"at most 3 fine-tuned models are supported, got {len(args.ft)}")
     out = Path(args.out)
@@ -93,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                      max_tokens=args.max_tokens, bins=args.bins, batch_size=args.batch_size, seed=args.seed,
                      device=args.device, dtype=args.dtype, chat_template=not args.no_chat_template,
                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                     show_progress=interactive, pair_budget=args.pair_budget)
+                     show_progress=interactive, pair_budget=args.pair_budget, metrics=args.metric,
+                     sketch_dim=args.sketch_dim, row_budget=args.row_budget)
     path = result.save(args.out)
     cal = result.provenance.get("calibration", {})
     print(f"analysed {len(result.groups)} layer groups on {cal.get('samples')} samples "

@@ -10,6 +10,8 @@ from acm.errors import InputError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from acm.similarity import keys_help  # torch-light: numpy only
+
     p = subparsers.add_parser(
         "coefficients", help="per-layer-group merge coefficients λ(t) from an analysis JSON",
         description="lambda_k = alpha*K*exp(-t*NMI_k)/sum_j exp(-t*NMI_j), optionally clipped after. "
@@ -19,6 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=1.0, help="base coefficient alpha > 0 = mean lambda (default: 1)")
     p.add_argument("--clip-min", type=float, default=None, help="clip lambda from below (after the formula)")
     p.add_argument("--clip-max", type=float, default=None, help="clip lambda from above (after the formula)")
+    p.add_argument("--metric", default="nmi", metavar="NAME",
+                   help=f"which similarity of the analysis drives lambda: {keys_help()}")
     p.add_argument("--format", choices=("json", "yaml"), default="json", help="json table or mergekit YAML")
     p.add_argument("--method", default="task_arithmetic",
                    help="YAML only: task_arithmetic, ties, dare_ta or dare_ties (default: task_arithmetic)")
@@ -48,14 +52,16 @@ def validate(args: argparse.Namespace) -> tuple[float | None, float | None] | No
 def run(args: argparse.Namespace) -> int:
     from acm.analysis import AnalysisResult
     from acm.coefficients import coefficient_table, to_mergekit_yaml
+    from acm.similarity import get_metric
 
     clip = validate(args)
+    args.metric = get_metric(args.metric).key
     analysis = AnalysisResult.load(args.analysis)
     if args.format == "yaml":
         print(to_mergekit_yaml(analysis, args.t, args.alpha, method=args.method, base_model=args.base_model,
-                               density=args.density, clip=clip), end="")
+                               density=args.density, clip=clip, metric=args.metric), end="")
     else:
-        table = coefficient_table(analysis, args.t, args.alpha, clip=clip)
+        table = coefficient_table(analysis, args.t, args.alpha, clip=clip, metric=args.metric)
         table["analysis"] = str(args.analysis)
         print(json.dumps(table, indent=2))
     return 0

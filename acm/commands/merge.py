@@ -14,6 +14,8 @@ METHOD_CHOICES = ("linear", "task_arithmetic", "ties", "dare_ta", "dare_ties")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from acm.similarity import keys_help  # torch-light: numpy only
+
     p = subparsers.add_parser(
         "merge", help="merge fine-tuned models into a base (linear / TA / TIES / DARE, plain or ACM)",
         description="Streamed, sharded merge. Plain methods use one coefficient α for the whole network; with "
@@ -34,6 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--acm", metavar="ANALYSIS_JSON", default=None,
                    help="use ACM coefficients from this analysis (from `acm analyze`); needs --t")
     p.add_argument("--t", type=float, default=None, help="ACM sharpness t >= 0 (t = 0 is the plain method)")
+    p.add_argument("--metric", default=None, metavar="NAME",
+                   help=f"ACM: which similarity of the analysis drives λ: {keys_help()}")
     p.add_argument("--clip-min", type=float, default=None, help="ACM: clip λ from below (after the formula)")
     p.add_argument("--clip-max", type=float, default=None, help="ACM: clip λ from above (after the formula)")
     rules = p.add_argument_group(
@@ -74,7 +78,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _lambdas_from_analysis(path: str, t: float, alpha: float, fts: list[str], clip=None):
+def _lambdas_from_analysis(path: str, t: float, alpha: float, fts: list[str], clip=None, metric: str = "nmi"):
     try:
         from acm.analysis import AnalysisResult
         from acm.coefficients import lambdas_by_group
@@ -88,11 +92,16 @@ def _lambdas_from_analysis(path: str, t: float, alpha: float, fts: list[str], cl
         if str(m.model) != spec:
             log.warning("warning: model %d of the analysis is %s but --ft is %s; using its coefficients anyway",
                         i + 1, m.model, spec)
-    lambdas = lambdas_by_group(analysis, t, alpha, clip=clip)
+    lambdas = lambdas_by_group(analysis, t, alpha, clip=clip, metric=metric)
     acm = {"analysis": analysis.provenance, "t": t, "alpha": alpha, "clip": list(clip) if clip else None,
            "source": str(path),
            "nmi": {str(m.model): [float(x) for x in m.nmi] for m in analysis.models},
            "groups": list(analysis.groups)}
+    if metric != "nmi":          # NMI-driven merges keep the recipe they always had
+        acm["metric"] = metric
+        acm["similarity"] = {str(m.model): [float(x) for x in m.values(metric)] for m in analysis.models}
+        if not all(m.nmi for m in analysis.models):
+            del acm["nmi"]
     return lambdas, acm
 
 
@@ -116,6 +125,12 @@ def run(args: argparse.Namespace) -> int:
     if args.acm is not None and args.method == "linear":
         raise InputError("ACM coefficients scale task vectors and linear averaging has none; "
                          "use --method task_arithmetic, ties, dare_ta or dare_ties with --acm")
+    if args.metric is not None and args.acm is None:
+        raise InputError("--metric picks which similarity drives the ACM coefficients: pass it with --acm and --t")
+    if args.metric is not None:
+        from acm.similarity import get_metric
+
+        args.metric = get_metric(args.metric).key
     clip = None
     if args.clip_min is not None or args.clip_max is not None:
         if args.acm is None:
@@ -137,10 +152,12 @@ def run(args: argparse.Namespace) -> int:
         return _run_sigmoid(args, options, rule)
     lambdas = acm = None
     if args.acm is not None:
-        lambdas, acm = _lambdas_from_analysis(args.acm, args.t, args.alpha, args.ft, clip)
+        lambdas, acm = _lambdas_from_analysis(args.acm, args.t, args.alpha, args.ft, clip, args.metric or "nmi")
     report = merge_models(args.base, args.ft, args.out, options, lambdas=lambdas, acm=acm, force=args.force,
                           allow_pickle=args.allow_pickle, show_progress=sys.stderr.isatty())
-    label = ("ACM " if acm else "") + args.method + (f" (t={args.t:g}, alpha={args.alpha:g})" if acm else "")
+    label = ("ACM " if acm else "") + args.method + (
+        f" (t={args.t:g}, alpha={args.alpha:g}{'' if acm.get('metric', 'nmi') == 'nmi' else ', by ' + acm['metric']})"
+        if acm else "")
     print(f"merged {len(args.ft)} model(s) into {args.base} with {label}")
     print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.num_shards} shard(s), "
           f"{_size(report.bytes_written)} in {report.seconds:.2f} s")

@@ -11,6 +11,7 @@ from acm.errors import InputError
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from acm.engines import ENGINES
+    from acm.similarity import keys_help
     from acm.tune import DEFAULT_HOLDOUT, DEFAULT_TOLERANCE, MAX_SETTINGS, OBJECTIVES
 
     p = subparsers.add_parser(
@@ -42,6 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="ACM sharpness values (default 0.5 1 2 4; t = 0 equals plain)")
     p.add_argument("--densities", nargs="+", type=float, default=[0.7], metavar="D", help="TIES density (default 0.7)")
     p.add_argument("--drop-rates", nargs="+", type=float, default=[0.3], metavar="P", help="DARE drop rate")
+    p.add_argument("--metrics", nargs="+", default=["nmi"], metavar="M",
+                   help=f"similarity metric(s) that drive ACM's λ, one grid dimension: {keys_help()} "
+                        "(all computed in one analysis)")
     p.add_argument("--no-plain", action="store_true", help="do not include the plain method (λ = α) per point")
     p.add_argument("--rules", nargs="+", default=["softmax"], metavar="R",
                    help="coefficient rules to compare (acm.rules): softmax (ACM at each --ts; default) and/or sigmoid "
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     grid = expand_grid(args.methods, args.alphas, args.ts, args.densities, args.drop_rates, plain=not args.no_plain,
                        rules=args.rules, thetas=args.thetas, estimators=args.rule_estimators,
-                       max_settings=args.max_settings)
+                       max_settings=args.max_settings, metrics=args.metrics)
     print(f"tune: {len(grid)} settings -> {args.out}/tune.jsonl (engine: {args.engine})")
 
     def show(rec: dict) -> None:

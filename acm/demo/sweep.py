@@ -29,21 +29,22 @@ EVAL = ASSETS / "eval" / "demo_eval.jsonl"
 _RULE_FIELDS = ("rule", "theta", "estimator")   # absent from a softmax / plain row (as before the rules)
 
 
-def settings(alphas: Sequence[float], ts: Sequence[float], densities: Sequence[float], *,
+def settings(alphas: Sequence[float], ts: Sequence[float], densities: Sequence[float],
+             metrics: Sequence[str] = ("nmi",), methods: Sequence[str] = ("task_arithmetic", "ties"), *,
              rules: Sequence[str] = ("softmax",), thetas: Sequence[float] = (0.7,),
              estimators: Sequence[str] = ("labels",)) -> list[dict]:
-    """The grid: every (method, α[, density]) plain, the same with ACM at each t (rule ``softmax``) and,
-    with rule ``sigmoid``, its plain merge rescaled by the sigmoid rule at each θ × estimator."""
+    """The grid: every (method, α[, density]) plain, the same with ACM at each t for each metric (rule
+    ``softmax``) and, with rule ``sigmoid``, its plain merge rescaled by the sigmoid rule at each θ × estimator."""
     sig = [{"rule": "sigmoid", "theta": th, "estimator": e} for th in thetas for e in estimators] \
         if "sigmoid" in rules else []
     ts = ts if "softmax" in rules else []
     out = []
     for alpha in alphas:
-        for method, dens in (("task_arithmetic", [None]), ("ties", list(densities))):
-            for d in dens:
-                point = {"method": method, "alpha": alpha, "t": None, "density": d}
+        for method in methods:
+            for d in (list(densities) if method == "ties" else [None]):
+                point = {"method": method, "alpha": alpha, "t": None, "density": d, "metric": "nmi"}
                 out.append(point)
-                out += [{**point, "t": t} for t in ts]
+                out += [{**point, "t": t, "metric": m} for m in metrics for t in ts]
                 out += [{**point, **r} for r in sig]
     return out
 
@@ -59,6 +60,8 @@ def label(s: dict) -> str:
         parts.append(f"d={s['density']:g}")
     if s["t"] is not None:
         parts.append(f"t={s['t']:g}")
+        if s.get("metric", "nmi") != "nmi":
+            parts.append(f"by {s['metric']}")
     return f"{name} ({', '.join(parts)})"
 
 
@@ -95,8 +98,9 @@ def markdown(rows: list[dict]) -> str:
 def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: Path = CALIBRATION,
               eval_path: Path = EVAL, alphas: Sequence[float], ts: Sequence[float], densities: Sequence[float],
               limit: int | None, max_new_tokens: int, batch_size: int, samples: int | None,
-              threads: int | None = None, rules: Sequence[str] = ("softmax",), thetas: Sequence[float] = (0.7,),
-              estimators: Sequence[str] = ("labels",)) -> dict:
+              threads: int | None = None, metrics: Sequence[str] = ("nmi",),
+              methods: Sequence[str] = ("task_arithmetic", "ties"), rules: Sequence[str] = ("softmax",),
+              thetas: Sequence[float] = (0.7,), estimators: Sequence[str] = ("labels",)) -> dict:
     """The demo preset of ``acm.tune``: this grid, the first ``limit`` problems, no held-out split.
 
     Results stream to ``out/tune.jsonl`` as with ``acm tune`` (so a killed sweep resumes); the
@@ -107,8 +111,8 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    grid = [Setting.from_dict(s) for s in settings(alphas, ts, densities, rules=rules, thetas=thetas,
-                                                    estimators=estimators)]
+    grid = [Setting.from_dict(s) for s in settings(alphas, ts, densities, metrics, methods, rules=rules,
+                                                    thetas=thetas, estimators=estimators)]
     rows_in = load_data(str(eval_path), limit=limit)
     recs: list[dict] = []
 
@@ -136,8 +140,11 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
     analysis = AnalysisResult.load(out / "analysis.json") if (out / "analysis.json").is_file() else None
     result = {"base": str(base), "long": str(long), "eval": str(eval_path), "n": len(rows_in),
               "max_new_tokens": max_new_tokens,
-              "nmi": None if analysis is None else
-              {g: round(v, 4) for g, v in zip(analysis.groups, analysis.nmi_matrix()[0].tolist())},
+              "nmi": ({g: round(v, 4) for g, v in zip(analysis.groups, analysis.nmi_matrix()[0].tolist())}
+                      if analysis is not None and "nmi" in analysis.metrics() else None),
+              "similarity": {} if analysis is None else
+              {k: {g: round(v, 4) for g, v in zip(analysis.groups, analysis.similarity_matrix(k)[0])}
+               for k in analysis.metrics()},
               "rows": rows, "seconds": round(time.perf_counter() - t0, 1), "tune": report.get("recommended")}
     (out / "sweep.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "table.md").write_text(markdown(rows), encoding="utf-8")
@@ -145,6 +152,8 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from acm.similarity import keys_help
+
     p = argparse.ArgumentParser(prog="python -m acm.demo.sweep", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--base", type=Path, default=BASE)
@@ -159,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--thetas", type=float, nargs="+", default=[0.7], help="sigmoid rule θ values (default 0.7)")
     p.add_argument("--rule-estimators", nargs="+", default=["labels"], choices=("labels", "binned"),
                    help="sigmoid rule MI estimators (default labels)")
+    p.add_argument("--metrics", nargs="+", default=["nmi"],
+                   help=f"similarity metric(s) driving ACM's λ, compared side by side: {keys_help()}")
+    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"], choices=("task_arithmetic", "ties"))
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=50)
@@ -166,10 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: acm.tune.auto_threads, 1 for the demo models)")
     a = p.parse_args(argv)
+    from acm.similarity import parse_metrics
+
     res = run_sweep(a.out, base=a.base, long=a.long, calibration=a.calibration, eval_path=a.eval, alphas=a.alphas, ts=a.ts,
                     densities=a.densities, rules=a.rules, thetas=a.thetas, estimators=a.rule_estimators,
                     limit=a.limit,
-                    max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, samples=a.samples, threads=a.threads)
+                    max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, samples=a.samples, threads=a.threads,
+                    metrics=parse_metrics(a.metrics), methods=a.methods)
     print((a.out / "table.md").read_text())
     print(f"{len(res['rows'])} rows in {res['seconds']} s -> {a.out / 'sweep.json'}")
     return 0
