@@ -48,7 +48,7 @@ def machine_info() -> dict[str, Any]:
     try:
         import psutil
 
-        mem_gb = round(psutil.virtual_memory().total / 1024**3, 1)
+        mem_gb = round(psutil.virtual_memory().total / 1024**3, 1)      # GiB (acm.sizes: binary units)
     except Exception:  # pragma: no cover - psutil is a requirement
         pass
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": mem_gb, "loadavg": os.getloadavg(),

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+from acm.sizes import format_bytes
 from components import help as texts
 from components.analysis import DEFAULT_ALPHA, DEFAULT_T, T_MAX
 from components.common import gpu, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels
@@ -135,14 +136,6 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
     return merged
 
 
-def _size(n: int | float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def lambda_rows(merged: MergedModel, groups: list[str] | None = None) -> tuple[list[str], list[list]]:
     """The λ actually used, as a table: one row per layer group, one column per fine-tuned model."""
     fts = merged.settings["fts"]
@@ -163,7 +156,7 @@ def summary_markdown(merged: MergedModel) -> str:
             f"**{merged.seconds:.1f} s**") if hit else \
         f"merged in **{merged.seconds:.1f} s** (including loading it for chat)"
     bits = [f"✓ **{merged.label}** {done}",
-            f"{_size(r.get('bytes_written', 0))} in {r.get('num_tensors', '?')} tensors, "
+            f"{format_bytes(r.get('bytes_written', 0))} in {r.get('num_tensors', '?')} tensors, "
             f"{r.get('num_shards', '?')} shard(s)"]
     if s["method"] in TIES_METHODS:
         bits.append(f"density {s['density']:g}, trim scope {s['trim_scope']}")
