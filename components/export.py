@@ -1,4 +1,4 @@
-"""Step 7 — Export: the merged model (zip), the recipe (JSON + mergekit-style YAML), the charts, Hub upload."""
+"""Step "Export" (components/steps.py): the merged model (zip), the recipe (JSON + mergekit-style YAML), the charts, Hub upload."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from acm.errors import first_line, redact
 from components import help as texts
+from components import steps as plan
 from components.common import safe_filename, ui_errors
 from components.merge import TIES_METHODS
 from components.state import SessionState
@@ -18,7 +19,7 @@ def _require_merge(state: SessionState):
     from acm.errors import InputError
 
     if state.merged is None:
-        raise InputError("nothing to export yet: merge in step 4 first")
+        raise InputError(f"nothing to export yet: {plan.how_to_get(plan.MERGED, markdown=False)}")
     return state.merged
 
 
@@ -172,7 +173,8 @@ def export_all(state: SessionState, include_model: bool = True) -> tuple[list[st
             notes.append("no mergekit YAML (linear merge or no analysis)")
     files.extend(export_plots(state))
     if not files:
-        raise InputError("nothing to export yet: analyse or merge first")
+        raise InputError(f"nothing to export yet: run “{plan.step('analysis').title}” (step {plan.number('analysis')}) "
+                         f"or “{plan.step('merge').title}” (step {plan.number('merge')}) first")
     if not kaleido_available():
         notes.append("charts on one HTML page (install kaleido for PNGs too)")
     label = state.merged.label if state.merged else "no merge yet"

@@ -309,7 +309,7 @@ def _fake_merge(state: SessionState, folder: Path) -> MergedModel:
 def test_export_zip_recipe_and_charts(state, tmp_path):
     from components import plots
 
-    with pytest.raises(InputError, match="merge in step 4 first"):
+    with pytest.raises(InputError, match="nothing to export yet: run “Merge” in step 4 first"):
         export.export_model_zip(state)
     folder = make_tiny_model(tmp_path / "merge-01-task_arithmetic")
     (folder / "README.md").write_text("# model card\n")
