@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ACM_BENCH_CACHE", ROOT / "benchmarks" / ".cache"))
 RESULTS = CACHE / "results"
 
-MB = 1024 * 1024
+MB = 1024 * 1024          # one MiB: tables report binary units, like acm.sizes.format_bytes
 
 
 # --------------------------------------------------------------------------------------------
