@@ -22,6 +22,7 @@ DEVICES = ["auto", "cpu", "cuda"]
 DEVICE_PENDING = "<span class='muted working'>detecting the device (loading torch)</span>"
 INITIAL_CHECK_PENDING = "<span class='working'>checking the preselected demo pair</span>"
 CHECKING = "<span class='working'>Checking… reading the models' configs and weight headers</span>"
+CHECK_FAILED = "⚠ The check stopped — the message in the corner says why."
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
@@ -175,6 +176,8 @@ def wire(ui) -> None:
     m.trust.change(trust_toggled, m.trust, m.trust_md, api_visibility="private", queue=False)
     # The click shows "Checking…" at once, in the browser (no server round trip: a cold start may be busy
     # importing torch), then the check replaces it; the output also carries Gradio's pending state.
+    # A refused check (one-line error toast) replaces "Checking…" too, never leaving it spinning.
     m.check_btn.click(None, None, m.check_md, js=f"() => {json.dumps(CHECKING)}", queue=False) \
         .then(ui_errors(check_models, warm=False), [ui.state, m.base, m.fts, m.trust], m.check_md, api_name="check",
-              show_progress="full")
+              show_progress="full") \
+        .failure(lambda: CHECK_FAILED, None, m.check_md, api_visibility="private", queue=False)

@@ -142,6 +142,13 @@ def test_check_shows_work_at_once_and_the_answer_replaces_it(browser, server, tm
     assert "Compatible" in text and "Checking" not in text and page.locator("#check-md .working").count() == 0
     page.locator("#device-md").get_by_text("default dtype").wait_for(timeout=60_000)
     assert page.locator("#device-md .working").count() == 0
+    # A refused check replaces "Checking…" as well (the reason is in the error toast).
+    page.get_by_label("Base model").fill("/nonexistent/model")
+    page.get_by_label("Base model").press("Enter")
+    page.locator("#check-btn").click()
+    page.locator("#check-md").get_by_text("The check stopped").wait_for(timeout=60_000)
+    assert page.locator("#check-md .working").count() == 0
+    page.get_by_text("model folder not found: /nonexistent/model").first.wait_for(timeout=10_000)
     # A tab whose prerequisite is missing says where to get it.
     page.get_by_role("tab", name="8 · Export").click()
     page.locator("#needs-export").get_by_text("Export needs a merged model: run Merge in step 4 first").wait_for(
