@@ -64,8 +64,10 @@ def server(tmp_path_factory):
     """``python app.py --port N`` as a user runs it; yields (url, start time, process)."""
     assets = demo_assets_dir(tmp_path_factory.mktemp("browser"))
     port = free_port()
+    # A fresh shared result cache per run: with the default (~/.cache) a previous run's merges are reused, and
+    # the tune test's "merged in … s" and mid-grid cancel then race against instant cache hits.
     env = dict(os.environ, ACM_ASSETS_DIR=str(assets), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", ACM_CACHE_DIR=str(tmp_path_factory.mktemp("result-cache")))
     log = tmp_path_factory.mktemp("browser-log") / "app.log"
     start = time.perf_counter()
     with open(log, "wb") as out:
