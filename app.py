@@ -9,29 +9,22 @@ ACM_CACHE_DIR; default ~/.cache/acm-merge-explorer) and ``--no-cache`` for the s
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
 
-from components import (
-    analysis,
-    calibration,
-    chat,
-    evaluate,
-    export,
-    merge,
-    models,
-    tune,
-)
 from components import help as texts
+from components import steps as plan
 from components.common import REPO_ROOT
 from components.state import SessionState, close_session
 
-STEPS = [("1 · Models", models), ("2 · Calibration", calibration), ("3 · Analyse", analysis),
-         ("4 · Merge", merge), ("5 · Chat", chat),
-         ("6 · Evaluate", evaluate), ("7 · Tune", tune), ("8 · Export", export)]
+# (tab title, module) in order, from the steps' declarations (components/steps.py): what each tab needs
+# and provides decides the order check, the wiring and the "run X in step N first" notices.
+plan.validate()
+STEPS = [(plan.tab_title(s.key), importlib.import_module(f"components.{s.key}")) for s in plan.STEPS]
 CSS_PATH = REPO_ROOT / "assets" / "style.css"
 THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="slate", neutral_hue="slate",
                        font=["Inter", "system-ui", "-apple-system", "Segoe UI", "sans-serif"]).set(
@@ -51,16 +44,35 @@ def build_app(prewarm: bool = True) -> gr.Blocks:
             gr.Markdown(texts.INTRO, elem_id="intro")
         with gr.Accordion("How to read the charts", open=False, elem_id="how-to-read"):
             gr.Markdown(texts.HOW_TO_READ)
+        notices = {}
         with gr.Tabs(elem_id="steps"):
-            for title, module in STEPS:
-                key = module.__name__.rsplit(".", 1)[-1]
-                with gr.Tab(title, id=key, elem_id=f"tab-{key}") as tab:
-                    setattr(ui, key, module.build())
-                ui.tabs[key] = tab
-        for _, module in STEPS:
+            for step, (title, module) in zip(plan.STEPS, STEPS):
+                with gr.Tab(title, id=step.key, elem_id=f"tab-{step.key}") as tab:
+                    if any(a.ready is not None for a in step.needs):
+                        notices[step.key] = gr.Markdown(visible=False, elem_id=f"needs-{step.key}",
+                                                        elem_classes=["warn-box", "step-needs"])
+                    setattr(ui, step.key, module.build())
+                ui.tabs[step.key] = tab
+        for step, (_, module) in zip(plan.STEPS, STEPS):
             module.wire(ui)
+            for art in step.provides:          # a provider must leave the events later steps chain on
+                if art.event_attr is not None and plan.provider(art) is step:
+                    plan.events(ui, art)
+        for key, box in notices.items():
+            ui.tabs[key].select(_notice_update(key), ui.state, box, api_visibility="private", queue=False,
+                                show_progress="hidden")
     demo.ui = ui
     return demo
+
+
+def _notice_update(key: str):
+    """Handler for opening tab ``key``: show what it still needs (e.g. "run **Merge** in step 4 first")."""
+
+    def update(state):
+        text = plan.notice(state, key)
+        return gr.update(value=text, visible=bool(text))
+
+    return update
 
 
 def launch_kwargs() -> dict:

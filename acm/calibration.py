@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from acm.errors import InputError, OfflineError
+from acm.sizes import format_bytes
 
 TEXT_FIELDS = ("text", "question", "prompt", "instruction", "input")
 FILE_TYPES = (".jsonl", ".json", ".csv", ".txt")
@@ -137,8 +138,8 @@ def _load_file(path: Path, field: str | None) -> list[str]:
         raise InputError(f"calibration file {path.name} is empty")
     limit = max_file_bytes()
     if size > limit:
-        raise InputError(f"calibration file {path.name} is {_mb(size)}, over the "
-                         f"{_mb(limit)} limit; pass a smaller sample of it "
+        raise InputError(f"calibration file {path.name} is {format_bytes(size)}, over the "
+                         f"{format_bytes(limit)} limit; pass a smaller sample of it "
                          f"(about 100 prompts suffice; {MAX_FILE_ENV} changes the limit)")
     suffix = path.suffix.lower()
     if suffix not in FILE_TYPES:
@@ -182,14 +183,6 @@ def _load_file(path: Path, field: str | None) -> list[str]:
             raise InputError(f"calibration file {path.name} has a header but no rows")
         return _finish(_pick_field(records, field, path.name, columns), path.name, field)
     return _finish(_pick_field(records, field, path.name), path.name, field)
-
-
-def _mb(n: int) -> str:
-    if n < 1024:
-        return f"{n} bytes"
-    if n < 2**20:
-        return f"{n / 1024:.1f} KB"
-    return f"{n / 2**20:.1f}".rstrip("0").rstrip(".") + " MB"
 
 
 def _txt_records(text: str) -> list[str]:

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from acm.sizes import format_bytes
+
 FORMULAS = {
     "linear": "θ = Σᵢ wᵢ·θᵢ  (weights normalised to sum 1)",
     "task_arithmetic": "θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ,  τᵢ = θᵢ − θ₀",
@@ -277,7 +279,7 @@ def model_card(rec: dict) -> str:
     if stats:
         out += ["## Output", "",
                 f"{stats.get('num_tensors')} tensors in {stats.get('num_shards')} safetensors shard(s), "
-                f"{(stats.get('bytes') or 0) / 1e6:.1f} MB, dtype {stats.get('dtype')}, vocabulary "
+                f"{format_bytes(stats.get('bytes') or 0)}, dtype {stats.get('dtype')}, vocabulary "
                 f"{stats.get('vocab_size')}. Full record: `acm_recipe.json`.", ""]
     out += ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f'path = "{name}"  # this folder, or its Hub id once uploaded',

@@ -47,6 +47,7 @@ from acm.models import (
     resolve_model,
 )
 from acm.shards import AtomicFolder, ShardWriter, check_target, parse_size
+from acm.sizes import format_bytes
 from acm.templates import (
     check_tokenizer_fits,
     copy_tokenizer_files,
@@ -590,8 +591,8 @@ def _check_disk_space(base: ModelSource, names: list[str], layout: HeadLayout, t
     except OSError:
         return
     if need > free:
-        raise InputError(f"not enough disk space in {where}: the merged model needs about {need / 1e9:.2f} GB, "
-                         f"{free / 1e9:.2f} GB free")
+        raise InputError(f"not enough disk space in {where}: the merged model needs about {format_bytes(need)}, "
+                         f"{format_bytes(free)} free")
 
 
 def _base_dtype_name(base: ModelSource) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from acm.errors import CompatibilityError, InputError, OfflineError
 from acm.residency import convert_parameters, stored_float_dtype
+from acm.sizes import format_bytes
 from acm.tensors import TensorReader, find_weight_files
 
 # Files we fetch from the Hub: configs, tokenizer files, safetensors (pickle only when allowed).
@@ -377,8 +378,8 @@ def fit_advice(name: str, nbytes: int, device: torch.device, dtype: torch.dtype,
     if need <= free:
         return None
     dt = str(dtype).replace("torch.", "")
-    return (f"{name} needs about {need / 1e9:.1f} GB of GPU memory in {dt} but {free / 1e9:.1f} GB of "
-            f"{total / 1e9:.1f} GB are free: choose device auto to offload layers to the CPU, use a GPU with "
+    return (f"{name} needs about {format_bytes(need)} of GPU memory in {dt} but {format_bytes(free)} of "
+            f"{format_bytes(total)} are free: choose device auto to offload layers to the CPU, use a GPU with "
             "more memory or a smaller model, or run on the CPU (slow)")
 
 

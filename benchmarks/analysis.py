@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from acm.sizes import format_bytes
 from benchmarks.common import MB, child_main, machine_info, md_table, proc_status, run_task, save_result
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
@@ -473,7 +474,7 @@ def run(sizes: list[str], *, samples: int, scaling: list[int], max_tokens: int, 
                                  "peak_rss_mib": res.ru_maxrss / MB, "peak_anon_mib": res.peak_anon / MB,
                                  "anon_minus_baseline_mib": (res.peak_anon - p["anon_before"]) / MB})
             log(f"[analysis] scaling {n} samples: {p['tokens']} tokens, {p['core_s']:.2f}s, "
-                f"estimator {p['estimator_bytes'] / 1024:.1f} KiB, peak RSS {res.ru_maxrss / MB:.0f} MiB")
+                f"estimator {format_bytes(p['estimator_bytes'])}, peak RSS {format_bytes(res.ru_maxrss)}")
     data = {"benchmark": "analysis", "machine": machine_info(), "max_tokens": max_tokens, "batch_size": batch_size,
             "threads": threads or "default", "overhead": overhead_rows, "scaling": scaling_rows, "status": "ok" if ok else why,
             "total_seconds": time.perf_counter() - t_start,

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ACM_BENCH_CACHE", ROOT / "benchmarks" / ".cache"))
 RESULTS = CACHE / "results"
 
-MB = 1024 * 1024
+MB = 1024 * 1024          # one MiB: tables report binary units, like acm.sizes.format_bytes
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def machine_info() -> dict[str, Any]:
     try:
         import psutil
 
-        mem_gb = round(psutil.virtual_memory().total / 1024**3, 1)
+        mem_gb = round(psutil.virtual_memory().total / 1024**3, 1)      # GiB (acm.sizes: binary units)
     except (ImportError, OSError):  # pragma: no cover - psutil is a requirement
         pass
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": mem_gb, "loadavg": os.getloadavg(),

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from acm.sizes import format_bytes
 from benchmarks.common import (
     CACHE,
     MB,
@@ -276,8 +277,8 @@ def bench_size(size: str, *, methods: list[str], repeats: int, n_ft: int, shard:
     inputs = [*models.base.glob("*.safetensors")] + [f for ft in models.fts for f in ft.glob("*.safetensors")]
     nbytes, secs = warm_files(inputs)
     warm_files(inputs)  # second pass: the timed runs below all see a fully warm cache
-    log(f"[merge] {size}: {models.params / 1e6:.1f}M params, {models.bytes_per_model / MB:.0f} MiB/model, "
-        f"warm-up read {nbytes / MB:.0f} MiB in {secs:.2f}s")
+    log(f"[merge] {size}: {models.params / 1e6:.1f}M params, {format_bytes(models.bytes_per_model)}/model, "
+        f"warm-up read {format_bytes(nbytes)} in {secs:.2f}s")
     out_root = CACHE / "merge-out" / str(os.getpid())  # per run: concurrent benchmark runs never collide
     out_root.mkdir(parents=True, exist_ok=True)
     common = {"base": str(models.base), "fts": [str(f) for f in models.fts], "shard": shard}

@@ -20,7 +20,7 @@ from benchmarks.common import RESULTS, machine_info
 
 
 def machine_line(info: dict) -> str:
-    return (f"{info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, GPU: {info['gpu'] or 'none'}; "
+    return (f"{info['cpu']}, {info['cores']} cores, {info['ram_gb']} GiB RAM, GPU: {info['gpu'] or 'none'}; "
             f"Python {info['python']}, torch {info['torch']} ({info['torch_threads']} threads), "
             f"transformers {info['transformers']}, safetensors {info['safetensors']}")
 

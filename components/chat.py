@@ -13,12 +13,13 @@ from typing import Any
 
 from components import help as texts
 from components import plots
+from components import steps as plan
 from components.common import as_list, bundled_eval, gpu, none_if_auto, ui_errors, unique_labels
 from components.state import ChatColumn, SessionState, load_source_model
 
 SLOTS = ["merged", "base", "ft0", "ft1", "ft2"]
 DEFAULT_MAX_NEW_TOKENS = 192
-NO_MERGE_YET = "Merge in step 4 to chat with the merged model here."
+NO_MERGE_YET = f"Merge in step {plan.number('merge')} to chat with the merged model here."
 
 
 def slot_color(slot: str) -> str:
@@ -125,7 +126,7 @@ def chat_stream(state: SessionState, message: str, base: str | None, fts, *, max
         raise InputError("type a message first (or click one of the example prompts)")
     active = targets(state, base, fts)
     if not active:
-        raise InputError("choose the models in step 1 first")
+        raise InputError(f"choose the models in step {plan.number('models')} first")
     jobs = []
     for slot, label, spec in active:
         model, tok = _load(state, spec, device, dtype, trust_remote_code)
@@ -356,7 +357,7 @@ def wire(ui) -> None:
         ui.demo.load(start_prewarm, [m.base, m.fts], None, api_visibility="private", queue=False,
                      show_progress="hidden")
     # Columns follow the chosen models and the latest merge.
-    for event in (ui.merge_event, *[e for e in [getattr(ui, "rule_merge_event", None)] if e is not None]):
+    for event in plan.events(ui, plan.MERGED):
         event.then(relayout, layout_inputs, layout_outputs, api_visibility="private", queue=False)
     gr.on([m.base.change, m.fts.change], relayout, layout_inputs, layout_outputs, api_visibility="private",
           queue=False)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from acm.sizes import format_bytes
+
 log = logging.getLogger("acm.app")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -384,6 +386,6 @@ def device_summary() -> str:
 
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
-        mem = torch.cuda.get_device_properties(0).total_memory / 2**30
-        return f"GPU: **{name}** ({mem:.0f} GiB) · default dtype bfloat16/float16"
+        mem = format_bytes(torch.cuda.get_device_properties(0).total_memory)
+        return f"GPU: **{name}** ({mem}) · default dtype bfloat16/float16"
     return f"CPU only ({os.cpu_count()} cores) · default dtype float32 · fine for the demo models"

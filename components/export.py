@@ -1,4 +1,4 @@
-"""Step 7 — Export: the merged model (zip), the recipe (JSON + mergekit-style YAML), the charts, Hub upload."""
+"""Step "Export" (components/steps.py): the merged model (zip), the recipe (JSON + mergekit-style YAML), the charts, Hub upload."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from acm.errors import first_line, redact
 from components import help as texts
+from components import steps as plan
 from components.common import safe_filename, ui_errors
 from components.merge import TIES_METHODS
 from components.state import SessionState
@@ -18,7 +19,7 @@ def _require_merge(state: SessionState):
     from acm.errors import InputError
 
     if state.merged is None:
-        raise InputError("nothing to export yet: merge in step 4 first")
+        raise InputError(f"nothing to export yet: {plan.how_to_get(plan.MERGED, markdown=False)}")
     return state.merged
 
 
@@ -99,21 +100,60 @@ def kaleido_available() -> bool:
         return False
 
 
+CHARTS_PAGE_TITLE = "ACM Merge Explorer — charts"
+
+
+def charts_page(figures: dict, title: str = CHARTS_PAGE_TITLE, subtitle: str = "") -> str:
+    """One self-contained HTML page holding every chart: plotly.js inlined once, then one div per chart.
+
+    Why one page: a standalone HTML file per chart embeds plotly.js (~4.6 MB) in each, so five charts
+    made five 4.6 MB files; one page is one plotly bundle plus the charts' data, opens offline, and is
+    what people share. Chart names become headings (escaped) and ``chart-<name>`` div ids (sanitised).
+    """
+    import html
+
+    import plotly.io as pio
+    from plotly.offline import get_plotlyjs
+
+    sections = []
+    for key, fig in figures.items():
+        spec = json.loads(fig.to_json())                 # PlotSpec or go.Figure: the same plotly JSON
+        div_id = "chart-" + safe_filename(key, default="chart").replace(".", "-")
+        body = pio.to_html(spec, include_plotlyjs=False, full_html=False, div_id=div_id, validate=False,
+                           config={"responsive": True, "displaylogo": False})
+        sections.append(f'<section class="chart"><h2>{html.escape(key)}</h2>\n{body}\n</section>')
+    head = (f'<meta charset="utf-8"><title>{html.escape(title)}</title>'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            "<style>body{font-family:Inter,system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;"
+            "max-width:1100px;color:#343a40;padding:0 1rem}h2{font-size:1.1rem;margin:2rem 0 .25rem}</style>"
+            f'<script type="text/javascript">{get_plotlyjs()}</script>')
+    intro = f"<h1>{html.escape(title)}</h1>" + (f"<p>{html.escape(subtitle)}</p>" if subtitle else "")
+    return f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>{head}</head>\n<body>{intro}\n" + "\n".join(sections) + \
+        "\n</body>\n</html>\n"
+
+
 def export_plots(state: SessionState) -> list[str]:
-    """Every chart shown so far as standalone HTML (and PNG when kaleido is installed)."""
-    folder = state.subdir("exports") / "charts"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    png = kaleido_available()
-    for key, fig in state.figures.items():
-        name = safe_filename(key, default="chart")
-        html = folder / f"{name}.html"
-        fig.write_html(str(html), include_plotlyjs=True, full_html=True)   # self-contained, works offline
-        paths.append(str(html))
-        if png:
+    """Every chart shown so far on one self-contained HTML page (and one PNG per chart when kaleido is
+    installed). The page is written to a temp name and renamed, so a half-written page never looks done."""
+    figures = dict(state.figures)
+    if not figures:
+        return []
+    folder = state.subdir("exports")
+    stem = export_name(state.merged) if state.merged is not None else "session"
+    label = state.merged.label if state.merged is not None else "no merge yet"
+    page = folder / f"{stem}.charts.html"
+    tmp = page.with_name(page.name + ".part")
+    tmp.write_text(charts_page(figures, subtitle=f"{len(figures)} chart(s) · {label}"), encoding="utf-8")
+    tmp.replace(page)
+    paths = [str(page)]
+    if kaleido_available():
+        png_folder = folder / "charts"
+        png_folder.mkdir(parents=True, exist_ok=True)
+        for key, fig in figures.items():
+            png = png_folder / f"{safe_filename(key, default='chart')}.png"
             try:
-                fig.write_image(str(folder / f"{name}.png"), scale=2)
-                paths.append(str(folder / f"{name}.png"))
+                fig.write_image(str(png), scale=2)
+                paths.append(str(png))
             except Exception:  # noqa: BLE001 - PNG is a bonus (needs a browser for kaleido >= 1)
                 pass
     return paths
@@ -133,9 +173,10 @@ def export_all(state: SessionState, include_model: bool = True) -> tuple[list[st
             notes.append("no mergekit YAML (linear merge or no analysis)")
     files.extend(export_plots(state))
     if not files:
-        raise InputError("nothing to export yet: analyse or merge first")
+        raise InputError(f"nothing to export yet: run “{plan.step('analysis').title}” (step {plan.number('analysis')}) "
+                         f"or “{plan.step('merge').title}” (step {plan.number('merge')}) first")
     if not kaleido_available():
-        notes.append("charts as HTML only (install kaleido for PNG)")
+        notes.append("charts on one HTML page (install kaleido for PNGs too)")
     label = state.merged.label if state.merged else "no merge yet"
     summary = f"**{len(files)} files** ready for {label}" + ("" if not notes else " · " + " · ".join(notes))
     return files, summary

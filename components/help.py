@@ -58,6 +58,6 @@ for R1-distilled models. Every evaluation adds points to the scatter: the accura
 
 EXPORT = """
 Download the merged model (safetensors + model card, zipped), the recipe (JSON, and a mergekit-style YAML of the
-coefficients) and the charts. To publish the model, paste a Hugging Face **write token**; it is used for this
-upload only and never logged or stored.
+coefficients) and the charts, all on one self-contained HTML page that opens offline. To publish the model, paste
+a Hugging Face **write token**; it is used for this upload only and never logged or stored.
 """

@@ -8,7 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+from acm.sizes import format_bytes
 from components import help as texts
+from components import steps as plan
 from components.analysis import DEFAULT_ALPHA, DEFAULT_T, T_MAX
 from components.common import gpu, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels
 from components.models import validate_selection
@@ -82,7 +84,7 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
 
         analysis = state.analysis
         if analysis is None:
-            raise InputError("ACM needs the per-layer NMI: run “Analyse” in step 3 first "
+            raise InputError(f"ACM needs the per-layer NMI: {plan.how_to_get(plan.ANALYSIS, markdown=False)} "
                              "(or choose the plain mode)")
         if len(analysis.models) != len(fts):
             raise InputError(f"the analysis covers {len(analysis.models)} fine-tuned model(s) but {len(fts)} are "
@@ -143,14 +145,6 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
     return merged
 
 
-def _size(n: int | float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def lambda_rows(merged: MergedModel, groups: list[str] | None = None) -> tuple[list[str], list[list]]:
     """The λ actually used, as a table: one row per layer group, one column per fine-tuned model."""
     fts = merged.settings["fts"]
@@ -171,7 +165,7 @@ def summary_markdown(merged: MergedModel) -> str:
             f"**{merged.seconds:.1f} s**") if hit else \
         f"merged in **{merged.seconds:.1f} s** (including loading it for chat)"
     bits = [f"✓ **{merged.label}** {done}",
-            f"{_size(r.get('bytes_written', 0))} in {r.get('num_tensors', '?')} tensors, "
+            f"{format_bytes(r.get('bytes_written', 0))} in {r.get('num_tensors', '?')} tensors, "
             f"{r.get('num_shards', '?')} shard(s)"]
     if s["method"] in TIES_METHODS:
         bits.append(f"density {s['density']:g}, trim scope {s['trim_scope']}")
@@ -184,15 +178,15 @@ def summary_markdown(merged: MergedModel) -> str:
     if tok:
         bits.append(f"tokenizer + chat template ({tok.get('template')}) from {tok.get('from')}")
     notes = "".join(f"\n- ⚠ {n}" for n in r.get("vocab_notes") or [])
-    return " · ".join(bits) + notes + "\n\nThe merged model is loaded: try it in **5 · Chat** and **6 · Evaluate**."
+    return " · ".join(bits) + notes + f"\n\nThe merged model is loaded: try it in {plan.links(['chat', 'evaluate'])}."
 
 
 def acm_status_line(state: SessionState | None) -> str:
-    """Whether an ACM merge can run now (it needs the analysis of step 3)."""
+    """Whether an ACM merge can run now (it needs an analysis, components/steps.py)."""
     analysis = getattr(state, "analysis", None)
     if analysis is None:
-        return ("ACM needs the per-layer NMI: run **Analyse** in step 3 first (a few seconds on the demo models), "
-                "or choose the plain mode.")
+        return (f"ACM needs the per-layer NMI: {plan.how_to_get(plan.ANALYSIS)} (a few seconds on the demo "
+                "models), or choose the plain mode.")
     labels = ", ".join(f"`{lab}`" for lab in unique_labels([m.model for m in analysis.models]))
     return f"ACM will use the analysis of {labels} ({len(analysis.groups)} layer groups)."
 
@@ -278,7 +272,7 @@ def wire(ui) -> None:
 
         return summary_markdown(merged), pd.DataFrame(rows, columns=headers), _jsonable(report)
 
-    for event in getattr(ui, "analysis_events", []):
+    for event in plan.events(ui, plan.ANALYSIS):
         event.then(acm_status_line, ui.state, g.acm_status, api_visibility="private", queue=False)
 
     def admit_merge():
@@ -293,6 +287,8 @@ def wire(ui) -> None:
         show_progress_on=[g.summary])
     from components import rules
     rules.wire(ui)
+    # Both buttons make a merged model; later steps chain on either (components/steps.py MERGED).
+    ui.merge_event = [ui.merge_event, ui.rule_merge_event]
 
 
 def _jsonable(obj):

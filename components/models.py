@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,10 @@ from components.common import (
 from components.state import SessionState
 
 DEVICES = ["auto", "cpu", "cuda"]
+DEVICE_PENDING = "<span class='muted working'>detecting the device (loading torch)</span>"
+INITIAL_CHECK_PENDING = "<span class='working'>checking the preselected demo pair</span>"
+CHECKING = "<span class='working'>Checking… reading the models' configs and weight headers</span>"
+CHECK_FAILED = "⚠ The check stopped — the message in the corner says why."
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
@@ -148,11 +153,13 @@ def build() -> SimpleNamespace:
         trust = gr.Checkbox(value=False, label="trust_remote_code", scale=1,
                             info="only for model repos you trust")
     trust_md = gr.Markdown(texts.TRUST_WARNING, visible=False, elem_classes=["warn-box"])
-    device_md = gr.Markdown("<span class='muted'>checking the device…</span>")
+    # Both lines are filled by page-load events; until then they say work is under way (an animated
+    # marker, .working in assets/style.css), never a static "not checked yet" that looks stuck.
+    device_md = gr.Markdown(DEVICE_PENDING, elem_id="device-md")
     with gr.Row():
-        check_btn = gr.Button("Check compatibility", variant="secondary", scale=0, min_width=220)
-    check_md = gr.Markdown("Not checked yet — the defaults are the bundled demo pair." if base else
-                           "No bundled demo models found: type a base model and a fine-tuned model.")
+        check_btn = gr.Button("Check compatibility", variant="secondary", scale=0, min_width=220, elem_id="check-btn")
+    check_md = gr.Markdown(INITIAL_CHECK_PENDING if base else
+                           "No bundled demo models found: type a base model and a fine-tuned model.", elem_id="check-md")
     return SimpleNamespace(base=base_dd, fts=fts_dd, device=device, dtype=dtype, trust=trust, trust_md=trust_md,
                            device_md=device_md,
                            check_btn=check_btn, check_md=check_md)
@@ -167,5 +174,10 @@ def wire(ui) -> None:
     ui.demo.load(initial_check, [ui.state, m.base, m.fts, m.trust], m.check_md, api_visibility="private",
                  queue=False, show_progress="hidden")
     m.trust.change(trust_toggled, m.trust, m.trust_md, api_visibility="private", queue=False)
-    m.check_btn.click(ui_errors(check_models, warm=False), [ui.state, m.base, m.fts, m.trust], m.check_md,
-                      api_name="check")
+    # The click shows "Checking…" at once, in the browser (no server round trip: a cold start may be busy
+    # importing torch), then the check replaces it; the output also carries Gradio's pending state.
+    # A refused check (one-line error toast) replaces "Checking…" too, never leaving it spinning.
+    m.check_btn.click(None, None, m.check_md, js=f"() => {json.dumps(CHECKING)}", queue=False) \
+        .then(ui_errors(check_models, warm=False), [ui.state, m.base, m.fts, m.trust], m.check_md, api_name="check",
+              show_progress="full") \
+        .failure(lambda: CHECK_FAILED, None, m.check_md, api_visibility="private", queue=False)

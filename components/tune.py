@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from components import plots
+from components import steps as plan
 from components.common import (
     bundled_eval,
     gpu,
@@ -236,7 +237,7 @@ def use_setting(state: SessionState, key: str | None, *, device: str | None = "a
         raise InputError(f"setting {key!r} is not in the last tune's results; pick one from the list")
     s = Setting.from_dict(row["setting"])
     if s.acm and state.analysis is None:
-        raise InputError("this setting needs the analysis of step 3; run “Analyse” again")
+        raise InputError(f"this setting needs an analysis: {plan.how_to_get(plan.ANALYSIS, markdown=False)}")
     merged = run_merge(state, tune.get("base") or state.base, tune.get("fts") or state.fts, method=s.method,
                        mode=ACM if s.acm else PLAIN, t=s.t or 0.0, alpha=s.alpha,
                        density=s.density if s.density is not None else DEFAULT_DENSITY,
@@ -367,8 +368,8 @@ def wire(ui) -> None:
         progress(0.0, desc="merging the chosen setting")
         merged, s = use_setting(state, key, device=device, dtype=dtype, trust_remote_code=trust,
                                 progress=progress_callback(progress))
-        text = (f"✓ **{merged.label}** ({s.label()}) is now the merged model: try it in **5 · Chat**, "
-                "**6 · Evaluate** or **Export**.")
+        text = (f"✓ **{merged.label}** ({s.label()}) is now the merged model: try it in "
+                f"{plan.links(['chat', 'evaluate', 'export'])}.")
         return text, summary_markdown(merged)
 
     merge_summary = g.summary if g is not None else gr.Markdown(visible=False)

@@ -64,8 +64,10 @@ def server(tmp_path_factory):
     """``python app.py --port N`` as a user runs it; yields (url, start time, process)."""
     assets = demo_assets_dir(tmp_path_factory.mktemp("browser"))
     port = free_port()
+    # A fresh shared result cache per run: with the default (~/.cache) a previous run's merges are reused, and
+    # the tune test's "merged in … s" and mid-grid cancel then race against instant cache hits.
     env = dict(os.environ, ACM_ASSETS_DIR=str(assets), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", ACM_CACHE_DIR=str(tmp_path_factory.mktemp("result-cache")))
     log = tmp_path_factory.mktemp("browser-log") / "app.log"
     start = time.perf_counter()
     with open(log, "wb") as out:
@@ -94,6 +96,68 @@ def server(tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+WATCH_CHECK = """() => {
+  // Timestamps in the page itself (performance.now), so a busy test runner cannot blur them:
+  // the click, the first frame showing the working indicator, and the check's answer replacing it.
+  window.__check = {};
+  document.querySelector('#check-btn').addEventListener('click', () => { window.__check.click = performance.now(); },
+                                                       true);
+  const md = document.querySelector('#check-md');
+  new MutationObserver(() => {
+    const t = window.__check, txt = md.innerText, now = performance.now();
+    if (t.click === undefined) return;
+    if (txt.includes('Checking') && md.querySelector('.working') && t.working === undefined) t.working = now;
+    if (txt.includes('Compatible') && !txt.includes('Checking') && t.working !== undefined && t.done === undefined)
+      t.done = now;
+  }).observe(md, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_check_shows_work_at_once_and_the_answer_replaces_it(browser, server, tmp_path):
+    """First in the module, on a freshly started app (the page-load events may still be importing torch):
+    a click on Check shows a working indicator within 300 ms and the answer then replaces it; the device
+    line meanwhile says it is being detected (animated), not a static "checking the device…"."""
+    url, *_ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    page.locator("#check-btn").wait_for(state="visible", timeout=60_000)
+    device = page.locator("#device-md")
+    if "detecting the device" in device.inner_text():
+        assert device.locator(".working").count() == 1                   # the pending device line is animated
+    page.evaluate(WATCH_CHECK)
+    page.locator("#check-btn").click()
+    try:
+        page.wait_for_function("() => window.__check.done !== undefined", timeout=120_000)
+    except Exception:
+        save_shot(page, tmp_path, "failed_check.png")
+        t = page.evaluate("() => window.__check")
+        raise AssertionError(f"after the click: working indicator at {t.get('working')}, answer replacing it at "
+                             f"{t.get('done')} (ms, page clock; click at {t.get('click')})") from None
+    t = page.evaluate("() => window.__check")
+    working_ms, done_ms = t["working"] - t["click"], t["done"] - t["click"]
+    assert working_ms <= 300, f"no sign of work {working_ms:.0f} ms after the click"
+    text = page.locator("#check-md").inner_text()
+    assert "Compatible" in text and "Checking" not in text and page.locator("#check-md .working").count() == 0
+    page.locator("#device-md").get_by_text("default dtype").wait_for(timeout=60_000)
+    assert page.locator("#device-md .working").count() == 0
+    # A refused check replaces "Checking…" as well (the reason is in the error toast).
+    page.get_by_label("Base model").fill("/nonexistent/model")
+    page.get_by_label("Base model").press("Enter")
+    page.locator("#check-btn").click()
+    page.locator("#check-md").get_by_text("The check stopped").wait_for(timeout=60_000)
+    assert page.locator("#check-md .working").count() == 0
+    page.get_by_text("model folder not found: /nonexistent/model").first.wait_for(timeout=10_000)
+    # A tab whose prerequisite is missing says where to get it.
+    page.get_by_role("tab", name="8 · Export").click()
+    page.locator("#needs-export").get_by_text("Export needs a merged model: run Merge in step 4 first").wait_for(
+        timeout=10_000)
+    assert not errors, errors
+    print(f"\n[browser] Check: working indicator {working_ms:.0f} ms after the click, answer {done_ms:.0f} ms")
+    page.close()
 
 
 def test_analyse_and_move_the_t_slider(browser, server, tmp_path):
@@ -137,4 +201,47 @@ def test_analyse_and_move_the_t_slider(browser, server, tmp_path):
     print(f"\n[browser] launch→serving {server_up:.1f} s · launch→interactive {interactive_s:.1f} s · t-slider move→redrawn chart "
           f"{redraw_ms:.0f} ms "
           f"· screenshots in {tmp_path}")
+    page.close()
+
+
+CHAT_BOXES = """() => [...document.querySelectorAll('.chat-col')].filter(c => c.offsetParent !== null).map(col => {
+  const box = e => { const r = e.getBoundingClientRect(); return {top: r.top, bottom: r.bottom}; };
+  const log = col.querySelector('[role="log"]');
+  const rows = [...col.querySelectorAll('.message-row')];
+  return {label: col.querySelector('[data-testid="block-label"]').innerText.trim(),
+          chip: box(col.querySelector('[data-testid="block-label"]')), log: box(log), rows: rows.map(box),
+          first_user: rows.length ? (log.scrollTop = 0, box(col.querySelector('.message-row.user-row'))) : null};
+})"""
+
+
+def test_chat_label_chips_never_cover_the_messages(browser, server, tmp_path):
+    """At 1400 px each chat column's label chip used to float over the conversation: a reply that
+    scrolled the column showed its text beneath the chip. Now the chip sits above the scroll area."""
+    url, *_ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.locator("#check-btn").wait_for(state="visible", timeout=60_000)
+    page.get_by_role("tab", name="5 · Chat").click()
+    page.locator("#chat-prompt textarea").fill("Natalia sold clips to 48 of her friends in April, and then she sold "
+                                               "half as many clips in May. How many clips did Natalia sell "
+                                               "altogether in April and May?")
+    page.locator("#chat-send").click()
+    try:
+        page.locator(".reply-length").get_by_text("last reply").nth(1).wait_for(timeout=180_000)
+        page.wait_for_timeout(500)                      # the columns' autoscroll settles
+    except Exception:
+        save_shot(page, tmp_path, "failed_chat.png")
+        raise
+    save_shot(page, tmp_path, "04_chat.png")
+    cols = page.evaluate(CHAT_BOXES)
+    with_messages = [c for c in cols if c["rows"]]
+    assert len(with_messages) >= 2, cols
+    for c in cols:
+        # Nothing can be drawn under the chip: the scrolling conversation starts below it ...
+        assert c["chip"]["bottom"] <= c["log"]["top"] + 0.5, c
+        for row in c["rows"]:                           # ... so no visible part of a message reaches the chip
+            visible_top, visible_bottom = max(row["top"], c["log"]["top"]), min(row["bottom"], c["log"]["bottom"])
+            assert visible_top >= visible_bottom or visible_top >= c["chip"]["bottom"] - 0.5, (c["label"], row, c)
+        if c["first_user"]:                             # scrolled to the top: the first message is below the chip
+            assert c["chip"]["bottom"] <= c["first_user"]["top"], c
     page.close()

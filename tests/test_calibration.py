@@ -113,7 +113,7 @@ def test_file_over_the_size_limit(tmp_path, monkeypatch):
     with pytest.raises(InputError) as e:
         load_texts(path)
     msg = _one_line(e)
-    assert "limit" in msg and "2 MB" in msg
+    assert "limit" in msg and "2.0 MiB" in msg
     assert cal.MAX_FILE_BYTES == 2 * 1024 * 1024
 
 

@@ -309,7 +309,7 @@ def _fake_merge(state: SessionState, folder: Path) -> MergedModel:
 def test_export_zip_recipe_and_charts(state, tmp_path):
     from components import plots
 
-    with pytest.raises(InputError, match="merge in step 4 first"):
+    with pytest.raises(InputError, match="nothing to export yet: run “Merge” in step 4 first"):
         export.export_model_zip(state)
     folder = make_tiny_model(tmp_path / "merge-01-task_arithmetic")
     (folder / "README.md").write_text("# model card\n")
@@ -322,8 +322,41 @@ def test_export_zip_recipe_and_charts(state, tmp_path):
     assert json.dumps(rec) and (rec.get("app") or rec)["label" if "label" in rec else "app"]
     state.figures["nmi"] = plots.empty_figure("x")
     charts = export.export_plots(state)
-    assert any(c.endswith("nmi.html") for c in charts)
-    assert "<html" in Path(charts[0]).read_text()[:500].lower()
+    assert charts[0].endswith("merge-01-task_arithmetic.charts.html")
+    page = Path(charts[0]).read_text()
+    assert "<html" in page[:500].lower() and 'id="chart-nmi"' in page
+
+
+def test_export_charts_on_one_page_with_plotly_once(state):
+    """Five charts → one self-contained page: plotly.js inlined exactly once, every chart's div, and the
+    size of about one plotly bundle plus the data (it was five standalone files of ~4.6 MB each)."""
+    from plotly.offline import get_plotlyjs
+
+    from components import plots
+
+    groups = ["embed", "block.0", "block.1", "head"]
+    nmi = [("ft", [0.2, 0.4, 0.5, 0.3])]
+    state.figures.update({
+        "nmi": plots.nmi_figure(groups, nmi),
+        "coefficients": plots.coefficient_figure(groups, [{"label": "ft", "nmi": nmi[0][1],
+                                                           "lambdas": [0.9, 0.8, 0.7, 0.85]}], t=4, alpha=1.0),
+        "chat_lengths": plots.length_bar_figure(["merged", "base"], [40.0, 90.0], [3, 3], ["#7048e8", "#868e96"]),
+        "eval_scatter": plots.eval_scatter([{"label": "base", "kind": "base", "accuracy": 0.5, "mean_length": 90,
+                                             "n": 8}]),
+        "empty": plots.empty_figure("nothing yet"),
+    })
+    files = export.export_plots(state)
+    pages = [f for f in files if f.endswith(".html")]
+    assert len(pages) == 1 and Path(pages[0]).name == "session.charts.html"      # no merge yet
+    page = Path(pages[0]).read_text(encoding="utf-8")
+    bundle = get_plotlyjs()
+    assert page.count(bundle) == 1
+    assert page.count("plotly.js v") == 1                       # the bundle's banner: no second (CDN) copy either
+    for key in state.figures:                                   # each chart: its div and the call that draws it
+        assert f'<div id="chart-{key}"' in page and page.count(f'"chart-{key}"') >= 2, key
+    size = Path(pages[0]).stat().st_size
+    assert len(bundle) < size < len(bundle) + 200_000, size
+    assert not list(Path(pages[0]).parent.glob("*.part"))
 
 
 def test_push_to_hub_uses_the_token_once_and_never_keeps_it(state, tmp_path, monkeypatch):

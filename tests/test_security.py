@@ -178,8 +178,10 @@ def test_exported_file_names_are_sanitised(tmp_path):
         escape = f"escaped-{uuid.uuid4().hex[:8]}"
         st.figures[f"../../../{escape}"] = plots.empty_figure("x")
         st.figures["/abs/chart"] = plots.empty_figure("y")
+        st.figures["<img src=x onerror=alert(1)>"] = plots.empty_figure("z")
         charts = st.workspace / "exports" / "charts"
-        would_be = [Path(os.path.normpath(charts / f"../../../{escape}.html")), Path("/abs/chart.html")]
+        would_be = [Path(os.path.normpath(charts / f"../../../{escape}.html")), Path("/abs/chart.html"),
+                    Path(os.path.normpath(charts / f"../../../{escape}.png")), Path("/abs/chart.png")]
         files, _ = export.export_all(st, include_model=True)
         exports = (st.workspace / "exports").resolve()
         for f in files:
@@ -188,7 +190,10 @@ def test_exported_file_names_are_sanitised(tmp_path):
             assert all(c.isalnum() or c in "._-" for c in p.name) and not p.name.startswith("."), p.name
         assert not any(p.exists() for p in would_be)
         names = {Path(f).name for f in files}
-        assert {"merge_01_rm_-rf_b.zip", "merge_01_rm_-rf_b.recipe.json", f"{escape}.html", "chart.html"} <= names
+        assert {"merge_01_rm_-rf_b.zip", "merge_01_rm_-rf_b.recipe.json", "merge_01_rm_-rf_b.charts.html"} <= names
+        page = (exports / "merge_01_rm_-rf_b.charts.html").read_text()
+        assert f'id="chart-{escape}"' in page and 'id="chart-chart"' in page     # names reach the page sanitised
+        assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page   # headings escaped
     finally:
         st.close()
 

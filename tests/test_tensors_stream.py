@@ -215,7 +215,7 @@ def test_fit_advice_from_header_sizes():
 
     cuda = torch.device("cuda")
     msg = fit_advice("org/7b", 15_231_233_024, cuda, torch.bfloat16, free_total=(10 * 10**9, 24 * 10**9))
-    assert msg is not None and "18.3 GB" in msg and "10.0 GB of 24.0 GB" in msg and "device auto" in msg
+    assert msg is not None and "17.0 GiB" in msg and "9.3 GiB of 22.4 GiB" in msg and "device auto" in msg
     assert "\n" not in msg
     assert fit_advice("org/7b", 15_231_233_024, cuda, torch.bfloat16, free_total=(80 * 10**9, 80 * 10**9)) is None
     assert fit_advice("org/7b", 10**12, torch.device("cpu"), torch.float32) is None

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from acm.errors import InputError
+from acm.sizes import format_bytes
 
 PAIR_BUDGET = 1 << 22   # = acm.analysis.DEFAULT_PAIR_BUDGET (not imported: keeps `acm --help` free of torch)
 ROW_BUDGET = 1 << 13    # = acm.analysis.DEFAULT_ROW_BUDGET
@@ -122,9 +123,9 @@ def run(args: argparse.Namespace) -> int:
     mem = result.provenance.get("memory") or {}
     if mem.get("peak_rss_bytes"):
         cuda = mem.get("cuda_max_allocated_bytes")
-        print(f"peak memory: {mem['peak_rss_bytes'] / 2**30:.2f} GiB RSS"
-              + (f", {cuda / 2**30:.2f} GiB CUDA" if cuda else "")
-              + f"; estimator {mem.get('estimator_bytes', 0) / 2**20:.1f} MiB"
+        print(f"peak memory: {format_bytes(mem['peak_rss_bytes'])} RSS"
+              + (f", {format_bytes(cuda)} CUDA" if cuda else "")
+              + f"; estimator {format_bytes(mem.get('estimator_bytes', 0))}"
               + (f"; pairs subsampled in {len(result.provenance['subsampled_groups'])} groups"
                  if result.provenance.get("subsampled_groups") else ""))
     for note in result.provenance.get("vocab_notes") or []:

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from acm.errors import InputError
+from acm.sizes import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +106,6 @@ def _lambdas_from_analysis(path: str, t: float, alpha: float, fts: list[str], cl
     return lambdas, acm
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def run(args: argparse.Namespace) -> int:
     import math
 
@@ -160,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         if acm else "")
     print(f"merged {len(args.ft)} model(s) into {args.base} with {label}")
     print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.num_shards} shard(s), "
-          f"{_size(report.bytes_written)} in {report.seconds:.2f} s")
+          f"{format_bytes(report.bytes_written)} in {report.seconds:.2f} s")
     heads = report.recipe.get("output", {}).get("heads") or {}
     tok = report.recipe.get("output", {}).get("tokenizer") or {}
     if heads:
