@@ -132,7 +132,7 @@ def test_check_shows_work_at_once_and_the_answer_replaces_it(browser, server, tm
     page.locator("#check-btn").click()
     try:
         page.wait_for_function("() => window.__check.done !== undefined", timeout=120_000)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to answer: keep a screenshot, then fail saying what the page saw
         save_shot(page, tmp_path, "failed_check.png")
         t = page.evaluate("() => window.__check")
         raise AssertionError(f"after the click: working indicator at {t.get('working')}, answer replacing it at "

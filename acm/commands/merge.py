@@ -219,5 +219,5 @@ def _run_sigmoid(args: argparse.Namespace, options, params: dict) -> int:
     kept = result.scales
     print("delta kept per group (1 − s): " + ", ".join(f"{g} {v:.3f}" for g, v in kept.items()))
     print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.num_shards} shard(s), "
-          f"{_size(report.bytes_written)}")
+          f"{format_bytes(report.bytes_written)}")
     return 0
