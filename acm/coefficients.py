@@ -193,8 +193,9 @@ def _mergekit_sparsity(method: str, density: float | None, drop_rate: float | No
       after the optional normalisation: the same result, since 1/(1 − p) is common to all entries). The
       random streams differ: the merges agree in distribution, not bit for bit.
     * Breadcrumbs: ``magnitude_outliers`` with ``density`` and ``gamma``, ``rescale: false``; mergekit's
-      counts are int(·) instead of round(·), its tie order is an unstable sort, and where int(gamma·n) = 0
-      it keeps nothing of the tensor (``indices[n_bot:-0]`` is empty), so gamma = 0 cannot be exported.
+      counts are int(·) instead of round(·) and its tie order is an unstable sort. mergekit ≤ 0.1.4 keeps
+      nothing of a tensor where int(gamma·n) = 0 (its ``indices[n_bot:-0]`` is empty); 0.1.5 fixed that
+      (``indices[n_bot:n_bot + target_n]``), so the config says which version it needs.
     * DELLA: ``della_magprune`` has our keep-probability schedule, but its ``rescale`` is the L1-norm ratio
       (or none), never 1/pⱼ per entry: not reproducible.
     """
@@ -232,17 +233,14 @@ def _mergekit_sparsity(method: str, density: float | None, drop_rate: float | No
         per_model["density"] = float(density if density is not None else OPTIONS["density"].default)
     elif spec.trim == "outliers":
         g = check_gamma(gamma if gamma is not None else OPTIONS["gamma"].default)
-        if g == 0:
-            return (f"this {spec.label} merge has gamma = 0 (no outliers dropped); mergekit's magnitude_outliers keeps "
-                    "nothing of a tensor when int(gamma * n) = 0 (its mask slice indices[n_bot:-0] is empty), so no "
-                    "mergekit config reproduces it. Use `python -m acm merge`, or TIES for a magnitude trim alone.")
+        small = f"fewer than {math.ceil(1 / g)} entries" if g > 0 else "any size (gamma = 0)"
         per_model["density"] = float(density if density is not None else OPTIONS["density"].default)
         per_model["gamma"] = g
         glob["rescale"] = False
         notes += [f"# Breadcrumbs: density {_r(per_model['density'])} kept below the top gamma {_r(g)} outliers. mergekit",
-                  "#   counts int(density*n) and int(gamma*n) (round() here: at most one entry per tensor apart),",
-                  f"#   breaks ties in any order, and keeps NOTHING of a tensor with fewer than {math.ceil(1 / g)} entries",
-                  "#   (int(gamma*n) = 0 there), where this merge keeps the density share."]
+                  "#   counts int(density*n) and int(gamma*n) (round() here: at most one entry per tensor apart) and",
+                  "#   breaks ties in any order. NEEDS mergekit >= 0.1.5: 0.1.4 and earlier keep NOTHING of a tensor",
+                  f"#   of {small} (int(gamma*n) = 0 there), where this merge keeps the density share."]
     return per_model, glob, notes
 
 

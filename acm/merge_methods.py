@@ -45,8 +45,8 @@ Precise conventions (this project's choices where docs/design.md leaves room):
   keep ranks t … t+k−1: the t largest (outliers) and everything below the top t+k are zeroed. Both cuts are
   exact selections with the TIES tie-break (``TrimSpec`` for t+k, ``apply_cut`` for t), so exactly k entries
   survive (fewer only when fewer are non-zero), whatever the chunk size. ``density = 1`` keeps everything.
-  mergekit (``magnitude_outliers``) uses int(·) for both counts, breaks ties by an unstable sort and keeps
-  nothing of a tensor where int(gamma·n) = 0 (its ``indices[n_bot:-0]`` is empty).
+  mergekit (``magnitude_outliers``) uses int(·) for both counts and breaks ties by an unstable sort;
+  mergekit ≤ 0.1.4 keeps nothing of a tensor where int(gamma·n) = 0 (its ``indices[n_bot:-0]`` is empty).
 * **DELLA drop** (``della``, ``della_linear``; ``DellaStream``): per row of τ (a 2-D tensor's rows; a 1-D
   tensor is one row; more dimensions are flattened after the first), entry j of rank rⱼ ∈ 0 … m−1 by |τ|
   (ascending, ties: lower index first) is kept with probability pⱼ = density − ε + 2ε·rⱼ/(m−1) (density for

@@ -197,7 +197,8 @@ _DARE_NOTE = ("mergekit's {}: density = 1 − p, rescale: false, lambda: 1/(1 �
               "tensor's L1 norm when rescale is on, not by 1/(1 − p); the random streams differ, so the merges "
               "agree in distribution only")
 _BREADCRUMBS_NOTE = ("mergekit's {} (magnitude_outliers with density and gamma, rescale: false); counts there are "
-                     "int(·) instead of round(·), and mergekit keeps nothing of a tensor where int(gamma·n) = 0")
+                     "int(·) instead of round(·); needs mergekit >= 0.1.5 (earlier versions keep nothing of a tensor "
+                     "where int(gamma·n) = 0)")
 _DELLA_NOTE = ("none: mergekit's {} rescales the kept entries by the tensor's L1-norm ratio (rescale: true) or not "
                "at all, never by 1/pⱼ per entry as DELLA does, so no mergekit config reproduces this merge")
 

@@ -279,7 +279,6 @@ def test_mergekit_mapping_is_pinned_per_method(method, kw, merge_method, per_mod
 @pytest.mark.parametrize("method, kw, reason", [
     ("della", {"density": 0.5}, "1/p_j"),
     ("della_linear", {"density": 0.5}, "L1-norm"),
-    ("breadcrumbs", {"density": 0.3, "gamma": 0.0}, "int(gamma * n) = 0"),
     ("dare_ties", {"density": 0.7, "drop_rate": 0.3}, "magnitude"),
 ])
 def test_mergekit_export_says_plainly_when_it_cannot(method, kw, reason):
@@ -288,9 +287,11 @@ def test_mergekit_export_says_plainly_when_it_cannot(method, kw, reason):
     assert reason in text.replace("\n# ", " ")
 
 
-def test_breadcrumbs_yaml_warns_about_small_tensors():
+def test_breadcrumbs_yaml_says_which_mergekit_it_needs():
     text, _ = _cfg("breadcrumbs", density=0.3, gamma=0.01)
-    assert "keeps NOTHING of a tensor with fewer than 100 entries" in text
+    assert "NEEDS mergekit >= 0.1.5" in text and "keep NOTHING of a tensor\n#   of fewer than 100 entries" in text
+    text, cfg = _cfg("breadcrumbs", density=0.3, gamma=0.0)
+    assert "of any size (gamma = 0)" in text and cfg["models"][0]["parameters"]["gamma"] == 0.0
 
 
 # ----------------------------------------------------------------------------- the app

@@ -124,9 +124,8 @@ def run(args: argparse.Namespace) -> int:
         if args.clip_min is not None and args.clip_max is not None and args.clip_min > args.clip_max:
             raise InputError(f"--clip-min {args.clip_min} is larger than --clip-max {args.clip_max}")
         clip = (args.clip_min, args.clip_max)
-    options = MergeOptions(method=args.method, alpha=args.alpha, density=args.density, drop_rate=args.drop_rate,
-                           trim_scope=args.trim_scope, normalize=args.normalize, seed=args.seed, gamma=args.gamma,
-                           epsilon=args.epsilon, dtype=args.dtype,
+    options = MergeOptions(method=args.method, alpha=args.alpha, **{k: getattr(args, k) for k in _PARAM_FLAGS},
+                           dtype=args.dtype,
                            shard_size=args.shard_size, weights=args.weights,
                            device=None if args.device in (None, "", "auto") else args.device, threads=args.threads,
                            tokenizer_from=args.tokenizer_from)
