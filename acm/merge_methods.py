@@ -255,9 +255,25 @@ class DellaStream:
             self.lo = float(density)
         self.rng = np.random.Generator(np.random.PCG64(stable_seed(seed, model_index, name + "/della")))
 
+    def _row_order(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per row, the column indices by ascending |τ|, ties by lower column (a stable argsort).
+
+        CPU: one numpy sort of the int64 keys (|τ| bits << 32 | column) — unique keys, so any sort order
+        is the stable one, and numpy's SIMD integer sort is ~5× faster than a stable float argsort
+        (15.7 vs 85 ns per entry, rows of 4096, 1 thread), which was most of DELLA's cost.
+        """
+        if rows.device.type != "cpu":
+            return torch.argsort(rows.abs(), dim=1, stable=True)
+        keys = rows.abs().view(torch.int32).numpy().astype(np.int64)   # |τ| ≥ 0: bit order = value order
+        keys <<= 32
+        keys |= np.arange(rows.shape[1], dtype=np.int64)
+        keys.sort(axis=1)
+        keys &= 0xFFFFFFFF
+        return torch.from_numpy(keys)
+
     def keep_probability(self, rows: torch.Tensor) -> torch.Tensor:
         """pⱼ of every entry of ``rows`` ([r, m] float32): linear in the entry's |τ| rank within its row."""
-        order = torch.argsort(rows.abs(), dim=1, stable=True)
+        order = self._row_order(rows)
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
         return ranks.to(torch.float32).mul_(self.step).add_(self.lo)
