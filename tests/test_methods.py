@@ -340,3 +340,19 @@ def test_new_methods_in_the_tune_grid():
     with pytest.raises(InputError, match="DELLA"):
         expand_grid(["della"], [0.7], [1.0], [0.1], [])
     assert np.isclose(grid[0].merge_options().gamma, methods.OPTIONS["gamma"].default)
+
+
+def test_coefficients_command_exports_the_new_methods(tmp_path, capsys):
+    path = tmp_path / "analysis.json"
+    make_analysis().save(path)
+    assert main(["coefficients", "--analysis", str(path), "--t", "2", "--format", "yaml", "--method",
+                 "breadcrumbs_ties", "--density", "0.3", "--gamma", "0.02", "--normalize"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["merge_method"] == "breadcrumbs_ties" and cfg["parameters"] == {"normalize": True, "rescale": False}
+    assert cfg["models"][0]["parameters"]["gamma"] == 0.02
+    assert main(["coefficients", "--analysis", str(path), "--t", "2", "--format", "yaml", "--method", "dare_ta",
+                 "--drop-rate", "0.5"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["parameters"]["lambda"] == 2.0 and cfg["models"][0]["parameters"]["density"] == 0.5
+    assert main(["coefficients", "--analysis", str(path), "--t", "2", "--format", "yaml", "--method", "della"]) == 0
+    assert capsys.readouterr().out.startswith("# ACM (Activation-Guided Consensus Merging): NO mergekit config")
