@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from acm.errors import InputError
+from acm.methods import OPTIONS, SPECS, check_drop_rate, check_gamma
 
-# Our merge-method names → mergekit's.
-MERGEKIT_METHODS = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare_ta": "dare_linear",
-                    "dare_linear": "dare_linear", "dare_ties": "dare_ties"}
+# Our merge-method names → mergekit's (from the registry, acm.methods; "dare_linear" is accepted as a name too).
+MERGEKIT_METHODS = {**{k: s.mergekit for k, s in SPECS.items() if s.mergekit}, "dare_linear": "dare_linear"}
 _EMBED_FALLBACK = ("embed_tokens", "wte", "wpe", "word_embeddings")
 _HEAD_FALLBACK = ("lm_head", "model.norm.", "ln_f", "final_layernorm")
 
@@ -189,10 +189,77 @@ def _r(v: float) -> float:
     return float(f"{v:.6g}")
 
 
+def _mergekit_sparsity(method: str, density: float | None, drop_rate: float | None, gamma: float | None,
+                       normalize: bool) -> tuple[dict[str, Any], dict[str, Any], list[str]] | str:
+    """Per-model and global mergekit parameters that reproduce ``method``'s sparsification, plus header
+    lines; or the reason (a str) why no mergekit config reproduces it.
+
+    How each maps (mergekit ≥ 0.1, mergekit/sparsify.py and merge_methods/generalized_task_arithmetic.py):
+
+    * TIES: ``magnitude`` with ``density`` (k = int(density·n) there, round(density·n) here: at most one
+      entry per tensor apart), sign election by sum; ``normalize`` as here.
+    * DARE: ``random`` (Bernoulli keep with probability ``density`` = 1 − p). mergekit's ``rescale: true``
+      multiplies by the tensor's L1-norm ratio, not by 1/(1 − p) as DARE (and this project) does, so we
+      write ``rescale: false`` and carry 1/(1 − p) as the global ``lambda`` (applied to the merged delta
+      after the optional normalisation: the same result, since 1/(1 − p) is common to all entries). The
+      random streams differ: the merges agree in distribution, not bit for bit.
+    * Breadcrumbs: ``magnitude_outliers`` with ``density`` and ``gamma``, ``rescale: false``; mergekit's
+      counts are int(·) instead of round(·) and its tie order is an unstable sort. mergekit ≤ 0.1.4 keeps
+      nothing of a tensor where int(gamma·n) = 0 (its ``indices[n_bot:-0]`` is empty); 0.1.5 fixed that
+      (``indices[n_bot:n_bot + target_n]``), so the config says which version it needs.
+    * DELLA: ``della_magprune`` has our keep-probability schedule, but its ``rescale`` is the L1-norm ratio
+      (or none), never 1/pⱼ per entry: not reproducible.
+    """
+    spec = SPECS[method] if method in SPECS else SPECS["dare_ta"]       # "dare_linear"
+    per_model: dict[str, Any] = {}
+    glob: dict[str, Any] = {"normalize": bool(normalize) if spec.consensus else False}
+    notes: list[str] = []
+    if spec.drop == "della":
+        return (f"this {spec.label} merge keeps each entry with probability p_j (density ± epsilon by magnitude rank "
+                "in its row) and rescales the kept ones by 1/p_j; mergekit's della / della_linear use the same "
+                "keep probabilities but rescale by the whole tensor's L1-norm ratio (rescale: true) or not at all, "
+                "so no mergekit config reproduces it. Use `python -m acm merge` (the recipe's reproduce command).")
+    if spec.drop == "dare":
+        if drop_rate is not None:
+            # A merge's DARE drop rate p: mergekit's `density` is the random keep fraction 1 − p. Our dare_ties
+            # also trims by magnitude (TIES density); mergekit's dare_ties has no magnitude trim.
+            p = check_drop_rate(drop_rate)
+            if spec.trim and density is not None and float(density) < 1.0:
+                return (f"this dare_ties merge drops entries at random (p = {_r(p)}) AND trims each task vector to "
+                        f"its top {_r(float(density))} by magnitude; mergekit's dare_ties does the random drop only "
+                        "(its `density` is the keep fraction), so no mergekit config reproduces it. Use "
+                        "`python -m acm merge` (the recipe's reproduce command), or merge with TIES density 1 to "
+                        "export.")
+            keep = 1.0 - p
+        else:
+            keep = float(density if density is not None else 1.0 - OPTIONS["drop_rate"].default)
+        per_model["density"] = keep
+        glob["rescale"] = False
+        if keep < 1.0:
+            glob["lambda"] = _r(1.0 / keep)
+        notes += [f"# DARE: density = keep fraction 1 - p = {_r(keep)}; rescale: false and lambda: 1/(1 - p) multiply",
+                  "#   the merged delta by 1/(1 - p), as this merge does (mergekit's own rescale: true would match the",
+                  "#   tensor's L1 norm instead). Random masks differ from ours: the same merge in distribution only."]
+    elif spec.trim == "magnitude":
+        per_model["density"] = float(density if density is not None else OPTIONS["density"].default)
+    elif spec.trim == "outliers":
+        g = check_gamma(gamma if gamma is not None else OPTIONS["gamma"].default)
+        small = f"fewer than {math.ceil(1 / g)} entries" if g > 0 else "any size (gamma = 0)"
+        per_model["density"] = float(density if density is not None else OPTIONS["density"].default)
+        per_model["gamma"] = g
+        glob["rescale"] = False
+        notes += [f"# Breadcrumbs: density {_r(per_model['density'])} kept below the top gamma {_r(g)} outliers. mergekit",
+                  "#   counts int(density*n) and int(gamma*n) (round() here: at most one entry per tensor apart) and",
+                  "#   breaks ties in any order. NEEDS mergekit >= 0.1.5: 0.1.4 and earlier keep NOTHING of a tensor",
+                  f"#   of {small} (int(gamma*n) = 0 there), where this merge keeps the density share."]
+    return per_model, glob, notes
+
+
 def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "task_arithmetic",
                      base_model: str | None = None, density: float | None = None, clip=None,
                      dtype: str | None = None, tokenizer_source: str | None = None,
-                     drop_rate: float | None = None, metric: str = "nmi") -> str:
+                     drop_rate: float | None = None, gamma: float | None = None, normalize: bool = False,
+                     metric: str = "nmi") -> str:
     """A mergekit-style config reproducing the ACM λ of every layer group.
 
     What mergekit can express, and how we use it: ``weight`` per model may be a list of
@@ -201,8 +268,9 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
     block k gets exactly λ_block.k (mergekit evaluates it at t = k/(L−1)). The embed and head
     groups are carried by ``filter`` entries naming their tensors (from the analysis; family
     defaults otherwise). ``normalize: false`` keeps mergekit from dividing by the sum of the
-    weights, as in this project's task arithmetic / TIES. For DARE, ``density`` = 1 − drop rate
-    (mergekit rescales kept entries by 1/density, as we do).
+    weights, as in this project's task arithmetic / TIES (``normalize`` = the merge's own flag for
+    the sign-election methods). The sparsification of each method maps as ``_mergekit_sparsity``
+    says — or the output is a comment-only file saying why mergekit cannot reproduce the merge.
     """
     import yaml
 
@@ -211,25 +279,16 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
                          "(ACM coefficients scale task vectors, so 'linear' has nothing to carry them)")
     if density is not None and not (0.0 < float(density) <= 1.0):
         raise InputError(f"density must be in (0, 1], got {density!r}")
-    if drop_rate is not None and method in ("dare_ta", "dare_linear", "dare_ties"):
-        # A merge's DARE drop rate p: mergekit's `density` is the random keep fraction 1 − p. Our dare_ties
-        # also trims by magnitude (TIES density); mergekit's dare_ties has no magnitude trim.
-        if not (0.0 <= float(drop_rate) < 1.0):
-            raise InputError(f"drop rate must be in [0, 1), got {drop_rate!r}")
-        if method == "dare_ties" and density is not None and float(density) < 1.0:
-            return _not_expressible(
-                f"this dare_ties merge drops entries at random (p = {_r(float(drop_rate))}) AND trims each task "
-                f"vector to its top {_r(float(density))} by magnitude; mergekit's dare_ties does the random drop "
-                "only (its `density` is the keep fraction), so no mergekit config reproduces it. Use "
-                "`python -m acm merge` (the recipe's reproduce command), or merge with TIES density 1 to export.")
-        density = 1.0 - float(drop_rate)
+    mapped = _mergekit_sparsity(method, density, drop_rate, gamma, normalize)
+    if isinstance(mapped, str):
+        return _not_expressible(mapped)
+    sparse_params, global_params, method_notes = mapped
     groups, models, _ = _nmi_rows(analysis, metric)
     per_model = lambdas_by_group(analysis, t, alpha, clip=clip, metric=metric)
     blocks = [g for g in groups if g.startswith("block.")]
     prov = analysis.provenance or {}
     if base_model is None:
         base_model = ((prov.get("models") or {}).get("base") or {}).get("model") or "BASE_MODEL"
-    sparse = method in ("ties", "dare_ties", "dare_ta", "dare_linear")
     entries = []
     for name, lam in zip(models, per_model):
         weight: list[dict[str, Any]] = []
@@ -238,12 +297,10 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
                 for flt in _filters(analysis, group):
                     weight.append({"filter": flt, "value": _r(lam[group])})
         weight.append({"value": [_r(lam[b]) for b in blocks]})
-        params: dict[str, Any] = {"weight": weight}
-        if sparse:
-            params["density"] = float(density if density is not None else (0.2 if "ties" in method else 0.7))
+        params: dict[str, Any] = {"weight": weight, **sparse_params}
         entries.append({"model": name, "parameters": params})
     config: dict[str, Any] = {"merge_method": MERGEKIT_METHODS[method], "base_model": base_model,
-                              "models": entries, "parameters": {"normalize": False}}
+                              "models": entries, "parameters": global_params}
     if dtype:
         config["dtype"] = dtype
     clip = _check_clip(clip)
@@ -257,7 +314,10 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
         "#   exactly when the list has one value per layer); the embed group (input embeddings, tied",
         "#   output embeddings) and the head group (final norm, lm_head) are carried by the 'filter'",
         "#   entries (substring match on tensor names, first match wins).",
-        "# normalize: false = no division by the sum of weights (this project's default).",
+        "# normalize: false = no division by the sum of weights (this project's default)."
+        if not global_params.get("normalize") else
+        "# normalize: true = divide by the sum of the agreeing models' weights (as this merge's --normalize).",
+        *method_notes,
     ]
     for name, lam in zip(models, per_model):
         header.append(f"# {name}: embed {_r(lam.get('embed', float('nan')))}, head {_r(lam.get('head', float('nan')))}")

@@ -18,21 +18,13 @@ from typing import Any
 
 import yaml
 
+from acm.methods import OPTIONS, SPECS
 from acm.sizes import format_bytes
 
-FORMULAS = {
-    "linear": "θ = Σᵢ wᵢ·θᵢ  (weights normalised to sum 1)",
-    "task_arithmetic": "θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ,  τᵢ = θᵢ − θ₀",
-    "ties": "τᵢ trimmed to its top-density |τ|; signs elected from Σᵢ λᵢ,ₖ·τᵢ; θ = θ₀ + Σ of agreeing λᵢ,ₖ·τᵢ",
-    "dare_ta": "τᵢ entries dropped with probability p and rescaled by 1/(1−p); θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ",
-    "dare_ties": "τᵢ entries dropped with probability p and rescaled by 1/(1−p), then TIES (trim, elect, merge)",
-}
-METHOD_NAMES = {"linear": "Linear", "task_arithmetic": "Task Arithmetic", "ties": "TIES",
-                "dare_ta": "DARE + Task Arithmetic", "dare_ties": "DARE + TIES"}
-_RELEVANT = {"linear": ("weights",), "task_arithmetic": ("alpha",),
-             "ties": ("alpha", "density", "trim_scope", "normalize"),
-             "dare_ta": ("alpha", "drop_rate", "seed"),
-             "dare_ties": ("alpha", "density", "drop_rate", "trim_scope", "normalize", "seed")}
+# Derived from the registry (acm.methods); kept as names for callers that read them.
+FORMULAS = {k: m.formula for k, m in SPECS.items()}
+METHOD_NAMES = {k: m.label for k, m in SPECS.items()}
+_RELEVANT = {k: m.options for k, m in SPECS.items()}
 
 
 def _is_local(spec: str) -> bool:
@@ -130,16 +122,16 @@ def reproduce_command(rec: dict, out: str | None = None, *, display: bool = Fals
     for m in rec.get("models", []):
         parts += ["--ft", name(m["model"])]
     parts += ["--method", method]
-    if method != "linear":
-        parts += ["--alpha", _fmt(o.get("alpha"))]
-    if method in ("ties", "dare_ties"):
-        parts += ["--density", _fmt(o.get("density")), "--trim-scope", o.get("trim_scope", "tensor")]
-        if o.get("normalize"):
-            parts.append("--normalize")
-    if method in ("dare_ta", "dare_ties"):
-        parts += ["--drop-rate", _fmt(o.get("drop_rate")), "--seed", str(o.get("seed", 0))]
-    if method == "linear" and o.get("weights"):
-        parts += ["--weights", *[_fmt(w) for w in o["weights"]]]
+    for key in _RELEVANT.get(method, ()):          # the options the method uses, from its registry spec
+        opt, value = OPTIONS[key], o.get(key, OPTIONS[key].default)
+        if opt.kind == "bool":
+            parts += [opt.flag] if value else []
+        elif opt.kind == "list":
+            parts += [opt.flag, *[_fmt(w) for w in value]] if value else []
+        elif opt.kind in ("int", "choice"):
+            parts += [opt.flag, str(value)]
+        else:
+            parts += [opt.flag, _fmt(value)]
     if rec.get("acm") and rec.get("acm_analysis"):
         parts += ["--acm", "analysis.json", "--t", _fmt(rec["acm_analysis"].get("t"))]
     rule = rec.get("rule") or {}

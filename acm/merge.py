@@ -1,4 +1,4 @@
-"""The streamed, sharded merge engine: linear, task arithmetic, TIES, DARE (+ their ACM variants).
+"""The streamed, sharded merge engine: every method of ``acm.methods`` (+ its ACM variant).
 
 Why streamed: a merge must work for models far larger than memory. Tensors are read one at a time
 from every model (``TensorReader``), merged in float32 on ``options.device`` (CUDA when available),
@@ -11,6 +11,12 @@ The per-tensor maths lives in ``acm.merge_methods``; the formulas (docs/design.m
 * ``task_arithmetic``: θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ,  τᵢ = θᵢ − θ₀
 * ``ties``:            trim τᵢ to its top ``density`` by |τ|, elect signs from Σ λτ, θ = θ₀ + Σ agreeing λτ
 * ``dare_ta`` / ``dare_ties``: drop entries of τᵢ with probability p, rescale by 1/(1−p), then TA / TIES
+* ``breadcrumbs`` / ``breadcrumbs_ties``: drop the top-``gamma`` |τ| (outliers) and the smallest, keep
+  ``density``, then TA / TIES election
+* ``della`` / ``della_linear``: per row, keep with probability density ± ε by |τ| rank, rescale by 1/p,
+  then TIES election / TA
+
+Which maths a method runs is read from its ``acm.methods.MethodSpec`` (drop, trim, consensus).
 
 λᵢ,ₖ is the coefficient of fine-tuned model i in layer group k. A plain merge uses λ = α for every
 group; an ACM merge passes ``lambdas`` (from ``acm.coefficients.lambdas_by_group``). Both go
@@ -37,6 +43,7 @@ from pathlib import Path
 import torch
 
 from acm import merge_methods as mm
+from acm import methods
 from acm.errors import InputError
 from acm.heads import HeadLayout
 from acm.models import (
@@ -61,10 +68,11 @@ from acm.tensors import StreamedTensor, Window
 
 log = logging.getLogger(__name__)
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ta", "dare_ties")
-TIES_METHODS = ("ties", "dare_ties")
-DARE_METHODS = ("dare_ta", "dare_ties")
-TRIM_SCOPES = ("tensor", "global")
+# The registry (acm.methods) is the one list of methods; these names stay importable for older callers.
+METHODS = methods.METHODS
+TIES_METHODS = tuple(k for k, s in methods.SPECS.items() if s.trim == "magnitude")   # density trim + scope
+DARE_METHODS = tuple(k for k, s in methods.SPECS.items() if s.drop == "dare")        # drop rate + seed
+TRIM_SCOPES = methods.TRIM_SCOPES
 
 # Files of the base folder that are not copied: weights, their indexes, and what we write ourselves.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot")
@@ -78,11 +86,13 @@ class MergeOptions:
 
     method: str = "task_arithmetic"
     alpha: float = 1.0                   # plain methods: λ = α for every group
-    density: float = 0.2                 # TIES: fraction of |τ| kept
-    drop_rate: float = 0.3               # DARE: probability of dropping an entry of τ
+    density: float = methods.OPTIONS["density"].default       # TIES/Breadcrumbs: share kept; DELLA: mean keep p
+    drop_rate: float = methods.OPTIONS["drop_rate"].default   # DARE: probability of dropping an entry of τ
     trim_scope: str = "tensor"           # TIES trim threshold per tensor or per model ("global")
-    normalize: bool = False              # TIES: divide by the sum of agreeing λ
-    seed: int = 0                        # DARE
+    normalize: bool = False              # sign-election methods: divide by the sum of agreeing λ
+    seed: int = 0                        # DARE / DELLA
+    gamma: float = methods.OPTIONS["gamma"].default           # Breadcrumbs: share of largest |τ| dropped
+    epsilon: float = methods.OPTIONS["epsilon"].default       # DELLA: keep probability density ± ε by rank
     dtype: str | None = None             # output dtype; None = the base's
     shard_size: int | str = "2GB"
     weights: list[float] | None = None   # linear only; normalised to sum 1
@@ -93,17 +103,11 @@ class MergeOptions:
     def validate(self, n_models: int | None = None) -> None:
         """Raise InputError (one line) for an out-of-range option."""
         if self.method not in METHODS:
-            raise InputError(f"unknown merge method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not _finite(self.alpha) or self.alpha < 0:
-            raise InputError(f"alpha must be a finite number >= 0, got {self.alpha}")
-        if not _finite(self.density) or not 0 < self.density <= 1:
-            raise InputError(f"density must be in (0, 1], got {self.density}")
-        if not _finite(self.drop_rate) or not 0 <= self.drop_rate < 1:
-            raise InputError(f"drop rate must be in [0, 1), got {self.drop_rate}")
-        if self.trim_scope not in TRIM_SCOPES:
-            raise InputError(f"trim scope must be 'tensor' or 'global', got {self.trim_scope!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise InputError(f"seed must be an integer, got {self.seed!r}")
+            methods.check_method(self.method)          # (raises: the one message for an unknown method)
+        methods.validate_options(self.method, alpha=self.alpha, density=self.density, drop_rate=self.drop_rate,
+                                 gamma=self.gamma, epsilon=self.epsilon, trim_scope=self.trim_scope, seed=self.seed)
+        if n_models is not None:
+            methods.check_num_fine_tuned(n_models)
         parse_dtype(self.dtype)
         parse_size(self.shard_size)
         if n_models is not None:
@@ -244,7 +248,8 @@ class _Plan:
         self.sources = [base, *fts]
         self.group_of, self.lams = group_of, lams
         self.method = options.method
-        self.global_trim = (self.method in TIES_METHODS and options.trim_scope == "global"
+        self.spec = methods.SPECS[options.method]
+        self.global_trim = (self.spec.uses("trim_scope") and options.trim_scope == "global"
                             and options.density < 1.0)
         self.thresholds: list[float] | None = None
         self._global_ties: dict[str, list[int | None]] = {}
@@ -356,10 +361,16 @@ class _Plan:
             flats.append(f)
             extras.append(extra)
         drops = None
-        if self.method in DARE_METHODS and self.o.drop_rate > 0:
+        chunk = self.chunk
+        if self.spec.drop == "dare" and self.o.drop_rate > 0:
             p, seed, device, n = self.o.drop_rate, self.o.seed, self.device, len(self.fts)
             drops = lambda: [mm.DropStream(p, seed, i, name, device) for i in range(n)]  # noqa: E731
-        return mm.TensorJob(base_flat, flats, self.ws, chunk=self.chunk, drops=drops), extras
+        elif self.spec.drop == "della":
+            row = mm.della_rows(shape)
+            chunk = max(1, chunk // row) * row          # whole rows per chunk: the masks ignore chunking
+            d, eps, seed, n = self.o.density, self.o.epsilon, self.o.seed, len(self.fts)
+            drops = lambda: [mm.DellaStream(d, eps, seed, i, name, row) for i in range(n)]  # noqa: E731
+        return mm.TensorJob(base_flat, flats, self.ws, chunk=chunk, drops=drops), extras
 
     # -- maths ---------------------------------------------------------------------------------
     def merge_tensor(self, name: str, out_dtype: torch.dtype | None) -> torch.Tensor:
@@ -374,10 +385,17 @@ class _Plan:
         out = self._out_buffer(name, dtype)
         flat = (out[:rows] if grown else out).reshape(-1)
         lams = [lam[self.group_of[name]] for lam in self.lams]
-        if self.method == "linear":
+        spec = self.spec                                   # which maths: acm.methods.MethodSpec
+        if spec.key == "linear":
             job.linear(lams, flat)
-        elif self.method in TIES_METHODS:
-            job.ties(lams, flat, density=self.o.density, thresholds=self.trim_specs(name), normalize=self.o.normalize)
+        elif spec.trim == "magnitude":
+            job.ties(lams, flat, density=self.o.density, thresholds=self.trim_specs(name), normalize=self.o.normalize,
+                     consensus=spec.consensus)
+        elif spec.trim == "outliers":
+            job.ties(lams, flat, density=self.o.density, gamma=self.o.gamma, consensus=spec.consensus,
+                     normalize=spec.uses("normalize") and self.o.normalize)
+        elif spec.consensus:                               # election without a magnitude trim (DELLA)
+            job.ties(lams, flat, normalize=self.o.normalize)
         else:
             job.task_arithmetic(lams, flat)
         if grown:
@@ -525,7 +543,7 @@ def _resolve_lambdas(lambdas: list[dict[str, float]] | None, groups: list[str], 
     if options.method == "linear":
         if lambdas is not None:
             raise InputError("ACM coefficients scale task vectors and linear averaging has none; use "
-                             "task_arithmetic / ties / dare_ta / dare_ties for ACM, or merge linear without λ")
+                             f"{' / '.join(methods.ACM_METHODS)} for ACM, or merge linear without λ")
         weights = options.weights or [1.0] * n
         total = float(sum(weights))
         return [{g: float(w) / total for g in groups} for w in weights]

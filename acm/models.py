@@ -286,11 +286,10 @@ def _vocab_dim_keys(src: ModelSource) -> set[str]:
 
 def check_compatibility(base: ModelSource, fts: list[ModelSource]) -> CompatibilityReport:
     """Fail with one line naming the first mismatch; vocab size may differ (reported)."""
-    if not fts:
-        raise InputError("give at least one fine-tuned model")
-    if len(fts) > 3:
-        raise InputError(f"at most 3 fine-tuned models are supported, got {len(fts)}")
     from acm.heads import head_layout
+    from acm.methods import check_num_fine_tuned
+
+    check_num_fine_tuned(len(fts))
 
     notes: list[str] = []
     base_vocab_keys = _vocab_dim_keys(base)

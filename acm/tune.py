@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from acm import methods as registry
 from acm.errors import InputError
 
 Progress = Callable[[float, str], None]
@@ -35,15 +36,14 @@ Progress = Callable[[float, str], None]
 MAX_SETTINGS = 200                  # a grid larger than this is refused (one line): it would run for hours
 T_RANGE = (0.0, 100.0)
 ALPHA_RANGE = (0.0, 4.0)            # α in (0, 4]
-TUNABLE_METHODS = ("task_arithmetic", "ties", "dare_ta", "dare_ties")
+TUNABLE_METHODS = registry.ACM_METHODS      # every method ACM's λ applies to (acm.methods)
 OBJECTIVES = ("shortest", "acc-per-1k", "max-accuracy")
 DEFAULT_TOLERANCE = 0.05            # accuracy (fraction) the recommendation may lose vs the fine-tuned model
 DEFAULT_HOLDOUT = 0.5
 RESULTS_FILE, FRONTIER_JSON, FRONTIER_MD = "tune.jsonl", "frontier.json", "frontier.md"
 ROOT = Path(__file__).resolve().parent.parent
-SHORT = {"task_arithmetic": "TA", "ties": "TIES", "dare_ta": "DARE-TA", "dare_ties": "DARE-TIES"}
-METHOD_ALIASES = {"ta": "task_arithmetic", "task-arithmetic": "task_arithmetic", "dare-ta": "dare_ta",
-                  "dare-ties": "dare_ties"}
+SHORT = {k: s.short for k, s in registry.SPECS.items()}
+METHOD_ALIASES = registry.ALIASES
 
 
 # ----------------------------------------------------------------------------- grid
@@ -193,18 +193,22 @@ def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence = (), den
         raise InputError("empty grid: give at least one t, or include the plain method")
     dens = _values("density", densities, 0.0, 1.0, lo_open=True)
     drops = _values("drop rate", drop_rates, 0.0, 1.0, hi_open=True)
-    if any(m in ("ties", "dare_ties") for m in ms) and not dens:
-        raise InputError("empty grid: TIES / DARE-TIES need at least one density")
-    if any(m.startswith("dare") for m in ms) and not drops:
+    if any(registry.SPECS[m].uses("density") for m in ms) and not dens:
+        raise InputError(f"empty grid: {' / '.join(SHORT[m] for m in ms if registry.SPECS[m].uses('density'))} "
+                         "need at least one density")
+    if any(registry.SPECS[m].uses("drop_rate") for m in ms) and not drops:
         raise InputError("empty grid: DARE needs at least one drop rate")
+    for m in ms:               # e.g. DELLA: every density ± the default ε must be a probability
+        for d in dens if registry.SPECS[m].uses("density") else []:
+            registry.validate_options(m, density=d)
     from acm.similarity import parse_metrics
 
     metric_keys = parse_metrics(metrics)
     t_points: list[float | None] = ([None] if plain else []) + [t for t in ts_ if not (plain and t == 0)]
     out: list[Setting] = []
     for m in ms:
-        d_opts = dens if m in ("ties", "dare_ties") else [None]
-        p_opts = drops if m.startswith("dare") else [None]
+        d_opts = dens if registry.SPECS[m].uses("density") else [None]
+        p_opts = drops if registry.SPECS[m].uses("drop_rate") else [None]
         for a in alphas_:
             for d in d_opts:
                 for p in p_opts:

@@ -55,6 +55,8 @@ METHODS = {  # benchmark name -> (engine method, uses ACM λ table)
     "dare_ties": ("dare_ties", False),
     "acm_ties": ("ties", True),
 }
+# Opt-in (--methods): the methods added through the registry (acm/methods.py), not in the default run.
+EXTRA_METHODS = {m: (m, False) for m in ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear")}
 DEFAULT_SIZES = ["10m", "50m", "200m", "800m"]
 DEFAULT_SHARD = "200MB"
 REPEATS = {"10m": 3, "50m": 3, "200m": 2, "800m": 1}
@@ -293,7 +295,7 @@ def bench_size(size: str, *, methods: list[str], repeats: int, n_ft: int, shard:
         for m in methods:
             if not ok:
                 continue
-            method, use_acm = METHODS[m]
+            method, use_acm = {**METHODS, **EXTRA_METHODS}[m]
             args = dict(common, method=method, options={"seed": rep}, lambdas=lam if use_acm else None)
             runs[m].append(_run("merge", args, out_root, f"{size}-{m}", threads))
         log(f"[merge] {size} repeat {rep + 1}/{repeats}: floor {runs['floor'][-1]['seconds']:.2f}s"
@@ -352,7 +354,8 @@ def scaling(rows: list[dict], sizes: list[dict]) -> list[dict]:
     out = []
     by_size = {s["size"]: s for s in sizes}
     methods = sorted({r["method"] for r in rows if r.get("status") == "ok"}, key=lambda m: list(
-        ["floor", *METHODS, "naive"]).index(m) if m in ["floor", *METHODS, "naive"] else 99)
+        ["floor", *METHODS, *EXTRA_METHODS, "naive"]).index(m) if m in ["floor", *METHODS, *EXTRA_METHODS, "naive"]
+        else 99)
     for m in methods:
         pts = [r for r in rows if r["method"] == m and r.get("status") == "ok"]
         if len(pts) < 2:
@@ -423,7 +426,7 @@ def report(data: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="merge engine vs I/O floor vs naive reference")
     ap.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *EXTRA_METHODS])
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--n-ft", type=int, default=1)
     ap.add_argument("--shard", default=DEFAULT_SHARD, help="input and output shard limit")

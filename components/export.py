@@ -8,10 +8,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from acm.errors import first_line, redact
+from acm.methods import OPTIONS, SPECS
 from components import help as texts
 from components import steps as plan
 from components.common import safe_filename, ui_errors
-from components.merge import TIES_METHODS
 from components.state import SessionState
 
 
@@ -69,11 +69,14 @@ def mergekit_yaml(state: SessionState) -> str | None:
     t = s["t"] if s.get("acm") else 0.0
     tok = s.get("tokenizer_from") or "base"
     tok_source = None if tok == "base" else s["fts"][int(tok.split(":")[1]) - 1 if ":" in tok else 0]
-    dare = s["method"] in ("dare_ta", "dare_ties")
+    spec = SPECS[s["method"]]          # which of the merge's settings the method uses (acm.methods)
+
+    def used(key):
+        return s.get(key, OPTIONS[key].default) if spec.uses(key) else None
+
     return to_mergekit_yaml(state.analysis, t, s["alpha"], method=s["method"], base_model=s["base"],
-                            density=s["density"] if s["method"] in TIES_METHODS else None,
-                            drop_rate=s.get("drop_rate", 0.3) if dare else None,
-                            clip=s.get("clip"), tokenizer_source=tok_source)
+                            density=used("density"), drop_rate=used("drop_rate"), gamma=used("gamma"),
+                            normalize=bool(used("normalize")), clip=s.get("clip"), tokenizer_source=tok_source)
 
 
 def export_recipe(state: SessionState) -> list[str]:

@@ -1,4 +1,8 @@
-"""Step 4 — Merge: plain or ACM-weighted TA / TIES / DARE / linear, streamed into the session workspace."""
+"""Step 4 — Merge: plain or ACM-weighted, any method of the registry (acm.methods), streamed into the workspace.
+
+The dropdown, which parameter controls are visible and their help come from ``acm.methods`` (torch-free,
+so building the UI does not import torch).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+from acm import methods as registry
 from acm.sizes import format_bytes
 from components import help as texts
 from components import steps as plan
@@ -16,24 +21,21 @@ from components.common import gpu, none_if_auto, optional_float, progress_callba
 from components.models import validate_selection
 from components.state import MergedModel, SessionState, admit, load_merged, reused_line, shared_merge
 
-METHOD_CHOICES = [("Task Arithmetic (TA)", "task_arithmetic"), ("TIES", "ties"), ("DARE-TA", "dare_ta"),
-                  ("DARE-TIES", "dare_ties"), ("Linear (weight average)", "linear")]
-METHOD_SHORT = {"task_arithmetic": "TA", "ties": "TIES", "dare_ta": "DARE-TA", "dare_ties": "DARE-TIES",
-                "linear": "Linear"}
+METHOD_CHOICES = registry.ui_choices()
+METHOD_SHORT = {k: s.short for k, s in registry.SPECS.items()}
 ACM, PLAIN = "ACM (per-layer λ)", "plain (α everywhere)"
 # Defaults from the demo sweep (README "Demo results"): ACM-TIES α=0.7, density 0.7, t=1 keeps the
 # base model's accuracy on the bundled problems with answers about half as long as the long model's.
 DEFAULT_METHOD = "ties"
 DEFAULT_DENSITY = 0.7
-# acm.merge.TIES_METHODS / DARE_METHODS, repeated so that building the UI does not import torch.
-TIES_METHODS = ("ties", "dare_ties")       # methods with a density / trim scope
-DARE_METHODS = ("dare_ta", "dare_ties")    # methods with a drop rate / seed
+OPT = registry.OPTIONS
+# The parameter controls below the method; each is visible only for the methods whose spec uses it.
+PARAM_CONTROLS = ("density", "trim_scope", "drop_rate", "seed", "gamma", "epsilon")
 # Whose tokenizer / chat template / generation defaults the merged model carries (acm.templates).
-TOKENIZER_CHOICES = [("base model", "base"), ("fine-tuned 1", "ft:1"), ("fine-tuned 2", "ft:2"),
-                     ("fine-tuned 3", "ft:3")]
+TOKENIZER_CHOICES = [("base model", "base")] + [(f"fine-tuned {i}", f"ft:{i}")
+                                                 for i in range(1, registry.MAX_FINE_TUNED + 1)]
 # Short names accepted from API callers (gradio_client) besides the dropdown values.
-METHOD_ALIASES = {"ta": "task_arithmetic", "task-arithmetic": "task_arithmetic", "dare-ta": "dare_ta",
-                  "dare-ties": "dare_ties", **{label.lower(): value for label, value in METHOD_CHOICES}}
+METHOD_ALIASES = registry.ALIASES
 
 
 def normalize_mode(mode: str | None) -> str:
@@ -56,9 +58,11 @@ def merge_label(method: str, use_acm: bool, t: float, alpha: float, merge_id: in
 
 
 def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAULT_METHOD, mode: str = ACM,
-              t: float = DEFAULT_T, alpha: float = DEFAULT_ALPHA, density: float = DEFAULT_DENSITY, drop_rate: float = 0.3,
-              trim_scope: str = "tensor", seed: int = 0, clip_min=None, clip_max=None, device: str | None = "auto",
-              dtype: str | None = "auto", trust_remote_code: bool = False, tokenizer_from: str = "base",
+              t: float = DEFAULT_T, alpha: float = DEFAULT_ALPHA, density: float = DEFAULT_DENSITY,
+              drop_rate: float = OPT["drop_rate"].default, trim_scope: str = "tensor", seed: int = 0, clip_min=None,
+              clip_max=None, device: str | None = "auto", dtype: str | None = "auto", trust_remote_code: bool = False,
+              tokenizer_from: str = "base", gamma: float = OPT["gamma"].default,
+              epsilon: float = OPT["epsilon"].default,
               progress: Callable[[float, str], None] | None = None, metric: str | None = None) -> MergedModel:
     """Merge into a fresh folder of the session workspace and load the result for chat/eval.
 
@@ -66,17 +70,21 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
     merge leaves the previous one usable.
     """
     from acm.errors import InputError
-    from acm.merge import METHODS, MergeOptions, merge_models
+    from acm.merge import MergeOptions, merge_models
 
     base, fts = validate_selection(base, fts)
     mode = normalize_mode(mode)
-    method = METHOD_ALIASES.get(str(method).strip().lower(), method)
-    if method not in METHODS:
-        raise InputError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
-    use_acm = mode == ACM and method != "linear"
-    if mode == ACM and method == "linear":
-        raise InputError("ACM coefficients scale task vectors; linear averaging has none. "
-                         "Choose TA / TIES / DARE, or the plain mode")
+    method = registry.check_method(method)
+    spec = registry.SPECS[method]
+    if not spec.uses("trim_scope"):
+        trim_scope = "tensor"                 # a hidden control's leftover value does not apply
+    seed = int(seed) if isinstance(seed, float) and seed.is_integer() else seed
+    registry.validate_options(method, alpha=alpha, density=density, drop_rate=drop_rate, gamma=gamma,
+                              epsilon=epsilon, trim_scope=trim_scope, seed=seed)
+    use_acm = mode == ACM and spec.acm
+    if mode == ACM and not spec.acm:
+        raise InputError(f"ACM coefficients scale task vectors; {spec.label.lower()} averaging has none. "
+                         "Choose a task-vector method (TA, TIES, DARE, Breadcrumbs, DELLA), or the plain mode")
     t, alpha = float(t), float(alpha)
     lambdas, acm_info = None, None
     if use_acm:
@@ -105,7 +113,8 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
     merge_id = state.merge_count
     out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{method}{'-acm' if use_acm else ''}"
     options = MergeOptions(method=method, alpha=alpha, density=float(density), drop_rate=float(drop_rate),
-                           trim_scope=trim_scope, seed=int(seed), dtype=none_if_auto(dtype),
+                           trim_scope=trim_scope, seed=int(seed), gamma=float(gamma), epsilon=float(epsilon),
+                           dtype=none_if_auto(dtype),
                            device=none_if_auto(device), tokenizer_from=(tokenizer_from or "base"))
     t0 = time.perf_counter()
     shared = shared_merge(base, fts, f"{method}{'-acm' if use_acm else ''}", options, lambdas, acm_info, progress)
@@ -133,6 +142,7 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
         release=shared and shared["release"],
         settings=dict(base=base, fts=fts, method=method, acm=use_acm, t=t if use_acm else None, alpha=alpha,
                       density=float(density), drop_rate=float(drop_rate), trim_scope=trim_scope, seed=int(seed),
+                      gamma=float(gamma), epsilon=float(epsilon),
                       clip=acm_info["clip"] if acm_info else None, dtype=none_if_auto(dtype),
                       tokenizer_from=options.tokenizer_from),
         seconds=seconds, model=model, tokenizer=tokenizer)
@@ -167,10 +177,11 @@ def summary_markdown(merged: MergedModel) -> str:
     bits = [f"✓ **{merged.label}** {done}",
             f"{format_bytes(r.get('bytes_written', 0))} in {r.get('num_tensors', '?')} tensors, "
             f"{r.get('num_shards', '?')} shard(s)"]
-    if s["method"] in TIES_METHODS:
-        bits.append(f"density {s['density']:g}, trim scope {s['trim_scope']}")
-    if s["method"] in DARE_METHODS:
-        bits.append(f"drop rate {s['drop_rate']:g}, seed {s['seed']}")
+    spec = registry.SPECS.get(s["method"])
+    used = [k for k in PARAM_CONTROLS if spec is not None and spec.uses(k) and k in s]
+    if used:
+        bits.append(", ".join(f"{OPT[k].label.split(' (')[0].lower()} {s[k]:g}" if isinstance(s[k], float)
+                              else f"{OPT[k].label.split(' (')[0].lower()} {s[k]}" for k in used))
     out = (r.get("recipe") or {}).get("output") or {}
     heads, tok = out.get("heads") or {}, out.get("tokenizer") or {}
     if heads.get("merged") == "untied" and "tied" in [heads.get("base"), *(heads.get("fine_tuned") or [])]:
@@ -191,16 +202,27 @@ def acm_status_line(state: SessionState | None) -> str:
     return f"ACM will use the analysis of {labels} ({len(analysis.groups)} layer groups)."
 
 
+def control_visibility(method: str) -> dict[str, bool]:
+    """Which parameter controls the method uses (its ``acm.methods`` spec)."""
+    spec = registry.SPECS.get(method)
+    return {k: spec is not None and spec.uses(k) for k in PARAM_CONTROLS}
+
+
+def method_info(method: str) -> str:
+    """One line under the dropdown: the method's formula (from the registry)."""
+    spec = registry.SPECS.get(method)
+    return f"**{spec.label}**: {spec.formula}" if spec else ""
+
+
 def method_changed(method: str, mode: str):
-    """Show only the knobs the method uses."""
+    """Show only the knobs the method uses; ACM only where it applies."""
     import gradio as gr
 
-    ties = method in TIES_METHODS
-    dare = method in DARE_METHODS
-    linear = method == "linear"
-    return (gr.update(visible=ties), gr.update(visible=ties), gr.update(visible=dare), gr.update(visible=dare),
-            gr.update(interactive=not linear, value=PLAIN if linear else mode),
-            gr.update(visible=not linear and mode == ACM))
+    visible = control_visibility(method)
+    acm = method in registry.ACM_METHODS
+    return (*(gr.update(visible=visible[k]) for k in PARAM_CONTROLS),
+            gr.update(interactive=acm, value=mode if acm else PLAIN),
+            gr.update(visible=acm and mode == ACM), gr.update(value=method_info(method)))
 
 
 def build() -> SimpleNamespace:
@@ -215,13 +237,23 @@ def build() -> SimpleNamespace:
                       info="follows the Analyse tab; t = 0 equals plain", scale=2)
         alpha = gr.Slider(0.0, 2.0, value=DEFAULT_ALPHA, step=0.05, label="α", scale=2,
                           info="plain: the coefficient; ACM: the mean λ")
+    info = gr.Markdown(method_info(DEFAULT_METHOD), elem_classes=["muted"])
     with gr.Row():
-        ties = DEFAULT_METHOD in TIES_METHODS
-        density = gr.Slider(0.01, 1.0, value=DEFAULT_DENSITY, step=0.01, label="Density (TIES)", visible=ties,
-                            info="share of each task vector kept")
-        trim_scope = gr.Radio(["tensor", "global"], value="tensor", label="Trim scope (TIES)", visible=ties)
-        drop_rate = gr.Slider(0.0, 0.99, value=0.3, step=0.01, label="Drop rate (DARE)", visible=False)
-        seed = gr.Number(value=0, precision=0, label="Seed (DARE)", visible=False)
+        vis = control_visibility(DEFAULT_METHOD)
+
+        def slider(key, value=None):
+            o = OPT[key]
+            return gr.Slider(o.lo, o.hi, value=o.default if value is None else value, step=o.step, label=o.label,
+                             info=o.help, visible=vis[key])
+
+        density = slider("density", DEFAULT_DENSITY)
+        trim_scope = gr.Radio(list(OPT["trim_scope"].choices), value="tensor", label=OPT["trim_scope"].label,
+                              info=OPT["trim_scope"].help, visible=vis["trim_scope"])
+        drop_rate = slider("drop_rate")
+        gamma = slider("gamma")
+        epsilon = slider("epsilon")
+        seed = gr.Number(value=OPT["seed"].default, precision=0, label=OPT["seed"].label, info=OPT["seed"].help,
+                         visible=vis["seed"])
     with gr.Row():
         tokenizer_from = gr.Dropdown(TOKENIZER_CHOICES, value="base", label="Tokenizer & chat template from",
                                      info="R1-distilled models ship their own template and special tokens",
@@ -236,8 +268,8 @@ def build() -> SimpleNamespace:
         report = gr.JSON()
     from components import rules
     rule = rules.build()   # the sigmoid coefficient rule's panel and button (components/rules.py)
-    return SimpleNamespace(rule=rule, acm_status=acm_status, method=method, mode=mode, t=t, alpha=alpha, density=density,
-                           trim_scope=trim_scope,
+    return SimpleNamespace(rule=rule, acm_status=acm_status, method=method, mode=mode, t=t, alpha=alpha,
+                           density=density, trim_scope=trim_scope, gamma=gamma, epsilon=epsilon, info=info,
                            drop_rate=drop_rate, seed=seed, tokenizer_from=tokenizer_from, merge_btn=merge_btn,
                            summary=summary, table=table,
                            report=report)
@@ -247,9 +279,10 @@ def wire(ui) -> None:
     import gradio as gr
 
     g, m, a = ui.merge, ui.models, ui.analysis
-    g.method.change(method_changed, [g.method, g.mode], [g.density, g.trim_scope, g.drop_rate, g.seed, g.mode, g.t],
+    g.method.change(method_changed, [g.method, g.mode], [*(getattr(g, k) for k in PARAM_CONTROLS), g.mode, g.t, g.info],
                     api_visibility="private", queue=False)
-    g.mode.change(lambda mode, method: gr.update(visible=mode == ACM and method != "linear"), [g.mode, g.method], g.t,
+    g.mode.change(lambda mode, method: gr.update(visible=mode == ACM and method in registry.ACM_METHODS),
+                  [g.mode, g.method], g.t,
                   api_visibility="private", queue=False)
     # t and α explored in the Analyse tab carry over to the merge (client-side, no round trip).
     a.t.change(None, a.t, g.t, js="(v) => v", api_visibility="private", queue=False)
@@ -257,14 +290,16 @@ def wire(ui) -> None:
 
     @gpu(duration=600)
     def merge(state, base=None, fts=None, method=DEFAULT_METHOD, mode=ACM, t=DEFAULT_T, alpha=DEFAULT_ALPHA,
-              density=DEFAULT_DENSITY, drop_rate=0.3, trim_scope="tensor", seed=0, clip_min=None, clip_max=None, device="auto",
-              dtype="auto", trust=False, tokenizer_from="base", progress=gr.Progress()):
+              density=DEFAULT_DENSITY, drop_rate=OPT["drop_rate"].default, trim_scope="tensor", seed=0, clip_min=None,
+              clip_max=None, device="auto", dtype="auto", trust=False, tokenizer_from="base",
+              gamma=OPT["gamma"].default, epsilon=OPT["epsilon"].default, progress=gr.Progress()):
         """Merge base + fine-tuned models (plain or ACM) and load the result for chat and evaluation."""
         progress(0.0, desc="starting the merge")
         merged = run_merge(state, base, fts, method=method, mode=mode, t=t, alpha=alpha, density=density,
                            drop_rate=drop_rate, trim_scope=trim_scope, seed=seed, clip_min=clip_min,
                            clip_max=clip_max, device=device, dtype=dtype, trust_remote_code=trust,
-                           tokenizer_from=tokenizer_from, progress=progress_callback(progress))
+                           tokenizer_from=tokenizer_from, gamma=gamma, epsilon=epsilon,
+                           progress=progress_callback(progress))
         groups = list(state.analysis.groups) if state.analysis is not None else None
         headers, rows = lambda_rows(merged, groups)
         report = {**merged.report, "label": merged.label, "settings": merged.settings, "cache": merged.cache}
@@ -282,7 +317,7 @@ def wire(ui) -> None:
         admit_merge, None, None, queue=False, api_visibility="private", show_progress="hidden").success(
         ui_errors(merge),
         [ui.state, m.base, m.fts, g.method, g.mode, g.t, g.alpha, g.density, g.drop_rate, g.trim_scope, g.seed,
-         a.clip_min, a.clip_max, m.device, m.dtype, m.trust, g.tokenizer_from],
+         a.clip_min, a.clip_max, m.device, m.dtype, m.trust, g.tokenizer_from, g.gamma, g.epsilon],
         [g.summary, g.table, g.report], api_name="merge", concurrency_id="heavy", concurrency_limit=1,
         show_progress_on=[g.summary])
     from components import rules

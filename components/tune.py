@@ -13,6 +13,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
+from acm import methods as registry
 from components import plots
 from components import steps as plan
 from components.common import (
@@ -26,7 +27,7 @@ from components.common import (
 from components.models import validate_selection
 from components.state import SessionState
 
-METHOD_CHOICES = [("TA", "task_arithmetic"), ("TIES", "ties"), ("DARE-TA", "dare_ta"), ("DARE-TIES", "dare_ties")]
+METHOD_CHOICES = [(s.short, k) for k, s in registry.SPECS.items() if s.acm]      # acm.methods
 DEFAULT_METHODS = ["ties"]
 DEFAULT_TS = "0, 0.5, 1, 2, 4"
 DEFAULT_LIMIT = 40

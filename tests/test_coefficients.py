@@ -128,7 +128,10 @@ def test_mergekit_yaml_reproduces_every_group(method, mk):
     assert text.startswith("# ACM")
     cfg = yaml.safe_load(text)
     assert cfg["merge_method"] == mk and cfg["base_model"] == "org/base"
-    assert cfg["parameters"] == {"normalize": False}
+    if method.startswith("dare"):     # 1/(1 − p) as lambda; mergekit's own rescale would match the L1 norm instead
+        assert cfg["parameters"] == {"normalize": False, "rescale": False, "lambda": 2.5}
+    else:
+        assert cfg["parameters"] == {"normalize": False}
     expected = lambdas_by_group(analysis, 2.0, 1.0)
     for entry, lam in zip(cfg["models"], expected):
         weight = entry["parameters"]["weight"]

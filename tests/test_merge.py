@@ -73,8 +73,41 @@ def dare_reference(tau: torch.Tensor, p: float, seed: int, i: int, name: str) ->
     return tau * (torch.from_numpy(keep).view(tau.shape).float() * (1.0 / (1.0 - p)))
 
 
+def breadcrumbs_mask(a: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: ranks t … t+k−1 of |a| (descending, ties: lowest flat index first), k = round(density·n)
+    (at least 1), t = min(round(gamma·n), n − k) outliers; by a stable sort."""
+    flat = a.abs().reshape(-1)
+    n = flat.numel()
+    k = max(1, min(n, int(round(density * n))))
+    t = max(0, min(int(round(gamma * n)), n - k))
+    order = torch.sort(flat, descending=True, stable=True).indices[t:t + k]
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order] = True
+    return (keep & (flat > 0)).view(a.shape)
+
+
+def della_reference(tau: torch.Tensor, density: float, epsilon: float, seed: int, i: int, name: str) -> torch.Tensor:
+    """DELLA as documented in ``acm.merge_methods`` (module docstring): per row, keep probability
+    p = density − ε + 2ε·rank/(m−1) by ascending |τ| rank (ties: lower index first), float32 uniforms
+    u from PCG64(stable_seed(seed, i, name + "/della")) in flat order, kept iff u < p, rescaled by 1/p."""
+    t = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
+    a = t.abs().numpy()
+    m = a.shape[1]
+    ranks = np.empty(a.shape, dtype=np.int64)
+    order = np.argsort(a, axis=1, kind="stable")
+    np.put_along_axis(ranks, order, np.arange(m)[None, :].repeat(a.shape[0], 0), axis=1)
+    if m > 1:
+        p = ranks.astype(np.float32) * np.float32(2 * epsilon / (m - 1)) + np.float32(density - epsilon)
+    else:
+        p = np.full(a.shape, density, dtype=np.float32)
+    u = np.random.Generator(np.random.PCG64(stable_seed(seed, i, name + "/della"))).random(
+        t.numel(), dtype=np.float32).reshape(a.shape)
+    scale = np.where(u < p, np.float32(1) / p, np.float32(0)).astype(np.float32)
+    return (t * torch.from_numpy(scale)).view(tau.shape)
+
+
 def reference(method: str, base: dict, fts: list[dict], lams: list[dict], *, density=0.2, drop=0.3, seed=0,
-              normalize=False, weights=None, global_trim=False) -> dict[str, torch.Tensor]:
+              normalize=False, weights=None, global_trim=False, gamma=0.01, epsilon=0.15) -> dict[str, torch.Tensor]:
     """θ from the docs/design.md formulas, in float32, on whole state dicts."""
     out = {}
     taus_all = {}
@@ -89,6 +122,10 @@ def reference(method: str, base: dict, fts: list[dict], lams: list[dict], *, den
         taus = [f - b for f in fs]
         if method in ("dare_ta", "dare_ties"):
             taus = [dare_reference(t, drop, seed, i, name) for i, t in enumerate(taus)]
+        if method in ("della", "della_linear"):
+            taus = [della_reference(t, density, epsilon, seed, i, name) for i, t in enumerate(taus)]
+        if method in ("breadcrumbs", "breadcrumbs_ties"):
+            taus = [torch.where(breadcrumbs_mask(t, density, gamma), t, torch.zeros_like(t)) for t in taus]
         taus_all[name] = taus
     if method == "linear":
         return out
@@ -105,9 +142,12 @@ def reference(method: str, base: dict, fts: list[dict], lams: list[dict], *, den
     for name, taus in taus_all.items():
         b = base[name].float()
         lam = [lam_of[group_of(name)] for lam_of in lams]
-        if method in ("ties", "dare_ties"):
+        if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
             trimmed = []
             for i, t in enumerate(taus):
+                if method in ("breadcrumbs_ties", "della"):       # sparsified above; no magnitude trim
+                    trimmed.append(t)
+                    continue
                 keep = global_masks[name][i] if global_trim else top_k_mask(t, density)
                 trimmed.append(torch.where(keep, t, torch.zeros_like(t)))
             contrib = [w * t for w, t in zip(lam, trimmed)]
@@ -198,10 +238,11 @@ def test_small_chunks_and_sampled_thresholds_match_reference(method, llama, stat
     monkeypatch.setattr(mm, "_SAMPLE", 512)
     base_sd, ft_sds = states["llama"]
     lams = None if method == "linear" else acm_lambdas(2, seed=11)
+    norm = method in ("dare_ties", "della")
     report = _merge(llama, 2, tmp_path / "out", method=method, lambdas=lams, density=0.15, drop_rate=0.4,
-                    normalize=method == "dare_ties")
+                    normalize=norm, gamma=0.03, epsilon=0.1)
     want = reference(method, base_sd, ft_sds, lams or [{g: 0.5 for g in groups()}] * 2, density=0.15, drop=0.4,
-                     normalize=method == "dare_ties")
+                     normalize=norm, gamma=0.03, epsilon=0.1)
     assert_states_close(load_state(report.out_dir), want)
 
 
@@ -260,7 +301,7 @@ def test_sampled_band_miss_falls_back_to_exact_threshold(method, miss, llama, st
     assert_states_close(load_state(report.out_dir), want)
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
 def test_ties_normalize_matches_reference(method, llama, states, tmp_path):
     base_sd, ft_sds = states["llama"]
     lams = acm_lambdas(2, seed=5)

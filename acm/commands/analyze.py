@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from acm.errors import InputError
+from acm.methods import MAX_FINE_TUNED, check_num_fine_tuned
 from acm.sizes import format_bytes
 
 PAIR_BUDGET = 1 << 22   # = acm.analysis.DEFAULT_PAIR_BUDGET (not imported: keeps `acm --help` free of torch)
@@ -26,7 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "other similarities, several at once in the same passes).")
     p.add_argument("--base", required=True, metavar="MODEL", help="base model: local folder or Hub id")
     p.add_argument("--ft", action="append", required=True, metavar="MODEL",
-                   help="fine-tuned model (folder or Hub id); repeat for several (at most 3)")
+                   help=f"fine-tuned model (folder or Hub id); repeat for several (at most {MAX_FINE_TUNED})")
     p.add_argument("--calibration", required=True, metavar="SRC",
                    help="calibration text: .jsonl/.json/.csv/.txt file, Hub dataset id, or 'bundled'")
     p.add_argument("--field", default=None, help="text field (default: text, question, prompt, instruction, input)")
@@ -84,8 +85,7 @@ def validate(args: argparse.Namespace) -> None:
     from acm.similarity import parse_metrics
 
     args.metric = parse_metrics(args.metric)
-    if len(args.ft) > 3:
-        raise InputError(f"at most 3 fine-tuned models are supported, got {len(args.ft)}")
+    check_num_fine_tuned(len(args.ft))
     out = Path(args.out)
     if out.is_dir():
         raise InputError(f"--out {args.out} is a folder; give a file name such as analysis.json")

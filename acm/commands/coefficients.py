@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 
+from acm import methods as registry
 from acm.errors import InputError
 
 
@@ -25,8 +26,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"which similarity of the analysis drives lambda: {keys_help()}")
     p.add_argument("--format", choices=("json", "yaml"), default="json", help="json table or mergekit YAML")
     p.add_argument("--method", default="task_arithmetic",
-                   help="YAML only: task_arithmetic, ties, dare_ta or dare_ties (default: task_arithmetic)")
-    p.add_argument("--density", type=float, default=None, help="YAML only: kept fraction for ties / dare")
+                   help=f"YAML only: {', '.join(k for k in registry.ACM_METHODS)} (default: task_arithmetic); "
+                        "a comment-only file says so when mergekit cannot reproduce the method")
+    p.add_argument("--density", type=float, default=None,
+                   help="YAML only: kept fraction for ties / breadcrumbs (dare: mergekit's keep fraction)")
+    p.add_argument("--drop-rate", type=float, default=None, help="YAML only: the merge's DARE drop rate p")
+    p.add_argument("--gamma", type=float, default=None, help="YAML only: Breadcrumbs outlier share")
+    p.add_argument("--normalize", action="store_true", help="YAML only: the merge's --normalize (sign election)")
     p.add_argument("--base-model", default=None, help="YAML only: base model reference (default: from the analysis)")
     p.set_defaults(func=run)
     return p
@@ -59,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     analysis = AnalysisResult.load(args.analysis)
     if args.format == "yaml":
         print(to_mergekit_yaml(analysis, args.t, args.alpha, method=args.method, base_model=args.base_model,
-                               density=args.density, clip=clip, metric=args.metric), end="")
+                               density=args.density, drop_rate=args.drop_rate, gamma=args.gamma,
+                               normalize=args.normalize, clip=clip, metric=args.metric), end="")
     else:
         table = coefficient_table(analysis, args.t, args.alpha, clip=clip, metric=args.metric)
         table["analysis"] = str(args.analysis)

@@ -6,34 +6,51 @@ import argparse
 import logging
 import sys
 
+from acm import methods as registry
 from acm.errors import InputError
 from acm.sizes import format_bytes
 
 log = logging.getLogger(__name__)
 
-METHOD_CHOICES = ("linear", "task_arithmetic", "ties", "dare_ta", "dare_ties")
+METHOD_CHOICES = registry.METHODS
+# Parameter flags added from the registry's option specs (acm.methods.OPTIONS), in this order.
+_PARAM_FLAGS = ("density", "drop_rate", "gamma", "epsilon", "trim_scope", "normalize", "seed")
+
+
+def _method_help() -> str:
+    return "; ".join(f"{k}: {s.label}" for k, s in registry.SPECS.items()) + " (default task_arithmetic)"
+
+
+def _add_param(p: argparse.ArgumentParser, key: str) -> None:
+    """One merge-parameter flag from its registry spec; the help names the methods that use it."""
+    o = registry.OPTIONS[key]
+    help_ = f"{o.help}; used by {', '.join(registry.methods_using(key))}"
+    if o.kind == "bool":
+        p.add_argument(o.flag, action="store_true", help=help_)
+    elif o.kind == "choice":
+        p.add_argument(o.flag, choices=o.choices, default=o.default, help=help_)
+    else:
+        p.add_argument(o.flag, type=int if o.kind == "int" else float, default=o.default, help=help_)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from acm.similarity import keys_help  # torch-light: numpy only
 
     p = subparsers.add_parser(
-        "merge", help="merge fine-tuned models into a base (linear / TA / TIES / DARE, plain or ACM)",
+        "merge", help="merge fine-tuned models into a base (TA / TIES / DARE / Breadcrumbs / DELLA / linear, "
+                      "plain or ACM)",
         description="Streamed, sharded merge. Plain methods use one coefficient α for the whole network; with "
                     "--acm analysis.json --t T every layer group k of fine-tuned model i gets its own λᵢ,ₖ from "
                     "the activation mutual information (see `acm analyze`). Output: a Hugging Face model folder "
                     "with safetensors shards, config, tokenizer, README.md model card and acm_recipe.json.")
     p.add_argument("--base", required=True, metavar="MODEL", help="base model: local folder or Hub id")
     p.add_argument("--ft", action="append", required=True, metavar="MODEL",
-                   help="fine-tuned model (local folder or Hub id); repeat for several (up to 3)")
-    p.add_argument("--method", choices=METHOD_CHOICES, default="task_arithmetic")
-    p.add_argument("--alpha", type=float, default=1.0, help="plain: λ for every group; ACM: the mean λ (default 1.0)")
-    p.add_argument("--density", type=float, default=0.2, help="TIES: fraction of |τ| kept, in (0, 1] (default 0.2)")
-    p.add_argument("--drop-rate", type=float, default=0.3, help="DARE: drop probability, in [0, 1) (default 0.3)")
-    p.add_argument("--trim-scope", choices=("tensor", "global"), default="tensor",
-                   help="TIES threshold per tensor (default) or one per model over all tensors (3 passes)")
-    p.add_argument("--normalize", action="store_true", help="TIES: divide by the sum of agreeing λ")
-    p.add_argument("--seed", type=int, default=0, help="DARE random seed (default 0)")
+                   help=f"fine-tuned model (local folder or Hub id); repeat for several (up to "
+                        f"{registry.MAX_FINE_TUNED})")
+    p.add_argument("--method", choices=METHOD_CHOICES, default="task_arithmetic", help=_method_help())
+    p.add_argument("--alpha", type=float, default=registry.OPTIONS["alpha"].default, help=registry.OPTIONS["alpha"].help)
+    for key in _PARAM_FLAGS:
+        _add_param(p, key)
     p.add_argument("--acm", metavar="ANALYSIS_JSON", default=None,
                    help="use ACM coefficients from this analysis (from `acm analyze`); needs --t")
     p.add_argument("--t", type=float, default=None, help="ACM sharpness t >= 0 (t = 0 is the plain method)")
@@ -115,9 +132,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--acm and --t go together: pass both for an ACM merge, neither for the plain method")
     if args.t is not None and (not math.isfinite(args.t) or args.t < 0):
         raise InputError(f"--t must be a finite number >= 0, got {args.t}")
-    if args.acm is not None and args.method == "linear":
+    if args.acm is not None and args.method not in registry.ACM_METHODS:
         raise InputError("ACM coefficients scale task vectors and linear averaging has none; "
-                         "use --method task_arithmetic, ties, dare_ta or dare_ties with --acm")
+                         f"use --method {', '.join(registry.ACM_METHODS)} with --acm")
     if args.metric is not None and args.acm is None:
         raise InputError("--metric picks which similarity drives the ACM coefficients: pass it with --acm and --t")
     if args.metric is not None:
@@ -134,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
         if args.clip_min is not None and args.clip_max is not None and args.clip_min > args.clip_max:
             raise InputError(f"--clip-min {args.clip_min} is larger than --clip-max {args.clip_max}")
         clip = (args.clip_min, args.clip_max)
-    options = MergeOptions(method=args.method, alpha=args.alpha, density=args.density, drop_rate=args.drop_rate,
-                           trim_scope=args.trim_scope, normalize=args.normalize, seed=args.seed, dtype=args.dtype,
+    options = MergeOptions(method=args.method, alpha=args.alpha, **{k: getattr(args, k) for k in _PARAM_FLAGS},
+                           dtype=args.dtype,
                            shard_size=args.shard_size, weights=args.weights,
                            device=None if args.device in (None, "", "auto") else args.device, threads=args.threads,
                            tokenizer_from=args.tokenizer_from)

@@ -12,7 +12,7 @@ from acm.errors import InputError
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from acm.engines import ENGINES
     from acm.similarity import keys_help
-    from acm.tune import DEFAULT_HOLDOUT, DEFAULT_TOLERANCE, MAX_SETTINGS, OBJECTIVES
+    from acm.tune import DEFAULT_HOLDOUT, DEFAULT_TOLERANCE, MAX_SETTINGS, OBJECTIVES, TUNABLE_METHODS
 
     p = subparsers.add_parser(
         "tune", help="sweep t (and α, density, method): accuracy-vs-length frontier and a recommended setting",
@@ -37,11 +37,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="use N problems, drawn evenly over difficulty levels (seeded), before the holdout split")
     p.add_argument("--methods", nargs="+", default=["ties"], metavar="M",
-                   help="task_arithmetic (ta), ties, dare_ta, dare_ties (default: ties)")
+                   help=f"{', '.join(TUNABLE_METHODS)} (default: ties)")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.7], metavar="A", help="α values (default 0.7)")
     p.add_argument("--ts", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0], metavar="T",
                    help="ACM sharpness values (default 0.5 1 2 4; t = 0 equals plain)")
-    p.add_argument("--densities", nargs="+", type=float, default=[0.7], metavar="D", help="TIES density (default 0.7)")
+    p.add_argument("--densities", nargs="+", type=float, default=[0.7], metavar="D",
+                   help="TIES / Breadcrumbs density, DELLA mean keep probability (default 0.7)")
     p.add_argument("--drop-rates", nargs="+", type=float, default=[0.3], metavar="P", help="DARE drop rate")
     p.add_argument("--metrics", nargs="+", default=["nmi"], metavar="M",
                    help=f"similarity metric(s) that drive ACM's λ, one grid dimension: {keys_help()} "

@@ -1,0 +1,294 @@
+"""The merge-method registry: one torch-free spec per method, and one validator per merge parameter.
+
+Why: the engine (``acm.merge``), the CLI (``acm merge`` / ``acm tune``), the app (method dropdown,
+visible controls, help), the export (model card, recipe, reproduce command, mergekit YAML) and the
+tests all look a method up here, so adding a method is its maths in ``acm.merge_methods`` plus one
+``MethodSpec`` plus tests (docs/ARCHITECTURE.md "Adding a merge method"). Nothing here imports torch:
+the app builds its UI and ``acm --help`` runs without it.
+
+A method is described by what it does to each task vector τᵢ = θᵢ − θ₀ and how it combines them:
+
+* ``drop``: ``"dare"`` (random drop, probability ``drop_rate``, rescale 1/(1−p)), ``"della"`` (random
+  drop whose keep probability rises with the magnitude rank inside each row, rescale 1/pⱼ) or None;
+* ``trim``: ``"magnitude"`` (keep the top ``density`` by |τ|, TIES), ``"outliers"`` (Breadcrumbs: drop
+  the top ``gamma`` share, keep the next ``density``) or None;
+* ``consensus``: TIES sign election (True) or a plain sum θ₀ + Σ λ·τ (False).
+
+The formulas are in docs/design.md "Merge methods"; the exact conventions (counts, tie-breaks, random
+streams) in ``acm.merge_methods``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from acm.errors import InputError
+
+MAX_FINE_TUNED = 3          # fine-tuned models per merge / analysis: the one definition (CLI, app, library)
+
+
+# ----------------------------------------------------------------------------- parameter validators
+# One function per merge parameter, used by MergeOptions.validate, the CLI and the app handlers, so a
+# bad value gets the same one-line message everywhere. Each returns the parsed value.
+
+def _number(x: Any) -> float | None:
+    if isinstance(x, bool):
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def check_alpha(alpha: Any) -> float:
+    """α (plain: λ for every group; ACM: the mean λ): a finite number ≥ 0."""
+    v = _number(alpha)
+    if v is None or v < 0:
+        raise InputError(f"alpha must be a finite number >= 0, got {alpha}")
+    return v
+
+
+def check_density(density: Any) -> float:
+    """TIES / Breadcrumbs: the share of τ kept; DELLA: the mean keep probability. In (0, 1]."""
+    v = _number(density)
+    if v is None or not 0 < v <= 1:
+        raise InputError(f"density must be in (0, 1], got {density}")
+    return v
+
+
+def check_drop_rate(drop_rate: Any) -> float:
+    """DARE: the probability of dropping an entry of τ, in [0, 1)."""
+    v = _number(drop_rate)
+    if v is None or not 0 <= v < 1:
+        raise InputError(f"drop rate must be in [0, 1), got {drop_rate}")
+    return v
+
+
+def check_gamma(gamma: Any) -> float:
+    """Breadcrumbs: the share of largest |τ| (outliers) dropped, in [0, 1)."""
+    v = _number(gamma)
+    if v is None or not 0 <= v < 1:
+        raise InputError(f"gamma must be in [0, 1), got {gamma}")
+    return v
+
+
+def check_epsilon(epsilon: Any, density: Any | None = None) -> float:
+    """DELLA: half-width of the keep-probability range. With ``density``: density ± ε must stay in (0, 1]."""
+    v = _number(epsilon)
+    if v is None or not 0 <= v < 0.5:
+        raise InputError(f"epsilon must be in [0, 0.5), got {epsilon}")
+    if density is not None:
+        d = check_density(density)
+        if not (d - v > 0 and d + v <= 1):
+            raise InputError(f"DELLA keep probabilities density ± epsilon must lie in (0, 1]: density {d:g}, "
+                             f"epsilon {v:g} give [{d - v:g}, {d + v:g}]")
+    return v
+
+
+def check_trim_scope(scope: Any) -> str:
+    if scope not in TRIM_SCOPES:
+        raise InputError(f"trim scope must be 'tensor' or 'global', got {scope!r}")
+    return scope
+
+
+def check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be an integer, got {seed!r}")
+    return seed
+
+
+def check_num_fine_tuned(n: int) -> int:
+    """1 … MAX_FINE_TUNED fine-tuned models."""
+    if n < 1:
+        raise InputError("give at least one fine-tuned model")
+    if n > MAX_FINE_TUNED:
+        raise InputError(f"at most {MAX_FINE_TUNED} fine-tuned models are supported, got {n}")
+    return n
+
+
+def check_method(name: Any) -> str:
+    """A registered method key (aliases such as 'ta', 'DARE-TIES' or a dropdown label are accepted)."""
+    key = ALIASES.get(str(name).strip().lower(), name) if name is not None else name
+    if key not in METHODS:
+        raise InputError(f"unknown merge method {name!r}; choose one of {', '.join(METHODS)}")
+    return key
+
+
+# ----------------------------------------------------------------------------- option specs
+
+TRIM_SCOPES = ("tensor", "global")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One merge parameter: its ``MergeOptions`` field, CLI flag, UI label, default, range and help."""
+
+    name: str
+    flag: str
+    label: str
+    default: Any
+    help: str
+    kind: str = "float"                  # float | int | bool | choice
+    lo: float | None = None              # UI slider range (the validator is the authority)
+    hi: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+OPTIONS: dict[str, OptionSpec] = {o.name: o for o in (
+    OptionSpec("alpha", "--alpha", "α", 1.0, "plain: λ for every group; ACM: the mean λ (default 1.0)",
+               lo=0.0, hi=2.0, step=0.05),
+    OptionSpec("density", "--density", "Density", 0.2,
+               "TIES / Breadcrumbs: share of each task vector kept; DELLA: mean keep probability; in (0, 1] "
+               "(default 0.2)", lo=0.01, hi=1.0, step=0.01),
+    OptionSpec("trim_scope", "--trim-scope", "Trim scope", "tensor",
+               "TIES threshold per tensor (default) or one per model over all tensors (3 passes)",
+               kind="choice", choices=TRIM_SCOPES),
+    OptionSpec("normalize", "--normalize", "Normalize", False,
+               "sign-election methods: divide by the sum of agreeing λ", kind="bool"),
+    OptionSpec("gamma", "--gamma", "Gamma (outliers dropped)", 0.01,
+               "Breadcrumbs: share of largest |τ| dropped as outliers, in [0, 1) (default 0.01)",
+               lo=0.0, hi=0.2, step=0.005),
+    OptionSpec("epsilon", "--epsilon", "Epsilon (keep-probability spread)", 0.15,
+               "DELLA: keep probability runs from density − ε (smallest |τ| of a row) to density + ε (largest); "
+               "in [0, 0.5) (default 0.15)", lo=0.0, hi=0.45, step=0.01),
+    OptionSpec("drop_rate", "--drop-rate", "Drop rate", 0.3, "DARE: drop probability, in [0, 1) (default 0.3)",
+               lo=0.0, hi=0.99, step=0.01),
+    OptionSpec("seed", "--seed", "Seed", 0, "DARE / DELLA random seed (default 0)", kind="int"),
+    OptionSpec("weights", "--weights", "Weights", None,
+               "linear only: one weight per --ft (normalised to sum 1; default uniform)", kind="list"),
+)}
+
+
+# ----------------------------------------------------------------------------- method specs
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything but the per-tensor maths of one merge method."""
+
+    key: str                             # name in the CLI, recipes, MergeOptions.method
+    label: str                           # model card / dropdown
+    short: str                           # merge labels in the app ("#3 ACM-TIES t=1 α=0.7")
+    formula: str                         # one line, λᵢ,ₖ = coefficient of model i in layer group k
+    options: tuple[str, ...]             # OPTIONS it uses, in reproduce-command order
+    drop: str | None = None              # None | "dare" | "della"
+    trim: str | None = None              # None | "magnitude" | "outliers"
+    consensus: bool = False              # TIES sign election
+    acm: bool = True                     # ACM per-layer λ applies (False: linear, which has no task vector)
+    mergekit: str | None = None          # mergekit's merge_method; None = no mergekit equivalent
+    mergekit_note: str = ""              # how it maps to mergekit, or why it cannot
+    reference: str = ""
+    ui_order: int = 0                    # position in the app's dropdown
+    menu: str = ""                       # the dropdown's label (default: ``short``)
+
+    def uses(self, option: str) -> bool:
+        return option in self.options
+
+    @property
+    def random(self) -> bool:
+        return self.drop is not None
+
+
+_TIES_NOTE = "mergekit's ties; k = int(density·n) there vs round(density·n) here (one entry per tensor at most)"
+_DARE_NOTE = ("mergekit's {}: density = 1 − p, rescale: false, lambda: 1/(1 − p) — mergekit ≥ 0.1 rescales by the "
+              "tensor's L1 norm when rescale is on, not by 1/(1 − p); the random streams differ, so the merges "
+              "agree in distribution only")
+_BREADCRUMBS_NOTE = ("mergekit's {} (magnitude_outliers with density and gamma, rescale: false); counts there are "
+                     "int(·) instead of round(·); needs mergekit >= 0.1.5 (earlier versions keep nothing of a tensor "
+                     "where int(gamma·n) = 0)")
+_DELLA_NOTE = ("none: mergekit's {} rescales the kept entries by the tensor's L1-norm ratio (rescale: true) or not "
+               "at all, never by 1/pⱼ per entry as DELLA does, so no mergekit config reproduces this merge")
+
+_SPECS = (
+    MethodSpec("linear", "Linear", "Linear", "θ = Σᵢ wᵢ·θᵢ  (weights normalised to sum 1)", ("weights",),
+               acm=False, mergekit=None, mergekit_note="none: ACM coefficients scale task vectors and linear "
+               "averaging has none", ui_order=8, menu="Linear (weight average)"),
+    MethodSpec("task_arithmetic", "Task Arithmetic", "TA", "θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ,  τᵢ = θᵢ − θ₀", ("alpha",),
+               mergekit="task_arithmetic", mergekit_note="mergekit's task_arithmetic, normalize: false",
+               reference="https://arxiv.org/abs/2212.04089", ui_order=0,
+               menu="Task Arithmetic (TA)"),
+    MethodSpec("ties", "TIES", "TIES",
+               "τᵢ trimmed to its top-density |τ|; signs elected from Σᵢ λᵢ,ₖ·τᵢ; θ = θ₀ + Σ of agreeing λᵢ,ₖ·τᵢ",
+               ("alpha", "density", "trim_scope", "normalize"), trim="magnitude", consensus=True,
+               mergekit="ties", mergekit_note=_TIES_NOTE, reference="https://arxiv.org/abs/2306.01708", ui_order=1),
+    MethodSpec("dare_ta", "DARE + Task Arithmetic", "DARE-TA",
+               "τᵢ entries dropped with probability p and rescaled by 1/(1−p); θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ",
+               ("alpha", "drop_rate", "seed"), drop="dare", mergekit="dare_linear",
+               mergekit_note=_DARE_NOTE.format("dare_linear"), reference="https://arxiv.org/abs/2311.03099",
+               ui_order=2),
+    MethodSpec("dare_ties", "DARE + TIES", "DARE-TIES",
+               "τᵢ entries dropped with probability p and rescaled by 1/(1−p), then TIES (trim, elect, merge)",
+               ("alpha", "density", "trim_scope", "normalize", "drop_rate", "seed"), drop="dare", trim="magnitude",
+               consensus=True, mergekit="dare_ties",
+               mergekit_note=_DARE_NOTE.format("dare_ties") + "; only with density 1 (mergekit has no magnitude "
+               "trim after the drop)", reference="https://arxiv.org/abs/2311.03099", ui_order=3),
+    MethodSpec("breadcrumbs", "Model Breadcrumbs", "Breadcrumbs",
+               "τᵢ keeps the density share of entries ranked just below its top-gamma |τ| (outliers and smallest "
+               "dropped); θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ", ("alpha", "density", "gamma"), trim="outliers",
+               mergekit="breadcrumbs", mergekit_note=_BREADCRUMBS_NOTE.format("breadcrumbs"),
+               reference="https://arxiv.org/abs/2312.06795", ui_order=4),
+    MethodSpec("breadcrumbs_ties", "Model Breadcrumbs + TIES", "Breadcrumbs-TIES",
+               "Breadcrumbs trim (drop top-gamma outliers and smallest |τ|, keep density), then TIES sign election "
+               "and disjoint merge", ("alpha", "density", "gamma", "normalize"), trim="outliers", consensus=True,
+               mergekit="breadcrumbs_ties", mergekit_note=_BREADCRUMBS_NOTE.format("breadcrumbs_ties"),
+               reference="https://arxiv.org/abs/2312.06795", ui_order=5),
+    MethodSpec("della", "DELLA", "DELLA",
+               "per row of τᵢ, keep probability pⱼ rises linearly with |τ| rank from density−ε to density+ε; kept "
+               "entries ×1/pⱼ; then TIES sign election and disjoint merge with λᵢ,ₖ",
+               ("alpha", "density", "epsilon", "normalize", "seed"), drop="della", consensus=True,
+               mergekit="della", mergekit_note=_DELLA_NOTE.format("della"),
+               reference="https://arxiv.org/abs/2406.11617", ui_order=6),
+    MethodSpec("della_linear", "DELLA + Task Arithmetic", "DELLA-linear",
+               "per row of τᵢ, keep probability pⱼ rises linearly with |τ| rank from density−ε to density+ε; kept "
+               "entries ×1/pⱼ; θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ", ("alpha", "density", "epsilon", "seed"), drop="della",
+               mergekit="della_linear", mergekit_note=_DELLA_NOTE.format("della_linear"),
+               reference="https://arxiv.org/abs/2406.11617", ui_order=7),
+)
+
+SPECS: dict[str, MethodSpec] = {s.key: s for s in _SPECS}
+METHODS: tuple[str, ...] = tuple(SPECS)
+ACM_METHODS: tuple[str, ...] = tuple(k for k, s in SPECS.items() if s.acm)
+# Short names accepted from scripts and API callers besides the keys.
+ALIASES: dict[str, str] = {
+    **{k.replace("_", "-"): k for k in METHODS},
+    "ta": "task_arithmetic",
+    **{s.short.lower(): s.key for s in _SPECS},
+    **{s.label.lower(): s.key for s in _SPECS},
+    **{s.menu.lower(): s.key for s in _SPECS if s.menu},
+}
+
+
+def spec(method: str) -> MethodSpec:
+    """The spec of ``method`` (a key or an alias); InputError (one line) for an unknown one."""
+    return SPECS[check_method(method)]
+
+
+def methods_using(option: str) -> tuple[str, ...]:
+    return tuple(k for k, s in SPECS.items() if s.uses(option))
+
+
+def ui_choices() -> list[tuple[str, str]]:
+    """(label, key) for the app's method dropdown, in its display order."""
+    return [(s.menu or s.short, s.key) for s in sorted(_SPECS, key=lambda s: s.ui_order)]
+
+
+def validate_options(method: str, *, alpha: Any = 1.0, density: Any = 0.2, drop_rate: Any = 0.3, gamma: Any = 0.01,
+                     epsilon: Any = 0.15, trim_scope: Any = "tensor", seed: Any = 0) -> None:
+    """Check every parameter (InputError, one line); cross-checks only for the methods that use them."""
+    s = spec(method)
+    check_alpha(alpha)
+    check_density(density)
+    check_drop_rate(drop_rate)
+    check_gamma(gamma)
+    check_epsilon(epsilon, density if s.drop == "della" else None)
+    check_trim_scope(trim_scope)
+    check_seed(seed)
+
+
+__all__ = ["MAX_FINE_TUNED", "OPTIONS", "SPECS", "METHODS", "ACM_METHODS", "ALIASES", "TRIM_SCOPES", "MethodSpec",
+           "OptionSpec", "spec", "methods_using", "ui_choices", "validate_options", "check_alpha", "check_density",
+           "check_drop_rate", "check_gamma", "check_epsilon", "check_trim_scope", "check_seed",
+           "check_num_fine_tuned", "check_method"]
