@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from acm.methods import MAX_FINE_TUNED, check_num_fine_tuned
 from components import help as texts
 from components.common import (
     as_list,
@@ -53,8 +54,7 @@ def validate_selection(base: str | None, fts) -> tuple[str, list[str]]:
         raise InputError("choose a base model (a bundled demo model, a local folder or a Hub id)")
     if not fts:
         raise InputError("choose at least one fine-tuned model")
-    if len(fts) > 3:
-        raise InputError(f"at most 3 fine-tuned models, got {len(fts)}")
+    check_num_fine_tuned(len(fts))
     if base in fts:
         raise InputError("the base model is also listed as fine-tuned; pick a different one")
     if len(set(fts)) != len(fts):
@@ -143,7 +143,7 @@ def build() -> SimpleNamespace:
         base_dd = gr.Dropdown(choices=choices, value=base, label="Base model", allow_custom_value=True,
                               info="bundled demo model, local folder or Hub id", scale=2)
         fts_dd = gr.Dropdown(choices=choices, value=fts, label="Fine-tuned model(s) (1–3)", multiselect=True,
-                             allow_custom_value=True, max_choices=3,
+                             allow_custom_value=True, max_choices=MAX_FINE_TUNED,
                              info="descendants of the base; type a path or Hub id and press Enter", scale=3)
     with gr.Row(equal_height=True):
         device = gr.Dropdown(DEVICES, value="auto", label="Device", scale=1,
