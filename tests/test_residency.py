@@ -42,14 +42,18 @@ def test_cast_after_load_gives_the_same_model_as_transformers(tmp_path, family, 
         assert ours.get_output_embeddings().weight.data_ptr() == ours.get_input_embeddings().weight.data_ptr()
 
 
-def _mapped_rss_kib(name: str) -> int:
-    """Resident KiB of this process's mappings of files called ``name`` (from /proc/self/smaps)."""
+def _mapped_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of the file ``path`` (from /proc/self/smaps).
+
+    The full path, not the file name: other tests in the same process may still map their own
+    ``model.safetensors``."""
+    name = str(path)
     total, inside = 0, False
     with open("/proc/self/smaps") as fh:
         for line in fh:
             head = line.split()
             if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:
-                inside = len(head) >= 6 and head[-1].endswith(name)
+                inside = len(head) >= 6 and head[-1] == name
             elif inside and line.startswith("Rss:"):
                 total += int(head[1])
     return total
@@ -63,10 +67,11 @@ def test_cast_gives_back_the_checkpoint_pages(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     with torch.no_grad():
         checksum = sum(float(p.float().sum()) for p in model.parameters())   # fault every page in
-    before = _mapped_rss_kib("model.safetensors")
+    weights = (path / "model.safetensors").resolve()
+    before = _mapped_rss_kib(weights)
     assert before > 10_000, before
     dropped = convert_parameters(model, torch.float32)
-    after = _mapped_rss_kib("model.safetensors")
+    after = _mapped_rss_kib(weights)
     assert dropped > 0.9 * before * 1024
     assert after < 0.05 * before, (before, after)
     with torch.no_grad():
