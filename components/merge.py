@@ -146,10 +146,7 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
                       clip=acm_info["clip"] if acm_info else None, dtype=none_if_auto(dtype),
                       tokenizer_from=options.tokenizer_from),
         seconds=seconds, model=model, tokenizer=tokenizer)
-    with state.lock:
-        state.set_merged(merged)
-        state.merge_history.append({"label": merged.label, **merged.settings, "seconds": round(seconds, 2),
-                                    "out_dir": str(merged.out_dir)})
+    state.adopt_merged(merged, seconds)
     if progress:
         progress(1.0, "done")
     return merged

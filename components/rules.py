@@ -84,10 +84,7 @@ def run_rule_merge(state: SessionState, base: str | None, fts, *, method: str = 
                       drop_rate=float(drop_rate), trim_scope=trim_scope, seed=int(seed), clip=None,
                       dtype=none_if_auto(dtype), tokenizer_from=options.tokenizer_from, rule="sigmoid",
                       theta=params["theta"], estimator=params["estimator"], calibration=cal["label"]))
-    with state.lock:
-        state.set_merged(merged)
-        state.merge_history.append({"label": merged.label, **merged.settings, "seconds": round(seconds, 2),
-                                    "out_dir": str(merged.out_dir)})
+    state.adopt_merged(merged, seconds)
     if progress:
         progress(1.0, "done")
     return merged

@@ -116,6 +116,14 @@ class SessionState:
                     self._workspace in Path(old.out_dir).resolve().parents:
                 shutil.rmtree(old.out_dir, ignore_errors=True)
 
+    def adopt_merged(self, merged: MergedModel, seconds: float) -> None:
+        """Make ``merged`` the session's merged model and log it in the merge history (every button
+        that produces a merged model ends here, so Chat / Evaluate / Export see it the same way)."""
+        with self.lock:
+            self.set_merged(merged)
+            self.merge_history.append({"label": merged.label, **merged.settings, "seconds": round(seconds, 2),
+                                       "out_dir": str(merged.out_dir)})
+
     def close(self) -> None:
         """Free memory and delete the workspace (Gradio calls this when the session expires)."""
         if self.merged is not None:
