@@ -127,7 +127,8 @@ def vllm_sampling_kwargs(sampling: Sampling, *, max_new_tokens: int, stop_token_
         raise InputError(f"{n} samples per prompt need temperature > 0 (greedy decoding repeats one reply)")
     kwargs: dict[str, Any] = {"n": n, "max_tokens": int(max_new_tokens),
                               "stop_token_ids": sorted({int(i) for i in stop_token_ids}),
-                              "skip_special_tokens": True}
+                              "skip_special_tokens": True,
+                              "repetition_penalty": float(sampling.repetition_penalty)}   # same as transformers'
     if sampling.greedy:
         kwargs.update(temperature=0.0, top_p=1.0, top_k=-1, seed=None)
     else:

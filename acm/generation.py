@@ -52,11 +52,14 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding settings: ``temperature`` 0 is greedy; ``top_k`` 0 means no top-k cut."""
+    """Decoding settings: ``temperature`` 0 is greedy; ``top_k`` 0 means no top-k cut;
+    ``repetition_penalty`` 1 is none (transformers' and vLLM's definition: the logits of tokens already in
+    the prompt or the reply are divided by it when positive, multiplied when negative)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
@@ -65,6 +68,9 @@ class Sampling:
             raise InputError(f"top-p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise InputError(f"top-k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if isinstance(self.repetition_penalty, bool) or not isinstance(self.repetition_penalty, (int, float)) \
+                or not 0 < self.repetition_penalty < float("inf"):
+            raise InputError(f"repetition penalty must be a finite number > 0 (1 = none), got {self.repetition_penalty!r}")
 
     @property
     def greedy(self) -> bool:
@@ -72,14 +78,21 @@ class Sampling:
 
     def generate_kwargs(self) -> dict:
         """The ``model.generate`` arguments; explicit values so a model's own generation_config
-        (e.g. Qwen's top_k 20) never changes what was asked for."""
+        (e.g. Qwen's top_k 20, or the repetition_penalty 1.05 of Qwen2.5 instruct models) never changes
+        what was asked for — and the vLLM engine, which never reads that file, decodes the same way."""
+        penalty = {"repetition_penalty": float(self.repetition_penalty)}
         if self.greedy:
-            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, **penalty}
         return {"do_sample": True, "temperature": float(self.temperature), "top_p": float(self.top_p),
-                "top_k": int(self.top_k)}
+                "top_k": int(self.top_k), **penalty}
 
     def to_dict(self) -> dict:
-        return {"mode": "greedy"} if self.greedy else {"mode": "sampled", **asdict(self)}
+        """What a result file records; the penalty only when there is one (older files stay as they were)."""
+        d = {"mode": "greedy"} if self.greedy else {"mode": "sampled", **asdict(self)}
+        d.pop("repetition_penalty", None)
+        if self.repetition_penalty != 1:
+            d["repetition_penalty"] = float(self.repetition_penalty)
+        return d
 
 
 def sampling_from_model(model, override: dict | None = None) -> Sampling:
@@ -90,7 +103,8 @@ def sampling_from_model(model, override: dict | None = None) -> Sampling:
     """
     gc = getattr(model, "generation_config", None)
     diff = gc.to_diff_dict() if gc is not None else {}
-    values = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    values = {"temperature": 0.0, "top_p": 1.0, "top_k": 0,
+              "repetition_penalty": float(diff.get("repetition_penalty", 1.0) or 1.0)}   # applies greedy too
     if diff.get("do_sample"):
         values.update(temperature=float(diff.get("temperature", 1.0) or 1.0),
                       top_p=float(diff.get("top_p", 1.0) or 1.0), top_k=int(diff.get("top_k", 0) or 0))

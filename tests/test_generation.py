@@ -85,8 +85,11 @@ def test_sampling_settings_and_generation_config():
 
     assert Sampling().greedy and Sampling().to_dict() == {"mode": "greedy"}
     assert Sampling(0.6, 0.95).generate_kwargs() == {"do_sample": True, "temperature": 0.6, "top_p": 0.95,
-                                                     "top_k": 0}
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"top_k": 1.5}):
+                                                     "top_k": 0, "repetition_penalty": 1.0}
+    assert Sampling().generate_kwargs()["repetition_penalty"] == 1.0       # explicit: no penalty sneaks in
+    assert Sampling(repetition_penalty=1.05).to_dict() == {"mode": "greedy", "repetition_penalty": 1.05}
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"top_k": 1.5},
+                {"repetition_penalty": 0}, {"repetition_penalty": True}):
         with pytest.raises(InputError):
             Sampling(**bad)
 
@@ -97,6 +100,31 @@ def test_sampling_settings_and_generation_config():
     assert sampling_from_model(M(), {"temperature": 1.0, "top_p": None}) == Sampling(1.0, 0.95, 0)
     M.generation_config = GenerationConfig(do_sample=False, max_new_tokens=512)
     assert sampling_from_model(M()).greedy                                  # the bundled models: greedy
+    M.generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
+                                           repetition_penalty=1.05)         # Qwen2.5 instruct models' file
+    assert sampling_from_model(M()) == Sampling(0.7, 0.8, 20, 1.05)
+    M.generation_config = GenerationConfig(repetition_penalty=1.1)
+    assert sampling_from_model(M()) == Sampling(repetition_penalty=1.1)     # greedy, penalty kept
+
+
+def test_a_models_own_repetition_penalty_applies_only_when_asked_for(base):
+    """Greedy means greedy: a repetition_penalty in the model's generation_config (Qwen2.5 instruct
+    models ship 1.05) is not applied behind the caller's back — the vLLM engine never reads that file,
+    so the two engines decode alike; with "each model's generation_config" it is applied."""
+    from acm.generation import Sampling, sampling_from_model
+
+    model, tok = base
+    prompts = ["What is 47 + 8?", "Start with 10. (a) Add 9. (b) Take away 6. What is the result?"]
+    plain = [c.text for c in generate_batch(model, tok, prompts, max_new_tokens=24)]
+    saved = model.generation_config.repetition_penalty
+    try:
+        model.generation_config.repetition_penalty = 50.0   # strong enough to change a greedy reply
+        assert [c.text for c in generate_batch(model, tok, prompts, max_new_tokens=24)] == plain
+        own = sampling_from_model(model)
+        assert own == Sampling(repetition_penalty=50.0)
+        assert [c.text for c in generate_batch(model, tok, prompts, max_new_tokens=24, sampling=own)] != plain
+    finally:
+        model.generation_config.repetition_penalty = saved
 
 
 def test_thinking_tokens_are_counted_up_to_the_closing_tag(base):

@@ -298,11 +298,13 @@ def test_vllm_prompt_ids_equal_the_transformers_prompt_ids_bos_template(standin_
 def test_sampling_params_mapping_greedy_and_sampled():
     greedy = vllm_sampling_kwargs(Sampling(), max_new_tokens=64, stop_token_ids=[7, 1, 7], seed=5)
     assert greedy == {"n": 1, "max_tokens": 64, "stop_token_ids": [1, 7], "skip_special_tokens": True,
-                      "temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": None}
+                      "temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": None, "repetition_penalty": 1.0}
     sampled = vllm_sampling_kwargs(Sampling(temperature=0.6, top_p=0.95), max_new_tokens=32768, stop_token_ids=[2],
                                    seed=11, n=4)
     assert sampled == {"n": 4, "max_tokens": 32768, "stop_token_ids": [2], "skip_special_tokens": True,
-                       "temperature": 0.6, "top_p": 0.95, "top_k": -1, "seed": 11}
+                       "temperature": 0.6, "top_p": 0.95, "top_k": -1, "seed": 11, "repetition_penalty": 1.0}
+    assert vllm_sampling_kwargs(Sampling(repetition_penalty=1.05), max_new_tokens=8,
+                                stop_token_ids=[])["repetition_penalty"] == 1.05
     assert vllm_sampling_kwargs(Sampling(temperature=1.0, top_k=20), max_new_tokens=8, stop_token_ids=[])["top_k"] == 20
     with pytest.raises(InputError, match="need temperature > 0"):
         vllm_sampling_kwargs(Sampling(), max_new_tokens=8, stop_token_ids=[1], n=2)
