@@ -326,7 +326,9 @@ def build() -> SimpleNamespace:
                                   info="optional clip")
             clip_max = gr.Textbox(value="", label="λ max", placeholder="none", scale=1, min_width=90,
                                   info="optional clip")
-            driver = gr.Radio(choices=[("NMI", "nmi")], value="nmi", label="λ driven by", scale=2,
+            # Every registered metric at first, so an API call can ask for /analyse(metrics=[…, "cka"],
+            # driver="cka") in one go; after an analysis the choices narrow to what it computed.
+            driver = gr.Radio(choices=metric_choices(), value="nmi", label="λ driven by", scale=2,
                               elem_id="driver-select", info="which similarity sₖ sets λₖ")
     coef_plot = gr.Plot(plots.empty_figure("The coefficient curve λₖ(t) appears here"), label="Coefficients",
                         show_label=False,

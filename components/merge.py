@@ -50,11 +50,19 @@ def normalize_mode(mode: str | None) -> str:
     raise InputError(f"unknown coefficient mode {mode!r}: use 'acm' or 'plain'")
 
 
-def merge_label(method: str, use_acm: bool, t: float, alpha: float, merge_id: int) -> str:
+def merge_label(method: str, use_acm: bool, t: float, alpha: float, merge_id: int, metric: str | None = None) -> str:
+    """``#3 ACM-TIES t=1 α=0.7`` (``… by CKA`` when a metric other than NMI drove λ)."""
     short = METHOD_SHORT.get(method, method)
     if method == "linear":
         return f"#{merge_id} Linear"
-    return f"#{merge_id} ACM-{short} t={t:g} α={alpha:g}" if use_acm else f"#{merge_id} {short} α={alpha:g}"
+    if not use_acm:
+        return f"#{merge_id} {short} α={alpha:g}"
+    by = ""
+    if metric and metric != "nmi":
+        from acm.similarity import metric_label
+
+        by = f" by {metric_label(metric)}"
+    return f"#{merge_id} ACM-{short} t={t:g} α={alpha:g}{by}"
 
 
 def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAULT_METHOD, mode: str = ACM,
@@ -136,7 +144,7 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
         raise
     seconds = time.perf_counter() - t0
     merged = MergedModel(
-        merge_id=merge_id, label=merge_label(method, use_acm, t, alpha, merge_id), out_dir=Path(out_dir),
+        merge_id=merge_id, label=merge_label(method, use_acm, t, alpha, merge_id, (acm_info or {}).get("metric")), out_dir=Path(out_dir),
         report=report_dict, lambdas=used or lambdas,
         cache=shared and {k: v for k, v in shared.items() if k not in ("release", "report", "out_dir")},
         release=shared and shared["release"],

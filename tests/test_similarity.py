@@ -413,6 +413,7 @@ def test_app_merge_uses_the_chosen_driver(world, tmp_path, three):
                                  t=2.0, alpha=0.7, device="cpu")
         expected = lambdas_by_group(three, 2.0, 0.7, metric="cosine")[0]
         assert merged.report["lambdas"][0] == pytest.approx(expected)
+        assert merged.label.endswith("ACM-TA t=2 α=0.7 by cosine"), merged.label   # the summary says so
     finally:
         st.close()
 
