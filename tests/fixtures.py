@@ -121,3 +121,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def group_rows(model, inp: torch.Tensor, mask: torch.Tensor, head_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer group's activations for the real (unpadded) tokens of one batch, the direct way:
+    hooks on the embedding and each block, then the logits at ``head_ids`` — ``[tokens, features]``
+    per group, the reference the analysis' estimators are checked against."""
+    from acm.grouping import find_group_modules
+
+    mods = find_group_modules(model)
+    outs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o[0] if isinstance(o, tuple) else o))
+             for m in [mods.embed, *mods.blocks]]
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids=inp, attention_mask=mask, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    real = mask.reshape(-1).bool()
+    return [o.reshape(-1, o.shape[-1])[real] for o in outs] + [logits.reshape(-1, logits.shape[-1])[real][:, head_ids]]

@@ -13,7 +13,7 @@ import acm.analysis as analysis_mod
 from acm.analysis import AnalysisResult, ModelNMI, analyze
 from acm.errors import CompatibilityError, InputError, OutOfMemoryAdvice
 from acm.grouping import group_names
-from tests.fixtures import make_pair, make_tiny_model, write_calibration
+from tests.fixtures import group_rows, make_pair, make_tiny_model, write_calibration
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -250,21 +250,9 @@ def _reference_nmi(base: str, ft: str, texts: list[str], *, bins: int = 64, max_
     n_groups = find_group_modules(mb).num_layers + 2
     est = StreamingMI(n_groups, bins=bins)
 
-    def capture(model, inp, mask) -> list[torch.Tensor]:
-        mods = find_group_modules(model)
-        outs: list[torch.Tensor] = []
-        hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o[0] if isinstance(o, tuple) else o))
-                 for m in [mods.embed, *mods.blocks]]
-        with torch.inference_mode():
-            logits = model(input_ids=inp, attention_mask=mask, use_cache=False).logits
-        for h in hooks:
-            h.remove()
-        real = mask.reshape(-1).bool()
-        acts = [o.reshape(-1, o.shape[-1])[real] for o in outs]
-        return acts + [logits.reshape(-1, logits.shape[-1])[real][:, head_ids].t()]   # [ids, tokens]
-
     for b, (inp, mask) in enumerate(analysis_mod._batches(ids, batch_size, tok.pad_token_id)):
-        xs, ys = capture(mb, inp, mask), capture(mf, inp, mask)
+        xs, ys = group_rows(mb, inp, mask, head_ids), group_rows(mf, inp, mask, head_ids)
+        xs[-1], ys[-1] = xs[-1].t(), ys[-1].t()          # the head's values go in as [ids, tokens]
         for g, (x, y) in enumerate(zip(xs, ys)):
             if b == 0:
                 est.set_range(g, robust_range(x, seed=seed + g), robust_range(y, seed=seed + g))

@@ -25,7 +25,7 @@ from acm.similarity import (
     get_metric,
     parse_metrics,
 )
-from tests.fixtures import make_pair, write_calibration
+from tests.fixtures import group_rows, make_pair, write_calibration
 
 OLD_FILE = Path(__file__).parent / "data" / "analysis_v1_nmi_only.json"   # written by the pre-metrics code
 
@@ -210,20 +210,8 @@ def _reference_rows(base: str, ft: str, texts: list[str], *, max_tokens: int, ba
     n_groups = find_group_modules(mb).num_layers + 2
     ests = {"cka": CKAEstimator(n_groups, seed=seed), "cosine": CosineEstimator(n_groups, seed=seed)}
 
-    def capture(model, inp, mask) -> list[torch.Tensor]:
-        mods = find_group_modules(model)
-        outs: list[torch.Tensor] = []
-        hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o[0] if isinstance(o, tuple) else o))
-                 for m in [mods.embed, *mods.blocks]]
-        with torch.inference_mode():
-            logits = model(input_ids=inp, attention_mask=mask, use_cache=False).logits
-        for h in hooks:
-            h.remove()
-        real = mask.reshape(-1).bool()
-        return [o.reshape(-1, o.shape[-1])[real] for o in outs] + [logits.reshape(-1, logits.shape[-1])[real][:, head_ids]]
-
     for inp, mask in analysis_mod._batches(ids, batch_size, tok.pad_token_id):
-        for g, (x, y) in enumerate(zip(capture(mb, inp, mask), capture(mf, inp, mask))):
+        for g, (x, y) in enumerate(zip(group_rows(mb, inp, mask, head_ids), group_rows(mf, inp, mask, head_ids))):
             for est in ests.values():
                 est.update(g, x, y)
     return {k: e.similarity() for k, e in ests.items()}
