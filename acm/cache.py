@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from acm.errors import InputError
+from acm.processes import process_alive
 
 ENV_DIR = "ACM_CACHE_DIR"
 ENV_MAX_GB = "ACM_CACHE_MAX_GB"
@@ -588,23 +589,13 @@ class CacheStore:
         for tmp in (self.root / "tmp").iterdir():
             try:
                 host, pid = (tmp / "owner").read_text(encoding="utf-8").split()
-                if host != socket.gethostname() or _alive(int(pid)):
+                if host != socket.gethostname() or process_alive(int(pid)):
                     continue
             except (OSError, ValueError):
                 continue
             shutil.rmtree(tmp, ignore_errors=True)
         for trash in (self.root / "trash").iterdir():
             shutil.rmtree(trash, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _tree_bytes(folder: Path) -> int:

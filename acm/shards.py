@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from acm.errors import InputError
+from acm.processes import process_alive
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -290,21 +291,11 @@ def remove_stale_temps(target: Path) -> list[Path]:
             pid = int(pid_text)
         except (OSError, ValueError):
             continue
-        if host != socket.gethostname() or _alive(pid):
+        if host != socket.gethostname() or process_alive(pid):
             continue
         shutil.rmtree(tmp, ignore_errors=True)
         removed.append(tmp)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_target(target: Path, *, force: bool) -> None:
