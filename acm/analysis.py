@@ -61,6 +61,7 @@ from acm.grouping import EMBED, HEAD, build_group_map, find_group_modules, group
 from acm.merge_methods import finite
 from acm.mi import QUANTILES, StreamingMI, bin_indices, check_bins, robust_range
 from acm.models import ModelSource, check_compatibility, load_causal_lm, parse_dtype, resolve_model
+from acm.sample_mi import DEFAULT_MAX_VALUES, SampleCapture, attach_points, check_estimator, make_estimator, point_names
 from acm.similarity import DEFAULT_SKETCH_DIM, METRICS, metric_label, parse_metrics
 
 FORMAT = "acm-analysis"
@@ -81,6 +82,10 @@ class ModelNMI:
     entropy_base: list[float] = field(default_factory=list)
     entropy_ft: list[float] = field(default_factory=list)
     similarity: dict[str, list[float]] = field(default_factory=dict)   # other metrics: {"cka": [...], ...}
+    sample_mi: list[list[float]] = field(default_factory=list)          # [points][samples] nats (acm.sample_mi)
+
+    def has_values(self) -> bool:
+        return bool(self.metrics() or self.sample_mi)
 
     def metrics(self) -> list[str]:
         """Metric keys this model has values for (``nmi`` first when present)."""
@@ -100,6 +105,8 @@ class ModelNMI:
              "entropy_base": list(self.entropy_base), "entropy_ft": list(self.entropy_ft)}
         if self.similarity:     # absent in NMI-only analyses: the file is byte-for-byte the old format
             d["similarity"] = {k: list(v) for k, v in self.similarity.items()}
+        if self.sample_mi:
+            d["sample_mi"] = [[round(float(x), 7) for x in row] for row in self.sample_mi]
         return d
 
     @classmethod
@@ -112,7 +119,8 @@ class ModelNMI:
                    mi=[float(x) for x in d.get("mi") or [math.nan] * len(nmi)],
                    entropy_base=[float(x) for x in d.get("entropy_base", [])],
                    entropy_ft=[float(x) for x in d.get("entropy_ft", [])],
-                   similarity={str(k): [float(x) for x in v] for k, v in sim.items() if str(k) != "nmi"})
+                   similarity={str(k): [float(x) for x in v] for k, v in sim.items() if str(k) != "nmi"},
+                   sample_mi=[[float(x) for x in row] for row in d.get("sample_mi") or []])
 
 
 @dataclass
@@ -122,6 +130,30 @@ class AnalysisResult:
     groups: list[str]
     models: list[ModelNMI]
     provenance: dict = field(default_factory=dict)
+    # Per-sample MI (acm.sample_mi): {"estimator", "points", "point_groups", "tokens", "max_values", "bins",
+    # "values_per_point"}; empty for analyses made before the paper's rule (they still load).
+    sample_info: dict = field(default_factory=dict)
+    # The exact token ids and texts fed to the models (not serialised: ``save_calibration`` writes them).
+    calibration: list[tuple[list[int], str]] | None = field(default=None, repr=False, compare=False)
+
+    def has_sample_mi(self) -> bool:
+        """Whether every model carries per-sample MI (the paper's rule needs it)."""
+        return bool(self.sample_info) and all(m.sample_mi for m in self.models)
+
+    def sample_mi_matrix(self) -> np.ndarray:
+        """[n_models, points, samples] per-sample MI in nats (InputError, one line, when the file lacks it)."""
+        if not self.has_sample_mi():
+            raise InputError("this analysis has no per-sample MI (it was made before the paper's rule or with "
+                             "--mi-estimator off); run `acm analyze` again to use the acm rule, or use --rule softmax")
+        return np.array([m.sample_mi for m in self.models], dtype=np.float64)
+
+    def save_calibration(self, path: str | os.PathLike) -> Path:
+        """The exact token sequences the models were fed: JSON lines ``{"input_ids": [...], "text": ...}``."""
+        if self.calibration is None:
+            raise InputError("this analysis object carries no calibration tokens (only a fresh analysis does)")
+        lines = [json.dumps({"input_ids": [int(i) for i in ids], "text": text}, ensure_ascii=False)
+                 for ids, text in self.calibration]
+        return _atomic_write(path, "\n".join(lines) + "\n")
 
     def nmi_matrix(self) -> np.ndarray:
         """[n_models, n_groups] NMI."""
@@ -138,8 +170,11 @@ class AnalysisResult:
                         dtype=np.float64).reshape(len(self.models), len(self.groups))
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "groups": list(self.groups),
-                "models": [m.to_dict() for m in self.models], "provenance": self.provenance}
+        d = {"format": FORMAT, "format_version": FORMAT_VERSION, "groups": list(self.groups),
+             "models": [m.to_dict() for m in self.models], "provenance": self.provenance}
+        if self.sample_info:
+            d["sample_mi"] = self.sample_info
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> AnalysisResult:
@@ -155,9 +190,14 @@ class AnalysisResult:
             raise InputError(f"malformed ACM analysis ({type(exc).__name__}: {exc})") from None
         if not groups or not models:
             raise InputError("ACM analysis holds no groups or no models")
+        info = d.get("sample_mi") or {}
+        if not isinstance(info, dict):
+            raise InputError("malformed ACM analysis ('sample_mi' must be an object)")
         for m in models:
-            if not m.metrics():
+            if not m.has_values():
                 raise InputError(f"ACM analysis: model {m.model} has no similarity values (no NMI, no other metric)")
+            if m.sample_mi:
+                _check_sample_mi(m, info)
             for key in m.metrics():
                 vals, name = m.values(key), "NMI" if key == "nmi" else key
                 if len(vals) != len(groups):
@@ -166,7 +206,7 @@ class AnalysisResult:
                 bad = [g for g, v in zip(groups, vals) if not (math.isfinite(v) and -1e-9 <= v <= 1 + 1e-9)]
                 if bad:
                     raise InputError(f"ACM analysis: model {m.model} has an invalid {name} for group {bad[0]}")
-        return cls(groups=groups, models=models, provenance=dict(d.get("provenance") or {}))
+        return cls(groups=groups, models=models, provenance=dict(d.get("provenance") or {}), sample_info=dict(info))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=True)
@@ -181,27 +221,7 @@ class AnalysisResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file in the same folder + ``os.replace``); overwriting is fine."""
-        path = Path(path)
-        folder = path.parent if str(path.parent) else Path(".")
-        if not folder.is_dir():
-            raise InputError(f"cannot write {path}: folder {folder} does not exist")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        except OSError as exc:
-            raise InputError(f"cannot write {path}: folder {folder} is not writable ({exc.strerror or exc}); "
-                             "choose another --out") from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(self.to_json())
-                fh.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return path
+        return _atomic_write(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AnalysisResult:
@@ -215,6 +235,39 @@ class AnalysisResult:
         if not text.strip():
             raise InputError(f"analysis file {path.name} is empty")
         return cls.from_json(text)
+
+
+def _check_sample_mi(m: ModelNMI, info: dict) -> None:
+    points, samples = len(info.get("points") or []), len(info.get("tokens") or [])
+    if len(m.sample_mi) != points or any(len(row) != samples for row in m.sample_mi):
+        raise InputError(f"ACM analysis: model {m.model} has per-sample MI of the wrong shape "
+                         f"(expected {points} points × {samples} samples)")
+    if not all(math.isfinite(x) and x >= -1e-9 for row in m.sample_mi for x in row):
+        raise InputError(f"ACM analysis: model {m.model} has a non-finite or negative per-sample MI")
+
+
+def _atomic_write(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` atomically (temp file in the same folder + ``os.replace``); overwriting is fine."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"cannot write {path}: folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: folder {folder} is not writable ({exc.strerror or exc}); "
+                         "choose another --out") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
 
 
 # ===================================================================================== capture
@@ -316,6 +369,10 @@ class _Capture:
         self.ft = 0
 
     # -- bookkeeping -----------------------------------------------------------------------
+    def active(self) -> bool:
+        """Whether any per-group metric is asked for (an analysis may hold per-sample MI only)."""
+        return bool(self.estimators or self.row_estimators)
+
     def subsampled(self, group: int) -> bool:
         feats = self.features[group]
         return feats is not None and self.total_tokens * feats > self.pair_budget
@@ -584,14 +641,21 @@ def _release_memory(weight: weakref.ref | None = None) -> None:
 
 
 def _run_pass(model: torch.nn.Module, capture: _Capture, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
-              head_ids: torch.Tensor, padding_side: str, step: Callable[[], None]) -> None:
-    """All calibration batches through one model with the capture hooks on."""
-    handles = _register(model, capture)
+              head_ids: torch.Tensor, padding_side: str, step: Callable[[], None],
+              samples: SampleCapture | None = None) -> None:
+    """All calibration batches through one model with the capture hooks on (and the per-sample MI
+    points' hooks, when ``samples`` is given)."""
+    handles = _register(model, capture) if capture.active() else []
+    points = attach_points(model, samples) if samples is not None else None
     dev = _input_device(model)
     head_on: dict[torch.device, torch.Tensor] = {}
+    first = 0
     try:
         with torch.inference_mode():
             for b, (inp, mask) in enumerate(batches):
+                if samples is not None:
+                    samples.begin_batch(first, mask)
+                    first += int(mask.shape[0])
                 flat_mask = mask.reshape(-1).bool()
                 token_index = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1)
                 capture.batch = b
@@ -601,14 +665,17 @@ def _run_pass(model: torch.nn.Module, capture: _Capture, batches: list[tuple[tor
                 if padding_side == "left":
                     kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0).to(dev)
                 logits = model(**kwargs).logits
-                if logits.device not in head_on:
-                    head_on[logits.device] = head_ids.to(logits.device)
-                capture.observe_head(capture.num_groups - 1, logits, head_on[logits.device])
+                if capture.active():
+                    if logits.device not in head_on:
+                        head_on[logits.device] = head_ids.to(logits.device)
+                    capture.observe_head(capture.num_groups - 1, logits, head_on[logits.device])
                 del logits
                 step()
     finally:
         for h in handles:
             h.remove()
+        if points is not None:
+            points.remove()
         capture.token_index = None
 
 
@@ -620,7 +687,8 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
             progress: Callable[[float, str], None] | None = None, show_progress: bool = True,
             padding_side: str = "right", pair_budget: int = DEFAULT_PAIR_BUDGET,
             metrics: str | list[str] | tuple[str, ...] | None = None, sketch_dim: int = DEFAULT_SKETCH_DIM,
-            row_budget: int = DEFAULT_ROW_BUDGET) -> AnalysisResult:
+            row_budget: int = DEFAULT_ROW_BUDGET, sample_mi: str | None = "labels",
+            sample_max_values: int | None = DEFAULT_MAX_VALUES) -> AnalysisResult:
     """Per-group similarity (NMI by default) between the base and each fine-tuned model on calibration text.
 
     Order of work (cheap checks first): validate settings → resolve models and check
@@ -630,7 +698,10 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     a time. Out-of-memory becomes ``OutOfMemoryAdvice``. ``calibration=None`` or ``"bundled"``
     uses the bundled demo set. ``pair_budget``: paired values per group (see ``_Capture``).
     ``metrics``: keys of ``acm.similarity.METRICS`` (default ``["nmi"]``), all computed in the same
-    passes; row metrics pair at most ``row_budget`` tokens per group, projected to ``sketch_dim``.
+    passes; row metrics pair at most ``row_budget`` tokens per group, projected to ``sketch_dim``;
+    ``metrics=[]`` computes none of them (per-sample MI only). ``sample_mi``: the per-sample MI
+    estimator at the paper's activation points (``acm.sample_mi``: ``labels`` default, ``binned``, or
+    None for none), at most ``sample_max_values`` values per (sample, point) (None: all).
     """
     from tqdm.auto import tqdm
 
@@ -639,7 +710,10 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     _check_args(bins=bins, batch_size=batch_size, max_tokens=max_tokens, clusters=clusters, fraction=fraction,
                 samples=samples, seed=seed, fts=fts)
     pair_budget = check_pair_budget(pair_budget)
-    metric_keys = parse_metrics(metrics)
+    metric_keys = [] if isinstance(metrics, (list, tuple)) and not metrics else parse_metrics(metrics)
+    sample_key = None if sample_mi in (None, "", "off", "none") else check_estimator(sample_mi)
+    if not metric_keys and sample_key is None:
+        raise InputError("nothing to measure: give a similarity metric or a per-sample MI estimator")
     row_budget = check_pair_budget(row_budget, "row_budget")
     if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, (int, np.integer)) or sketch_dim < 1:
         raise InputError(f"sketch_dim must be an integer >= 1, got {sketch_dim!r}")
@@ -681,7 +755,9 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
             raise _oom_advice("loading models / selecting samples", dev_name, batch_size, max_tokens,
                               len(texts)) from None
         raise
-    ids = [x for x in encode(selected, tokenizer, max_tokens=max_tokens, chat_template=chat_template) if x]
+    encoded = encode(selected, tokenizer, max_tokens=max_tokens, chat_template=chat_template)
+    fed = [(list(x), text) for x, text in zip(encoded, selected) if x]
+    ids = [x for x, _ in fed]
     if not ids:
         raise InputError("every calibration text encoded to zero tokens")
     n_tokens = sum(len(x) for x in ids)
@@ -697,6 +773,10 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     capture = _Capture(num_groups, bins, estimators, seed, pair_budget=pair_budget,
                        batch_tokens=[int(m.sum()) for _, m in batches], row_estimators=row_estimators,
                        row_budget=row_budget)
+    point_list, point_groups = point_names(base_src.num_layers)
+    samples_est = make_estimator(sample_key, len(point_list), len(ids), len(ft_srcs), bins=bins,
+                                 max_values=sample_max_values, seed=seed) if sample_key else None
+    samples_cap = SampleCapture(samples_est) if samples_est is not None else None
     vocabs = [int(s.vocab_size) for s in [base_src] + ft_srcs if s.vocab_size]
     vocab = min(vocabs) if vocabs else None   # head ids valid for every model (vocabularies may differ)
     out_emb = base_model.get_output_embeddings()
@@ -723,9 +803,10 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     try:
         t0 = time.perf_counter()
         capture.mode = "base"
-        _run_pass(model, capture, batches, head_ids=head_ids, padding_side=padding_side, step=step)
+        _run_pass(model, capture, batches, head_ids=head_ids, padding_side=padding_side, step=step,
+                  samples=samples_cap)
         passes.append({"model": base_src.spec, "seconds": round(time.perf_counter() - t0, 3)})
-        stored_peak = capture.stored_bytes()
+        stored_peak = capture.stored_bytes() + (samples_est.state_bytes() if samples_est is not None else 0)
         weight, model = _weight_ref(model), None
         _release_memory(weight)
         for i, src in enumerate(ft_srcs):
@@ -734,7 +815,10 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
             check_finite_weights(model, "fine-tuned model", src.spec)
             t0 = time.perf_counter()
             capture.mode, capture.ft = "ft", i
-            _run_pass(model, capture, batches, head_ids=head_ids, padding_side=padding_side, step=step)
+            if samples_cap is not None:
+                samples_cap.mode = i
+            _run_pass(model, capture, batches, head_ids=head_ids, padding_side=padding_side, step=step,
+                      samples=samples_cap)
             passes.append({"model": src.spec, "seconds": round(time.perf_counter() - t0, 3)})
             weight, model = _weight_ref(model), None
             _release_memory(weight)
@@ -748,6 +832,8 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         bar.close()
         model = None
         capture.clear()
+        if samples_est is not None:
+            samples_est.clear()
 
     results = []
     for i, src in enumerate(ft_srcs):
@@ -758,6 +844,9 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
             values["nmi"] = estimators[i].nmi()
         for key in row_keys:
             values[key] = row_estimators[i][key].similarity()
+        per_sample = samples_est.mi(i) if samples_est is not None else np.zeros((0, 0))
+        if not np.all(np.isfinite(per_sample)):
+            raise ACMError(f"no activations were captured at some per-sample MI point of {src.spec}")
         for key, vals in values.items():
             if not np.all(np.isfinite(vals)):
                 missing = [names[g] for g in range(num_groups) if not math.isfinite(vals[g])]
@@ -766,7 +855,8 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         results.append(ModelNMI(model=src.spec, nmi=[float(v) for v in values.get("nmi", [])],
                                 mi=[float(s[0]) for s in stats], entropy_base=[float(s[1]) for s in stats],
                                 entropy_ft=[float(s[2]) for s in stats],
-                                similarity={k: [float(v) for v in values[k]] for k in row_keys}))
+                                similarity={k: [float(v) for v in values[k]] for k in row_keys},
+                                sample_mi=[[float(v) for v in row] for row in per_sample]))
     seconds = time.perf_counter() - t_start
     histogram_bytes = sum(int(j.numel() * j.element_size()) for est in estimators for j in est._joint if j is not None)
     metric_state_bytes = sum(int(e.state_bytes()) for per in row_estimators for e in per.values())
@@ -775,7 +865,7 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         cuda_peak = int(torch.cuda.max_memory_allocated())
     provenance = {
         "method": ("ACM per-group NMI, streaming B×B joint histogram (this project's estimator)"
-                   if metric_keys == ["nmi"] else
+                   if metric_keys == ["nmi"] else "per-sample MI only" if not metric_keys else
                    "ACM per-group similarity: " + "; ".join(f"{METRICS[k].label}: {METRICS[k].formula}"
                                                             for k in metric_keys)),
         "metrics": list(metric_keys),
@@ -809,8 +899,15 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
         "version": acm.__version__, "device": dev_name, "dtype": model_dtype,
         "seconds": round(seconds, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    sample_info = {}
+    if samples_est is not None:
+        sample_info = {"estimator": sample_key, "unit": "nats", "points": point_list, "point_groups": point_groups,
+                       "tokens": list(samples_cap.tokens), "max_values": samples_est.max_values,
+                       "bins": int(bins) if sample_key == "binned" else None,
+                       "values_per_point": list(samples_est.values_per_point), "seed": int(seed)}
     report(1.0, "analysis done")
-    return AnalysisResult(groups=names, models=results, provenance=provenance)
+    return AnalysisResult(groups=names, models=results, provenance=provenance, sample_info=sample_info,
+                          calibration=fed)
 
 
 def summarize(result: AnalysisResult) -> str:
@@ -823,6 +920,12 @@ def summarize(result: AnalysisResult) -> str:
             name = metric_label(key) if key != "nmi" else "NMI"
             lines.append(f"{m.model}: mean {name} {vals.mean():.3f}; most changed {result.groups[lo]} "
                          f"({vals[lo]:.3f}), least changed {result.groups[hi]} ({vals[hi]:.3f})")
+        if m.sample_mi:
+            mi = np.asarray(m.sample_mi).mean(axis=1)
+            points = result.sample_info.get("points") or []
+            lo = int(np.argmin(mi))
+            lines.append(f"{m.model}: per-sample MI ({result.sample_info.get('estimator')}) mean {mi.mean():.3f} nats "
+                         f"over {len(m.sample_mi[0])} samples; lowest at {points[lo] if points else lo} ({mi[lo]:.3f})")
     return "\n".join(lines)
 
 

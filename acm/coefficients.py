@@ -1,7 +1,15 @@
-"""From per-group NMI to per-group merge coefficients λ (the hyperparameter t).
+"""From an analysis to per-layer merge coefficients λ (the hyperparameter t), for every rule.
 
-This project's precise form of the paper's rule (README "The formulas"): with K groups, base
-coefficient α > 0 and sharpness t ≥ 0,
+``compute`` is the one call the app, the CLI and the tuner use: (analysis, rule, t, α, clip, metric)
+→ ``Coefficients`` (λ per fine-tuned model and λ key, the task-vector weights the merge applies, and
+the recipe's ``acm`` entry).
+
+The paper's rule (``acm``, the default; ``acm.rules.acm_lambdas``): per activation point k,
+λₖ = 1 − meanⱼ σ(t·(MIₖ,ⱼ − maxⱼ MIₖ,ⱼ)) from per-sample MI, and the merge applies λ/N to each of
+the N task vectors (Eq. 3). λ keys: ``embed``, ``block.k``, ``head.norm`` (the final norm) and
+``head`` (the output head).
+
+This project's alternative (``softmax``): with K groups, base coefficient α > 0 and sharpness t ≥ 0,
 
     λₖ(t) = α · K · exp(−t·NMIₖ) / Σⱼ exp(−t·NMIⱼ)
 
@@ -21,6 +29,7 @@ import numpy as np
 
 from acm.errors import InputError
 from acm.methods import OPTIONS, SPECS, check_drop_rate, check_gamma
+from acm.rules import ACM, DEFAULT_RULE, acm_lambdas, check_t, get_rule
 
 # Our merge-method names → mergekit's (from the registry, acm.methods; "dare_linear" is accepted as a name too).
 MERGEKIT_METHODS = {**{k: s.mergekit for k, s in SPECS.items() if s.mergekit}, "dare_linear": "dare_linear"}
@@ -102,52 +111,165 @@ def _nmi_rows(analysis, metric: str = "nmi") -> tuple[list[str], list[str], np.n
     return groups, models, analysis.similarity_matrix(metric)
 
 
-def coefficient_table(analysis, t: float, alpha: float = 1.0, clip=None, *, metric: str = "nmi") -> dict:
-    """Everything a user needs to see for one t: the driving similarity sₖ and λ per (model, group).
+def coefficient_table(analysis, t: float | None = None, alpha: float = 1.0, clip=None, *, metric: str = "nmi",
+                      rule: str | None = DEFAULT_RULE, against: str = "fine-tuned",
+                      applies: str = "task-vectors") -> dict:
+    """Everything a user needs to see for one t: what drives λ, and λ per (model, λ key).
 
-    ``metric`` (``acm.similarity.METRICS``) picks which similarity drives λ (the formula is the same
-    with sₖ in place of NMIₖ). ``{"t", "alpha", "clip", "metric", "groups", "models": [{"model",
+    softmax: ``{"rule", "t", "alpha", "clip", "metric", "groups", "formula", "models": [{"model",
     "mean_lambda", "groups": [{"name", "similarity", "<metric>", "lambda", "lambda_unclipped"?,
-    "clipped"?}]}]}`` (the value is under both "similarity" and the metric's key, e.g. "nmi").
+    "clipped"?}]}]}`` (the similarity is under both "similarity" and the metric's key, e.g. "nmi").
+    acm: the same shape with, per row, the activation point, its per-sample MI (mean, std, max, nats)
+    and the task-vector ``weight`` the merge applies (λ/N); plus "against", "applies", "scale".
     """
-    t_val = float(_check_t(t).reshape(-1)[0]) if np.ndim(t) == 0 else None
-    if t_val is None:
-        raise InputError("coefficient_table takes one t (use lambdas() for a grid)")
-    a = _check_alpha(alpha)
-    clip = _check_clip(clip)
-    groups, models, nmi = _nmi_rows(analysis, metric)
-    raw = lambdas(nmi, t_val, a)
-    lam = lambdas(nmi, t_val, a, clip=clip)
+    if np.ndim(t) != 0:
+        raise InputError("coefficient_table takes one t (use lambdas() / acm_curve() for a grid)")
+    c = compute(analysis, rule, t, alpha, clip, metric=metric, against=against, applies=applies)
     out_models = []
-    for i, name in enumerate(models):
+    for i, name in enumerate(c.models):
         rows = []
-        for k, g in enumerate(groups):
-            row: dict[str, Any] = {"name": g, metric: float(nmi[i, k]), "similarity": float(nmi[i, k]),
-                                   "lambda": float(lam[i, k])}
-            if clip is not None:
-                row["lambda_unclipped"] = float(raw[i, k])
-                row["clipped"] = bool(lam[i, k] != raw[i, k])
+        for k, key in enumerate(c.keys):
+            row: dict[str, Any] = {"name": key}
+            if c.rule == "acm":
+                mi = c.values[i, k]
+                row.update({"point": c.analysis.sample_info["points"][k], "mi_mean": float(mi.mean()),
+                            "mi_std": float(mi.std()), "mi_max": float(mi.max()), "lambda": float(c.lambdas[i, k]),
+                            "weight": float(c.lambdas[i, k] * c.scale)})
+            else:
+                row.update({metric: float(c.values[i, k]), "similarity": float(c.values[i, k]),
+                            "lambda": float(c.lambdas[i, k])})
+            if c.params["clip"] is not None:
+                row["lambda_unclipped"] = float(c.unclipped[i, k])
+                row["clipped"] = bool(c.lambdas[i, k] != c.unclipped[i, k])
             rows.append(row)
-        out_models.append({"model": name, "mean_lambda": float(lam[i].mean()), "groups": rows})
+        out_models.append({"model": name, "mean_lambda": float(c.lambdas[i].mean()), "groups": rows})
+    clip_out = list(c.params["clip"]) if c.params["clip"] is not None else None
+    if c.rule == "acm":
+        return {"rule": "acm", "t": c.params["t"], "clip": clip_out, "groups": list(c.keys),
+                "against": c.params["against"], "applies": c.params["applies"], "scale": c.scale,
+                "samples": int(c.values.shape[-1]), "estimator": c.analysis.sample_info.get("estimator"),
+                "formula": "lambda_k = 1 - mean_j sigmoid(t*(MI_kj - max_j MI_kj)); "
+                           "theta = theta_0 + (1/N) sum_i lambda_ik tau_ik, clipped after",
+                "models": out_models}
     s = "NMI" if metric == "nmi" else f"s[{metric}]"
-    return {"t": t_val, "alpha": a, "clip": list(clip) if clip is not None else None, "groups": groups,
-            "metric": metric,
+    return {"rule": "softmax", "t": c.params["t"], "alpha": c.params["alpha"], "clip": clip_out,
+            "groups": list(c.keys), "metric": metric,
             "formula": f"lambda_k = alpha * K * exp(-t*{s}_k) / sum_j exp(-t*{s}_j), clipped after",
             "models": out_models}
 
 
-def lambdas_by_group(analysis, t: float, alpha: float = 1.0, clip=None, *,
-                     metric: str = "nmi") -> list[dict[str, float]]:
-    """One ``{group: λ}`` per fine-tuned model — the form ``merge_models(lambdas=...)`` takes.
-
-    ``metric``: which similarity of the analysis drives λ (default NMI)."""
-    groups, _, nmi = _nmi_rows(analysis, metric)
-    lam = lambdas(nmi, float(_check_t(t).reshape(-1)[0]), alpha, clip=clip)
-    return [{g: float(v) for g, v in zip(groups, row)} for row in lam]
+def lambdas_by_group(analysis, t: float | None = None, alpha: float = 1.0, clip=None, *, metric: str = "nmi",
+                     rule: str | None = DEFAULT_RULE) -> list[dict[str, float]]:
+    """One ``{key: weight}`` per fine-tuned model — the form ``merge_models(lambdas=...)`` takes
+    (the acm rule's λ/N; softmax's λ)."""
+    return compute(analysis, rule, t, alpha, clip, metric=metric).weights()
 
 
-def _filters(analysis, group: str) -> list[str]:
-    tensors = ((analysis.provenance or {}).get("group_tensors") or {}).get(group)
+class Coefficients:
+    """λ of one rule for one analysis: per fine-tuned model and λ key, plus what the merge applies.
+
+    ``lambdas`` [models, keys] are the rule's λ (clipped when asked); ``weights()`` are the task-vector
+    weights a merge uses: λ/N under the acm rule's Eq. 3, λ itself under softmax.
+    """
+
+    def __init__(self, rule: str, params: dict, keys: list[str], models: list[str], lambdas: np.ndarray,
+                 unclipped: np.ndarray, values: np.ndarray, analysis: Any):
+        self.rule, self.params, self.keys, self.models = rule, params, keys, models
+        self.lambdas, self.unclipped, self.values, self.analysis = lambdas, unclipped, values, analysis
+
+    @property
+    def scale(self) -> float:
+        """What λ is multiplied by in the merge: 1/N (Eq. 3) for the acm rule, 1 for softmax."""
+        return 1.0 / len(self.models) if self.rule == "acm" else 1.0
+
+    def by_model(self) -> list[dict[str, float]]:
+        """One ``{key: λ}`` per fine-tuned model (the rule's λ)."""
+        return [{k: float(v) for k, v in zip(self.keys, row)} for row in self.lambdas]
+
+    def weights(self) -> list[dict[str, float]]:
+        """One ``{key: weight}`` per fine-tuned model — what ``merge_models(lambdas=…)`` takes."""
+        return [{k: float(v) * self.scale for k, v in zip(self.keys, row)} for row in self.lambdas]
+
+    def mean_over_models(self) -> dict[str, float]:
+        """One λ per key (the mean over fine-tuned models): what a merged delta is rescaled by."""
+        return {k: float(v) for k, v in zip(self.keys, self.lambdas.mean(axis=0))}
+
+    def entry(self, source: str | None = None) -> dict:
+        """The recipe's ``acm`` entry (``merge_models(acm=…)``): rule, parameters, λ and their inputs."""
+        a, p = self.analysis, self.params
+        out: dict[str, Any] = {"analysis": a.provenance, "t": p["t"], "alpha": p["alpha"],
+                               "clip": list(p["clip"]) if p["clip"] else None}
+        if source is not None:
+            out["source"] = str(source)
+        if self.rule == "softmax":     # the recipe softmax merges always had (cache keys stay the same)
+            metric = p["metric"]
+            if all(m.nmi for m in a.models):
+                out["nmi"] = {str(m.model): [float(x) for x in m.nmi] for m in a.models}
+            out["groups"] = list(a.groups)
+            if metric != "nmi":
+                out["metric"] = metric
+                out["similarity"] = {str(m.model): [float(x) for x in m.values(metric)] for m in a.models}
+            return out
+        info = a.sample_info
+        mi = a.sample_mi_matrix()
+        out.update({"rule": "acm", "against": p["against"], "applies": p["applies"], "scale": self.scale,
+                    "estimator": info.get("estimator"), "max_values": info.get("max_values"),
+                    "groups": list(self.keys), "points": list(info.get("points") or []),
+                    "samples": int(mi.shape[-1]),
+                    "lambda": {str(m): [round(float(x), 6) for x in row] for m, row in zip(self.models, self.lambdas)},
+                    "mi_mean": {str(m): [round(float(x), 6) for x in row]
+                                for m, row in zip(self.models, mi.mean(axis=-1))}})
+        return out
+
+
+def compute(analysis, rule: str | None = DEFAULT_RULE, t: float | None = None, alpha: float = 1.0, clip=None, *,
+            metric: str = "nmi", against: str = "fine-tuned", applies: str = "task-vectors") -> Coefficients:
+    """λ of ``rule`` at ``t`` for every fine-tuned model of ``analysis`` — the one path app, CLI and tuner use.
+
+    ``t`` None → the rule's default (acm 0.7, softmax 1). ``alpha`` and ``metric`` belong to softmax;
+    ``against``/``applies`` are the acm rule's switches (recorded; ``acm.rule_merge`` acts on them).
+    A file without per-sample MI refuses the acm rule in one line that says how to re-run.
+    """
+    spec = get_rule(rule)
+    t_val = check_t(spec, t)
+    clip = _check_clip(clip)
+    a = _check_alpha(alpha)
+    models = [m.model for m in analysis.models]
+    if spec.key == "acm":
+        sw = ACM.validate({"t": t_val, "against": against, "applies": applies})
+        info = analysis.sample_info
+        values = analysis.sample_mi_matrix()                        # [models, points, samples]
+        keys = list(info.get("point_groups") or [])
+        raw = acm_lambdas(values, t_val)                            # [models, points]
+        params = {"t": t_val, "alpha": a, "clip": clip, "metric": None, "against": sw["against"],
+                  "applies": sw["applies"]}
+    else:
+        keys, _, values = _nmi_rows(analysis, metric)
+        raw = lambdas(values, t_val, a)
+        params = {"t": t_val, "alpha": a, "clip": clip, "metric": metric, "against": None, "applies": None}
+    lam = raw if clip is None else np.clip(raw, -np.inf if clip[0] is None else clip[0],
+                                           np.inf if clip[1] is None else clip[1])
+    return Coefficients(spec.key, params, keys, models, lam, raw, values, analysis)
+
+
+def acm_curve(analysis, ts) -> np.ndarray:
+    """λ of the acm rule for a grid of t: [len(ts), models, points] (the app's live curve; no model work)."""
+    return acm_lambdas(analysis.sample_mi_matrix(), np.asarray(ts, dtype=np.float64))
+
+
+def _filters(analysis, group: str, *, split_norm: bool = False) -> list[str]:
+    """mergekit filters (tensor-name substrings) of a λ key; ``split_norm``: the head group's output head
+    and its other tensors (the final norm, key ``head.norm``) carry separate values."""
+    prov = analysis.provenance or {}
+    if split_norm and group in ("head", "head.norm"):
+        tensors = (prov.get("group_tensors") or {}).get("head") or []
+        head = (prov.get("heads") or {}).get("head_tensor") or "lm_head.weight"
+        picked = [n for n in tensors if (n == head) == (group == "head")]
+        if not tensors:
+            picked = ["lm_head.weight"] if group == "head" else ["model.norm.weight"]
+        names = [n.rsplit(".", 1)[0] if n.endswith((".weight", ".bias")) else n for n in picked]
+        return list(dict.fromkeys(names))
+    tensors = (prov.get("group_tensors") or {}).get(group)
     if tensors:
         names = [n.rsplit(".", 1)[0] if n.endswith((".weight", ".bias")) else n for n in tensors]
         return list(dict.fromkeys(names))
@@ -259,7 +381,7 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
                      base_model: str | None = None, density: float | None = None, clip=None,
                      dtype: str | None = None, tokenizer_source: str | None = None,
                      drop_rate: float | None = None, gamma: float | None = None, normalize: bool = False,
-                     metric: str = "nmi") -> str:
+                     metric: str = "nmi", rule: str | None = DEFAULT_RULE) -> str:
     """A mergekit-style config reproducing the ACM λ of every layer group.
 
     What mergekit can express, and how we use it: ``weight`` per model may be a list of
@@ -283,8 +405,8 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
     if isinstance(mapped, str):
         return _not_expressible(mapped)
     sparse_params, global_params, method_notes = mapped
-    groups, models, _ = _nmi_rows(analysis, metric)
-    per_model = lambdas_by_group(analysis, t, alpha, clip=clip, metric=metric)
+    coef = compute(analysis, rule, t, alpha, clip, metric=metric)
+    groups, models, per_model = coef.keys, coef.models, coef.weights()
     blocks = [g for g in groups if g.startswith("block.")]
     prov = analysis.provenance or {}
     if base_model is None:
@@ -292,9 +414,9 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
     entries = []
     for name, lam in zip(models, per_model):
         weight: list[dict[str, Any]] = []
-        for group in ("embed", "head"):
+        for group in ("embed", "head.norm", "head"):
             if group in lam:
-                for flt in _filters(analysis, group):
+                for flt in _filters(analysis, group, split_norm="head.norm" in lam):
                     weight.append({"filter": flt, "value": _r(lam[group])})
         weight.append({"value": [_r(lam[b]) for b in blocks]})
         params: dict[str, Any] = {"weight": weight, **sparse_params}
@@ -303,24 +425,34 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
                               "models": entries, "parameters": global_params}
     if dtype:
         config["dtype"] = dtype
-    clip = _check_clip(clip)
+    clip = coef.params["clip"]
+    t = coef.params["t"]
+    if coef.rule == "acm":
+        formula = [f"# The paper's rule (arXiv 2505.14009, Eq. 2-3): lambda_k = 1 - mean_j sigmoid(t*(MI_kj - max_j MI_kj)) "
+                   f"with t={_r(float(t))}" + (f", clipped to [{clip[0]}, {clip[1]}]" if clip else "") + ",",
+                   f"#   from per-sample MI on {coef.values.shape[-1]} calibration samples; weight = lambda/N "
+                   f"(N={len(models)}, Eq. 3: theta_0 + (1/N) sum_i lambda_i tau_i)."]
+    else:
+        formula = [f"# lambda_k = alpha*K*exp(-t*{'NMI' if metric == 'nmi' else 's'}_k)/sum_j exp(-t*"
+                   f"{'NMI' if metric == 'nmi' else 's'}_j) with t={_r(float(t))}, alpha={_r(_check_alpha(alpha))}"
+                   + (f", clipped to [{clip[0]}, {clip[1]}]" if clip else "") + f", K={len(groups)} groups"
+                   + ("." if metric == "nmi" else f"; s = {metric} similarity.")]
     header = [
         "# ACM (Activation-Guided Consensus Merging) coefficients as a mergekit config.",
-        f"# lambda_k = alpha*K*exp(-t*{'NMI' if metric == 'nmi' else 's'}_k)/sum_j exp(-t*"
-        f"{'NMI' if metric == 'nmi' else 's'}_j) with t={_r(float(t))}, alpha={_r(_check_alpha(alpha))}"
-        + (f", clipped to [{clip[0]}, {clip[1]}]" if clip else "") + f", K={len(groups)} groups"
-        + ("." if metric == "nmi" else f"; s = {metric} similarity."),
+        *formula,
         f"# weight: one value per decoder block ({len(blocks)} blocks; mergekit's layer gradient hits each block",
         "#   exactly when the list has one value per layer); the embed group (input embeddings, tied",
-        "#   output embeddings) and the head group (final norm, lm_head) are carried by the 'filter'",
-        "#   entries (substring match on tensor names, first match wins).",
+        "#   output embeddings) and the head group (final norm, lm_head; the acm rule gives the final norm its",
+        "#   own value) are carried by the 'filter' entries (substring match on tensor names, first match wins).",
         "# normalize: false = no division by the sum of weights (this project's default)."
         if not global_params.get("normalize") else
         "# normalize: true = divide by the sum of the agreeing models' weights (as this merge's --normalize).",
         *method_notes,
     ]
     for name, lam in zip(models, per_model):
-        header.append(f"# {name}: embed {_r(lam.get('embed', float('nan')))}, head {_r(lam.get('head', float('nan')))}")
+        norm = f", final norm {_r(lam['head.norm'])}" if "head.norm" in lam else ""
+        header.append(f"# {name}: embed {_r(lam.get('embed', float('nan')))}{norm}, "
+                      f"head {_r(lam.get('head', float('nan')))}")
     header += _head_warning(prov.get("heads") or {})
     if tokenizer_source:
         header += [f"# Tokenizer: this merge carries the tokenizer, chat template and generation defaults of "

@@ -71,7 +71,7 @@ def build_recipe(base: Any, fts: list[Any], options: Any, lambdas: list[dict[str
         "models": sources,
         "options": opts,
         "groups": groups,
-        "lambdas": [{"model": s["model"], "lambda": {g: lam.get(g) for g in groups}}
+        "lambdas": [{"model": s["model"], "lambda": {g: lam.get(g) for g in [*groups, *(k for k in lam if k not in groups)]}}
                     for s, lam in zip(sources, lambdas)],
         "acm_analysis": acm_block,
         "vocab_notes": list(vocab_notes or []),

@@ -22,6 +22,8 @@ from acm.errors import InputError
 
 EMBED = "embed"
 HEAD = "head"
+# The final norm's own λ key (the acm rule): tensors of the head group other than the output head itself.
+NORM_GROUP = "head.norm"
 
 
 def block_name(k: int) -> str:

@@ -45,6 +45,8 @@ import torch
 from acm import merge_methods as mm
 from acm import methods
 from acm.errors import InputError
+from acm.grouping import HEAD
+from acm.grouping import NORM_GROUP as NORM_KEY
 from acm.heads import HeadLayout
 from acm.models import (
     ModelSource,
@@ -384,7 +386,8 @@ class _Plan:
         grown = [e for e in extras if e is not None]
         out = self._out_buffer(name, dtype)
         flat = (out[:rows] if grown else out).reshape(-1)
-        lams = [lam[self.group_of[name]] for lam in self.lams]
+        key = self.lambda_key(name)
+        lams = [lam.get(key, lam[self.group_of[name]]) for lam in self.lams]
         spec = self.spec                                   # which maths: acm.methods.MethodSpec
         if spec.key == "linear":
             job.linear(lams, flat)
@@ -403,6 +406,14 @@ class _Plan:
         if not mm.finite(out):
             self._check_inputs(name, dtype)
         return out
+
+    def lambda_key(self, name: str) -> str:
+        """The λ key of an output tensor: its layer group, except that the head group's tensors other
+        than the output head itself (the final norm) take ``head.norm`` when the coefficients have it."""
+        group = self.group_of[name]
+        if group == HEAD and not (self.layout.merged_untied and name == self.layout.head_key):
+            return NORM_KEY
+        return group
 
     def _append_rows(self, name: str, out: torch.Tensor, rows: int, extras: list[torch.Tensor | None]) -> None:
         """Rows beyond the base's vocabulary come from the first fine-tuned model that has them."""
@@ -553,7 +564,7 @@ def _resolve_lambdas(lambdas: list[dict[str, float]] | None, groups: list[str], 
         raise InputError(f"got coefficients for {len(lambdas)} fine-tuned model(s) but {n} model(s) to merge")
     from acm.grouping import group_names
 
-    valid = set(group_names(num_layers))
+    valid = set(group_names(num_layers)) | {NORM_KEY}
     out = []
     for i, lam in enumerate(lambdas):
         if not isinstance(lam, dict):
@@ -561,15 +572,17 @@ def _resolve_lambdas(lambdas: list[dict[str, float]] | None, groups: list[str], 
         unknown = [g for g in lam if g not in valid]
         if unknown:
             raise InputError(f"coefficients for model {i + 1} name unknown layer group {unknown[0]!r}; "
-                             f"this model's groups are embed, block.0 ... block.{num_layers - 1}, head")
+                             f"this model's groups are embed, block.0 ... block.{num_layers - 1}, head "
+                             f"(and {NORM_KEY} for the final norm)")
         missing = [g for g in groups if g not in lam]
         if missing:
             raise InputError(f"coefficients for model {i + 1} lack layer group {missing[0]!r}")
-        bad = [g for g in groups if not _finite(lam[g]) or float(lam[g]) < 0]
+        keys = [*groups, *([NORM_KEY] if NORM_KEY in lam else [])]
+        bad = [g for g in keys if not _finite(lam[g]) or float(lam[g]) < 0]
         if bad:
             raise InputError(f"coefficient for model {i + 1}, group {bad[0]} must be finite and >= 0, "
                              f"got {lam[bad[0]]}")
-        out.append({g: float(lam[g]) for g in groups})
+        out.append({g: float(lam[g]) for g in keys})
     return out
 
 

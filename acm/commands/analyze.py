@@ -15,6 +15,7 @@ from acm.sizes import format_bytes
 PAIR_BUDGET = 1 << 22   # = acm.analysis.DEFAULT_PAIR_BUDGET (not imported: keeps `acm --help` free of torch)
 ROW_BUDGET = 1 << 13    # = acm.analysis.DEFAULT_ROW_BUDGET
 SKETCH_DIM = 128        # = acm.similarity.DEFAULT_SKETCH_DIM
+MAX_VALUES = 1 << 18    # = acm.rules.ACM's max_values default
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -45,6 +46,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"row metrics (all but nmi): random-projection width for wider layer groups (default: {SKETCH_DIM})")
     p.add_argument("--row-budget", type=int, default=ROW_BUDGET, metavar="N",
                    help=f"row metrics (all but nmi): tokens paired per layer group; beyond it a seeded subset (default: {ROW_BUDGET})")
+    p.add_argument("--mi-estimator", default="labels", metavar="labels|binned|off",
+                   help="per-sample MI at the paper's activation points, for the acm rule: labels = discrete MI of "
+                        "the bf16 values as labels (default, as scikit-learn's mutual_info_score), binned = "
+                        "--bins-bin histogram per sample, off = none (softmax rule only)")
+    p.add_argument("--mi-max-values", type=int, default=MAX_VALUES, metavar="N",
+                   help=f"per-sample MI: values per (sample, activation point), a seeded subset beyond it "
+                        f"(default: {MAX_VALUES} = 2^18; 0 = every value)")
+    p.add_argument("--save-calibration", default=None, metavar="FILE",
+                   help="also write the exact token sequences fed to the models: JSON lines with input_ids and text")
     p.add_argument("--bins", type=int, default=64, help="histogram bins per axis, 2..1024 (default: 64)")
     p.add_argument("--batch-size", type=int, default=4, help="samples per forward pass (default: 4)")
     p.add_argument("--seed", type=int, default=0,
@@ -85,6 +95,11 @@ def validate(args: argparse.Namespace) -> None:
     from acm.similarity import parse_metrics
 
     args.metric = parse_metrics(args.metric)
+    from acm.rules import ACM
+
+    args.mi_estimator = None if str(args.mi_estimator).lower() in ("off", "none") else \
+        ACM.param("estimator").check(args.mi_estimator)
+    args.mi_max_values = ACM.param("max_values").check(args.mi_max_values)
     check_num_fine_tuned(len(args.ft))
     out = Path(args.out)
     if out.is_dir():
@@ -94,6 +109,10 @@ def validate(args: argparse.Namespace) -> None:
     folder = out.parent if str(out.parent) else Path(".")
     if not os.access(folder, os.W_OK | os.X_OK):     # before minutes of forward passes, not after
         raise InputError(f"--out folder {folder} is not writable; choose another --out")
+    if args.save_calibration is not None:
+        cal = Path(args.save_calibration)
+        if cal.is_dir() or not (cal.parent if str(cal.parent) else Path(".")).is_dir():
+            raise InputError(f"--save-calibration {args.save_calibration}: give a file in an existing folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,8 +133,12 @@ def run(args: argparse.Namespace) -> int:
                      device=args.device, dtype=args.dtype, chat_template=not args.no_chat_template,
                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                      show_progress=interactive, pair_budget=args.pair_budget, metrics=args.metric,
-                     sketch_dim=args.sketch_dim, row_budget=args.row_budget)
+                     sketch_dim=args.sketch_dim, row_budget=args.row_budget, sample_mi=args.mi_estimator,
+                     sample_max_values=args.mi_max_values)
     path = result.save(args.out)
+    if args.save_calibration is not None:
+        print(f"wrote the {len(result.calibration or [])} token sequences fed to the models to "
+              f"{result.save_calibration(args.save_calibration)}")
     cal = result.provenance.get("calibration", {})
     print(f"analysed {len(result.groups)} layer groups on {cal.get('samples')} samples "
           f"({cal.get('tokens')} tokens) in {result.provenance.get('seconds', 0):.1f}s")

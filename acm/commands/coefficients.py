@@ -15,15 +15,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "coefficients", help="per-layer-group merge coefficients λ(t) from an analysis JSON",
-        description="lambda_k = alpha*K*exp(-t*NMI_k)/sum_j exp(-t*NMI_j), optionally clipped after. "
-                    "Prints JSON (the table) or a mergekit-style YAML config.")
+        description="acm rule (default, the paper's Eq. 2-3): lambda_k = 1 - mean_j sigmoid(t*(MI_kj - max_j MI_kj)) "
+                    "from per-sample MI, merged as theta_0 + (1/N) sum_i lambda_i tau_i. softmax rule (this "
+                    "project's alternative): lambda_k = alpha*K*exp(-t*s_k)/sum_j exp(-t*s_j). Optionally clipped "
+                    "after. Prints JSON (the table) or a mergekit-style YAML config.")
     p.add_argument("--analysis", required=True, metavar="FILE", help="analysis JSON written by 'acm analyze'")
-    p.add_argument("--t", required=True, type=float, help="sharpness t >= 0 (0 = the plain method)")
-    p.add_argument("--alpha", type=float, default=1.0, help="base coefficient alpha > 0 = mean lambda (default: 1)")
+    p.add_argument("--rule", default=None, metavar="acm|softmax", help="coefficient rule (default: acm, the paper's)")
+    p.add_argument("--t", type=float, default=None,
+                   help="the rule's t: acm in [-3, 3] (default 0.7, the paper's); softmax >= 0 (default 1)")
+    p.add_argument("--alpha", type=float, default=1.0,
+                   help="softmax rule: base coefficient alpha > 0 = mean lambda (default: 1)")
     p.add_argument("--clip-min", type=float, default=None, help="clip lambda from below (after the formula)")
     p.add_argument("--clip-max", type=float, default=None, help="clip lambda from above (after the formula)")
     p.add_argument("--metric", default="nmi", metavar="NAME",
-                   help=f"which similarity of the analysis drives lambda: {keys_help()}")
+                   help=f"softmax rule: which similarity of the analysis drives lambda: {keys_help()}")
     p.add_argument("--format", choices=("json", "yaml"), default="json", help="json table or mergekit YAML")
     p.add_argument("--method", default="task_arithmetic",
                    help=f"YAML only: {', '.join(k for k in registry.ACM_METHODS)} (default: task_arithmetic); "
@@ -39,8 +44,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def validate(args: argparse.Namespace) -> tuple[float | None, float | None] | None:
-    if not (math.isfinite(args.t) and args.t >= 0):
-        raise InputError(f"--t must be a finite number >= 0, got {args.t}")
+    from acm.rules import check_t, get_rule
+
+    rule = get_rule(args.rule)
+    args.rule = rule.key
+    try:
+        args.t = check_t(rule, args.t)
+    except InputError as exc:
+        raise InputError(f"--{exc}") from None
     if not (math.isfinite(args.alpha) and args.alpha > 0):
         raise InputError(f"--alpha must be a finite number > 0, got {args.alpha}")
     for name, v in (("--clip-min", args.clip_min), ("--clip-max", args.clip_max)):
@@ -66,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "yaml":
         print(to_mergekit_yaml(analysis, args.t, args.alpha, method=args.method, base_model=args.base_model,
                                density=args.density, drop_rate=args.drop_rate, gamma=args.gamma,
-                               normalize=args.normalize, clip=clip, metric=args.metric), end="")
+                               normalize=args.normalize, clip=clip, metric=args.metric, rule=args.rule), end="")
     else:
-        table = coefficient_table(analysis, args.t, args.alpha, clip=clip, metric=args.metric)
+        table = coefficient_table(analysis, args.t, args.alpha, clip=clip, metric=args.metric, rule=args.rule)
         table["analysis"] = str(args.analysis)
         print(json.dumps(table, indent=2))
     return 0

@@ -52,31 +52,38 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     for key in _PARAM_FLAGS:
         _add_param(p, key)
     p.add_argument("--acm", metavar="ANALYSIS_JSON", default=None,
-                   help="use ACM coefficients from this analysis (from `acm analyze`); needs --t")
-    p.add_argument("--t", type=float, default=None, help="ACM sharpness t >= 0 (t = 0 is the plain method)")
-    p.add_argument("--metric", default=None, metavar="NAME",
-                   help=f"ACM: which similarity of the analysis drives λ: {keys_help()}")
-    p.add_argument("--clip-min", type=float, default=None, help="ACM: clip λ from below (after the formula)")
-    p.add_argument("--clip-max", type=float, default=None, help="ACM: clip λ from above (after the formula)")
+                   help="ACM coefficients from this analysis (from `acm analyze`), with --rule (default acm) and --t")
     rules = p.add_argument_group(
-        "coefficient rule", "softmax (default) is the ACM rule above (--acm/--t). sigmoid runs the whole two-stage "
-        "workflow in one command: the plain merge given by --method/--alpha/…, per-sample MI between base and "
-        "merged activations on --calibration, then each layer group keeps 1 − s of its delta (from a public "
-        "derivative of the authors' code, not the paper; README \"Coefficient rules\")")
-    rules.add_argument("--rule", default="softmax", metavar="softmax|sigmoid", help="coefficient rule (default softmax)")
-    rules.add_argument("--theta", type=float, default=None, help="sigmoid rule: θ > 0 (default 0.7)")
+        "coefficient rule",
+        "acm (default) is the paper's rule (arXiv 2505.14009, Eq. 2-3): lambda_k = 1 - mean_j sigmoid(t*(MI_kj - "
+        "max_j MI_kj)) from the per-sample MI of --acm FILE, merged as theta_0 + (1/N) sum_i lambda_i tau_i. "
+        "--against merged measures the MI against a plain merge instead (needs --calibration, no --acm) and "
+        "--applies merged-delta rescales a plain merge's delta (a public derivative of the authors' code). "
+        "softmax is this project's alternative rule (--metric, --alpha).")
+    rules.add_argument("--rule", default=None, metavar="acm|softmax",
+                       help="coefficient rule (default acm; 'sigmoid' = acm --against merged --applies merged-delta)")
+    rules.add_argument("--t", type=float, default=None,
+                       help="the rule's t: acm in [-3, 3] (default 0.7, the paper's), softmax >= 0 (default 1)")
+    rules.add_argument("--against", default=None, metavar="fine-tuned|merged",
+                       help="acm rule: MI of the base against each fine-tuned model (default) or a plain merge")
+    rules.add_argument("--applies", default=None, metavar="task-vectors|merged-delta",
+                       help="acm rule: lambda weights each task vector with 1/N (default) or a plain merge's delta")
+    rules.add_argument("--theta", type=float, default=None, help=argparse.SUPPRESS)   # the old sigmoid rule's t
+    rules.add_argument("--metric", default=None, metavar="NAME",
+                       help=f"softmax rule: which similarity of the analysis drives λ: {keys_help()}")
+    rules.add_argument("--clip-min", type=float, default=None, help="clip λ from below (after the formula)")
+    rules.add_argument("--clip-max", type=float, default=None, help="clip λ from above (after the formula)")
     rules.add_argument("--rule-estimator", default=None, metavar="labels|binned",
-                       help="sigmoid rule: per-sample MI estimator, labels = scikit-learn mutual_info_score of bf16 "
-                            "values as labels (default), binned = 64-bin joint histogram")
-    rules.add_argument("--rule-bins", type=int, default=None, help="sigmoid rule, binned estimator: bins (default 64)")
+                       help="--against merged: per-sample MI estimator (labels = discrete MI of bf16 values, default)")
+    rules.add_argument("--rule-bins", type=int, default=None, help="--against merged, binned estimator: bins (64)")
     rules.add_argument("--rule-max-values", type=int, default=None, metavar="N",
-                       help="sigmoid rule: values per sample and activation point kept for the MI (default 262144)")
+                       help="--against merged: values per sample and activation point kept for the MI (262144; 0 = all)")
     rules.add_argument("--calibration", default=None, metavar="SRC",
-                       help="sigmoid rule: calibration text (bundled, a .jsonl/.json/.csv/.txt file or hub:org/name)")
-    rules.add_argument("--field", default=None, help="sigmoid rule: calibration text field")
+                       help="--against merged: calibration text (bundled, a .jsonl/.json/.csv/.txt file or hub:org/name)")
+    rules.add_argument("--field", default=None, help="--against merged: calibration text field")
     rules.add_argument("--samples", type=int, default=None,
-                       help="sigmoid rule: calibration samples (default: 10%% of each of 20 k-means clusters)")
-    rules.add_argument("--max-tokens", type=int, default=None, help="sigmoid rule: tokens per sample (default 512)")
+                       help="--against merged: calibration samples (default: 10%% of each of 20 k-means clusters)")
+    rules.add_argument("--max-tokens", type=int, default=None, help="--against merged: tokens per sample (512)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="output dtype (default: the base's)")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
@@ -96,12 +103,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _lambdas_from_analysis(path: str, t: float, alpha: float, fts: list[str], clip=None, metric: str = "nmi"):
-    try:
-        from acm.analysis import AnalysisResult
-        from acm.coefficients import lambdas_by_group
-    except ImportError as exc:  # pragma: no cover - both modules ship with the package
-        raise InputError(f"ACM coefficients are unavailable in this install ({exc})") from None
+def _load_analysis(path: str, fts: list[str]):
+    from acm.analysis import AnalysisResult
+
     analysis = AnalysisResult.load(path)
     if len(analysis.models) != len(fts):
         raise InputError(f"{path} analyses {len(analysis.models)} fine-tuned model(s) but {len(fts)} --ft given; "
@@ -110,65 +114,109 @@ def _lambdas_from_analysis(path: str, t: float, alpha: float, fts: list[str], cl
         if str(m.model) != spec:
             log.warning("warning: model %d of the analysis is %s but --ft is %s; using its coefficients anyway",
                         i + 1, m.model, spec)
-    lambdas = lambdas_by_group(analysis, t, alpha, clip=clip, metric=metric)
-    acm = {"analysis": analysis.provenance, "t": t, "alpha": alpha, "clip": list(clip) if clip else None,
-           "source": str(path),
-           "nmi": {str(m.model): [float(x) for x in m.nmi] for m in analysis.models},
-           "groups": list(analysis.groups)}
-    if metric != "nmi":          # NMI-driven merges keep the recipe they always had
-        acm["metric"] = metric
-        acm["similarity"] = {str(m.model): [float(x) for x in m.values(metric)] for m in analysis.models}
-        if not all(m.nmi for m in analysis.models):
-            del acm["nmi"]
-    return lambdas, acm
+    return analysis
+
+
+_MERGED_ONLY = (("--rule-estimator", "rule_estimator"), ("--rule-bins", "rule_bins"),
+                ("--rule-max-values", "rule_max_values"), ("--calibration", "calibration"), ("--field", "field"),
+                ("--samples", "samples"), ("--max-tokens", "max_tokens"))
+
+
+def _clip(args: argparse.Namespace):
+    import math
+
+    if args.clip_min is None and args.clip_max is None:
+        return None
+    for name, v in (("--clip-min", args.clip_min), ("--clip-max", args.clip_max)):
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise InputError(f"{name} must be a finite number >= 0, got {v}")
+    if args.clip_min is not None and args.clip_max is not None and args.clip_min > args.clip_max:
+        raise InputError(f"--clip-min {args.clip_min} is larger than --clip-max {args.clip_max}")
+    return args.clip_min, args.clip_max
+
+
+def _rule_settings(args: argparse.Namespace) -> dict | None:
+    """None for a plain merge; else the checked rule settings {rule, t, against, applies, estimator, …}."""
+    from acm.rules import alias_params, check_t, get_rule
+
+    if args.theta is not None:
+        if args.t is not None:
+            raise InputError("--theta is the old name of --t: give one of them")
+        args.t = args.theta
+    switches = alias_params(args.rule)
+    against = args.against or switches.get("against")
+    coefficient_flags = [f for f, v in (("--rule", args.rule), ("--t", args.t), ("--against", args.against),
+                                        ("--applies", args.applies), ("--metric", args.metric),
+                                        ("--clip-min", args.clip_min), ("--clip-max", args.clip_max)) if v is not None]
+    merged_flags = [flag for flag, name in _MERGED_ONLY if getattr(args, name) is not None]
+    if args.acm is None and against != "merged":
+        if merged_flags:
+            raise InputError(f"{merged_flags[0]} belongs to the acm rule with MI against a plain merge: "
+                             "add --against merged")
+        if coefficient_flags:
+            raise InputError(f"{coefficient_flags[0]} sets ACM coefficients: pass --acm analysis.json (from "
+                             "`acm analyze`), or --against merged --calibration SRC")
+        return None
+    spec = get_rule(args.rule)
+    if args.method not in registry.ACM_METHODS:
+        raise InputError("ACM coefficients scale task vectors and linear averaging has none; "
+                         f"use --method {', '.join(registry.ACM_METHODS)} with --acm")
+    if spec.key == "softmax":
+        if args.against or args.applies or merged_flags:
+            raise InputError(f"{(['--against', '--applies'] + merged_flags)[0]} belongs to the acm rule, not softmax")
+        from acm.similarity import get_metric
+
+        return {"rule": "softmax", "t": check_t(spec, args.t), "metric": get_metric(args.metric or "nmi").key,
+                "clip": _clip(args)}
+    if args.metric is not None:
+        raise InputError("--metric picks the softmax rule's similarity; the acm rule uses per-sample MI "
+                         "(add --rule softmax)")
+    settings = spec.validate({"t": args.t, "against": against, "applies": args.applies or switches.get("applies"),
+                              "estimator": args.rule_estimator, "bins": args.rule_bins,
+                              "max_values": args.rule_max_values})
+    if settings["against"] == "merged":
+        if args.acm is not None:
+            raise InputError("--against merged measures MI against a plain merge of --ft: drop --acm")
+        if args.calibration is None:
+            raise InputError("--against merged needs --calibration (e.g. bundled, or a .jsonl file of texts)")
+    elif merged_flags:
+        raise InputError(f"{merged_flags[0]} belongs to --against merged (the analysis file fixes the calibration)")
+    for flag, v in (("--samples", args.samples), ("--max-tokens", args.max_tokens)):
+        if v is not None and v < 1:
+            raise InputError(f"{flag} must be >= 1, got {v}")
+    return {"rule": "acm", **settings, "clip": _clip(args)}
 
 
 def run(args: argparse.Namespace) -> int:
-    import math
-
     from acm.merge import MergeOptions, merge_models
 
-    if (args.acm is None) != (args.t is None):
-        raise InputError("--acm and --t go together: pass both for an ACM merge, neither for the plain method")
-    if args.t is not None and (not math.isfinite(args.t) or args.t < 0):
-        raise InputError(f"--t must be a finite number >= 0, got {args.t}")
-    if args.acm is not None and args.method not in registry.ACM_METHODS:
-        raise InputError("ACM coefficients scale task vectors and linear averaging has none; "
-                         f"use --method {', '.join(registry.ACM_METHODS)} with --acm")
-    if args.metric is not None and args.acm is None:
-        raise InputError("--metric picks which similarity drives the ACM coefficients: pass it with --acm and --t")
-    if args.metric is not None:
-        from acm.similarity import get_metric
-
-        args.metric = get_metric(args.metric).key
-    clip = None
-    if args.clip_min is not None or args.clip_max is not None:
-        if args.acm is None:
-            raise InputError("--clip-min/--clip-max apply to ACM coefficients: pass them with --acm and --t")
-        for name, v in (("--clip-min", args.clip_min), ("--clip-max", args.clip_max)):
-            if v is not None and (not math.isfinite(v) or v < 0):
-                raise InputError(f"{name} must be a finite number >= 0, got {v}")
-        if args.clip_min is not None and args.clip_max is not None and args.clip_min > args.clip_max:
-            raise InputError(f"--clip-min {args.clip_min} is larger than --clip-max {args.clip_max}")
-        clip = (args.clip_min, args.clip_max)
     options = MergeOptions(method=args.method, alpha=args.alpha, **{k: getattr(args, k) for k in _PARAM_FLAGS},
                            dtype=args.dtype,
                            shard_size=args.shard_size, weights=args.weights,
                            device=None if args.device in (None, "", "auto") else args.device, threads=args.threads,
                            tokenizer_from=args.tokenizer_from)
+    settings = _rule_settings(args)
     options.validate(len(args.ft))
-    rule = _rule_args(args)
-    if rule is not None:
-        return _run_sigmoid(args, options, rule)
+    if settings is not None and settings["rule"] == "acm":
+        return _run_acm_rule(args, options, settings)
     lambdas = acm = None
-    if args.acm is not None:
-        lambdas, acm = _lambdas_from_analysis(args.acm, args.t, args.alpha, args.ft, clip, args.metric or "nmi")
+    label = args.method
+    if settings is not None:
+        from acm.coefficients import compute
+
+        coef = compute(_load_analysis(args.acm, args.ft), "softmax", settings["t"], args.alpha, settings["clip"],
+                       metric=settings["metric"])
+        lambdas, acm = coef.weights(), coef.entry(source=args.acm)
+        by = "" if settings["metric"] == "nmi" else ", by " + settings["metric"]
+        label = f"ACM {args.method} (softmax rule, t={settings['t']:g}, alpha={args.alpha:g}{by})"
     report = merge_models(args.base, args.ft, args.out, options, lambdas=lambdas, acm=acm, force=args.force,
                           allow_pickle=args.allow_pickle, show_progress=sys.stderr.isatty())
-    label = ("ACM " if acm else "") + args.method + (
-        f" (t={args.t:g}, alpha={args.alpha:g}{'' if acm.get('metric', 'nmi') == 'nmi' else ', by ' + acm['metric']})"
-        if acm else "")
     print(f"merged {len(args.ft)} model(s) into {args.base} with {label}")
+    _print_output(report)
+    return 0
+
+
+def _print_output(report) -> None:
     print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.num_shards} shard(s), "
           f"{format_bytes(report.bytes_written)} in {report.seconds:.2f} s")
     heads = report.recipe.get("output", {}).get("heads") or {}
@@ -180,40 +228,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"tokenizer and chat template ({tok.get('template')}) from {tok.get('from')}: {tok.get('model')}")
     for note in report.vocab_notes:
         print(f"note: {note}")
-    return 0
 
 
-_SIGMOID_ONLY = (("--theta", "theta"), ("--rule-estimator", "rule_estimator"), ("--rule-bins", "rule_bins"),
-                 ("--rule-max-values", "rule_max_values"), ("--calibration", "calibration"), ("--field", "field"),
-                 ("--samples", "samples"), ("--max-tokens", "max_tokens"))
-
-
-def _rule_args(args: argparse.Namespace) -> dict | None:
-    """None for the softmax rule (the classic path); the checked sigmoid parameters otherwise."""
-    from acm.rules import get_rule
-
-    rule = get_rule(args.rule)
-    if rule.key == "softmax":
-        given = [flag for flag, name in _SIGMOID_ONLY if getattr(args, name) is not None]
-        if given:
-            raise InputError(f"{given[0]} belongs to the sigmoid rule: add --rule sigmoid")
-        return None
-    if args.acm is not None:
-        raise InputError("--acm/--t set the softmax rule's coefficients; the sigmoid rule starts from a plain "
-                         "merge: drop --acm and --t")
-    if args.calibration is None:
-        raise InputError("--rule sigmoid needs --calibration (e.g. bundled, or a .jsonl file of texts)")
-    params = rule.validate({"theta": args.theta, "estimator": args.rule_estimator, "bins": args.rule_bins,
-                            "max_values": args.rule_max_values})
-    if args.samples is not None and args.samples < 1:
-        raise InputError(f"--samples must be >= 1, got {args.samples}")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    return params
-
-
-def _run_sigmoid(args: argparse.Namespace, options, params: dict) -> int:
-    from acm.sigmoid_rule import merge_with_sigmoid_rule
+def _run_acm_rule(args: argparse.Namespace, options, s: dict) -> int:
+    from acm.rule_merge import merge_with_rule
 
     tty = sys.stderr.isatty()
     last = [""]
@@ -224,17 +242,21 @@ def _run_sigmoid(args: argparse.Namespace, options, params: dict) -> int:
             print(f"[{frac:4.0%}] {stage}", flush=True)
             last[0] = stage
 
-    result = merge_with_sigmoid_rule(
-        args.base, args.ft, args.out, options, calibration=args.calibration, field=args.field, samples=args.samples,
-        max_tokens=args.max_tokens or 512, seed=args.seed, force=args.force, allow_pickle=args.allow_pickle,
-        analysis_device=None if args.device in (None, "", "auto") else args.device,
-        progress=None if tty else progress, show_progress=tty, **params)
+    staged = s["against"] == "merged" or s["applies"] == "merged-delta"
+    analysis = _load_analysis(args.acm, args.ft) if s["against"] == "fine-tuned" else None
+    aopts = {"field": args.field, "samples": args.samples, "max_tokens": args.max_tokens or 512, "seed": args.seed,
+             "device": None if args.device in (None, "", "auto") else args.device}
+    result = merge_with_rule(args.base, args.ft, args.out, options, t=s["t"], against=s["against"],
+                             applies=s["applies"], analysis=analysis, calibration=args.calibration, clip=s["clip"],
+                             estimator=s["estimator"], bins=s["bins"], max_values=s["max_values"],
+                             analysis_options=aopts, force=args.force, allow_pickle=args.allow_pickle,
+                             progress=None if (tty or not staged) else progress, show_progress=tty)
     report = result.merge
-    print(f"merged {len(args.ft)} model(s) into {args.base} with {args.method} + sigmoid rule "
-          f"(θ={params['theta']:g}, estimator {params['estimator']})")
-    print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.stage_seconds.items()))
-    kept = result.scales
-    print("delta kept per group (1 − s): " + ", ".join(f"{g} {v:.3f}" for g, v in kept.items()))
-    print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.num_shards} shard(s), "
-          f"{format_bytes(report.bytes_written)}")
+    print(f"merged {len(args.ft)} model(s) into {args.base} with ACM {args.method} (acm rule, t={s['t']:g}, "
+          f"MI against {s['against']}, λ applied to {s['applies']})")
+    if staged:
+        print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.stage_seconds.items()))
+    lam = result.coefficients.mean_over_models()
+    print("λ per layer: " + ", ".join(f"{g} {v:.3f}" for g, v in lam.items()))
+    _print_output(report)
     return 0
