@@ -1,7 +1,10 @@
-"""Tuning: sweep t (and α, density, drop rate, method), stream results, find the frontier, pick a point.
+"""Tuning: sweep t (and the rule's switches, α, density, drop rate, method), stream results, find the
+frontier, pick a point.
 
-Why: the paper leaves the sharpness t to the user, and on our demo pair the right t (and α) decides
-whether ACM helps at all. ``run_tune`` merges every setting of a grid into a temporary folder,
+Why: the paper fixes t = 0.7 for Long-to-Short and reports t = −1.8 elsewhere, so t is a real choice,
+and on our demo pair the right setting decides whether ACM helps at all. The default grid is the
+paper's rule (``acm.rules.ACM``) at ``DEFAULT_ACM_TS``; this project's softmax rule is a second,
+optional rule. ``run_tune`` merges every setting of a grid into a temporary folder,
 evaluates it greedily (same prompts and answer extraction as ``acm eval``), removes it, and
 appends one JSON line per finished setting to ``tune.jsonl`` — so a killed run resumes where it
 stopped. The base and fine-tuned models are evaluated once. At the end (or whenever asked) the
@@ -34,7 +37,6 @@ from acm.errors import InputError
 Progress = Callable[[float, str], None]
 
 MAX_SETTINGS = 200                  # a grid larger than this is refused (one line): it would run for hours
-T_RANGE = (0.0, 100.0)
 ALPHA_RANGE = (0.0, 4.0)            # α in (0, 4]
 TUNABLE_METHODS = registry.ACM_METHODS      # every method ACM's λ applies to (acm.methods)
 OBJECTIVES = ("shortest", "acc-per-1k", "max-accuracy")
@@ -48,50 +50,78 @@ METHOD_ALIASES = registry.ALIASES
 
 # ----------------------------------------------------------------------------- grid
 
+DEFAULT_ACM_TS = (-1.0, 0.5, 0.7, 0.9)     # the paper's t (0.7) inside its ablation (0.5–0.9), and −1 as a contrast
+DEFAULT_SOFTMAX_TS = (0.5, 1.0, 2.0, 4.0)  # this project's softmax rule (t ≥ 0; t = 0 is the plain method)
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{float(v):g}"
+
 
 @dataclass(frozen=True)
 class Setting:
-    """One point of the grid. ``t=None`` is the plain method (λ = α everywhere)."""
+    """One point of the grid. ``t=None`` is the plain method (λ = α everywhere).
+
+    ``rule`` None (or "softmax") with a t is this project's softmax rule; ``rule="acm"`` is the paper's
+    rule (``acm.rules.ACM``) at t with its two switches ``against`` / ``applies``. ``alpha`` is None for
+    the paper's setting (against fine-tuned, on task vectors: Eq. 3 has no α); ``estimator`` is set for MI against a plain merge
+    only (that setting runs its own analysis; otherwise the tune's analysis fixes the estimator).
+    """
 
     method: str
-    alpha: float
+    alpha: float | None
     t: float | None = None
-    density: float | None = None      # TIES / DARE-TIES
+    density: float | None = None      # TIES / DARE-TIES / Breadcrumbs / DELLA
     drop_rate: float | None = None    # DARE
-    rule: str | None = None           # None/"softmax": λ from t (or plain); "sigmoid": acm.rules' sigmoid rule
-    theta: float | None = None        # sigmoid rule θ
-    estimator: str | None = None      # sigmoid rule per-sample MI estimator
-    metric: str = "nmi"               # ACM: which similarity of the analysis drives λ (acm.similarity)
+    rule: str | None = None           # None: plain (t None) or softmax; "acm": the paper's rule
+    against: str | None = None        # acm rule: MI against "fine-tuned" or "merged"
+    applies: str | None = None        # acm rule: λ on "task-vectors" or "merged-delta"
+    estimator: str | None = None      # acm rule against merged: its per-sample MI estimator
+    metric: str = "nmi"               # softmax: which similarity of the analysis drives λ (acm.similarity)
 
     @property
     def acm(self) -> bool:
+        """λ from a coefficient rule (softmax or the paper's), not the plain α."""
         return self.t is not None
 
+    @property
+    def paper(self) -> bool:
+        """The paper's rule (``acm``), as opposed to softmax or plain."""
+        return self.rule == "acm"
+
+    @property
+    def needs_analysis(self) -> bool:
+        """Whether the merge takes λ from the tune's analysis (base vs each fine-tuned model)."""
+        return self.acm and not (self.paper and self.against == "merged")
+
     def key(self) -> str:
-        """Stable id (used to resume and to pick a point)."""
-        def f(v):
-            return "-" if v is None else f"{float(v):g}"
-        key = f"{self.method}|a={f(self.alpha)}|t={f(self.t)}|d={f(self.density)}|p={f(self.drop_rate)}"
-        if self.metric != "nmi" and self.acm:   # NMI keys as before, so older tune.jsonl files resume
+        """Stable id (used to resume and to pick a point). Plain and softmax keys are as they always
+        were (older tune.jsonl files resume); acm-rule keys add the rule and both switches."""
+        key = f"{self.method}|a={_f(self.alpha)}|t={_f(self.t)}|d={_f(self.density)}|p={_f(self.drop_rate)}"
+        if self.paper:
+            key += f"|r=acm|vs={self.against}|on={self.applies}"
+            return key + (f"|e={self.estimator}" if self.against == "merged" else "")
+        if self.metric != "nmi" and self.acm:
             key += f"|m={self.metric}"
-        if self.rule == "sigmoid":   # softmax keys stay as before
-            key += f"|r=sigmoid|th={f(self.theta)}|e={self.estimator}"
         return key
 
     def label(self) -> str:
-        """``ACM-TIES (α=0.7, d=0.7, t=1)`` — the same labels as the README tables."""
+        """``ACM-TIES (d=0.7, t=0.7)`` (the paper's rule), ``ACM-TIES (α=0.7, d=0.7, t=1, softmax)``."""
         name = ("ACM-" if self.acm else "") + SHORT.get(self.method, self.method)
-        parts = [f"α={self.alpha:g}"]
+        parts = [] if self.alpha is None else [f"α={self.alpha:g}"]
         if self.density is not None:
             parts.append(f"d={self.density:g}")
         if self.drop_rate is not None:
             parts.append(f"p={self.drop_rate:g}")
         if self.t is not None:
             parts.append(f"t={self.t:g}")
-            if self.metric != "nmi":
-                parts.append(f"by {self.metric}")
-        if self.rule == "sigmoid":
-            return f"{name} ({', '.join(parts)}) + sigmoid (θ={self.theta:g}, {self.estimator})"
+        if self.paper:
+            if self.against == "merged":
+                parts.append(f"vs merged, {self.estimator}")
+            if self.applies == "merged-delta":
+                parts.append("on merged delta")
+        elif self.acm:
+            parts.append("softmax" + ("" if self.metric == "nmi" else f" by {self.metric}"))
         return f"{name} ({', '.join(parts)})"
 
     def to_dict(self) -> dict:
@@ -99,18 +129,30 @@ class Setting:
 
     @classmethod
     def from_dict(cls, d: dict) -> Setting:
-        return cls(method=str(d["method"]), alpha=float(d["alpha"]),
-                   t=None if d.get("t") is None else float(d["t"]),
-                   density=None if d.get("density") is None else float(d["density"]),
-                   drop_rate=None if d.get("drop_rate") is None else float(d["drop_rate"]),
-                   rule=d.get("rule"), theta=None if d.get("theta") is None else float(d["theta"]),
-                   estimator=d.get("estimator"), metric=str(d.get("metric") or "nmi"))
+        """Also reads the old sigmoid rule's settings (rule "sigmoid", θ): that rule is now the acm rule
+        with MI against a plain merge and λ on the merged delta (``acm.rules.alias_params``)."""
+        def num(k):
+            return None if d.get(k) is None else float(d[k])
+
+        rule, t, against, applies, estimator = d.get("rule"), num("t"), d.get("against"), d.get("applies"), \
+            d.get("estimator")
+        if rule == "sigmoid":
+            from acm.rules import alias_params
+
+            sw = alias_params("sigmoid")
+            rule, t, against, applies = "acm", num("theta"), sw["against"], sw["applies"]
+            estimator = estimator or "labels"
+        if rule == "softmax":
+            rule = None
+        return cls(method=str(d["method"]), alpha=num("alpha"), t=t, density=num("density"),
+                   drop_rate=num("drop_rate"), rule=rule, against=against, applies=applies,
+                   estimator=estimator if rule == "acm" else None, metric=str(d.get("metric") or "nmi"))
 
     def merge_options(self, **extra):
         """The ``MergeOptions`` of this point (library defaults for what the grid does not set)."""
         from acm.merge import MergeOptions
 
-        kw: dict[str, Any] = {"method": self.method, "alpha": self.alpha}
+        kw: dict[str, Any] = {"method": self.method, "alpha": 1.0 if self.alpha is None else self.alpha}
         if self.density is not None:
             kw["density"] = self.density
         if self.drop_rate is not None:
@@ -146,34 +188,56 @@ def parse_values(text: str | Sequence | None) -> list[str]:
     return [str(p) for p in text]
 
 
-def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence = (), densities: Sequence = (),
-                drop_rates: Sequence = (), *, plain: bool = True, rules: Sequence[str] = ("softmax",),
-                thetas: Sequence = (0.7,), estimators: Sequence[str] = ("labels",),
-                max_settings: int = MAX_SETTINGS, metrics: Sequence[str] | str | None = None) -> list[Setting]:
-    """Every (method, α, density/drop rate) plain (if ``plain``) and with each coefficient rule;
-    ACM (softmax) at each t for each similarity ``metric`` that drives λ (default NMI).
+def _choices(name: str, values, check) -> list[str]:
+    out = [check(v) for v in (values or [])]
+    if not out:
+        raise InputError(f"empty grid: give at least one {name}")
+    return list(dict.fromkeys(out))
 
-    ``rules`` (``acm.rules``): ``softmax`` adds ACM at each t; ``sigmoid`` adds, per point, the
-    sigmoid rule at each θ × estimator on top of that point's plain merge. t = 0 is bit-for-bit the
-    plain method, so with ``plain`` it is not run twice. Bad grids (empty, out of range, too many
-    settings) raise one InputError line.
+
+def _rule_points(rules, ts, softmax_ts, thetas, against, applies, estimators,
+                 metrics) -> tuple[list[tuple[float, str]], list[tuple[float, str, str, str | None]]]:
+    """(softmax points (t, metric), acm-rule points (t, against, applies, estimator)) of a grid.
+
+    t per rule: the acm rule takes ``thetas`` (the old sigmoid flag), else ``ts``, else
+    ``DEFAULT_ACM_TS``; softmax takes ``softmax_ts``, else ``ts``, else ``DEFAULT_SOFTMAX_TS``. Each t
+    is checked against its own rule's range. An alias (``sigmoid``) fixes the switches it stands for.
     """
-    from acm.rules import get_rule
+    from acm.rules import ACM, RULES, alias_params, get_rule
+    from acm.similarity import parse_metrics
 
-    rule_keys: list[str] = []
-    for r in rules or ("softmax",):
-        k = get_rule(r).key
-        if k not in rule_keys:
-            rule_keys.append(k)
-    sig_points: list[tuple[float, str]] = []
-    if "sigmoid" in rule_keys:
-        sig = get_rule("sigmoid")
-        th = [sig.param("theta").check(v) for v in (thetas or [sig.defaults()["theta"]])]
-        es = [sig.param("estimator").check(v) for v in (estimators or [sig.defaults()["estimator"]])]
-        sig_points = [(a, e) for a in dict.fromkeys(th) for e in dict.fromkeys(es)]
-    if "softmax" not in rule_keys:
-        ts = ()
-    ms = []
+    combos: list[tuple[str, str]] = []
+    use_softmax = False
+    for r in rules or ():
+        spec, fixed = get_rule(r), alias_params(r)
+        if spec.key == "softmax":
+            use_softmax = True
+            continue
+        vs = [fixed["against"]] if "against" in fixed else _choices("MI-against value", against,
+                                                                      ACM.param("against").check)
+        on = [fixed["applies"]] if "applies" in fixed else _choices("λ-applies value", applies,
+                                                                      ACM.param("applies").check)
+        combos += [(a, p) for a in vs for p in on if (a, p) not in combos]
+    if metrics is not None and not use_softmax and parse_metrics(metrics) != ["nmi"]:
+        raise InputError("--metrics picks the softmax rule's similarity; the acm rule uses per-sample MI "
+                         "(add softmax to the rules)")
+
+    def grid(rule: str, values, default) -> list[float]:
+        lo, hi = RULES[rule].param("t").range
+        return _values(f"t ({rule} rule)", default if values is None else values, lo, hi)
+
+    soft = [(t, k) for t in grid("softmax", softmax_ts if softmax_ts is not None else ts, DEFAULT_SOFTMAX_TS)
+            for k in parse_metrics(metrics)] if use_softmax else []
+    est = _choices("estimator", estimators or ["labels"], ACM.param("estimator").check) \
+        if any(a == "merged" for a, _ in combos) else [None]
+    acm_ts = grid("acm", thetas if thetas is not None else ts, DEFAULT_ACM_TS) if combos else []
+    paper = [(t, a, p, e if a == "merged" else None) for a, p in combos
+             for e in (est if a == "merged" else [None]) for t in acm_ts]
+    return soft, paper
+
+
+def _methods(methods) -> list[str]:
+    ms: list[str] = []
     for m in methods or []:
         name = METHOD_ALIASES.get(str(m).strip().lower(), str(m).strip().lower())
         if name == "linear":
@@ -185,11 +249,37 @@ def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence = (), den
             ms.append(name)
     if not ms:
         raise InputError("empty grid: give at least one method")
+    return ms
+
+
+def _alpha_free(against: str, applies: str) -> bool:
+    """The paper's own setting (Eq. 3) has no α; the other three start from a plain merge at α."""
+    return against == "fine-tuned" and applies == "task-vectors"
+
+
+def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence | None = None, densities: Sequence = (),
+                drop_rates: Sequence = (), *, plain: bool = True, rules: Sequence[str] = ("acm",),
+                softmax_ts: Sequence | None = None, against: Sequence[str] = ("fine-tuned",),
+                applies: Sequence[str] = ("task-vectors",), estimators: Sequence[str] = ("labels",),
+                thetas: Sequence | None = None, max_settings: int = MAX_SETTINGS,
+                metrics: Sequence[str] | str | None = None) -> list[Setting]:
+    """Every (method, α, density/drop rate) plain (if ``plain``) and with each coefficient rule.
+
+    ``rules`` (``acm.rules``): ``acm`` (default, the paper's rule) at each t (``ts``; default
+    ``DEFAULT_ACM_TS``, t ∈ [−3, 3]) × ``against`` × ``applies`` (× ``estimators`` for MI against a
+    merge); ``softmax`` (this project's rule) at each t (``softmax_ts``, else ``ts``; default
+    ``DEFAULT_SOFTMAX_TS``) × ``metrics``; ``sigmoid`` = acm against merged on the merged delta.
+    ``thetas`` is the old sigmoid flag: the acm rule's t values. The paper's setting (against
+    fine-tuned, on task vectors) has no α, so it appears once per (method, density, drop rate). Softmax t = 0 is bit-for-bit the plain
+    method, so with ``plain`` it is not run twice. Bad grids raise one InputError line.
+    """
+    ms = _methods(methods)
     alphas_ = _values("α", alphas, *ALPHA_RANGE, lo_open=True)
     if not alphas_:
         raise InputError("empty grid: give at least one α")
-    ts_ = _values("t", ts, *T_RANGE)
-    if not ts_ and not plain and not sig_points:
+    soft, paper = _rule_points(rules, ts, softmax_ts, thetas, against, applies, estimators, metrics)
+    soft = [(t, k) for t, k in soft if not (plain and t == 0)]
+    if not soft and not paper and not plain:
         raise InputError("empty grid: give at least one t, or include the plain method")
     dens = _values("density", densities, 0.0, 1.0, lo_open=True)
     drops = _values("drop rate", drop_rates, 0.0, 1.0, hi_open=True)
@@ -201,22 +291,20 @@ def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence = (), den
     for m in ms:               # e.g. DELLA: every density ± the default ε must be a probability
         for d in dens if registry.SPECS[m].uses("density") else []:
             registry.validate_options(m, density=d)
-    from acm.similarity import parse_metrics
-
-    metric_keys = parse_metrics(metrics)
-    t_points: list[float | None] = ([None] if plain else []) + [t for t in ts_ if not (plain and t == 0)]
     out: list[Setting] = []
     for m in ms:
         d_opts = dens if registry.SPECS[m].uses("density") else [None]
         p_opts = drops if registry.SPECS[m].uses("drop_rate") else [None]
-        for a in alphas_:
+        for i, a in enumerate(alphas_):
             for d in d_opts:
                 for p in p_opts:
-                    for t in t_points:
-                        out.extend([Setting(m, a, t, d, p)] if t is None else
-                                   [Setting(m, a, t, d, p, metric=k) for k in metric_keys])
-                    out.extend(Setting(m, a, None, d, p, rule="sigmoid", theta=th, estimator=e)
-                               for th, e in sig_points)
+                    if plain:
+                        out.append(Setting(m, a, None, d, p))
+                    out += [Setting(m, None if _alpha_free(vs, on) else a, t, d, p, rule="acm", against=vs,
+                                    applies=on, estimator=e)
+                            for t, vs, on, e in paper if i == 0 or not _alpha_free(vs, on)]
+                    out += [Setting(m, a, t, d, p, metric=k) for t, k in soft]
+    out = list({s.key(): s for s in out}.values())
     if max_settings is not None and len(out) > max_settings:
         raise InputError(f"the grid has {len(out)} settings, more than the maximum of {max_settings}; "
                          "use fewer values (or raise --max-settings)")
@@ -435,8 +523,18 @@ def read_results(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             continue
         if isinstance(rec, dict):
-            out.append(rec)
+            out.append(_upgrade(rec))
     return out
+
+
+def _upgrade(rec: dict) -> dict:
+    """An old sigmoid-rule record gets the key its setting has now (the acm rule against a plain merge,
+    on the merged delta), so a run written before the rule was renamed resumes; other keys are unchanged."""
+    setting = rec.get("setting")
+    if isinstance(setting, dict) and setting.get("rule") == "sigmoid":
+        s = Setting.from_dict(setting)
+        return {**rec, "key": s.key(), "label": s.label(), "setting": s.to_dict(), "old_key": rec.get("key")}
+    return rec
 
 
 class _Stream:
@@ -457,9 +555,10 @@ class _Stream:
 
 
 def _ensure_analysis(base: str, fts: list[str], analysis, out: Path, *, calibration, samples, device,
-                     progress: Progress | None, metrics: Sequence[str] = ("nmi",)):
-    """An ``AnalysisResult`` holding every metric in ``metrics``: given, loaded from a path, the run
-    folder's cache, or computed (and cached) — all metrics in one analysis pass."""
+                     progress: Progress | None, metrics: Sequence[str] = ("nmi",), sample_mi: bool = False):
+    """An ``AnalysisResult`` holding every metric in ``metrics`` (softmax) and, with ``sample_mi``, the
+    per-sample MI the acm rule needs: given, loaded from a path, the run folder's cache, or computed
+    (and cached) — NMI, the metrics and per-sample MI in one analysis pass."""
     from acm.analysis import AnalysisResult, analyze
 
     def check(result, where: str):
@@ -467,7 +566,13 @@ def _ensure_analysis(base: str, fts: list[str], analysis, out: Path, *, calibrat
         if missing:
             raise InputError(f"{where} has no {', '.join(missing)} values (it holds: {', '.join(result.metrics())}); "
                              f"analyse with --metric {','.join(metrics)} or pass another --analysis")
+        if sample_mi and not result.has_sample_mi():
+            raise InputError(f"{where} has no per-sample MI (made before the paper's rule, or with --mi-estimator "
+                             "off); run `acm analyze` again for the acm rule, or tune --rules softmax")
         return result
+
+    def complete(result) -> bool:
+        return all(k in result.metrics() for k in metrics) and (not sample_mi or result.has_sample_mi())
 
     if isinstance(analysis, AnalysisResult):
         return check(analysis, "the given analysis"), "given"
@@ -477,15 +582,27 @@ def _ensure_analysis(base: str, fts: list[str], analysis, out: Path, *, calibrat
         if len(result.models) != len(fts):
             raise InputError(f"{path} covers {len(result.models)} fine-tuned model(s), not {len(fts)}; "
                              "analyse the same models or pass another --analysis")
-        if (analysis and path != out / "analysis.json") or all(k in result.metrics() for k in metrics):
+        if (analysis and path != out / "analysis.json") or complete(result):
             return check(result, str(path)), str(path)
-        # the run folder's own cached analysis lacks a metric: redo it with every metric, in one pass
+        # the run folder's own cached analysis lacks a metric or per-sample MI: redo it with everything, in one pass
         metrics = list(dict.fromkeys([*result.metrics(), *metrics]))
     result = analyze(base, fts, calibration, samples=samples, device=device, progress=progress,
-                     show_progress=progress is None, metrics=list(metrics))
+                     show_progress=progress is None, metrics=list(metrics) or ["nmi"])   # per-sample MI by default
     path.parent.mkdir(parents=True, exist_ok=True)
     result.save(path)
     return result, f"computed → {path}"
+
+
+def _run_config(base: str, fts: list[str], an, settings: Sequence[Setting], **facts) -> dict:
+    """What a run's fingerprint covers: models, problems, generation and the analysis λ comes from.
+    Keys are those of runs written before the acm rule, plus ``sample_mi`` only when a setting takes
+    the paper's λ from the analysis (so older runs keep their fingerprint and resume)."""
+    config = {"base": base, "fts": fts, **facts,
+              "nmi": None if an is None else [[round(x, 6) for x in m.nmi] for m in an.models]}
+    if an is not None and any(s.paper and s.needs_analysis for s in settings):
+        config["sample_mi"] = _fingerprint({"mi": [[[round(x, 6) for x in row] for row in m.sample_mi]
+                                                   for m in an.models], "info": an.sample_info.get("points")})
+    return config
 
 
 def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: Sequence[Setting], *,
@@ -538,17 +655,16 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
         old_threads = torch.get_num_threads()
         torch.set_num_threads(int(threads))
     try:
-        need_acm = any(s.acm for s in settings)
         an, an_label = (None, None)
-        if need_acm:
-            needed = list(dict.fromkeys(s.metric for s in settings if s.acm))
+        if any(s.needs_analysis for s in settings):
+            needed = list(dict.fromkeys(s.metric for s in settings if s.needs_analysis and not s.paper))
             an, an_label = _ensure_analysis(base, fts, analysis, out, calibration=calibration, samples=samples,
-                                            device=device, progress=progress, metrics=needed)
-        config = {"base": base, "fts": fts, "data": data_label, "tune_rows": _rows_digest(tune_rows),
-                  "holdout_rows": _rows_digest(hold_rows), "n_tune": len(tune_rows), "n_holdout": len(hold_rows),
-                  "holdout": holdout, "limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
-                  "chat_template": chat_template, "device": device,
-                  "nmi": None if an is None else [[round(x, 6) for x in m.nmi] for m in an.models]}
+                                            device=device, progress=progress, metrics=needed,
+                                            sample_mi=any(s.paper and s.needs_analysis for s in settings))
+        config = _run_config(base, fts, an, settings, data=data_label, tune_rows=_rows_digest(tune_rows),
+                             holdout_rows=_rows_digest(hold_rows), n_tune=len(tune_rows), n_holdout=len(hold_rows),
+                             holdout=holdout, limit=limit, seed=seed, max_new_tokens=max_new_tokens,
+                             chat_template=chat_template, device=device)
         if engine != "transformers":   # only then: runs written before engines existed keep their fingerprint
             config["engine"] = engine
         fp = _fingerprint(config)
@@ -631,9 +747,8 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
                 if stopped:
                     break
                 t0 = time.perf_counter()
-                folder = _merge(base, fts, s, an, out if keep else tmp_root, threads=threads, device=device,
-                                calibration=calibration, samples=samples)
-                extra = _rule_fields(folder)
+                folder, extra = _merge(base, fts, s, an, out if keep else tmp_root, threads=threads, device=device,
+                                       calibration=calibration, samples=samples)
                 try:
                     m = evaluate_rows(str(folder), tune_rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                       chat_template=chat_template, device=device, engine=engine)
@@ -654,8 +769,8 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
             if hold_rows and key is not None and stopped != "cancelled" and ("holdout", key, "holdout") not in done:
                 s = Setting.from_dict(report["recommended"]["setting"])
                 t0 = time.perf_counter()
-                folder = _merge(base, fts, s, an, tmp_root, threads=threads, device=device,
-                                calibration=calibration, samples=samples)
+                folder, _ = _merge(base, fts, s, an, tmp_root, threads=threads, device=device,
+                                   calibration=calibration, samples=samples)
                 m = evaluate_rows(str(folder), hold_rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                   chat_template=chat_template, device=device, engine=engine)
                 shutil.rmtree(folder, ignore_errors=True)
@@ -685,39 +800,37 @@ def _short(spec: str) -> str:
     return Path(s).name if os.path.sep in s else s
 
 
-def _rule_fields(folder: Path) -> dict:
-    """A rule-rescaled merge's per-group s and kept fraction (from its recipe), for the record."""
-    try:
-        rule = json.loads((Path(folder) / "acm_recipe.json").read_text(encoding="utf-8")).get("rule") or {}
-    except (OSError, ValueError):
-        return {}
-    return {"rule_s": rule["s"], "rule_kept": rule["scale"]} if rule.get("s") else {}
-
-
 def _merge(base: str, fts: list[str], s: Setting, analysis, where: Path, *, threads, device,
-           calibration: str | None = None, samples: int | None = None) -> Path:
-    """Merge one setting into a fresh folder under ``where`` (plain, ACM via ``lambdas_by_group``, or the
-    sigmoid rule's one-call two-stage workflow)."""
-    from acm.coefficients import lambdas_by_group
+           calibration: str | None = None, samples: int | None = None) -> tuple[Path, dict]:
+    """Merge one setting into a fresh folder under ``where``; returns it and the fields the record keeps.
+
+    λ comes from ``acm.coefficients.compute`` (softmax) or ``acm.rule_merge.merge_with_rule`` (the acm
+    rule, any switches; it computes λ the same way) — the one path the app and the CLI use too.
+    """
     from acm.merge import merge_models
 
     folder = Path(where) / ("merge-" + "".join(c if c.isalnum() or c in ".-=" else "_" for c in s.key()))
-    if s.rule == "sigmoid":
-        from acm.sigmoid_rule import merge_with_sigmoid_rule
+    options = s.merge_options(threads=threads, device=device)
+    if s.paper:
+        from acm.rule_merge import merge_with_rule
 
-        merge_with_sigmoid_rule(base, fts, folder, s.merge_options(threads=threads, device=device),
-                                calibration=calibration or "bundled", samples=samples, theta=s.theta,
-                                estimator=s.estimator, analysis_device=device, force=True, show_progress=False)
-        return folder
+        merged = s.against == "merged"
+        aopts = {k: v for k, v in (("samples", samples), ("device", device)) if v is not None}
+        res = merge_with_rule(base, fts, folder, options, t=s.t, against=s.against, applies=s.applies,
+                              analysis=None if merged else analysis,
+                              calibration=(calibration or "bundled") if merged else None,
+                              estimator=s.estimator or "labels", analysis_options=aopts, force=True,
+                              show_progress=False)
+        lam = res.coefficients.mean_over_models()
+        return folder, {"rule_lambda": {k: round(v, 6) for k, v in lam.items()}}
     lams = acm = None
     if s.acm:
-        lams = lambdas_by_group(analysis, s.t, alpha=s.alpha, metric=s.metric)
-        acm = {"analysis": analysis.provenance, "t": s.t, "alpha": s.alpha}
-        if s.metric != "nmi":
-            acm["metric"] = s.metric
-    merge_models(base, fts, folder, s.merge_options(threads=threads, device=device), lambdas=lams, acm=acm,
-                 force=True, show_progress=False)
-    return folder
+        from acm.coefficients import compute
+
+        coef = compute(analysis, "softmax", s.t, s.alpha, metric=s.metric)
+        lams, acm = coef.weights(), coef.entry()
+    merge_models(base, fts, folder, options, lambdas=lams, acm=acm, force=True, show_progress=False)
+    return folder, {}
 
 
 def build_report(records: Sequence[dict], settings: Sequence[Setting] | None = None, *, objective: str = "shortest",

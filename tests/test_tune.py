@@ -53,16 +53,23 @@ def analysis_file(tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- grid
 
 
-def test_default_grid_is_plain_plus_acm_and_t0_is_not_run_twice():
-    grid = expand_grid(["ties"], [0.7], [0, 0.5, 1, 2, 4], [0.7])
-    assert [s.t for s in grid] == [None, 0.5, 1.0, 2.0, 4.0]
-    assert grid[0].label() == "TIES (α=0.7, d=0.7)" and grid[2].label() == "ACM-TIES (α=0.7, d=0.7, t=1)"
+def test_default_grid_is_plain_plus_the_papers_rule():
+    grid = expand_grid(["ties"], [0.7], None, [0.7])
+    assert [s.t for s in grid] == [None, -1.0, 0.5, 0.7, 0.9] and all(s.paper for s in grid[1:])
+    assert grid[0].label() == "TIES (α=0.7, d=0.7)" and grid[3].label() == "ACM-TIES (d=0.7, t=0.7)"
+    assert grid[3].key() == "ties|a=-|t=0.7|d=0.7|p=-|r=acm|vs=fine-tuned|on=task-vectors"
+
+
+def test_softmax_grid_is_plain_plus_softmax_and_t0_is_not_run_twice():
+    grid = expand_grid(["ties"], [0.7], [0, 0.5, 1, 2, 4], [0.7], rules=["softmax"])
+    assert [s.t for s in grid] == [None, 0.5, 1.0, 2.0, 4.0] and not any(s.paper for s in grid)
+    assert grid[0].label() == "TIES (α=0.7, d=0.7)" and grid[2].label() == "ACM-TIES (α=0.7, d=0.7, t=1, softmax)"
     # without the plain method, t = 0 stays (it is the plain merge under another name)
-    assert [s.t for s in expand_grid(["ties"], [0.7], [0, 1], [0.7], plain=False)] == [0.0, 1.0]
+    assert [s.t for s in expand_grid(["ties"], [0.7], [0, 1], [0.7], plain=False, rules=["softmax"])] == [0.0, 1.0]
 
 
 def test_grid_covers_methods_and_their_own_knobs():
-    grid = expand_grid(["ta", "ties", "dare_ties"], [0.5, 1], [2], [0.2, 0.5], [0.1])
+    grid = expand_grid(["ta", "ties", "dare_ties"], [0.5, 1], [2], [0.2, 0.5], [0.1], rules=["softmax"])
     by = {m: [s for s in grid if s.method == m] for m in ("task_arithmetic", "ties", "dare_ties")}
     assert len(by["task_arithmetic"]) == 2 * 2 and all(s.density is None for s in by["task_arithmetic"])
     assert len(by["ties"]) == 2 * 2 * 2 and all(s.drop_rate is None for s in by["ties"])
@@ -77,15 +84,24 @@ def test_grid_covers_methods_and_their_own_knobs():
     ({"methods": []}, "at least one method"),
     ({"alphas": []}, "at least one α"),
     ({"ts": [], "plain": False}, "at least one t"),
-    ({"ts": [-1]}, "t must be in [0, 100]"),
+    ({"ts": [4]}, "t (acm rule) must be in [-3, 3]"),
+    ({"ts": [-1], "rules": ["softmax"]}, "t (softmax rule) must be in [0, 100]"),
+    ({"ts": [0.7], "rules": ["acm", "softmax"], "softmax_ts": [-2]}, "t (softmax rule) must be in [0, 100]"),
     ({"ts": ["x"]}, "not a number"),
+    ({"against": ["sideways"]}, "MI against must be one of fine-tuned, merged"),
+    ({"applies": ["everything"]}, "λ applies to must be one of task-vectors, merged-delta"),
+    ({"against": []}, "at least one MI-against value"),
+    ({"against": ["merged"], "estimators": ["guess"]}, "estimator must be one of labels, binned"),
+    ({"metrics": ["cka"]}, "--metrics picks the softmax rule's similarity"),
+    ({"rules": ["magic"]}, "unknown coefficient rule"),
     ({"alphas": [0]}, "α must be in (0, 4]"),
     ({"densities": [1.5]}, "density must be in (0, 1]"),
     ({"densities": []}, "need at least one density"),
     ({"methods": ["dare_ta"], "drop_rates": [1.0]}, "drop rate must be in [0, 1)"),
     ({"methods": ["linear"]}, "linear averaging has no task-vector coefficient"),
     ({"methods": ["magic"]}, "unknown method"),
-    ({"alphas": [0.1 * i for i in range(1, 40)], "ts": list(range(10))}, f"maximum of {MAX_SETTINGS}"),
+    ({"alphas": [0.1 * i for i in range(1, 40)], "ts": list(range(10)), "rules": ["softmax"]},
+     f"maximum of {MAX_SETTINGS}"),
 ])
 def test_bad_grids_give_one_line(kwargs, fragment):
     args = {"methods": ["ties"], "alphas": [0.7], "ts": [1], "densities": [0.7], "drop_rates": [0.3], **kwargs}
@@ -96,8 +112,17 @@ def test_bad_grids_give_one_line(kwargs, fragment):
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--ts", "-1"], "t must be in [0, 100]"),
-    (["--alphas", "0.5", "0.6", "0.7", "--ts", "1", "2", "--max-settings", "4"], "9 settings, more than the maximum of 4"),
+    (["--ts", "4"], "t (acm rule) must be in [-3, 3]"),
+    (["--rules", "softmax", "--ts", "-1"], "t (softmax rule) must be in [0, 100]"),
+    (["--rules", "acm", "softmax", "--softmax-ts", "-1"], "t (softmax rule) must be in [0, 100]"),
+    (["--against", "sideways"], "MI against must be one of fine-tuned, merged"),
+    (["--applies", "all"], "λ applies to must be one of task-vectors, merged-delta"),
+    (["--metrics", "cka"], "add softmax to the rules"),
+    (["--rules", "cosine"], "unknown coefficient rule 'cosine'"),
+    (["--thetas", "7"], "t (acm rule) must be in [-3, 3]"),
+    (["--alphas", "0.5", "0.6", "0.7", "--ts", "1", "2", "--max-settings", "4"], "5 settings, more than the maximum of 4"),
+    (["--rules", "softmax", "--alphas", "0.5", "0.6", "0.7", "--ts", "1", "2", "--max-settings", "4"],
+     "9 settings, more than the maximum of 4"),
     (["--methods", "linear"], "linear averaging"),
     (["--holdout", "1.5"], "--holdout must be in [0, 1)"),
     (["--data", "missing.jsonl"], "not found"),
@@ -156,7 +181,7 @@ def test_holdout_split_is_disjoint_seeded_and_keeps_the_level_mix():
 
 @needs_demo
 def test_run_streams_records_writes_frontier_and_holdout_report(tmp_path, analysis_file):
-    grid = expand_grid(["ties"], [0.7], [1, 4], [0.7])
+    grid = expand_grid(["ties"], [0.7], [1, 4], [0.7], rules=["softmax"])
     seen = []
     run_tune(str(BASE), [str(LONG)], tmp_path, grid, limit=8, holdout=0.5, analysis=analysis_file,
              max_new_tokens=24, batch_size=8, show_progress=False, on_record=lambda r: seen.append(r["kind"]))
@@ -186,7 +211,7 @@ def test_run_streams_records_writes_frontier_and_holdout_report(tmp_path, analys
 
 @needs_demo
 def test_budget_and_should_stop_end_cleanly(tmp_path, analysis_file):
-    grid = expand_grid(["ta"], [0.7], [1, 2], [])
+    grid = expand_grid(["ta"], [0.7], [1, 2], [], rules=["softmax"])
     calls = []
 
     def stop_after_one():
@@ -205,7 +230,7 @@ def test_budget_and_should_stop_end_cleanly(tmp_path, analysis_file):
 def test_cli_resumes_after_sigkill(tmp_path, analysis_file):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "acm", "tune", "--base", str(BASE), "--ft", str(LONG), "--analysis",
-           str(analysis_file), "--limit", "8", "--max-new-tokens", "24", "--ts", "0.5", "1", "2", "4", "8",
+           str(analysis_file), "--limit", "8", "--max-new-tokens", "24", "--rules", "softmax", "--ts", "0.5", "1", "2", "4", "8",
            "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -1,4 +1,5 @@
-"""``acm tune``: sweep methods / α / t / density / drop rate, stream results, write the frontier."""
+"""``acm tune``: sweep the coefficient rule's t and switches, methods / α / density / drop rate, stream results,
+write the frontier."""
 
 from __future__ import annotations
 
@@ -12,11 +13,22 @@ from acm.errors import InputError
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from acm.engines import ENGINES
     from acm.similarity import keys_help
-    from acm.tune import DEFAULT_HOLDOUT, DEFAULT_TOLERANCE, MAX_SETTINGS, OBJECTIVES, TUNABLE_METHODS
+    from acm.tune import (
+        DEFAULT_ACM_TS,
+        DEFAULT_HOLDOUT,
+        DEFAULT_SOFTMAX_TS,
+        DEFAULT_TOLERANCE,
+        MAX_SETTINGS,
+        OBJECTIVES,
+        TUNABLE_METHODS,
+    )
 
     p = subparsers.add_parser(
-        "tune", help="sweep t (and α, density, method): accuracy-vs-length frontier and a recommended setting",
-        description="Every setting of the grid is merged into a temporary folder, evaluated greedily (same "
+        "tune", help="sweep t (and the rule's switches, α, density, method): accuracy-vs-length frontier and a "
+                     "recommended setting",
+        description="The grid is the paper's rule (--rules acm, the default) at each --ts, plus the plain method; "
+                    "--rules acm softmax adds this project's softmax rule. Every setting of the grid is merged into a "
+                    "temporary folder, evaluated greedily (same "
                     "prompts and answer extraction as `acm eval`) on the tune split and removed unless --keep. "
                     "Results stream to OUT/tune.jsonl (a killed run resumes where it stopped); OUT/frontier.json "
                     "and frontier.md hold the Pareto frontier and the recommended setting, re-measured on a "
@@ -27,7 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="analysis from `acm analyze` (computed and saved there if the file does not exist; "
                         "default OUT/analysis.json)")
     p.add_argument("--calibration", default=None, metavar="SRC",
-                   help="calibration for a computed analysis: bundled (default), a file or a Hub dataset id")
+                   help="calibration for a computed analysis and for --against merged: bundled (default), a file "
+                        "or a Hub dataset id")
     p.add_argument("--samples", type=int, default=None, help="calibration prompts for a computed analysis")
     p.add_argument("--data", default="bundled", metavar="SRC",
                    help="evaluation set: bundled (default), a .jsonl/.json file or a Hub dataset id")
@@ -38,22 +51,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="use N problems, drawn evenly over difficulty levels (seeded), before the holdout split")
     p.add_argument("--methods", nargs="+", default=["ties"], metavar="M",
                    help=f"{', '.join(TUNABLE_METHODS)} (default: ties)")
-    p.add_argument("--alphas", nargs="+", type=float, default=[0.7], metavar="A", help="α values (default 0.7)")
-    p.add_argument("--ts", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0], metavar="T",
-                   help="ACM sharpness values (default 0.5 1 2 4; t = 0 equals plain)")
+    p.add_argument("--alphas", nargs="+", type=float, default=[0.7], metavar="A",
+                   help="α values (default 0.7) of the plain merges, softmax and the acm rule's merged variants")
+    p.add_argument("--rules", nargs="+", default=["acm"], metavar="R",
+                   help="coefficient rules to compare (acm.rules): acm (default) = the paper's rule, lambda_k = "
+                        "1 - mean_j sigmoid(t*(MI_kj - max_j MI_kj)), theta = theta_0 + (1/N) sum lambda*tau "
+                        "(arXiv 2505.14009, Eq. 2-3); softmax = this project's alternative rule (lambda from NMI, "
+                        "CKA or cosine; --metrics); sigmoid = acm --against merged --applies merged-delta")
+    p.add_argument("--ts", nargs="+", type=float, default=None, metavar="T",
+                   help=f"t values of every rule in --rules, each in its rule's range: acm t in [-3, 3] (default "
+                        f"{' '.join(f'{t:g}' for t in DEFAULT_ACM_TS)}: the paper's 0.7 inside its ablation "
+                        "0.5-0.9, and -1 as a contrast); softmax t >= 0 (default "
+                        f"{' '.join(f'{t:g}' for t in DEFAULT_SOFTMAX_TS)}; t = 0 equals plain)")
+    p.add_argument("--softmax-ts", nargs="+", type=float, default=None, metavar="T",
+                   help="t values of the softmax rule when they differ from --ts (e.g. --rules acm softmax "
+                        "--ts 0.5 0.7 0.9 --softmax-ts 1 2 4)")
+    p.add_argument("--against", nargs="+", default=["fine-tuned"], metavar="fine-tuned|merged",
+                   help="acm rule: MI of the base against each fine-tuned model (default; the paper's text) and/or "
+                        "against a plain merge at each alpha (a public derivative of the authors' code; one extra "
+                        "analysis per setting); several values are one grid dimension")
+    p.add_argument("--applies", nargs="+", default=["task-vectors"], metavar="task-vectors|merged-delta",
+                   help="acm rule: lambda weights each task vector with 1/N (default; Eq. 3, no alpha) and/or "
+                        "rescales a plain merge's delta from the base (the derivative; alpha kept)")
+    p.add_argument("--rule-estimators", nargs="+", default=["labels"], metavar="E",
+                   help="acm rule --against merged: per-sample MI estimators of that analysis: labels (default), "
+                        "binned (--against fine-tuned uses the analysis file's estimator)")
+    p.add_argument("--thetas", nargs="+", type=float, default=None, metavar="T",
+                   help="deprecated: the old sigmoid rule's θ, now the acm rule's t values")
     p.add_argument("--densities", nargs="+", type=float, default=[0.7], metavar="D",
                    help="TIES / Breadcrumbs density, DELLA mean keep probability (default 0.7)")
     p.add_argument("--drop-rates", nargs="+", type=float, default=[0.3], metavar="P", help="DARE drop rate")
-    p.add_argument("--metrics", nargs="+", default=["nmi"], metavar="M",
-                   help=f"similarity metric(s) that drive ACM's λ, one grid dimension: {keys_help()} "
+    p.add_argument("--metrics", nargs="+", default=None, metavar="M",
+                   help=f"softmax rule: similarity metric(s) that drive its λ, one grid dimension: {keys_help()} "
                         "(all computed in one analysis)")
     p.add_argument("--no-plain", action="store_true", help="do not include the plain method (λ = α) per point")
-    p.add_argument("--rules", nargs="+", default=["softmax"], metavar="R",
-                   help="coefficient rules to compare (acm.rules): softmax (ACM at each --ts; default) and/or sigmoid "
-                        "(each point's plain merge rescaled by the sigmoid rule at each --thetas × --rule-estimators)")
-    p.add_argument("--thetas", nargs="+", type=float, default=[0.7], metavar="θ", help="sigmoid rule θ (default 0.7)")
-    p.add_argument("--rule-estimators", nargs="+", default=["labels"], metavar="E",
-                   help="sigmoid rule MI estimators: labels (default), binned")
     p.add_argument("--max-settings", type=int, default=MAX_SETTINGS,
                    help=f"refuse grids larger than this (default {MAX_SETTINGS})")
     p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT,
@@ -98,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()
     grid = expand_grid(args.methods, args.alphas, args.ts, args.densities, args.drop_rates, plain=not args.no_plain,
-                       rules=args.rules, thetas=args.thetas, estimators=args.rule_estimators,
-                       max_settings=args.max_settings, metrics=args.metrics)
+                       rules=args.rules, softmax_ts=args.softmax_ts, against=args.against, applies=args.applies,
+                       thetas=args.thetas, estimators=args.rule_estimators, max_settings=args.max_settings,
+                       metrics=args.metrics)
     print(f"tune: {len(grid)} settings -> {args.out}/tune.jsonl (engine: {args.engine})")
 
     def show(rec: dict) -> None:

@@ -1,11 +1,11 @@
 """Measure the Long-to-Short trade-off on the demo pair: plain vs ACM merges over a small grid.
 
 ``python -m acm.demo.sweep --out results_dir`` is a preset of ``acm tune`` (``acm.tune``) for the
-demo pair: the analysis once, task arithmetic and TIES (plain and ACM, several α / t / density),
+demo pair: the analysis once, task arithmetic and TIES — plain, the paper's rule (``acm``, at each
+``--ts``, default −1 −0.5 0.5 0.7 0.9; ``--against`` / ``--applies`` add its switches as grid
+dimensions) and this project's softmax rule (at each ``--softmax-ts``) over several α / density —
 every model evaluated greedily on the first ``--limit`` bundled problems (no held-out split), then
-``sweep.json`` plus ``table.md`` (the table in the README's "Demo results"). ``--rules softmax sigmoid``
-adds, per plain point, the sigmoid coefficient rule (``acm.rules``) at each ``--thetas`` × ``--rule-estimators``
-(README "Softmax vs sigmoid rule"). Merged folders are
+``sweep.json`` plus ``table.md`` (the table in the README's "Demo results"). Merged folders are
 temporary; only numbers are kept, streamed to ``tune.jsonl`` so a killed sweep resumes.
 """
 
@@ -26,43 +26,43 @@ CALIBRATION = ASSETS / "calibration" / "demo_calibration.jsonl"
 EVAL = ASSETS / "eval" / "demo_eval.jsonl"
 
 
-_RULE_FIELDS = ("rule", "theta", "estimator")   # absent from a softmax / plain row (as before the rules)
+_RULE_FIELDS = ("rule", "against", "applies", "estimator")   # absent from a softmax / plain row (as before)
+DEMO_ACM_TS = (-1.0, -0.5, 0.5, 0.7, 0.9)    # issue 19's demo table: the paper's ablation ends and 0.7, and t < 0
+DEMO_SOFTMAX_TS = (2.0, 5.0, 10.0)
 
 
-def settings(alphas: Sequence[float], ts: Sequence[float], densities: Sequence[float],
+def settings(alphas: Sequence[float], ts: Sequence[float] | None = None, densities: Sequence[float] = (0.2, 0.5),
              metrics: Sequence[str] = ("nmi",), methods: Sequence[str] = ("task_arithmetic", "ties"), *,
-             rules: Sequence[str] = ("softmax",), thetas: Sequence[float] = (0.7,),
-             estimators: Sequence[str] = ("labels",)) -> list[dict]:
-    """The grid: every (method, α[, density]) plain, the same with ACM at each t for each metric (rule
-    ``softmax``) and, with rule ``sigmoid``, its plain merge rescaled by the sigmoid rule at each θ × estimator."""
-    sig = [{"rule": "sigmoid", "theta": th, "estimator": e} for th in thetas for e in estimators] \
-        if "sigmoid" in rules else []
-    ts = ts if "softmax" in rules else []
-    out = []
+             rules: Sequence[str] = ("acm", "softmax"), softmax_ts: Sequence[float] | None = None,
+             against: Sequence[str] = ("fine-tuned",), applies: Sequence[str] = ("task-vectors",),
+             estimators: Sequence[str] = ("labels",), thetas: Sequence[float] | None = None) -> list[dict]:
+    """The grid, α by α and method by method (the table's row order): every (method, α[, density]) plain,
+    the paper's rule at each t (``ts``, default ``DEMO_ACM_TS``) × switches, and softmax at each
+    ``softmax_ts`` (default ``DEMO_SOFTMAX_TS``; ``ts`` when softmax is the only rule) × metric — built and
+    checked by ``acm.tune.expand_grid``.
+    The paper's own setting has no α, so it appears once (with the first α)."""
+    from acm.tune import expand_grid
+
+    acm_ts = list(thetas) if thetas is not None else list(DEMO_ACM_TS if ts is None else ts)
+    softmax_only = all(str(r).strip().lower() == "softmax" for r in rules)   # then --ts is softmax's (as before)
+    soft_ts = list(softmax_ts if softmax_ts is not None else ts if (softmax_only and ts is not None)
+                   else DEMO_SOFTMAX_TS)
+    out: dict[str, dict] = {}
     for alpha in alphas:
         for method in methods:
-            for d in (list(densities) if method == "ties" else [None]):
-                point = {"method": method, "alpha": alpha, "t": None, "density": d, "metric": "nmi"}
-                out.append(point)
-                out += [{**point, "t": t, "metric": m} for m in metrics for t in ts]
-                out += [{**point, **r} for r in sig]
-    return out
+            dens = list(densities) if method == "ties" else []
+            grid = expand_grid([method], [alpha], acm_ts, dens, [], rules=rules, softmax_ts=soft_ts, against=against,
+                               applies=applies, estimators=estimators, metrics=list(metrics), max_settings=None)
+            for s in grid:
+                out.setdefault(s.key(), s.to_dict())
+    return list(out.values())
 
 
 def label(s: dict) -> str:
-    if s.get("rule") == "sigmoid":
-        from acm.tune import Setting
+    """The README table's name of a grid point (``acm.tune.Setting.label``)."""
+    from acm.tune import Setting
 
-        return Setting.from_dict(s).label()
-    name = ("ACM-" if s["t"] is not None else "") + ("TA" if s["method"] == "task_arithmetic" else "TIES")
-    parts = [f"α={s['alpha']:g}"]
-    if s["density"] is not None:
-        parts.append(f"d={s['density']:g}")
-    if s["t"] is not None:
-        parts.append(f"t={s['t']:g}")
-        if s.get("metric", "nmi") != "nmi":
-            parts.append(f"by {s['metric']}")
-    return f"{name} ({', '.join(parts)})"
+    return Setting.from_dict(s).label()
 
 
 def _row(name: str, m: dict, ref_long: float | None) -> dict:
@@ -72,22 +72,23 @@ def _row(name: str, m: dict, ref_long: float | None) -> dict:
                          for k, v in m.get("per_level", {}).items()}}
     if ref_long:
         row["length_cut_vs_long"] = round(1 - m["mean_length"] / ref_long, 4)
-    if m.get("rule_kept"):   # sigmoid rule: the fraction of each layer group's delta the merge kept
-        row["kept"] = m["rule_kept"]
+    lam = m.get("rule_lambda") or m.get("rule_kept")   # acm rule: λ per key (older runs: the sigmoid rule's 1 − s)
+    if lam:
+        row["lambda"] = lam
     return row
 
 
 def markdown(rows: list[dict]) -> str:
     levels = sorted({k for r in rows for k in r["per_level"]}, key=float)
-    kept = any(r.get("kept") for r in rows)   # a column only when a rule rescaled some merge
-    head = ("| model | " + ("kept (1 − s): mean (range) | " if kept else "") + "accuracy | mean length | "
+    has_lam = any(r.get("lambda") for r in rows)   # a column only when the acm rule made some merge
+    head = ("| model | " + ("λ (acm rule): mean (range) | " if has_lam else "") + "accuracy | mean length | "
             "length cut vs long | acc. per 1k tokens | " + " | ".join(f"L{k} acc" for k in levels) + " |")
-    sep = "|" + "---|" * (5 + kept + len(levels))
+    sep = "|" + "---|" * (5 + has_lam + len(levels))
     lines = [head, sep]
     for r in rows:
         cut = r.get("length_cut_vs_long")
-        k = list((r.get("kept") or {}).values())
-        kcol = ((f"{sum(k) / len(k):.2f} ({min(k):.2f}–{max(k):.2f}) | " if k else "— | ") if kept else "")
+        k = list((r.get("lambda") or {}).values())
+        kcol = ((f"{sum(k) / len(k):.2f} ({min(k):.2f}–{max(k):.2f}) | " if k else "— | ") if has_lam else "")
         lines.append(
             f"| {r['model']} | {kcol}{r['accuracy']:.3f} | {r['mean_length']:.1f} | "
             f"{'' if cut is None else f'{100 * cut:.0f}%'} | {r['acc_per_1k_tokens']:.2f} | "
@@ -96,11 +97,13 @@ def markdown(rows: list[dict]) -> str:
 
 
 def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: Path = CALIBRATION,
-              eval_path: Path = EVAL, alphas: Sequence[float], ts: Sequence[float], densities: Sequence[float],
-              limit: int | None, max_new_tokens: int, batch_size: int, samples: int | None,
-              threads: int | None = None, metrics: Sequence[str] = ("nmi",),
-              methods: Sequence[str] = ("task_arithmetic", "ties"), rules: Sequence[str] = ("softmax",),
-              thetas: Sequence[float] = (0.7,), estimators: Sequence[str] = ("labels",)) -> dict:
+              eval_path: Path = EVAL, alphas: Sequence[float], ts: Sequence[float] | None,
+              densities: Sequence[float], limit: int | None, max_new_tokens: int, batch_size: int,
+              samples: int | None, threads: int | None = None, metrics: Sequence[str] = ("nmi",),
+              methods: Sequence[str] = ("task_arithmetic", "ties"), rules: Sequence[str] = ("acm", "softmax"),
+              softmax_ts: Sequence[float] | None = None, against: Sequence[str] = ("fine-tuned",),
+              applies: Sequence[str] = ("task-vectors",), estimators: Sequence[str] = ("labels",),
+              thetas: Sequence[float] | None = None) -> dict:
     """The demo preset of ``acm.tune``: this grid, the first ``limit`` problems, no held-out split.
 
     Results stream to ``out/tune.jsonl`` as with ``acm tune`` (so a killed sweep resumes); the
@@ -112,7 +115,8 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     grid = [Setting.from_dict(s) for s in settings(alphas, ts, densities, metrics, methods, rules=rules,
-                                                    thetas=thetas, estimators=estimators)]
+                                                    softmax_ts=softmax_ts, against=against, applies=applies,
+                                                    estimators=estimators, thetas=thetas)]
     rows_in = load_data(str(eval_path), limit=limit)
     recs: list[dict] = []
 
@@ -145,6 +149,9 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
               "similarity": {} if analysis is None else
               {k: {g: round(v, 4) for g, v in zip(analysis.groups, analysis.similarity_matrix(k)[0])}
                for k in analysis.metrics()},
+              "sample_mi_mean": None if analysis is None or not analysis.has_sample_mi() else
+              {g: round(float(v), 4) for g, v in zip(analysis.sample_info["point_groups"],
+                                                    analysis.sample_mi_matrix()[0].mean(axis=-1))},
               "rows": rows, "seconds": round(time.perf_counter() - t0, 1), "tune": report.get("recommended")}
     (out / "sweep.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "table.md").write_text(markdown(rows), encoding="utf-8")
@@ -161,15 +168,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--calibration", type=Path, default=CALIBRATION)
     p.add_argument("--eval", type=Path, default=EVAL)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.7, 1.0])
-    p.add_argument("--ts", type=float, nargs="+", default=[2.0, 5.0, 10.0])
-    p.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.5])
-    p.add_argument("--rules", nargs="+", default=["softmax"], choices=("softmax", "sigmoid"),
-                   help="coefficient rules to compare (default softmax; sigmoid adds each plain point + sigmoid rule)")
-    p.add_argument("--thetas", type=float, nargs="+", default=[0.7], help="sigmoid rule θ values (default 0.7)")
+    p.add_argument("--rules", nargs="+", default=["acm", "softmax"], choices=("acm", "softmax", "sigmoid"),
+                   help="coefficient rules to compare (default: acm = the paper's rule, and softmax = this "
+                        "project's; sigmoid = acm --against merged --applies merged-delta)")
+    p.add_argument("--ts", type=float, nargs="+", default=None,
+                   help=f"acm rule t values in [-3, 3] (default {' '.join(f'{t:g}' for t in DEMO_ACM_TS)})")
+    p.add_argument("--softmax-ts", type=float, nargs="+", default=None,
+                   help=f"softmax rule t values (default {' '.join(f'{t:g}' for t in DEMO_SOFTMAX_TS)})")
+    p.add_argument("--against", nargs="+", default=["fine-tuned"], choices=("fine-tuned", "merged"),
+                   help="acm rule: MI against the fine-tuned models (default) and/or a plain merge")
+    p.add_argument("--applies", nargs="+", default=["task-vectors"], choices=("task-vectors", "merged-delta"),
+                   help="acm rule: λ on the task vectors with 1/N (default) and/or on a plain merge's delta")
+    p.add_argument("--thetas", type=float, nargs="+", default=None, help=argparse.SUPPRESS)   # old sigmoid θ
     p.add_argument("--rule-estimators", nargs="+", default=["labels"], choices=("labels", "binned"),
-                   help="sigmoid rule MI estimators (default labels)")
+                   help="acm rule --against merged: per-sample MI estimators (default labels)")
+    p.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.5])
     p.add_argument("--metrics", nargs="+", default=["nmi"],
-                   help=f"similarity metric(s) driving ACM's λ, compared side by side: {keys_help()}")
+                   help=f"similarity metric(s) driving the softmax rule's λ, compared side by side: {keys_help()}")
     p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"], choices=("task_arithmetic", "ties"))
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -178,16 +193,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: acm.tune.auto_threads, 1 for the demo models)")
     a = p.parse_args(argv)
+    from acm.errors import InputError
     from acm.similarity import parse_metrics
 
-    res = run_sweep(a.out, base=a.base, long=a.long, calibration=a.calibration, eval_path=a.eval, alphas=a.alphas, ts=a.ts,
-                    densities=a.densities, rules=a.rules, thetas=a.thetas, estimators=a.rule_estimators,
-                    limit=a.limit,
-                    max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, samples=a.samples, threads=a.threads,
-                    metrics=parse_metrics(a.metrics), methods=a.methods)
+    try:
+        res = _run_main(a, parse_metrics)
+    except InputError as exc:            # a bad grid or input: one line, exit 2 (as the acm CLI)
+        print(f"python -m acm.demo.sweep: error: {exc}", file=sys.stderr)
+        return 2
     print((a.out / "table.md").read_text())
     print(f"{len(res['rows'])} rows in {res['seconds']} s -> {a.out / 'sweep.json'}")
     return 0
+
+
+def _run_main(a: argparse.Namespace, parse_metrics) -> dict:
+    return run_sweep(a.out, base=a.base, long=a.long, calibration=a.calibration, eval_path=a.eval, alphas=a.alphas,
+                     ts=a.ts, softmax_ts=a.softmax_ts, densities=a.densities, rules=a.rules, against=a.against,
+                     applies=a.applies, thetas=a.thetas, estimators=a.rule_estimators, limit=a.limit,
+                     max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, samples=a.samples,
+                     threads=a.threads, metrics=parse_metrics(a.metrics), methods=a.methods)
 
 
 if __name__ == "__main__":
