@@ -106,7 +106,7 @@ class ModelNMI:
         if self.similarity:     # absent in NMI-only analyses: the file is byte-for-byte the old format
             d["similarity"] = {k: list(v) for k, v in self.similarity.items()}
         if self.sample_mi:
-            d["sample_mi"] = [[round(float(x), 7) for x in row] for row in self.sample_mi]
+            d["sample_mi"] = [[float(x) for x in row] for row in self.sample_mi]
         return d
 
     @classmethod
@@ -776,9 +776,9 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     point_list, point_groups = point_names(base_src.num_layers)
     samples_est = make_estimator(sample_key, len(point_list), len(ids), len(ft_srcs), bins=bins,
                                  max_values=sample_max_values, seed=seed) if sample_key else None
-    samples_cap = SampleCapture(samples_est) if samples_est is not None else None
     vocabs = [int(s.vocab_size) for s in [base_src] + ft_srcs if s.vocab_size]
     vocab = min(vocabs) if vocabs else None   # head ids valid for every model (vocabularies may differ)
+    samples_cap = SampleCapture(samples_est, vocab=vocab) if samples_est is not None else None
     out_emb = base_model.get_output_embeddings()
     weight = getattr(out_emb, "weight", None)
     widths = [v for v in (vocab, int(weight.shape[0]) if weight is not None else None) if v]

@@ -133,20 +133,7 @@ def reproduce_command(rec: dict, out: str | None = None, *, display: bool = Fals
         else:
             parts += [opt.flag, _fmt(value)]
     if rec.get("acm") and rec.get("acm_analysis"):
-        parts += ["--acm", "analysis.json", "--t", _fmt(rec["acm_analysis"].get("t"))]
-    rule = rec.get("rule") or {}
-    if rule.get("key") == "sigmoid":
-        cal = (rule.get("calibration") or {})
-        parts += ["--rule", "sigmoid", "--theta", _fmt(rule.get("theta")), "--rule-estimator",
-                  str(rule.get("estimator")), "--calibration", _calibration_arg(cal.get("source"), name)]
-        if rule.get("estimator") == "binned" and rule.get("bins") not in (None, 64):
-            parts += ["--rule-bins", str(rule["bins"])]
-        if rule.get("max_values") not in (None, 1 << 18):
-            parts += ["--rule-max-values", str(rule["max_values"])]
-        if cal.get("requested_samples"):
-            parts += ["--samples", str(cal["requested_samples"])]
-        if cal.get("max_tokens") not in (None, 512):
-            parts += ["--max-tokens", str(cal["max_tokens"])]
+        parts += _rule_flags(rec["acm_analysis"], name)
     if o.get("dtype"):
         parts += ["--dtype", str(o["dtype"])]
     if o.get("tokenizer_from") and o["tokenizer_from"] != "base":
@@ -161,25 +148,76 @@ def _calibration_arg(source: Any, name) -> str:
     return "bundled" if src.startswith("bundled:") else name(src)
 
 
+def _rule_flags(entry: dict, name) -> list[str]:
+    """The coefficient-rule flags of ``acm merge`` that redo a recipe's ``acm`` entry (softmax when the
+    entry names no rule: recipes made before the paper's rule)."""
+    if entry.get("rule") != "acm":
+        flags = ["--acm", "analysis.json", "--rule", "softmax", "--t", _fmt(entry.get("t"))]
+        if entry.get("metric") not in (None, "nmi"):
+            flags += ["--metric", str(entry["metric"])]
+    else:
+        flags = ["--rule", "acm", "--t", _fmt(entry.get("t"))]
+        if entry.get("against") == "merged":
+            cal = (entry.get("analysis") or {}).get("calibration") or {}
+            flags += ["--against", "merged", "--calibration", _calibration_arg(cal.get("source"), name)]
+            if cal.get("requested_samples"):
+                flags += ["--samples", str(cal["requested_samples"])]
+            if cal.get("max_tokens") not in (None, 512):
+                flags += ["--max-tokens", str(cal["max_tokens"])]
+            if entry.get("estimator") not in (None, "labels"):
+                flags += ["--rule-estimator", str(entry["estimator"])]
+            if entry.get("max_values") != 1 << 18:
+                flags += ["--rule-max-values", str(entry.get("max_values") or 0)]
+        else:
+            flags = ["--acm", "analysis.json", *flags]
+        if entry.get("applies") == "merged-delta":
+            flags += ["--applies", "merged-delta"]
+    clip = entry.get("clip") or [None, None]
+    flags += [f for flag, v in zip(("--clip-min", "--clip-max"), clip) if v is not None for f in (flag, _fmt(v))]
+    return flags
+
+
 def rule_section(rec: dict) -> list[str]:
-    """The model card's lines for a coefficient rule applied after the merge (``acm.rules``), if any."""
-    rule = rec.get("rule") or {}
-    if rule.get("key") != "sigmoid":
+    """The model card's lines for the paper's rule (``acm.rules.ACM``): its switches and per-point MI."""
+    entry = rec.get("acm_analysis") if rec.get("acm") else None
+    if not entry or entry.get("rule") != "acm":
         return []
-    s, scale = rule.get("s") or {}, rule.get("scale") or {}
-    cal = rule.get("calibration") or {}
-    est = rule.get("estimator")
-    est_text = ("scikit-learn `mutual_info_score` of the flattened bf16 values taken as discrete labels"
-                if est == "labels" else f"this project's {rule.get('bins')}-bin joint histogram, per sample")
-    return ["## Coefficient rule: sigmoid (applied after the merge)", "",
-            f"{rule.get('formula', '')}. Source: {rule.get('source', '')}. The merge above was the plain stage 1; "
-            "the final weights are base + (1 − s_g)·(stage-1 merge − base) per layer group g, so every group keeps "
-            "between half and all of its delta.", "",
-            _table(["parameter", "value"], [["θ", rule.get("theta")], ["MI estimator", est_text],
-                                            ["values per sample and point", rule.get("max_values")],
-                                            ["calibration", _calibration_arg(cal.get("source"), display_name)],
-                                            ["samples", cal.get("samples")]]),
-            "", _table(["group", "s", "delta kept (1 − s)"], [[g, s[g], scale.get(g)] for g in s]), ""]
+    cal = (entry.get("analysis") or {}).get("calibration") or {}
+    est = entry.get("estimator")
+    est_text = ("discrete MI of the flattened bf16 values taken as labels (as scikit-learn's `mutual_info_score`)"
+                if est == "labels" else "this project's joint histogram, per sample")
+    applies = ("each task vector, weighted 1/N (Eq. 3)" if entry.get("applies") == "task-vectors"
+               else "the delta of the plain merge above: base + λ·(merged − base)")
+    lines = ["## Coefficient rule: acm (the paper's Eq. 2–3)", "",
+             "λₖ = 1 − meanⱼ σ(t·(MIₖ,ⱼ − maxⱼ MIₖ,ⱼ)) from the MI between the base's activations and those of "
+             f"{'each fine-tuned model' if entry.get('against') == 'fine-tuned' else 'a plain merge of them'} "
+             f"per calibration sample j at activation point k; λ applies to {applies}.", "",
+             _table(["parameter", "value"], [["t", entry.get("t")], ["MI against", entry.get("against")],
+                                             ["λ applies to", entry.get("applies")], ["MI estimator", est_text],
+                                             ["values per sample and point", entry.get("max_values")],
+                                             ["calibration", _calibration_arg(cal.get("source"), display_name)],
+                                             ["samples", entry.get("samples")]]), ""]
+    lam, mi = entry.get("lambda") or {}, entry.get("mi_mean") or {}
+    names = list(lam)
+    if names and entry.get("groups"):
+        rows = [[g, (entry.get("points") or [None] * len(entry["groups"]))[k]]
+                + [x for n in names for x in (mi.get(n, [None] * (k + 1))[k], lam[n][k])]
+                for k, g in enumerate(entry["groups"])]
+        header = ["λ key", "activation point"] + [h for n in names for h in (f"mean MI {display_name(n)}",
+                                                                              f"λ {display_name(n)}")]
+        lines += [_table(header, rows), ""]
+    return lines
+
+
+def _public(value: Any) -> Any:
+    """``value`` with every machine path (``/…``, ``bundled:/…``) shown by its last name: no paths in a card."""
+    if isinstance(value, dict):
+        return {_public(k): _public(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value.split(":", 1)[-1]):
+        return display_name(value.split(":", 1)[-1])
+    return value
 
 
 def _provenance_lines(prov: Any, prefix: str = "") -> list[str]:
@@ -202,8 +240,8 @@ def model_card(rec: dict) -> str:
     method = rec.get("method", "")
     acm = rec.get("acm_analysis") if rec.get("acm") else None
     label = ("ACM-" if acm else "") + METHOD_NAMES.get(method, method)
-    if (rec.get("rule") or {}).get("key") == "sigmoid":
-        label += " + sigmoid rule"
+    if acm:
+        label += " (acm rule)" if acm.get("rule") == "acm" else " (softmax rule)"
     front = {"base_model": [base] + models, "base_model_relation": "merge", "library_name": "transformers",
              "tags": ["merge", "acm"]}
     name = rec.get("name") or "merged model"
@@ -225,19 +263,27 @@ def model_card(rec: dict) -> str:
     o = rec.get("options", {})
     keys = _RELEVANT.get(method, ())
     prow = [[k, o.get(k)] for k in keys]
-    if acm:
+    if acm and acm.get("rule") == "acm":
+        prow += [["t (the paper's Eq. 2)", acm.get("t")]]
+        if acm.get("clip"):
+            prow.append(["λ clip", acm.get("clip")])
+    elif acm:
         prow += [["t (ACM sharpness)", acm.get("t")], ["α (ACM mean λ)", acm.get("alpha")]]
         if acm.get("clip"):
             prow.append(["λ clip", acm.get("clip")])
     out += ["## Parameters", "", _table(["parameter", "value"], prow), ""]
     out += ["## Coefficients λ per layer group", "",
-            ("λ from the ACM analysis: λₖ = α·K·exp(−t·NMIₖ) / Σⱼ exp(−t·NMIⱼ) (mean α; lower NMI → larger λ)."
+            ("Task-vector weights λ/N from the paper's rule (see below; `head.norm` is the final norm's own λ)."
+             if acm and acm.get("rule") == "acm" and acm.get("applies") == "task-vectors" else
+             "λ of the paper's rule, applied to the plain merge's delta (see below)."
+             if acm and acm.get("rule") == "acm" else
+             "λ from the ACM analysis: λₖ = α·K·exp(−t·NMIₖ) / Σⱼ exp(−t·NMIⱼ) (mean α; lower NMI → larger λ)."
              if acm and acm.get("metric", "nmi") == "nmi" else
              f"λ from the ACM analysis: λₖ = α·K·exp(−t·sₖ) / Σⱼ exp(−t·sⱼ), sₖ = {acm.get('metric')} similarity "
              "(mean α; lower sₖ → larger λ)." if acm else ("Normalised weights of the linear average." if method == "linear"
                           else "Plain method: λ = α for every group.")), "",
             lambda_table(rec), ""]
-    if acm and isinstance(acm.get("nmi"), dict) and acm.get("groups"):
+    if acm and acm.get("rule") != "acm" and isinstance(acm.get("nmi"), dict) and acm.get("groups"):
         names = list(acm["nmi"])
         rows = [[g] + [acm["nmi"][n][k] if k < len(acm["nmi"][n]) else None for n in names]
                 for k, g in enumerate(acm["groups"])]
@@ -248,7 +294,7 @@ def model_card(rec: dict) -> str:
         out += ["## ACM analysis provenance", ""]
         if acm.get("source"):
             out += [f"Analysis file: `{display_name(str(acm['source']))}`", ""]
-        out += _provenance_lines(acm.get("analysis") or {}) or ["- (not recorded)"]
+        out += _provenance_lines(_public(acm.get("analysis") or {})) or ["- (not recorded)"]
         out.append("")
     stats = rec.get("output", {})
     heads, tok = stats.get("heads") or {}, stats.get("tokenizer") or {}

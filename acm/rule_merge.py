@@ -35,6 +35,7 @@ from acm.errors import InputError
 from acm.rules import ACM
 
 Progress = Callable[[float, str], None]
+STAGE1 = "plain merge (stage 1)"
 
 
 @dataclass
@@ -119,16 +120,13 @@ def merge_with_rule(base: Any, fts: list[Any], out_dir: str | Path, options: Any
                                       allow_pickle=allow_pickle, show_progress=show_progress,
                                       progress=_sub(progress, 0.3, 0.7, "stage 2/3 MI base vs merged"),
                                       **(analysis_options or {}))
-            merged_analysis.models[0].model = "plain merge (stage 1)"
-            prov = merged_analysis.provenance
-            prov["models"]["fine_tuned"] = [{"model": "plain merge (stage 1)"}]
-            prov["passes"] = [{**p, "model": "plain merge (stage 1)"} if i else p for i, p in enumerate(prov["passes"])]
+            merged_analysis.models[0].model = STAGE1
             coef = compute(merged_analysis, "acm", sw["t"], clip=clip, against=sw["against"], applies=sw["applies"])
             stage_seconds["analysis"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
         final = _final_stage(base, fts, stage1, tmp, coef, options, sw, allow_pickle, progress, show_progress)
         stage_seconds["final"] = round(time.perf_counter() - t0, 3)
-        recipe = _record(first.recipe, final.recipe, coef, sw, stage_seconds, Path(out_dir).name)
+        recipe = _record(first.recipe, final.recipe, coef, sw, stage_seconds, Path(out_dir).name, stage1)
         _write_record(tmp / "stage3", recipe)
         for entry in (tmp / "stage3").iterdir():
             entry.rename(tmp / entry.name)
@@ -158,21 +156,24 @@ def _final_stage(base, fts, stage1: Path, tmp: Path, coef, options, sw: dict, al
                         progress=prog, show_progress=show_progress)
 
 
-def _record(first: dict, final: dict, coef, sw: dict, stage_seconds: dict, name: str) -> dict:
+def _record(first: dict, final: dict, coef, sw: dict, stage_seconds: dict, name: str, stage1: Path) -> dict:
     """The user's merge (stage 1's sources, method, options) plus the rule, with the final output's facts;
-    no temp path survives into it."""
+    no temp path survives into it (the stage-1 folder is named ``plain merge (stage 1)`` wherever it appears)."""
     recipe = dict(first) if sw["applies"] == "merged-delta" else dict(final)
     recipe["acm"] = True
     recipe["acm_analysis"] = {**coef.entry(), "stage_seconds": stage_seconds,
                               "estimator": sw["estimator"], "max_values": sw["max_values"]}
     if sw["applies"] == "merged-delta":
         lam = coef.mean_over_models()
-        recipe["lambdas"] = [{"model": "plain merge (stage 1)", "lambda": lam}]
+        recipe["lambdas"] = [{"model": STAGE1, "lambda": lam}]
         first_out = first.get("output") or {}
         recipe["output"] = {**(final.get("output") or {}),
                             **{k: first_out[k] for k in ("heads", "tokenizer") if k in first_out}}
     recipe["name"] = name
-    return recipe
+    text = json.dumps(recipe, ensure_ascii=False, default=str)
+    for spelling in {str(stage1), str(stage1.resolve())}:
+        text = text.replace(json.dumps(spelling, ensure_ascii=False)[1:-1], STAGE1)
+    return json.loads(text)
 
 
 def _write_record(folder: Path, recipe: dict) -> None:

@@ -72,8 +72,9 @@ def discrete_mi(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def bf16_labels(values: torch.Tensor) -> torch.Tensor:
-    """bf16 bit patterns (int16) as discrete labels: equal labels ⇔ equal bf16 values."""
-    return values.detach().to(torch.bfloat16).view(torch.int16)
+    """bf16 bit patterns (int16) as discrete labels: equal labels ⇔ equal bf16 values (``+ 0`` turns −0
+    into +0, which compare equal as values)."""
+    return (values.detach().to(torch.bfloat16) + 0).view(torch.int16)
 
 
 # ----------------------------------------------------------------------------- estimators
@@ -267,11 +268,13 @@ class SampleCapture:
 
     ``begin_batch(first_sample, mask)`` before each forward; the hooks then split every activation
     ``[batch, tokens, width]`` into its samples' real-token rows (padding positions never enter).
-    ``mode`` is ``base`` (keep) or the index of the other model (update).
+    ``mode`` is ``base`` (keep) or the index of the other model (update). ``vocab``: logits columns
+    compared (the vocabulary every model shares, when sizes differ), at the last point (the logits).
     """
 
-    def __init__(self, estimator: LabelMI | BinnedMI):
+    def __init__(self, estimator: LabelMI | BinnedMI, vocab: int | None = None):
         self.est = estimator
+        self.vocab = vocab
         self.mode: str | int = "base"
         self.first = 0
         self.lengths: list[int] = []
@@ -296,6 +299,8 @@ class SampleCapture:
         act = act.detach()
         if act.dim() == 2:                        # [tokens, width] from a model that drops the batch axis
             act = act.unsqueeze(0)
+        if self.vocab is not None and point == self.est.num_points - 1:
+            act = act[..., : self.vocab]           # logits of the token ids every model has
         for j in range(act.shape[0]):
             mask = self._real(j, act.device)
             real = act[j] if bool(mask.all()) else act[j][mask]

@@ -69,7 +69,7 @@ def test_pair_budget_default_matches_the_library():
 
 def test_coefficients_json(analysis_path, capsys):
     capsys.readouterr()
-    assert main(["coefficients", "--analysis", str(analysis_path), "--t", "4", "--alpha", "0.5"]) == 0
+    assert main(["coefficients", "--analysis", str(analysis_path), "--rule", "softmax", "--t", "4", "--alpha", "0.5"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["t"] == 4.0 and data["alpha"] == 0.5
     analysis = AnalysisResult.load(analysis_path)
@@ -85,8 +85,8 @@ def test_coefficients_json(analysis_path, capsys):
 
 def test_coefficients_clip(analysis_path, capsys):
     capsys.readouterr()
-    assert main(["coefficients", "--analysis", str(analysis_path), "--t", "30", "--clip-min", "0.8",
-                 "--clip-max", "1.3"]) == 0
+    assert main(["coefficients", "--analysis", str(analysis_path), "--rule", "softmax", "--t", "30", "--clip-min",
+                 "0.8", "--clip-max", "1.3"]) == 0
     data = json.loads(capsys.readouterr().out)
     values = [g["lambda"] for m in data["models"] for g in m["groups"]]
     assert min(values) >= 0.8 and max(values) <= 1.3 and data["clip"] == [0.8, 1.3]
@@ -94,7 +94,7 @@ def test_coefficients_clip(analysis_path, capsys):
 
 def test_coefficients_yaml(analysis_path, capsys, world):
     capsys.readouterr()
-    assert main(["coefficients", "--analysis", str(analysis_path), "--t", "2", "--format", "yaml",
+    assert main(["coefficients", "--analysis", str(analysis_path), "--rule", "softmax", "--t", "2", "--format", "yaml",
                  "--method", "ties", "--density", "0.3"]) == 0
     out = capsys.readouterr().out
     cfg = yaml.safe_load(out)
@@ -167,9 +167,12 @@ def test_wrong_field(world, tmp_path, capsys):
     assert "'question'" in line and "text" in line
 
 
-def test_negative_t(analysis_path, capsys):
-    line = _one_line_exit_2(capsys, ["coefficients", "--analysis", str(analysis_path), "--t", "-0.5"])
-    assert "--t" in line
+def test_t_out_of_each_rules_range(analysis_path, capsys):
+    line = _one_line_exit_2(capsys, ["coefficients", "--analysis", str(analysis_path), "--t", "-3.5"])
+    assert "--t must be in [-3, 3]" in line                                  # the acm rule (default)
+    line = _one_line_exit_2(capsys, ["coefficients", "--analysis", str(analysis_path), "--rule", "softmax",
+                                     "--t", "-0.5"])
+    assert "--t must be in [0, 100]" in line
 
 
 @pytest.mark.parametrize("argv_over, word", [

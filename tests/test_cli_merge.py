@@ -90,7 +90,8 @@ def test_existing_output_dir(pair, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, pattern", [
     (["--density", "1.5"], "density"), (["--density", "0"], "density"), (["--drop-rate", "1"], "drop rate"),
-    (["--alpha", "-1"], "alpha"), (["--t", "1"], "--acm and --t"), (["--acm", "x.json"], "--acm and --t"),
+    (["--alpha", "-1"], "alpha"), (["--t", "1"], "--t sets ACM coefficients: pass --acm"),
+    (["--acm", "x.json"], "analysis file not found"),
     (["--method", "linear", "--acm", "x.json", "--t", "1"], "linear"), (["--shard-size", "big"], "shard size"),
     (["--weights", "1", "2"], "linear only"), (["--device", "tpu9"], "device"),
 ])
@@ -118,7 +119,8 @@ def test_acm_merge_from_analysis_file(pair, tmp_path, capsys):
     path = tmp_path / "analysis.json"
     result.save(path)
     out = tmp_path / "acm"
-    assert main(_args(pair, out, "--method", "ties", "--acm", str(path), "--t", "4", "--alpha", "1.0")) == 0
+    assert main(_args(pair, out, "--method", "ties", "--acm", str(path), "--rule", "softmax", "--t", "4",
+                      "--alpha", "1.0")) == 0
     rec = json.loads((out / "acm_recipe.json").read_text())
     assert rec["acm"] is True and rec["acm_analysis"]["t"] == 4.0
     lam = rec["lambdas"][0]["lambda"]
@@ -127,12 +129,15 @@ def test_acm_merge_from_analysis_file(pair, tmp_path, capsys):
     assert "ACM" in (out / "README.md").read_text()
     # t = 0 is the plain method, bit for bit
     a, b = tmp_path / "t0", tmp_path / "plain"
-    assert main(_args(pair, a, "--method", "ties", "--acm", str(path), "--t", "0")) == 0
+    assert main(_args(pair, a, "--method", "ties", "--acm", str(path), "--rule", "softmax", "--t", "0")) == 0
     assert main(_args(pair, b, "--method", "ties")) == 0
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     # the analysis must cover the same number of models
-    assert main(_args(pair, tmp_path / "bad", "--acm", str(path), "--t", "1", n_ft=1)) == 2
+    assert main(_args(pair, tmp_path / "bad", "--acm", str(path), "--rule", "softmax", "--t", "1", n_ft=1)) == 2
     assert "analyses 2" in _one_line_error(capsys)
+    # the paper's rule (the default) needs per-sample MI, which this file lacks: one line that says how to re-run
+    assert main(_args(pair, tmp_path / "old", "--acm", str(path))) == 2
+    assert "no per-sample MI" in _one_line_error(capsys) and not (tmp_path / "old").exists()
 
 
 def test_real_subprocess(pair, tmp_path):

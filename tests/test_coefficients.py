@@ -106,16 +106,16 @@ def test_nan_nmi_is_rejected():
 
 def test_coefficient_table_and_lambdas_by_group():
     analysis = make_analysis()
-    table = coefficient_table(analysis, 3.0, 0.5)
+    table = coefficient_table(analysis, 3.0, 0.5, rule="softmax")
     assert table["t"] == 3.0 and table["alpha"] == 0.5
     assert [m["model"] for m in table["models"]] == ["org/ft0", "org/ft1"]
     for m, row in zip(table["models"], analysis.models):
         assert [g["name"] for g in m["groups"]] == ["embed", "block.0", "block.1", "head"]
         assert [g["nmi"] for g in m["groups"]] == row.nmi
         assert np.mean([g["lambda"] for g in m["groups"]]) == pytest.approx(0.5)
-    by_group = lambdas_by_group(analysis, 3.0, 0.5)
+    by_group = lambdas_by_group(analysis, 3.0, 0.5, rule="softmax")
     assert by_group[1]["head"] == pytest.approx(table["models"][1]["groups"][3]["lambda"])
-    clipped = coefficient_table(analysis, 3.0, 0.5, clip=(0.45, None))
+    clipped = coefficient_table(analysis, 3.0, 0.5, clip=(0.45, None), rule="softmax")
     g0 = clipped["models"][0]["groups"][0]
     assert g0["clipped"] and g0["lambda"] == 0.45 and g0["lambda_unclipped"] < 0.45
 
@@ -124,7 +124,7 @@ def test_coefficient_table_and_lambdas_by_group():
                                         ("dare_ta", "dare_linear"), ("dare_ties", "dare_ties")])
 def test_mergekit_yaml_reproduces_every_group(method, mk):
     analysis = make_analysis()
-    text = to_mergekit_yaml(analysis, 2.0, 1.0, method=method, density=0.4)
+    text = to_mergekit_yaml(analysis, 2.0, 1.0, method=method, density=0.4, rule="softmax")
     assert text.startswith("# ACM")
     cfg = yaml.safe_load(text)
     assert cfg["merge_method"] == mk and cfg["base_model"] == "org/base"
@@ -132,7 +132,7 @@ def test_mergekit_yaml_reproduces_every_group(method, mk):
         assert cfg["parameters"] == {"normalize": False, "rescale": False, "lambda": 2.5}
     else:
         assert cfg["parameters"] == {"normalize": False}
-    expected = lambdas_by_group(analysis, 2.0, 1.0)
+    expected = lambdas_by_group(analysis, 2.0, 1.0, rule="softmax")
     for entry, lam in zip(cfg["models"], expected):
         weight = entry["parameters"]["weight"]
         by_filter = {w["filter"]: w["value"] for w in weight if "filter" in w}
@@ -149,7 +149,7 @@ def test_mergekit_yaml_reproduces_every_group(method, mk):
 
 def test_mergekit_yaml_rejects_linear():
     with pytest.raises(InputError, match="linear"):
-        to_mergekit_yaml(make_analysis(), 1.0, method="linear")
+        to_mergekit_yaml(make_analysis(), 1.0, method="linear", rule="softmax")
 
 
 @pytest.mark.parametrize("method, trim, drop, expect", [
@@ -158,7 +158,7 @@ def test_mergekit_yaml_rejects_linear():
     ("dare_ties", 0.7, 0.25, None),         # random drop AND magnitude trim: no mergekit equivalent
 ])
 def test_mergekit_yaml_dare_density_follows_the_drop_rate(method, trim, drop, expect):
-    text = to_mergekit_yaml(make_analysis(), 2.0, 1.0, method=method, density=trim, drop_rate=drop)
+    text = to_mergekit_yaml(make_analysis(), 2.0, 1.0, method=method, density=trim, drop_rate=drop, rule="softmax")
     if expect is None:
         assert text.startswith("# ACM (Activation-Guided Consensus Merging): NO mergekit config")
         assert yaml.safe_load(text) is None and "magnitude" in text

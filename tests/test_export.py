@@ -54,7 +54,7 @@ def test_model_card_front_matter_and_tables():
     assert "calibration.source: s1k" in card and "t (ACM sharpness)" in card
     assert "rows 10-11" in card and "from_pretrained" in card
     assert "/home/someone" not in card                                  # local folders by name only
-    assert "--acm analysis.json --t 4" in card
+    assert "--acm analysis.json --rule softmax --t 4" in card     # a recipe from before the paper rule: softmax
 
 
 def test_plain_card_and_lambda_table():

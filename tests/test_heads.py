@@ -149,7 +149,7 @@ def test_analysis_and_mergekit_yaml_on_the_paper_mix(tmp_path):
     assert result.groups[-1] == "head" and len(result.models[0].nmi) == len(result.groups)
     assert result.provenance["heads"]["merged"] == "untied"
     assert HEAD in result.provenance["group_tensors"]["head"]
-    text = to_mergekit_yaml(result, 2.0, 1.0, method="ties", density=0.3, tokenizer_source=str(ft))
+    text = to_mergekit_yaml(result, 2.0, 1.0, method="ties", density=0.3, tokenizer_source=str(ft), rule="softmax")
     assert "filter: lm_head" in text
     assert "tie_word_embeddings: true: transformers then ties the head" in text
     assert "do not use mergekit's tokenizer_source" in text

@@ -54,11 +54,11 @@ def _analysis(pair) -> AnalysisResult:
 ])
 def test_mergekit_merges_the_exported_yaml_to_our_result(method, kw, pair, tmp_path):
     analysis = _analysis(pair)
-    lams = lambdas_by_group(analysis, 2.0, 1.0)
+    lams = lambdas_by_group(analysis, 2.0, 1.0, rule="softmax")
     ours = merge_models(pair[0], pair[1], tmp_path / "ours", MergeOptions(method=method, **kw), lambdas=lams,
                         show_progress=False)
     text = to_mergekit_yaml(analysis, 2.0, 1.0, method=method, base_model=pair[0], density=kw.get("density"),
-                            gamma=kw.get("gamma"), normalize=kw.get("normalize", False), dtype="float32")
+                            gamma=kw.get("gamma"), normalize=kw.get("normalize", False), dtype="float32", rule="softmax")
     cfg = tmp_path / "config.yaml"
     cfg.write_text(text)
     res = subprocess.run([MERGEKIT_YAML, str(cfg), str(tmp_path / "mk"), "--allow-crimes"], capture_output=True,

@@ -252,7 +252,7 @@ def test_della_merge_is_reproducible_and_seed_dependent(pair, tmp_path):
 # ----------------------------------------------------------------------------- mergekit mapping, per method
 
 def _cfg(method, **kw):
-    text = to_mergekit_yaml(make_analysis(), 2.0, 1.0, method=method, **kw)
+    text = to_mergekit_yaml(make_analysis(), 2.0, 1.0, method=method, **kw, rule="softmax")
     return text, yaml.safe_load(text)
 
 
@@ -345,14 +345,14 @@ def test_new_methods_in_the_tune_grid():
 def test_coefficients_command_exports_the_new_methods(tmp_path, capsys):
     path = tmp_path / "analysis.json"
     make_analysis().save(path)
-    assert main(["coefficients", "--analysis", str(path), "--t", "2", "--format", "yaml", "--method",
+    assert main(["coefficients", "--analysis", str(path), "--rule", "softmax", "--t", "2", "--format", "yaml", "--method",
                  "breadcrumbs_ties", "--density", "0.3", "--gamma", "0.02", "--normalize"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["merge_method"] == "breadcrumbs_ties" and cfg["parameters"] == {"normalize": True, "rescale": False}
     assert cfg["models"][0]["parameters"]["gamma"] == 0.02
-    assert main(["coefficients", "--analysis", str(path), "--t", "2", "--format", "yaml", "--method", "dare_ta",
+    assert main(["coefficients", "--analysis", str(path), "--rule", "softmax", "--t", "2", "--format", "yaml", "--method", "dare_ta",
                  "--drop-rate", "0.5"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["parameters"]["lambda"] == 2.0 and cfg["models"][0]["parameters"]["density"] == 0.5
-    assert main(["coefficients", "--analysis", str(path), "--t", "2", "--format", "yaml", "--method", "della"]) == 0
+    assert main(["coefficients", "--analysis", str(path), "--rule", "softmax", "--t", "2", "--format", "yaml", "--method", "della"]) == 0
     assert capsys.readouterr().out.startswith("# ACM (Activation-Guided Consensus Merging): NO mergekit config")

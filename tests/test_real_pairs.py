@@ -57,10 +57,10 @@ def run_pipeline(base: Path, ft: Path, tmp_path: Path, *, cli: bool) -> Path:
 
         result = analyze(str(base), [str(ft)], str(cal), samples=6, clusters=3, max_tokens=48, show_progress=False)
         result.save(analysis)
-        yaml_text = to_mergekit_yaml(result, 2.0, 0.8, method="ties", density=0.3)
+        yaml_text = to_mergekit_yaml(result, 2.0, 0.8, method="ties", density=0.3, rule="softmax")
         merge_models(str(base), [str(ft)], out, MergeOptions(method="ties", density=0.3, alpha=0.8,
                                                            tokenizer_from="ft", shard_size="5MB"),
-                     lambdas=lambdas_by_group(result, 2.0, 0.8), acm={"t": 2.0, "alpha": 0.8},
+                     lambdas=lambdas_by_group(result, 2.0, 0.8, rule="softmax"), acm={"t": 2.0, "alpha": 0.8},
                      show_progress=False)
     assert "merge_method:" in yaml_text
     result = json.loads(analysis.read_text())

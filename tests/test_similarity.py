@@ -251,7 +251,7 @@ def test_metric_only_analysis_without_nmi(world, tmp_path):
     assert back.metrics() == ["cosine"]
     with pytest.raises(InputError, match="no 'nmi' values .*holds: cosine"):
         back.nmi_matrix()
-    lam = lambdas_by_group(back, 2.0, 0.7, metric="cosine")
+    lam = lambdas_by_group(back, 2.0, 0.7, metric="cosine", rule="softmax")
     assert np.mean(list(lam[0].values())) == pytest.approx(0.7)
 
 
@@ -264,7 +264,7 @@ def test_old_nmi_only_file_still_loads_and_drives_lambda():
     assert raw["format_version"] == 1 and "similarity" not in raw["models"][0]
     assert old.metrics() == ["nmi"]
     np.testing.assert_array_equal(old.similarity_matrix("nmi"), old.nmi_matrix())
-    table = coefficient_table(old, 1.0, 0.7)
+    table = coefficient_table(old, 1.0, 0.7, rule="softmax")
     assert table["metric"] == "nmi" and table["models"][0]["groups"][0]["nmi"] == raw["models"][0]["nmi"][0]
     # an NMI-only result writes the same keys as before (older readers load it)
     assert json.loads(old.to_json())["models"][0].keys() == raw["models"][0].keys()
@@ -286,12 +286,12 @@ def test_round_trip_keeps_version_and_every_metric(three, tmp_path):
 
 def test_the_chosen_metric_drives_lambda(three):
     for key in ("nmi", "cka", "cosine"):
-        table = coefficient_table(three, 2.0, 0.7, metric=key)
+        table = coefficient_table(three, 2.0, 0.7, metric=key, rule="softmax")
         got = [g["lambda"] for g in table["models"][0]["groups"]]
         np.testing.assert_allclose(got, lambdas(three.similarity_matrix(key)[0], 2.0, 0.7))
         assert table["models"][0]["groups"][0][key] == table["models"][0]["groups"][0]["similarity"]
-    assert not np.allclose(lambdas_by_group(three, 2.0, metric="cka")[0]["embed"],
-                           lambdas_by_group(three, 2.0, metric="nmi")[0]["embed"])
+    assert not np.allclose(lambdas_by_group(three, 2.0, metric="cka", rule="softmax")[0]["embed"],
+                           lambdas_by_group(three, 2.0, metric="nmi", rule="softmax")[0]["embed"])
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -307,19 +307,20 @@ def test_cli_analyze_metric_then_coefficients_and_merge(world, tmp_path, capsys)
     assert "mean linear CKA" in printed and "mean cosine" in printed
     res = AnalysisResult.load(out)
     assert res.metrics() == ["nmi", "cka", "cosine"]
-    assert main(["coefficients", "--analysis", str(out), "--t", "2", "--metric", "cka"]) == 0
+    assert main(["coefficients", "--analysis", str(out), "--rule", "softmax", "--t", "2", "--metric", "cka"]) == 0
     table = json.loads(capsys.readouterr().out)
     assert table["metric"] == "cka"
     np.testing.assert_allclose([g["lambda"] for g in table["models"][0]["groups"]],
                                lambdas(res.similarity_matrix("cka")[0], 2.0, 1.0))
-    assert main(["coefficients", "--analysis", str(out), "--t", "2", "--metric", "cosine", "--format", "yaml"]) == 0
+    assert main(["coefficients", "--analysis", str(out), "--rule", "softmax", "--t", "2", "--metric", "cosine",
+                 "--format", "yaml"]) == 0
     assert "s = cosine similarity" in capsys.readouterr().out
     merged = tmp_path / "merged"
-    assert main(["merge", "--base", world["base"], "--ft", world["ft"], "--acm", str(out), "--t", "2",
-                 "--metric", "cosine", "--device", "cpu", "--out", str(merged)]) == 0
+    assert main(["merge", "--base", world["base"], "--ft", world["ft"], "--acm", str(out), "--rule", "softmax",
+                 "--t", "2", "--metric", "cosine", "--device", "cpu", "--out", str(merged)]) == 0
     assert "by cosine" in capsys.readouterr().out
     recipe = json.loads((merged / "acm_recipe.json").read_text())
-    expected = lambdas_by_group(res, 2.0, metric="cosine")[0]
+    expected = lambdas_by_group(res, 2.0, metric="cosine", rule="softmax")[0]
     assert recipe["lambdas"][0]["lambda"] == pytest.approx(expected)
     assert recipe["acm_analysis"]["metric"] == "cosine"
     assert "sₖ = cosine similarity" in (merged / "README.md").read_text()
@@ -329,8 +330,9 @@ def test_cli_analyze_metric_then_coefficients_and_merge(world, tmp_path, capsys)
 @pytest.mark.parametrize("argv, msg", [
     (["analyze", "--metric", "mutual"], "unknown similarity metric 'mutual'"),
     (["analyze", "--sketch-dim", "0"], "--sketch-dim must be at least 1"),
-    (["coefficients", "--metric", "cka"], "no 'cka' values"),
-    (["merge", "--metric", "cka"], "--metric picks which similarity"),
+    (["coefficients", "--rule", "softmax", "--metric", "cka"], "no 'cka' values"),
+    (["coefficients", "--metric", "cka"], "--metric picks the softmax rule's similarity"),
+    (["merge", "--metric", "cka"], "--metric sets ACM coefficients: pass --acm"),
 ])
 def test_cli_metric_errors_are_one_line(world, tmp_path, capsys, argv, msg):
     cmd = argv[0]
@@ -399,7 +401,7 @@ def test_app_merge_uses_the_chosen_driver(world, tmp_path, three):
         st.coef_view = {"t": 2.0, "alpha": 0.7, "clip": None, "metric": "cosine"}
         merged = merge.run_merge(st, world["base"], [world["ft"]], method="task_arithmetic", mode=merge.ACM,
                                  t=2.0, alpha=0.7, device="cpu")
-        expected = lambdas_by_group(three, 2.0, 0.7, metric="cosine")[0]
+        expected = lambdas_by_group(three, 2.0, 0.7, metric="cosine", rule="softmax")[0]
         assert merged.report["lambdas"][0] == pytest.approx(expected)
         assert merged.label.endswith("ACM-TA t=2 α=0.7 by cosine"), merged.label   # the summary says so
     finally:
@@ -473,4 +475,4 @@ def test_adding_a_metric_is_one_registry_entry(world, monkeypatch, tmp_path):
     assert back.metrics() == ["nmi", "signs"]
     s = back.similarity_matrix("signs")
     assert np.all((s > 0.5) & (s <= 1))                        # a fine-tuned descendant mostly keeps signs
-    assert coefficient_table(back, 1.0, metric="signs")["metric"] == "signs"
+    assert coefficient_table(back, 1.0, metric="signs", rule="softmax")["metric"] == "signs"

@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     from acm.similarity import get_metric
 
     clip = validate(args)
+    if args.rule == "acm" and str(args.metric).strip().lower() != "nmi":
+        raise InputError("--metric picks the softmax rule's similarity; the acm rule uses per-sample MI "
+                         "(add --rule softmax)")
     args.metric = get_metric(args.metric).key
     analysis = AnalysisResult.load(args.analysis)
     if args.format == "yaml":
