@@ -5,7 +5,6 @@ The rule's maths against an independent reference: tests/test_acm_rule.py."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from acm.mi import mi_from_joint
 from acm.rules import RULES, alias_params, get_rule
 from acm.sample_mi import BinnedMI, LabelMI, attach_points, bf16_labels, discrete_mi, make_estimator
 from tests.fixtures import make_pair, make_tiny_model, one_torch_thread, write_calibration  # noqa: F401
-
 
 # ----------------------------------------------------------------------------- registry
 
