@@ -1,5 +1,5 @@
-"""Real browser, Tune tab: a small grid runs end to end with points appearing before it is done,
-"use this setting" loads that merge, and Cancel stops a second run mid-grid.
+"""Real browser, Tune tab: a small grid of the paper's rule (the default) runs end to end with points appearing
+before it is done, "use this setting" loads that merge, and Cancel stops a second run mid-grid.
 
 Same harness as test_browser.py (``python app.py`` in a subprocess, Debian chromium via Playwright;
 skipped with the reason when either is missing). Screenshots go to the test's tmp dir and to
@@ -37,8 +37,9 @@ def test_tune_tab_streams_uses_and_cancels(browser, server, tmp_path):  # noqa: 
     page.get_by_role("button", name="Check compatibility").wait_for(state="visible", timeout=60_000)
     page.get_by_role("tab", name="7 · Tune").click()
 
-    # 1. a small grid to the end: ACM-TIES over t ∈ {0.5, 1, 2, 4} plus plain (t = 0 is the plain one)
-    _set_text(page, "tune-ts", "0, 0.5, 1, 2, 4")
+    # 1. a small grid to the end: the paper's rule (ACM-TIES) at its default t ∈ {−1, 0.5, 0.7, 0.9} plus plain
+    assert page.locator("#tune-ts textarea").input_value() == "-1, 0.5, 0.7, 0.9"
+    _set_text(page, "tune-ts", "-1, 0.5, 0.7, 0.9")
     _set_slider(page, "tune-limit", 16)
     _set_slider(page, "tune-max-new", 128)
     page.locator("#tune-btn").click()
@@ -70,7 +71,7 @@ def test_tune_tab_streams_uses_and_cancels(browser, server, tmp_path):  # noqa: 
 
     # 3. a second, longer grid, cancelled after its first point
     page.get_by_role("tab", name="7 · Tune").click()
-    _set_text(page, "tune-ts", "1, 2, 4, 8, 16, 32")
+    _set_text(page, "tune-ts", "-2, -1, -0.5, 0.5, 1, 2")
     _set_slider(page, "tune-limit", 8)
     _set_slider(page, "tune-max-new", 64)
     page.locator("#tune-btn").click()
@@ -85,7 +86,8 @@ def test_tune_tab_streams_uses_and_cancels(browser, server, tmp_path):  # noqa: 
     save_shot(page, tmp_path, "04_tune_cancelled.png")
 
     assert "running" in partial
-    assert all(f"t={t}" in table for t in ("0.5", "1", "2", "4")) and "TIES (α=0.7, d=0.7)" in table
+    assert all(f"t={t}" in table for t in ("-1", "0.5", "0.7", "0.9")) and "TIES (α=0.7, d=0.7)" in table
+    assert "ACM-TIES (d=0.7, t=0.7)" in table and "softmax" not in table
     assert 1 <= done < 7, cancelled
     assert not errors, errors
     print(f"\n[browser] tune tab: 5-setting grid (16 problems, with the analysis) in {full_s:.0f} s; "

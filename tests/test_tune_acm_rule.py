@@ -171,14 +171,16 @@ def test_an_analysis_without_per_sample_mi_is_refused_in_one_line(tmp_path):
 
 
 @needs_demo
-def test_cli_tunes_the_acm_rule_by_default(tmp_path, real_analysis, capsys):
+def test_cli_tunes_the_acm_rule_by_default_and_its_analysis_keeps_per_sample_mi(tmp_path, capsys):
+    from acm.analysis import AnalysisResult
     from acm.cli import main
 
-    _, path = real_analysis
-    code = main(["tune", "--base", str(BASE), "--ft", str(LONG), "--analysis", str(path), "--methods", "ta",
+    code = main(["tune", "--base", str(BASE), "--ft", str(LONG), "--samples", "4", "--methods", "ta",
                  "--ts", "0.7", "--limit", "4", "--holdout", "0", "--max-new-tokens", "8", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0 and "tune: 2 settings" in out and "ACM-TA (t=0.7)" in out
+    cached = AnalysisResult.load(tmp_path / "analysis.json")          # computed by the tuner, for later runs too
+    assert cached.has_sample_mi() and "nmi" in cached.metrics() and cached.sample_mi_matrix().shape[-1] == 4
     keys = [r["key"] for r in read_results(tmp_path / "tune.jsonl") if r.get("kind") == "setting"]
     assert keys == ["task_arithmetic|a=0.7|t=-|d=-|p=-",
                     "task_arithmetic|a=-|t=0.7|d=-|p=-|r=acm|vs=fine-tuned|on=task-vectors"]
