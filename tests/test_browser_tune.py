@@ -71,16 +71,19 @@ def test_tune_tab_streams_uses_and_cancels(browser, server, tmp_path):  # noqa: 
 
     # 3. a second, longer grid, cancelled after its first point
     page.get_by_role("tab", name="7 · Tune").click()
-    _set_text(page, "tune-ts", "-2, -1, -0.5, 0.5, 1, 2")
-    _set_slider(page, "tune-limit", 8)
-    _set_slider(page, "tune-max-new", 64)
+    # with MI against a plain merge too (the derivative's switch): those settings merge, analyse and merge again,
+    # slow enough to cancel mid-grid
+    page.locator("#tune-against").get_by_label("a plain merge (derivative)").check()
+    _set_text(page, "tune-ts", "-1, 0.5, 0.7, 0.9")
+    _set_slider(page, "tune-limit", 40)
+    _set_slider(page, "tune-max-new", 256)
     page.locator("#tune-btn").click()
-    page.locator("#tune-status").get_by_text(re.compile(r"running: [1-6] of 7 settings done")).wait_for(
+    page.locator("#tune-status").get_by_text(re.compile(r"running: [1-8] of 9 settings done")).wait_for(
         timeout=240_000)
     page.locator("#tune-cancel").click()
     page.locator("#tune-status").get_by_text("cancelled").wait_for(timeout=60_000)
     cancelled = _status(page)
-    done = int(re.search(r"(\d+) of 7", cancelled).group(1))
+    done = int(re.search(r"(\d+) of 9", cancelled).group(1))
     time.sleep(3)   # a cancelled job must not keep updating the page
     assert "cancelled" in _status(page)
     save_shot(page, tmp_path, "04_tune_cancelled.png")
@@ -88,8 +91,8 @@ def test_tune_tab_streams_uses_and_cancels(browser, server, tmp_path):  # noqa: 
     assert "running" in partial
     assert all(f"t={t}" in table for t in ("-1", "0.5", "0.7", "0.9")) and "TIES (α=0.7, d=0.7)" in table
     assert "ACM-TIES (d=0.7, t=0.7)" in table and "softmax" not in table
-    assert 1 <= done < 7, cancelled
+    assert 1 <= done < 9, cancelled
     assert not errors, errors
     print(f"\n[browser] tune tab: 5-setting grid (16 problems, with the analysis) in {full_s:.0f} s; "
-          f"first points at '{partial}'; cancelled at {done} of 7; screenshots in {tmp_path}")
+          f"first points at '{partial}'; cancelled at {done} of 9; screenshots in {tmp_path}")
     page.close()
