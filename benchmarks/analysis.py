@@ -17,6 +17,7 @@ histograms must not grow with the number of samples.
     python -m benchmarks.analysis --quick
     python -m benchmarks.analysis --sizes 10m 50m --samples 32 --scaling 8 32 128
     python -m benchmarks.analysis --fullsize --threads 1 [--dtypes float32 bfloat16]
+        [--variants default mi-only nmi-only] [--mi-estimator labels|binned] [--mi-max-values 262144]
 
 ``--fullsize`` uses the cached 1.5B-shaped pair of ``benchmarks.fullsize`` (built on first use):
 8 synthetic samples cut to 78 tokens (624 tokens), batch size 4, analyze and the plain forward
@@ -321,6 +322,15 @@ def task_fs_analyze(args: dict) -> dict:
     timers.wrap(analysis, "load_causal_lm", "load")
     timers.wrap(analysis, "select_samples", "select")
     timers.wrap(analysis, "encode", "encode")
+    sample_kwargs = _sample_mi_kwargs(args)
+    if sample_kwargs.get("sample_mi"):
+        # the per-sample MI's whole hook work (split by sample, flatten, cap, labels/bins, keep/compare)
+        # and, inside it, the MI arithmetic itself (``discrete_mi``; the binned estimator's histogram)
+        import acm.sample_mi as sample_mi
+
+        timers.wrap(sample_mi.SampleCapture, "__call__", "mi_hooks")
+        timers.wrap(sample_mi, "discrete_mi", "mi_compute")
+        timers.wrap(sample_mi.BinnedMI, "update", "mi_binned_update")
     texts = _fullsize_texts(args)
     rss_before = proc_status().get("VmRSS", 0)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -328,27 +338,55 @@ def task_fs_analyze(args: dict) -> dict:
         result = analysis.analyze(args["base"], args["fts"], texts, samples=args["samples"],
                                   max_tokens=args["max_tokens"], batch_size=args["batch_size"], device="cpu",
                                   dtype=args["dtype"], chat_template=False, show_progress=False,
-                                  **({"pair_budget": args["pair_budget"]} if args.get("pair_budget") else {}))
+                                  **({"pair_budget": args["pair_budget"]} if args.get("pair_budget") else {}),
+                                  **sample_kwargs)
     finally:
         timers.restore()
     total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
     excluded = ("load", "select", "encode")
     prov = result.provenance
+    info = getattr(result, "sample_info", None) or {}
     return {"seconds_total": total, "cpu_total": total_cpu,
             "core_s": total - sum(timers.seconds.get(k, 0.0) for k in excluded),
             "core_cpu_s": total_cpu - sum(timers.cpu.get(k, 0.0) for k in excluded),
             "load_s": timers.seconds.get("load", 0.0), "tokens": prov["calibration"]["tokens"],
             "samples": prov["calibration"]["samples"], "memory": prov.get("memory"), "passes": prov.get("passes"),
             "subsampled_groups": prov.get("subsampled_groups"), "nmi": result.models[0].nmi,
+            "mi_hooks_s": timers.seconds.get("mi_hooks"), "mi_hooks_cpu_s": timers.cpu.get("mi_hooks"),
+            "mi_compute_s": timers.seconds.get("mi_compute", 0.0) + timers.seconds.get("mi_binned_update", 0.0),
+            "mi_compute_cpu_s": timers.cpu.get("mi_compute", 0.0) + timers.cpu.get("mi_binned_update", 0.0),
+            "mi_calls": timers.calls.get("mi_compute", 0) + timers.calls.get("mi_binned_update", 0),
+            "sample_info": {k: info.get(k) for k in ("estimator", "max_values", "values_per_point", "tokens")},
             "rss_before": rss_before}
+
+
+def _sample_mi_kwargs(args: dict) -> dict:
+    """analyze's per-sample MI and metric settings for a full-size row (defaults: analyze's own)."""
+    out: dict[str, Any] = {}
+    if "sample_mi" in args:
+        out["sample_mi"] = args["sample_mi"]
+        out["sample_max_values"] = args.get("sample_max_values", 2**18)
+    if args.get("metrics") is not None:
+        out["metrics"] = list(args["metrics"])
+    return out
 
 
 TASKS.update({"fs_forward": task_fs_forward, "fs_analyze": task_fs_analyze})
 
 
+# what each full-size row's analyze computes: metrics (None = analyze's default, NMI) + per-sample MI
+FULLSIZE_VARIANTS = {
+    "default": {"metrics": None, "sample_mi": True},   # `acm analyze` as shipped: NMI + per-sample MI
+    "mi-only": {"metrics": [], "sample_mi": True},     # per-sample MI only (all the acm rule needs)
+    "nmi-only": {"metrics": None, "sample_mi": False},  # the analysis before per-sample MI
+}
+
+
 def run_fullsize(*, dtypes: list[str], samples: int, max_tokens: int, batch_size: int, threads: int | None,
-                 out: str | None = None, log=print) -> dict:
-    """Per dtype: analyze in one fresh child, the forward floor in another (peak RSS of each)."""
+                 out: str | None = None, log=print, variants: list[str] = ("default",),
+                 estimator: str = "labels", max_values: int = 2**18) -> dict:
+    """Per dtype: the forward floor in one fresh child, then each variant's analyze in its own (peak RSS
+    of each)."""
     from benchmarks.fullsize import get_pair
 
     pair = get_pair(verbose=False)
@@ -360,38 +398,57 @@ def run_fullsize(*, dtypes: list[str], samples: int, max_tokens: int, batch_size
         common = {"base": str(pair.base), "fts": [str(f) for f in pair.fts], "samples": samples,
                   "max_tokens": max_tokens, "batch_size": batch_size, "dtype": dtype}
         load_before = os.getloadavg()[0]
-        ana = run_task("benchmarks.analysis", {"task": "fs_analyze", **common}, threads=threads)
         fwd = run_task("benchmarks.analysis", {"task": "fs_forward", **common}, threads=threads)
-        a, f = ana.payload, fwd.payload
-        scale = 2 if dtype in ("float32", "fp32") else 1
-        one_model = max(sizes.values()) * scale                    # the larger model in the compute dtype
-        row = {"dtype": dtype, "samples": a["samples"], "tokens": a["tokens"],
-               "forward_s": f["seconds"], "forward_cpu_s": f["cpu_seconds"],
-               "analyze_core_s": a["core_s"], "analyze_core_cpu_s": a["core_cpu_s"],
-               "analyze_total_s": a["seconds_total"], "analyze_cpu_total_s": a["cpu_total"], "load_s": a["load_s"],
-               "overhead_cpu": a["core_cpu_s"] / f["cpu_seconds"], "overhead_wall": a["core_s"] / f["seconds"],
-               "analyze_peak_rss_gib": ana.ru_maxrss / 1024**3, "forward_peak_rss_gib": fwd.ru_maxrss / 1024**3,
-               "analyze_peak_anon_gib": ana.peak_anon / 1024**3, "analyze_peak_file_gib": ana.peak_file / 1024**3,
-               "forward_peak_anon_gib": fwd.peak_anon / 1024**3,
-               "baseline_rss_gib": a.get("rss_before", 0) / 1024**3,
-               "one_model_gib": one_model / 1024**3, "peak_vs_model": ana.ru_maxrss / one_model,
-               "estimator_mib": (a["memory"] or {}).get("estimator_bytes", 0) / MB,
-               "subsampled": len(a["subsampled_groups"] or []),
-               "loadavg_1m": f"{load_before:.1f}–{os.getloadavg()[0]:.1f}"}
-        rows.append(row)
-        log(f"[analysis fullsize] {dtype}: forward {f['seconds']:.1f}s ({f['cpu_seconds']:.1f} CPU s), analyze core "
-            f"{a['core_s']:.1f}s ({a['core_cpu_s']:.1f} CPU s) -> {row['overhead_cpu']:.2f}x CPU; peak RSS "
-            f"{row['analyze_peak_rss_gib']:.2f} GiB = {row['peak_vs_model']:.2f}x one model")
+        f = fwd.payload
+        for variant in variants:
+            spec = FULLSIZE_VARIANTS[variant]
+            extra = {"metrics": spec["metrics"], "sample_mi": estimator if spec["sample_mi"] else None,
+                     "sample_max_values": max_values}
+            ana = run_task("benchmarks.analysis", {"task": "fs_analyze", **common, **extra}, threads=threads)
+            rows.append(_fullsize_row(dtype, variant, extra, ana, fwd, sizes, load_before))
+            load_before = os.getloadavg()[0]
+            r = rows[-1]
+            log(f"[analysis fullsize] {dtype} {variant}: forward {f['seconds']:.1f}s ({f['cpu_seconds']:.1f} CPU s), "
+                f"analyze core {r['analyze_core_s']:.1f}s ({r['analyze_core_cpu_s']:.1f} CPU s) -> "
+                f"{r['overhead_cpu']:.2f}x CPU; MI hooks {r['mi_hooks_cpu_s'] or 0:.1f} CPU s (MI itself "
+                f"{r['mi_compute_cpu_s'] or 0:.1f}); peak RSS {r['analyze_peak_rss_gib']:.2f} GiB = "
+                f"{r['peak_vs_model']:.2f}x one model")
     data = {"benchmark": "analysis-fullsize", "machine": machine_info(), "pair": pair.to_dict(), "threads": threads,
             "rows": rows, "command": " ".join(["python -m benchmarks.analysis", *sys.argv[1:]])}
     data["path"] = str(save_result("analysis-fullsize", data, out))
     return data
 
 
-FULLSIZE_COLUMNS = [("dtype", "dtype"), ("samples", "samples"), ("tokens", "tokens"),
+def _fullsize_row(dtype: str, variant: str, extra: dict, ana, fwd, sizes: dict, load_before: float) -> dict:
+    a, f = ana.payload, fwd.payload
+    scale = 2 if dtype in ("float32", "fp32") else 1
+    one_model = max(sizes.values()) * scale                    # the larger model in the compute dtype
+    return {"dtype": dtype, "variant": variant, "estimator": extra["sample_mi"] or "—",
+            "max_values": extra["sample_max_values"] if extra["sample_mi"] else None,
+            "samples": a["samples"], "tokens": a["tokens"],
+            "forward_s": f["seconds"], "forward_cpu_s": f["cpu_seconds"],
+            "analyze_core_s": a["core_s"], "analyze_core_cpu_s": a["core_cpu_s"],
+            "analyze_total_s": a["seconds_total"], "analyze_cpu_total_s": a["cpu_total"], "load_s": a["load_s"],
+            "overhead_cpu": a["core_cpu_s"] / f["cpu_seconds"], "overhead_wall": a["core_s"] / f["seconds"],
+            "mi_hooks_s": a.get("mi_hooks_s"), "mi_hooks_cpu_s": a.get("mi_hooks_cpu_s"),
+            "mi_compute_s": a.get("mi_compute_s"), "mi_compute_cpu_s": a.get("mi_compute_cpu_s"),
+            "mi_calls": a.get("mi_calls"), "sample_info": a.get("sample_info"),
+            "analyze_peak_rss_gib": ana.ru_maxrss / 1024**3, "forward_peak_rss_gib": fwd.ru_maxrss / 1024**3,
+            "analyze_peak_anon_gib": ana.peak_anon / 1024**3, "analyze_peak_file_gib": ana.peak_file / 1024**3,
+            "forward_peak_anon_gib": fwd.peak_anon / 1024**3,
+            "baseline_rss_gib": a.get("rss_before", 0) / 1024**3,
+            "one_model_gib": one_model / 1024**3, "peak_vs_model": ana.ru_maxrss / one_model,
+            "estimator_mib": (a["memory"] or {}).get("estimator_bytes", 0) / MB,
+            "subsampled": len(a["subsampled_groups"] or []),
+            "loadavg_1m": f"{load_before:.1f}–{os.getloadavg()[0]:.1f}"}
+
+
+FULLSIZE_COLUMNS = [("dtype", "dtype"), ("variant", "analysis"), ("estimator", "per-sample MI"),
+                    ("samples", "samples"), ("tokens", "tokens"),
                     ("forward_s", "2× forward s"), ("forward_cpu_s", "2× forward CPU s"),
                     ("analyze_core_s", "analyze core s"), ("analyze_core_cpu_s", "analyze core CPU s"),
                     ("overhead_cpu", "CPU-time ×"), ("overhead_wall", "wall ×"),
+                    ("mi_hooks_cpu_s", "MI hooks CPU s"), ("mi_compute_cpu_s", "of it MI CPU s"),
                     ("analyze_total_s", "analyze total s"), ("load_s", "load s (excl.)"),
                     ("analyze_peak_rss_gib", "analyze peak RSS GiB"), ("analyze_peak_anon_gib", "of it anon GiB"),
                     ("analyze_peak_file_gib", "of it file GiB"), ("forward_peak_rss_gib", "forward peak RSS GiB"),
@@ -519,11 +576,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fullsize", action="store_true",
                     help="the 1.5B-shaped pair of benchmarks.fullsize: analyze vs plain forward passes, peak RSS")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="--fullsize: compute dtypes")
+    ap.add_argument("--variants", nargs="+", default=["default"], choices=list(FULLSIZE_VARIANTS),
+                    help="--fullsize: default = NMI + per-sample MI (acm analyze as shipped), mi-only = per-sample "
+                         "MI only, nmi-only = without per-sample MI")
+    ap.add_argument("--mi-estimator", default="labels", choices=("labels", "binned"),
+                    help="--fullsize: per-sample MI estimator")
+    ap.add_argument("--mi-max-values", type=int, default=2**18, help="--fullsize: values per sample and point")
     args = ap.parse_args(argv)
     if args.fullsize:
         data = run_fullsize(dtypes=args.dtypes, samples=8 if args.samples == 32 else args.samples,
                             max_tokens=78 if args.max_tokens == 256 else args.max_tokens, batch_size=args.batch_size,
-                            threads=args.threads, out=args.out)
+                            threads=args.threads, out=args.out, variants=args.variants,
+                            estimator=args.mi_estimator, max_values=args.mi_max_values)
         print(md_table(data["rows"], FULLSIZE_COLUMNS))
         print(f"[analysis] results: {data['path']}")
         return 0

@@ -7,6 +7,7 @@ guards against the benchmarks rotting as the library's API moves. Smallest size,
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +150,63 @@ def test_load_quick(tmp_path):
     assert data["completed"] == 2 and data["analyse_cache_hits"] == 1        # the second visitor reused it
     assert data["rss_peak_mib"] > 0 and data["rss_idle_mib"] > 0
     assert "| endpoint |" in load_bench.report(data)
+
+
+_DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-models"
+
+
+@pytest.mark.skipif(not (_DEMO / "tiny-math-base" / "config.json").is_file(), reason="needs the demo models")
+def test_fullsize_analyze_task_times_sample_mi():
+    """The full-size rows' analyze task, on the demo pair: per-sample MI's hook and MI time measured apart."""
+    args = {"base": str(_DEMO / "tiny-math-base"), "fts": [str(_DEMO / "tiny-math-long")], "samples": 3,
+            "max_tokens": 24, "batch_size": 2, "dtype": "float32", "sample_mi": "labels", "sample_max_values": 2**18,
+            "metrics": []}
+    out = analysis_bench.task_fs_analyze(args)
+    assert out["mi_calls"] == 3 * 9                    # 3 samples × 9 points (6 blocks) × 1 fine-tuned model
+    assert 0 < out["mi_compute_cpu_s"] <= out["mi_hooks_cpu_s"] <= out["core_cpu_s"]
+    assert out["sample_info"]["estimator"] == "labels" and len(out["sample_info"]["tokens"]) == 3
+    off = analysis_bench.task_fs_analyze({**args, "sample_mi": None, "metrics": None})
+    assert off["mi_calls"] == 0 and off["mi_hooks_s"] is None
+
+
+@pytest.mark.skipif(not (_DEMO / "tiny-math-base" / "config.json").is_file(), reason="needs the demo models")
+def test_mi_vs_length_summary():
+    """mi_vs_length's statistics on a small real analysis (6 bundled prompts): one row per point, r in [-1, 1]."""
+    from acm.analysis import analyze
+    from acm.calibration import load_texts
+    from benchmarks import mi_vs_length
+
+    texts = load_texts("bundled")[:6]
+    res = analyze(str(_DEMO / "tiny-math-base"), [str(_DEMO / "tiny-math-long")], texts, samples=6, metrics=[],
+                  sample_mi="labels", device="cpu", show_progress=False)
+    summary = mi_vs_length.summarize(res, mi_vs_length._config(_DEMO / "tiny-math-base"))
+    assert [r["point"] for r in summary["points"]] == res.sample_info["points"]
+    assert all(-1 <= r["r"] <= 1 and 0 < r["mi_over_log_n"] <= 1 + 1e-9 for r in summary["points"])
+    assert -1 <= summary["overall_r"] <= 1 and summary["samples"] == 6
+    table = mi_vs_length.table({"labels": summary}, ["labels"])
+    assert "| point |" in table and "**overall**" in table
+    assert mi_vs_length.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+
+
+def test_paper_rule_demo_commands_parse():
+    """Every merge the paper-rule demo runs is a valid `acm merge` command with the intended rule settings."""
+    from acm.cli import build_parser
+    from benchmarks import paper_rule_demo as prd
+
+    groups = prd.settings(["task_arithmetic", "ties"], list(prd.PAPER_TS), list(prd.COMBOS), 0.7, 0.7, 1.0)
+    models = [m for g in groups for m in g["models"]]
+    assert len(models) == 2 * (2 + len(prd.PAPER_TS) * len(prd.COMBOS))
+    parser = build_parser()
+    for m in models:
+        flags = [f.replace("{analysis}", "a.json") for f in m["flags"]]
+        ns = parser.parse_args(["merge", "--base", "b", "--ft", "f", *flags, "--out", "o"])
+        if m["rule"] == "acm":
+            against, applies = prd.COMBOS[m["combo"]]
+            assert (ns.rule, ns.t, ns.against, ns.applies) == ("acm", m["t"], against, applies)
+            assert (ns.acm is not None) == (against == "fine-tuned")
+            assert (ns.calibration is not None) == (against == "merged")
+    stats = prd._stats({"accuracy": 0.5, "mean_length": 2.0, "n": 4, "per_level": {"1": {"accuracy": 0.5}},
+                        "samples": [{"length": x} for x in (1, 1, 3, 3)]})
+    assert stats["accuracy_se"] == pytest.approx(0.25) and stats["length_se"] == pytest.approx(((4 / 3) ** 0.5) / 2)
+    row = {"label": "x", "lambda": None, **stats}
+    assert "0.500 ± 0.250" in prd.markdown([row])
