@@ -1,9 +1,11 @@
-"""Step 3 — Analyse: per-layer similarity (NMI by default; CKA, cosine on request; cached), and the
-coefficient curve λₖ(t) redrawn live from the metric the user picks to drive λ.
+"""Step 3 — Analyse: per-layer per-sample MI (the paper's rule, the default) and similarity (NMI by
+default; CKA, cosine on request) in one cached analysis, and the coefficient curve λₖ(t) redrawn live.
 
-``run_analysis`` is the only heavy call here (``acm.analysis.analyze``, all chosen metrics in one set of
-passes); ``coefficient_view`` only reads the cached similarities and asks ``acm.coefficients`` for λ, so
-moving t or α costs milliseconds.
+``run_analysis`` is the only heavy call here (``acm.analysis.analyze``: the per-sample MI and all chosen
+metrics in one set of passes); ``coefficient_view`` only reads the cached values and asks
+``acm.coefficients`` for λ, so moving t or α costs milliseconds. The λ curve carries λ on the whole t grid
+(``acm.coefficients.acm_curve`` / ``lambdas``), and the page redraws it itself on a slider move
+(``LIVE_JS``): no server round trip per step.
 """
 
 from __future__ import annotations
@@ -14,22 +16,90 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+from acm.rules import ABLATION_TS, DEFAULT_RULE, PAPER_T, T_RANGE
 from components import help as texts
 from components import plots
 from components.calibration import resolve_calibration
-from components.common import gpu, log, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels, uploaded_file, warn
+from components.common import (
+    gpu,
+    log,
+    none_if_auto,
+    optional_float,
+    progress_callback,
+    safe_filename,
+    ui_errors,
+    unique_labels,
+    uploaded_file,
+    warn,
+)
 from components.models import validate_selection
 from components.state import SessionState, admit, reused_line, shared_cache
 
+# The rule the app opens on: the paper's (acm.rules.ACM) at t = 0.7, t ∈ [−3, 3] in steps of 0.05.
+RULE_CHOICES = [("ACM — the paper's rule (Eq. 2–3)", "acm"),
+                ("softmax over similarity — this project's alternative rule", "softmax")]
+DEFAULT_T = PAPER_T
+ACM_T_STEP = 0.05
+ACM_T_GRID = tuple(ABLATION_TS)               # the several-t view: the paper's ablation (its Figure 4)
+# The softmax rule (ours) keeps its own t range, default and several-t grid (README "Demo results").
 T_MAX = 40.0
-# From the demo sweep (README "Demo results"); see components/merge.py.
-DEFAULT_T = 1.0
+SOFTMAX_T = 1.0
+SOFTMAX_T_STEP = 0.5
 DEFAULT_ALPHA = 0.7
-T_GRID = (0.0, 2.0, 5.0, 10.0, 20.0, 40.0)   # the small-multiples view
+T_GRID = (0.0, 2.0, 5.0, 10.0, 20.0, 40.0)   # the softmax rule's small-multiples view
 DEFAULT_BINS = 64
 DEFAULT_BATCH = 4
 DEFAULT_SEED = 0
 DEFAULT_METRICS = ("nmi",)
+NO_ANALYSIS = "Run “Analyse” (or upload an analysis JSON) to see the coefficients"
+
+# The page's own redraw of the λ curve on a t-slider move: pick λ at t from the grid the figure carries
+# (``plots.attach_live``) and hand Gradio the new figure. Timings land in ``window.__acmRedraw``.
+LIVE_JS = """(t) => {
+  const start = performance.now();
+  const gd = document.querySelector('#coef-plot .js-plotly-plot');
+  const live = gd && gd.layout && gd.layout.meta && gd.layout.meta.live;
+  if (!live || !window.Plotly) return [];
+  const n = live.lambdas.length;
+  const i = Math.max(0, Math.min(n - 1, Math.round((Number(t) - live.t0) / live.step)));
+  const shown = String(Number((live.t0 + i * live.step).toFixed(4)));
+  window.Plotly.update(gd, {y: live.traces.map((k, m) => live.lambdas[i][m]),
+                            name: live.names.map(name => name.replace('{t}', shown))},
+                       {'title.text': live.title.replace('{t}', shown)}, live.traces);
+  window.__acmRedraw = {t: shown, start: start, drawn: performance.now()};
+  return [];
+}"""
+
+
+def rule_key(rule: str | None) -> str:
+    """``acm`` / ``softmax`` from a radio value or an API caller's name (``sigmoid``, ``paper`` → acm)."""
+    from acm.rules import get_rule
+
+    return get_rule(rule or DEFAULT_RULE).key
+
+
+def rule_t(rule: str, t) -> float:
+    """t checked against the rule's range; an acm t outside [−3, 3] says how to ask for softmax."""
+    from acm.errors import InputError
+    from acm.rules import check_t
+
+    try:
+        return check_t(rule, t)
+    except InputError as exc:
+        if rule == "acm":
+            raise InputError(f"{exc}: the paper's rule takes t in [{T_RANGE[0]:g}, {T_RANGE[1]:g}] (0.7 in the "
+                             "paper); for this project's softmax rule pass rule='softmax'") from None
+        raise
+
+
+def t_slider_settings(rule: str) -> dict:
+    """Range, step, default value, label and help of the t slider for ``rule``."""
+    if rule_key(rule) == "acm":
+        return dict(minimum=T_RANGE[0], maximum=T_RANGE[1], step=ACM_T_STEP, value=DEFAULT_T,
+                    label="t (the paper's rule)",
+                    info="0.7 in the paper; t > 0: λ in [½, 1), more where MI is below the samples' maximum")
+    return dict(minimum=0.0, maximum=T_MAX, step=SOFTMAX_T_STEP, value=SOFTMAX_T, label="Sharpness t (softmax)",
+                info="0 = plain method; larger = more contrast between layers")
 
 
 def metric_choices() -> list[tuple[str, str]]:
@@ -152,11 +222,15 @@ def shared_analysis(base: str, fts: list[str], cal: dict, settings: dict, comput
         made["started"] = True
         made["result"] = compute()
         made["result"].save(folder / "analysis.json")
+        if made["result"].calibration is not None:        # the token download works for a reused result too
+            made["result"].save_calibration(folder / CALIBRATION_FILE)
         return {"what": "analysis", "base": base, "fts": fts}
 
     try:
         with store.get_or_create("analysis", key, build) as entry:
             result = made.get("result") or AnalysisResult.load(entry.path / "analysis.json")
+            if result.calibration is None:
+                result.calibration = _read_calibration(entry.path / CALIBRATION_FILE)
             info = {"hit": entry.hit, "waited": entry.waited, "age_s": entry.age_s, "compute_s": entry.compute_s,
                     "key": key}
     except OSError as exc:
@@ -173,6 +247,18 @@ def shared_analysis(base: str, fts: list[str], cal: dict, settings: dict, comput
         if isinstance(cal_prov, dict):
             cal_prov["source"] = describe_source(cal["source"])
     return result, info
+
+
+CALIBRATION_FILE = "calibration.jsonl"
+
+
+def _read_calibration(path: Path) -> list[tuple[list[int], str]] | None:
+    """The token sequences a cached analysis was computed on (``save_calibration``'s JSON lines), if kept."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [(list(d["input_ids"]), d.get("text", "")) for d in map(json.loads, filter(str.strip, lines))]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_analysis_file(state: SessionState, path: str | None):
@@ -224,40 +310,175 @@ def nmi_view(analysis, driver: str | None = None):
     return plots.similarity_figure(analysis.groups, series, driver=driver_metric(analysis, driver))
 
 
-def coefficient_view(state: SessionState, t: float, alpha: float, clip_min=None, clip_max=None, *,
-                     multi: bool = True, metric: str | None = None):
-    """(λ curve figure, several-t figure, coefficient table dict) for the current analysis.
+def old_file_line(analysis) -> str | None:
+    """The library's one line (what is missing, how to re-run) when the analysis has no per-sample MI."""
+    from acm.errors import InputError
 
-    No model work: the similarities are cached, λ comes from ``acm.coefficients``. Safe to call on
-    every slider move; without an analysis it returns placeholders. ``metric``: which similarity
-    drives λ (``None`` = the last choice; falls back to the analysis' first metric).
+    try:
+        analysis.sample_mi_matrix()
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
+def sample_mi_view(analysis):
+    """Per-sample MI per activation point (mean, std, min–max over samples) for each fine-tuned model."""
+    line = old_file_line(analysis)
+    if line:
+        return plots.empty_figure(line)
+    info = analysis.sample_info
+    mi = analysis.sample_mi_matrix()                                   # [models, points, samples]
+    series = [{"label": lab, "mean": m.mean(axis=-1), "std": m.std(axis=-1), "min": m.min(axis=-1),
+               "max": m.max(axis=-1), "n": m.shape[-1]} for lab, m in zip(model_labels(analysis), mi)]
+    return plots.sample_mi_figure(info.get("point_groups") or [], info.get("points") or [], series,
+                                  estimator=info.get("estimator"))
+
+
+def layer_view(analysis, rule: str | None = None, driver: str | None = None):
+    """The top chart of the tab: per-sample MI under the paper's rule, the similarity under softmax."""
+    return sample_mi_view(analysis) if rule_key(rule) == "acm" else nmi_view(analysis, driver)
+
+
+def mi_token_correlation(analysis) -> list[dict]:
+    """Pearson r of per-sample MI with log(real tokens), per fine-tuned model and activation point.
+
+    Why: discrete MI of continuous values grows with the number of distinct values (≈ log n when most are
+    unique), so it may track sequence length more than dependence (issue 19, item 4). ``r`` is None when
+    every sample has the same length (no spread to correlate with).
     """
+    import numpy as np
+
+    if old_file_line(analysis):
+        return []
+    info = analysis.sample_info
+    tokens = np.asarray(info.get("tokens") or [], dtype=np.float64)
+    mi = analysis.sample_mi_matrix()
+    if tokens.size != mi.shape[-1] or tokens.size < 3:
+        return []
+    logt = np.log(np.maximum(tokens, 1.0))
+    out = []
+    for lab, per_model in zip(model_labels(analysis), mi):
+        for key, point, row in zip(info.get("point_groups") or [], info.get("points") or [], per_model):
+            ok = np.ptp(logt) > 0 and np.ptp(row) > 0
+            r = float(np.corrcoef(logt, row)[0, 1]) if ok else None
+            out.append({"model": lab, "key": key, "point": point, "r": r, "tokens": tokens.tolist(),
+                        "mi": row.tolist()})
+    return out
+
+
+def mi_tokens_view(analysis):
+    """(chart, one line): per-sample MI vs tokens for a few activation points, and the correlation."""
+    import numpy as np
+
+    rows = mi_token_correlation(analysis)
+    if not rows:
+        line = old_file_line(analysis) or "too few samples to relate MI to the token count"
+        return plots.empty_figure(line, height=220), line
+    keys = list(dict.fromkeys(r["key"] for r in rows))
+    picked = {keys[0], keys[len(keys) // 2], keys[-1]}              # embedding, a middle block, the logits
+    multi = len({r["model"] for r in rows}) > 1
+    series = [{"label": (f"{r['model']} · " if multi else "") + r["key"], "tokens": r["tokens"], "mi": r["mi"],
+               "r": r["r"]} for r in rows if r["key"] in picked]
+    rs = [r["r"] for r in rows if r["r"] is not None]
+    if not rs:
+        return plots.mi_tokens_figure(series, summary="r n/a"), \
+            "MI vs log(tokens): no correlation to compute (every sample has the same length)"
+    med = float(np.median(rs))
+    line = (f"MI vs log(tokens): Pearson r median **{med:.2f}** over {len(rs)} activation points "
+            f"(range {min(rs):.2f} … {max(rs):.2f}); |r| near 1 means the per-sample MI mostly follows sequence length")
+    return plots.mi_tokens_figure(series, summary=f"median r = {med:.2f}"), line
+
+
+def _clip_arr(arr, clip):
+    import numpy as np
+
+    if clip is None:
+        return arr
+    return np.clip(arr, -np.inf if clip[0] is None else clip[0], np.inf if clip[1] is None else clip[1])
+
+
+def acm_view(analysis, t: float, clip, *, multi: bool = True):
+    """(λ curve, several-t view, table) of the paper's rule; an old file gets its one line instead."""
+    import numpy as np
+
+    from acm.coefficients import acm_curve, coefficient_table
+
+    line = old_file_line(analysis)
+    if line:
+        return plots.empty_figure(line), plots.empty_figure(line), {"rule": "acm", "error": line}
+    table = coefficient_table(analysis, t, clip=clip, rule="acm")
+    info, labels = analysis.sample_info, model_labels(analysis)
+    keys, points = table["groups"], info.get("points") or table["groups"]
+    ts = np.round(np.arange(T_RANGE[0], T_RANGE[1] + ACM_T_STEP / 2, ACM_T_STEP), 4)
+    grid = _clip_arr(acm_curve(analysis, ts), clip)                  # [T, models, points]
+    series = [{"label": lab, "mi": [g["mi_mean"] for g in m["groups"]], "lambdas": [g["lambda"] for g in m["groups"]]}
+              for lab, m in zip(labels, table["models"])]
+    live = {"t0": float(ts[0]), "step": ACM_T_STEP, "lambdas": grid}
+    coef_fig = plots.acm_coefficient_figure(keys, points, series, t=t, n_models=len(labels), clip=clip, live=live)
+    if not multi:
+        return coef_fig, None, table
+    few = _clip_arr(acm_curve(analysis, list(ACM_T_GRID)), clip)    # [len(ACM_T_GRID), models, points]
+    mi_mean = analysis.sample_mi_matrix().mean(axis=-1)
+    per_model = [{"label": lab, "nmi": list(mi_mean[i]), "grid": [few[j][i] for j in range(len(ACM_T_GRID))]}
+                 for i, lab in enumerate(labels)]
+    ts_text = ", ".join(f"{x:g}" for x in ACM_T_GRID)
+    multi_fig = plots.multi_t_figure(keys, per_model, list(ACM_T_GRID), alpha=1.0, metric_label="mean MI (nats)",
+                                     title=f"λₖ for several t at once (the paper's ablation: t = {ts_text})")
+    return coef_fig, multi_fig, table
+
+
+def softmax_view(analysis, t: float, alpha: float, clip, metric: str, *, multi: bool = True):
+    """(λ curve, several-t view, table) of this project's softmax rule over the chosen similarity."""
+    import numpy as np
+
     from acm.coefficients import coefficient_table, lambdas
     from acm.similarity import metric_label
 
-    t, alpha = float(t or 0.0), float(DEFAULT_ALPHA if alpha is None else alpha)
-    clip = _clip(clip_min, clip_max)
-    analysis = state.analysis
-    metric = driver_metric(analysis, metric or (state.coef_view or {}).get("metric"))
-    state.coef_view = {"t": t, "alpha": alpha, "clip": clip, "metric": metric}
-    if analysis is None:
-        hint = "Run “Analyse” (or upload an analysis JSON) to see the coefficients"
-        return plots.empty_figure(hint), plots.empty_figure(hint), {}
     label = "NMI" if metric == "nmi" else metric_label(metric)
-    table = coefficient_table(analysis, t, alpha, clip=clip, metric=metric)
+    table = coefficient_table(analysis, t, alpha, clip=clip, metric=metric, rule="softmax")
     labels = model_labels(analysis)
+    sim = analysis.similarity_matrix(metric)
+    ts = np.round(np.arange(0.0, T_MAX + SOFTMAX_T_STEP / 2, SOFTMAX_T_STEP), 4)
+    live = {"t0": 0.0, "step": SOFTMAX_T_STEP, "lambdas": lambdas(sim, ts, alpha=alpha, clip=clip)}
     series = [{"label": lab, "nmi": [g["similarity"] for g in m["groups"]],
                "lambdas": [g["lambda"] for g in m["groups"]]} for lab, m in zip(labels, table["models"])]
-    coef_fig = plots.coefficient_figure(analysis.groups, series, t=t, alpha=alpha, clip=clip, metric_label=label)
-    state.figures["coefficients"] = coef_fig
+    coef_fig = plots.coefficient_figure(analysis.groups, series, t=t, alpha=alpha, clip=clip, metric_label=label,
+                                        live=live)
     if not multi:
         return coef_fig, None, table
-    sim = analysis.similarity_matrix(metric)
     grid = lambdas(sim, list(T_GRID), alpha=alpha, clip=clip)   # [len(T), n_models, K]
     per_model = [{"label": lab, "nmi": list(sim[i]), "grid": [grid[j][i] for j in range(len(T_GRID))]}
                  for i, lab in enumerate(labels)]
     multi_fig = plots.multi_t_figure(analysis.groups, per_model, list(T_GRID), alpha=alpha, metric_label=label)
-    state.figures["coefficients_multi_t"] = multi_fig
+    return coef_fig, multi_fig, table
+
+
+def coefficient_view(state: SessionState, t: float | None, alpha: float | None = DEFAULT_ALPHA, clip_min=None,
+                     clip_max=None, *, multi: bool = True, metric: str | None = None, rule: str | None = None):
+    """(λ curve figure, several-t figure, coefficient table dict) for the current analysis.
+
+    No model work: the per-sample MI and similarities are cached, λ comes from ``acm.coefficients``.
+    Safe to call on every slider move; without an analysis it returns placeholders. ``rule``: ``acm``
+    (the paper's, default) or ``softmax`` (``None`` = the last choice); ``metric``: which similarity
+    drives the softmax rule (``None`` = the last choice; falls back to the analysis' first metric).
+    """
+    view = state.coef_view or {}
+    rule = rule_key(rule or view.get("rule"))
+    t = rule_t(rule, t)
+    alpha = float(DEFAULT_ALPHA if alpha is None else alpha)
+    clip = _clip(clip_min, clip_max)
+    analysis = state.analysis
+    metric = driver_metric(analysis, metric or view.get("metric"))
+    state.coef_view = {"t": t, "alpha": alpha, "clip": clip, "metric": metric, "rule": rule}
+    if analysis is None:
+        return plots.empty_figure(NO_ANALYSIS), plots.empty_figure(NO_ANALYSIS), {}
+    if rule == "acm":
+        coef_fig, multi_fig, table = acm_view(analysis, t, clip, multi=multi)
+    else:
+        coef_fig, multi_fig, table = softmax_view(analysis, t, alpha, clip, metric, multi=multi)
+    state.figures["coefficients"] = coef_fig
+    if multi_fig is not None:
+        state.figures["coefficients_multi_t"] = multi_fig
     return coef_fig, multi_fig, table
 
 
@@ -281,7 +502,10 @@ def summary_markdown(analysis, *, cached: bool = False, seconds: float | None = 
     lines = [" · ".join(parts), ""]
     from acm.similarity import metric_label
 
-    for lab, m in zip(model_labels(analysis), analysis.models):
+    line = old_file_line(analysis)
+    for i, (lab, m) in enumerate(zip(model_labels(analysis), analysis.models)):
+        if not line:
+            lines.append(_mi_line(analysis, i, lab))
         for key in m.metrics():
             vals = list(m.values(key))
             name = "NMI" if key == "nmi" else metric_label(key)
@@ -290,7 +514,34 @@ def summary_markdown(analysis, *, cached: bool = False, seconds: float | None = 
             lines.append(f"- `{lab}`: mean {name} {sum(vals) / len(vals):.3f}; most changed "
                          f"**{analysis.groups[lo]}** ({vals[lo]:.3f}), least changed **{analysis.groups[hi]}** "
                          f"({vals[hi]:.3f})")
+    if line:
+        lines.append(f"- ⚠ {line}")
     return "\n".join(lines)
+
+
+def _mi_line(analysis, i: int, label: str) -> str:
+    """One summary line on model ``i``'s per-sample MI (what the paper's rule reads)."""
+    mi = analysis.sample_mi_matrix()[i]                       # [points, samples]
+    info = analysis.sample_info
+    keys = info.get("point_groups") or [str(k) for k in range(mi.shape[0])]
+    means = mi.mean(axis=-1)
+    lo = int(means.argmin())
+    return (f"- `{label}`: per-sample MI ({info.get('estimator')}) mean {means.mean():.3f} nats over "
+            f"{mi.shape[-1]} samples, lowest at **{keys[lo]}** ({means[lo]:.3f}); λ depends on how far each "
+            "point's samples sit below its largest one, not on this level")
+
+
+def calibration_download(state: SessionState) -> str | None:
+    """The exact token sequences of the current analysis as JSON lines in the session's export folder
+    (``AnalysisResult.save_calibration``), or None when the analysis carries none (an uploaded file)."""
+    analysis = state.analysis
+    if analysis is None or getattr(analysis, "calibration", None) is None:
+        return None
+    src = ((analysis.provenance or {}).get("calibration") or {}).get("source") or "calibration"
+    stem = safe_filename(Path(str(src)).stem, default="calibration")
+    path = state.subdir("exports") / f"calibration-tokens-{stem}.jsonl"
+    analysis.save_calibration(path)
+    return str(path)
 
 
 # ----------------------------------------------------------------------------- UI
@@ -304,8 +555,9 @@ def build() -> SimpleNamespace:
         analyse_btn = gr.Button("Analyse", variant="primary", scale=0, min_width=180, elem_id="analyse-btn")
         summary = gr.Markdown("Not analysed yet. With the defaults this takes a few seconds.",
                               elem_id="analysis-summary")
-    metrics = gr.CheckboxGroup(choices=metric_choices(), value=list(DEFAULT_METRICS), label="Similarity metrics",
-                               info="computed together in one analysis; NMI is the paper's measure",
+    metrics = gr.CheckboxGroup(choices=metric_choices(), value=list(DEFAULT_METRICS),
+                               label="Similarity metrics (for the softmax rule)",
+                               info="computed in the same passes as the per-sample MI the paper's rule reads",
                                elem_id="metrics-select")
     with gr.Accordion("Advanced analysis settings", open=False):
         with gr.Row():
@@ -313,15 +565,23 @@ def build() -> SimpleNamespace:
             batch_size = gr.Slider(1, 64, value=DEFAULT_BATCH, step=1, label="Batch size")
             seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed")
             chat_template = gr.Checkbox(value=True, label="Apply chat template to calibration text")
-    nmi_plot = gr.Plot(plots.empty_figure("Per-layer NMI appears here after “Analyse”"), label="Per-layer NMI",
-                       show_label=False,
-                       elem_id="nmi-plot")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=420):
+            nmi_plot = gr.Plot(plots.empty_figure("Per-layer per-sample MI appears here after “Analyse”"),
+                               label="Per-layer MI", show_label=False, elem_id="nmi-plot")
+        with gr.Column(scale=2, min_width=300):
+            tokens_plot = gr.Plot(plots.empty_figure("Per-sample MI vs tokens", height=220),
+                                  label="MI vs tokens", show_label=False, elem_id="mi-tokens-plot")
+            tokens_line = gr.Markdown("", elem_id="mi-tokens-line", elem_classes=["muted"])
+    rule = gr.Radio(RULE_CHOICES, value=DEFAULT_RULE, label="Coefficient rule", elem_id="rule-select",
+                    info="the paper's λ = 1 − meanⱼ σ(t·(MIⱼ − maxⱼ MIⱼ)), or softmax over NMI/CKA/cosine (ours)")
+    slider = t_slider_settings(DEFAULT_RULE)
     with gr.Group(elem_classes=["coef-controls"]):
         with gr.Row(equal_height=True):
-            t = gr.Slider(0, T_MAX, value=DEFAULT_T, step=0.5, label="Sharpness t", elem_id="t-slider",
-                          info="0 = plain method; larger = more contrast between layers", scale=3)
+            t = gr.Slider(slider["minimum"], slider["maximum"], value=slider["value"], step=slider["step"],
+                          label=slider["label"], info=slider["info"], elem_id="t-slider", scale=3)
             alpha = gr.Slider(0.0, 2.0, value=DEFAULT_ALPHA, step=0.05, label="α (mean coefficient)",
-                              elem_id="alpha-slider", scale=2)
+                              elem_id="alpha-slider", scale=2, visible=False)
             clip_min = gr.Textbox(value="", label="λ min", placeholder="none", scale=1, min_width=90,
                                   info="optional clip")
             clip_max = gr.Textbox(value="", label="λ max", placeholder="none", scale=1, min_width=90,
@@ -329,29 +589,50 @@ def build() -> SimpleNamespace:
             # Every registered metric at first, so an API call can ask for /analyse(metrics=[…, "cka"],
             # driver="cka") in one go; after an analysis the choices narrow to what it computed.
             driver = gr.Radio(choices=metric_choices(), value="nmi", label="λ driven by", scale=2,
-                              elem_id="driver-select", info="which similarity sₖ sets λₖ")
+                              elem_id="driver-select", info="which similarity sₖ sets λₖ", visible=False)
     coef_plot = gr.Plot(plots.empty_figure("The coefficient curve λₖ(t) appears here"), label="Coefficients",
-                        show_label=False,
-                        elem_id="coef-plot")
+                        show_label=False, elem_id="coef-plot")
     multi_plot = gr.Plot(plots.empty_figure("Several t at once"), label="Several t at once", show_label=False,
                          elem_id="multi-plot")
     with gr.Accordion("λ table (JSON)", open=False):
-        table = gr.JSON(label="coefficient table")
+        table = gr.JSON(label="coefficient table", elem_id="coef-table")
     with gr.Row():
         download = gr.DownloadButton("Download analysis JSON", value=None, variant="secondary")
+        cal_download = gr.DownloadButton("Download calibration tokens (JSONL)", value=None, variant="secondary",
+                                         visible=False, elem_id="calibration-download")
         upload = gr.UploadButton("Upload analysis JSON (skip analysis)", file_types=[".json"], variant="secondary")
-    return SimpleNamespace(analyse_btn=analyse_btn, summary=summary, metrics=metrics, driver=driver,
-                           bins=bins, batch_size=batch_size, seed=seed,
-                           chat_template=chat_template, nmi_plot=nmi_plot, t=t, alpha=alpha, clip_min=clip_min,
-                           clip_max=clip_max, coef_plot=coef_plot, multi_plot=multi_plot, table=table,
-                           download=download, upload=upload)
+    return SimpleNamespace(analyse_btn=analyse_btn, summary=summary, metrics=metrics, driver=driver, rule=rule,
+                           bins=bins, batch_size=batch_size, seed=seed, chat_template=chat_template,
+                           nmi_plot=nmi_plot, tokens_plot=tokens_plot, tokens_line=tokens_line, t=t, alpha=alpha,
+                           clip_min=clip_min, clip_max=clip_max, coef_plot=coef_plot, multi_plot=multi_plot,
+                           table=table, download=download, cal_download=cal_download, upload=upload)
+
+
+def rule_controls(rule: str | None):
+    """Visibility of the softmax-only controls (α, λ driver) for ``rule``."""
+    import gradio as gr
+
+    soft = rule_key(rule) == "softmax"
+    return gr.update(visible=soft), gr.update(visible=soft)
+
+
+def extras(state: SessionState):
+    """After an analysis or an upload: MI-vs-tokens chart and line, the calibration-token download."""
+    import gradio as gr
+
+    if state.analysis is None:
+        return plots.empty_figure("Per-sample MI vs tokens", height=220), "", gr.update(value=None, visible=False)
+    fig, line = mi_tokens_view(state.analysis)
+    state.figures["mi_vs_tokens"] = fig
+    path = calibration_download(state)
+    return fig, line, gr.update(value=path, visible=path is not None)
 
 
 def wire(ui) -> None:
     import gradio as gr
 
     a, m, c = ui.analysis, ui.models, ui.calibration
-    coef_inputs = [ui.state, a.t, a.alpha, a.clip_min, a.clip_max, a.driver]
+    coef_inputs = [ui.state, a.t, a.alpha, a.clip_min, a.clip_max, a.driver, a.rule]
     outputs = [a.summary, a.nmi_plot, a.coef_plot, a.multi_plot, a.table, a.download]
 
     @gpu(duration=300)
@@ -359,9 +640,11 @@ def wire(ui) -> None:
                 hub_id=None, split=None, field=None, samples=None, clusters=4, fraction=0.1, max_tokens=128,
                 bins=DEFAULT_BINS, batch_size=DEFAULT_BATCH, seed=DEFAULT_SEED, chat_template=True, t=DEFAULT_T,
                 alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metrics=DEFAULT_METRICS, driver=None,
-                progress=gr.Progress()):
-        """Per-layer similarity (NMI by default; the chosen metrics) between the base and each fine-tuned
-        model (cached per models + calibration + settings), then the coefficient curve at (t, α)."""
+                rule=DEFAULT_RULE, progress=gr.Progress()):
+        """Per-sample MI per layer (the paper's rule, default) and the chosen similarity metrics between the
+        base and each fine-tuned model (cached per models + calibration + settings), then λ at t."""
+        rule = rule_key(rule)
+        rule_t(rule, t)                                         # a bad t is refused before the model work
         progress(0.0, desc="loading models")
         out = run_analysis(state, base, fts, trust_remote_code=trust, device=device, dtype=dtype, cal_mode=cal_mode,
                            cal_upload=cal_upload, hub_id=hub_id, split=split, field=field, samples=samples,
@@ -369,68 +652,111 @@ def wire(ui) -> None:
                            batch_size=batch_size, seed=seed, chat_template=chat_template, metrics=metrics,
                            progress=progress_callback(progress))
         res = out["analysis"]
-        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max, metric=driver)
-        nmi_fig = nmi_view(res, state.coef_view["metric"])
-        state.figures["nmi"] = nmi_fig
+        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max, metric=driver, rule=rule)
+        top = layer_view(res, rule, state.coef_view["metric"])
+        state.figures["per_layer"] = top
         md = summary_markdown(res, cached=out["cached"], seconds=out["seconds"],
                               calibration_label=out["calibration"]["label"], shared=out.get("shared"))
-        return md, nmi_fig, coef_fig, multi_fig, table, save_analysis(state)
+        return md, top, coef_fig, multi_fig, table, save_analysis(state)
 
     def admit_analysis():
         admit(ui.demo, "the analysis")
 
     # A light check first (no queue): a full queue is refused with when to retry, and a visitor
     # behind others is told where they stand; then the heavy job, whose queue position and ETA
-    # Gradio shows on the summary and the NMI plot.
+    # Gradio shows on the summary and the per-layer plot.
     analyse_event = a.analyse_btn.click(
         admit_analysis, None, None, queue=False, api_visibility="private", show_progress="hidden").success(
         ui_errors(analyse),
         [ui.state, m.base, m.fts, m.trust, m.device, m.dtype, c.mode, c.upload, c.hub_id, c.split, c.field,
          c.samples, c.clusters, c.fraction, c.max_tokens, a.bins, a.batch_size, a.seed, a.chat_template,
-         a.t, a.alpha, a.clip_min, a.clip_max, a.metrics, a.driver],
+         a.t, a.alpha, a.clip_min, a.clip_max, a.metrics, a.driver, a.rule],
         outputs, api_name="analyse", concurrency_id="heavy", concurrency_limit=1, show_progress_on=[a.summary, a.nmi_plot])
+    upload_event = _wire_upload(ui, outputs)
+    for event in (analyse_event, upload_event):
+        event.success(ui_errors(extras, warm=False), [ui.state], [a.tokens_plot, a.tokens_line, a.cal_download],
+                      queue=False, api_visibility="private", show_progress="hidden")
+    _wire_coefficients(ui, coef_inputs)
+    _wire_driver(ui, coef_inputs, [analyse_event, upload_event])
+    ui.analysis_events = [analyse_event, upload_event]
 
-    def coefficients(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metric=None):
-        """λₖ(t) per layer group and fine-tuned model from the cached similarity (no model work; ``metric``
-        drives λ, default NMI): the curve at t, the several-t view and the coefficient table."""
-        return coefficient_view(state, t, alpha, clip_min, clip_max, metric=metric)
 
-    # α and clipping change every view; t only the curve and the table (the several-t view does
-    # not depend on t), so a slider move re-renders one chart.
-    gr.on([a.alpha.change, a.clip_min.submit, a.clip_max.submit, a.clip_min.blur, a.clip_max.blur],
-          ui_errors(coefficients), coef_inputs, [a.coef_plot, a.multi_plot, a.table], api_name="coefficients",
-          queue=False, show_progress="hidden", trigger_mode="always_last")
-
-    def curve(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metric=None):
-        coef_fig, _, table = coefficient_view(state, t, alpha, clip_min, clip_max, multi=False, metric=metric)
-        return coef_fig
-
-    a.t.change(ui_errors(curve), coef_inputs, [a.coef_plot], api_visibility="undocumented", queue=False,
-               show_progress="hidden", trigger_mode="always_last")
-
-    def table_at(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metric=None):
-        return coefficient_view(state, t, alpha, clip_min, clip_max, multi=False, metric=metric)[2]
-
-    # The λ table follows when the slider is released (re-rendering it on every step is what costs).
-    a.t.release(ui_errors(table_at), coef_inputs, [a.table], api_visibility="private", queue=False,
-                show_progress="hidden", trigger_mode="always_last")
+def _wire_upload(ui, outputs):
+    a = ui.analysis
 
     def upload_analysis(state, path=None, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None,
-                        metric=None):
+                        metric=None, rule=DEFAULT_RULE):
         """Use an analysis JSON saved earlier instead of running the models."""
         res = load_analysis_file(state, path)
-        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max, metric=metric)
-        nmi_fig = nmi_view(res, state.coef_view["metric"])
-        state.figures["nmi"] = nmi_fig
+        rule = rule_key(rule)
+        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max, metric=metric, rule=rule)
+        top = layer_view(res, rule, state.coef_view["metric"])
+        state.figures["per_layer"] = top
         md = summary_markdown(res, calibration_label=None) + "\n\n_Loaded from an uploaded file._"
+        line = old_file_line(res)
+        if line and rule == "acm":
+            warn(line)
         if state.base and list(getattr(m, "model", None) for m in res.models) != state.fts:
             warn("the uploaded analysis was made for other models than the ones selected; "
                  "merging uses it for the selected models")
-        return md, nmi_fig, coef_fig, multi_fig, table, save_analysis(state)
+        return md, top, coef_fig, multi_fig, table, save_analysis(state)
 
-    upload_event = a.upload.upload(ui_errors(upload_analysis),
-                                   [ui.state, a.upload, a.t, a.alpha, a.clip_min, a.clip_max, a.driver], outputs,
-                    api_name="upload_analysis")
+    return a.upload.upload(ui_errors(upload_analysis),
+                           [ui.state, a.upload, a.t, a.alpha, a.clip_min, a.clip_max, a.driver, a.rule], outputs,
+                           api_name="upload_analysis")
+
+
+def _wire_coefficients(ui, coef_inputs) -> None:
+    """α / clip / rule: the server recomputes every view; t: the page redraws the curve itself (LIVE_JS)
+    and the λ table follows when the slider is released."""
+    import gradio as gr
+
+    a = ui.analysis
+
+    def coefficients(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metric=None,
+                     rule=DEFAULT_RULE):
+        """λₖ(t) per layer group and fine-tuned model from the cached analysis (no model work): the curve at
+        t, the several-t view and the coefficient table. ``rule``: ``acm`` (the paper's, t ∈ [−3, 3]) or
+        ``softmax`` (ours, t ∈ [0, 100]; ``metric`` picks the similarity that drives it, default NMI)."""
+        return coefficient_view(state, t, alpha, clip_min, clip_max, metric=metric, rule=rule)
+
+    gr.on([a.alpha.change, a.clip_min.submit, a.clip_max.submit, a.clip_min.blur, a.clip_max.blur],
+          ui_errors(coefficients, warm=False), coef_inputs, [a.coef_plot, a.multi_plot, a.table],
+          api_name="coefficients", queue=False, show_progress="hidden", trigger_mode="always_last")
+
+    a.t.change(None, [a.t], None, js=LIVE_JS, api_visibility="private", queue=False, show_progress="hidden")
+
+    def table_at(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metric=None,
+                 rule=DEFAULT_RULE):
+        coef_fig, _, table = coefficient_view(state, t, alpha, clip_min, clip_max, multi=False, metric=metric,
+                                              rule=rule)
+        return coef_fig, table
+
+    # When the slider is released the λ table, the session's t and the chart's own value (what Gradio redraws
+    # from, e.g. when the tab is shown again) follow from the server; re-rendering them on every step costs.
+    a.t.release(ui_errors(table_at, warm=False), coef_inputs, [a.coef_plot, a.table], api_visibility="private",
+                queue=False, show_progress="hidden", trigger_mode="always_last")
+
+    def switch_rule(state, rule=DEFAULT_RULE, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metric=None):
+        """The rule's t range and default, its controls, and every view under it."""
+        rule = rule_key(rule)
+        slider = t_slider_settings(rule)
+        coef_fig, multi_fig, table = coefficient_view(state, slider["value"], alpha, clip_min, clip_max,
+                                                      metric=metric, rule=rule)
+        top = (layer_view(state.analysis, rule, state.coef_view["metric"]) if state.analysis is not None else
+               plots.empty_figure("Per-layer values appear here after “Analyse”"))
+        state.figures["per_layer"] = top
+        return (gr.update(**slider), *rule_controls(rule), top, coef_fig, multi_fig, table)
+
+    a.rule.input(ui_errors(switch_rule, warm=False), [ui.state, a.rule, a.alpha, a.clip_min, a.clip_max, a.driver],
+                 [a.t, a.alpha, a.driver, a.nmi_plot, a.coef_plot, a.multi_plot, a.table], api_visibility="private",
+                 queue=False, show_progress="hidden", trigger_mode="always_last")
+
+
+def _wire_driver(ui, coef_inputs, events) -> None:
+    import gradio as gr
+
+    a = ui.analysis
 
     def driver_choices(state):
         """The "λ driven by" choices follow the metrics of the current analysis."""
@@ -440,18 +766,20 @@ def wire(ui) -> None:
         value = driver_metric(state.analysis, (state.coef_view or {}).get("metric"))
         return gr.update(choices=[("NMI" if k == "nmi" else metric_label(k), k) for k in have], value=value)
 
-    for event in (analyse_event, upload_event):
+    for event in events:
         event.success(driver_choices, [ui.state], [a.driver], queue=False, api_visibility="private",
                       show_progress="hidden")
 
-    def switch_driver(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metric=None):
-        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max, metric=metric)
+    def switch_driver(state, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metric=None,
+                      rule=None):
+        """The similarity that drives the softmax rule's λ (``rule`` defaults to softmax here)."""
+        rule = rule_key(rule or "softmax")
+        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max, metric=metric, rule=rule)
         if state.analysis is None:
             return plots.empty_figure("Per-layer NMI appears here after “Analyse”"), coef_fig, multi_fig, table
-        nmi_fig = nmi_view(state.analysis, state.coef_view["metric"])
-        state.figures["nmi"] = nmi_fig
-        return nmi_fig, coef_fig, multi_fig, table
+        top = layer_view(state.analysis, rule, state.coef_view["metric"])
+        state.figures["per_layer"] = top
+        return top, coef_fig, multi_fig, table
 
-    a.driver.input(ui_errors(switch_driver), coef_inputs, [a.nmi_plot, a.coef_plot, a.multi_plot, a.table],
+    a.driver.input(ui_errors(switch_driver, warm=False), coef_inputs, [a.nmi_plot, a.coef_plot, a.multi_plot, a.table],
                    api_name="lambda_driver", queue=False, show_progress="hidden", trigger_mode="always_last")
-    ui.analysis_events = [analyse_event, upload_event]

@@ -389,3 +389,38 @@ def device_summary() -> str:
         mem = format_bytes(torch.cuda.get_device_properties(0).total_memory)
         return f"GPU: **{name}** ({mem}) · default dtype bfloat16/float16"
     return f"CPU only ({os.cpu_count()} cores) · default dtype float32 · fine for the demo models"
+
+
+# ----------------------------------------------------------------------------- merge labels
+
+
+def merge_label(method: str, use_acm: bool, t: float | None, alpha: float, merge_id: int, metric: str | None = None,
+                *, rule: str = "acm", against: str = "fine-tuned", applies: str = "task-vectors") -> str:
+    """The merged model's name in every tab: ``#3 ACM-TIES t=0.7`` (the paper's rule, Eq. 3: no α),
+    ``#3 ACM-TIES t=0.7 vs merged · merged delta α=0.7`` (its staged variants), ``#3 TIES softmax t=1 α=0.7``
+    (this project's rule; ``by CKA`` when a metric other than NMI drove λ), ``#3 TIES α=0.7`` (plain).
+
+    Here rather than in components.merge because the Merge button and the staged variants
+    (components.rules) both name their merges.
+    """
+    from acm.methods import SPECS
+
+    short = SPECS[method].short if method in SPECS else method
+    if method == "linear":
+        return f"#{merge_id} Linear"
+    if not use_acm:
+        return f"#{merge_id} {short} α={alpha:g}"
+    if rule == "acm":
+        variant = []
+        if against != "fine-tuned":
+            variant.append(f"vs {against}")
+        if applies != "task-vectors":
+            variant.append(applies.replace("-", " "))
+        extra = (" " + " · ".join(variant)) if variant else ""
+        return f"#{merge_id} ACM-{short} t={t:g}{extra}" + (f" α={alpha:g}" if applies != "task-vectors" else "")
+    by = ""
+    if metric and metric != "nmi":
+        from acm.similarity import metric_label
+
+        by = f" by {metric_label(metric)}"
+    return f"#{merge_id} {short} softmax t={t:g} α={alpha:g}{by}"

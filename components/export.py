@@ -66,6 +66,9 @@ def mergekit_yaml(state: SessionState) -> str | None:
     s = merged.settings
     if state.analysis is None or s["method"] == "linear":
         return None
+    rule = s.get("rule") if s.get("acm") else "softmax"      # a plain merge: softmax at t = 0 is λ = α everywhere
+    if rule == "acm" and (s.get("against") != "fine-tuned" or s.get("applies") != "task-vectors"):
+        return None                                           # staged variants: λ was not measured on these inputs
     t = s["t"] if s.get("acm") else 0.0
     tok = s.get("tokenizer_from") or "base"
     tok_source = None if tok == "base" else s["fts"][int(tok.split(":")[1]) - 1 if ":" in tok else 0]
@@ -76,7 +79,8 @@ def mergekit_yaml(state: SessionState) -> str | None:
 
     return to_mergekit_yaml(state.analysis, t, s["alpha"], method=s["method"], base_model=s["base"],
                             density=used("density"), drop_rate=used("drop_rate"), gamma=used("gamma"),
-                            normalize=bool(used("normalize")), clip=s.get("clip"), tokenizer_source=tok_source)
+                            normalize=bool(used("normalize")), clip=s.get("clip"), tokenizer_source=tok_source,
+                            rule=rule or "softmax", metric=s.get("metric") or "nmi")
 
 
 def export_recipe(state: SessionState) -> list[str]:
@@ -173,7 +177,7 @@ def export_all(state: SessionState, include_model: bool = True) -> tuple[list[st
             files.append(export_model_zip(state))
         files.extend(export_recipe(state))
         if mergekit_yaml(state) is None:
-            notes.append("no mergekit YAML (linear merge or no analysis)")
+            notes.append("no mergekit YAML (linear merge, a staged acm-rule variant, or no analysis)")
     files.extend(export_plots(state))
     if not files:
         raise InputError(f"nothing to export yet: run “{plan.step('analysis').title}” (step {plan.number('analysis')}) "

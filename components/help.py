@@ -9,14 +9,19 @@ walk through the tabs left to right — **Analyse → Merge → Chat → Evaluat
 """
 
 HOW_TO_READ = """
-**How to read the charts.** *NMI* (normalised mutual information, 0…1) measures, layer by layer, how much of the
-base model's activations can be predicted from the fine-tuned model's on the same calibration text: **high NMI**
-means the layer barely changed (redundant with the base), **low NMI** means it learned something task-specific.
-ACM turns NMI into per-layer merge coefficients **λₖ(t) = α·K·exp(−t·NMIₖ) / Σⱼ exp(−t·NMIⱼ)**: layers with lower
-NMI get a larger λ, and the mean λ stays α. The **sharpness t** sets the contrast: **t = 0 is exactly the plain
-method** (every layer gets α, the dashed line), larger t spreads the coefficients further apart. In the
-evaluation scatter, points further **up and to the left** are better: more accurate with shorter answers
-(the paper's Long-to-Short picture).
+**How to read the charts.** The paper's rule (the default) measures, for every calibration sample and every
+activation point (the embedding, each block's MLP output, the final norm, the logits), the **mutual information
+(MI, nats)** between the base's and the fine-tuned model's activations. Its λ per layer is
+**λₖ(t) = 1 − meanⱼ σ(t·(MIₖ,ⱼ − maxⱼ MIₖ,ⱼ))** (Eq. 2, with the paper's translation by the largest per-sample
+value), and the merge is **θ = θ₀ + (1/N)·Σᵢ λᵢ·τᵢ** (Eq. 3). With t > 0 every λ lies in [½, 1): a layer whose
+per-sample MI sits further below the samples' maximum keeps more of its task vector; t = 0 gives ½ everywhere
+(dashed), t < 0 reverses the order. The paper uses t = 0.7; its ablation varies t from 0.5 to 0.9.
+**MI vs tokens**: discrete MI of continuous values grows with the number of distinct values, so per-sample MI may
+follow the sample's length — the small chart shows how much (Pearson r with log tokens).
+**softmax (this project's alternative rule)**: λₖ = α·K·exp(−t·sₖ)/Σⱼ exp(−t·sⱼ) over a per-layer similarity s
+(NMI, CKA or cosine; 1 = unchanged): mean λ = α, t = 0 is exactly the plain method. In the evaluation scatter,
+points further **up and to the left** are better: more accurate with shorter answers (the paper's Long-to-Short
+picture).
 """
 
 MODELS = """
@@ -35,13 +40,18 @@ are clustered and sampled evenly across clusters (the paper uses ~10% of s1K).
 """
 
 ANALYSIS = """
-**Analyse** runs both models over the calibration samples and measures the per-layer NMI. It is cached: changing t
-or α afterwards (or merging again) never re-runs it. Move **t** and **α** to see the coefficients change instantly.
+**Analyse** runs both models over the calibration samples, each sample on its own real tokens, and records the
+per-sample MI at every activation point (the paper's rule) plus the chosen similarity metrics (the softmax rule).
+It is cached: changing the rule, t or α afterwards (or merging again) never re-runs it. Move **t** and the λ curve
+redraws in the page at once; the table follows when you let go. The exact token sequences fed to the models can be
+downloaded below, so anyone can recompute the analysis.
 """
 
 MERGE = """
-Choose a method. **ACM** uses the per-layer λ from the analysis (at the t and α set in the Analyse tab);
-**plain** uses α everywhere (the baseline). The merged model is kept loaded for the Chat and Evaluate tabs.
+Choose a method. **ACM** uses per-layer λ from the analysis: by default the paper's rule at the t set in the Analyse
+tab, θ = θ₀ + (1/N)·Σ λᵢ·τᵢ (no α); its two switches give the variants of a public derivative of the authors' code
+(MI against a plain merge, λ on the merged delta), which run a plain merge first. The softmax rule (ours) stays
+selectable. **plain** uses α everywhere (the baseline). The merged model is kept loaded for the Chat and Evaluate tabs.
 """
 
 CHAT = """

@@ -1,7 +1,10 @@
 """Step 4 — Merge: plain or ACM-weighted, any method of the registry (acm.methods), streamed into the workspace.
 
-The dropdown, which parameter controls are visible and their help come from ``acm.methods`` (torch-free,
-so building the UI does not import torch).
+ACM means the paper's rule by default (``acm.rules.ACM``: λ from per-sample MI, θ₀ + (1/N)·Σ λᵢ·τᵢ, no α);
+its two switches and staged variants live in components/rules.py, this project's softmax rule stays
+selectable. λ and the recipe's ``acm`` entry always come from ``acm.coefficients.compute`` (one library
+path). The dropdown, which parameter controls are visible and their help come from ``acm.methods``
+(torch-free, so building the UI does not import torch).
 """
 
 from __future__ import annotations
@@ -13,19 +16,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from acm import methods as registry
+from acm.rules import DEFAULT_RULE
 from acm.sizes import format_bytes
 from components import help as texts
+from components import rules
 from components import steps as plan
-from components.analysis import DEFAULT_ALPHA, DEFAULT_T, T_MAX
-from components.common import gpu, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels
+from components.analysis import DEFAULT_ALPHA, DEFAULT_T, RULE_CHOICES, rule_key, rule_t, t_slider_settings
+from components.common import gpu, merge_label, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels
 from components.models import validate_selection
 from components.state import MergedModel, SessionState, admit, load_merged, reused_line, shared_merge
 
 METHOD_CHOICES = registry.ui_choices()
 METHOD_SHORT = {k: s.short for k, s in registry.SPECS.items()}
 ACM, PLAIN = "ACM (per-layer λ)", "plain (α everywhere)"
-# Defaults from the demo sweep (README "Demo results"): ACM-TIES α=0.7, density 0.7, t=1 keeps the
-# base model's accuracy on the bundled problems with answers about half as long as the long model's.
 DEFAULT_METHOD = "ties"
 DEFAULT_DENSITY = 0.7
 OPT = registry.OPTIONS
@@ -36,6 +39,7 @@ TOKENIZER_CHOICES = [("base model", "base")] + [(f"fine-tuned {i}", f"ft:{i}")
                                                  for i in range(1, registry.MAX_FINE_TUNED + 1)]
 # Short names accepted from API callers (gradio_client) besides the dropdown values.
 METHOD_ALIASES = registry.ALIASES
+__all__ = ["merge_label", "run_merge"]
 
 
 def normalize_mode(mode: str | None) -> str:
@@ -50,85 +54,137 @@ def normalize_mode(mode: str | None) -> str:
     raise InputError(f"unknown coefficient mode {mode!r}: use 'acm' or 'plain'")
 
 
-def merge_label(method: str, use_acm: bool, t: float, alpha: float, merge_id: int, metric: str | None = None) -> str:
-    """``#3 ACM-TIES t=1 α=0.7`` (``… by CKA`` when a metric other than NMI drove λ)."""
-    short = METHOD_SHORT.get(method, method)
-    if method == "linear":
-        return f"#{merge_id} Linear"
-    if not use_acm:
-        return f"#{merge_id} {short} α={alpha:g}"
-    by = ""
-    if metric and metric != "nmi":
-        from acm.similarity import metric_label
+def _check_analysis(state: SessionState, fts: list[str]):
+    from acm.errors import InputError
 
-        by = f" by {metric_label(metric)}"
-    return f"#{merge_id} ACM-{short} t={t:g} α={alpha:g}{by}"
+    analysis = state.analysis
+    if analysis is None:
+        raise InputError(f"ACM needs the analysis: {plan.how_to_get(plan.ANALYSIS, markdown=False)} "
+                         "(or choose the plain mode)")
+    if len(analysis.models) != len(fts):
+        raise InputError(f"the analysis covers {len(analysis.models)} fine-tuned model(s) but {len(fts)} are "
+                         "selected; analyse the selected models first")
+    return analysis
+
+
+def _softmax_metric(state: SessionState, analysis, metric: str | None) -> str:
+    """The similarity that drives the softmax rule: the one chosen in step 3 ("λ driven by"; NMI unless changed)."""
+    from acm.errors import InputError
+
+    chosen = (state.coef_view or {}).get("metric")
+    metric = metric or chosen or "nmi"
+    if metric not in analysis.metrics():
+        if metric != chosen:       # asked for explicitly (a tune point)
+            raise InputError(f"the analysis has no {metric} values; analyse with that metric first")
+        metric = analysis.metrics()[0]
+    return metric
+
+
+def merge_coefficients(state: SessionState, fts: list[str], rule: str, t: float, alpha: float, clip, metric=None):
+    """(Coefficients, task-vector weights, the recipe's acm entry) from ``acm.coefficients.compute`` —
+    the one library path (the paper's rule: λ/N per task vector; softmax: λ)."""
+    from acm.coefficients import compute
+
+    analysis = _check_analysis(state, fts)
+    if rule == "acm":
+        coef = compute(analysis, "acm", t, clip=clip)
+    else:
+        coef = compute(analysis, "softmax", t, alpha, clip, metric=_softmax_metric(state, analysis, metric))
+    return coef, coef.weights(), coef.entry()
+
+
+def merge_options(method: str, *, alpha, density, drop_rate, trim_scope, seed, gamma, epsilon, dtype, device,
+                  tokenizer_from):
+    """``MergeOptions`` checked against the method's spec (a hidden control's leftover value does not apply)."""
+    from acm.merge import MergeOptions
+
+    spec = registry.SPECS[method]
+    if not spec.uses("trim_scope"):
+        trim_scope = "tensor"
+    seed = int(seed) if isinstance(seed, float) and seed.is_integer() else seed
+    registry.validate_options(method, alpha=alpha, density=density, drop_rate=drop_rate, gamma=gamma,
+                              epsilon=epsilon, trim_scope=trim_scope, seed=seed)
+    return MergeOptions(method=method, alpha=float(alpha), density=float(density), drop_rate=float(drop_rate),
+                        trim_scope=trim_scope, seed=int(seed), gamma=float(gamma), epsilon=float(epsilon),
+                        dtype=none_if_auto(dtype), device=none_if_auto(device), tokenizer_from=(tokenizer_from or "base"))
 
 
 def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAULT_METHOD, mode: str = ACM,
-              t: float = DEFAULT_T, alpha: float = DEFAULT_ALPHA, density: float = DEFAULT_DENSITY,
+              t: float | None = None, alpha: float = DEFAULT_ALPHA, density: float = DEFAULT_DENSITY,
               drop_rate: float = OPT["drop_rate"].default, trim_scope: str = "tensor", seed: int = 0, clip_min=None,
               clip_max=None, device: str | None = "auto", dtype: str | None = "auto", trust_remote_code: bool = False,
               tokenizer_from: str = "base", gamma: float = OPT["gamma"].default,
-              epsilon: float = OPT["epsilon"].default,
-              progress: Callable[[float, str], None] | None = None, metric: str | None = None) -> MergedModel:
+              epsilon: float = OPT["epsilon"].default, progress: Callable[[float, str], None] | None = None,
+              metric: str | None = None, rule: str | None = DEFAULT_RULE, against: str | None = "fine-tuned",
+              applies: str | None = "task-vectors", estimator: str = "labels", calibration: dict | None = None,
+              cal_settings: dict | None = None) -> MergedModel:
     """Merge into a fresh folder of the session workspace and load the result for chat/eval.
 
-    The session's current merged model is replaced only when everything succeeded, so a failed
-    merge leaves the previous one usable.
+    ``rule``: ``acm`` (the paper's, default; ``against`` / ``applies`` its switches — every setting but
+    fine-tuned · task-vectors runs staged, ``components.rules``) or ``softmax`` (ours; ``metric``). ``t``
+    None = the rule's default. The session's current merged model is replaced only when everything
+    succeeded, so a failed merge leaves the previous one usable.
     """
     from acm.errors import InputError
-    from acm.merge import MergeOptions, merge_models
 
     base, fts = validate_selection(base, fts)
     mode = normalize_mode(mode)
     method = registry.check_method(method)
     spec = registry.SPECS[method]
-    if not spec.uses("trim_scope"):
-        trim_scope = "tensor"                 # a hidden control's leftover value does not apply
-    seed = int(seed) if isinstance(seed, float) and seed.is_integer() else seed
-    registry.validate_options(method, alpha=alpha, density=density, drop_rate=drop_rate, gamma=gamma,
-                              epsilon=epsilon, trim_scope=trim_scope, seed=seed)
     use_acm = mode == ACM and spec.acm
     if mode == ACM and not spec.acm:
         raise InputError(f"ACM coefficients scale task vectors; {spec.label.lower()} averaging has none. "
                          "Choose a task-vector method (TA, TIES, DARE, Breadcrumbs, DELLA), or the plain mode")
-    t, alpha = float(t), float(alpha)
-    lambdas, acm_info = None, None
-    if use_acm:
-        from acm.coefficients import lambdas_by_group
-
-        analysis = state.analysis
-        if analysis is None:
-            raise InputError(f"ACM needs the per-layer NMI: {plan.how_to_get(plan.ANALYSIS, markdown=False)} "
-                             "(or choose the plain mode)")
-        if len(analysis.models) != len(fts):
-            raise InputError(f"the analysis covers {len(analysis.models)} fine-tuned model(s) but {len(fts)} are "
-                             "selected; analyse the selected models first")
-        lo, hi = optional_float(clip_min), optional_float(clip_max)
-        clip = None if lo is None and hi is None else (lo, hi)
-        # λ driven by the metric chosen in step 3 ("λ driven by"; NMI unless changed)
-        metric = metric or (state.coef_view or {}).get("metric") or "nmi"
-        if metric not in analysis.metrics():
-            if metric != (state.coef_view or {}).get("metric"):       # asked for explicitly (a tune point)
-                raise InputError(f"the analysis has no {metric} values; analyse with that metric first")
-            metric = analysis.metrics()[0]
-        lambdas = lambdas_by_group(analysis, t, alpha, clip=clip, metric=metric)
-        acm_info = {"analysis": analysis.provenance, "t": t, "alpha": alpha, "clip": clip}
-        if metric != "nmi":            # NMI-driven merges keep the recipe (and shared-cache key) they always had
-            acm_info["metric"] = metric
+    against, applies = rules.switches(rule, against, applies)
+    key = rule_key(rule)
+    t = rule_t(key, t) if use_acm else None
+    paper = use_acm and key == "acm" and not rules.staged(against, applies)
+    # Eq. 3 has no α (λ takes its place): the merge records 1, not a slider value it never used.
+    options = merge_options(method, alpha=1.0 if paper else alpha, density=density, drop_rate=drop_rate,
+                            trim_scope=trim_scope, seed=seed, gamma=gamma, epsilon=epsilon, dtype=dtype, device=device,
+                            tokenizer_from=tokenizer_from)
+    lo, hi = optional_float(clip_min), optional_float(clip_max)
+    clip = None if lo is None and hi is None else (lo, hi)
+    if use_acm and key == "acm" and rules.staged(against, applies):
+        return rules.run_rule_merge(state, base, fts, options, t=t, against=against, applies=applies, clip=clip,
+                                    estimator=estimator, calibration=calibration, cal_settings=cal_settings,
+                                    device=device, dtype=dtype, progress=progress)
+    coef, weights, entry = merge_coefficients(state, fts, key, t, options.alpha, clip, metric) if use_acm else \
+        (None, None, None)
+    used_metric = (coef.params.get("metric") if coef is not None else None)
+    label_args = dict(rule=key, against=against, applies=applies)
     state.merge_count += 1
     merge_id = state.merge_count
-    out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{method}{'-acm' if use_acm else ''}"
-    options = MergeOptions(method=method, alpha=alpha, density=float(density), drop_rate=float(drop_rate),
-                           trim_scope=trim_scope, seed=int(seed), gamma=float(gamma), epsilon=float(epsilon),
-                           dtype=none_if_auto(dtype),
-                           device=none_if_auto(device), tokenizer_from=(tokenizer_from or "base"))
+    suffix = {"acm": "-acm", "softmax": "-softmax"}[key] if use_acm else ""
+    out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{method}{suffix}"
+    merged = _merge_and_load(state, base, fts, out_dir, f"{method}{suffix}", options, weights, entry, device, dtype,
+                             progress)
+    merged.merge_id = merge_id
+    merged.label = merge_label(method, use_acm, t, options.alpha, merge_id, used_metric, **label_args)
+    merged.lambdas = coef.by_model() if coef is not None else merged.lambdas
+    merged.settings = dict(base=base, fts=fts, method=method, acm=use_acm, t=t, alpha=options.alpha,
+                           rule=key if use_acm else None, against=against if paper else None,
+                           applies=applies if paper else None, metric=used_metric,
+                           density=options.density, drop_rate=options.drop_rate, trim_scope=options.trim_scope,
+                           seed=options.seed, gamma=options.gamma, epsilon=options.epsilon,
+                           clip=coef.params["clip"] if coef is not None else None, dtype=none_if_auto(dtype),
+                           tokenizer_from=options.tokenizer_from)
+    state.adopt_merged(merged, merged.seconds)
+    if progress:
+        progress(1.0, "done")
+    return merged
+
+
+def _merge_and_load(state: SessionState, base: str, fts: list[str], out_dir: Path, name: str, options, weights,
+                    entry: dict | None, device, dtype, progress) -> MergedModel:
+    """One merge (from the shared cache when it has it) loaded for chat; nothing is left behind on failure."""
+    from acm.merge import merge_models
+
     t0 = time.perf_counter()
-    shared = shared_merge(base, fts, f"{method}{'-acm' if use_acm else ''}", options, lambdas, acm_info, progress)
+    shared = shared_merge(base, fts, name, options, weights, entry, progress)
     try:
         if shared is None:
-            report = merge_models(base, fts, out_dir, options, lambdas=lambdas, acm=acm_info, force=True,
+            report = merge_models(base, fts, out_dir, options, lambdas=weights, acm=entry, force=True,
                                   progress=progress_callback(progress, (0.0, 0.9)), show_progress=False)
             report_dict, used = report.to_dict(), report.lambdas
         else:
@@ -142,32 +198,24 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
         else:
             shared["release"]()
         raise
-    seconds = time.perf_counter() - t0
-    merged = MergedModel(
-        merge_id=merge_id, label=merge_label(method, use_acm, t, alpha, merge_id, (acm_info or {}).get("metric")), out_dir=Path(out_dir),
-        report=report_dict, lambdas=used or lambdas,
-        cache=shared and {k: v for k, v in shared.items() if k not in ("release", "report", "out_dir")},
-        release=shared and shared["release"],
-        settings=dict(base=base, fts=fts, method=method, acm=use_acm, t=t if use_acm else None, alpha=alpha,
-                      density=float(density), drop_rate=float(drop_rate), trim_scope=trim_scope, seed=int(seed),
-                      gamma=float(gamma), epsilon=float(epsilon),
-                      clip=acm_info["clip"] if acm_info else None, dtype=none_if_auto(dtype),
-                      tokenizer_from=options.tokenizer_from),
-        seconds=seconds, model=model, tokenizer=tokenizer)
-    state.adopt_merged(merged, seconds)
-    if progress:
-        progress(1.0, "done")
-    return merged
+    return MergedModel(merge_id=0, label="", out_dir=Path(out_dir), report=report_dict, lambdas=used or weights,
+                       cache=shared and {k: v for k, v in shared.items() if k not in ("release", "report", "out_dir")},
+                       release=shared and shared["release"], settings={}, seconds=time.perf_counter() - t0,
+                       model=model, tokenizer=tokenizer)
 
 
 def lambda_rows(merged: MergedModel, groups: list[str] | None = None) -> tuple[list[str], list[list]]:
-    """The λ actually used, as a table: one row per layer group, one column per fine-tuned model."""
-    fts = merged.settings["fts"]
-    headers = ["layer group"] + [f"λ {lab}" for lab in unique_labels(fts)]
+    """The λ actually used, as a table: one row per λ key, one column per fine-tuned model (one column
+    when λ rescaled a merged delta or came from MI against a merge: one λ per key for all models)."""
+    fts = merged.settings.get("fts") or []
     lams = merged.lambdas or []
+    if len(lams) == len(fts):
+        headers = ["layer group"] + [f"λ {lab}" for lab in unique_labels(fts)]
+    else:
+        headers = ["layer group"] + ["λ (all models)"] * len(lams)
     if not lams:
         return headers, []
-    names = groups or list(lams[0].keys())
+    names = [g for g in (groups or []) if g in lams[0]] or list(lams[0].keys())
     rows = [[g] + [round(float(d.get(g, float("nan"))), 4) for d in lams] for g in names]
     return headers, rows
 
@@ -187,6 +235,13 @@ def summary_markdown(merged: MergedModel) -> str:
     if used:
         bits.append(", ".join(f"{OPT[k].label.split(' (')[0].lower()} {s[k]:g}" if isinstance(s[k], float)
                               else f"{OPT[k].label.split(' (')[0].lower()} {s[k]}" for k in used))
+    if s.get("rule") == "acm" and not rules.staged(s.get("against") or "fine-tuned",
+                                                     s.get("applies") or "task-vectors"):
+        n = len(s.get("fts") or [])
+        bits.append(f"the paper's rule: each task vector weighted λ/{n} (Eq. 3)")
+    stages = rules.stage_line(merged)
+    if stages:
+        bits.append(stages)
     out = (r.get("recipe") or {}).get("output") or {}
     heads, tok = out.get("heads") or {}, out.get("tokenizer") or {}
     if heads.get("merged") == "untied" and "tied" in [heads.get("base"), *(heads.get("fine_tuned") or [])]:
@@ -201,10 +256,13 @@ def acm_status_line(state: SessionState | None) -> str:
     """Whether an ACM merge can run now (it needs an analysis, components/steps.py)."""
     analysis = getattr(state, "analysis", None)
     if analysis is None:
-        return (f"ACM needs the per-layer NMI: {plan.how_to_get(plan.ANALYSIS)} (a few seconds on the demo "
+        return (f"ACM needs the analysis: {plan.how_to_get(plan.ANALYSIS)} (a few seconds on the demo "
                 "models), or choose the plain mode.")
     labels = ", ".join(f"`{lab}`" for lab in unique_labels([m.model for m in analysis.models]))
-    return f"ACM will use the analysis of {labels} ({len(analysis.groups)} layer groups)."
+    line = f"ACM will use the analysis of {labels} ({len(analysis.groups)} layer groups)."
+    if not analysis.has_sample_mi():
+        line += " It has no per-sample MI: the paper's rule needs a new analysis (softmax works)."
+    return line
 
 
 def control_visibility(method: str) -> dict[str, bool]:
@@ -226,8 +284,24 @@ def method_changed(method: str, mode: str):
     visible = control_visibility(method)
     acm = method in registry.ACM_METHODS
     return (*(gr.update(visible=visible[k]) for k in PARAM_CONTROLS),
-            gr.update(interactive=acm, value=mode if acm else PLAIN),
-            gr.update(visible=acm and mode == ACM), gr.update(value=method_info(method)))
+            gr.update(interactive=acm, value=mode if acm else PLAIN), gr.update(value=method_info(method)))
+
+
+def coefficient_controls(method: str, mode: str, rule: str | None, against: str | None, applies: str | None):
+    """What the coefficient choice shows: the rule (ACM only), its switches (the paper's rule only), the
+    estimator (MI against a merge), t (ACM), α (not for Eq. 3) and the one-line note."""
+    import gradio as gr
+
+    acm = normalize_mode(mode) == ACM and method in registry.ACM_METHODS
+    key = rule_key(rule)
+    against, applies = against or rules.PAPER[0], applies or rules.PAPER[1]
+    paper = acm and key == "acm"
+    alpha = not acm or rules.uses_alpha(key, against, applies)
+    alpha_label = ("α (mean λ)" if acm and key == "softmax" else
+                   "α of the plain merge (stage 1)" if acm else "α")
+    text = rules.note(key, against, applies) if acm else "**plain**: every layer group gets α."
+    return (gr.update(visible=acm), gr.update(visible=paper), gr.update(visible=paper and against == "merged"),
+            gr.update(visible=acm), gr.update(visible=alpha, label=alpha_label), gr.update(value=text))
 
 
 def build() -> SimpleNamespace:
@@ -237,26 +311,31 @@ def build() -> SimpleNamespace:
     with gr.Row(equal_height=True):
         method = gr.Dropdown(METHOD_CHOICES, value=DEFAULT_METHOD, label="Method", scale=2)
         mode = gr.Radio([ACM, PLAIN], value=ACM, label="Coefficients", scale=2)
+    rule_radio = gr.Radio(RULE_CHOICES, value=DEFAULT_RULE, label="Coefficient rule", elem_id="merge-rule-select",
+                          info="follows the Analyse tab")
+    rule = rules.build()   # the paper's rule's switches, their note and the old sigmoid endpoint
+    slider = t_slider_settings(DEFAULT_RULE)
     with gr.Row():
-        t = gr.Slider(0, T_MAX, value=DEFAULT_T, step=0.5, label="Sharpness t (ACM)",
-                      info="follows the Analyse tab; t = 0 equals plain", scale=2)
-        alpha = gr.Slider(0.0, 2.0, value=DEFAULT_ALPHA, step=0.05, label="α", scale=2,
-                          info="plain: the coefficient; ACM: the mean λ")
+        t = gr.Slider(slider["minimum"], slider["maximum"], value=slider["value"], step=slider["step"],
+                      label=slider["label"], info="follows the Analyse tab", scale=2, elem_id="merge-t-slider")
+        alpha = gr.Slider(0.0, 2.0, value=DEFAULT_ALPHA, step=0.05, label="α", scale=2, visible=False,
+                          info="plain: the coefficient; softmax: the mean λ; staged: the plain merge's α",
+                          elem_id="merge-alpha-slider")
     info = gr.Markdown(method_info(DEFAULT_METHOD), elem_classes=["muted"])
     with gr.Row():
         vis = control_visibility(DEFAULT_METHOD)
 
-        def slider(key, value=None):
+        def slider_of(key, value=None):
             o = OPT[key]
             return gr.Slider(o.lo, o.hi, value=o.default if value is None else value, step=o.step, label=o.label,
                              info=o.help, visible=vis[key])
 
-        density = slider("density", DEFAULT_DENSITY)
+        density = slider_of("density", DEFAULT_DENSITY)
         trim_scope = gr.Radio(list(OPT["trim_scope"].choices), value="tensor", label=OPT["trim_scope"].label,
                               info=OPT["trim_scope"].help, visible=vis["trim_scope"])
-        drop_rate = slider("drop_rate")
-        gamma = slider("gamma")
-        epsilon = slider("epsilon")
+        drop_rate = slider_of("drop_rate")
+        gamma = slider_of("gamma")
+        epsilon = slider_of("epsilon")
         seed = gr.Number(value=OPT["seed"].default, precision=0, label=OPT["seed"].label, info=OPT["seed"].help,
                          visible=vis["seed"])
     with gr.Row():
@@ -271,46 +350,79 @@ def build() -> SimpleNamespace:
         table = gr.Dataframe(interactive=False, max_height=320)
     with gr.Accordion("Merge report (JSON)", open=False):
         report = gr.JSON()
-    from components import rules
-    rule = rules.build()   # the sigmoid coefficient rule's panel and button (components/rules.py)
-    return SimpleNamespace(rule=rule, acm_status=acm_status, method=method, mode=mode, t=t, alpha=alpha,
-                           density=density, trim_scope=trim_scope, gamma=gamma, epsilon=epsilon, info=info,
-                           drop_rate=drop_rate, seed=seed, tokenizer_from=tokenizer_from, merge_btn=merge_btn,
-                           summary=summary, table=table,
-                           report=report)
+    return SimpleNamespace(rule=rule, rule_radio=rule_radio, acm_status=acm_status, method=method, mode=mode, t=t,
+                           alpha=alpha, density=density, trim_scope=trim_scope, gamma=gamma, epsilon=epsilon,
+                           info=info, drop_rate=drop_rate, seed=seed, tokenizer_from=tokenizer_from,
+                           merge_btn=merge_btn, summary=summary, table=table, report=report)
+
+
+def _wire_controls(ui) -> None:
+    """Method, mode, rule and switches decide which controls show; the Analyse tab's rule and t carry over."""
+    import gradio as gr
+
+    g, a, r = ui.merge, ui.analysis, ui.merge.rule
+    g.method.change(method_changed, [g.method, g.mode], [*(getattr(g, k) for k in PARAM_CONTROLS), g.mode, g.info],
+                    api_visibility="private", queue=False)
+    gr.on([g.method.change, g.mode.change, g.rule_radio.change, r.against.change, r.applies.change],
+          coefficient_controls, [g.method, g.mode, g.rule_radio, r.against, r.applies],
+          [g.rule_radio, r.panel, r.estimator, g.t, g.alpha, r.note], api_visibility="private", queue=False,
+          show_progress="hidden")
+    g.rule_radio.change(lambda rule: gr.update(**{k: v for k, v in t_slider_settings(rule).items() if k != "info"}),
+                        g.rule_radio, g.t, api_visibility="private", queue=False, show_progress="hidden")
+    # The rule, t and α explored in the Analyse tab carry over to the merge (client-side, no round trip).
+    a.rule.change(None, a.rule, g.rule_radio, js="(v) => v", api_visibility="private", queue=False)
+    a.t.change(None, a.t, g.t, js="(v) => v", api_visibility="private", queue=False)
+    a.alpha.change(None, a.alpha, g.alpha, js="(v) => v", api_visibility="private", queue=False)
+
+
+def _merge_outputs(state: SessionState, merged: MergedModel):
+    """(summary, λ table, report) as the Merge tab shows them."""
+    import pandas as pd
+
+    headers, rows = lambda_rows(merged, list(state.analysis.groups) if state.analysis is not None else None)
+    report = {**merged.report, "label": merged.label, "settings": merged.settings, "cache": merged.cache}
+    return summary_markdown(merged), pd.DataFrame(rows, columns=headers), _jsonable(report)
+
+
+def _calibration(needed: bool, cal_mode, cal_upload, hub_id, split, field, samples, clusters, fraction, max_tokens):
+    """(calibration, analysis settings) from step 2 when MI is measured against a merge, else (None, None)."""
+    if not needed:
+        return None, None
+    from components.calibration import resolve_calibration
+
+    cal = resolve_calibration(cal_mode, cal_upload, hub_id, split, field)
+    settings = {"samples": int(samples) if samples else None, "clusters": int(clusters or 20),
+                "fraction": float(fraction or 0.1), "max_tokens": int(max_tokens or 128)}
+    return cal, settings
 
 
 def wire(ui) -> None:
     import gradio as gr
 
-    g, m, a = ui.merge, ui.models, ui.analysis
-    g.method.change(method_changed, [g.method, g.mode], [*(getattr(g, k) for k in PARAM_CONTROLS), g.mode, g.t, g.info],
-                    api_visibility="private", queue=False)
-    g.mode.change(lambda mode, method: gr.update(visible=mode == ACM and method in registry.ACM_METHODS),
-                  [g.mode, g.method], g.t,
-                  api_visibility="private", queue=False)
-    # t and α explored in the Analyse tab carry over to the merge (client-side, no round trip).
-    a.t.change(None, a.t, g.t, js="(v) => v", api_visibility="private", queue=False)
-    a.alpha.change(None, a.alpha, g.alpha, js="(v) => v", api_visibility="private", queue=False)
+    g, m, a, c, r = ui.merge, ui.models, ui.analysis, ui.calibration, ui.merge.rule
+    _wire_controls(ui)
 
     @gpu(duration=600)
     def merge(state, base=None, fts=None, method=DEFAULT_METHOD, mode=ACM, t=DEFAULT_T, alpha=DEFAULT_ALPHA,
               density=DEFAULT_DENSITY, drop_rate=OPT["drop_rate"].default, trim_scope="tensor", seed=0, clip_min=None,
               clip_max=None, device="auto", dtype="auto", trust=False, tokenizer_from="base",
-              gamma=OPT["gamma"].default, epsilon=OPT["epsilon"].default, progress=gr.Progress()):
-        """Merge base + fine-tuned models (plain or ACM) and load the result for chat and evaluation."""
+              gamma=OPT["gamma"].default, epsilon=OPT["epsilon"].default, rule=DEFAULT_RULE, against="fine-tuned",
+              applies="task-vectors", estimator="labels", cal_mode=None, cal_upload=None, hub_id=None, split=None,
+              field=None, samples=None, clusters=20, fraction=0.1, max_tokens=128, progress=gr.Progress()):
+        """Merge base + fine-tuned models (plain, or ACM: the paper's rule by default — ``against`` /
+        ``applies`` its switches, calibration of step 2 for MI against a merge — or rule='softmax', ours)
+        and load the result for chat and evaluation."""
         progress(0.0, desc="starting the merge")
+        against, applies = rules.switches(rule, against, applies)
+        cal, cal_settings = _calibration(rule_key(rule) == "acm" and against == "merged", cal_mode, cal_upload,
+                                         hub_id, split, field, samples, clusters, fraction, max_tokens)
         merged = run_merge(state, base, fts, method=method, mode=mode, t=t, alpha=alpha, density=density,
                            drop_rate=drop_rate, trim_scope=trim_scope, seed=seed, clip_min=clip_min,
                            clip_max=clip_max, device=device, dtype=dtype, trust_remote_code=trust,
-                           tokenizer_from=tokenizer_from, gamma=gamma, epsilon=epsilon,
+                           tokenizer_from=tokenizer_from, gamma=gamma, epsilon=epsilon, rule=rule, against=against,
+                           applies=applies, estimator=estimator, calibration=cal, cal_settings=cal_settings,
                            progress=progress_callback(progress))
-        groups = list(state.analysis.groups) if state.analysis is not None else None
-        headers, rows = lambda_rows(merged, groups)
-        report = {**merged.report, "label": merged.label, "settings": merged.settings, "cache": merged.cache}
-        import pandas as pd
-
-        return summary_markdown(merged), pd.DataFrame(rows, columns=headers), _jsonable(report)
+        return _merge_outputs(state, merged)
 
     for event in plan.events(ui, plan.ANALYSIS):
         event.then(acm_status_line, ui.state, g.acm_status, api_visibility="private", queue=False)
@@ -318,17 +430,51 @@ def wire(ui) -> None:
     def admit_merge():
         admit(ui.demo, "the merge")
 
-    ui.merge_event = g.merge_btn.click(
+    cal_inputs = [c.mode, c.upload, c.hub_id, c.split, c.field, c.samples, c.clusters, c.fraction, c.max_tokens]
+    merge_event = g.merge_btn.click(
         admit_merge, None, None, queue=False, api_visibility="private", show_progress="hidden").success(
         ui_errors(merge),
         [ui.state, m.base, m.fts, g.method, g.mode, g.t, g.alpha, g.density, g.drop_rate, g.trim_scope, g.seed,
-         a.clip_min, a.clip_max, m.device, m.dtype, m.trust, g.tokenizer_from, g.gamma, g.epsilon],
+         a.clip_min, a.clip_max, m.device, m.dtype, m.trust, g.tokenizer_from, g.gamma, g.epsilon, g.rule_radio,
+         r.against, r.applies, r.estimator, *cal_inputs],
         [g.summary, g.table, g.report], api_name="merge", concurrency_id="heavy", concurrency_limit=1,
         show_progress_on=[g.summary])
-    from components import rules
-    rules.wire(ui)
-    # Both buttons make a merged model; later steps chain on either (components/steps.py MERGED).
-    ui.merge_event = [ui.merge_event, ui.rule_merge_event]
+    # Later steps chain on either event (components/steps.py MERGED).
+    ui.rule_merge_event = _wire_legacy_sigmoid(ui, cal_inputs)
+    ui.merge_event = [merge_event, ui.rule_merge_event]
+
+
+def _wire_legacy_sigmoid(ui, cal_inputs):
+    """``/merge_sigmoid`` as before (a hidden button): the paper's rule against a plain merge, λ on its delta —
+    the setting the old sigmoid rule was. Same inputs and five results as the old endpoint."""
+    import gradio as gr
+
+    g, m, r = ui.merge, ui.models, ui.merge.rule
+
+    @gpu(duration=900)
+    def merge_sigmoid(state, base=None, fts=None, method="ties", alpha=0.7, density=0.7, drop_rate=0.3,
+                      trim_scope="tensor", seed=0, theta=DEFAULT_T, estimator="labels", cal_mode=None,
+                      cal_upload=None, hub_id=None, split=None, field=None, samples=None, clusters=20, fraction=0.1,
+                      max_tokens=128, device="auto", dtype="auto", tokenizer_from="base", progress=gr.Progress()):
+        """The paper's rule with MI against a plain merge and λ on its delta (the old sigmoid rule; θ is t)."""
+        progress(0.0, desc="stage 1/3: plain merge")
+        cal, cal_settings = _calibration(True, cal_mode, cal_upload, hub_id, split, field, samples, clusters,
+                                         fraction, max_tokens)
+        merged = run_merge(state, base, fts, method=method, mode=ACM, t=theta, alpha=alpha, density=density,
+                           drop_rate=drop_rate, trim_scope=trim_scope, seed=seed, device=device, dtype=dtype,
+                           tokenizer_from=tokenizer_from, rule="sigmoid", estimator=estimator, calibration=cal,
+                           cal_settings=cal_settings, progress=progress_callback(progress))
+        summary, table, report = _merge_outputs(state, merged)
+        return summary, table, report, rules.stage_line(merged), table
+
+    return r.button.click(
+        lambda: admit(ui.demo, "the merge"), None, None, queue=False, api_visibility="private",
+        show_progress="hidden").success(
+        ui_errors(merge_sigmoid),
+        [ui.state, m.base, m.fts, g.method, g.alpha, g.density, g.drop_rate, g.trim_scope, g.seed, g.t,
+         r.estimator, *cal_inputs, m.device, m.dtype, g.tokenizer_from],
+        [g.summary, g.table, g.report, r.summary, r.table], api_name="merge_sigmoid", concurrency_id="heavy",
+        concurrency_limit=1, show_progress_on=[g.summary])
 
 
 def _jsonable(obj):

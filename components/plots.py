@@ -143,11 +143,13 @@ def similarity_figure(groups: Sequence[str], series: Sequence[dict], *, driver: 
 
 
 def coefficient_figure(groups: Sequence[str], series: Sequence[dict], *, t: float, alpha: float,
-                       clip: tuple[float | None, float | None] | None = None, metric_label: str = "NMI") -> PlotSpec:
+                       clip: tuple[float | None, float | None] | None = None, metric_label: str = "NMI",
+                       live: dict | None = None) -> PlotSpec:
     """λₖ(t) per layer group for each fine-tuned model, with the plain method (t = 0, λ = α) dashed.
 
     ``series``: ``[{"label", "nmi": [K], "lambdas": [K]}]`` ("nmi" holds the driving similarity,
-    named ``metric_label`` in the hover text).
+    named ``metric_label`` in the hover text). ``live``: λ on a t grid for the browser's redraw
+    (``attach_live``).
     """
     data = [{"type": "scatter", "mode": "lines", "name": f"plain (t = 0): λ = α = {alpha:g}", "x": list(groups),
              "y": [float(alpha)] * len(groups), "line": {"color": PLAIN_COLOR, "width": 1.5, "dash": "dash"},
@@ -167,22 +169,146 @@ def coefficient_figure(groups: Sequence[str], series: Sequence[dict], *, t: floa
             notes.append({"text": name, "xref": "paper", "x": 0, "xanchor": "left", "yref": "y", "y": float(bound),
                           "yanchor": "bottom", "showarrow": False, "font": {"size": 11, "color": "#868e96"}})
     by = "" if metric_label == "NMI" else f" (driven by {metric_label})"
-    return PlotSpec(data, _layout(f"Merge coefficients λₖ(t) at t = {t:g}, α = {alpha:g}{by}",
+    spec = PlotSpec(data, _layout(f"softmax rule (ours): λₖ(t) at t = {t:g}, α = {alpha:g}{by}",
                                   xaxis=_category(groups, "layer group"), yaxis=_axis("λ (coefficient)"),
                                   shapes=shapes, annotations=notes))
+    return attach_live(spec, live, traces=list(range(1, 1 + len(series))), t=t)
+
+
+LIVE_T = "{t}"     # where a live figure's title and trace names carry t (filled in by the browser)
+
+
+def attach_live(spec: PlotSpec, live: dict | None, *, traces: list[int], t: float) -> PlotSpec:
+    """Store λ on a grid of t in ``layout.meta.live`` so the page redraws the curve itself on a slider
+    move (no server round trip; see ``components.analysis.LIVE_JS``).
+
+    ``live``: ``{"t0", "step", "lambdas": [T][models][K]}`` from the library (``acm_curve`` /
+    ``lambdas``); the title and the ``traces``' names become templates with ``{t}`` in place of t.
+    """
+    if not live:
+        return spec
+    shown = f"t = {t:g}"
+    meta = {"t0": float(live["t0"]), "step": float(live["step"]), "traces": list(traces),
+            "lambdas": [[[round(float(v), 6) for v in row] for row in at_t] for at_t in live["lambdas"]],
+            "title": spec.layout["title"]["text"].replace(shown, f"t = {LIVE_T}"),
+            "names": [spec.data[i]["name"].replace(shown, f"t = {LIVE_T}") for i in traces]}
+    spec.layout["meta"] = {"live": meta}
+    # One y range for every t on the grid: the curve visibly moves as t changes (an autoranged axis would
+    # rescale to hide it), and the browser skips recomputing the axis on each step (half the redraw time).
+    values = [v for at_t in meta["lambdas"] for row in at_t for v in row] + [y for i in traces for y in spec.data[i]["y"]]
+    lo, hi = min(values), max(values)
+    for trace in spec.data:
+        if trace.get("hoverinfo") == "skip":           # the reference line (½ or α) stays in view
+            lo, hi = min([lo, *trace["y"]]), max([hi, *trace["y"]])
+    pad = 0.06 * (hi - lo) or 0.05
+    spec.layout["yaxis"] = {**spec.layout.get("yaxis", {}), "range": [lo - pad, hi + pad], "autorange": False}
+    return spec
+
+
+def _rgba(color: str, alpha: float) -> str:
+    c = color.lstrip("#")
+    return f"rgba({int(c[0:2], 16)},{int(c[2:4], 16)},{int(c[4:6], 16)},{alpha:g})"
+
+
+def sample_mi_figure(keys: Sequence[str], points: Sequence[str], series: Sequence[dict], *,
+                     estimator: str | None = None) -> PlotSpec:
+    """Per-sample MI per activation point (the acm rule's input): the mean over calibration samples as a
+    line, ±1 std as error bars, the samples' min–max as a shaded band; one colour per fine-tuned model.
+
+    ``series``: ``[{"label", "mean": [K], "std": [K], "min": [K], "max": [K], "n": samples}]``; ``keys``
+    are the λ keys on the x-axis (network order), ``points`` the activation points shown on hover.
+    """
+    data = []
+    for i, s in enumerate(series):
+        color = model_color(i)
+        group = f"m{i}"
+        data.append({"type": "scatter", "mode": "lines", "x": list(keys), "y": _f(s["max"]), "name": "max",
+                     "legendgroup": group, "showlegend": False, "line": {"width": 0, "color": color},
+                     "hoverinfo": "skip"})
+        data.append({"type": "scatter", "mode": "lines", "x": list(keys), "y": _f(s["min"]),
+                     "name": f"{s['label']}: min–max over samples", "legendgroup": group, "fill": "tonexty",
+                     "fillcolor": _rgba(color, 0.14), "line": {"width": 0, "color": color}, "hoverinfo": "skip"})
+        data.append({
+            "type": "scatter", "mode": "lines+markers", "name": f"{s['label']}: mean ± std ({s.get('n', '?')} samples)",
+            "legendgroup": group, "x": list(keys), "y": _f(s["mean"]),
+            "error_y": {"type": "data", "array": _f(s["std"]), "visible": True, "color": color, "thickness": 1.2},
+            "line": {"color": color, "width": 2.5}, "marker": {"size": 7},
+            "customdata": [[p, float(sd), float(lo), float(hi), s["label"]]
+                           for p, sd, lo, hi in zip(points, s["std"], s["min"], s["max"])],
+            "hovertemplate": "<b>%{x}</b> (%{customdata[0]})<br>%{customdata[4]}<br>mean MI %{y:.4f} nats"
+                             "<br>std %{customdata[1]:.4f} · min %{customdata[2]:.4f} · max %{customdata[3]:.4f}"
+                             "<extra></extra>"})
+    est = f" ({estimator} estimator)" if estimator else ""
+    layout = _layout(f"Per-sample MI per layer, base vs fine-tuned{est}",
+                     xaxis=_category(keys, "activation point (network order)"), yaxis=_axis("MI per sample (nats)"))
+    layout["legend"] = {"orientation": "h", "yanchor": "top", "y": -0.25, "xanchor": "left", "x": 0.0}
+    layout["margin"] = {"l": 56, "r": 16, "t": 48, "b": 96}
+    layout["height"] = 400
+    return PlotSpec(data, layout)
+
+
+def acm_coefficient_figure(keys: Sequence[str], points: Sequence[str], series: Sequence[dict], *, t: float,
+                           n_models: int, clip: tuple[float | None, float | None] | None = None,
+                           live: dict | None = None) -> PlotSpec:
+    """The paper's λₖ(t) (Eq. 2) per λ key for each fine-tuned model, with λ = ½ (t = 0) dashed.
+
+    ``series``: ``[{"label", "mi": [K] (mean per-sample MI), "lambdas": [K]}]``; the merge weights
+    each task vector by λ/N (Eq. 3), shown on hover. ``live``: as in ``attach_live``.
+    """
+    data = [{"type": "scatter", "mode": "lines", "name": "t = 0: λ = ½ everywhere", "x": list(keys),
+             "y": [0.5] * len(keys), "line": {"color": PLAIN_COLOR, "width": 1.5, "dash": "dash"},
+             "hoverinfo": "skip"}]
+    for i, s in enumerate(series):
+        data.append({
+            "type": "scatter", "mode": "lines+markers", "name": f"{s['label']} (t = {t:g})", "x": list(keys),
+            "y": _f(s["lambdas"]), "line": {"color": model_color(i), "width": 2.5}, "marker": {"size": 7},
+            "customdata": [[p, float(m), s["label"]] for p, m in zip(points, s["mi"])],
+            "hovertemplate": "<b>%{x}</b> (%{customdata[0]})<br>%{customdata[2]}<br>mean MI %{customdata[1]:.4f} "
+                             f"nats<br>λ %{{y:.4f}} · task-vector weight λ/{n_models}<extra></extra>"})
+    shapes = [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": float(b), "y1": float(b),
+               "line": {"color": "#adb5bd", "width": 1, "dash": "dot"}} for b in (clip or ()) if b is not None]
+    spec = PlotSpec(data, _layout(f"The paper's rule: λₖ(t) at t = {t:g} (Eq. 2; weight λ/N per task vector, Eq. 3)",
+                                  xaxis=_category(keys, "λ key (layer group)"),
+                                  yaxis=_axis("λ (½ at t = 0)"), shapes=shapes))
+    return attach_live(spec, live, traces=list(range(1, 1 + len(series))), t=t)
+
+
+def mi_tokens_figure(series: Sequence[dict], *, summary: str = "") -> PlotSpec:
+    """Per-sample MI against the sample's real token count (log x): does the estimator track length?
+
+    ``series``: ``[{"label", "tokens": [S], "mi": [S], "r": Pearson r of MI with log(tokens) or None}]``.
+    """
+    symbols = ["circle", "diamond", "square", "triangle-up", "x"]
+    data = []
+    for i, s in enumerate(series):
+        r = s.get("r")
+        data.append({"type": "scatter", "mode": "markers", "x": _f(s["tokens"]), "y": _f(s["mi"]),
+                     "name": f"{s['label']} (r = {r:.2f})" if r is not None else f"{s['label']} (r n/a)",
+                     "marker": {"size": 7, "opacity": 0.8, "color": PALETTE[i % len(PALETTE)],
+                                "symbol": symbols[(i // len(PALETTE)) % len(symbols)]},
+                     "hovertemplate": f"{s['label']}<br>%{{x:.0f}} tokens<br>MI %{{y:.4f}} nats<extra></extra>"})
+    title = "Per-sample MI vs tokens" + (f" — {summary}" if summary else "")
+    layout = _layout(title, height=400, xaxis=_axis("real tokens per sample (log)", type="log"),
+                     yaxis=_axis("MI (nats)"))
+    layout["title"]["font"] = {"size": 13}
+    layout["legend"] = {"orientation": "h", "yanchor": "top", "y": -0.3, "xanchor": "left", "x": 0.0}
+    layout["margin"] = {"l": 56, "r": 16, "t": 48, "b": 110}
+    return PlotSpec(data, layout)
 
 
 def multi_t_figure(groups: Sequence[str], per_model: Sequence[dict], t_values: Sequence[float], *,
-                   alpha: float, metric_label: str = "NMI") -> PlotSpec:
+                   alpha: float, metric_label: str = "NMI", title: str | None = None) -> PlotSpec:
     """Small multiples: one panel per fine-tuned model, one line per t (darker = larger t).
 
-    ``per_model``: ``[{"label", "nmi": [K], "grid": [len(t_values)][K]}]``.
+    ``per_model``: ``[{"label", "nmi": [K], "grid": [len(t_values)][K]}]``; ``title`` replaces the
+    softmax rule's (which names α and the t = 0 reference).
     """
     n = max(1, len(per_model))
     gap = 0.04
     width = (1 - gap * (n - 1)) / n
-    tmax = max(t_values) if len(t_values) else 1.0
-    colors = [T_COLORS[min(len(T_COLORS) - 1, round((t / tmax if tmax else 0) * (len(T_COLORS) - 1)))]
+    tmin = min(min(t_values), 0.0) if len(t_values) else 0.0
+    span = (max(t_values) - tmin) if len(t_values) else 1.0
+    colors = [T_COLORS[min(len(T_COLORS) - 1, round(((t - tmin) / span if span else 0) * (len(T_COLORS) - 1)))]
               for t in t_values]
     data, layout_axes, titles = [], {}, []
     for col, m in enumerate(per_model):
@@ -204,7 +330,7 @@ def multi_t_figure(groups: Sequence[str], per_model: Sequence[dict], t_values: S
                                               **({} if col == 0 else {"matches": "y", "showticklabels": False}))
         titles.append({"text": f"<b>{m['label']}</b>", "x": x0 + width / 2, "xref": "paper", "y": 1.0,
                        "yref": "paper", "yanchor": "bottom", "showarrow": False, "font": {"size": 12}})
-    layout = _layout(f"λₖ for several t at once (α = {alpha:g}; dashed: t = 0, the plain method)", height=340,
+    layout = _layout(title or f"λₖ for several t at once (α = {alpha:g}; dashed: t = 0, the plain method)", height=340,
                      annotations=titles if len(per_model) > 1 else [], **layout_axes)
     layout["legend"] = {"orientation": "v", "x": 1.01, "xanchor": "left", "y": 1.0, "yanchor": "top"}
     layout["margin"] = {"l": 56, "r": 90, "t": 64, "b": 40}

@@ -1,9 +1,12 @@
-"""Merge tab add-on — the sigmoid coefficient rule's two-stage workflow behind one button.
+"""Merge tab add-on — the paper's rule's two switches and its staged variants (``acm.rule_merge``).
 
-Self-contained: ``build()`` draws a small accordion (θ, estimator, button, sℓ table) inside the Merge
-tab; ``wire(ui)`` reads the Merge tab's method settings and the Calibration tab's source, runs
-``acm.sigmoid_rule.merge_with_sigmoid_rule`` through the heavy queue like Merge, and sets the
-session's merged model the same way the Merge button does. No maths here (``acm.rules``).
+The acm rule (``acm.rules.ACM``) has two switches: *MI against* the fine-tuned models (the paper's text)
+or a plain merge of them (a public derivative of the authors' code), and *λ applies to* the task vectors
+(Eq. 3, θ₀ + (1/N)·Σ λᵢ·τᵢ, no α) or the plain merge's delta (base + λ·(merged − base), α kept). The
+paper's setting is one merge (components.merge runs it, through the shared cache); the other three run a
+plain merge first, which ``run_rule_merge`` does with ``acm.rule_merge.merge_with_rule`` in one folder.
+What used to be the separate "sigmoid rule" button is the setting *against merged · merged delta*: one
+sigmoid rule in the app. No maths here; this module never imports components.merge (no import cycle).
 """
 
 from __future__ import annotations
@@ -13,62 +16,86 @@ import time
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from components.common import gpu, none_if_auto, progress_callback, ui_errors
-from components.models import validate_selection
-from components.state import MergedModel, SessionState, admit, load_merged
+from components.common import merge_label, none_if_auto, progress_callback
+from components.state import MergedModel, SessionState, load_merged
 
-# acm.rules.SIGMOID's defaults, repeated so building the UI does not import the library.
-DEFAULT_THETA = 0.7
+# acm.rules.ACM's switches and estimators, as the radios show them (values are the library's names).
+AGAINST_CHOICES = [("the fine-tuned models (the paper's text)", "fine-tuned"),
+                   ("a plain merge of them (the derivative; merges first)", "merged")]
+APPLIES_CHOICES = [("the task vectors: θ₀ + (1/N)·Σ λᵢ·τᵢ (Eq. 3)", "task-vectors"),
+                   ("the merged delta: base + λ·(merged − base)", "merged-delta")]
 ESTIMATOR_CHOICES = [("labels: scikit-learn mutual_info_score of bf16 values (the derivative's)", "labels"),
                      ("binned: 64-bin joint histogram per sample (ours)", "binned")]
-INTRO = ("**Sigmoid rule** — from a public derivative of the ACM authors' code, not the paper. Three stages in one "
-         "click: the plain merge set above → per calibration sample i and layer ℓ, the MI between base and merged "
-         "activations → sℓ = meanᵢ σ(θ·(MIℓ,ᵢ − maxᵢ MIℓ,ᵢ)), and every layer group keeps (1 − sℓ) of its delta from "
-         "the base (between half and all of it). Uses the calibration set of step 2.")
+PAPER = ("fine-tuned", "task-vectors")
 
 
-def rule_label(method: str, alpha: float, theta: float, estimator: str, merge_id: int) -> str:
-    from components.merge import METHOD_SHORT
+def switches(rule: str | None, against: str | None, applies: str | None) -> tuple[str, str]:
+    """(against, applies) checked by the library (one line on a bad value); the old ``sigmoid`` rule name
+    stands for *against merged · merged delta*."""
+    from acm.rules import ACM, alias_params
 
-    return f"#{merge_id} {METHOD_SHORT.get(method, method)} α={alpha:g} + sigmoid θ={theta:g} ({estimator})"
+    forced = alias_params(rule)
+    vals = ACM.validate({"against": forced.get("against", against), "applies": forced.get("applies", applies)})
+    return vals["against"], vals["applies"]
 
 
-def run_rule_merge(state: SessionState, base: str | None, fts, *, method: str = "ties", alpha: float = 0.7,
-                   density: float = 0.7, drop_rate: float = 0.3, trim_scope: str = "tensor", seed: int = 0,
-                   theta: float = DEFAULT_THETA, estimator: str = "labels", cal_mode: str | None = None,
-                   cal_upload: str | None = None, hub_id: str | None = None, split: str | None = None,
-                   field: str | None = None, samples=None, clusters=20, fraction=0.1, max_tokens=128, device: str | None = "auto",
-                   dtype: str | None = "auto", tokenizer_from: str = "base",
+def staged(against: str, applies: str) -> bool:
+    """Whether the setting needs a plain merge first (every setting but the paper's)."""
+    return (against, applies) != PAPER
+
+
+def uses_alpha(rule: str, against: str, applies: str) -> bool:
+    """α: the softmax rule's mean λ, and the plain merge's coefficient where a plain merge runs first;
+    the paper's Eq. 3 has none (λ takes its place)."""
+    return rule != "acm" or (against, applies) != PAPER
+
+
+def note(rule: str, against: str, applies: str) -> str:
+    """One line under the switches: what runs, and where α went."""
+    if rule != "acm":
+        return ("**softmax rule (ours)**: λₖ = α·K·exp(−t·sₖ)/Σⱼexp(−t·sⱼ) from the similarity chosen in the Analyse "
+                "tab; α is the mean λ.")
+    if (against, applies) == PAPER:
+        return ("**The paper's Eq. 3**: θ = θ₀ + (1/N)·Σᵢ λᵢ·τᵢ with λ from the analysis (step 3) — λ takes the "
+                "place of the task-vector weight, so there is **no α**.")
+    first = "a plain merge (α below) runs first"
+    mi = ("then the per-sample MI of base vs that merge on the calibration set of step 2" if against == "merged"
+          else "λ from the analysis (step 3), averaged over the fine-tuned models")
+    final = ("base + λ·(merged − base)" if applies == "merged-delta" else "θ₀ + (1/N)·Σᵢ λ·τᵢ")
+    return f"**Staged (a public derivative of the authors' code)**: {first}, {mi}, then {final}; one click."
+
+
+def run_rule_merge(state: SessionState, base: str, fts: list[str], options, *, t: float, against: str,
+                   applies: str, clip=None, estimator: str = "labels", calibration: dict | None = None,
+                   cal_settings: dict | None = None, device: str | None = "auto", dtype: str | None = "auto",
                    progress: Callable[[float, str], None] | None = None) -> MergedModel:
-    """Plain merge → MI base vs merged → rescale, into a fresh session folder; then load it for chat.
+    """A staged setting of the acm rule into a fresh session folder (``acm.rule_merge.merge_with_rule``),
+    then loaded for chat. ``calibration`` (``components.calibration.resolve_calibration``) is needed for
+    MI against the merge; MI against the fine-tuned models uses the session's analysis. Like
+    ``components.merge.run_merge``: the session's merged model changes only when everything succeeded."""
+    from acm.errors import InputError
+    from acm.rule_merge import merge_with_rule
+    from components import steps as plan
 
-    Like ``components.merge.run_merge``: the session's merged model changes only when all succeeded.
-    """
-    from acm.merge import MergeOptions
-    from acm.rules import get_rule
-    from acm.sigmoid_rule import merge_with_sigmoid_rule
-    from components.calibration import resolve_calibration
-    from components.merge import METHOD_ALIASES
-
-    base, fts = validate_selection(base, fts)
-    params = get_rule("sigmoid").validate({"theta": theta, "estimator": estimator})
-    method = METHOD_ALIASES.get(str(method).strip().lower(), method)
-    cal = resolve_calibration(cal_mode, cal_upload, hub_id, split, field)
-    options = MergeOptions(method=method, alpha=float(alpha), density=float(density), drop_rate=float(drop_rate),
-                           trim_scope=trim_scope, seed=int(seed), dtype=none_if_auto(dtype),
-                           device=none_if_auto(device), tokenizer_from=(tokenizer_from or "base"))
-    options.validate(len(fts))
+    analysis, cal, aopts = None, None, None
+    if against == "fine-tuned":
+        analysis = state.analysis
+        if analysis is None:
+            raise InputError(f"the paper's rule needs the per-sample MI: {plan.how_to_get(plan.ANALYSIS, markdown=False)}")
+    else:
+        if calibration is None:
+            raise InputError("MI against a plain merge needs calibration text: choose it in the Calibration tab")
+        cal = calibration["source"]
+        aopts = {k: v for k, v in (cal_settings or {}).items() if v not in (None, "")}
+        aopts.update(field=calibration["field"], split=calibration["split"], device=none_if_auto(device))
     state.merge_count += 1
     merge_id = state.merge_count
-    out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{method}-sigmoid"
+    out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{options.method}-acm-{against}-{applies}"
     t0 = time.perf_counter()
     try:
-        result = merge_with_sigmoid_rule(
-            base, fts, out_dir, options, calibration=cal["source"], field=cal["field"], split=cal["split"],
-            samples=None if samples in (None, "", 0) else int(samples), clusters=int(clusters or 20),
-            fraction=float(fraction or 0.1), max_tokens=int(max_tokens or 128),
-            analysis_device=none_if_auto(device), force=True, show_progress=False,
-            progress=progress_callback(progress, (0.0, 0.9)), **params)
+        report = merge_with_rule(base, fts, out_dir, options, t=t, against=against, applies=applies, analysis=analysis,
+                                 calibration=cal, clip=clip, estimator=estimator, analysis_options=aopts, force=True,
+                                 show_progress=False, progress=progress_callback(progress, (0.0, 0.9)))
         if progress:
             progress(0.92, "loading the merged model for chat")
         model, tokenizer = load_merged(out_dir, device, dtype, shared=False)
@@ -76,82 +103,54 @@ def run_rule_merge(state: SessionState, base: str | None, fts, *, method: str = 
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
+    coef = report.coefficients
+    lambdas = [coef.mean_over_models()] if applies == "merged-delta" or against == "merged" else coef.by_model()
     merged = MergedModel(
-        merge_id=merge_id, label=rule_label(method, float(alpha), params["theta"], params["estimator"], merge_id),
-        out_dir=out_dir, report={**result.merge.to_dict(), "rule": result.merge.recipe.get("rule")},
-        lambdas=[result.scales], seconds=seconds, model=model, tokenizer=tokenizer,
-        settings=dict(base=base, fts=fts, method=method, acm=False, t=None, alpha=float(alpha), density=float(density),
-                      drop_rate=float(drop_rate), trim_scope=trim_scope, seed=int(seed), clip=None,
-                      dtype=none_if_auto(dtype), tokenizer_from=options.tokenizer_from, rule="sigmoid",
-                      theta=params["theta"], estimator=params["estimator"], calibration=cal["label"]))
+        merge_id=merge_id, label=merge_label(options.method, True, t, options.alpha, merge_id, rule="acm",
+                                             against=against, applies=applies),
+        out_dir=out_dir, report={**report.merge.to_dict(), "stage_seconds": report.stage_seconds},
+        lambdas=lambdas, seconds=seconds, model=model, tokenizer=tokenizer,
+        settings=dict(base=base, fts=fts, method=options.method, acm=True, rule="acm", t=t, against=against,
+                      applies=applies, alpha=options.alpha, density=options.density, drop_rate=options.drop_rate,
+                      trim_scope=options.trim_scope, seed=options.seed, gamma=options.gamma, epsilon=options.epsilon,
+                      clip=clip, dtype=none_if_auto(dtype), tokenizer_from=options.tokenizer_from, estimator=estimator,
+                      calibration=calibration["label"] if calibration else None))
     state.adopt_merged(merged, seconds)
     if progress:
         progress(1.0, "done")
     return merged
 
 
-def score_rows(merged: MergedModel) -> tuple[list[str], list[list]]:
-    """sℓ and the kept fraction 1 − sℓ per layer group (the rule's table)."""
-    rule = (merged.report or {}).get("rule") or {}
-    s = rule.get("s") or {}
-    return ["layer group", "s", "delta kept (1 − s)"], [[g, round(v, 4), round(1 - v, 4)] for g, v in s.items()]
+STAGE_NAMES = {"merge": "plain merge", "analysis": "MI base vs merged", "final": "apply λ"}
+
+
+def stage_line(merged: MergedModel) -> str:
+    """``stages: plain merge 1.2 s · MI base vs merged 3.4 s · apply λ 0.8 s`` (empty for one-stage merges)."""
+    stages = (merged.report or {}).get("stage_seconds") or {}
+    if len(stages) < 2:
+        return ""
+    return "stages: " + " · ".join(f"{STAGE_NAMES.get(k, k)} {float(v):.1f} s" for k, v in stages.items())
 
 
 def build() -> SimpleNamespace:
+    """The switches (visible for the acm rule only), the estimator (for MI against a merge) and the note.
+
+    ``legacy``: a hidden button behind the old ``/merge_sigmoid`` endpoint (against merged · merged delta),
+    kept so existing gradio_client scripts still run; its two outputs keep that endpoint's five results.
+    """
     import gradio as gr
 
-    with gr.Accordion("Coefficient rule: sigmoid (two-stage, one click)", open=False, elem_id="rule-panel"):
-        gr.Markdown(INTRO, elem_classes=["muted"])
+    with gr.Group(elem_id="rule-panel") as panel:
         with gr.Row():
-            theta = gr.Slider(0.05, 10.0, value=DEFAULT_THETA, step=0.05, label="θ", scale=1,
-                              info="larger θ → sℓ nearer 0 → more of the delta kept where samples differ")
-            estimator = gr.Radio(ESTIMATOR_CHOICES, value="labels", label="per-sample MI estimator", scale=2)
-        button = gr.Button("Merge with sigmoid rule", variant="secondary", scale=0, min_width=220,
-                           elem_id="rule-merge-btn")
-        summary = gr.Markdown("")
-        table = gr.Dataframe(interactive=False, max_height=320, label="sℓ per layer group")
-    return SimpleNamespace(theta=theta, estimator=estimator, button=button, summary=summary, table=table)
-
-
-def wire(ui) -> None:
-    import gradio as gr
-
-    g, m, c = ui.merge, ui.models, ui.calibration
-    r = g.rule
-
-    @gpu(duration=900)
-    def merge_sigmoid(state, base=None, fts=None, method="ties", alpha=0.7, density=0.7, drop_rate=0.3,
-                      trim_scope="tensor", seed=0, theta=DEFAULT_THETA, estimator="labels", cal_mode=None,
-                      cal_upload=None, hub_id=None, split=None, field=None, samples=None, clusters=20, fraction=0.1,
-                      max_tokens=128,
-                      device="auto", dtype="auto", tokenizer_from="base", progress=gr.Progress()):
-        """Plain merge, MI of base vs merged per sample, rescale each group's delta; load the result."""
-        import pandas as pd
-
-        from components.merge import _jsonable, lambda_rows, summary_markdown
-
-        progress(0.0, desc="stage 1/3: plain merge")
-        merged = run_rule_merge(state, base, fts, method=method, alpha=alpha, density=density, drop_rate=drop_rate,
-                                trim_scope=trim_scope, seed=seed, theta=theta, estimator=estimator,
-                                cal_mode=cal_mode, cal_upload=cal_upload, hub_id=hub_id, split=split, field=field,
-                                samples=samples, clusters=clusters, fraction=fraction, max_tokens=max_tokens,
-                                device=device, dtype=dtype,
-                                tokenizer_from=tokenizer_from, progress=progress_callback(progress))
-        headers, rows = lambda_rows(merged)
-        s_headers, s_rows = score_rows(merged)
-        report = {**merged.report, "label": merged.label, "settings": merged.settings}
-        line = f"✓ **{merged.label}**: every group keeps {min(r[2] for r in s_rows):.3f}–{max(r[2] for r in s_rows):.3f} " \
-               "of its delta." if s_rows else ""
-        return (summary_markdown(merged), pd.DataFrame(rows, columns=[h.replace("λ", "kept") for h in headers]),
-                _jsonable(report), line, pd.DataFrame(s_rows, columns=s_headers))
-
-    ui.rule_merge_event = r.button.click(
-        lambda: admit(ui.demo, "the merge"), None, None, queue=False, api_visibility="private",
-        show_progress="hidden").success(
-        ui_errors(merge_sigmoid),
-        [ui.state, m.base, m.fts, g.method, g.alpha, g.density, g.drop_rate, g.trim_scope, g.seed, r.theta,
-         r.estimator, c.mode, c.upload, c.hub_id, c.split, c.field, c.samples, c.clusters, c.fraction, c.max_tokens,
-         m.device, m.dtype,
-         g.tokenizer_from],
-        [g.summary, g.table, g.report, r.summary, r.table], api_name="merge_sigmoid", concurrency_id="heavy",
-        concurrency_limit=1, show_progress_on=[r.summary])
+            against = gr.Radio(AGAINST_CHOICES, value=PAPER[0], label="MI against", elem_id="against-select",
+                               scale=1)
+            applies = gr.Radio(APPLIES_CHOICES, value=PAPER[1], label="λ applies to", elem_id="applies-select",
+                               scale=1)
+        estimator = gr.Radio(ESTIMATOR_CHOICES, value="labels", label="per-sample MI estimator (MI against a merge)",
+                             visible=False, elem_id="estimator-select")
+    info = gr.Markdown(note("acm", *PAPER), elem_classes=["muted"], elem_id="rule-note")
+    legacy = gr.Button("Merge with sigmoid rule", visible=False, elem_id="rule-merge-btn")
+    legacy_summary = gr.Markdown("", visible=False)
+    legacy_table = gr.Dataframe(interactive=False, visible=False)
+    return SimpleNamespace(panel=panel, against=against, applies=applies, estimator=estimator, note=info,
+                           button=legacy, summary=legacy_summary, table=legacy_table)

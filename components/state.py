@@ -86,7 +86,8 @@ class SessionState:
         self.last_eval: dict | None = None
         self.eval_cache: dict[tuple, dict] = {}   # (model, eval setting) -> result; sources run once
         self.figures: dict[str, Any] = {}         # last figures shown, for export
-        self.coef_view: dict = {"t": 0.0, "alpha": 1.0, "clip": None}
+        # the Analyse tab's last view: the paper's rule at its t (acm.rules.PAPER_T) until the user changes it
+        self.coef_view: dict = {"t": 0.7, "alpha": 1.0, "clip": None, "rule": "acm"}
         self.lock = threading.RLock()
 
     # gr.State deep-copies its initial value for each session: give every session a new one.
