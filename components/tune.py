@@ -5,9 +5,8 @@ The work is ``acm.tune.iter_tune`` (merge → evaluate → remove, one setting a
 ``tune.jsonl`` in the session workspace); this panel only turns each finished record into an
 updated scatter, table and recommendation. Runs in the shared "heavy" queue slot; **Cancel**
 stops between settings and keeps what finished. **Use this setting** merges the picked point
-through the Merge step's own code (plain, softmax) or ``acm.rule_merge.merge_with_rule`` (the paper's
-rule, as ``acm merge --rule acm``), so Chat / Evaluate / Export see it as the current merge, and sets
-the Merge tab's controls it has to that point.
+through the Merge step's own code (plain, softmax, the paper's rule with its switches), so Chat /
+Evaluate / Export see it as the current merge, and sets the Merge tab's controls to that point.
 """
 
 from __future__ import annotations
@@ -263,46 +262,6 @@ def iter_tune_ui(state: SessionState, base: str | None, fts, *, methods=None, al
     yield tune["records"], report, False
 
 
-def _merge_paper_rule(state: SessionState, base: str, fts, s, *, device, dtype, progress):
-    """A paper's-rule point as the session's merged model: ``acm.rule_merge.merge_with_rule`` (the library's
-    one path for that rule, as ``acm merge --rule acm``), loaded for chat and adopted like every merge."""
-    import shutil
-    import time
-
-    from acm.rule_merge import merge_with_rule
-    from components.state import MergedModel, load_merged
-
-    options = s.merge_options(dtype=none_if_auto(dtype), device=none_if_auto(device))
-    merged_vs = s.against == "merged"
-    state.merge_count += 1
-    merge_id = state.merge_count
-    out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{s.method}-acm-rule"
-    t0 = time.perf_counter()
-    try:
-        res = merge_with_rule(base, fts, out_dir, options, t=s.t, against=s.against, applies=s.applies,
-                              analysis=None if merged_vs else state.analysis,
-                              calibration="bundled" if merged_vs else None, estimator=s.estimator or "labels",
-                              analysis_options={"device": none_if_auto(device)}, force=True, show_progress=False,
-                              progress=progress_callback(progress, (0.0, 0.9)))
-        if progress:
-            progress(0.92, "loading the merged model for chat")
-        model, tokenizer = load_merged(out_dir, device, dtype, shared=False)
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    seconds = time.perf_counter() - t0
-    merged = MergedModel(
-        merge_id=merge_id, label=f"#{merge_id} {s.label()}", out_dir=out_dir, report=res.merge.to_dict(),
-        lambdas=res.coefficients.by_model(), seconds=seconds, model=model, tokenizer=tokenizer,
-        settings=dict(base=base, fts=list(fts), method=s.method, acm=True, t=s.t, alpha=options.alpha,
-                      density=options.density, drop_rate=options.drop_rate, trim_scope=options.trim_scope,
-                      seed=options.seed, gamma=options.gamma, epsilon=options.epsilon, clip=None,
-                      dtype=none_if_auto(dtype), tokenizer_from=options.tokenizer_from, rule="acm",
-                      against=s.against, applies=s.applies, estimator=s.estimator))
-    state.adopt_merged(merged, seconds)
-    return merged
-
-
 def use_setting(state: SessionState, key: str | None, *, device: str | None = "auto", dtype: str | None = "auto",
                 trust_remote_code: bool = False, progress=None):
     """Merge the picked point (default: the recommended one) as the session's current merged model."""
@@ -321,48 +280,42 @@ def use_setting(state: SessionState, key: str | None, *, device: str | None = "a
     if s.needs_analysis and state.analysis is None:
         raise InputError(f"this setting needs an analysis: {plan.how_to_get(plan.ANALYSIS, markdown=False)}")
     base, fts = tune.get("base") or state.base, tune.get("fts") or state.fts
-    if s.paper:
-        return _merge_paper_rule(state, base, fts, s, device=device, dtype=dtype, progress=progress), s
     return _run_merge(state, base, fts, s, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                       progress=progress), s
 
 
 def merge_tab_values(setting: dict, controls: set[str]) -> dict[str, Any]:
-    """The Merge tab's control values for a used setting, for the controls that tab has (``controls``).
-
-    The rule's t and switches are set only where the tab has a ``rule`` control (a t slider without one
-    is the softmax rule's, 0…40, and the paper's t means something else there).
-    """
+    """The Merge tab's control values for a used setting, for the controls that tab has (``controls``):
+    method, mode, α, density / drop rate, the rule and its t, and the paper's rule's switches."""
     from acm.tune import Setting
     from components.merge import ACM, PLAIN
 
     s = Setting.from_dict(setting)
-    out: dict[str, Any] = {"method": s.method, "mode": ACM if s.acm else PLAIN}
-    if s.alpha is not None:
-        out["alpha"] = s.alpha
-    for name in ("density", "drop_rate"):
-        if getattr(s, name) is not None:
-            out[name] = getattr(s, name)
-    if "rule" in controls and s.acm:
+    out: dict[str, Any] = {"method": s.method, "mode": ACM if s.acm else PLAIN, "alpha": s.alpha,
+                           "density": s.density, "drop_rate": s.drop_rate}
+    if s.acm:
         out.update(rule="acm" if s.paper else "softmax", t=s.t)
-        if s.paper:
-            out.update(against=s.against, applies=s.applies)
-    elif s.acm and not s.paper:
-        out["t"] = s.t
-    return {k: v for k, v in out.items() if k in controls}
+    if s.paper:
+        out.update(against=s.against, applies=s.applies, estimator=s.estimator)
+    return {k: v for k, v in out.items() if k in controls and v is not None}
 
 
 def _run_merge(state: SessionState, base, fts, s, **kw):
-    """A plain or softmax point through the Merge step's own ``run_merge`` (rule named when it takes one)."""
-    import inspect
-
+    """Any point through the Merge step's own ``run_merge``: plain, softmax (its metric) or the paper's rule
+    with its switches (MI against a merge on the bundled calibration set, as the tune measured it)."""
+    from components.calibration import resolve_calibration
     from components.merge import ACM, DEFAULT_DENSITY, PLAIN, run_merge
 
-    extra = {"rule": "softmax"} if s.acm and "rule" in inspect.signature(run_merge).parameters else {}
-    return run_merge(state, base, fts, method=s.method, mode=ACM if s.acm else PLAIN, t=s.t or 0.0, alpha=s.alpha,
+    rule = {"rule": "acm" if s.paper else "softmax"} if s.acm else {}
+    if s.paper:
+        rule.update(against=s.against, applies=s.applies, estimator=s.estimator or "labels")
+        if s.against == "merged":
+            rule["calibration"] = resolve_calibration("bundled")
+    return run_merge(state, base, fts, method=s.method, mode=ACM if s.acm else PLAIN, t=s.t,
+                     alpha=1.0 if s.alpha is None else s.alpha,
                      density=s.density if s.density is not None else DEFAULT_DENSITY,
                      drop_rate=s.drop_rate if s.drop_rate is not None else 0.3,
-                     metric=s.metric if s.acm else None, **extra, **kw)
+                     metric=s.metric if s.acm and not s.paper else None, **rule, **kw)
 
 
 # ----------------------------------------------------------------------------- UI
@@ -511,14 +464,47 @@ def wire(ui) -> None:
     used = u.use_btn.click(ui_errors(use), [ui.state, u.pick, m.device, m.dtype, m.trust],
                            [u.use_status, merge_summary], api_name="tune_use", concurrency_id="heavy",
                            concurrency_limit=1, show_progress_on=[u.use_status])
-    controls = {name: c for name in ("method", "mode", "rule", "t", "alpha", "density", "drop_rate", "against",
-                                     "applies") if isinstance(c := getattr(g, name, None), gr.components.Component)}
-    if controls:
-        names = list(controls)
+    _wire_merge_tab_sync(used, ui)
 
-        def sync(state):
-            """The Merge tab shows the setting that was just used (its controls that exist)."""
-            values = merge_tab_values(_tune(state).get("used") or {}, set(names)) if _tune(state).get("used") else {}
-            return tuple(gr.update(value=values[n]) if n in values else gr.update() for n in names)
 
-        used.success(sync, ui.state, [controls[n] for n in names], api_visibility="private", queue=False)
+def _merge_tab_controls(g) -> dict:
+    """The Merge tab's controls a used setting sets, by name (those that exist)."""
+    import gradio as gr
+
+    r = getattr(g, "rule", None)
+    found = {"method": getattr(g, "method", None), "mode": getattr(g, "mode", None),
+             "rule": getattr(g, "rule_radio", None), "t": getattr(g, "t", None), "alpha": getattr(g, "alpha", None),
+             "density": getattr(g, "density", None), "drop_rate": getattr(g, "drop_rate", None),
+             "against": getattr(r, "against", None), "applies": getattr(r, "applies", None),
+             "estimator": getattr(r, "estimator", None)}
+    return {k: c for k, c in found.items() if isinstance(c, gr.components.Component)}
+
+
+def _wire_merge_tab_sync(used, ui) -> None:
+    """After "Use this setting": the Merge tab shows that setting. t goes last and, when the rule changed,
+    after the Merge tab's own reset of t to the new rule's default (its rule radio's change event)."""
+    import time
+
+    import gradio as gr
+
+    controls = _merge_tab_controls(getattr(ui, "merge", None))
+    names = [n for n in controls if n != "t"]
+    if not names:
+        return
+
+    def sync(state, current_rule=None):
+        tune = _tune(state)
+        values = merge_tab_values(tune.get("used") or {}, set(controls)) if tune.get("used") else {}
+        tune["pending_t"] = (values.get("t"), values.get("rule") not in (None, current_rule))
+        return tuple(gr.update(value=values[n]) if n in values else gr.update() for n in names)
+
+    def sync_t(state):
+        t, rule_changed = _tune(state).pop("pending_t", (None, False))
+        if t is not None and rule_changed:
+            time.sleep(0.5)        # let the rule radio's reset of t (a queue-less event) land first
+        return gr.update() if t is None else gr.update(value=t)
+
+    inputs = [ui.state] + ([controls["rule"]] if "rule" in controls else [])
+    step = used.success(sync, inputs, [controls[n] for n in names], api_visibility="private", queue=False)
+    if "t" in controls:
+        step.then(sync_t, ui.state, controls["t"], api_visibility="private", queue=False)

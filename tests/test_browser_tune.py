@@ -63,11 +63,16 @@ def test_tune_tab_streams_uses_and_cancels(browser, server, tmp_path):  # noqa: 
     save_shot(page, tmp_path, "03_tune_done.png")
     table = page.locator("#tune-table").inner_text()
 
-    # 2. use the picked (recommended) setting: it becomes the merged model of the session
+    # 2. use a picked setting (the paper's rule at t = −1): it becomes the merged model of the session and the
+    #    Merge tab shows its rule and t
+    page.locator("#tune-pick input").click()
+    page.get_by_role("option", name=re.compile(r"ACM-TIES \(d=0\.7, t=-1\)")).click()
     page.locator("#tune-use").click()
     page.locator("#tune-use-status").get_by_text("is now the merged model").wait_for(timeout=120_000)
     page.get_by_role("tab", name="4 · Merge").click()
     page.get_by_text(re.compile(r"merged in [0-9.]+ s")).first.wait_for(timeout=30_000)
+    merge_t = page.locator("#merge-t-slider input[type=number]").input_value()
+    merge_rule = page.locator("#merge-rule-select input:checked").get_attribute("value")
 
     # 3. a second, longer grid, cancelled after its first point
     page.get_by_role("tab", name="7 · Tune").click()
@@ -91,6 +96,7 @@ def test_tune_tab_streams_uses_and_cancels(browser, server, tmp_path):  # noqa: 
     assert "running" in partial
     assert all(f"t={t}" in table for t in ("-1", "0.5", "0.7", "0.9")) and "TIES (α=0.7, d=0.7)" in table
     assert "ACM-TIES (d=0.7, t=0.7)" in table and "softmax" not in table
+    assert float(merge_t) == -1.0 and merge_rule == "acm", (merge_t, merge_rule)
     assert 1 <= done < 9, cancelled
     assert not errors, errors
     print(f"\n[browser] tune tab: 5-setting grid (16 problems, with the analysis) in {full_s:.0f} s; "

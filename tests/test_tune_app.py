@@ -78,16 +78,24 @@ def test_use_this_setting_makes_it_the_merged_model(state):
     assert merged.settings["rule"] == "acm" and merged.settings["t"] == -1.0
     assert (merged.settings["against"], merged.settings["applies"]) == ("fine-tuned", "task-vectors")
     assert merged.lambdas == pytest.approx(compute(state.analysis, "acm", -1.0).by_model())
+    assert merged.report["lambdas"][0] == pytest.approx(compute(state.analysis, "acm", -1.0).weights()[0])
     assert setting.label() == acm_row["label"] == "ACM-TIES (d=0.7, t=-1)"
     assert state.merge_history[-1]["rule"] == "acm"
-    # the Merge tab's controls follow it (the rule's t only where that tab has a rule control)
-    controls = {"method", "mode", "alpha", "density", "t", "rule", "against", "applies"}
+    # the Merge tab's controls follow it (those the tab has; no α for Eq. 3)
+    controls = {"method", "mode", "alpha", "density", "t", "rule", "against", "applies", "estimator"}
     vals = panel.merge_tab_values(setting.to_dict(), controls)
-    assert vals["rule"] == "acm" and vals["t"] == -1.0 and vals["against"] == "fine-tuned" and "alpha" not in vals
-    assert "t" not in panel.merge_tab_values(setting.to_dict(), controls - {"rule"})
+    assert vals == {"method": "ties", "mode": panel_merge_acm(), "density": 0.7, "rule": "acm", "t": -1.0,
+                    "against": "fine-tuned", "applies": "task-vectors"}
+    assert set(panel.merge_tab_values(setting.to_dict(), {"method", "t"})) == {"method", "t"}
     # no key: the recommended one
     merged2, s2 = panel.use_setting(state, None)
     assert s2.key() == report["recommended"]["key"] and state.merged is merged2
+
+
+def panel_merge_acm() -> str:
+    from components.merge import ACM
+
+    return ACM
 
 
 def test_both_rules_side_by_side_and_the_switches(state):
@@ -100,6 +108,11 @@ def test_both_rules_side_by_side_and_the_switches(state):
                       "ACM-TIES (α=0.7, d=0.7, t=2, softmax)"]
     names = [t["name"] for t in panel.tune_figure(state.tune["records"], report).to_dict()["data"]]
     assert "ACM (paper's rule)" in names and "softmax (this project's rule)" in names
+    # a staged point (λ on the plain merge's delta) through the Merge step's staged path
+    row = next(r for r in report["settings"] if r["setting"].get("applies") == "merged-delta")
+    merged, s = panel.use_setting(state, row["key"])
+    assert merged.settings["applies"] == "merged-delta" and merged.settings["alpha"] == 0.7 and state.merged is merged
+    assert merged.report["stage_seconds"].keys() >= {"merge", "final"}
 
 
 def test_bad_grid_and_nothing_to_use_are_one_line(state):
@@ -141,16 +154,6 @@ def test_tune_jobs_take_the_heavy_slot_and_cancel_is_wired():
     assert [t for t, _ in app.STEPS][6:] == ["7 · Tune", "8 · Export"]
 
 
-def _run_merge_takes_a_rule() -> bool:
-    import inspect
-
-    from components.merge import run_merge
-
-    return "rule" in inspect.signature(run_merge).parameters
-
-
-@pytest.mark.skipif(not _run_merge_takes_a_rule(), reason="components.merge.run_merge takes no rule yet: a softmax "
-                    "point cannot be merged through the Merge step while the acm rule is the library default")
 def test_tune_points_follow_the_lambda_driver_of_step_3(state):
     """With "λ driven by" set to cosine in step 3, the grid's softmax points (and "use this setting") use it."""
     from acm.coefficients import compute
