@@ -27,6 +27,7 @@ from components.common import (
     optional_float,
     progress_callback,
     safe_filename,
+    t_slider,
     ui_errors,
     unique_labels,
     uploaded_file,
@@ -87,8 +88,8 @@ def rule_t(rule: str, t) -> float:
         return check_t(rule, t)
     except InputError as exc:
         if rule == "acm":
-            raise InputError(f"{exc}: the paper's rule takes t in [{T_RANGE[0]:g}, {T_RANGE[1]:g}] (0.7 in the "
-                             "paper); for this project's softmax rule pass rule='softmax'") from None
+            raise InputError(f"{exc} (the paper's rule; 0.7 in the paper) — for this project's softmax rule "
+                             "pass rule='softmax'") from None
         raise
 
 
@@ -578,8 +579,8 @@ def build() -> SimpleNamespace:
     slider = t_slider_settings(DEFAULT_RULE)
     with gr.Group(elem_classes=["coef-controls"]):
         with gr.Row(equal_height=True):
-            t = gr.Slider(slider["minimum"], slider["maximum"], value=slider["value"], step=slider["step"],
-                          label=slider["label"], info=slider["info"], elem_id="t-slider", scale=3)
+            t = t_slider(slider["minimum"], slider["maximum"], value=slider["value"], step=slider["step"],
+                         label=slider["label"], info=slider["info"], elem_id="t-slider", scale=3)
             alpha = gr.Slider(0.0, 2.0, value=DEFAULT_ALPHA, step=0.05, label="α (mean coefficient)",
                               elem_id="alpha-slider", scale=2, visible=False)
             clip_min = gr.Textbox(value="", label="λ min", placeholder="none", scale=1, min_width=90,

@@ -424,3 +424,31 @@ def merge_label(method: str, use_acm: bool, t: float | None, alpha: float, merge
 
         by = f" by {metric_label(metric)}"
     return f"#{merge_id} {short} softmax t={t:g} α={alpha:g}{by}"
+
+
+# ----------------------------------------------------------------------------- t slider
+
+
+def t_slider(*args, **kwargs):
+    """A ``gr.Slider`` for t whose range follows the chosen rule in the page, while the server accepts any
+    number and leaves the range check to the rule (``acm.rules.check_t``).
+
+    Why: Gradio checks a slider's value against the range it was built with before a handler runs, so with
+    the paper's rule's [−3, 3] on screen an API call for the softmax rule at t = 20 was refused with
+    "Value 20 is greater than maximum value 3" instead of reaching the rule, which knows each range and
+    says how to ask for the other rule. (An instance method, not a subclass: Gradio writes a ``.pyi``
+    stub next to the module of every component subclass.)
+    """
+    import types
+
+    import gradio as gr
+
+    def preprocess(self, payload):
+        try:
+            return payload if payload is None else float(payload)
+        except (TypeError, ValueError):
+            raise gr.Error(f"t must be a number, got {payload!r}", print_exception=False) from None
+
+    slider = gr.Slider(*args, **kwargs)
+    slider.preprocess = types.MethodType(preprocess, slider)
+    return slider

@@ -22,7 +22,7 @@ from components import help as texts
 from components import rules
 from components import steps as plan
 from components.analysis import DEFAULT_ALPHA, DEFAULT_T, RULE_CHOICES, rule_key, rule_t, t_slider_settings
-from components.common import gpu, merge_label, none_if_auto, optional_float, progress_callback, ui_errors, unique_labels
+from components.common import gpu, merge_label, none_if_auto, optional_float, progress_callback, t_slider, ui_errors, unique_labels
 from components.models import validate_selection
 from components.state import MergedModel, SessionState, admit, load_merged, reused_line, shared_merge
 
@@ -207,15 +207,18 @@ def _merge_and_load(state: SessionState, base: str, fts: list[str], out_dir: Pat
 def lambda_rows(merged: MergedModel, groups: list[str] | None = None) -> tuple[list[str], list[list]]:
     """The λ actually used, as a table: one row per λ key, one column per fine-tuned model (one column
     when λ rescaled a merged delta or came from MI against a merge: one λ per key for all models)."""
-    fts = merged.settings.get("fts") or []
+    s = merged.settings
+    fts = s.get("fts") or []
     lams = merged.lambdas or []
-    if len(lams) == len(fts):
+    shared = s.get("rule") == "acm" and rules.staged(s.get("against") or "fine-tuned",
+                                                     s.get("applies") or "task-vectors")
+    if len(lams) == len(fts) and not shared:
         headers = ["layer group"] + [f"λ {lab}" for lab in unique_labels(fts)]
     else:
         headers = ["layer group"] + ["λ (all models)"] * len(lams)
     if not lams:
         return headers, []
-    names = [g for g in (groups or []) if g in lams[0]] or list(lams[0].keys())
+    names = groups if groups and set(groups) == set(lams[0]) else list(lams[0].keys())   # acm keys: + head.norm
     rows = [[g] + [round(float(d.get(g, float("nan"))), 4) for d in lams] for g in names]
     return headers, rows
 
@@ -316,8 +319,8 @@ def build() -> SimpleNamespace:
     rule = rules.build()   # the paper's rule's switches, their note and the old sigmoid endpoint
     slider = t_slider_settings(DEFAULT_RULE)
     with gr.Row():
-        t = gr.Slider(slider["minimum"], slider["maximum"], value=slider["value"], step=slider["step"],
-                      label=slider["label"], info="follows the Analyse tab", scale=2, elem_id="merge-t-slider")
+        t = t_slider(slider["minimum"], slider["maximum"], value=slider["value"], step=slider["step"],
+                     label=slider["label"], info="follows the Analyse tab", scale=2, elem_id="merge-t-slider")
         alpha = gr.Slider(0.0, 2.0, value=DEFAULT_ALPHA, step=0.05, label="α", scale=2, visible=False,
                           info="plain: the coefficient; softmax: the mean λ; staged: the plain merge's α",
                           elem_id="merge-alpha-slider")

@@ -94,48 +94,59 @@ def test_full_workflow_through_the_api(app_url):
     endpoints = set(client.view_api(return_format="dict")["named_endpoints"])
     assert {"/analyse", "/coefficients", "/merge", "/chat", "/evaluate"} <= endpoints
 
-    # 1. analyse with zero configuration (demo models, bundled calibration, small sample).
+    # 1. analyse with zero configuration (demo models, bundled calibration, small sample): the paper's rule.
     t0 = time.perf_counter()
-    summary, nmi, coef, multi, table, download = client.predict(api_name="/analyse")
+    summary, per_layer, coef, multi, table, download = client.predict(api_name="/analyse")
     analyse_s = time.perf_counter() - t0
-    assert "Analysis ready" in summary
-    fig = plot_json(nmi)
-    groups = fig["data"][0]["x"]
-    assert groups[0] == "embed" and groups[-1] == "head" and groups[1] == "block.0"
-    assert len(fig["data"]) == 1 and len(fig["data"][0]["y"]) == len(groups)      # one point per group
-    assert all(0.0 <= v <= 1.0 for v in fig["data"][0]["y"])
+    assert "Analysis ready" in summary and "per-sample MI" in summary
+    fig = plot_json(per_layer)
+    keys = fig["data"][-1]["x"]                          # λ keys of the activation points, network order
+    assert keys[0] == "embed" and keys[1] == "block.0" and keys[-2:] == ["head.norm", "head"]
+    assert [d["name"].split(": ")[-1].split(" (")[0] for d in fig["data"]] == ["max", "min–max over samples",
+                                                                                "mean ± std"]
+    assert all(v > 0 for v in fig["data"][-1]["y"])     # mean per-sample MI in nats
+    assert table["rule"] == "acm" and table["t"] == 0.7 and table["groups"] == keys
     analysis = json.loads(Path(download).read_text())
-    assert analysis["groups"] == groups
+    assert analysis["sample_mi"]["point_groups"] == keys
 
-    # 2. the coefficient curve at two t values (no model work).
-    def coefficients(t):
-        out = client.predict(t, 1.0, "", "", api_name="/coefficients")
+    # 2. the coefficient curve at several t (no model work): the paper's rule, then softmax (ours).
+    def coefficients(t, *extra):
+        out = client.predict(t, 1.0, "", "", *extra, api_name="/coefficients")
         return out[0], out[2]
 
     times = []
-    for t in (0.0, 20.0, 0.0, 20.0):
+    for t in (0.0, 2.0, 0.0, 2.0):
         t1 = time.perf_counter()
         fig0, table0 = coefficients(t)
         times.append(time.perf_counter() - t1)
-    _, flat = coefficients(0.0)
-    sharp_fig, sharp = coefficients(20.0)
-    lam0 = [g["lambda"] for g in flat["models"][0]["groups"]]
-    lam20 = [g["lambda"] for g in sharp["models"][0]["groups"]]
-    assert len(lam0) == len(groups) and all(abs(v - 1.0) < 1e-9 for v in lam0)        # t = 0 is plain
+    _, half = coefficients(0.0)
+    steep_fig, steep = coefficients(2.0)
+    lam0 = [g["lambda"] for g in half["models"][0]["groups"]]
+    lam2 = [g["lambda"] for g in steep["models"][0]["groups"]]
+    assert half["rule"] == "acm" and len(lam0) == len(keys) and all(abs(v - 0.5) < 1e-9 for v in lam0)
+    assert all(0.5 < v < 1 for v in lam2) and statistics.pstdev(lam2) > 0
+    curve = plot_json(steep_fig)["data"]
+    assert curve[0]["y"] == [0.5] * len(keys)                                        # t = 0 reference line
+    assert [round(v, 9) for v in curve[1]["y"]] == [round(v, 9) for v in lam2]
+    _, soft = coefficients(20.0, "nmi", "softmax")
+    groups = soft["groups"]
+    lam20 = [g["lambda"] for g in soft["models"][0]["groups"]]
+    assert soft["rule"] == "softmax" and groups[0] == "embed" and groups[-1] == "head"
     assert statistics.pstdev(lam20) > 1e-3 and abs(statistics.fmean(lam20) - 1.0) < 1e-6
-    curve = plot_json(sharp_fig)["data"]
-    assert curve[0]["y"] == [1.0] * len(groups)                                       # plain reference line
-    assert [round(v, 9) for v in curve[1]["y"]] == [round(v, 9) for v in lam20]
+    with pytest.raises(Exception, match="rule='softmax'"):                        # a softmax-era t, refused clearly
+        coefficients(20.0)
 
-    # 3. merge (ACM task arithmetic at t = 20).
+    # 3. merge with the defaults (the paper's rule at t = 0.7, Eq. 3) — the old call shape still works.
     t1 = time.perf_counter()
-    msummary, lam_table, report = client.predict(method="task_arithmetic", mode="ACM (per-layer λ)", t=20.0,
-                                                 alpha=1.0, api_name="/merge")
+    msummary, lam_table, report = client.predict(method="task_arithmetic", mode="ACM (per-layer λ)", t=0.7,
+                                                 api_name="/merge")
     merge_s = time.perf_counter() - t1
-    assert "merged in" in msummary and "ACM-TA t=20" in report["label"]
-    assert Path(report["out_dir"]).is_dir()
-    assert [r[0] for r in lam_table["data"]] == groups
-    assert [round(r[1], 4) for r in lam_table["data"]] == [round(v, 4) for v in lam20]
+    assert "merged in" in msummary and report["label"] == "#1 ACM-TA t=0.7"
+    assert Path(report["out_dir"]).is_dir() and report["settings"]["rule"] == "acm"
+    assert report["recipe"]["acm_analysis"]["rule"] == "acm"
+    assert [r[0] for r in lam_table["data"]] == keys
+    lam07 = [g["lambda"] for g in coefficients(0.7)[1]["models"][0]["groups"]]
+    assert [round(r[1], 4) for r in lam_table["data"]] == [round(v, 4) for v in lam07]
 
     # 4. chat one message: the merged model and both source models reply (streamed).
     t1 = time.perf_counter()
@@ -169,29 +180,35 @@ def test_full_workflow_through_the_api(app_url):
 
 
 def test_coefficient_redraw_cost_in_process():
-    """The work behind one t-slider move (λ + both figures), measured; reported, not asserted."""
+    """The server's work behind a rule / α change (λ + both figures, with the live grid the page redraws t
+    from), at a 28-block, 3-model shape with 100 calibration samples; reported, not asserted."""
     import numpy as np
 
     from acm.analysis import AnalysisResult, ModelNMI
+    from acm.sample_mi import point_names
     from components.analysis import coefficient_view
     from components.state import SessionState
 
     groups = ["embed"] + [f"block.{k}" for k in range(28)] + ["head"]
+    points, keys = point_names(28)
     rng = np.random.default_rng(0)
     st = SessionState()
     st.analysis = AnalysisResult(groups=groups, models=[
-        ModelNMI(model=f"ft{i}", nmi=list(rng.uniform(0.3, 0.9, len(groups))), mi=[0.0] * len(groups))
-        for i in range(3)])
-    coefficient_view(st, 1.0, 1.0)     # warm-up
-    times = []
-    for t in np.linspace(0, 40, 21):
-        t0 = time.perf_counter()
-        fig, multi, table = coefficient_view(st, float(t), 1.0)
-        fig.to_json(), multi.to_json()   # what gr.Plot does before sending
-        times.append(time.perf_counter() - t0)
-    assert len(table["models"]) == 3 and len(table["models"][0]["groups"]) == len(groups)
-    print(f"\n[redraw] 30 groups × 3 models: median {statistics.median(times) * 1000:.1f} ms, "
-          f"max {max(times) * 1000:.1f} ms")
+        ModelNMI(model=f"ft{i}", nmi=list(rng.uniform(0.3, 0.9, len(groups))), mi=[0.0] * len(groups),
+                 sample_mi=rng.uniform(4, 9, (len(points), 100)).tolist()) for i in range(3)],
+        sample_info={"estimator": "labels", "unit": "nats", "points": points, "point_groups": keys,
+                     "tokens": [int(x) for x in rng.integers(50, 500, 100)]})
+    for rule, ts in (("softmax", np.linspace(0, 40, 21)), ("acm", np.linspace(-3, 3, 21))):
+        coefficient_view(st, float(ts[1]), 1.0, rule=rule)     # warm-up
+        times = []
+        for t in ts:
+            t0 = time.perf_counter()
+            fig, multi, table = coefficient_view(st, float(t), 1.0, rule=rule)
+            fig.to_json(), multi.to_json()   # what gr.Plot does before sending
+            times.append(time.perf_counter() - t0)
+        assert len(table["models"]) == 3 and table["rule"] == rule
+        print(f"\n[redraw] {rule}: {len(table['groups'])} keys × 3 models: median "
+              f"{statistics.median(times) * 1000:.1f} ms, max {max(times) * 1000:.1f} ms (the page redraws t itself)")
 
 
 def test_heavy_jobs_share_one_slot_and_endpoints_are_named():
@@ -249,14 +266,15 @@ def test_two_sessions_at_once_keep_their_own_state_and_heavy_jobs_queue(app_url,
 
     # Each session's coefficients come from its own analysis.
     for client, an in ((a, an_a), (b, an_b)):
-        table = client.predict(8.0, 1.0, "", "", api_name="/coefficients")[2]
+        table = client.predict(8.0, 1.0, "", "", "nmi", "softmax", api_name="/coefficients")[2]
         nmi = [g["nmi"] for g in table["models"][0]["groups"]]
         assert nmi == pytest.approx(an["models"][0]["nmi"])
 
     ma = a.submit(method="task_arithmetic", mode="plain (α everywhere)", alpha=0.3, api_name="/merge")
-    mb = b.submit(method="ties", mode="ACM (per-layer λ)", t=4.0, alpha=1.0, density=0.5, api_name="/merge")
+    mb = b.submit(method="ties", mode="ACM (per-layer λ)", t=4.0, alpha=1.0, density=0.5, rule="softmax",
+                  api_name="/merge")
     rep_a, rep_b = ma.result(timeout=300)[2], mb.result(timeout=300)[2]
-    assert rep_a["label"] == "#1 TA α=0.3" and rep_b["label"] == "#1 ACM-TIES t=4 α=1"   # per-session counters
+    assert rep_a["label"] == "#1 TA α=0.3" and rep_b["label"] == "#1 TIES softmax t=4 α=1"   # per-session counters
     assert Path(rep_a["out_dir"]).is_dir() and Path(rep_b["out_dir"]).is_dir()
     assert Path(rep_a["out_dir"]).parents[1] != Path(rep_b["out_dir"]).parents[1]
     assert active["max"] == 1 and len(spans) == 4                          # queued, never two at once

@@ -101,7 +101,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_a_reused_merge_is_byte_identical_to_a_fresh_merge(shared, pair, sessions, tmp_path, monkeypatch,
                                                            one_torch_thread):
     import acm.export
-    from acm.coefficients import lambdas_by_group
+    from acm.coefficients import compute
     from acm.merge import MergeOptions, merge_models
 
     # The recipe records when a merge was made; pin the clock so "when" is not the difference.
@@ -110,20 +110,20 @@ def test_a_reused_merge_is_byte_identical_to_a_fresh_merge(shared, pair, session
     a, b = sessions(), sessions()
     for st in (a, b):
         analysis.run_analysis(st, pair[0], pair[1], **SMALL)
-    kw = {"method": "dare_ties", "mode": merge.ACM, "t": 4.0, "alpha": 0.9, "density": 0.6, "drop_rate": 0.2, "seed": 7}
+    kw = {"method": "dare_ties", "mode": merge.ACM, "t": 0.7, "alpha": 0.9, "density": 0.6, "drop_rate": 0.2, "seed": 7}
     ma = merge.run_merge(a, pair[0], pair[1], **kw)
     mb = merge.run_merge(b, pair[0], pair[1], **kw)
     assert ma.cache["hit"] is False and mb.cache["hit"] is True
     assert mb.out_dir == ma.out_dir and mb.model is ma.model            # one folder, one loaded copy
     assert "reused a merge computed" in merge.summary_markdown(mb)
-    assert mb.label == "#1 ACM-DARE-TIES t=4 α=0.9"                     # still this session's merge #1
+    assert mb.label == "#1 ACM-DARE-TIES t=0.7"                         # still this session's merge #1
 
-    # A fresh merge, without any cache, of the same inputs and settings into a folder of the same name.
+    # A fresh merge, without any cache, of the same inputs and settings into a folder of the same name
+    # (the paper's rule: λ/N per task vector and the recipe entry from acm.coefficients.compute; no α).
     fresh = tmp_path / "fresh" / ma.out_dir.name
-    options = MergeOptions(method="dare_ties", alpha=0.9, density=0.6, drop_rate=0.2, seed=7)
-    lams = lambdas_by_group(a.analysis, 4.0, 0.9)
-    merge_models(pair[0], pair[1], fresh, options, lambdas=lams,
-                 acm={"analysis": a.analysis.provenance, "t": 4.0, "alpha": 0.9, "clip": None}, show_progress=False)
+    options = MergeOptions(method="dare_ties", alpha=1.0, density=0.6, drop_rate=0.2, seed=7)
+    coef = compute(a.analysis, "acm", 0.7)
+    merge_models(pair[0], pair[1], fresh, options, lambdas=coef.weights(), acm=coef.entry(), show_progress=False)
     cached_files, fresh_files = _files(mb.out_dir), _files(fresh)
     assert sorted(cached_files) == sorted(fresh_files) and any(n.endswith(".safetensors") for n in fresh_files)
     for name in fresh_files:
@@ -261,7 +261,7 @@ def test_two_gradio_client_sessions_share_one_analysis_over_http(tmp_path, monke
         assert an_a == an_b                                               # the same result, byte for byte
         pa = a.predict(method="ties", mode="ACM (per-layer λ)", t=2.0, alpha=0.7, density=0.7, api_name="/merge")[2]
         pb = b.predict(method="ties", mode="ACM (per-layer λ)", t=2.0, alpha=0.7, density=0.7, api_name="/merge")[2]
-        assert pa["out_dir"] == pb["out_dir"] and pa["label"] == pb["label"] == "#1 ACM-TIES t=2 α=0.7"
+        assert pa["out_dir"] == pb["out_dir"] and pa["label"] == pb["label"] == "#1 ACM-TIES t=2"
         assert not pa["cache"]["hit"] and pb["cache"]["hit"]
     finally:
         demo.close()

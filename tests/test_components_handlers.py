@@ -432,11 +432,11 @@ def test_coefficient_view_and_analysis_json_round_trip(analysed, tmp_path):
 
     st, out, _ = analysed
     empty = SessionState()
-    fig, multi, table = analysis.coefficient_view(empty, 4.0, 1.0)
+    fig, multi, table = analysis.coefficient_view(empty, 4.0, 1.0, rule="softmax")
     assert table == {} and fig.data == [] and "Analyse" in fig.layout["annotations"][0]["text"]
 
-    fig0, _, t0 = analysis.coefficient_view(st, 0.0, 0.7)
-    fig8, multi8, t8 = analysis.coefficient_view(st, 8.0, 0.7)
+    fig0, _, t0 = analysis.coefficient_view(st, 0.0, 0.7, rule="softmax")       # this project's rule
+    fig8, multi8, t8 = analysis.coefficient_view(st, 8.0, 0.7, rule="softmax")
     lam0 = [g["lambda"] for g in t0["models"][0]["groups"]]
     lam8 = [g["lambda"] for g in t8["models"][0]["groups"]]
     assert lam0 == pytest.approx([0.7] * 4) and lam8 != pytest.approx(lam0)
@@ -465,10 +465,11 @@ def test_merge_acm_then_failed_merge_keeps_the_previous_model(analysed, pair, mo
     from components import merge
 
     st, _, _ = analysed
-    merged = merge.run_merge(st, pair[0], pair[1][:1], method="ties", mode=merge.ACM, t=8.0, alpha=1.0, density=0.5)
+    merged = merge.run_merge(st, pair[0], pair[1][:1], method="ties", mode=merge.ACM, t=8.0, alpha=1.0, density=0.5,
+                             rule="softmax")
     assert st.merged is merged and merged.out_dir.is_dir() and merged.model is not None
     assert merged.out_dir.parent == st.workspace / "merges"
-    assert merged.label == "#1 ACM-TIES t=8 α=1" and set(merged.lambdas[0]) == set(st.analysis.groups)
+    assert merged.label == "#1 TIES softmax t=8 α=1" and set(merged.lambdas[0]) == set(st.analysis.groups)
     headers, rows = merge.lambda_rows(merged, st.analysis.groups)
     assert [r[0] for r in rows] == st.analysis.groups and len(headers) == 2
     assert "merged in" in merge.summary_markdown(merged)

@@ -1,4 +1,5 @@
-"""The app's sigmoid-rule button (components/rules.py): handler in-process, and its wiring in the built app."""
+"""The paper's rule's staged variants in the app (components/rules.py via acm.rule_merge): handler in-process,
+and the old /merge_sigmoid endpoint (now MI against a plain merge · λ on its delta) in the built app."""
 
 from __future__ import annotations
 
@@ -17,41 +18,88 @@ def pair(tmp_path_factory):
     return str(base), [str(f) for f in fts]
 
 
-def test_rule_button_merges_sets_the_session_model_and_a_failure_keeps_it(pair, monkeypatch,
-                                                                       one_torch_thread):  # noqa: F811
-    import acm.sigmoid_rule
-    from components import merge, rules
+def test_staged_merge_against_a_plain_merge_sets_the_session_model_and_a_failure_keeps_it(
+        pair, monkeypatch, one_torch_thread):  # noqa: F811
+    import acm.rule_merge
+    from components import calibration, merge, rules
 
     st = SessionState()
     try:
-        merged = rules.run_rule_merge(st, pair[0], pair[1], method="ties", alpha=0.7, density=0.7, theta=0.7,
-                                      estimator="binned", cal_mode="bundled", samples=4, max_tokens=32)
+        cal = calibration.resolve_calibration("bundled")
+        merged = merge.run_merge(st, pair[0], pair[1], method="ties", alpha=0.7, density=0.7, t=0.7,
+                                 against="merged", applies="merged-delta", estimator="binned", calibration=cal,
+                                 cal_settings={"samples": 4, "max_tokens": 32})
         assert st.merged is merged and merged.model is not None
-        assert merged.out_dir.parent == st.workspace / "merges" and merged.out_dir.name.endswith("-sigmoid")
-        assert merged.label == "#1 TIES α=0.7 + sigmoid θ=0.7 (binned)"
+        assert merged.out_dir.parent == st.workspace / "merges"
+        assert merged.out_dir.name.endswith("-acm-merged-merged-delta")
+        assert merged.label == "#1 ACM-TIES t=0.7 vs merged · merged delta α=0.7"
         rec = json.loads((merged.out_dir / "acm_recipe.json").read_text())
-        assert rec["rule"]["estimator"] == "binned" and rec["method"] == "ties"
-        headers, rows = rules.score_rows(merged)
-        assert [r[0] for r in rows] == ["embed", "block.0", "block.1", "head"]
-        assert all(0.5 <= r[2] < 1 and r[1] + r[2] == pytest.approx(1, abs=1e-3) for r in rows)
-        assert merged.lambdas == [pytest.approx({r[0]: r[2] for r in rows}, abs=1e-4)]
-        assert "merged in" in merge.summary_markdown(merged) and st.merge_history[-1]["rule"] == "sigmoid"
+        entry = rec["acm_analysis"]
+        assert entry["rule"] == "acm" and entry["against"] == "merged" and entry["applies"] == "merged-delta"
+        assert entry["estimator"] == "binned" and rec["method"] == "ties"
+        headers, rows = merge.lambda_rows(merged)
+        assert headers == ["layer group", "λ (all models)"]
+        assert [r[0] for r in rows] == ["embed", "block.0", "block.1", "head.norm", "head"]
+        assert all(0.5 <= r[1] < 1 for r in rows)                     # t > 0: λ ∈ [½, 1)
+        line = rules.stage_line(merged)
+        assert "plain merge" in line and "MI base vs merged" in line and "apply λ" in line
+        assert st.merge_history[-1]["against"] == "merged"
 
         def broken(*a, **k):
             raise OSError("disk full")
 
-        monkeypatch.setattr(acm.sigmoid_rule, "merge_with_sigmoid_rule", broken)
+        monkeypatch.setattr(acm.rule_merge, "merge_with_rule", broken)
         with pytest.raises(OSError):
-            rules.run_rule_merge(st, pair[0], pair[1], cal_mode="bundled", samples=4)
+            merge.run_merge(st, pair[0], pair[1], against="merged", applies="merged-delta", calibration=cal)
         assert st.merged is merged and merged.model is not None
-        assert not (st.workspace / "merges" / "merge-02-ties-sigmoid").exists()
-        with pytest.raises(InputError, match="θ must be in"):
-            rules.run_rule_merge(st, pair[0], pair[1], theta=0, cal_mode="bundled")
+        assert not (st.workspace / "merges" / "merge-02-ties-acm-merged-merged-delta").exists()
     finally:
         st.close()
 
 
-def test_the_button_is_wired_into_the_merge_tab_and_the_heavy_queue(pair, one_torch_thread):  # noqa: F811
+def test_switch_and_t_validation_messages(pair):
+    from components import merge, rules
+
+    st = SessionState()
+    try:
+        with pytest.raises(InputError, match="MI against must be one of fine-tuned, merged"):
+            merge.run_merge(st, pair[0], pair[1], against="both")
+        with pytest.raises(InputError, match="λ applies to must be one of task-vectors, merged-delta"):
+            merge.run_merge(st, pair[0], pair[1], applies="everything")
+        with pytest.raises(InputError, match=r"t must be in \[-3, 3\].*rule='softmax'"):
+            merge.run_merge(st, pair[0], pair[1], t=8)
+        with pytest.raises(InputError, match="needs calibration text"):
+            merge.run_merge(st, pair[0], pair[1], against="merged")
+        with pytest.raises(InputError, match="run “Analyse”"):                 # the paper's setting reads the analysis
+            merge.run_merge(st, pair[0], pair[1])
+        with pytest.raises(InputError, match="run “Analyse”"):                 # so does its merged-delta variant
+            merge.run_merge(st, pair[0], pair[1], applies="merged-delta")
+    finally:
+        st.close()
+    assert rules.switches("sigmoid", "fine-tuned", "task-vectors") == ("merged", "merged-delta")
+    assert rules.switches(None, None, None) == ("fine-tuned", "task-vectors")
+    assert not rules.uses_alpha("acm", "fine-tuned", "task-vectors")
+    assert rules.uses_alpha("acm", "merged", "task-vectors") and rules.uses_alpha("softmax", "fine-tuned",
+                                                                                  "task-vectors")
+    assert "no α" in rules.note("acm", "fine-tuned", "task-vectors")
+
+
+def test_coefficient_controls_show_the_switches_for_the_paper_rule_only():
+    from components import merge
+
+    rule, panel, estimator, t, alpha, note = merge.coefficient_controls("ties", "acm", "acm", "fine-tuned",
+                                                                        "task-vectors")
+    assert rule["visible"] and panel["visible"] and t["visible"] and not alpha["visible"]
+    assert not estimator["visible"] and "no α" in note["value"]
+    _, panel, estimator, _, alpha, note = merge.coefficient_controls("ties", "acm", "acm", "merged", "merged-delta")
+    assert panel["visible"] and estimator["visible"] and alpha["visible"] and "Staged" in note["value"]
+    _, panel, _, t, alpha, note = merge.coefficient_controls("ties", "acm", "softmax", "fine-tuned", "task-vectors")
+    assert not panel["visible"] and t["visible"] and alpha["visible"] and alpha["label"] == "α (mean λ)"
+    rule, panel, _, t, alpha, _ = merge.coefficient_controls("ties", "plain", "acm", "fine-tuned", "task-vectors")
+    assert not rule["visible"] and not panel["visible"] and not t["visible"] and alpha["visible"]
+
+
+def test_the_old_sigmoid_endpoint_is_wired_into_the_heavy_queue_and_runs_the_rule(pair, one_torch_thread):  # noqa: F811
     import app
 
     demo = app.build_app(prewarm=False)
@@ -59,17 +107,16 @@ def test_the_button_is_wired_into_the_merge_tab_and_the_heavy_queue(pair, one_to
     dep = deps["merge_sigmoid"]
     assert dep.concurrency_id == "heavy" and dep.concurrency_limit == 1
     ui = demo.ui
-    assert ui.merge.rule.button.value == "Merge with sigmoid rule"
+    assert ui.merge.rule.button.visible is False              # one sigmoid rule in the UI: the Merge button's
     outputs = {id(o) for o in dep.outputs}
-    assert {id(ui.merge.summary), id(ui.merge.report), id(ui.merge.rule.table)} <= outputs
-    # The handler itself: the Merge tab's summary / table / report and the rule's own sℓ table.
+    assert {id(ui.merge.summary), id(ui.merge.table), id(ui.merge.report)} <= outputs and len(dep.outputs) == 5
     st = SessionState()
     try:
         summary, table, report, line, scores = dep.fn(
             st, pair[0], pair[1], "ties", 0.7, 0.7, 0.3, "tensor", 0, 0.7, "labels", "bundled", None, None, None,
             None, 4, 20, 0.1, 32, "auto", "auto", "base", progress=lambda *a, **k: None)
-        assert "sigmoid" in summary and "of its delta" in line and report["rule"]["key"] == "sigmoid"
-        assert list(scores.columns) == ["layer group", "s", "delta kept (1 − s)"] and len(scores) == 4
-        assert len(table) == 4 and st.merged is not None
+        assert "vs merged · merged delta" in summary and "stages:" in line
+        assert report["settings"]["against"] == "merged" and report["settings"]["applies"] == "merged-delta"
+        assert len(table) == 5 and len(scores) == 5 and st.merged is not None
     finally:
         st.close()
