@@ -420,8 +420,7 @@ def acm_view(analysis, t: float, clip, *, multi: bool = True):
         return coef_fig, None, table
     few = _clip_arr(acm_curve(analysis, list(ACM_T_GRID)), clip)    # [len(ACM_T_GRID), models, points]
     mi_mean = analysis.sample_mi_matrix().mean(axis=-1)
-    per_model = [{"label": lab, "nmi": list(mi_mean[i]), "grid": [few[j][i] for j in range(len(ACM_T_GRID))]}
-                 for i, lab in enumerate(labels)]
+    per_model = [{"label": lab, "nmi": mi_mean[i].tolist(), "grid": few[:, i, :].tolist()} for i, lab in enumerate(labels)]
     ts_text = ", ".join(f"{x:g}" for x in ACM_T_GRID)
     multi_fig = plots.multi_t_figure(keys, per_model, list(ACM_T_GRID), alpha=1.0, metric_label="mean MI (nats)",
                                      title=f"λₖ for several t at once (the paper's ablation: t = {ts_text})")
@@ -448,8 +447,7 @@ def softmax_view(analysis, t: float, alpha: float, clip, metric: str, *, multi: 
     if not multi:
         return coef_fig, None, table
     grid = lambdas(sim, list(T_GRID), alpha=alpha, clip=clip)   # [len(T), n_models, K]
-    per_model = [{"label": lab, "nmi": list(sim[i]), "grid": [grid[j][i] for j in range(len(T_GRID))]}
-                 for i, lab in enumerate(labels)]
+    per_model = [{"label": lab, "nmi": sim[i].tolist(), "grid": grid[:, i, :].tolist()} for i, lab in enumerate(labels)]
     multi_fig = plots.multi_t_figure(analysis.groups, per_model, list(T_GRID), alpha=alpha, metric_label=label)
     return coef_fig, multi_fig, table
 

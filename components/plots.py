@@ -187,16 +187,19 @@ def attach_live(spec: PlotSpec, live: dict | None, *, traces: list[int], t: floa
     """
     if not live:
         return spec
+    import numpy as np
+
     shown = f"t = {t:g}"
     meta = {"t0": float(live["t0"]), "step": float(live["step"]), "traces": list(traces),
-            "lambdas": [[[round(float(v), 6) for v in row] for row in at_t] for at_t in live["lambdas"]],
+            "lambdas": np.round(np.asarray(live["lambdas"], dtype=np.float64), 6).tolist(),
             "title": spec.layout["title"]["text"].replace(shown, f"t = {LIVE_T}"),
             "names": [spec.data[i]["name"].replace(shown, f"t = {LIVE_T}") for i in traces]}
     spec.layout["meta"] = {"live": meta}
     # One y range for every t on the grid: the curve visibly moves as t changes (an autoranged axis would
     # rescale to hide it), and the browser skips recomputing the axis on each step (half the redraw time).
-    values = [v for at_t in meta["lambdas"] for row in at_t for v in row] + [y for i in traces for y in spec.data[i]["y"]]
-    lo, hi = min(values), max(values)
+    grid = np.asarray(meta["lambdas"])
+    lo = float(min(grid.min(), *(min(spec.data[i]["y"]) for i in traces)))
+    hi = float(max(grid.max(), *(max(spec.data[i]["y"]) for i in traces)))
     for trace in spec.data:
         if trace.get("hoverinfo") == "skip":           # the reference line (½ or α) stays in view
             lo, hi = min([lo, *trace["y"]]), max([hi, *trace["y"]])
