@@ -372,7 +372,7 @@ def test_app_analysis_with_several_metrics_and_the_lambda_driver(world, tmp_path
                                                  for name in ("NMI", "linear CKA", "cosine")]
         assert fig.layout["yaxis"]["range"] == [0, 1.02]
         # the chosen metric drives λ, and the charts stop saying NMI
-        coef, multi, table = analysis.coefficient_view(st, 2.0, 0.7, metric="cka")
+        coef, multi, table = analysis.coefficient_view(st, 2.0, 0.7, metric="cka", rule="softmax")
         assert table["metric"] == "cka" and st.coef_view["metric"] == "cka"
         np.testing.assert_allclose([g["lambda"] for g in table["models"][0]["groups"]],
                                    lambdas(res.similarity_matrix("cka")[0], 2.0, 0.7))
@@ -385,7 +385,7 @@ def test_app_analysis_with_several_metrics_and_the_lambda_driver(world, tmp_path
         # NMI-only analyses keep the classic chart; an unavailable driver falls back to the first metric
         st.analysis = AnalysisResult.load(OLD_FILE)
         assert analysis.nmi_view(st.analysis).layout["title"]["text"].startswith("Per-layer NMI")
-        _, _, table = analysis.coefficient_view(st, 2.0, 0.7, metric="cosine")
+        _, _, table = analysis.coefficient_view(st, 2.0, 0.7, metric="cosine", rule="softmax")
         assert table["metric"] == "nmi"
     finally:
         st.close()
@@ -398,12 +398,12 @@ def test_app_merge_uses_the_chosen_driver(world, tmp_path, three):
     st = SessionState()
     try:
         st.analysis = three
-        st.coef_view = {"t": 2.0, "alpha": 0.7, "clip": None, "metric": "cosine"}
+        st.coef_view = {"t": 2.0, "alpha": 0.7, "clip": None, "metric": "cosine", "rule": "softmax"}
         merged = merge.run_merge(st, world["base"], [world["ft"]], method="task_arithmetic", mode=merge.ACM,
-                                 t=2.0, alpha=0.7, device="cpu")
+                                 t=2.0, alpha=0.7, device="cpu", rule="softmax")
         expected = lambdas_by_group(three, 2.0, 0.7, metric="cosine", rule="softmax")[0]
         assert merged.report["lambdas"][0] == pytest.approx(expected)
-        assert merged.label.endswith("ACM-TA t=2 α=0.7 by cosine"), merged.label   # the summary says so
+        assert merged.label.endswith("TA softmax t=2 α=0.7 by cosine"), merged.label   # the summary says so
     finally:
         st.close()
 
@@ -415,20 +415,20 @@ def test_tune_grid_has_a_metric_dimension_and_nmi_keys_are_unchanged():
     from acm.demo.sweep import label, settings
     from acm.tune import Setting, expand_grid
 
-    grid = expand_grid(["ties"], [0.7], [1.0, 2.0], [0.7], metrics=["nmi", "cka,cosine"])
+    grid = expand_grid(["ties"], [0.7], [1.0, 2.0], [0.7], metrics=["nmi", "cka,cosine"], rules=["softmax"])
     assert len(grid) == 1 + 2 * 3                                       # plain once, ACM per (t, metric)
     assert [s.metric for s in grid if s.acm] == ["nmi", "cka", "cosine"] * 2
     nmi_point, cka_point = grid[1], grid[2]
     assert nmi_point.key() == "ties|a=0.7|t=1|d=0.7|p=-"                # resumes old tune.jsonl files
     assert cka_point.key() == "ties|a=0.7|t=1|d=0.7|p=-|m=cka"
-    assert cka_point.label() == "ACM-TIES (α=0.7, d=0.7, t=1, by cka)"
+    assert cka_point.label() == "ACM-TIES (α=0.7, d=0.7, t=1, softmax by cka)"
     assert Setting.from_dict(cka_point.to_dict()) == cka_point
     assert Setting.from_dict({"method": "ties", "alpha": 0.7, "t": 1.0, "density": 0.7}).metric == "nmi"
     with pytest.raises(InputError, match="unknown similarity metric"):
         expand_grid(["ties"], [0.7], [1.0], [0.7], metrics=["kl"])
-    demo = settings([0.7], [1.0], [0.7], metrics=["nmi", "cka"], methods=["ties"])
-    assert [label(s) for s in demo] == ["TIES (α=0.7, d=0.7)", "ACM-TIES (α=0.7, d=0.7, t=1)",
-                                        "ACM-TIES (α=0.7, d=0.7, t=1, by cka)"]
+    demo = settings([0.7], [1.0], [0.7], metrics=["nmi", "cka"], methods=["ties"], rules=["softmax"])
+    assert [label(s) for s in demo] == ["TIES (α=0.7, d=0.7)", "ACM-TIES (α=0.7, d=0.7, t=1, softmax)",
+                                        "ACM-TIES (α=0.7, d=0.7, t=1, softmax by cka)"]
 
 
 def test_tune_analysis_must_hold_every_metric_of_the_grid(three, tmp_path, world):
