@@ -122,32 +122,46 @@ def _lambda_summary(folder: Path) -> dict | None:
         if vals else None
 
 
-def _stats(model: dict) -> dict:
-    """Accuracy and mean length with one standard error (binomial; sample std of lengths / √n)."""
-    samples = model.get("samples") or []
-    n = len(samples) or int(model["n"])
+def _stats(model: dict, lengths: list[float] | None = None) -> dict:
+    """Accuracy ± one standard error (binomial, n problems) and mean length ± one standard error (sample std of
+    the replies' lengths / √n; from the saved replies, None when they were not saved)."""
+    n = int(model["n"])
     acc = float(model["accuracy"])
-    lengths = [float(s["length"]) for s in samples]
     mean_len = float(model["mean_length"])
-    sd = math.sqrt(sum((x - mean_len) ** 2 for x in lengths) / (len(lengths) - 1)) if len(lengths) > 1 else float("nan")
+    se = None
+    if lengths and len(lengths) > 1:
+        m = sum(lengths) / len(lengths)
+        se = math.sqrt(sum((x - m) ** 2 for x in lengths) / (len(lengths) - 1)) / math.sqrt(len(lengths))
     return {"n": n, "accuracy": acc, "accuracy_se": math.sqrt(acc * (1 - acc) / n), "mean_length": mean_len,
-            "length_se": sd / math.sqrt(len(lengths)) if lengths else float("nan"),
-            "levels": {k: v["accuracy"] for k, v in sorted((model.get("per_level") or {}).items())}}
+            "length_se": se, "levels": {k: v["accuracy"] for k, v in sorted((model.get("per_level") or {}).items())}}
 
 
-def _eval_group(run: Runner, name: str, folders: list[Path], args) -> dict:
+def _reply_lengths(path: Path) -> dict[str, list[float]]:
+    """Per model, the generated length of every saved reply (``acm eval --save-replies``)."""
+    out: dict[str, list[float]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out.setdefault(rec["model"], []).append(float(rec["num_tokens"]))
+    return out
+
+
+def _eval_group(run: Runner, name: str, folders: list[Path], args) -> tuple[dict, dict]:
+    """One ``acm eval`` for a group's models (skipped when its results exist): (results, reply lengths)."""
     out = args.out / "evals" / f"{name}.json"
+    replies = args.out / "evals" / f"{name}.replies.jsonl"
     if not out.is_file():
         cmd = ["eval"]
         for f in folders:
             cmd += ["--model", str(f)]
         cmd += ["--data", str(args.data), "--max-new-tokens", str(args.max_new_tokens), "--batch-size",
-                str(args.batch_size), "--threads", str(args.threads), "--out", str(out)]
+                str(args.batch_size), "--threads", str(args.threads), "--save-replies", str(replies), "--out", str(out)]
         if args.limit:
             cmd += ["--limit", str(args.limit)]
         run(cmd)
     data = json.loads(out.read_text(encoding="utf-8"))
-    return {m["model"]: m for m in data["models"]}
+    return {m["model"]: m for m in data["models"]}, _reply_lengths(replies)
 
 
 def run(args) -> dict:
@@ -160,10 +174,12 @@ def run(args) -> dict:
         run_cli(["analyze", "--base", str(args.base), "--ft", str(args.long), "--calibration", "bundled",
                  "--out", str(analysis)])
     rows = []
-    refs = _eval_group(run_cli, "references", [args.base, args.long], args)
+    refs, ref_lengths = _eval_group(run_cli, "references", [args.base, args.long], args)
     for label, folder in (("base (System 1)", args.base), ("long (System 2)", args.long)):
-        rows.append({"name": folder.name, "label": label, "rule": "reference", **_stats(refs[str(folder)])})
-    for group in settings(args.methods, args.ts, args.combos, args.alpha, args.density, args.softmax_t):
+        rows.append({"name": folder.name, "label": label, "rule": "reference",
+                     **_stats(refs[str(folder)], ref_lengths.get(str(folder)))})
+    groups = settings(args.methods, args.ts, args.combos, args.alpha, args.density, args.softmax_t)
+    for group in groups:
         folders, lambdas = [], {}
         done = (args.out / "evals" / f"{group['name']}.json").is_file()
         for model in group["models"]:
@@ -178,12 +194,17 @@ def run(args) -> dict:
                 lam_file.parent.mkdir(exist_ok=True)
                 lam_file.write_text(json.dumps(_lambda_summary(folder)), encoding="utf-8")
             lambdas[model["name"]] = json.loads(lam_file.read_text(encoding="utf-8")) if lam_file.is_file() else None
-        evals = _eval_group(run_cli, group["name"], folders, args)
+        evals, lengths = _eval_group(run_cli, group["name"], folders, args)
         for model, folder in zip(group["models"], folders):
             rows.append({**{k: v for k, v in model.items() if k != "flags"}, "lambda": lambdas[model["name"]],
-                         **_stats(evals[str(folder)])})
+                         **_stats(evals[str(folder)], lengths.get(str(folder)))})
             if not args.keep and folder.is_dir():
                 shutil.rmtree(folder)
+        _write(args, rows, t0)        # after every group: a stopped run still leaves its table
+    return _write(args, rows, t0)
+
+
+def _write(args, rows: list[dict], t0: float) -> dict:
     result = {"base": str(args.base), "long": str(args.long), "data": str(args.data), "limit": args.limit,
               "max_new_tokens": args.max_new_tokens, "alpha": args.alpha, "density": args.density,
               "ts": args.ts, "combos": args.combos, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
@@ -202,8 +223,9 @@ def markdown(rows: list[dict]) -> str:
         lam_s = f"{lam['mean']:.3f} ({lam['min']:.3f}–{lam['max']:.3f})" if lam else "—"
         cut = "—" if r["label"].startswith("long") or not long_len else f"{1 - r['mean_length'] / long_len:.0%}"
         levels = [f"{r['levels'].get(k, float('nan')):.2f}" for k in ("1", "2", "3", "4", "5")]
+        se = f" ± {r['length_se']:.1f}" if r.get("length_se") is not None else ""
         lines.append(f"| {r['label']} | {lam_s} | {r['accuracy']:.3f} ± {r['accuracy_se']:.3f} | "
-                     f"{r['mean_length']:.1f} ± {r['length_se']:.1f} | {cut} | " + " | ".join(levels) + " |")
+                     f"{r['mean_length']:.1f}{se} | {cut} | " + " | ".join(levels) + " |")
     return "\n".join(lines) + "\n"
 
 

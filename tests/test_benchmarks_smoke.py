@@ -205,8 +205,9 @@ def test_paper_rule_demo_commands_parse():
             assert (ns.rule, ns.t, ns.against, ns.applies) == ("acm", m["t"], against, applies)
             assert (ns.acm is not None) == (against == "fine-tuned")
             assert (ns.calibration is not None) == (against == "merged")
-    stats = prd._stats({"accuracy": 0.5, "mean_length": 2.0, "n": 4, "per_level": {"1": {"accuracy": 0.5}},
-                        "samples": [{"length": x} for x in (1, 1, 3, 3)]})
+    stats = prd._stats({"accuracy": 0.5, "mean_length": 2.0, "n": 4, "per_level": {"1": {"accuracy": 0.5}}},
+                       [1, 1, 3, 3])
     assert stats["accuracy_se"] == pytest.approx(0.25) and stats["length_se"] == pytest.approx(((4 / 3) ** 0.5) / 2)
-    row = {"label": "x", "lambda": None, **stats}
-    assert "0.500 ± 0.250" in prd.markdown([row])
+    assert "0.500 ± 0.250 | 2.0 ± 0.6 |" in prd.markdown([{"label": "x", "lambda": None, **stats}])
+    no_replies = prd._stats({"accuracy": 0.5, "mean_length": 2.0, "n": 300})
+    assert no_replies["length_se"] is None and "| 2.0 |" in prd.markdown([{"label": "x", **no_replies}])
