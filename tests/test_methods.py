@@ -308,9 +308,9 @@ def test_app_dropdown_and_controls_come_from_the_registry():
                                                   "seed": True, "gamma": False, "epsilon": False}
     updates = ui.method_changed("della_linear", ui.ACM)
     assert [u["visible"] for u in updates[:len(ui.PARAM_CONTROLS)]] == [True, False, False, True, False, True]
-    assert updates[-2]["visible"] is True and "DELLA" in updates[-1]["value"]
+    assert updates[-2]["interactive"] is True and "DELLA" in updates[-1]["value"]     # ACM offered, formula line
     linear = ui.method_changed("linear", ui.ACM)
-    assert linear[len(ui.PARAM_CONTROLS)]["value"] == ui.PLAIN and linear[-2]["visible"] is False
+    assert linear[len(ui.PARAM_CONTROLS)]["value"] == ui.PLAIN and linear[-2]["interactive"] is False
     assert ui.TOKENIZER_CHOICES[-1] == (f"fine-tuned {methods.MAX_FINE_TUNED}", f"ft:{methods.MAX_FINE_TUNED}")
 
 
