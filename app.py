@@ -82,7 +82,7 @@ def launch_kwargs() -> dict:
     "calibration file" never fills the server's disk or memory (same limit as the library's,
     ``ACM_MAX_CALIBRATION_MB``).
     """
-    from acm.calibration import max_file_bytes
+    from acm.activations.calibration import max_file_bytes
 
     css_paths = [CSS_PATH] if CSS_PATH.is_file() else None
     return dict(theme=THEME, css_paths=css_paths, footer_links=["api", "gradio"], max_file_size=max_file_bytes())

@@ -5,3 +5,9 @@ this project uses and docs/design.md for the design.
 """
 
 __version__ = "0.1.0"
+
+from pathlib import Path as _Path
+
+# The repository's bundled assets (demo models, calibration and evaluation sets): one definition, so a
+# module's depth in the package never decides where they are found.
+ASSETS_DIR = _Path(__file__).resolve().parent.parent / "assets"

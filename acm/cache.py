@@ -263,7 +263,7 @@ def calibration_identity(source: str | os.PathLike | Sequence[str] | None, *, fi
     same content, whatever it is called; a Hub dataset is read (from the local ``datasets`` cache
     after the first time) and hashed.
     """
-    from acm.calibration import load_texts
+    from acm.activations.calibration import load_texts
 
     stat_key = None
     if isinstance(source, (str, os.PathLike)) and Path(source).is_file():

@@ -1,7 +1,7 @@
 """Whether a process that left a temp folder or lock behind is still running.
 
 Torch-free on purpose: the shared cache (``acm.cache``) and the atomic output folders
-(``acm.shards``) both clean up after dead writers, and the cache must import without torch.
+(``acm.checkpoints.shards``) both clean up after dead writers, and the cache must import without torch.
 """
 
 from __future__ import annotations

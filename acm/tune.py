@@ -31,14 +31,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from acm import methods as registry
 from acm.errors import InputError
+from acm.merging import methods as registry
 
 Progress = Callable[[float, str], None]
 
 MAX_SETTINGS = 200                  # a grid larger than this is refused (one line): it would run for hours
 ALPHA_RANGE = (0.0, 4.0)            # α in (0, 4]
-TUNABLE_METHODS = registry.ACM_METHODS      # every method ACM's λ applies to (acm.methods)
+TUNABLE_METHODS = registry.ACM_METHODS      # every method ACM's λ applies to (acm.merging.methods)
 OBJECTIVES = ("shortest", "acc-per-1k", "max-accuracy")
 DEFAULT_TOLERANCE = 0.05            # accuracy (fraction) the recommendation may lose vs the fine-tuned model
 DEFAULT_HOLDOUT = 0.5
@@ -77,7 +77,7 @@ class Setting:
     against: str | None = None        # acm rule: MI against "fine-tuned" or "merged"
     applies: str | None = None        # acm rule: λ on "task-vectors" or "merged-delta"
     estimator: str | None = None      # acm rule against merged: its per-sample MI estimator
-    metric: str = "nmi"               # softmax: which similarity of the analysis drives λ (acm.similarity)
+    metric: str = "nmi"               # softmax: which similarity of the analysis drives λ (acm.activations.similarity)
 
     @property
     def acm(self) -> bool:
@@ -150,7 +150,7 @@ class Setting:
 
     def merge_options(self, **extra):
         """The ``MergeOptions`` of this point (library defaults for what the grid does not set)."""
-        from acm.merge import MergeOptions
+        from acm.merging.engine import MergeOptions
 
         kw: dict[str, Any] = {"method": self.method, "alpha": 1.0 if self.alpha is None else self.alpha}
         if self.density is not None:
@@ -203,8 +203,8 @@ def _rule_points(rules, ts, softmax_ts, thetas, against, applies, estimators,
     ``DEFAULT_ACM_TS``; softmax takes ``softmax_ts``, else ``ts``, else ``DEFAULT_SOFTMAX_TS``. Each t
     is checked against its own rule's range. An alias (``sigmoid``) fixes the switches it stands for.
     """
+    from acm.activations.similarity import parse_metrics
     from acm.rules import ACM, RULES, alias_params, get_rule
-    from acm.similarity import parse_metrics
 
     combos: list[tuple[str, str]] = []
     use_softmax = False
@@ -322,7 +322,7 @@ def bundled_eval_path() -> Path:
 def load_eval_set(source: str | os.PathLike | Sequence[dict] | None = "bundled", *, field_question: str = "question",
                   field_answer: str = "answer", split: str = "test") -> tuple[list[dict], str]:
     """(rows, label): the bundled set, a ``.jsonl``/``.json`` file, a list, or a Hub dataset id."""
-    from acm.evaluate import load_data
+    from acm.evaluation.evaluate import load_data
 
     if source is not None and not isinstance(source, (str, os.PathLike)):
         return load_data(list(source), field_question=field_question, field_answer=field_answer), "<list>"
@@ -334,7 +334,7 @@ def load_eval_set(source: str | os.PathLike | Sequence[dict] | None = "bundled",
         return load_data(path), "bundled demo set"
     if os.path.exists(spec) or spec.endswith((".jsonl", ".json")):
         return load_data(spec, field_question=field_question, field_answer=field_answer), spec
-    from acm.calibration import check_hub_id
+    from acm.activations.calibration import check_hub_id
 
     ident = check_hub_id(spec)
     try:
@@ -399,14 +399,14 @@ def split_rows(rows: Sequence[dict], *, holdout: float = DEFAULT_HOLDOUT, limit:
 
 def evaluate_rows(model, rows: Sequence[dict], *, max_new_tokens: int, batch_size: int,
                   chat_template: bool = True, device: str | None = None, engine: str = "transformers") -> dict:
-    """THE one call into ``acm.evaluate``: accuracy, length and per-level numbers of one model.
+    """THE one call into ``acm.evaluation.evaluate``: accuracy, length and per-level numbers of one model.
 
     ``model`` is a folder / Hub id, a ``(name, model, tokenizer)`` tuple or a ``(name, engine)`` pair
-    (``acm.engines``). Greedy, batched, the same prompts and answer extraction as ``acm eval``, with
+    (``acm.evaluation.engines``). Greedy, batched, the same prompts and answer extraction as ``acm eval``, with
     the generation ``engine`` asked for (transformers or vllm). Only the keys used here are kept, so a change in
     the evaluator's result dict needs a change in this function only.
     """
-    from acm.evaluate import evaluate
+    from acm.evaluation.evaluate import evaluate
 
     res = evaluate([model], list(rows), max_new_tokens=max_new_tokens, batch_size=batch_size,
                    chat_template=chat_template, device=device, show_progress=False, engine=engine)["models"][0]
@@ -421,7 +421,7 @@ def evaluate_rows(model, rows: Sequence[dict], *, max_new_tokens: int, batch_siz
 
 
 def _load(spec: str, device: str | None):
-    from acm.evaluate import load_model
+    from acm.checkpoints.models import load_model
 
     return load_model(spec, device=device)
 
@@ -432,7 +432,7 @@ def _open_reference(spec: str, device: str | None, engine: str) -> tuple:
     if engine == "transformers":
         model, tok = _load(spec, device)
         return spec, model, tok
-    from acm.engines import open_engine
+    from acm.evaluation.engines import open_engine
 
     return open_engine(engine, spec, device=device)
 
@@ -559,7 +559,7 @@ def _ensure_analysis(base: str, fts: list[str], analysis, out: Path, *, calibrat
     """An ``AnalysisResult`` holding every metric in ``metrics`` (softmax) and, with ``sample_mi``, the
     per-sample MI the acm rule needs: given, loaded from a path, the run folder's cache, or computed
     (and cached) — NMI, the metrics and per-sample MI in one analysis pass."""
-    from acm.analysis import AnalysisResult, analyze
+    from acm.activations.analysis import AnalysisResult, analyze
 
     def check(result, where: str):
         missing = [k for k in metrics if k not in result.metrics()]
@@ -636,7 +636,7 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
         raise InputError(f"--budget-minutes must be > 0, got {budget_minutes}")
     if max_new_tokens < 1 or batch_size < 1:
         raise InputError(f"max new tokens and batch size must be >= 1, got {max_new_tokens} and {batch_size}")
-    from acm.engines import check_engine
+    from acm.evaluation.engines import check_engine
 
     engine = check_engine(engine, device=device)
     rows, data_label = load_eval_set(data, field_question=field_question, field_answer=field_answer, split=split)
@@ -804,15 +804,15 @@ def _merge(base: str, fts: list[str], s: Setting, analysis, where: Path, *, thre
            calibration: str | None = None, samples: int | None = None) -> tuple[Path, dict]:
     """Merge one setting into a fresh folder under ``where``; returns it and the fields the record keeps.
 
-    λ comes from ``acm.coefficients.compute`` (softmax) or ``acm.rule_merge.merge_with_rule`` (the acm
+    λ comes from ``acm.rules.coefficients.compute`` (softmax) or ``acm.merging.rule_merge.merge_with_rule`` (the acm
     rule, any switches; it computes λ the same way) — the one path the app and the CLI use too.
     """
-    from acm.merge import merge_models
+    from acm.merging.engine import merge_models
 
     folder = Path(where) / ("merge-" + "".join(c if c.isalnum() or c in ".-=" else "_" for c in s.key()))
     options = s.merge_options(threads=threads, device=device)
     if s.paper:
-        from acm.rule_merge import merge_with_rule
+        from acm.merging.rule_merge import merge_with_rule
 
         merged = s.against == "merged"
         aopts = {k: v for k, v in (("samples", samples), ("device", device)) if v is not None}
@@ -825,7 +825,7 @@ def _merge(base: str, fts: list[str], s: Setting, analysis, where: Path, *, thre
         return folder, {"rule_lambda": {k: round(v, 6) for k, v in lam.items()}}
     lams = acm = None
     if s.acm:
-        from acm.coefficients import compute
+        from acm.rules.coefficients import compute
 
         coef = compute(analysis, "softmax", s.t, s.alpha, metric=s.metric)
         lams, acm = coef.weights(), coef.entry()

@@ -12,8 +12,9 @@ import torch  # noqa: F401
 import transformers.models.llama.modeling_llama  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-for _name in ("transformers.models.qwen2.modeling_qwen2", "acm.tensors", "acm.models", "acm.grouping", "acm.merge",
-              "acm.analysis", "acm.calibration"):
+for _name in ("transformers.models.qwen2.modeling_qwen2", "acm.checkpoints.tensors", "acm.checkpoints.models",
+              "acm.checkpoints.grouping", "acm.merging.engine", "acm.activations.analysis",
+              "acm.activations.calibration"):
     try:
         __import__(_name)
     except Exception:  # noqa: BLE001 - a module being written right now must not break the benchmarks

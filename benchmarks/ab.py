@@ -54,7 +54,7 @@ def one_call(tree: Path, size: str, methods: list[str], threads: int, out: Path)
 
 
 def _load_methods(tree: Path, tag: str):
-    """``acm/merge_methods.py`` of one tree as its own module (it imports only numpy / torch)."""
+    """``acm/merging/kernels.py`` of one tree as its own module (it imports only numpy / torch)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"_ab_merge_methods_{tag}", tree / "acm" / "merge_methods.py")
@@ -73,7 +73,7 @@ def kernel_ab(trees: dict[str, Path], size: str, methods: list[str], reps: int, 
     """
     import torch
 
-    from acm.tensors import TensorReader, find_weight_files
+    from acm.checkpoints.tensors import TensorReader, find_weight_files
     from benchmarks.models import get_models
 
     torch.set_num_threads(1)

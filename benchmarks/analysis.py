@@ -1,12 +1,12 @@
-"""Analysis benchmark: ``acm.analysis.analyze`` against the two models' plain forward passes.
+"""Analysis benchmark: ``acm.activations.analysis.analyze`` against the two models' plain forward passes.
 
 Same run, same child process, same calibration tokens, same batch size, dtype and device:
 
-* ``forward`` — load base and fine-tuned with ``acm.models.load_causal_lm`` (not timed), encode
-  the calibration texts with ``acm.calibration.encode`` (not timed), then time the forward
+* ``forward`` — load base and fine-tuned with ``acm.checkpoints.models.load_causal_lm`` (not timed), encode
+  the calibration texts with ``acm.activations.calibration.encode`` (not timed), then time the forward
   passes of both models over every batch under ``torch.inference_mode``.
 * ``analyze`` — the full call, with model loading, calibration selection (k-means) and
-  encoding timed *separately* by wrapping the functions ``acm.analysis`` calls, so the core
+  encoding timed *separately* by wrapping the functions ``acm.activations.analysis`` calls, so the core
   (hooks + streaming MI) is ``total − load − select − encode``. overhead = core / forward.
 
 Scaling with calibration size runs ``analyze`` in fresh processes for a growing number of
@@ -124,25 +124,9 @@ def _count_tokens(batches) -> int:
     return int(sum(int(b["attention_mask"].sum()) for b in batches))
 
 
-def _make_batches(ids: list[list[int]], batch_size: int, pad_id: int):
-    import torch
-
-    batches = []
-    for i in range(0, len(ids), batch_size):
-        chunk = ids[i:i + batch_size]
-        width = max(len(x) for x in chunk)
-        inp = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, x in enumerate(chunk):
-            inp[j, :len(x)] = torch.tensor(x)
-            mask[j, :len(x)] = 1
-        batches.append({"input_ids": inp, "attention_mask": mask})
-    return batches
-
-
 def _encode(texts, tokenizer, max_tokens: int) -> list[list[int]]:
     try:
-        from acm.calibration import encode
+        from acm.activations.calibration import encode
 
         return encode(texts, tokenizer, max_tokens=max_tokens, chat_template=False)
     except ImportError:
@@ -152,12 +136,13 @@ def _encode(texts, tokenizer, max_tokens: int) -> list[list[int]]:
 def task_forward(args: dict, texts: list[str] | None = None) -> dict:
     """Plain forward passes of base + fine-tuned over the calibration tokens (loading not timed).
 
-    Batching and padding are analyze's own (``acm.analysis._batches`` when present), and
+    Batching and padding are analyze's own (``acm.activations.calibration.pad_batches``), and
     ``use_cache=False`` as analyze passes it, so both sides run the same model calls.
     """
     import torch
 
-    from acm.models import load_causal_lm, resolve_model
+    from acm.activations.calibration import pad_batches
+    from acm.checkpoints.models import load_causal_lm, resolve_model
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -169,12 +154,7 @@ def task_forward(args: dict, texts: list[str] | None = None) -> dict:
         texts = calibration_texts(args["samples"], seed=args.get("seed", 0))
     ids = [x for x in _encode(texts, tok, args["max_tokens"]) if x]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    try:
-        from acm.analysis import _batches as analysis_batches
-
-        batches = [{"input_ids": i, "attention_mask": m} for i, m in analysis_batches(ids, args["batch_size"], pad)]
-    except ImportError:
-        batches = _make_batches(ids, args["batch_size"], pad)
+    batches = [{"input_ids": i, "attention_mask": m} for i, m in pad_batches(ids, args["batch_size"], pad)]
     tokens = _count_tokens(batches)
     with torch.inference_mode():  # one small warm-up call per model (kernels, allocator)
         for model, _ in loaded:
@@ -198,7 +178,7 @@ def task_analyze(args: dict) -> dict:
     """One full ``analyze`` call with its loading / selection / encoding timed apart."""
     import torch
 
-    import acm.analysis as analysis
+    import acm.activations.analysis as analysis
 
     torch.manual_seed(0)
     timers = _Timers()
@@ -207,7 +187,7 @@ def task_analyze(args: dict) -> dict:
     timers.wrap(analysis, "select_samples", "select", keep=True)
     timers.wrap(analysis, "encode", "encode")
     try:
-        import acm.calibration as calibration
+        import acm.activations.calibration as calibration
 
         if not hasattr(analysis, "select_samples"):
             timers.wrap(calibration, "select_samples", "select", keep=True)
@@ -286,9 +266,8 @@ def task_fs_forward(args: dict) -> dict:
 
     import torch
 
-    from acm.analysis import _batches
-    from acm.calibration import encode
-    from acm.models import load_causal_lm, parse_dtype, resolve_model
+    from acm.activations.calibration import encode, pad_batches
+    from acm.checkpoints.models import load_causal_lm, parse_dtype, resolve_model
 
     dtype = parse_dtype(args["dtype"])
     seconds = cpu = load_s = 0.0
@@ -299,7 +278,7 @@ def task_fs_forward(args: dict) -> dict:
         load_s += time.perf_counter() - t0
         ids = [x for x in encode(_fullsize_texts(args), tok, max_tokens=args["max_tokens"], chat_template=False) if x]
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        batches = list(_batches(ids, args["batch_size"], pad))
+        batches = list(pad_batches(ids, args["batch_size"], pad))
         tokens, samples = sum(len(x) for x in ids), len(ids)
         t1, c1 = time.perf_counter(), time.process_time()
         with torch.inference_mode():
@@ -315,8 +294,8 @@ def task_fs_forward(args: dict) -> dict:
 
 
 def task_fs_analyze(args: dict) -> dict:
-    """``acm.analysis.analyze`` on the same texts (all kept: no k-means), loading timed apart."""
-    import acm.analysis as analysis
+    """``acm.activations.analysis.analyze`` on the same texts (all kept: no k-means), loading timed apart."""
+    import acm.activations.analysis as analysis
 
     timers = _Timers()
     timers.wrap(analysis, "load_causal_lm", "load")
@@ -326,9 +305,10 @@ def task_fs_analyze(args: dict) -> dict:
     if sample_kwargs.get("sample_mi"):
         # the per-sample MI's whole hook work (split by sample, flatten, cap, labels/bins, keep/compare)
         # and, inside it, the MI arithmetic itself (``discrete_mi``; the binned estimator's histogram)
-        import acm.sample_mi as sample_mi
+        import acm.activations.capture as capture
+        import acm.activations.sample_mi as sample_mi
 
-        timers.wrap(sample_mi.SampleCapture, "__call__", "mi_hooks")
+        timers.wrap(capture.SampleCapture, "__call__", "mi_hooks")
         timers.wrap(sample_mi, "discrete_mi", "mi_compute")
         timers.wrap(sample_mi.BinnedMI, "update", "mi_binned_update")
     texts = _fullsize_texts(args)
@@ -462,9 +442,9 @@ FULLSIZE_COLUMNS = [("dtype", "dtype"), ("variant", "analysis"), ("estimator", "
 
 def analysis_available() -> tuple[bool, str]:
     try:
-        from acm.analysis import analyze  # noqa: F401
+        from acm.activations.analysis import analyze  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - ImportError or a half-written module: report, do not crash
-        return False, f"acm.analysis not importable: {type(exc).__name__}: {exc}".splitlines()[0]
+        return False, f"acm.activations.analysis not importable: {type(exc).__name__}: {exc}".splitlines()[0]
     return True, ""
 
 

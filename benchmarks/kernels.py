@@ -100,11 +100,11 @@ def run(numel: int, *, density: float = 0.2, drop: float = 0.3, reps: int = 3, o
     add("TIES threshold", "radix select, 16-bit bincount (exact)", lambda: radix_kth(tau, k),
         note=f"equal to kthvalue: {r == exact}")
     try:
-        from acm.merge_methods import keep_count, kth_largest
+        from acm.merging.kernels import keep_count, kth_largest
 
         kk = keep_count(numel, density)
         eng = kth_largest(tau, kk)
-        add("TIES threshold", "acm.merge_methods.kth_largest (the engine's)", lambda: kth_largest(tau, kk),
+        add("TIES threshold", "acm.merging.kernels.kth_largest (the engine's)", lambda: kth_largest(tau, kk),
             note=f"equal to kthvalue: {float(eng) == float(torch.kthvalue(tau, numel - kk + 1).values)}")
     except Exception:  # noqa: BLE001 - engine absent or its API moved: the other rows still stand
         pass

@@ -1,6 +1,6 @@
 """Interactive latency: what a user waits for in the app.
 
-* coefficient recomputation λ(t) (``acm.coefficients.lambdas``) for one t and for a t grid, at
+* coefficient recomputation λ(t) (``acm.rules.coefficients.lambdas``) for one t and for a t grid, at
   the demo's group count and at a 7B-scale group count (30 groups), 1–3 fine-tuned models;
 * the whole t-slider path: λ(t) + coefficient table + plot rebuild (``components/plots.py``
   builders when they exist, else a reference Plotly figure with the same traces, said so) +
@@ -48,9 +48,9 @@ def timeit(fn: Callable[[], Any], *, min_time: float = 0.2, max_reps: int = 10_0
 
 def _lambdas_fn():
     try:
-        from acm.coefficients import lambdas
+        from acm.rules.coefficients import lambdas
 
-        return lambdas, "acm.coefficients.lambdas"
+        return lambdas, "acm.rules.coefficients.lambdas"
     except ImportError:
         import numpy as np
 
@@ -62,7 +62,7 @@ def _lambdas_fn():
             w = np.exp(z)
             return alpha * nmi.shape[-1] * w / w.sum(axis=-1, keepdims=True)
 
-        return lambdas, "reference formula (acm.coefficients not present)"
+        return lambdas, "reference formula (acm.rules.coefficients not present)"
 
 
 def synthetic_analysis(n_models: int, n_groups: int):
@@ -74,7 +74,7 @@ def synthetic_analysis(n_models: int, n_groups: int):
     nmis = [np.clip(np.linspace(0.9, 0.3, n_groups) + 0.05 * rng.standard_normal(n_groups), 0.01, 0.99)
             for _ in range(n_models)]
     try:
-        from acm.analysis import AnalysisResult
+        from acm.activations.result import AnalysisResult
 
         d = {"groups": groups,
              "models": [{"model": f"ft{i}", "nmi": [float(x) for x in nmi], "mi": [float(x) for x in nmi * 2]}
@@ -299,7 +299,7 @@ class _TimingStreamer:
 def _generate_timed(model, tok, prompt: str, max_new_tokens: int) -> dict:
     import torch
 
-    from acm.generation import build_prompt
+    from acm.evaluation.generation import build_prompt
 
     text = build_prompt(tok, prompt)
     enc = tok(text, return_tensors="pt", add_special_tokens=False)
@@ -316,8 +316,8 @@ def _generate_timed(model, tok, prompt: str, max_new_tokens: int) -> dict:
 
 
 def _stream_first_chunk(model, tok, prompt: str, max_new_tokens: int) -> dict:
-    """acm.generation.generate_stream as the chat uses it: time to the first visible text."""
-    from acm.generation import generate_stream
+    """acm.evaluation.generation.generate_stream as the chat uses it: time to the first visible text."""
+    from acm.evaluation.generation import generate_stream
 
     t0 = time.perf_counter()
     first = None
@@ -333,7 +333,7 @@ def _stream_first_chunk(model, tok, prompt: str, max_new_tokens: int) -> dict:
 def bench_generation(quick: bool, demo_dir: Path | None = None) -> tuple[list[dict], str]:
     import torch
 
-    from acm.models import load_causal_lm, resolve_model
+    from acm.checkpoints.models import load_causal_lm, resolve_model
 
     paths, what = _gen_models(demo_dir)
     loaded = []
@@ -359,11 +359,11 @@ def bench_generation(quick: bool, demo_dir: Path | None = None) -> tuple[list[di
                          "threads": threads, "load_s": load_s, **r})
         try:
             s = _stream_first_chunk(model, tok, prompt, n_new)
-            rows.append({"what": "acm.generation.generate_stream (alone)", "model": name,
+            rows.append({"what": "acm.evaluation.generation.generate_stream (alone)", "model": name,
                          "threads": torch.get_num_threads(), "first_token_ms": s["first_text_ms"],
                          "total_s": s["total_s"]})
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
-            rows.append({"what": "acm.generation.generate_stream (alone)", "model": name, "status": f"failed: {exc}"[:100]})
+            rows.append({"what": "acm.evaluation.generation.generate_stream (alone)", "model": name, "status": f"failed: {exc}"[:100]})
     if len(loaded) >= 2:
         for threads in ((torch.get_num_threads(),) if quick else (torch.get_num_threads(), 1)):
             old = torch.get_num_threads()

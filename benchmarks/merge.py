@@ -3,10 +3,10 @@
 For each model size and method (task arithmetic, TIES, DARE-TIES, ACM-TIES with a synthetic λ
 table) every run happens in a fresh child process; measured in the same run, interleaved:
 
-* ``floor`` — read every input tensor (base + fine-tuned, via ``acm.tensors.TensorReader`` /
+* ``floor`` — read every input tensor (base + fine-tuned, via ``acm.checkpoints.tensors.TensorReader`` /
   safetensors) and write one output of the same size as safetensors shards of the same limit.
   Nothing can merge faster than this on this machine.
-* each engine method via ``acm.merge.merge_models``;
+* each engine method via ``acm.merging.engine.merge_models``;
 * ``naive`` — the reference everybody writes first: ``from_pretrained`` every model, merge the
   state dicts in memory (task arithmetic), ``save_pretrained``.
 * ``baseline`` — the interpreter + imports alone (RSS subtracted to get working memory).
@@ -55,7 +55,7 @@ METHODS = {  # benchmark name -> (engine method, uses ACM λ table)
     "dare_ties": ("dare_ties", False),
     "acm_ties": ("ties", True),
 }
-# Opt-in (--methods): the methods added through the registry (acm/methods.py), not in the default run.
+# Opt-in (--methods): the methods added through the registry (acm/merging/methods.py), not in the default run.
 EXTRA_METHODS = {m: (m, False) for m in ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear")}
 DEFAULT_SIZES = ["10m", "50m", "200m", "800m"]
 DEFAULT_SHARD = "200MB"
@@ -79,10 +79,10 @@ def _preimport() -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    import acm.grouping
-    import acm.tensors
+    import acm.checkpoints.grouping
+    import acm.checkpoints.tensors
     try:
-        import acm.merge  # noqa: F401
+        import acm.merging.engine  # noqa: F401
     except ImportError:
         pass
 
@@ -99,7 +99,7 @@ def task_floor(args: dict) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from acm.tensors import TensorReader, find_weight_files
+    from acm.checkpoints.tensors import TensorReader, find_weight_files
 
     before = proc_status()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -160,7 +160,7 @@ def task_floor(args: dict) -> dict:
 
 def task_merge(args: dict) -> dict:
     """One engine merge, as the CLI would run it."""
-    from acm.merge import MergeOptions, merge_models
+    from acm.merging.engine import MergeOptions, merge_models
 
     _preimport()
     before = proc_status()
@@ -216,14 +216,14 @@ def synthetic_lambdas(num_layers: int, n_ft: int, t: float = 2.0, alpha: float =
     """An ACM λ table of the right shape: NMI falling with depth, λ from the project's formula."""
     import numpy as np
 
-    from acm.grouping import group_names
+    from acm.checkpoints.grouping import group_names
 
     groups = group_names(num_layers)
     out = []
     for i in range(n_ft):
         nmi = np.linspace(0.85, 0.25, len(groups)) + 0.03 * np.sin(np.arange(len(groups)) + i)
         try:
-            from acm.coefficients import lambdas as lam_fn
+            from acm.rules.coefficients import lambdas as lam_fn
 
             lam = np.asarray(lam_fn(nmi, t, alpha=alpha), dtype=float).reshape(-1)
         except ImportError:  # formula from docs/design.md: α·K·softmax(−t·NMI)
@@ -235,9 +235,9 @@ def synthetic_lambdas(num_layers: int, n_ft: int, t: float = 2.0, alpha: float =
 
 def engine_available() -> tuple[bool, str]:
     try:
-        from acm.merge import MergeOptions, merge_models  # noqa: F401
+        from acm.merging.engine import MergeOptions, merge_models  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - ImportError or a half-written module: report, do not crash
-        return False, f"acm.merge not importable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return False, f"acm.merging.engine not importable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return True, ""
 
 

@@ -1,7 +1,7 @@
 """Does per-sample MI measure dependence or sequence length? (issue 19, item 4)
 
 The paper's rule takes the discrete MI of one calibration sample's flattened activations
-(``acm.sample_mi``). For continuous values that are mostly distinct, a sample of n values has
+(``acm.activations.sample_mi``). For continuous values that are mostly distinct, a sample of n values has
 H(x) ≈ log n, and the MI of two such label vectors is bounded by it and, when both sides are
 nearly injective, close to it: longer samples get larger MI whatever the models do. This script
 measures how much of the per-sample MI follows log(real token count):
@@ -95,8 +95,8 @@ def _config(folder: str | Path) -> dict:
 
 def run_demo(estimators, *, log=print) -> dict:
     """Every bundled calibration prompt, the CLI's defaults otherwise (chat template, 512 tokens)."""
-    from acm.analysis import analyze
-    from acm.calibration import load_texts
+    from acm.activations.analysis import analyze
+    from acm.activations.calibration import load_texts
 
     texts = load_texts("bundled")
     out = {"pair": "demo (tiny-math-base vs tiny-math-long)", "calibration": f"bundled, all {len(texts)} prompts"}
@@ -126,8 +126,8 @@ def run_fullsize(estimators, lengths: list[int], *, dtype: str = "float32", log=
     """The 1.5B-shaped stand-in pair, one sample per length (each cut to its length)."""
     from transformers import AutoTokenizer
 
-    from acm.analysis import analyze
-    from acm.calibration import encode
+    from acm.activations.analysis import analyze
+    from acm.activations.calibration import encode
     from benchmarks.fullsize import get_pair
 
     pair = get_pair(verbose=False)

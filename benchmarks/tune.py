@@ -34,7 +34,7 @@ def _cpu_s() -> float:
 
 def run(quick: bool = False, out: str | None = None, *, problems: int | None = None, max_new_tokens: int | None = None,
         threads: int | None = None, keep_dir: str | None = None, log=print) -> dict:
-    from acm.analysis import analyze
+    from acm.activations.analysis import analyze
     from acm.tune import expand_grid, run_tune
 
     base, long = DEMO / "tiny-math-base", DEMO / "tiny-math-long"

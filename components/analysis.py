@@ -1,10 +1,10 @@
 """Step 3 — Analyse: per-layer per-sample MI (the paper's rule, the default) and similarity (NMI by
 default; CKA, cosine on request) in one cached analysis, and the coefficient curve λₖ(t) redrawn live.
 
-``run_analysis`` is the only heavy call here (``acm.analysis.analyze``: the per-sample MI and all chosen
+``run_analysis`` is the only heavy call here (``acm.activations.analysis.analyze``: the per-sample MI and all chosen
 metrics in one set of passes); ``coefficient_view`` only reads the cached values and asks
-``acm.coefficients`` for λ, so moving t or α costs milliseconds. The λ curve carries λ on the whole t grid
-(``acm.coefficients.acm_curve`` / ``lambdas``), and the page redraws it itself on a slider move
+``acm.rules.coefficients`` for λ, so moving t or α costs milliseconds. The λ curve carries λ on the whole t grid
+(``acm.rules.coefficients.acm_curve`` / ``lambdas``), and the page redraws it itself on a slider move
 (``LIVE_JS``): no server round trip per step.
 """
 
@@ -105,7 +105,7 @@ def t_slider_settings(rule: str) -> dict:
 
 def metric_choices() -> list[tuple[str, str]]:
     """(label, key) of every registered similarity metric, for the checkbox group and the driver."""
-    from acm.similarity import METRICS
+    from acm.activations.similarity import METRICS
 
     return [(spec.label, key) for key, spec in METRICS.items()]
 
@@ -145,8 +145,8 @@ def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_cod
     shared-cache entry's ``{"hit", "waited", "age_s", "compute_s"}`` (another session's identical
     request — same model contents, calibration texts, settings and code — computed it already).
     """
-    from acm.analysis import analyze
-    from acm.similarity import parse_metrics
+    from acm.activations.analysis import analyze
+    from acm.activations.similarity import parse_metrics
 
     base, fts = validate_selection(base, fts)
     metric_keys = parse_metrics(list(metrics or []) or None)
@@ -210,8 +210,8 @@ def shared_analysis(base: str, fts: list[str], cal: dict, settings: dict, comput
     A reused result names this session's own calibration source in its provenance (the texts are
     the same; the file name another visitor uploaded them under is not shown).
     """
-    from acm.analysis import AnalysisResult
-    from acm.calibration import describe_source
+    from acm.activations.calibration import describe_source
+    from acm.activations.result import AnalysisResult
 
     store = shared_cache()
     key = shared_analysis_key(store, base, fts, cal, settings) if store is not None else None
@@ -264,7 +264,7 @@ def _read_calibration(path: Path) -> list[tuple[list[int], str]] | None:
 
 def load_analysis_file(state: SessionState, path: str | None):
     """Make an uploaded analysis JSON the current analysis (skips the forward passes)."""
-    from acm.analysis import AnalysisResult
+    from acm.activations.result import AnalysisResult
     from acm.errors import InputError
 
     if not path:
@@ -300,7 +300,7 @@ def model_labels(analysis) -> list[str]:
 def nmi_view(analysis, driver: str | None = None):
     """The per-layer similarity chart: the classic NMI chart for an NMI-only analysis, else every
     metric side by side on one [0, 1] axis with the λ driver emphasised."""
-    from acm.similarity import metric_label
+    from acm.activations.similarity import metric_label
 
     labels = model_labels(analysis)
     keys = analysis.metrics()
@@ -402,7 +402,7 @@ def acm_view(analysis, t: float, clip, *, multi: bool = True):
     """(λ curve, several-t view, table) of the paper's rule; an old file gets its one line instead."""
     import numpy as np
 
-    from acm.coefficients import acm_curve, coefficient_table
+    from acm.rules.coefficients import acm_curve, coefficient_table
 
     line = old_file_line(analysis)
     if line:
@@ -431,8 +431,8 @@ def softmax_view(analysis, t: float, alpha: float, clip, metric: str, *, multi: 
     """(λ curve, several-t view, table) of this project's softmax rule over the chosen similarity."""
     import numpy as np
 
-    from acm.coefficients import coefficient_table, lambdas
-    from acm.similarity import metric_label
+    from acm.activations.similarity import metric_label
+    from acm.rules.coefficients import coefficient_table, lambdas
 
     label = "NMI" if metric == "nmi" else metric_label(metric)
     table = coefficient_table(analysis, t, alpha, clip=clip, metric=metric, rule="softmax")
@@ -456,7 +456,7 @@ def coefficient_view(state: SessionState, t: float | None, alpha: float | None =
                      clip_max=None, *, multi: bool = True, metric: str | None = None, rule: str | None = None):
     """(λ curve figure, several-t figure, coefficient table dict) for the current analysis.
 
-    No model work: the per-sample MI and similarities are cached, λ comes from ``acm.coefficients``.
+    No model work: the per-sample MI and similarities are cached, λ comes from ``acm.rules.coefficients``.
     Safe to call on every slider move; without an analysis it returns placeholders. ``rule``: ``acm``
     (the paper's, default) or ``softmax`` (``None`` = the last choice); ``metric``: which similarity
     drives the softmax rule (``None`` = the last choice; falls back to the analysis' first metric).
@@ -499,7 +499,7 @@ def summary_markdown(analysis, *, cached: bool = False, seconds: float | None = 
         parts.append(f"calibration: {src}" + (f", {n} samples" if n else "") + (f", {tokens} tokens" if tokens else ""))
     parts.append(f"{len(analysis.groups)} layer groups")
     lines = [" · ".join(parts), ""]
-    from acm.similarity import metric_label
+    from acm.activations.similarity import metric_label
 
     line = old_file_line(analysis)
     for i, (lab, m) in enumerate(zip(model_labels(analysis), analysis.models)):
@@ -759,7 +759,7 @@ def _wire_driver(ui, coef_inputs, events) -> None:
 
     def driver_choices(state):
         """The "λ driven by" choices follow the metrics of the current analysis."""
-        from acm.similarity import metric_label
+        from acm.activations.similarity import metric_label
 
         have = state.analysis.metrics() if state.analysis is not None else ["nmi"]
         value = driver_metric(state.analysis, (state.coef_view or {}).get("metric"))

@@ -22,7 +22,7 @@ DEFAULT_MAX_TOKENS = 128
 
 def resolve_calibration(mode: str | None, upload: str | None = None, hub_id: str | None = None,
                         split: str | None = None, field: str | None = None) -> dict:
-    """The calibration choice as arguments for ``acm.analysis.analyze`` / ``load_texts``.
+    """The calibration choice as arguments for ``acm.activations.analysis.analyze`` / ``load_texts``.
 
     Returns ``{"source", "field", "split", "label", "identity"}``; ``identity`` changes whenever
     the texts may have changed (file contents included), so it can key the analysis cache.
@@ -53,7 +53,7 @@ def resolve_calibration(mode: str | None, upload: str | None = None, hub_id: str
         hub_id = (hub_id or "").strip()
         if not hub_id:
             raise InputError("type a Hub dataset id (e.g. simplescaling/s1K) or pick the bundled set")
-        from acm.calibration import HUB_PREFIX, check_hub_id
+        from acm.activations.calibration import HUB_PREFIX, check_hub_id
 
         hub_id = check_hub_id(hub_id)       # a Hub id, never a path on the server
         return {"source": HUB_PREFIX + hub_id, "field": field, "split": split, "label": f"{hub_id} [{split}]",
@@ -72,7 +72,7 @@ def _stat(path: Path) -> tuple:
 def preview(mode: str | None, upload: str | None = None, hub_id: str | None = None, split: str | None = None,
             field: str | None = None, rows: int = PREVIEW_ROWS) -> tuple[list[list], str]:
     """The first few calibration texts (for a table) and a one-line summary."""
-    from acm.calibration import load_texts
+    from acm.activations.calibration import load_texts
 
     cal = resolve_calibration(mode, upload, hub_id, split, field)
     texts_ = load_texts(cal["source"], field=cal["field"], split=cal["split"])

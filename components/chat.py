@@ -117,9 +117,9 @@ def chat_stream(state: SessionState, message: str, base: str | None, fts, *, max
                 temperature: float = 0.0, top_p: float = 1.0, device: str | None = "auto",
                 dtype: str | None = "auto", trust_remote_code: bool = False) -> Iterator[tuple]:
     """Send ``message`` to every active model; yield snapshots while the replies stream in parallel."""
+    from acm.checkpoints.templates import describe_chat
     from acm.errors import InputError
-    from acm.generation import generate_stream
-    from acm.templates import describe_chat
+    from acm.evaluation.generation import generate_stream
 
     message = (message or "").strip()
     if not message:

@@ -110,13 +110,9 @@ def warm_imports(specs: tuple | list = ()) -> None:
             import transformers
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, TextIteratorStreamer  # noqa: F401
 
-            import acm.analysis
-            import acm.calibration
-            import acm.coefficients
-            import acm.evaluate
-            import acm.generation
-            import acm.merge
-            import acm.models  # noqa: F401
+            import acm.activations.analysis
+            import acm.activations.calibration
+            import acm.checkpoints.models  # noqa: F401
             del transformers
             _IMPORTED.set()
         for spec in specs:
@@ -282,7 +278,7 @@ _JOBS = {"analyse": "analysis", "analyze": "analysis", "merge": "merge"}
 
 def model_bytes(spec: str, trust_remote_code: bool = False) -> tuple[int, int]:
     """(parameters, bytes in bfloat16) of a model from its config + safetensors headers (no weights)."""
-    from acm.models import resolve_model
+    from acm.checkpoints.models import resolve_model
 
     src = resolve_model(str(spec), trust_remote_code=trust_remote_code)
     n = src.reader.numel()
@@ -403,7 +399,7 @@ def merge_label(method: str, use_acm: bool, t: float | None, alpha: float, merge
     Here rather than in components.merge because the Merge button and the staged variants
     (components.rules) both name their merges.
     """
-    from acm.methods import SPECS
+    from acm.merging.methods import SPECS
 
     short = SPECS[method].short if method in SPECS else method
     if method == "linear":
@@ -420,7 +416,7 @@ def merge_label(method: str, use_acm: bool, t: float | None, alpha: float, merge
         return f"#{merge_id} ACM-{short} t={t:g}{extra}" + (f" α={alpha:g}" if applies != "task-vectors" else "")
     by = ""
     if metric and metric != "nmi":
-        from acm.similarity import metric_label
+        from acm.activations.similarity import metric_label
 
         by = f" by {metric_label(metric)}"
     return f"#{merge_id} {short} softmax t={t:g} α={alpha:g}{by}"

@@ -28,15 +28,15 @@ DEFAULT_BATCH = 16
 
 
 def preset_choices() -> list[tuple[str, str]]:
-    """(title, key) for the preset dropdown, in the order of ``acm.eval_presets.PRESETS``."""
-    from acm.eval_presets import PRESETS
+    """(title, key) for the preset dropdown, in the order of ``acm.evaluation.presets.PRESETS``."""
+    from acm.evaluation.presets import PRESETS
 
     return [(p.title, k) for k, p in PRESETS.items()]
 
 
 def preset_rows(key: str, limit: int | None) -> list[dict]:
     """The preset's problems from the Hub (``datasets``, cached); tests point this at local copies."""
-    from acm.eval_presets import load_preset
+    from acm.evaluation.presets import load_preset
 
     return load_preset(key, limit=limit)
 
@@ -46,7 +46,7 @@ def _data(mode: str | None, upload: str | None, preset: str | None = None) -> tu
     from acm.errors import InputError
 
     if mode == PRESET:
-        from acm.eval_presets import get_preset
+        from acm.evaluation.presets import get_preset
 
         p = get_preset(preset or "")                          # a fixed list: never a path
         return f"preset:{p.key}", p.title
@@ -63,7 +63,7 @@ def _data(mode: str | None, upload: str | None, preset: str | None = None) -> tu
 
 def decoding_options(decoding: str | None, temperature: float | None, top_p: float | None, samples: int | None,
                      seed: int | None) -> dict:
-    """The ``acm.evaluate.evaluate`` decoding arguments for the tab's controls (greedy ignores the rest)."""
+    """The ``acm.evaluation.evaluate.evaluate`` decoding arguments for the tab's controls (greedy ignores the rest)."""
     if decoding == SAMPLED:
         return {"temperature": float(temperature or 0.6), "top_p": float(top_p or 1.0), "samples": int(samples or 1),
                 "seed": int(seed or 0), "use_generation_config": False}
@@ -83,12 +83,12 @@ def run_eval(state: SessionState, base: str | None, fts, *, data_mode: str | Non
 
     Source-model results are cached per evaluation setting (problems, limit, max tokens, decoding),
     so after each new merge only the merged model runs. Every result becomes a point of the
-    session's accuracy-vs-length scatter. Returns the ``acm.evaluate.evaluate`` dict with ``kind``
+    session's accuracy-vs-length scatter. Returns the ``acm.evaluation.evaluate.evaluate`` dict with ``kind``
     and ``label`` added per model.
     """
     from acm.errors import InputError
-    from acm.evaluate import evaluate, length_warning
-    from acm.generation import check_max_new_tokens
+    from acm.evaluation.evaluate import evaluate, length_warning
+    from acm.evaluation.generation import check_max_new_tokens
 
     base, fts = validate_selection(base, fts)
     path, data_label = _data(data_mode, upload, preset)

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from acm.errors import first_line, redact
-from acm.methods import OPTIONS, SPECS
+from acm.merging.methods import OPTIONS, SPECS
 from components import help as texts
 from components import steps as plan
 from components.common import safe_filename, ui_errors
@@ -42,7 +42,7 @@ def recipe_dict(state: SessionState) -> dict:
     """Everything needed to reproduce the merge: models, method, settings, λ and the analysis provenance."""
     merged = _require_merge(state)
     try:
-        from acm.export import recipe as library_recipe  # the library's own format, when it offers one
+        from acm.merging.export import recipe as library_recipe  # the library's own format, when it offers one
 
         rec = library_recipe(merged.report)
         if isinstance(rec, dict):
@@ -60,7 +60,7 @@ def recipe_dict(state: SessionState) -> dict:
 
 def mergekit_yaml(state: SessionState) -> str | None:
     """The coefficients as a mergekit-style YAML (plain merges: t = 0, i.e. λ = α everywhere)."""
-    from acm.coefficients import to_mergekit_yaml
+    from acm.merging.mergekit import to_mergekit_yaml
 
     merged = _require_merge(state)
     s = merged.settings
@@ -72,7 +72,7 @@ def mergekit_yaml(state: SessionState) -> str | None:
     t = s["t"] if s.get("acm") else 0.0
     tok = s.get("tokenizer_from") or "base"
     tok_source = None if tok == "base" else s["fts"][int(tok.split(":")[1]) - 1 if ":" in tok else 0]
-    spec = SPECS[s["method"]]          # which of the merge's settings the method uses (acm.methods)
+    spec = SPECS[s["method"]]          # which of the merge's settings the method uses (acm.merging.methods)
 
     def used(key):
         return s.get(key, OPTIONS[key].default) if spec.uses(key) else None

@@ -1,9 +1,9 @@
-"""Step 4 — Merge: plain or ACM-weighted, any method of the registry (acm.methods), streamed into the workspace.
+"""Step 4 — Merge: plain or ACM-weighted, any method of the registry (acm.merging.methods), streamed into the workspace.
 
 ACM means the paper's rule by default (``acm.rules.ACM``: λ from per-sample MI, θ₀ + (1/N)·Σ λᵢ·τᵢ, no α);
 its two switches and staged variants live in components/rules.py, this project's softmax rule stays
-selectable. λ and the recipe's ``acm`` entry always come from ``acm.coefficients.compute`` (one library
-path). The dropdown, which parameter controls are visible and their help come from ``acm.methods``
+selectable. λ and the recipe's ``acm`` entry always come from ``acm.rules.coefficients.compute`` (one library
+path). The dropdown, which parameter controls are visible and their help come from ``acm.merging.methods``
 (torch-free, so building the UI does not import torch).
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
-from acm import methods as registry
+from acm.merging import methods as registry
 from acm.rules import DEFAULT_RULE
 from acm.sizes import format_bytes
 from components import help as texts
@@ -34,7 +34,7 @@ DEFAULT_DENSITY = 0.7
 OPT = registry.OPTIONS
 # The parameter controls below the method; each is visible only for the methods whose spec uses it.
 PARAM_CONTROLS = ("density", "trim_scope", "drop_rate", "seed", "gamma", "epsilon")
-# Whose tokenizer / chat template / generation defaults the merged model carries (acm.templates).
+# Whose tokenizer / chat template / generation defaults the merged model carries (acm.checkpoints.templates).
 TOKENIZER_CHOICES = [("base model", "base")] + [(f"fine-tuned {i}", f"ft:{i}")
                                                  for i in range(1, registry.MAX_FINE_TUNED + 1)]
 # Short names accepted from API callers (gradio_client) besides the dropdown values.
@@ -81,9 +81,9 @@ def _softmax_metric(state: SessionState, analysis, metric: str | None) -> str:
 
 
 def merge_coefficients(state: SessionState, fts: list[str], rule: str, t: float, alpha: float, clip, metric=None):
-    """(Coefficients, task-vector weights, the recipe's acm entry) from ``acm.coefficients.compute`` —
+    """(Coefficients, task-vector weights, the recipe's acm entry) from ``acm.rules.coefficients.compute`` —
     the one library path (the paper's rule: λ/N per task vector; softmax: λ)."""
-    from acm.coefficients import compute
+    from acm.rules.coefficients import compute
 
     analysis = _check_analysis(state, fts)
     if rule == "acm":
@@ -96,7 +96,7 @@ def merge_coefficients(state: SessionState, fts: list[str], rule: str, t: float,
 def merge_options(method: str, *, alpha, density, drop_rate, trim_scope, seed, gamma, epsilon, dtype, device,
                   tokenizer_from):
     """``MergeOptions`` checked against the method's spec (a hidden control's leftover value does not apply)."""
-    from acm.merge import MergeOptions
+    from acm.merging.engine import MergeOptions
 
     spec = registry.SPECS[method]
     if not spec.uses("trim_scope"):
@@ -178,7 +178,7 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
 def _merge_and_load(state: SessionState, base: str, fts: list[str], out_dir: Path, name: str, options, weights,
                     entry: dict | None, device, dtype, progress) -> MergedModel:
     """One merge (from the shared cache when it has it) loaded for chat; nothing is left behind on failure."""
-    from acm.merge import merge_models
+    from acm.merging.engine import merge_models
 
     t0 = time.perf_counter()
     shared = shared_merge(base, fts, name, options, weights, entry, progress)
@@ -269,7 +269,7 @@ def acm_status_line(state: SessionState | None) -> str:
 
 
 def control_visibility(method: str) -> dict[str, bool]:
-    """Which parameter controls the method uses (its ``acm.methods`` spec)."""
+    """Which parameter controls the method uses (its ``acm.merging.methods`` spec)."""
     spec = registry.SPECS.get(method)
     return {k: spec is not None and spec.uses(k) for k in PARAM_CONTROLS}
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from acm.methods import MAX_FINE_TUNED, check_num_fine_tuned
+from acm.merging.methods import MAX_FINE_TUNED, check_num_fine_tuned
 from components import help as texts
 from components.common import (
     as_list,
@@ -67,7 +67,9 @@ def check_models(state: SessionState, base: str | None, fts, trust_remote_code: 
 
     Returns a Markdown summary: architecture, layer count, parameters and vocabulary per model.
     """
-    from acm.models import check_compatibility, config_is_plain_json, resolve_model
+    from acm.checkpoints.compatibility import check_compatibility
+    from acm.checkpoints.config import config_is_plain_json
+    from acm.checkpoints.models import resolve_model
 
     base, fts = validate_selection(base, fts)
     if not all(config_is_plain_json(s, trust_remote_code=trust_remote_code) for s in [base, *fts]):

@@ -1,7 +1,7 @@
 """Plotly chart builders. Pure functions of plain data (lists in, a ``PlotSpec`` out).
 
 They draw what the library computed; they compute nothing themselves (λ values come from
-``acm.coefficients``). Charts are written as plain plotly JSON rather than ``go.Figure`` objects:
+``acm.rules.coefficients``). Charts are written as plain plotly JSON rather than ``go.Figure`` objects:
 building a validated ``go.Figure`` costs hundreds of milliseconds on a small CPU, which would make
 the t slider sluggish; a ``PlotSpec`` costs about a millisecond and ``gr.Plot`` renders it the same
 way (it calls ``to_json()``). ``PlotSpec.figure()`` gives the full ``go.Figure`` for exports.
@@ -122,7 +122,7 @@ def similarity_figure(groups: Sequence[str], series: Sequence[dict], *, driver: 
     line style = metric; the metric that drives λ is drawn thicker.
 
     ``series``: ``[{"label", "metric", "metric_label", "values": [K]}]``. Every registered metric is
-    already a similarity in [0, 1] (``acm.similarity``), so no rescaling hides the raw values.
+    already a similarity in [0, 1] (``acm.activations.similarity``), so no rescaling hides the raw values.
     """
     metrics = list(dict.fromkeys(s["metric"] for s in series))
     models = list(dict.fromkeys(s["label"] for s in series))

@@ -1,10 +1,10 @@
-"""Merge tab add-on — the paper's rule's two switches and its staged variants (``acm.rule_merge``).
+"""Merge tab add-on — the paper's rule's two switches and its staged variants (``acm.merging.rule_merge``).
 
 The acm rule (``acm.rules.ACM``) has two switches: *MI against* the fine-tuned models (the paper's text)
 or a plain merge of them (a public derivative of the authors' code), and *λ applies to* the task vectors
 (Eq. 3, θ₀ + (1/N)·Σ λᵢ·τᵢ, no α) or the plain merge's delta (base + λ·(merged − base), α kept). The
 paper's setting is one merge (components.merge runs it, through the shared cache); the other three run a
-plain merge first, which ``run_rule_merge`` does with ``acm.rule_merge.merge_with_rule`` in one folder.
+plain merge first, which ``run_rule_merge`` does with ``acm.merging.rule_merge.merge_with_rule`` in one folder.
 What used to be the separate "sigmoid rule" button is the setting *against merged · merged delta*: one
 sigmoid rule in the app. No maths here; this module never imports components.merge (no import cycle).
 """
@@ -69,12 +69,12 @@ def run_rule_merge(state: SessionState, base: str, fts: list[str], options, *, t
                    applies: str, clip=None, estimator: str = "labels", calibration: dict | None = None,
                    cal_settings: dict | None = None, device: str | None = "auto", dtype: str | None = "auto",
                    progress: Callable[[float, str], None] | None = None) -> MergedModel:
-    """A staged setting of the acm rule into a fresh session folder (``acm.rule_merge.merge_with_rule``),
+    """A staged setting of the acm rule into a fresh session folder (``acm.merging.rule_merge.merge_with_rule``),
     then loaded for chat. ``calibration`` (``components.calibration.resolve_calibration``) is needed for
     MI against the merge; MI against the fine-tuned models uses the session's analysis. Like
     ``components.merge.run_merge``: the session's merged model changes only when everything succeeded."""
     from acm.errors import InputError
-    from acm.rule_merge import merge_with_rule
+    from acm.merging.rule_merge import merge_with_rule
     from components import steps as plan
 
     analysis, cal, aopts = None, None, None

@@ -63,7 +63,7 @@ class ChatColumn:
     label: str
     history: list[dict] = field(default_factory=list)   # gr.Chatbot messages format
     lengths: list[int] = field(default_factory=list)    # reply lengths in tokens
-    template: str = ""              # chat template + end-of-turn tokens in use (acm.templates.describe_chat)
+    template: str = ""              # chat template + end-of-turn tokens in use (acm.checkpoints.templates.describe_chat)
 
 
 class SessionState:
@@ -74,7 +74,7 @@ class SessionState:
         self.base: str | None = None
         self.fts: list[str] = []
         self.compat: dict | None = None
-        self.analysis = None                      # acm.analysis.AnalysisResult of the current models
+        self.analysis = None                      # acm.activations.analysis.AnalysisResult of the current models
         self.analysis_key: tuple | None = None
         self.analysis_cache: dict[tuple, Any] = {}
         self.analysis_seconds: float | None = None
@@ -192,7 +192,7 @@ def source_model_key(path: str | Path, device: str | None, dtype: str | None) ->
 def load_source_model(spec: str, *, device: str | None = None, dtype: str | None = None,
                       trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) of an input model, from the shared cache (loaded on first use)."""
-    from acm.models import load_causal_lm, parse_dtype, resolve_model
+    from acm.checkpoints.models import load_causal_lm, parse_dtype, resolve_model
 
     def loader():
         src = resolve_model(spec, trust_remote_code=trust_remote_code)
@@ -247,7 +247,7 @@ def shared_merge(base: str, fts: list[str], name: str, options, lambdas, acm_inf
     is pinned (never evicted) until ``release()`` — the session calls it when it drops the model.
     """
     from acm.cache import make_key, model_identity
-    from acm.merge import merge_models
+    from acm.merging.engine import merge_models
 
     store = shared_cache()
     if store is None:
@@ -286,7 +286,7 @@ def shared_merge(base: str, fts: list[str], name: str, options, lambdas, acm_inf
 def load_merged(out_dir: Path, device: str | None, dtype: str | None, *, shared: bool):
     """(model, tokenizer) of a merged folder. A shared-cache folder is immutable, so its loaded
     weights are shared between sessions like the source models' (one copy for the whole crowd)."""
-    from acm.models import load_causal_lm, parse_dtype, resolve_model
+    from acm.checkpoints.models import load_causal_lm, parse_dtype, resolve_model
 
     def loader():
         return load_causal_lm(resolve_model(str(out_dir)), device=none_if_auto(device),

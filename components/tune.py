@@ -15,7 +15,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
-from acm import methods as registry
+from acm.merging import methods as registry
 from acm.tune import DEFAULT_ACM_TS
 from acm.tune import DEFAULT_SOFTMAX_TS as DEFAULT_SOFTMAX_TS_VALUES
 from components import plots
@@ -31,7 +31,7 @@ from components.common import (
 from components.models import validate_selection
 from components.state import SessionState
 
-METHOD_CHOICES = [(s.short, k) for k, s in registry.SPECS.items() if s.acm]      # acm.methods
+METHOD_CHOICES = [(s.short, k) for k, s in registry.SPECS.items() if s.acm]      # acm.merging.methods
 DEFAULT_METHODS = ["ties"]
 RULE_CHOICES = [("ACM — the paper's rule (Eq. 2–3)", "acm"), ("softmax — this project's alternative rule", "softmax")]
 DEFAULT_RULES = ["acm"]

@@ -127,7 +127,7 @@ def group_rows(model, inp: torch.Tensor, mask: torch.Tensor, head_ids: torch.Ten
     """Every layer group's activations for the real (unpadded) tokens of one batch, the direct way:
     hooks on the embedding and each block, then the logits at ``head_ids`` — ``[tokens, features]``
     per group, the reference the analysis' estimators are checked against."""
-    from acm.grouping import find_group_modules
+    from acm.checkpoints.grouping import find_group_modules
 
     mods = find_group_modules(model)
     outs: list[torch.Tensor] = []

@@ -89,7 +89,7 @@ def setup(tmp_path_factory):
 
 
 def test_saved_calibration_is_what_the_models_were_fed(setup):
-    from acm.analysis import AnalysisResult
+    from acm.activations.result import AnalysisResult
 
     a = AnalysisResult.load(setup["analysis"])
     fed = setup["fed"]
@@ -116,8 +116,8 @@ def test_lambdas_equal_the_independent_reference(setup, t, capsys, one_torch_thr
 
 
 def _lambdas(analysis: Path, t: float) -> list[dict[str, float]]:
-    from acm.analysis import AnalysisResult
-    from acm.coefficients import compute
+    from acm.activations.result import AnalysisResult
+    from acm.rules.coefficients import compute
 
     return compute(AnalysisResult.load(analysis), "acm", t).by_model()
 
@@ -163,7 +163,7 @@ def test_ties_weights_each_task_vector_by_lambda_before_the_sign_election(setup,
 
 @pytest.mark.parametrize("against", ["fine-tuned", "merged"])
 def test_merged_delta_is_base_plus_lambda_times_the_plain_merge_delta(setup, tmp_path, against):
-    from acm.merge import MergeOptions, merge_models
+    from acm.merging.engine import MergeOptions, merge_models
 
     out = tmp_path / "md"
     extra = (["--acm", str(setup["analysis"])] if against == "fine-tuned"

@@ -1,4 +1,4 @@
-"""Activation capture + NMI on tiny fixture models (acm.analysis)."""
+"""Activation capture + NMI on tiny fixture models (acm.activations.analysis)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import acm.analysis as analysis_mod
-from acm.analysis import AnalysisResult, ModelNMI, analyze
+import acm.activations.analysis as analysis_mod
+from acm.activations import capture as capture_mod
+from acm.activations.analysis import analyze
+from acm.activations.calibration import pad_batches
+from acm.activations.result import AnalysisResult, ModelNMI
+from acm.checkpoints.grouping import group_names
 from acm.errors import CompatibilityError, InputError, OutOfMemoryAdvice
-from acm.grouping import group_names
 from tests.fixtures import group_rows, make_pair, make_tiny_model, write_calibration
 
 
@@ -68,9 +71,9 @@ def test_ft_identical_to_base_gives_nmi_one(llama_result):
 def test_identical_ft_stays_at_one_when_ranges_come_from_a_subsample(world, monkeypatch):
     """Large activations set their ranges from a random subsample; base and fine-tuned use the
     same positions, so an unchanged model still gets identical ranges and NMI exactly 1."""
-    import acm.mi
+    import acm.activations.mi
 
-    monkeypatch.setattr(acm.mi, "QUANTILE_SAMPLE", 64)
+    monkeypatch.setattr(acm.activations.mi, "QUANTILE_SAMPLE", 64)
     base, _ = world["llama"]
     r = analyze(base, [base], TEXTS, **NO_SELECT)
     assert np.allclose(r.models[0].nmi, 1.0, atol=1e-9)
@@ -161,15 +164,15 @@ def test_batch_size_only_matters_through_the_first_batch_ranges(world, monkeypat
         return est
 
     monkeypatch.setattr(analysis_mod, "StreamingMI", pinned)
-    monkeypatch.setattr(analysis_mod, "robust_range", lambda *a, **k: pytest.fail("ranges must stay pinned"))
-    original_bin = analysis_mod._Capture._bin
+    monkeypatch.setattr(capture_mod, "robust_range", lambda *a, **k: pytest.fail("ranges must stay pinned"))
+    original_bin = capture_mod.GroupCapture._bin
 
     def _bin(self, group, *args, **kwargs):            # the capture keeps the base range too
         if self.base_range[group] is None:
             self.base_range[group] = tuple(base_ranges[group])
         return original_bin(self, group, *args, **kwargs)
 
-    monkeypatch.setattr(analysis_mod._Capture, "_bin", _bin)
+    monkeypatch.setattr(capture_mod.GroupCapture, "_bin", _bin)
     r = analyze(base, fts[:1], TEXTS, **{**NO_SELECT, "batch_size": 3})
     assert np.allclose(r.models[0].nmi, ref.models[0].nmi, atol=2e-3)
 
@@ -196,7 +199,7 @@ def test_out_of_memory_becomes_advice(world, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(analysis_mod, "bin_indices", boom)
+    monkeypatch.setattr(capture_mod, "bin_indices", boom)
     with pytest.raises(OutOfMemoryAdvice) as e:
         analyze(base, fts[:1], TEXTS, **NO_SELECT)
     msg = str(e.value)
@@ -239,18 +242,18 @@ def _reference_nmi(base: str, ft: str, texts: list[str], *, bins: int = 64, max_
                    batch_size: int = 4, seed: int = 0) -> np.ndarray:
     """The estimator's definition, computed the direct way: both models loaded together, every
     real (token, feature) pair of every batch kept, ranges from the first batch's quantiles."""
-    from acm.calibration import encode
-    from acm.grouping import find_group_modules
-    from acm.mi import StreamingMI, robust_range
-    from acm.models import load_causal_lm, resolve_model
+    from acm.activations.calibration import encode
+    from acm.activations.mi import StreamingMI, robust_range
+    from acm.checkpoints.grouping import find_group_modules
+    from acm.checkpoints.models import load_causal_lm, resolve_model
 
     (mb, tok), (mf, _) = [load_causal_lm(resolve_model(p), device="cpu") for p in (base, ft)]
     ids = [x for x in encode(texts, tok, max_tokens=max_tokens) if x]
-    head_ids = analysis_mod._head_ids(int(mb.get_output_embeddings().weight.shape[0]), seed)
+    head_ids = capture_mod.head_ids(int(mb.get_output_embeddings().weight.shape[0]), seed)
     n_groups = find_group_modules(mb).num_layers + 2
     est = StreamingMI(n_groups, bins=bins)
 
-    for b, (inp, mask) in enumerate(analysis_mod._batches(ids, batch_size, tok.pad_token_id)):
+    for b, (inp, mask) in enumerate(pad_batches(ids, batch_size, tok.pad_token_id)):
         xs, ys = group_rows(mb, inp, mask, head_ids), group_rows(mf, inp, mask, head_ids)
         xs[-1], ys[-1] = xs[-1].t(), ys[-1].t()          # the head's values go in as [ids, tokens]
         for g, (x, y) in enumerate(zip(xs, ys)):
@@ -297,7 +300,7 @@ def test_subsampled_pairs_agree_with_every_pair_on_the_demo_pair():
     against every pair, seeds 0/1/2: 0.0043 / 0.0056 / 0.0066 at a budget of 2^16, 0.015–0.019
     at 2^14, 0.050–0.058 at 2^12 — the (B−1)²/2N small-sample bias of a B×B histogram. The
     default budget 2^22 puts that bias near 10⁻⁴."""
-    from acm.calibration import bundled_path, load_texts
+    from acm.activations.calibration import bundled_path, load_texts
 
     demo = bundled_path().parent.parent / "demo-models"
     if not (demo / "tiny-math-base").is_dir():

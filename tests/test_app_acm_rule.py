@@ -83,7 +83,7 @@ def test_rule_and_t_validation():
 
 
 def test_acm_view_table_live_grid_and_several_t(analysed):
-    from acm.coefficients import compute
+    from acm.rules.coefficients import compute
     from components import analysis
 
     st, out, _ = analysed
@@ -202,7 +202,7 @@ def test_an_old_analysis_file_says_how_to_rerun_and_softmax_still_works(analysed
 
 
 def test_paper_merge_uses_the_library_entry_and_lambda_over_n(analysed):
-    from acm.coefficients import compute
+    from acm.rules.coefficients import compute
     from components import analysis, export, merge
 
     st, _, (base, fts) = analysed

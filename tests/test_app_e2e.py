@@ -184,8 +184,8 @@ def test_coefficient_redraw_cost_in_process():
     from), at a 28-block, 3-model shape with 100 calibration samples; reported, not asserted."""
     import numpy as np
 
-    from acm.analysis import AnalysisResult, ModelNMI
-    from acm.sample_mi import point_names
+    from acm.activations.capture import point_names
+    from acm.activations.result import AnalysisResult, ModelNMI
     from components.analysis import coefficient_view
     from components.state import SessionState
 

@@ -27,7 +27,7 @@ import gradio as gr
 import pytest
 import torch
 
-from acm.analysis import AnalysisResult, ModelNMI
+from acm.activations.result import AnalysisResult, ModelNMI
 from acm.cli import main
 from components import analysis, calibration, common, evaluate, merge, models
 from components.state import SessionState
@@ -382,7 +382,7 @@ def test_ui_vocabulary_difference_is_a_note_not_an_error(w):
 def test_ui_upload_size_limit_is_enforced_by_gradio_too(monkeypatch):
     """Uploads over the calibration limit are refused by Gradio before a handler sees them."""
     import app
-    from acm.calibration import MAX_FILE_BYTES
+    from acm.activations.calibration import MAX_FILE_BYTES
 
     assert app.launch_kwargs()["max_file_size"] == MAX_FILE_BYTES
     monkeypatch.setenv("ACM_MAX_CALIBRATION_MB", "5")

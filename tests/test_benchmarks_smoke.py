@@ -46,7 +46,7 @@ def test_merge_quick(tmp_path):
                     "anon_minus_baseline_mib", "gb_per_s"):
             assert r[key] is not None, (name, key)
     assert data["sizes"][0]["baseline"]["ru_maxrss"] > 0
-    if _has("acm.merge"):
+    if _has("acm.merging.engine"):
         for m in merge_bench.METHODS:
             assert rows[m]["status"] == "ok", rows[m]
             assert rows[m]["seconds"] > 0 and rows[m]["x_ta"] is not None and rows[m]["x_floor"] > 0
@@ -73,7 +73,7 @@ def test_analysis_quick(tmp_path):
                               out=str(tmp_path / "analysis.json"), log=lambda *_: None)
     (row,) = data["overhead"]
     assert row["tokens"] > 0 and row["forward_s"] > 0 and row["forward_tok_s"] > 0
-    if _has("acm.analysis"):
+    if _has("acm.activations.analysis"):
         assert data["status"] == "ok", data["status"]
         for key in ("analyze_core_s", "analyze_tok_s", "overhead", "load_s", "select_s", "estimator_bytes"):
             assert row[key] is not None, key
@@ -121,7 +121,7 @@ def _git_ok() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _git_ok() or not _has("acm.merge"), reason="needs a git checkout and the engine")
+@pytest.mark.skipif(not _git_ok() or not _has("acm.merging.engine"), reason="needs a git checkout and the engine")
 def test_ab_quick(tmp_path):
     from benchmarks import ab
 
@@ -172,8 +172,8 @@ def test_fullsize_analyze_task_times_sample_mi():
 @pytest.mark.skipif(not (_DEMO / "tiny-math-base" / "config.json").is_file(), reason="needs the demo models")
 def test_mi_vs_length_summary():
     """mi_vs_length's statistics on a small real analysis (6 bundled prompts): one row per point, r in [-1, 1]."""
-    from acm.analysis import analyze
-    from acm.calibration import load_texts
+    from acm.activations.analysis import analyze
+    from acm.activations.calibration import load_texts
     from benchmarks import mi_vs_length
 
     texts = load_texts("bundled")[:6]

@@ -100,12 +100,12 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_a_reused_merge_is_byte_identical_to_a_fresh_merge(shared, pair, sessions, tmp_path, monkeypatch,
                                                            one_torch_thread):
-    import acm.export
-    from acm.coefficients import compute
-    from acm.merge import MergeOptions, merge_models
+    import acm.merging.export
+    from acm.merging.engine import MergeOptions, merge_models
+    from acm.rules.coefficients import compute
 
     # The recipe records when a merge was made; pin the clock so "when" is not the difference.
-    monkeypatch.setattr(acm.export, "_dt", SimpleNamespace(datetime=_FrozenDatetime,
+    monkeypatch.setattr(acm.merging.export, "_dt", SimpleNamespace(datetime=_FrozenDatetime,
                                                            timezone=real_datetime.timezone))
     a, b = sessions(), sessions()
     for st in (a, b):
@@ -119,7 +119,7 @@ def test_a_reused_merge_is_byte_identical_to_a_fresh_merge(shared, pair, session
     assert mb.label == "#1 ACM-DARE-TIES t=0.7"                         # still this session's merge #1
 
     # A fresh merge, without any cache, of the same inputs and settings into a folder of the same name
-    # (the paper's rule: λ/N per task vector and the recipe entry from acm.coefficients.compute; no α).
+    # (the paper's rule: λ/N per task vector and the recipe entry from acm.rules.coefficients.compute; no α).
     fresh = tmp_path / "fresh" / ma.out_dir.name
     options = MergeOptions(method="dare_ties", alpha=1.0, density=0.6, drop_rate=0.2, seed=7)
     coef = compute(a.analysis, "acm", 0.7)

@@ -1,4 +1,4 @@
-"""Calibration text (acm.calibration): file formats, field choice, errors, encoding, k-means sampling."""
+"""Calibration text (acm.activations.calibration): file formats, field choice, errors, encoding, k-means sampling."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import acm.calibration as cal
-from acm.calibration import allocate, cluster_select, encode, load_texts, select_samples
+import acm.activations.calibration as cal
+from acm.activations.calibration import allocate, cluster_select, encode, load_texts, select_samples
 from acm.errors import InputError, OfflineError
 from tests.fixtures import make_tiny_model, make_tokenizer, write_calibration
 
@@ -228,7 +228,7 @@ def test_cluster_select_uniform_per_cluster_and_deterministic():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from acm.models import load_causal_lm, resolve_model
+    from acm.checkpoints.models import load_causal_lm, resolve_model
 
     path = make_tiny_model(tmp_path_factory.mktemp("cal") / "m", "llama", seed=0)
     return load_causal_lm(resolve_model(str(path)), device="cpu")

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from acm.analysis import AnalysisResult
+from acm.activations.result import AnalysisResult
 from acm.cli import main
-from acm.coefficients import lambdas
+from acm.rules.coefficients import lambdas
 from tests.fixtures import make_pair, make_tiny_model, write_calibration
 
 
@@ -61,7 +61,7 @@ def test_analyze_writes_a_valid_analysis(analysis_path, world):
 
 
 def test_pair_budget_default_matches_the_library():
-    from acm.analysis import DEFAULT_PAIR_BUDGET
+    from acm.activations.analysis import DEFAULT_PAIR_BUDGET
     from acm.commands.analyze import PAIR_BUDGET
 
     assert PAIR_BUDGET == DEFAULT_PAIR_BUDGET

@@ -109,8 +109,8 @@ def test_argparse_errors_are_one_line(pair, tmp_path, capsys):
 
 
 def test_acm_merge_from_analysis_file(pair, tmp_path, capsys):
-    analysis = pytest.importorskip("acm.analysis")
-    pytest.importorskip("acm.coefficients")
+    analysis = pytest.importorskip("acm.activations.analysis")
+    pytest.importorskip("acm.rules.coefficients")
     groups = ["embed", "block.0", "block.1", "head"]
     result = analysis.AnalysisResult(
         groups=groups, models=[analysis.ModelNMI(model=f, nmi=[0.9, 0.5, 0.2, 0.7], mi=[1.0, 0.6, 0.3, 0.8])

@@ -1,4 +1,4 @@
-"""NMI → λ(t) (acm.coefficients): the properties docs/design.md pins, tables and the mergekit YAML."""
+"""NMI → λ(t) (acm.rules.coefficients): the properties docs/design.md pins, tables and the mergekit YAML."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
-from acm.analysis import AnalysisResult, ModelNMI
-from acm.coefficients import coefficient_table, lambdas, lambdas_by_group, to_mergekit_yaml
+from acm.activations.result import AnalysisResult, ModelNMI
 from acm.errors import InputError
+from acm.merging.mergekit import to_mergekit_yaml
+from acm.rules.coefficients import coefficient_table, lambdas, lambdas_by_group
 
 NMI = np.array([0.92, 0.55, 0.31, 0.47, 0.80])
 

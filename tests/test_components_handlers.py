@@ -269,7 +269,7 @@ def eval_file(tmp_path):
 
 
 def test_evaluate_sources_are_cached_and_points_accumulate(state, pair, eval_file, monkeypatch):
-    import acm.evaluate as ev
+    import acm.evaluation.evaluate as ev
 
     base, fts = pair
     calls = []
@@ -404,7 +404,7 @@ def analysed(pair, tmp_path_factory):
 
 
 def test_analysis_is_cached_per_models_calibration_and_settings(analysed, pair, monkeypatch):
-    import acm.analysis
+    import acm.activations.analysis
     from components import analysis
 
     st, out, cal = analysed
@@ -416,7 +416,7 @@ def test_analysis_is_cached_per_models_calibration_and_settings(analysed, pair, 
     def refuse(*a, **k):
         raise Reanalysed("re-analysed")
 
-    monkeypatch.setattr(acm.analysis, "analyze", refuse)
+    monkeypatch.setattr(acm.activations.analysis, "analyze", refuse)
     again = analysis.run_analysis(st, pair[0], pair[1][:1], cal_mode=calibration.UPLOAD, cal_upload=cal, samples=6,
                                   clusters=2, max_tokens=32)
     assert again["cached"] and again["analysis"] is out["analysis"]
@@ -461,7 +461,7 @@ def test_coefficient_view_and_analysis_json_round_trip(analysed, tmp_path):
 
 
 def test_merge_acm_then_failed_merge_keeps_the_previous_model(analysed, pair, monkeypatch):
-    import acm.merge
+    import acm.merging.engine
     from components import merge
 
     st, _, _ = analysed
@@ -474,7 +474,7 @@ def test_merge_acm_then_failed_merge_keeps_the_previous_model(analysed, pair, mo
     assert [r[0] for r in rows] == st.analysis.groups and len(headers) == 2
     assert "merged in" in merge.summary_markdown(merged)
 
-    monkeypatch.setattr(acm.merge, "merge_models", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(acm.merging.engine, "merge_models", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         merge.run_merge(st, pair[0], pair[1][:1], method="task_arithmetic", mode=merge.PLAIN, alpha=0.5)
     assert st.merged is merged and merged.model is not None            # still usable for chat / eval

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from acm.evaluate import evaluate
+from acm.evaluation.evaluate import evaluate
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BASE = ASSETS / "demo-models" / "tiny-math-base"

@@ -6,7 +6,7 @@ import random
 import re
 
 from acm.demo import tasks
-from acm.evaluate import extract_answer
+from acm.evaluation.evaluate import extract_answer
 
 
 def _replay(text: str) -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from acm.cli import main
 from acm.errors import InputError
-from acm.evaluate import evaluate, load_data, score_predictions
+from acm.evaluation.evaluate import evaluate, load_data, score_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "assets" / "demo-models" / "tiny-math-base"
@@ -35,7 +35,7 @@ def test_load_data_errors(tmp_path):
 
 
 def test_evaluate_in_memory_model_with_gsm8k_answers():
-    from acm.evaluate import load_model
+    from acm.checkpoints.models import load_model
 
     model, tok = load_model(BASE)
     data = [{"question": "What is 12 + 5?", "answer": "12 + 5 = 17\n#### 17", "level": 1},
@@ -221,7 +221,7 @@ def test_generation_config_sampling_is_used_when_asked():
 
 
 def test_sampled_evaluation_is_reproducible_with_a_seed():
-    from acm.evaluate import load_model
+    from acm.checkpoints.models import load_model
 
     model, tok = load_model(LONG)
     data = load_data(EVAL, limit=8)

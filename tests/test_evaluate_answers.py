@@ -1,6 +1,6 @@
 """Answer checking, table-driven: each (reply, gold) pair is marked with what a careful human grader says.
 
-The checker is ``acm.answers.check`` (math-verify, with the plain-number fast path); every case runs
+The checker is ``acm.evaluation.answers.check`` (math-verify, with the plain-number fast path); every case runs
 with the fast path on and off, so the two never disagree on these replies.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from acm.answers import check, extract_answer, gold_answer, is_correct, split_thinking
+from acm.evaluation.answers import check, extract_answer, gold_answer, is_correct, split_thinking
 
 # (reply, gold, human verdict, why) — finished replies that did not open a thinking block in the prompt.
 CASES = [

@@ -14,7 +14,7 @@ import pytest
 
 from acm.cli import main
 from acm.errors import InputError, OfflineError
-from acm.eval_presets import PRESETS, get_preset, load_preset
+from acm.evaluation.presets import PRESETS, get_preset, load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "assets" / "demo-models" / "tiny-math-base"

@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from acm.export import build_recipe, display_name, lambda_table, model_card, recipe, reproduce_command
-from acm.merge import MergeOptions, merge_models
+from acm.merging.engine import MergeOptions, merge_models
+from acm.merging.export import build_recipe, display_name, lambda_table, model_card, recipe, reproduce_command
 from tests.fixtures import make_pair
 
 GROUPS = ["embed", "block.0", "block.1", "head"]

@@ -19,7 +19,7 @@ import gradio as gr
 import pytest
 import torch
 
-import acm.analysis
+import acm.activations.analysis
 from acm.cli import main
 from components import analysis, calibration, common, merge
 from components.state import SessionState
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 # shards (--shard-size 2000 bytes) make it flush several shard files before that.
 SLOW_MERGE = """
 import sys, time
-import acm.shards as shards
+import acm.checkpoints.shards as shards
 _add = shards.ShardWriter.add
 def slow_add(self, name, tensor):
     _add(self, name, tensor)
@@ -134,7 +134,7 @@ def test_sigkill_during_force_overwrite_keeps_the_previous_output(pair, tmp_path
 def test_failed_merge_in_the_app_keeps_the_previous_merged_model(pair, monkeypatch):
     """A merge that dies mid-write (disk full) or on a broken checkpoint (NaN) reaches the user as
     one line; the previous merged model stays loaded, on disk and usable for chat."""
-    import acm.shards as shards
+    import acm.checkpoints.shards as shards
 
     base, ft, root = pair
     st = SessionState()
@@ -199,7 +199,7 @@ OOM_ERRORS = {
 
 def _oom_in_forward(monkeypatch, make_error) -> None:
     """The first forward pass of the analysis raises ``make_error()`` (as a too-large batch would)."""
-    real_register = acm.analysis._register
+    real_register = acm.activations.analysis.attach_groups
 
     def register(model, capture):
         handles = real_register(model, capture)
@@ -209,7 +209,7 @@ def _oom_in_forward(monkeypatch, make_error) -> None:
         handles.append(model.register_forward_pre_hook(boom))
         return handles
 
-    monkeypatch.setattr(acm.analysis, "_register", register)
+    monkeypatch.setattr(acm.activations.analysis, "attach_groups", register)
 
 
 @pytest.mark.parametrize("kind", list(OOM_ERRORS))
@@ -252,14 +252,14 @@ def test_oom_during_analysis_in_the_app_gives_advice_and_the_app_carries_on(kind
 def test_oom_outside_the_analysis_is_still_one_line(pair, tmp_path, monkeypatch, capsys):
     """An OOM the library did not anticipate (here: in the merge) reaches the CLI's last line of
     defence and the app's error translation as advice, not a traceback."""
-    import acm.merge
+    import acm.merging.engine
 
     base, ft, _ = pair
 
     def oom(*a, **k):
         raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9999999999 bytes.")
 
-    monkeypatch.setattr(acm.merge, "merge_models", oom)
+    monkeypatch.setattr(acm.merging.engine, "merge_models", oom)
     rc = main(["merge", "--base", str(base), "--ft", str(ft), "--out", str(tmp_path / "m")])
     err = capsys.readouterr().err
     assert rc == 1 and len(err.strip().splitlines()) == 1

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from acm.checkpoints.models import load_model
 from acm.errors import InputError
-from acm.evaluate import load_model
-from acm.generation import build_prompt, generate_batch, generate_stream
+from acm.evaluation.generation import build_prompt, generate_batch, generate_stream
 
 BASE = Path(__file__).resolve().parents[1] / "assets" / "demo-models" / "tiny-math-base"
 
@@ -59,7 +59,7 @@ def test_stream_sampling_and_bad_settings(base):
 def test_sampled_batch_is_seeded_and_leaves_the_callers_rng_alone(base):
     import torch
 
-    from acm.generation import Sampling
+    from acm.evaluation.generation import Sampling
 
     model, tok = base
     prompts = ["What is 47 + 8?", "What is 3 + 9?"]
@@ -81,7 +81,7 @@ def test_sampled_batch_is_seeded_and_leaves_the_callers_rng_alone(base):
 def test_sampling_settings_and_generation_config():
     from transformers import GenerationConfig
 
-    from acm.generation import Sampling, sampling_from_model
+    from acm.evaluation.generation import Sampling, sampling_from_model
 
     assert Sampling().greedy and Sampling().to_dict() == {"mode": "greedy"}
     assert Sampling(0.6, 0.95).generate_kwargs() == {"do_sample": True, "temperature": 0.6, "top_p": 0.95,
@@ -111,7 +111,7 @@ def test_a_models_own_repetition_penalty_applies_only_when_asked_for(base):
     """Greedy means greedy: a repetition_penalty in the model's generation_config (Qwen2.5 instruct
     models ship 1.05) is not applied behind the caller's back — the vLLM engine never reads that file,
     so the two engines decode alike; with "each model's generation_config" it is applied."""
-    from acm.generation import Sampling, sampling_from_model
+    from acm.evaluation.generation import Sampling, sampling_from_model
 
     model, tok = base
     prompts = ["What is 47 + 8?", "Start with 10. (a) Add 9. (b) Take away 6. What is the result?"]
@@ -128,7 +128,7 @@ def test_a_models_own_repetition_penalty_applies_only_when_asked_for(base):
 
 
 def test_thinking_tokens_are_counted_up_to_the_closing_tag(base):
-    from acm.generation import count_thinking_tokens, opens_thinking
+    from acm.evaluation.generation import count_thinking_tokens, opens_thinking
 
     _, tok = base
     ids = tok("<think>so 4</think> A: 4", add_special_tokens=False)["input_ids"]

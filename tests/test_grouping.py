@@ -1,4 +1,4 @@
-"""Layer grouping (acm.grouping): every parameter of every family in exactly one group."""
+"""Layer grouping (acm.checkpoints.grouping): every parameter of every family in exactly one group."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, T5Config
 
-from acm.errors import InputError
-from acm.grouping import (
+from acm.checkpoints.config import num_layers_of
+from acm.checkpoints.grouping import (
     EMBED,
     HEAD,
     build_group_map,
     find_group_modules,
     group_map_for_model,
     group_names,
-    num_layers_of,
     ordered_groups,
 )
-from acm.models import resolve_model
+from acm.checkpoints.models import resolve_model
+from acm.errors import InputError
 from tests.fixtures import make_tiny_model, tiny_config
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gpt2"]
@@ -119,7 +119,7 @@ def test_config_without_layer_count_fails_clearly():
 
 
 def test_meta_model_costs_no_memory():
-    from acm.grouping import meta_model
+    from acm.checkpoints.grouping import meta_model
 
     model = meta_model(tiny_config("llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                                    num_key_value_heads=8, num_hidden_layers=4))
@@ -130,7 +130,7 @@ def test_meta_model_costs_no_memory():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_name_layout_fast_path_equals_the_structural_map(tmp_path, family, tied):
     """The start-up fast path (names only, no modeling code) agrees with the meta-model structure."""
-    from acm.grouping import _structure, _structure_from_names, structure
+    from acm.checkpoints.grouping import _structure, _structure_from_names, structure
 
     layers = {"n_layer": 3} if family == "gpt2" else {"num_hidden_layers": 3}
     src = resolve_model(str(make_tiny_model(tmp_path / family, family, tie_word_embeddings=tied, **layers)))
@@ -145,7 +145,7 @@ def test_name_layout_fast_path_equals_the_structural_map(tmp_path, family, tied)
 
 
 def test_name_layout_refuses_names_that_do_not_fit():
-    from acm.grouping import _structure_from_names
+    from acm.checkpoints.grouping import _structure_from_names
 
     cfg = tiny_config("llama", num_hidden_layers=2)
     good = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight",

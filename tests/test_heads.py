@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from acm.checkpoints.compatibility import check_compatibility
+from acm.checkpoints.models import resolve_model
 from acm.errors import CompatibilityError, InputError
-from acm.merge import MergeOptions, merge_models
-from acm.models import check_compatibility, resolve_model
+from acm.merging.engine import MergeOptions, merge_models
 from tests.fixtures import make_tiny_model, write_calibration
 from tests.test_merge import load_state
 
@@ -140,8 +141,8 @@ def test_redundant_head_copy_in_a_tied_checkpoint_is_ignored(tmp_path):
 
 
 def test_analysis_and_mergekit_yaml_on_the_paper_mix(tmp_path):
-    from acm.analysis import analyze
-    from acm.coefficients import to_mergekit_yaml
+    from acm.activations.analysis import analyze
+    from acm.merging.mergekit import to_mergekit_yaml
 
     base, (ft,) = build(tmp_path, [True, False])
     result = analyze(str(base), [str(ft)], str(write_calibration(tmp_path / "cal.jsonl", 8)), samples=4,

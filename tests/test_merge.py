@@ -2,7 +2,7 @@
 per-group λ, vocabulary growth, dtypes, sharded output that transformers loads.
 
 The reference below loads whole state dicts and applies the formulas of docs/design.md "Merge methods"
-directly (sort-based thresholds, explicit sign election), independently of ``acm.merge_methods``;
+directly (sort-based thresholds, explicit sign election), independently of ``acm.merging.kernels``;
 only the DARE random stream is shared (its seeding is the documented contract).
 """
 
@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from acm.errors import InputError
-from acm.merge import METHODS, MergeOptions, merge_models
-from acm.merge_methods import stable_seed
+from acm.merging.engine import METHODS, MergeOptions, merge_models
+from acm.merging.kernels import stable_seed
 from tests.fixtures import VOCAB_SIZE, make_pair, make_tiny_model
 
 TV_METHODS = [m for m in METHODS if m != "linear"]
@@ -61,7 +61,7 @@ def top_k_mask(a: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def dare_reference(tau: torch.Tensor, p: float, seed: int, i: int, name: str) -> torch.Tensor:
-    """DARE as documented in ``acm.merge_methods.DropStream`` (CPU): random bytes + exact tie-break."""
+    """DARE as documented in ``acm.merging.kernels.DropStream`` (CPU): random bytes + exact tie-break."""
     n = tau.numel()
     rng = np.random.Generator(np.random.PCG64(stable_seed(seed, i, name)))
     b = rng.integers(0, 2**64, size=-(-n // 8), dtype=np.uint64).view(np.uint8)[:n]
@@ -87,7 +87,7 @@ def breadcrumbs_mask(a: torch.Tensor, density: float, gamma: float) -> torch.Ten
 
 
 def della_reference(tau: torch.Tensor, density: float, epsilon: float, seed: int, i: int, name: str) -> torch.Tensor:
-    """DELLA as documented in ``acm.merge_methods`` (module docstring): per row, keep probability
+    """DELLA as documented in ``acm.merging.kernels`` (module docstring): per row, keep probability
     p = density − ε + 2ε·rank/(m−1) by ascending |τ| rank (ties: lower index first), float32 uniforms
     u from PCG64(stable_seed(seed, i, name + "/della")) in flat order, kept iff u < p, rescaled by 1/p."""
     t = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
@@ -231,7 +231,7 @@ def test_method_matches_dense_reference(family, n_ft, method, llama, qwen2, stat
 @pytest.mark.parametrize("method", METHODS)
 def test_small_chunks_and_sampled_thresholds_match_reference(method, llama, states, tmp_path, monkeypatch):
     """Chunk boundaries that cut rows, and the sampled-band threshold path, change nothing."""
-    import acm.merge_methods as mm
+    import acm.merging.kernels as mm
 
     monkeypatch.setattr(mm, "CPU_CHUNK", 97)
     monkeypatch.setattr(mm, "_EXACT_BELOW", 64)
@@ -250,7 +250,7 @@ def test_small_chunks_and_sampled_thresholds_match_reference(method, llama, stat
 def test_working_buffers_are_chunk_sized(method, llama, tmp_path, monkeypatch):
     """Memory flat like task arithmetic: on CPU no method keeps a whole tensor's float32 τ (TIES recomputes τ
     in its merge pass instead of storing it for the threshold); DARE-TIES keeps only a 1-byte keep mask."""
-    import acm.merge_methods as mm
+    import acm.merging.kernels as mm
 
     monkeypatch.setattr(mm, "CPU_CHUNK", 97)
     monkeypatch.setattr(mm, "_EXACT_BELOW", 64)
@@ -279,7 +279,7 @@ def test_working_buffers_are_chunk_sized(method, llama, tmp_path, monkeypatch):
 def test_sampled_band_miss_falls_back_to_exact_threshold(method, miss, llama, states, tmp_path, monkeypatch):
     """A band that misses the k-th largest (forced here; by chance it is ~never) must still give the exact
     trim: the engine then rebuilds that model's τ (same DARE mask) and selects over all of it."""
-    import acm.merge_methods as mm
+    import acm.merging.kernels as mm
 
     monkeypatch.setattr(mm, "CPU_CHUNK", 97)
     monkeypatch.setattr(mm, "_EXACT_BELOW", 64)
@@ -401,7 +401,7 @@ def test_dare_drop_rate_zero_is_task_arithmetic(llama, tmp_path):
 
 
 def test_dare_drop_fraction_and_rescale():
-    from acm.merge_methods import dare_
+    from acm.merging.kernels import dare_
 
     tau = torch.ones(200_000)
     out = dare_(tau.clone(), 0.3, 7, 0, "w")
@@ -415,7 +415,7 @@ def test_dare_drop_fraction_and_rescale():
 
 @pytest.mark.parametrize("p", [0.25, 0.3, 0.001, 0.999])
 def test_dare_stream_is_chunking_independent_and_exact_rate(p):
-    from acm.merge_methods import DropStream
+    from acm.merging.kernels import DropStream
 
     n = 300_001
     whole = DropStream(p, 5, 1, "w", torch.device("cpu")).mask(torch.empty(n))
@@ -484,7 +484,7 @@ def test_global_trim_matches_reference_and_keeps_exact_fraction(method, llama, s
 
 
 def test_exact_threshold_selection_large_and_tied():
-    from acm.merge_methods import keep_count, kth_largest, trim
+    from acm.merging.kernels import keep_count, kth_largest, trim
 
     g = torch.Generator().manual_seed(0)
     for a in (torch.randn(400_000, generator=g).abs(), torch.randint(0, 7, (300_000,), generator=g).float(),
@@ -498,8 +498,7 @@ def test_exact_threshold_selection_large_and_tied():
 
 
 def test_global_histogram_threshold_is_exact():
-    from acm import merge_methods as mm
-
+    from acm.merging import kernels as mm
     g = torch.Generator().manual_seed(1)
     parts = [torch.randn(n, generator=g).abs() * s for n, s in ((5000, 1.0), (3000, 1e-3), (7000, 10.0))]
     allv = torch.cat(parts)
@@ -539,7 +538,7 @@ def test_vocabulary_growth_taken_from_fine_tuned_and_reported(tmp_path):
 
 @pytest.mark.parametrize("chunk", [None, 37])
 def test_smaller_fine_tuned_vocabulary_counts_as_zero_task_vector(chunk, tmp_path, monkeypatch):
-    import acm.merge_methods as mm
+    import acm.merging.kernels as mm
 
     if chunk:
         monkeypatch.setattr(mm, "CPU_CHUNK", chunk)
@@ -599,8 +598,8 @@ def _mapped(paths) -> set[str]:
 def test_input_shards_are_unmapped_once_read(method, extra, tmp_path, monkeypatch):
     """Peak RSS must not grow with the model: while merging, each input keeps at most the shard being
     read mapped (a released shard is unmapped), none after the merge, and the result is unchanged."""
-    import acm.shards
-    from acm.models import resolve_model
+    import acm.checkpoints.shards
+    from acm.checkpoints.models import resolve_model
 
     base = make_tiny_model(tmp_path / "b", "llama", seed=0, max_shard_size="8KB")
     ft = make_tiny_model(tmp_path / "f", "llama", seed=1, init_from=base, max_shard_size="8KB")
@@ -608,7 +607,7 @@ def test_input_shards_are_unmapped_once_read(method, extra, tmp_path, monkeypatc
     files = [f for s in srcs for f in s.weight_files]
     assert len(srcs[0].weight_files) >= 4
     seen = {"open": 0, "mapped": 0, "calls": 0}
-    real_add = acm.shards.ShardWriter.add
+    real_add = acm.checkpoints.shards.ShardWriter.add
 
     def watching_add(self, name, tensor):
         seen["calls"] += 1
@@ -616,7 +615,7 @@ def test_input_shards_are_unmapped_once_read(method, extra, tmp_path, monkeypatc
         seen["mapped"] = max(seen["mapped"], len(_mapped(files)))
         return real_add(self, name, tensor)
 
-    monkeypatch.setattr(acm.shards.ShardWriter, "add", watching_add)
+    monkeypatch.setattr(acm.checkpoints.shards.ShardWriter, "add", watching_add)
     r = merge_models(srcs[0], [srcs[1]], tmp_path / "out", MergeOptions(method=method, **extra), show_progress=False)
     assert seen["calls"] == r.num_tensors
     assert seen["open"] <= 1 and seen["mapped"] <= 2 * 2      # the current shard (and the one before) per model
@@ -652,10 +651,10 @@ def test_existing_output_refused_without_force_and_replaced_with_force(llama, tm
 
 
 def test_failure_midway_leaves_nothing(llama, tmp_path, monkeypatch):
-    import acm.shards
+    import acm.checkpoints.shards
 
     calls = {"n": 0}
-    real_add = acm.shards.ShardWriter.add
+    real_add = acm.checkpoints.shards.ShardWriter.add
 
     def failing_add(self, name, tensor):
         calls["n"] += 1
@@ -663,7 +662,7 @@ def test_failure_midway_leaves_nothing(llama, tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real_add(self, name, tensor)
 
-    monkeypatch.setattr(acm.shards.ShardWriter, "add", failing_add)
+    monkeypatch.setattr(acm.checkpoints.shards.ShardWriter, "add", failing_add)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk on fire"):
         _merge(llama, 2, out, method="ties", shard_size=2000)
@@ -735,7 +734,7 @@ def test_nan_or_inf_in_any_input_is_named_for_every_method(value, role, method, 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_nan_in_large_tensor_with_sampled_threshold_is_named(method, tmp_path, monkeypatch):
     """Tensors above the exact-selection size take the sampled-band TIES path; a NaN must not slip through it."""
-    import acm.merge_methods as mm
+    import acm.merging.kernels as mm
 
     monkeypatch.setattr(mm, "_EXACT_BELOW", 64)
     monkeypatch.setattr(mm, "_SAMPLE", 256)
@@ -795,28 +794,28 @@ def test_linear_rejects_acm_lambdas(llama, tmp_path):
 
 
 def test_cpu_thread_count_is_bounded_and_restored(llama, tmp_path, monkeypatch):
-    import acm.merge
+    import acm.merging.engine
 
     seen = []
-    real = acm.merge._Plan.merge_tensor
+    real = acm.merging.engine._Plan.merge_tensor
 
     def spy(self, name, out_dtype):
         seen.append(torch.get_num_threads())
         return real(self, name, out_dtype)
 
-    monkeypatch.setattr(acm.merge._Plan, "merge_tensor", spy)
+    monkeypatch.setattr(acm.merging.engine._Plan, "merge_tensor", spy)
     before = torch.get_num_threads()
     _merge(llama, 1, tmp_path / "a", threads=1)
     assert set(seen) == {1} and torch.get_num_threads() == before
     seen.clear()
     _merge(llama, 1, tmp_path / "b")
-    assert set(seen) == {acm.merge.default_cpu_threads()} and torch.get_num_threads() == before
+    assert set(seen) == {acm.merging.engine.default_cpu_threads()} and torch.get_num_threads() == before
     with pytest.raises(InputError, match="threads"):
         _merge(llama, 1, tmp_path / "c", threads=0)
 
 
 def test_parse_size():
-    from acm.shards import parse_size
+    from acm.checkpoints.shards import parse_size
 
     assert parse_size("2GB") == 2 * 10**9 and parse_size("500MB") == 500 * 10**6
     assert parse_size(1234) == 1234 and parse_size("1.5GiB") == int(1.5 * 2**30) and parse_size("10kb") == 10**4
@@ -839,17 +838,17 @@ def test_progress_callback_and_report(llama, tmp_path):
 def test_repeated_merges_build_the_architecture_once(llama, tmp_path, monkeypatch):
     """The group map's meta model is cached per config (the app merges the same pair for many t); the result
     is unchanged, and another architecture still gets its own map."""
-    import acm.grouping
+    import acm.checkpoints.grouping
 
-    acm.grouping._STRUCTURE_CACHE.clear()
+    acm.checkpoints.grouping._STRUCTURE_CACHE.clear()
     calls = {"n": 0}
-    real = acm.grouping.meta_model
+    real = acm.checkpoints.grouping.meta_model
 
     def counting(config, **kw):
         calls["n"] += 1
         return real(config, **kw)
 
-    monkeypatch.setattr(acm.grouping, "meta_model", counting)
+    monkeypatch.setattr(acm.checkpoints.grouping, "meta_model", counting)
     a = _merge(llama, 2, tmp_path / "a", method="ties", lambdas=acm_lambdas(2))
     first = calls["n"]
     b = _merge(llama, 2, tmp_path / "b", method="ties", lambdas=acm_lambdas(2))

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from acm.analysis import AnalysisResult, ModelNMI
-from acm.coefficients import lambdas_by_group, to_mergekit_yaml
-from acm.merge import MergeOptions, merge_models
+from acm.activations.result import AnalysisResult, ModelNMI
+from acm.merging.engine import MergeOptions, merge_models
+from acm.merging.mergekit import to_mergekit_yaml
+from acm.rules.coefficients import lambdas_by_group
 from tests.fixtures import make_pair
 from tests.test_merge import load_state
 

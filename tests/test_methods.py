@@ -1,4 +1,4 @@
-"""The method registry (acm.methods) and the four methods added through it: Breadcrumbs, Breadcrumbs-TIES,
+"""The method registry (acm.merging.methods) and the four methods added through it: Breadcrumbs, Breadcrumbs-TIES,
 DELLA, DELLA-linear — exact Breadcrumbs counts, DELLA's keep-probability schedule, seeding, chunking,
 the CLI flags, the app's controls, the mergekit mapping of every method and the reproduce command.
 
@@ -19,12 +19,12 @@ import pytest
 import torch
 import yaml
 
-from acm import merge_methods as mm
-from acm import methods
 from acm.cli import main
-from acm.coefficients import to_mergekit_yaml
 from acm.errors import InputError
-from acm.merge import MergeOptions, merge_models
+from acm.merging import kernels as mm
+from acm.merging import methods
+from acm.merging.engine import MergeOptions, merge_models
+from acm.merging.mergekit import to_mergekit_yaml
 from tests.fixtures import make_pair
 from tests.test_coefficients import make_analysis
 from tests.test_merge import breadcrumbs_mask, load_state
@@ -37,7 +37,7 @@ NEW = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 # ----------------------------------------------------------------------------- the registry
 
 def test_registry_and_the_app_and_cli_modules_import_without_torch():
-    code = ("import sys; import acm.methods, acm.export, acm.commands.merge, components.merge, components.export; "
+    code = ("import sys; import acm.merging.methods, acm.merging.export, acm.commands.merge, components.merge, components.export; "
             "print('TORCH', 'torch' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          check=False)
@@ -218,7 +218,7 @@ def test_cli_flags_reach_the_engine_and_the_reproduce_command_redoes_the_merge(m
     assert rec["options"]["normalize"] == ("--normalize" in flags)
     card = (out / "README.md").read_text()
     assert methods.SPECS[method].label in card and methods.SPECS[method].formula in card
-    from acm.export import reproduce_command
+    from acm.merging.export import reproduce_command
 
     cmd = shlex.split(reproduce_command(rec, out=str(tmp_path / "again")))
     assert cmd[:4] == ["python", "-m", "acm", "merge"]

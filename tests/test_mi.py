@@ -1,4 +1,4 @@
-"""The streaming joint-histogram MI / NMI estimator (acm.mi)."""
+"""The streaming joint-histogram MI / NMI estimator (acm.activations.mi)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import mutual_info_score
 
-import acm.mi as mi_mod
+import acm.activations.mi as mi_mod
+from acm.activations.mi import StreamingMI, bin_indices, mi_from_joint, nmi_from_entropies, robust_range
 from acm.errors import InputError
-from acm.mi import StreamingMI, bin_indices, mi_from_joint, nmi_from_entropies, robust_range
 
 N = 1_000_000
 

@@ -1,4 +1,4 @@
-"""Model resolution and compatibility checks (acm.models): one-line errors before any weight loads."""
+"""Model resolution and compatibility checks (acm.checkpoints.models): one-line errors before any weight loads."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from acm.checkpoints.compatibility import check_compatibility
+from acm.checkpoints.models import load_causal_lm, parse_dtype, pick_device, resolve_model
 from acm.errors import CompatibilityError, InputError, OfflineError
-from acm.models import check_compatibility, load_causal_lm, parse_dtype, pick_device, resolve_model
 from tests.fixtures import make_pair, make_tiny_model
 
 

@@ -51,9 +51,10 @@ def run_pipeline(base: Path, ft: Path, tmp_path: Path, *, cli: bool) -> Path:
             str(analysis), "--t", "2", "--alpha", "0.8", "--tokenizer-from", "ft", "--shard-size", "5MB",
             "--out", str(out))
     else:
-        from acm.analysis import analyze
-        from acm.coefficients import lambdas_by_group, to_mergekit_yaml
-        from acm.merge import MergeOptions, merge_models
+        from acm.activations.analysis import analyze
+        from acm.merging.engine import MergeOptions, merge_models
+        from acm.merging.mergekit import to_mergekit_yaml
+        from acm.rules.coefficients import lambdas_by_group
 
         result = analyze(str(base), [str(ft)], str(cal), samples=6, clusters=3, max_tokens=48, show_progress=False)
         result.save(analysis)
@@ -134,8 +135,8 @@ def test_paper_pair_through_the_app_handlers(standin_pair, tmp_path):
     ("qwen3", "ft", "ChatML", "<|im_end|>"),
 ])
 def test_each_model_stops_at_its_own_end_of_turn(standin_pair, name, role, family, must_stop_at):
-    from acm.generation import _eos_ids
-    from acm.templates import template_family
+    from acm.checkpoints.templates import template_family
+    from acm.evaluation.generation import _eos_ids
 
     folder = dict(zip(("base", "ft"), standin_pair(name)))[role]
     tok = AutoTokenizer.from_pretrained(folder)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from acm.models import load_causal_lm, resolve_model
-from acm.residency import convert_parameters, stored_float_dtype
+from acm.checkpoints.models import load_causal_lm, resolve_model
+from acm.checkpoints.residency import convert_parameters, stored_float_dtype
 from tests.fixtures import make_tiny_model
 
 

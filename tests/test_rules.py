@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import mutual_info_score
 
+from acm.activations.capture import attach_points
+from acm.activations.mi import mi_from_joint
+from acm.activations.sample_mi import BinnedMI, LabelMI, bf16_labels, discrete_mi, make_estimator
 from acm.cli import main
 from acm.errors import InputError
-from acm.mi import mi_from_joint
 from acm.rules import RULES, alias_params, get_rule
-from acm.sample_mi import BinnedMI, LabelMI, attach_points, bf16_labels, discrete_mi, make_estimator
 from tests.fixtures import make_pair, make_tiny_model, one_torch_thread, write_calibration  # noqa: F401
 
 # ----------------------------------------------------------------------------- registry
@@ -80,7 +81,7 @@ def test_subset_is_the_same_in_both_passes():
 
 
 def test_binned_mi_per_sample():
-    from acm.mi import bin_indices
+    from acm.activations.mi import bin_indices
 
     torch.manual_seed(1)
     x0, x1 = torch.randn(64, 32), torch.randn(64, 32)
@@ -138,9 +139,9 @@ def _load(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("estimator", ["labels", "binned"])
 def test_staged_command_end_to_end(pair, tmp_path, capsys, estimator, one_torch_thread):  # noqa: F811
     """``--rule sigmoid`` (the alias) = plain merge → per-sample MI base vs merged → base + λ·(merged − base)."""
-    from acm.grouping import build_group_map
-    from acm.merge import MergeOptions, merge_models
-    from acm.models import resolve_model
+    from acm.checkpoints.grouping import build_group_map
+    from acm.checkpoints.models import resolve_model
+    from acm.merging.engine import MergeOptions, merge_models
 
     base, ft, cal = pair
     out = tmp_path / "final"

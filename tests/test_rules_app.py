@@ -1,4 +1,4 @@
-"""The paper's rule's staged variants in the app (components/rules.py via acm.rule_merge): handler in-process,
+"""The paper's rule's staged variants in the app (components/rules.py via acm.merging.rule_merge): handler in-process,
 and the old /merge_sigmoid endpoint (now MI against a plain merge · λ on its delta) in the built app."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def pair(tmp_path_factory):
 
 def test_staged_merge_against_a_plain_merge_sets_the_session_model_and_a_failure_keeps_it(
         pair, monkeypatch, one_torch_thread):  # noqa: F811
-    import acm.rule_merge
+    import acm.merging.rule_merge
     from components import calibration, merge, rules
 
     st = SessionState()
@@ -48,7 +48,7 @@ def test_staged_merge_against_a_plain_merge_sets_the_session_model_and_a_failure
         def broken(*a, **k):
             raise OSError("disk full")
 
-        monkeypatch.setattr(acm.rule_merge, "merge_with_rule", broken)
+        monkeypatch.setattr(acm.merging.rule_merge, "merge_with_rule", broken)
         with pytest.raises(OSError):
             merge.run_merge(st, pair[0], pair[1], against="merged", applies="merged-delta", calibration=cal)
         assert st.merged is merged and merged.model is not None

@@ -71,7 +71,7 @@ def remote_code_model(pair, tmp_path):
 
 
 def test_model_code_is_not_run_without_trust_remote_code(pair, remote_code_model, tmp_path, capsys):
-    from acm.models import resolve_model
+    from acm.checkpoints.models import resolve_model
 
     base, _, _ = pair
     folder, marker = remote_code_model
@@ -95,7 +95,7 @@ def test_the_marker_does_detect_model_code_when_trust_is_given(remote_code_model
     folder, marker = remote_code_model
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_MODULES_CACHE": str(tmp_path / "modules"),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    code = f"from acm.models import resolve_model; resolve_model({str(folder)!r}, trust_remote_code=True)"
+    code = f"from acm.checkpoints.models import resolve_model; resolve_model({str(folder)!r}, trust_remote_code=True)"
     subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, timeout=300, check=True, capture_output=True)
     assert marker.read_text() == "model code ran"
 

@@ -1,4 +1,4 @@
-"""Similarity metrics (acm.similarity): protocol, known answers, CKA sketch error, bounded state,
+"""Similarity metrics (acm.activations.similarity): protocol, known answers, CKA sketch error, bounded state,
 the cosine map, several metrics in one analysis, old result files, and the CLI's --metric."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from acm.analysis import AnalysisResult, analyze
-from acm.cli import main
-from acm.coefficients import coefficient_table, lambdas, lambdas_by_group
-from acm.errors import InputError
-from acm.similarity import (
+from acm.activations import capture as capture_mod
+from acm.activations.analysis import analyze
+from acm.activations.calibration import pad_batches
+from acm.activations.result import AnalysisResult
+from acm.activations.similarity import (
     METRICS,
     CKAEstimator,
     CosineEstimator,
@@ -25,6 +25,9 @@ from acm.similarity import (
     get_metric,
     parse_metrics,
 )
+from acm.cli import main
+from acm.errors import InputError
+from acm.rules.coefficients import coefficient_table, lambdas, lambdas_by_group
 from tests.fixtures import group_rows, make_pair, write_calibration
 
 OLD_FILE = Path(__file__).parent / "data" / "analysis_v1_nmi_only.json"   # written by the pre-metrics code
@@ -199,18 +202,17 @@ def test_one_analysis_computes_several_metrics(three, world):
 def _reference_rows(base: str, ft: str, texts: list[str], *, max_tokens: int, batch_size: int, seed: int = 0):
     """Both models loaded together, every real token's rows of every group fed straight into one CKA
     and one cosine estimator (the protocol's one-pass ``update``)."""
-    from acm import analysis as analysis_mod
-    from acm.calibration import encode
-    from acm.grouping import find_group_modules
-    from acm.models import load_causal_lm, resolve_model
+    from acm.activations.calibration import encode
+    from acm.checkpoints.grouping import find_group_modules
+    from acm.checkpoints.models import load_causal_lm, resolve_model
 
     (mb, tok), (mf, _) = [load_causal_lm(resolve_model(p), device="cpu") for p in (base, ft)]
     ids = [x for x in encode(texts, tok, max_tokens=max_tokens) if x]
-    head_ids = analysis_mod._head_ids(int(mb.get_output_embeddings().weight.shape[0]), seed)
+    head_ids = capture_mod.head_ids(int(mb.get_output_embeddings().weight.shape[0]), seed)
     n_groups = find_group_modules(mb).num_layers + 2
     ests = {"cka": CKAEstimator(n_groups, seed=seed), "cosine": CosineEstimator(n_groups, seed=seed)}
 
-    for inp, mask in analysis_mod._batches(ids, batch_size, tok.pad_token_id):
+    for inp, mask in pad_batches(ids, batch_size, tok.pad_token_id):
         for g, (x, y) in enumerate(zip(group_rows(mb, inp, mask, head_ids), group_rows(mf, inp, mask, head_ids))):
             for est in ests.values():
                 est.update(g, x, y)
@@ -446,7 +448,7 @@ def test_tune_analysis_must_hold_every_metric_of_the_grid(three, tmp_path, world
 
 def test_adding_a_metric_is_one_registry_entry(world, monkeypatch, tmp_path):
     """The recipe of docs/ARCHITECTURE.md: a class + a METRICS entry, and analysis, result file and λ take it."""
-    from acm.similarity import MetricSpec
+    from acm.activations.similarity import MetricSpec
 
     class SignAgreement:               # share of values with the same sign in both models
         def __init__(self, num_groups, **_):

@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from acm.checkpoints.shards import ShardWriter
+from acm.checkpoints.tensors import StreamedTensor, TensorReader, Window
 from acm.errors import InputError
-from acm.shards import ShardWriter
-from acm.tensors import StreamedTensor, TensorReader, Window
 from tests.fixtures import make_pair
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,7 +144,8 @@ def test_merge_path_imports_no_transformers_and_writes_loadable_shards(tmp_path)
 def test_json_config_agrees_with_autoconfig_and_falls_through(tmp_path):
     from transformers import AutoConfig
 
-    from acm.models import JsonConfig, full_config, resolve_model
+    from acm.checkpoints.config import JsonConfig, full_config
+    from acm.checkpoints.models import resolve_model
 
     base, _ = make_pair(tmp_path, "llama", n_ft=1)
     src = resolve_model(str(base))
@@ -161,7 +162,7 @@ def test_json_config_agrees_with_autoconfig_and_falls_through(tmp_path):
 def test_tokenizer_facts_match_the_loaded_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    from acm.templates import highest_token, read_tokenizer_facts, template_family
+    from acm.checkpoints.templates import highest_token, read_tokenizer_facts, template_family
 
     base, _ = make_pair(tmp_path, "llama", n_ft=1)
     for folder in (base, REPO / "assets" / "demo-models" / "tiny-math-base"):
@@ -211,7 +212,7 @@ def test_gpu_decorator_is_a_no_op_without_spaces(monkeypatch):
 
 
 def test_fit_advice_from_header_sizes():
-    from acm.models import fit_advice
+    from acm.checkpoints.models import fit_advice
 
     cuda = torch.device("cuda")
     msg = fit_advice("org/7b", 15_231_233_024, cuda, torch.bfloat16, free_total=(10 * 10**9, 24 * 10**9))
@@ -224,8 +225,8 @@ def test_fit_advice_from_header_sizes():
 def test_resolved_sources_survive_a_merge_and_merge_again(tmp_path):
     """The engine closes only the descriptors it opened for streaming: a caller's ModelSource (the app keeps
     them) still reads after a merge, and a second merge with the same objects gives the same bytes."""
-    from acm.merge import MergeOptions, merge_models
-    from acm.models import resolve_model
+    from acm.checkpoints.models import resolve_model
+    from acm.merging.engine import MergeOptions, merge_models
 
     base, (ft,) = make_pair(tmp_path, "llama", n_ft=1)
     srcs = [resolve_model(str(base)), resolve_model(str(ft))]

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from acm import merge_methods as mm
-from acm.merge import MergeOptions, merge_models
+from acm.merging import kernels as mm
+from acm.merging.engine import MergeOptions, merge_models
 from tests.fixtures import make_tiny_model
 from tests.test_merge import load_state, reference, top_k_mask
 

@@ -39,7 +39,7 @@ needs_demo = pytest.mark.skipif(not (BASE / "config.json").is_file() or not (LON
 @pytest.fixture(scope="module")
 def analysis_file(tmp_path_factory) -> Path:
     """An analysis of the demo pair with NMI falling with depth (as the real one does)."""
-    from acm.analysis import AnalysisResult, ModelNMI
+    from acm.activations.result import AnalysisResult, ModelNMI
 
     groups = ["embed"] + [f"block.{i}" for i in range(6)] + ["head"]
     nmi = [0.48, 0.25, 0.25, 0.23, 0.22, 0.20, 0.15, 0.24]

@@ -18,10 +18,10 @@ from tests.test_tune import BASE, LONG, needs_demo
 
 @pytest.fixture(scope="module")
 def real_analysis(tmp_path_factory):
-    """base vs long on 4 bundled calibration samples: NMI and per-sample MI (acm.analysis.analyze's default)."""
+    """base vs long on 4 bundled calibration samples: NMI and per-sample MI (acm.activations.analysis.analyze's default)."""
     if not (BASE / "config.json").is_file():
         pytest.skip("bundled demo models missing")
-    from acm.analysis import analyze
+    from acm.activations.analysis import analyze
 
     an = analyze(str(BASE), [str(LONG)], None, samples=4, seed=0, show_progress=False)
     assert an.has_sample_mi() and "nmi" in an.metrics()
@@ -105,7 +105,7 @@ def test_read_results_gives_old_sigmoid_records_their_new_key(tmp_path):
 
 @needs_demo
 def test_acm_grid_runs_on_the_demo_pair_with_the_librarys_lambda(tmp_path, real_analysis):
-    from acm.coefficients import compute
+    from acm.rules.coefficients import compute
 
     an, path = real_analysis
     grid = expand_grid(["ta"], [0.7], [0.7, -1], [])
@@ -153,7 +153,7 @@ def test_old_sigmoid_run_resumes_and_the_merged_variant_runs(tmp_path):
 
 @needs_demo
 def test_an_analysis_without_per_sample_mi_is_refused_in_one_line(tmp_path):
-    from acm.analysis import AnalysisResult, ModelNMI
+    from acm.activations.result import AnalysisResult, ModelNMI
 
     groups = ["embed"] + [f"block.{i}" for i in range(6)] + ["head"]
     old = AnalysisResult(groups=groups, models=[ModelNMI(model=str(LONG), nmi=[0.3] * 8, mi=[0.3] * 8)])
@@ -172,7 +172,7 @@ def test_an_analysis_without_per_sample_mi_is_refused_in_one_line(tmp_path):
 
 @needs_demo
 def test_cli_tunes_the_acm_rule_by_default_and_its_analysis_keeps_per_sample_mi(tmp_path, capsys):
-    from acm.analysis import AnalysisResult
+    from acm.activations.result import AnalysisResult
     from acm.cli import main
 
     code = main(["tune", "--base", str(BASE), "--ft", str(LONG), "--samples", "4", "--methods", "ta",

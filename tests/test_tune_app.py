@@ -23,7 +23,7 @@ pytestmark = needs_demo
 @pytest.fixture(scope="module")
 def demo_analysis():
     """A real analysis of the demo pair on 4 calibration samples: NMI and the per-sample MI the paper's rule needs."""
-    from acm.analysis import analyze
+    from acm.activations.analysis import analyze
 
     return analyze(str(BASE), [str(LONG)], None, samples=4, seed=0, show_progress=False)
 
@@ -68,7 +68,7 @@ def test_cancel_stops_between_settings_and_keeps_the_finished_ones(state):
 
 
 def test_use_this_setting_makes_it_the_merged_model(state):
-    from acm.coefficients import compute
+    from acm.rules.coefficients import compute
 
     list(panel.iter_tune_ui(state, str(BASE), [str(LONG)], **SMALL))
     report = state.tune["report"]
@@ -156,7 +156,7 @@ def test_tune_jobs_take_the_heavy_slot_and_cancel_is_wired():
 
 def test_tune_points_follow_the_lambda_driver_of_step_3(state):
     """With "λ driven by" set to cosine in step 3, the grid's softmax points (and "use this setting") use it."""
-    from acm.coefficients import compute
+    from acm.rules.coefficients import compute
 
     m = state.analysis.models[0]
     m.similarity["cosine"] = [0.98, 0.89, 0.88, 0.87, 0.86, 0.84, 0.78, 0.66]

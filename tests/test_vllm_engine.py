@@ -1,4 +1,4 @@
-"""The optional vLLM generation engine (``--engine vllm``, acm/engines.py).
+"""The optional vLLM generation engine (``--engine vllm``, acm/evaluation/engines.py).
 
 Two kinds of tests:
 
@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from acm import engines
+from acm.checkpoints.models import load_model
 from acm.cli import main
-from acm.engines import (
+from acm.errors import InputError
+from acm.evaluation import engines
+from acm.evaluation.engines import (
     VLLM_NEEDS_CUDA,
     VLLM_NOT_INSTALLED,
     TransformersEngine,
@@ -29,9 +31,8 @@ from acm.engines import (
     vllm_generated_ids,
     vllm_sampling_kwargs,
 )
-from acm.errors import InputError
-from acm.evaluate import evaluate, load_data, load_model
-from acm.generation import Sampling, completion_from_ids, encode_prompts, generate_batch
+from acm.evaluation.evaluate import evaluate, load_data
+from acm.evaluation.generation import Sampling, completion_from_ids, encode_prompts, generate_batch
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "assets" / "demo-models" / "tiny-math-base"
@@ -385,8 +386,8 @@ def test_greedy_parity_with_transformers_on_the_demo_models(folder):
     """
     import torch
 
-    from acm.evaluate import evaluate_model
-    from acm.models import load_causal_lm, resolve_model
+    from acm.checkpoints.models import load_causal_lm, resolve_model
+    from acm.evaluation.evaluate import evaluate_model
 
     rows = load_data(EVAL, limit=PARITY_PROBLEMS)
     kw = {"max_new_tokens": MAX_NEW_TOKENS, "batch_size": 8, "keep_records": True, "show_progress": False}

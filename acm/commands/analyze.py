@@ -8,18 +8,17 @@ import os
 import sys
 from pathlib import Path
 
+from acm.activations.estimators import DEFAULT_MAX_VALUES as MAX_VALUES
+from acm.activations.estimators import DEFAULT_PAIR_BUDGET as PAIR_BUDGET
+from acm.activations.estimators import DEFAULT_ROW_BUDGET as ROW_BUDGET
+from acm.activations.similarity import DEFAULT_SKETCH_DIM as SKETCH_DIM
 from acm.errors import InputError
-from acm.methods import MAX_FINE_TUNED, check_num_fine_tuned
+from acm.merging.methods import MAX_FINE_TUNED, check_num_fine_tuned
 from acm.sizes import format_bytes
-
-PAIR_BUDGET = 1 << 22   # = acm.analysis.DEFAULT_PAIR_BUDGET (not imported: keeps `acm --help` free of torch)
-ROW_BUDGET = 1 << 13    # = acm.analysis.DEFAULT_ROW_BUDGET
-SKETCH_DIM = 128        # = acm.similarity.DEFAULT_SKETCH_DIM
-MAX_VALUES = 1 << 18    # = acm.rules.ACM's max_values default
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from acm.similarity import keys_help  # torch-light: numpy only
+    from acm.activations.similarity import keys_help  # torch-light: numpy only
 
     p = subparsers.add_parser(
         "analyze", help="measure per-layer NMI between base and fine-tuned activations (forward passes only)",
@@ -92,7 +91,7 @@ def validate(args: argparse.Namespace) -> None:
         raise InputError(f"--sketch-dim must be at least 1, got {args.sketch_dim}")
     if args.row_budget < 1:
         raise InputError(f"--row-budget must be at least 1, got {args.row_budget}")
-    from acm.similarity import parse_metrics
+    from acm.activations.similarity import parse_metrics
 
     args.metric = parse_metrics(args.metric)
     from acm.rules import ACM
@@ -116,7 +115,7 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from acm.analysis import analyze, summarize
+    from acm.activations.analysis import AnalysisOptions, analyze, summarize
 
     validate(args)
     interactive = sys.stderr.isatty()
@@ -127,14 +126,14 @@ def run(args: argparse.Namespace) -> int:
             hf_logging.disable_progress_bar()
         except Exception:  # noqa: BLE001 - cosmetic only
             pass
-    result = analyze(args.base, list(args.ft), args.calibration, field=args.field, split=args.split,
-                     samples=args.samples, clusters=args.clusters, fraction=args.fraction,
-                     max_tokens=args.max_tokens, bins=args.bins, batch_size=args.batch_size, seed=args.seed,
-                     device=args.device, dtype=args.dtype, chat_template=not args.no_chat_template,
-                     allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                     show_progress=interactive, pair_budget=args.pair_budget, metrics=args.metric,
-                     sketch_dim=args.sketch_dim, row_budget=args.row_budget, sample_mi=args.mi_estimator,
-                     sample_max_values=args.mi_max_values)
+    options = AnalysisOptions(
+        field=args.field, split=args.split, samples=args.samples, clusters=args.clusters, fraction=args.fraction,
+        max_tokens=args.max_tokens, bins=args.bins, batch_size=args.batch_size, seed=args.seed, device=args.device,
+        dtype=args.dtype, chat_template=not args.no_chat_template, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code, pair_budget=args.pair_budget, metrics=args.metric,
+        sketch_dim=args.sketch_dim, row_budget=args.row_budget, sample_mi=args.mi_estimator,
+        sample_max_values=args.mi_max_values)
+    result = analyze(args.base, list(args.ft), args.calibration, options, show_progress=interactive)
     path = result.save(args.out)
     if args.save_calibration is not None:
         print(f"wrote the {len(result.calibration or [])} token sequences fed to the models to "

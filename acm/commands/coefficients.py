@@ -6,12 +6,12 @@ import argparse
 import json
 import math
 
-from acm import methods as registry
 from acm.errors import InputError
+from acm.merging import methods as registry
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from acm.similarity import keys_help  # torch-light: numpy only
+    from acm.activations.similarity import keys_help  # torch-light: numpy only
 
     p = subparsers.add_parser(
         "coefficients", help="per-layer-group merge coefficients λ(t) from an analysis JSON",
@@ -67,9 +67,10 @@ def validate(args: argparse.Namespace) -> tuple[float | None, float | None] | No
 
 
 def run(args: argparse.Namespace) -> int:
-    from acm.analysis import AnalysisResult
-    from acm.coefficients import coefficient_table, to_mergekit_yaml
-    from acm.similarity import get_metric
+    from acm.activations.analysis import AnalysisResult
+    from acm.activations.similarity import get_metric
+    from acm.merging.mergekit import to_mergekit_yaml
+    from acm.rules.coefficients import coefficient_table
 
     clip = validate(args)
     if args.rule == "acm" and str(args.metric).strip().lower() != "nmi":

@@ -7,8 +7,8 @@ import argparse
 import json
 import sys
 
-from acm.engines import ENGINES
 from acm.errors import InputError
+from acm.evaluation.engines import ENGINES
 
 DEFAULT_MAX_NEW_TOKENS = 512
 PRESET_HELP = "gsm8k, math500, aime24, minerva (Hub datasets; see README 'Evaluate')"
@@ -79,14 +79,14 @@ def _check(args: argparse.Namespace) -> None:
         raise InputError("--preset-source needs --preset")
     if args.tokenizer:
         raise InputError("--tokenizer is for --predictions; a model's own tokenizer is used when generating")
-    from acm.engines import check_engine
+    from acm.evaluation.engines import check_engine
 
     check_engine(args.engine, device=args.device)   # before any model or data is loaded
 
 
 def run(args: argparse.Namespace) -> int:
-    from acm.evaluate import evaluate, length_warning, save_results, score_predictions
-    from acm.generation import check_max_new_tokens
+    from acm.evaluation.evaluate import evaluate, length_warning, save_results, score_predictions
+    from acm.evaluation.generation import check_max_new_tokens
 
     _check(args)
     if args.threads is not None:

@@ -6,14 +6,14 @@ import argparse
 import logging
 import sys
 
-from acm import methods as registry
 from acm.errors import InputError
+from acm.merging import methods as registry
 from acm.sizes import format_bytes
 
 log = logging.getLogger(__name__)
 
 METHOD_CHOICES = registry.METHODS
-# Parameter flags added from the registry's option specs (acm.methods.OPTIONS), in this order.
+# Parameter flags added from the registry's option specs (acm.merging.methods.OPTIONS), in this order.
 _PARAM_FLAGS = ("density", "drop_rate", "gamma", "epsilon", "trim_scope", "normalize", "seed")
 
 
@@ -34,7 +34,7 @@ def _add_param(p: argparse.ArgumentParser, key: str) -> None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from acm.similarity import keys_help  # torch-light: numpy only
+    from acm.activations.similarity import keys_help  # torch-light: numpy only
 
     p = subparsers.add_parser(
         "merge", help="merge fine-tuned models into a base (TA / TIES / DARE / Breadcrumbs / DELLA / linear, "
@@ -104,7 +104,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load_analysis(path: str, fts: list[str]):
-    from acm.analysis import AnalysisResult
+    from acm.activations.result import AnalysisResult
 
     analysis = AnalysisResult.load(path)
     if len(analysis.models) != len(fts):
@@ -164,7 +164,7 @@ def _rule_settings(args: argparse.Namespace) -> dict | None:
     if spec.key == "softmax":
         if args.against or args.applies or merged_flags:
             raise InputError(f"{(['--against', '--applies'] + merged_flags)[0]} belongs to the acm rule, not softmax")
-        from acm.similarity import get_metric
+        from acm.activations.similarity import get_metric
 
         return {"rule": "softmax", "t": check_t(spec, args.t), "metric": get_metric(args.metric or "nmi").key,
                 "clip": _clip(args)}
@@ -188,7 +188,7 @@ def _rule_settings(args: argparse.Namespace) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from acm.merge import MergeOptions, merge_models
+    from acm.merging.engine import MergeOptions, merge_models
 
     options = MergeOptions(method=args.method, alpha=args.alpha, **{k: getattr(args, k) for k in _PARAM_FLAGS},
                            dtype=args.dtype,
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     lambdas = acm = None
     label = args.method
     if settings is not None:
-        from acm.coefficients import compute
+        from acm.rules.coefficients import compute
 
         coef = compute(_load_analysis(args.acm, args.ft), "softmax", settings["t"], args.alpha, settings["clip"],
                        metric=settings["metric"])
@@ -231,7 +231,7 @@ def _print_output(report) -> None:
 
 
 def _run_acm_rule(args: argparse.Namespace, options, s: dict) -> int:
-    from acm.rule_merge import merge_with_rule
+    from acm.merging.rule_merge import merge_with_rule
 
     tty = sys.stderr.isatty()
     last = [""]

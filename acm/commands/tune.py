@@ -11,8 +11,8 @@ from acm.errors import InputError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from acm.engines import ENGINES
-    from acm.similarity import keys_help
+    from acm.activations.similarity import keys_help
+    from acm.evaluation.engines import ENGINES
     from acm.tune import (
         DEFAULT_ACM_TS,
         DEFAULT_HOLDOUT,
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.max_settings < 1:
         raise InputError(f"--max-settings must be at least 1, got {args.max_settings}")
-    from acm.engines import check_engine
+    from acm.evaluation.engines import check_engine
 
     check_engine(args.engine, device=args.device)   # before the analysis or any merge
     with contextlib.suppress(Exception):   # one tqdm bar for the run, not one per model load (cosmetic)

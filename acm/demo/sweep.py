@@ -109,7 +109,7 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
     Results stream to ``out/tune.jsonl`` as with ``acm tune`` (so a killed sweep resumes); the
     ``sweep.json`` / ``table.md`` of the README are built from them.
     """
-    from acm.evaluate import load_data
+    from acm.evaluation.evaluate import load_data
     from acm.tune import Setting, run_tune
 
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
         rows.append({**_row(label(s.to_dict()), m, long_m["mean_length"]),
                      "setting": {k: v for k, v in s.to_dict().items()
                                  if k != "drop_rate" and not (k in _RULE_FIELDS and v is None)}})
-    from acm.analysis import AnalysisResult
+    from acm.activations.result import AnalysisResult
 
     analysis = AnalysisResult.load(out / "analysis.json") if (out / "analysis.json").is_file() else None
     result = {"base": str(base), "long": str(long), "eval": str(eval_path), "n": len(rows_in),
@@ -159,7 +159,7 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from acm.similarity import keys_help
+    from acm.activations.similarity import keys_help
 
     p = argparse.ArgumentParser(prog="python -m acm.demo.sweep", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
@@ -193,8 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: acm.tune.auto_threads, 1 for the demo models)")
     a = p.parse_args(argv)
+    from acm.activations.similarity import parse_metrics
     from acm.errors import InputError
-    from acm.similarity import parse_metrics
 
     try:
         res = _run_main(a, parse_metrics)

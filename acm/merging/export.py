@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
-from acm.methods import OPTIONS, SPECS
+from acm.merging.methods import OPTIONS, SPECS
 from acm.sizes import format_bytes
 
-# Derived from the registry (acm.methods); kept as names for callers that read them.
+# Derived from the registry (acm.merging.methods); kept as names for callers that read them.
 FORMULAS = {k: m.formula for k, m in SPECS.items()}
 METHOD_NAMES = {k: m.label for k, m in SPECS.items()}
 _RELEVANT = {k: m.options for k, m in SPECS.items()}
@@ -233,56 +233,65 @@ def _provenance_lines(prov: Any, prefix: str = "") -> list[str]:
     return lines
 
 
-def model_card(rec: dict) -> str:
-    """README.md of the merged model: Hub front matter, sources, method, parameters, λ table, usage."""
+def _acm_entry(rec: dict) -> dict | None:
+    return rec.get("acm_analysis") if rec.get("acm") else None
+
+
+def _card_intro(rec: dict) -> list[str]:
+    """Front matter, title and the one-sentence summary."""
     base = display_name(rec["base"]["model"])
     models = [display_name(m["model"]) for m in rec.get("models", [])]
-    method = rec.get("method", "")
-    acm = rec.get("acm_analysis") if rec.get("acm") else None
+    method, acm = rec.get("method", ""), _acm_entry(rec)
     label = ("ACM-" if acm else "") + METHOD_NAMES.get(method, method)
     if acm:
         label += " (acm rule)" if acm.get("rule") == "acm" else " (softmax rule)"
     front = {"base_model": [base] + models, "base_model_relation": "merge", "library_name": "transformers",
              "tags": ["merge", "acm"]}
-    name = rec.get("name") or "merged model"
-    out = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
-           f"# {name}", "",
-           f"A **{label}** merge of {', '.join(f'`{m}`' for m in models)} into the base `{base}`, made with "
-           "ACM Merge Explorer (Activation-Guided Consensus Merging, arXiv 2505.14009"
-           + (": the coefficient of each layer group comes from the mutual information between the base's and "
-              "the fine-tuned model's activations on calibration text)." if acm else "; plain method, one "
-              "coefficient for the whole network)."), ""]
-    out += ["## Sources", ""]
-    rows = [["base", base, rec["base"].get("revision"), rec["base"].get("commit")]]
+    return ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
+            f"# {rec.get('name') or 'merged model'}", "",
+            f"A **{label}** merge of {', '.join(f'`{m}`' for m in models)} into the base `{base}`, made with "
+            "ACM Merge Explorer (Activation-Guided Consensus Merging, arXiv 2505.14009"
+            + (": the coefficient of each layer group comes from the mutual information between the base's and "
+               "the fine-tuned model's activations on calibration text)." if acm else "; plain method, one "
+               "coefficient for the whole network)."), ""]
+
+
+def _card_sources_and_method(rec: dict) -> list[str]:
+    method, acm = rec.get("method", ""), _acm_entry(rec)
+    rows = [["base", display_name(rec["base"]["model"]), rec["base"].get("revision"), rec["base"].get("commit")]]
     rows += [[f"fine-tuned {i + 1}", display_name(m["model"]), m.get("revision"), m.get("commit")]
              for i, m in enumerate(rec.get("models", []))]
-    out += [_table(["role", "model", "revision", "commit"], rows), ""]
-    out += ["## Method", "", f"`{method}`{' with ACM coefficients' if acm else ''}: {rec.get('formula', '')}", "",
-            "k is the layer group (`embed`, `block.0` … `block.{L-1}`, `head`); computed in float32, "
-            f"written in {rec.get('output', {}).get('dtype', 'the base dtype')}.", ""]
-    o = rec.get("options", {})
-    keys = _RELEVANT.get(method, ())
-    prow = [[k, o.get(k)] for k in keys]
+    prow = [[k, rec.get("options", {}).get(k)] for k in _RELEVANT.get(method, ())]
     if acm and acm.get("rule") == "acm":
         prow += [["t (the paper's Eq. 2)", acm.get("t")]]
-        if acm.get("clip"):
-            prow.append(["λ clip", acm.get("clip")])
     elif acm:
         prow += [["t (ACM sharpness)", acm.get("t")], ["α (ACM mean λ)", acm.get("alpha")]]
-        if acm.get("clip"):
-            prow.append(["λ clip", acm.get("clip")])
-    out += ["## Parameters", "", _table(["parameter", "value"], prow), ""]
-    out += ["## Coefficients λ per layer group", "",
-            ("Task-vector weights λ/N from the paper's rule (see below; `head.norm` is the final norm's own λ)."
-             if acm and acm.get("rule") == "acm" and acm.get("applies") == "task-vectors" else
-             "λ of the paper's rule, applied to the plain merge's delta (see below)."
-             if acm and acm.get("rule") == "acm" else
-             "λ from the ACM analysis: λₖ = α·K·exp(−t·NMIₖ) / Σⱼ exp(−t·NMIⱼ) (mean α; lower NMI → larger λ)."
-             if acm and acm.get("metric", "nmi") == "nmi" else
-             f"λ from the ACM analysis: λₖ = α·K·exp(−t·sₖ) / Σⱼ exp(−t·sⱼ), sₖ = {acm.get('metric')} similarity "
-             "(mean α; lower sₖ → larger λ)." if acm else ("Normalised weights of the linear average." if method == "linear"
-                          else "Plain method: λ = α for every group.")), "",
-            lambda_table(rec), ""]
+    if acm and acm.get("clip"):
+        prow.append(["λ clip", acm.get("clip")])
+    return ["## Sources", "", _table(["role", "model", "revision", "commit"], rows), "",
+            "## Method", "", f"`{method}`{' with ACM coefficients' if acm else ''}: {rec.get('formula', '')}", "",
+            "k is the layer group (`embed`, `block.0` … `block.{L-1}`, `head`); computed in float32, "
+            f"written in {rec.get('output', {}).get('dtype', 'the base dtype')}.", "",
+            "## Parameters", "", _table(["parameter", "value"], prow), ""]
+
+
+def _lambda_caption(rec: dict) -> str:
+    acm, method = _acm_entry(rec), rec.get("method", "")
+    if acm and acm.get("rule") == "acm":
+        if acm.get("applies") == "task-vectors":
+            return "Task-vector weights λ/N from the paper's rule (see below; `head.norm` is the final norm's own λ)."
+        return "λ of the paper's rule, applied to the plain merge's delta (see below)."
+    if acm and acm.get("metric", "nmi") == "nmi":
+        return "λ from the ACM analysis: λₖ = α·K·exp(−t·NMIₖ) / Σⱼ exp(−t·NMIⱼ) (mean α; lower NMI → larger λ)."
+    if acm:
+        return (f"λ from the ACM analysis: λₖ = α·K·exp(−t·sₖ) / Σⱼ exp(−t·sⱼ), sₖ = {acm.get('metric')} similarity "
+                "(mean α; lower sₖ → larger λ).")
+    return "Normalised weights of the linear average." if method == "linear" else "Plain method: λ = α for every group."
+
+
+def _card_coefficients(rec: dict) -> list[str]:
+    acm = _acm_entry(rec)
+    out = ["## Coefficients λ per layer group", "", _lambda_caption(rec), "", lambda_table(rec), ""]
     if acm and acm.get("rule") != "acm" and isinstance(acm.get("nmi"), dict) and acm.get("groups"):
         names = list(acm["nmi"])
         rows = [[g] + [acm["nmi"][n][k] if k < len(acm["nmi"][n]) else None for n in names]
@@ -296,17 +305,22 @@ def model_card(rec: dict) -> str:
             out += [f"Analysis file: `{display_name(str(acm['source']))}`", ""]
         out += _provenance_lines(_public(acm.get("analysis") or {})) or ["- (not recorded)"]
         out.append("")
+    return out
+
+
+def _card_output(rec: dict) -> list[str]:
+    """Head, tokenizer, vocabulary notes and the output's size."""
     stats = rec.get("output", {})
     heads, tok = stats.get("heads") or {}, stats.get("tokenizer") or {}
+    out: list[str] = []
     if heads or tok:
         out += ["## Output head and tokenizer", ""]
         if heads:
+            mixed = heads.get("merged") == "untied" and "tied" in [heads.get("base"), *(heads.get("fine_tuned") or [])]
             out.append(f"- Output head: **{heads.get('merged')}** (base {heads.get('base')}; fine-tuned "
                        f"{', '.join(heads.get('fine_tuned') or []) or '—'})."
                        + (f" `{heads.get('head_tensor')}` = base head + Σ λ_head·(head − base head), where a tied "
-                          "model's head is its input embedding; `tie_word_embeddings: false`."
-                          if heads.get("merged") == "untied" and "tied" in [heads.get("base"), *(heads.get("fine_tuned") or [])]
-                          else ""))
+                          "model's head is its input embedding; `tie_word_embeddings: false`." if mixed else ""))
         if tok:
             src = display_name(str(tok.get("model", "")))
             out.append(f"- Tokenizer, chat template ({tok.get('template')}) and generation defaults: from "
@@ -319,6 +333,13 @@ def model_card(rec: dict) -> str:
                 f"{stats.get('num_tensors')} tensors in {stats.get('num_shards')} safetensors shard(s), "
                 f"{format_bytes(stats.get('bytes') or 0)}, dtype {stats.get('dtype')}, vocabulary "
                 f"{stats.get('vocab_size')}. Full record: `acm_recipe.json`.", ""]
+    return out
+
+
+def model_card(rec: dict) -> str:
+    """README.md of the merged model: Hub front matter, sources, method, parameters, λ table, usage."""
+    name = rec.get("name") or "merged model"
+    out = [*_card_intro(rec), *_card_sources_and_method(rec), *_card_coefficients(rec), *_card_output(rec)]
     out += ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f'path = "{name}"  # this folder, or its Hub id once uploaded',
             "model = AutoModelForCausalLM.from_pretrained(path, dtype=\"auto\")",

@@ -1,9 +1,9 @@
 """Generation engines for ``acm eval`` / ``acm tune``: transformers (default, CPU or GPU) or vLLM (optional, GPU).
 
-Both engines take the SAME prompt token ids (``acm.generation.encode_prompts``: one chat-template
+Both engines take the SAME prompt token ids (``acm.evaluation.generation.encode_prompts``: one chat-template
 code path), the same token limit, the same stop ids (eos + the template's end of turn,
-``acm.templates.end_of_turn_ids``) and turn the generated ids into the same ``Completion`` objects
-(``acm.generation.completion_from_ids``), so ``acm.answers`` grades both identically. What differs is
+``acm.checkpoints.templates.end_of_turn_ids``) and turn the generated ids into the same ``Completion`` objects
+(``acm.evaluation.generation.completion_from_ids``), so ``acm.evaluation.answers`` grades both identically. What differs is
 only the decoding kernel (and, when sampling, the random number generator).
 
 vLLM is never a requirement: it is imported only when ``--engine vllm`` is asked for, and then
@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from acm.errors import InputError
 
-if TYPE_CHECKING:  # acm.generation imports torch; the CLI reads ENGINES while building its parser
-    from acm.generation import Completion, Sampling
+if TYPE_CHECKING:  # acm.evaluation.generation imports torch; the CLI reads ENGINES while building its parser
+    from acm.evaluation.generation import Completion, Sampling
 
 ENGINES = ("transformers", "vllm")
 DEFAULT_ENGINE = "transformers"
@@ -88,7 +88,7 @@ def engine_record(engine: str) -> dict:
 
 
 class TransformersEngine:
-    """``acm.generation.generate_batch`` on a loaded (model, tokenizer): what evaluation always did."""
+    """``acm.evaluation.generation.generate_batch`` on a loaded (model, tokenizer): what evaluation always did."""
 
     name = "transformers"
     whole_set_per_call = False   # the evaluator batches (left padding, ``batch_size`` prompts per call)
@@ -98,7 +98,7 @@ class TransformersEngine:
 
     def generate(self, prompts: Sequence, *, max_new_tokens: int, chat_template: bool = True,
                  sampling: Sampling | None = None, seed: int | None = None) -> list[Completion]:
-        from acm.generation import generate_batch
+        from acm.evaluation.generation import generate_batch
 
         return generate_batch(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
                               chat_template=chat_template, sampling=sampling, seed=seed)
@@ -118,7 +118,7 @@ def vllm_sampling_kwargs(sampling: Sampling, *, max_new_tokens: int, stop_token_
     every vLLM release reads as "off" (recent ones accept 0 too). The stop ids are our eos + end-of-turn
     ids; text is decoded by us from the ids, so ``skip_special_tokens`` only affects vLLM's own copy.
     """
-    from acm.generation import check_max_new_tokens
+    from acm.evaluation.generation import check_max_new_tokens
 
     check_max_new_tokens(max_new_tokens)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -171,7 +171,7 @@ def _generation_config(path) -> Any:
 class VLLMEngine:
     """A model folder served by ``vllm.LLM`` on the GPU, fed our prompt ids, decoded by our tokenizer.
 
-    The folder goes through ``acm.models.resolve_model`` first, so the project's rules hold for vLLM
+    The folder goes through ``acm.checkpoints.models.resolve_model`` first, so the project's rules hold for vLLM
     too: safetensors only (``load_format="safetensors"``) unless ``allow_pickle``, model code only
     with ``trust_remote_code``; a Hub id is fetched by our resolver (safetensors patterns) and vLLM
     only ever sees the local folder.
@@ -189,8 +189,8 @@ class VLLMEngine:
     def __init__(self, spec: str | os.PathLike, *, trust_remote_code: bool = False, allow_pickle: bool = False,
                  dtype: str = "auto", seed: int = 0,
                  gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION, **llm_kwargs):
-        from acm.models import resolve_model
-        from acm.templates import check_tokenizer_fits, load_tokenizer
+        from acm.checkpoints.models import resolve_model
+        from acm.checkpoints.templates import check_tokenizer_fits, load_tokenizer
 
         check_engine("vllm")
         src = resolve_model(str(spec), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -212,13 +212,13 @@ class VLLMEngine:
 
     @property
     def stop_ids(self) -> list[int]:
-        from acm.templates import end_of_turn_ids
+        from acm.checkpoints.templates import end_of_turn_ids
 
         return end_of_turn_ids(self.model, self.tokenizer)
 
     def prompt_ids(self, prompts: Sequence, *, chat_template: bool = True) -> list[list[int]]:
         """The ids sent to vLLM: exactly what the transformers engine feeds the model, minus its padding."""
-        from acm.generation import encode_prompts
+        from acm.evaluation.generation import encode_prompts
 
         return encode_prompts(self.tokenizer, prompts, chat_template=chat_template).ids
 
@@ -228,7 +228,7 @@ class VLLMEngine:
         does not depend on the other prompts of the call."""
         from vllm import SamplingParams
 
-        from acm.generation import Sampling, completion_from_ids, encode_prompts, seed_for
+        from acm.evaluation.generation import Sampling, completion_from_ids, encode_prompts, seed_for
 
         if not prompts:
             return []
@@ -273,14 +273,14 @@ class VLLMEngine:
 
 def _vllm_dtype(dtype: str | None) -> str:
     """Our dtype names → vLLM's (``auto`` lets vLLM choose; transformers on CUDA uses bf16, see
-    ``acm.models.default_dtype``, so ``auto`` here becomes the same bf16 / fp16 choice)."""
+    ``acm.checkpoints.models.default_dtype``, so ``auto`` here becomes the same bf16 / fp16 choice)."""
     name = (dtype or "auto").lower()
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
     name = aliases.get(name, name)
     if name == "auto":
         import torch
 
-        from acm.models import default_dtype
+        from acm.checkpoints.models import default_dtype
 
         return str(default_dtype(torch.device("cuda"))).replace("torch.", "")
     if name not in ("bfloat16", "float16", "float32"):
@@ -308,7 +308,7 @@ def open_engine(engine: str, spec, *, trust_remote_code: bool = False, allow_pic
     if engine == "vllm":
         return str(spec), VLLMEngine(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                      seed=seed, **vllm_options)
-    from acm.evaluate import load_model
+    from acm.checkpoints.models import load_model
 
     model, tok = load_model(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device=device)
     return str(spec), TransformersEngine(model, tok)

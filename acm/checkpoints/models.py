@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from acm.errors import CompatibilityError, InputError, OfflineError
-from acm.residency import convert_parameters, stored_float_dtype
+from acm.checkpoints.config import _load_config, num_layers_of
+from acm.checkpoints.residency import convert_parameters, stored_float_dtype
+from acm.checkpoints.tensors import TensorReader, find_weight_files
+from acm.errors import InputError, OfflineError
 from acm.sizes import format_bytes
-from acm.tensors import TensorReader, find_weight_files
 
 # Files we fetch from the Hub: configs, tokenizer files, safetensors (pickle only when allowed).
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
@@ -51,7 +52,6 @@ class ModelSource:
 
     @property
     def num_layers(self) -> int:
-        from acm.grouping import num_layers_of
 
         return num_layers_of(self.config)
 
@@ -147,188 +147,7 @@ def _download(repo_id: str, *, revision: str | None, allow_pickle: bool) -> tupl
 
 
 # Families whose config.json is read as plain JSON on the merge / Check path (the same families
-# ``acm.grouping`` groups from tensor names): no transformers import, which costs ~1.5 s of CPU.
-_JSON_CONFIG_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "granite",
-                                "phi3", "gpt2"})
-
-
-class JsonConfig:
-    """A model's config.json as attributes, with transformers' own config built only when needed.
-
-    Why: resolving a model for a merge or a compatibility check needs a handful of plain fields
-    (model type, architectures, layer count, hidden size, vocabulary size, tied head), and importing
-    transformers to parse them costs more than the rest of a small merge. Any attribute the JSON
-    does not spell out (a class default, an ``attribute_map`` alias) and any method falls through to
-    the real ``AutoConfig``, built once on first use, so callers see the same values either way.
-    """
-
-    def __init__(self, data: dict, path: Path, spec: str, trust_remote_code: bool = False):
-        self.__dict__["_data"] = data
-        self.__dict__["_where"] = (path, spec, trust_remote_code)
-        self.__dict__["_full"] = None
-
-    def full(self):
-        """transformers' ``PretrainedConfig`` for this folder (imported and built on first call)."""
-        if self._full is None:
-            path, spec, trust = self._where
-            self.__dict__["_full"] = _auto_config(path, spec, trust)
-        return self._full
-
-    def get_text_config(self, *args, **kwargs):
-        return self
-
-    def to_dict(self) -> dict:
-        return dict(self._data)
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        data = self.__dict__["_data"]
-        if name in data:
-            return data[name]
-        return getattr(self.full(), name)
-
-    def __setattr__(self, name: str, value) -> None:
-        self._data[name] = value
-        if self._full is not None:
-            setattr(self._full, name, value)
-
-    def __repr__(self) -> str:
-        return f"JsonConfig({self._data.get('model_type')!r}, {self._where[0]})"
-
-
-def full_config(config):
-    """transformers' config object behind ``config`` (itself unless it is a ``JsonConfig``)."""
-    return config.full() if isinstance(config, JsonConfig) else config
-
-
-def _load_config(path: Path, spec: str, trust_remote_code: bool):
-    """The folder's config: plain JSON for the known decoder families, else transformers' AutoConfig
-    (which also gives every error message for unknown, remote-code and malformed configs)."""
-    import json
-
-    try:
-        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        data = None
-    if _plain(data, trust_remote_code):
-        return JsonConfig(data, path, spec, trust_remote_code)
-    return _auto_config(path, spec, trust_remote_code)
-
-
-def _plain(data, trust_remote_code: bool) -> bool:
-    return (isinstance(data, dict) and data.get("model_type") in _JSON_CONFIG_TYPES and not trust_remote_code
-            and "auto_map" not in data and "text_config" not in data
-            and isinstance(data.get("num_hidden_layers", data.get("n_layer")), int))
-
-
-def config_is_plain_json(spec: str, *, trust_remote_code: bool = False) -> bool:
-    """Whether resolving ``spec`` reads its config as JSON without importing transformers (a local
-    folder of a known decoder family). The app uses it to skip warming the heavy imports."""
-    import json
-
-    folder = Path(str(spec or "").strip()).expanduser()
-    try:
-        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return _plain(data, trust_remote_code)
-
-
-def _auto_config(path: Path, spec: str, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        msg = str(exc).splitlines()[0]
-        if "trust_remote_code" in str(exc) or "custom code" in str(exc):
-            raise InputError(f"{spec} needs its own model code; pass --trust-remote-code only if you trust it") from None
-        raise InputError(f"{spec}: unsupported or invalid config ({msg})") from None
-    except OSError as exc:
-        raise InputError(f"{spec}: cannot read config.json ({str(exc).splitlines()[0]})") from None
-
-
-@dataclass
-class CompatibilityReport:
-    """What the pre-flight check found; shown in the UI and recorded in exports."""
-
-    architecture: str
-    num_layers: int
-    hidden_size: int | None
-    parameters: dict[str, int]           # model spec -> parameter count
-    vocab_sizes: dict[str, int]          # model spec -> rows of the input embedding
-    vocab_notes: list[str]               # human-readable notes on vocabulary differences
-    heads: dict = field(default_factory=dict)   # tied/untied per model and merged (acm.heads.HeadLayout.describe)
-    head_notes: list[str] = field(default_factory=list)
-    layout: Any = field(default=None, repr=False)   # acm.heads.HeadLayout (for the merge)
-
-    def summary(self) -> str:
-        lines = [f"{self.architecture}: {self.num_layers} layers, hidden size {self.hidden_size}"]
-        per_model = self.heads.get("models", {})
-        for name, count in self.parameters.items():
-            head = f", {per_model[name]} head" if name in per_model else ""
-            lines.append(f"  {name}: {count / 1e6:.2f}M parameters, vocab {self.vocab_sizes.get(name)}{head}")
-        lines.extend(f"  note: {n}" for n in self.vocab_notes + self.head_notes)
-        return "\n".join(lines)
-
-
-def _arch(src: ModelSource) -> str:
-    return (getattr(src.config, "architectures", None) or [getattr(src.config, "model_type", "?")])[0]
-
-
-def _vocab_dim_keys(src: ModelSource) -> set[str]:
-    """Tensors whose first dimension is the vocabulary (input embedding, lm_head)."""
-    vocab = src.vocab_size
-    return {k for k in src.reader.keys() if vocab and src.reader.shape(k) and src.reader.shape(k)[0] == vocab
-            and len(src.reader.shape(k)) == 2 and ("embed" in k or "wte" in k or "lm_head" in k or "output" in k)}
-
-
-def check_compatibility(base: ModelSource, fts: list[ModelSource]) -> CompatibilityReport:
-    """Fail with one line naming the first mismatch; vocab size may differ (reported)."""
-    from acm.heads import head_layout
-    from acm.methods import check_num_fine_tuned
-
-    check_num_fine_tuned(len(fts))
-
-    notes: list[str] = []
-    base_vocab_keys = _vocab_dim_keys(base)
-    for ft in fts:
-        for what, get in (("architecture", _arch), ("model type", lambda s: getattr(s.config, "model_type", None)),
-                          ("layer count", lambda s: s.num_layers), ("hidden size", lambda s: s.hidden_size)):
-            a, b = get(base), get(ft)
-            if a != b:
-                raise CompatibilityError(f"{what} differs: base {base.spec} has {a}, fine-tuned {ft.spec} has {b}")
-    layout = head_layout(base, fts)           # a tied model has no head tensor: compare the rest
-    head = {layout.head_key} if layout.head_key else set()
-    for ft in fts:
-        base_keys, ft_keys = set(base.reader.keys()) - head, set(ft.reader.keys()) - head
-        if base_keys != ft_keys:
-            only_base, only_ft = sorted(base_keys - ft_keys), sorted(ft_keys - base_keys)
-            example = (f"{only_base[0]!r} only in the base" if only_base else f"{only_ft[0]!r} only in {ft.spec}")
-            raise CompatibilityError(f"tensor names differ between {base.spec} and {ft.spec}: {example}")
-        for key in sorted(base_keys):
-            a, b = base.reader.shape(key), ft.reader.shape(key)
-            if a == b:
-                continue
-            if key in base_vocab_keys and a[1:] == b[1:]:
-                continue  # vocabulary rows differ; handled by the merge (see docs/design.md)
-            raise CompatibilityError(f"shape of {key} differs: base {list(a)}, {ft.spec} {list(b)}")
-        if ft.vocab_size != base.vocab_size:
-            larger = (ft.vocab_size or 0) > (base.vocab_size or 0)
-            what = "extra rows are taken from the fine-tuned model" if larger else "missing rows keep the base values"
-            notes.append(f"{ft.spec} has vocabulary {ft.vocab_size} vs base {base.vocab_size}: {what}")
-    models = [base] + list(fts)
-    specs = [m.spec for m in models]
-    head_note = layout.note(specs)
-    return CompatibilityReport(
-        architecture=_arch(base), num_layers=base.num_layers, hidden_size=base.hidden_size,
-        parameters={m.spec: m.reader.numel() for m in models},
-        vocab_sizes={m.spec: m.vocab_size for m in models}, vocab_notes=notes,
-        heads=layout.describe(specs),
-        head_notes=[head_note] if head_note else [], layout=layout)
-
-
+# ``acm.checkpoints.grouping`` groups from tensor names): no transformers import, which costs ~1.5 s of CPU.
 def pick_device(name: str | None = None) -> torch.device:
     """CUDA when available, else CPU; an explicit name (cpu, cuda, cuda:1, mps) overrides."""
     if name in (None, "", "auto"):
@@ -402,7 +221,7 @@ def load_causal_lm(src: ModelSource, *, device: torch.device | str | None = None
         if advice is not None:
             raise InputError(advice)
     # On the CPU, a checkpoint stored in another floating dtype loads file-backed in its own dtype and
-    # is then cast tensor by tensor (acm/residency.py): peak ≈ the cast copy, not file pages + copy.
+    # is then cast tensor by tensor (acm/checkpoints/residency.py): peak ≈ the cast copy, not file pages + copy.
     stored = stored_float_dtype([src.reader.dtype(k) for k in src.reader.keys()]) if src.weight_format == "safetensors" else None
     cast_after = not big and dev.type == "cpu" and stored is not None and stored != dtype
     if cast_after:
@@ -422,9 +241,21 @@ def load_causal_lm(src: ModelSource, *, device: torch.device | str | None = None
     model.eval()
     embeddings = model.get_input_embeddings()
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        from acm.templates import check_tokenizer_fits
+        from acm.checkpoints.templates import check_tokenizer_fits
 
         check_tokenizer_fits(tokenizer, int(embeddings.weight.shape[0]), what=f"the tokenizer of {src.spec}")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_model(spec: str | os.PathLike, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+               device: str | None = None):
+    """(model, tokenizer) from a local folder or a Hub id, in eval mode.
+
+    Used by evaluation and chat, so generation gets the same safety rules as analysis and merge
+    (safetensors only unless ``allow_pickle``, no model code unless ``trust_remote_code``) and the
+    same placement: CUDA in bfloat16 when available, else CPU in float32.
+    """
+    src = resolve_model(str(spec), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return load_causal_lm(src, device=device)

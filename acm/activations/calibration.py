@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from acm import ASSETS_DIR
 from acm.errors import InputError, OfflineError
 from acm.sizes import format_bytes
 
@@ -39,7 +40,7 @@ DEFAULT_FRACTION = 0.1
 
 def bundled_path() -> Path:
     """Where the bundled demo calibration set lives (it may not exist yet)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "calibration" / "demo_calibration.jsonl"
+    return ASSETS_DIR / "calibration" / "demo_calibration.jsonl"
 
 
 def describe_source(source: str | os.PathLike | Sequence[str] | None) -> str:
@@ -390,26 +391,43 @@ def allocate(sizes: Sequence[int], *, fraction: float, samples: int | None) -> l
     return counts
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that fills padding positions (0 when the tokenizer has no pad token: the mask hides it)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def pad_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, padding_side: str = "right"):
+    """(input_ids, attention_mask) batches of ``batch_size`` sequences, padded to each batch's longest.
+
+    The one batcher of the project: sample selection, the analysis and the benchmarks feed the same
+    padded batches (right padding by default: a causal model's real tokens then never see a pad)."""
+    import torch
+
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        width = max(len(x) for x in chunk)
+        inp = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, x in enumerate(chunk):
+            lo = width - len(x) if padding_side == "left" else 0
+            inp[j, lo:lo + len(x)] = torch.tensor(list(x), dtype=torch.long)
+            mask[j, lo:lo + len(x)] = 1
+        yield inp, mask
+
+
 def embed_texts(texts: Sequence[str], model, tokenizer, *, max_tokens: int = DEFAULT_MAX_TOKENS,
                 batch_size: int = 8) -> np.ndarray:
     """Mean-pooled last hidden state of the base model over real (non-pad) tokens, [n, hidden]."""
     import torch
 
     ids = encode(texts, tokenizer, max_tokens=max_tokens, chat_template=False)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     body = getattr(model, "base_model", None)
     use_body = body is not None and body is not model
     out = []
     with torch.inference_mode():
-        for start in range(0, len(ids), batch_size):
-            chunk = [x or [pad_id] for x in ids[start:start + batch_size]]
-            width = max(len(x) for x in chunk)
-            inp = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, x in enumerate(chunk):
-                inp[j, :len(x)] = torch.tensor(x)
-                mask[j, :len(x)] = 1
+        for inp, mask in pad_batches([x or [pad_id] for x in ids], batch_size, pad_id):
             inp, mask = inp.to(device), mask.to(device)
             if use_body:
                 hidden = body(input_ids=inp, attention_mask=mask, use_cache=False).last_hidden_state

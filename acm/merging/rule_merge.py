@@ -15,10 +15,10 @@ merged             merged-delta       plain merge → per-sample MI base vs merg
 merged             task-vectors       plain merge → per-sample MI base vs merged → θ₀ + (1/N)·Σᵢ λ·τᵢ
 =================  =================  ================================================================
 
-Everything happens inside one temp dir next to ``out_dir`` (``acm.shards.AtomicFolder``): a stage-1
+Everything happens inside one temp dir next to ``out_dir`` (``acm.checkpoints.shards.AtomicFolder``): a stage-1
 model is written there and deleted, and the output is renamed into place only when every stage
 succeeded — a failure leaves nothing at ``out_dir``. The per-sample MI of the merged variants is the
-same analysis (``acm.analysis.analyze`` with no similarity metric) the paper's setting uses.
+same analysis (``acm.activations.analysis.analyze`` with no similarity metric) the paper's setting uses.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ STAGE1 = "plain merge (stage 1)"
 class RuleMergeReport:
     """What ``merge_with_rule`` did: the final merge (``MergeReport``), the coefficients, stage timings."""
 
-    merge: Any                     # acm.merge.MergeReport of the final model (out_dir, recipe, …)
-    coefficients: Any              # acm.coefficients.Coefficients
+    merge: Any                     # acm.merging.engine.MergeReport of the final model (out_dir, recipe, …)
+    coefficients: Any              # acm.rules.coefficients.Coefficients
     stage_seconds: dict[str, float]
 
     @property
@@ -71,12 +71,12 @@ def merge_with_rule(base: Any, fts: list[Any], out_dir: str | Path, options: Any
     """Merge ``fts`` into ``base`` with the acm rule at ``t`` under the two switches (see module doc).
 
     ``analysis`` (base vs each fine-tuned model, with per-sample MI) is needed when ``against`` is
-    ``fine-tuned``; ``calibration`` (any ``acm.calibration.load_texts`` source) when it is ``merged``,
-    with ``analysis_options`` passed on to ``acm.analysis.analyze`` (samples, clusters, max_tokens, …).
+    ``fine-tuned``; ``calibration`` (any ``acm.activations.calibration.load_texts`` source) when it is ``merged``,
+    with ``analysis_options`` passed on to ``acm.activations.analysis.analyze`` (samples, clusters, max_tokens, …).
     """
-    from acm.coefficients import compute
-    from acm.merge import merge_models
-    from acm.shards import AtomicFolder
+    from acm.checkpoints.shards import AtomicFolder
+    from acm.merging.engine import merge_models
+    from acm.rules.coefficients import compute
 
     sw = ACM.validate({"t": t, "against": against, "applies": applies, "estimator": estimator, "bins": bins,
                        "max_values": 0 if max_values is None else max_values})     # None = every value
@@ -98,7 +98,7 @@ def merge_with_rule(base: Any, fts: list[Any], out_dir: str | Path, options: Any
     elif calibration is None:
         raise InputError("the acm rule with MI against a plain merge needs calibration text (--calibration)")
     else:
-        from acm.calibration import load_texts
+        from acm.activations.calibration import load_texts
 
         aopts = dict(analysis_options or {})
         load_texts(calibration, field=aopts.get("field"), split=aopts.get("split", "train"))  # fail before merging
@@ -112,7 +112,7 @@ def merge_with_rule(base: Any, fts: list[Any], out_dir: str | Path, options: Any
                              progress=_sub(progress, 0.0, 0.3, "stage 1/3 plain merge"), show_progress=show_progress)
         stage_seconds["merge"] = round(time.perf_counter() - t0, 3)
         if sw["against"] == "merged":
-            from acm.analysis import analyze
+            from acm.activations.analysis import analyze
 
             t0 = time.perf_counter()
             merged_analysis = analyze(base, [str(stage1)], calibration, metrics=[], sample_mi=sw["estimator"],
@@ -142,7 +142,7 @@ def merge_with_rule(base: Any, fts: list[Any], out_dir: str | Path, options: Any
 def _final_stage(base, fts, stage1: Path, tmp: Path, coef, options, sw: dict, allow_pickle: bool,
                  progress: Progress | None, show_progress: bool):
     """Stage 3: base + λ·(stage 1 − base), or θ₀ + (1/N)·Σ λ·τᵢ with the merged-variant λ."""
-    from acm.merge import MergeOptions, merge_models
+    from acm.merging.engine import MergeOptions, merge_models
 
     prog = _sub(progress, 0.7, 0.98, "stage 3/3 apply λ")
     if sw["applies"] == "merged-delta":
@@ -177,7 +177,7 @@ def _record(first: dict, final: dict, coef, sw: dict, stage_seconds: dict, name:
 
 
 def _write_record(folder: Path, recipe: dict) -> None:
-    from acm.export import model_card
+    from acm.merging.export import model_card
 
     (folder / "acm_recipe.json").write_text(json.dumps(recipe, indent=2, ensure_ascii=False, default=str) + "\n",
                                             encoding="utf-8")

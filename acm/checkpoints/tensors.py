@@ -21,6 +21,7 @@ faults on its mapped inputs). Everything else (analysis, checks, pickle) keeps u
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -29,6 +30,17 @@ from pathlib import Path
 import torch
 
 from acm.errors import InputError
+
+
+def finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf, in one cheap reduction (``aminmax`` propagates NaN; ``isfinite`` is ~10× slower on CPU).
+
+    Here, with the tensors, because loading (the analysis refuses broken weights) and merging (a
+    merged tensor is checked once) both ask it."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"

@@ -18,12 +18,12 @@ transformers ignores when loading) is treated as tied.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from acm.errors import CompatibilityError
 
-if TYPE_CHECKING:
-    from acm.models import ModelSource
+# An acm.checkpoints.models.ModelSource (not imported: models sits above heads in this package).
+Source = Any
 
 
 def is_tied(config) -> bool:
@@ -83,13 +83,13 @@ class HeadLayout:
                 "head read from its input embedding")
 
 
-def head_layout(base: ModelSource, fts: list[ModelSource]) -> HeadLayout:
+def head_layout(base: Source, fts: list[Source]) -> HeadLayout:
     """Find every model's head tensor; one clear line when a head is missing or the wrong shape.
 
     Cheap: reads configs and safetensors headers only (the architecture's names come from
-    ``acm.grouping.structure``).
+    ``acm.checkpoints.grouping.structure``).
     """
-    from acm.grouping import structure
+    from acm.checkpoints.grouping import structure
 
     models = [base, *fts]
     keys = [set(m.reader.keys()) for m in models]
@@ -114,7 +114,7 @@ def head_layout(base: ModelSource, fts: list[ModelSource]) -> HeadLayout:
     return layout
 
 
-def _check_head_shapes(models: list[ModelSource], layout: HeadLayout) -> None:
+def _check_head_shapes(models: list[Source], layout: HeadLayout) -> None:
     """Every model's effective head [vocab, hidden] must agree with the base's except in vocabulary rows."""
     def head_shape(i: int) -> tuple[str, tuple[int, ...]]:
         key = layout.source_key(i, layout.head_key)

@@ -77,7 +77,7 @@ def load_preset(key: str | Preset, *, source: str | os.PathLike | None = None, l
     fixtures) used in place of the Hub id; everything else (config, split, fields) is the preset's.
     ``cache_dir``: where ``datasets`` keeps its cache (default: its own).
     """
-    from acm.answers import gold_answer
+    from acm.evaluation.answers import gold_answer
 
     preset = key if isinstance(key, Preset) else get_preset(key)
     target = preset.hub_id

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from acm.checkpoints.config import full_config, num_layers_of
 from acm.errors import InputError
 
 EMBED = "embed"
@@ -33,14 +34,6 @@ def block_name(k: int) -> str:
 def group_names(num_layers: int) -> list[str]:
     """Groups in network order: embed, block.0 … block.{L-1}, head."""
     return [EMBED] + [block_name(k) for k in range(num_layers)] + [HEAD]
-
-
-def num_layers_of(config) -> int:
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n = getattr(text_config, "num_hidden_layers", None) or getattr(text_config, "n_layer", None)
-    if not n:
-        raise InputError(f"cannot tell the number of layers of model type {getattr(config, 'model_type', '?')!r}")
-    return int(n)
 
 
 @dataclass
@@ -104,8 +97,6 @@ def _tied_aliases(model: nn.Module) -> list[str]:
 def meta_model(config, *, trust_remote_code: bool = False) -> nn.Module:
     """The architecture with no weights (meta device): free to build even for 70B models."""
     from transformers import AutoModelForCausalLM
-
-    from acm.models import full_config
 
     config = full_config(config)
 
@@ -229,8 +220,6 @@ def _structure(config, trust_remote_code: bool) -> Structure:
     merge of a 10M-parameter model, more for deep models), and the app merges the same pair again
     for every t it is asked for. The key is the config's full JSON, so any change rebuilds it.
     """
-    from acm.models import full_config
-
     config = full_config(config)
     try:
         key = (config.to_json_string(use_diff=False), bool(trust_remote_code))

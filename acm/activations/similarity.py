@@ -1,12 +1,12 @@
 """Similarity metrics between base and fine-tuned activations: a small streaming protocol + registry.
 
 Why a protocol: ACM only needs, per layer group, one number sₖ ∈ [0, 1] with 1 = "the fine-tuned
-model's activations are unchanged" (λ then follows from sₖ, ``acm.coefficients``). Which measure
+model's activations are unchanged" (λ then follows from sₖ, ``acm.rules.coefficients``). Which measure
 gives sₖ is an ablation the paper's reviewers asked about (mutual information vs cosine, CKA, …),
 so the measure is a plug-in: every metric is a streaming estimator that is fed paired activations
 of one group at a time and whose state does **not grow with the calibration size**.
 
-* ``nmi``: normalised mutual information of the (base, fine-tuned) value pairs (``acm.mi``, the
+* ``nmi``: normalised mutual information of the (base, fine-tuned) value pairs (``acm.activations.mi``, the
   paper's measure and the default).
 * ``cka``: linear CKA of the token rows (centred), streamed as cross-covariance sums; a group wider
   than k = ``sketch_dim`` keeps one-sided d×k sketches of them (a fixed seeded Gaussian projection,
@@ -51,7 +51,7 @@ class SimilarityEstimator(Protocol):
 
 @runtime_checkable
 class TwoPhaseEstimator(SimilarityEstimator, Protocol):
-    """A row metric usable with one model resident at a time (``acm.analysis``).
+    """A row metric usable with one model resident at a time (``acm.activations.analysis``).
 
     ``base_rows`` runs in the base-only pass: it may accumulate base-only statistics and returns what
     must be kept per token for the pairing (at most ``sketch_dim`` wide: the bounded store);
@@ -69,7 +69,7 @@ class MetricSpec:
     """One registered metric.
 
     ``pairs``: what the analysis pairs for it — ``"values"`` (every (token, feature) value; NMI's
-    binned path in ``acm.analysis``) or ``"rows"`` (token rows, randomly projected to at most
+    binned path in ``acm.activations.analysis``) or ``"rows"`` (token rows, randomly projected to at most
     ``sketch_dim`` features, a seeded subset of at most ``row_budget`` tokens per group).
     """
 
@@ -125,14 +125,25 @@ def _paired(base_act: torch.Tensor, other_act: torch.Tensor) -> None:
         raise ValueError(f"paired activations differ in shape: {tuple(base_act.shape)} vs {tuple(other_act.shape)}")
 
 
+class _RowMetric:
+    """A two-phase row metric (``TwoPhaseEstimator``): ``update`` on both sides at once is the base pass's
+    ``base_rows`` followed by the other pass's ``update_stored`` — one definition for every row metric."""
+
+    def update(self, group: int, base_act: torch.Tensor, other_act: torch.Tensor) -> None:
+        _paired(base_act, other_act)
+        if base_act.numel() == 0:
+            return
+        self.update_stored(group, self.base_rows(group, base_act), other_act)
+
+
 # ----------------------------------------------------------------------------- NMI
 
 
 class NMIEstimator:
-    """NMI of the paired values (wraps ``acm.mi.StreamingMI``; ``.mi()`` gives MI in nats)."""
+    """NMI of the paired values (wraps ``acm.activations.mi.StreamingMI``; ``.mi()`` gives MI in nats)."""
 
     def __init__(self, num_groups: int, *, bins: int = 64, seed: int = 0, **_ignored):
-        from acm.mi import StreamingMI
+        from acm.activations.mi import StreamingMI
 
         self.mi_estimator = StreamingMI(num_groups, bins=bins, seed=seed)
 
@@ -152,7 +163,7 @@ class NMIEstimator:
 # ----------------------------------------------------------------------------- linear CKA
 
 
-class CKAEstimator:
+class CKAEstimator(_RowMetric):
     """Linear CKA of centred token rows, from streamed sums (no Gram matrix over tokens).
 
     CKA(X, Y) = ‖XcᵀYc‖²_F / (‖XcᵀXc‖_F · ‖YcᵀYc‖_F), Xc = X − mean(X) over tokens. When a group is
@@ -208,12 +219,6 @@ class CKAEstimator:
         self._acc(st, "xy", xr.t() @ y)
         self._ny[group] += y.shape[0]
 
-    def update(self, group: int, base_act: torch.Tensor, other_act: torch.Tensor) -> None:
-        _paired(base_act, other_act)
-        if base_act.numel() == 0:
-            return
-        self.update_stored(group, self.base_rows(group, base_act), other_act)
-
     def similarity(self) -> np.ndarray:
         import torch
 
@@ -248,7 +253,7 @@ def _degenerate(num: float, den: float, sx: float, sy: float, eps: float = 1e-12
 # ----------------------------------------------------------------------------- cosine
 
 
-class CosineEstimator:
+class CosineEstimator(_RowMetric):
     """Mean over tokens of cos(base row, fine-tuned row), mapped to [0, 1] by clamping at 0.
 
     The map s = max(0, mean cos): the usual regime (mean cos > 0) keeps cosine's own scale, so a
@@ -280,12 +285,6 @@ class CosineEstimator:
         cos = torch.where((nx == 0) & (ny == 0), torch.ones_like(cos), cos)
         self._sum[group] += float(cos.clamp(-1.0, 1.0).sum())
         self._n[group] += x.shape[0]
-
-    def update(self, group: int, base_act: torch.Tensor, other_act: torch.Tensor) -> None:
-        _paired(base_act, other_act)
-        if base_act.numel() == 0:
-            return
-        self.update_stored(group, self.base_rows(group, base_act), other_act)
 
     def mean_cosine(self) -> np.ndarray:
         """Raw mean cosine per group in [−1, 1] (NaN without data)."""

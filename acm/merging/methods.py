@@ -1,8 +1,8 @@
 """The merge-method registry: one torch-free spec per method, and one validator per merge parameter.
 
-Why: the engine (``acm.merge``), the CLI (``acm merge`` / ``acm tune``), the app (method dropdown,
+Why: the engine (``acm.merging.engine``), the CLI (``acm merge`` / ``acm tune``), the app (method dropdown,
 visible controls, help), the export (model card, recipe, reproduce command, mergekit YAML) and the
-tests all look a method up here, so adding a method is its maths in ``acm.merge_methods`` plus one
+tests all look a method up here, so adding a method is its maths in ``acm.merging.kernels`` plus one
 ``MethodSpec`` plus tests (docs/ARCHITECTURE.md "Adding a merge method"). Nothing here imports torch:
 the app builds its UI and ``acm --help`` runs without it.
 
@@ -15,7 +15,7 @@ A method is described by what it does to each task vector τᵢ = θᵢ − θ�
 * ``consensus``: TIES sign election (True) or a plain sum θ₀ + Σ λ·τ (False).
 
 The formulas are in docs/design.md "Merge methods"; the exact conventions (counts, tie-breaks, random
-streams) in ``acm.merge_methods``.
+streams) in ``acm.merging.kernels``.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class _PlannedShard:
     """One output file laid out in advance: header bytes and each tensor's absolute offset."""
 
     def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict):
-        from acm.tensors import DTYPE_NAMES
+        from acm.checkpoints.tensors import DTYPE_NAMES
 
         self.path, self.names = path, [e[0] for e in entries]
         # Data layout: widest elements first (as safetensors' own writer does), so every tensor

@@ -1,11 +1,11 @@
-"""The streamed, sharded merge engine: every method of ``acm.methods`` (+ its ACM variant).
+"""The streamed, sharded merge engine: every method of ``acm.merging.methods`` (+ its ACM variant).
 
 Why streamed: a merge must work for models far larger than memory. Tensors are read one at a time
 from every model (``TensorReader``), merged in float32 on ``options.device`` (CUDA when available),
 cast to the output dtype and handed to a ``ShardWriter``; peak memory is a few tensors plus one
 output shard. The output folder appears atomically (temp dir renamed on success).
 
-The per-tensor maths lives in ``acm.merge_methods``; the formulas (docs/design.md "Merge methods"):
+The per-tensor maths lives in ``acm.merging.kernels``; the formulas (docs/design.md "Merge methods"):
 
 * ``linear``:          θ = Σᵢ wᵢ·θᵢ  (weights normalised to sum 1; default uniform)
 * ``task_arithmetic``: θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ,  τᵢ = θᵢ − θ₀
@@ -16,10 +16,10 @@ The per-tensor maths lives in ``acm.merge_methods``; the formulas (docs/design.m
 * ``della`` / ``della_linear``: per row, keep with probability density ± ε by |τ| rank, rescale by 1/p,
   then TIES election / TA
 
-Which maths a method runs is read from its ``acm.methods.MethodSpec`` (drop, trim, consensus).
+Which maths a method runs is read from its ``acm.merging.methods.MethodSpec`` (drop, trim, consensus).
 
 λᵢ,ₖ is the coefficient of fine-tuned model i in layer group k. A plain merge uses λ = α for every
-group; an ACM merge passes ``lambdas`` (from ``acm.coefficients.lambdas_by_group``). Both go
+group; an ACM merge passes ``lambdas`` (from ``acm.rules.coefficients.lambdas_by_group``). Both go
 through the same code, so ACM with λ = α everywhere is bit-for-bit the plain method.
 
 Vocabulary: rows a fine-tuned model lacks count as τ = 0; rows beyond the base's (added tokens) are
@@ -42,22 +42,13 @@ from pathlib import Path
 
 import torch
 
-from acm import merge_methods as mm
-from acm import methods
-from acm.errors import InputError
-from acm.grouping import HEAD
-from acm.grouping import NORM_GROUP as NORM_KEY
-from acm.heads import HeadLayout
-from acm.models import (
-    ModelSource,
-    check_compatibility,
-    parse_dtype,
-    pick_device,
-    resolve_model,
-)
-from acm.shards import AtomicFolder, ShardWriter, check_target, parse_size
-from acm.sizes import format_bytes
-from acm.templates import (
+from acm.checkpoints.compatibility import check_compatibility
+from acm.checkpoints.grouping import HEAD
+from acm.checkpoints.grouping import NORM_GROUP as NORM_KEY
+from acm.checkpoints.heads import HeadLayout
+from acm.checkpoints.models import ModelSource, parse_dtype, pick_device, resolve_model
+from acm.checkpoints.shards import AtomicFolder, ShardWriter, check_target, parse_size
+from acm.checkpoints.templates import (
     check_tokenizer_fits,
     copy_tokenizer_files,
     is_tokenizer_file,
@@ -66,11 +57,15 @@ from acm.templates import (
     tokenizer_facts,
     tokenizer_from_label,
 )
-from acm.tensors import StreamedTensor, Window
+from acm.checkpoints.tensors import StreamedTensor, Window
+from acm.errors import InputError
+from acm.merging import kernels as mm
+from acm.merging import methods
+from acm.sizes import format_bytes
 
 log = logging.getLogger(__name__)
 
-# The registry (acm.methods) is the one list of methods; these names stay importable for older callers.
+# The registry (acm.merging.methods) is the one list of methods; these names stay importable for older callers.
 METHODS = methods.METHODS
 TIES_METHODS = tuple(k for k, s in methods.SPECS.items() if s.trim == "magnitude")   # density trim + scope
 DARE_METHODS = tuple(k for k, s in methods.SPECS.items() if s.drop == "dare")        # drop rate + seed
@@ -219,7 +214,7 @@ def merge_models(base: str | ModelSource, fts: list[str | ModelSource], out_dir:
                       token_ids_from=tok_src if tok_index else None)
         _copy_side_files(base_src, tmp, tok_src)
         from acm import __version__
-        from acm.export import build_recipe, model_card
+        from acm.merging.export import build_recipe, model_card
 
         stats = {"num_tensors": writer.num_tensors, "num_shards": num_shards, "bytes": writer.total_bytes,
                  "dtype": config_dtype, "vocab_size": plan.out_vocab_size or base_src.vocab_size,
@@ -319,7 +314,7 @@ class _Plan:
         return src.reader.get(self.layout.source_key(index, name))
 
     def _read(self, src: ModelSource, name: str) -> torch.Tensor:
-        """One input tensor, flat (CPU, stored dtype), read on demand (``acm.tensors.StreamedTensor``).
+        """One input tensor, flat (CPU, stored dtype), read on demand (``acm.checkpoints.tensors.StreamedTensor``).
 
         Not checked for NaN/Inf here: every method carries a NaN/Inf in any input it uses into the
         merged tensor, even where it zeroes that entry (λ = 0, DARE drop, TIES trim or a losing sign:
@@ -388,7 +383,7 @@ class _Plan:
         flat = (out[:rows] if grown else out).reshape(-1)
         key = self.lambda_key(name)
         lams = [lam.get(key, lam[self.group_of[name]]) for lam in self.lams]
-        spec = self.spec                                   # which maths: acm.methods.MethodSpec
+        spec = self.spec                                   # which maths: acm.merging.methods.MethodSpec
         if spec.key == "linear":
             job.linear(lams, flat)
         elif spec.trim == "magnitude":
@@ -532,7 +527,7 @@ class _Plan:
 def _group_map(base: ModelSource, names: list[str], layout: HeadLayout) -> dict[str, str]:
     """Output tensor → group. A separate head is the ``head`` group even when the base's own config is
     tied (where the architecture would call ``lm_head`` an alias of the embedding)."""
-    from acm.grouping import HEAD, build_group_map
+    from acm.checkpoints.grouping import HEAD, build_group_map
 
     float_names = [k for k in names if base.reader.dtype(layout.source_key(0, k)).is_floating_point]
     mapping = build_group_map(base.config, float_names, trust_remote_code=base.trust_remote_code)
@@ -542,7 +537,7 @@ def _group_map(base: ModelSource, names: list[str], layout: HeadLayout) -> dict[
 
 
 def _ordered_groups(base: ModelSource, group_of: dict[str, str]) -> list[str]:
-    from acm.grouping import group_names
+    from acm.checkpoints.grouping import group_names
 
     present = set(group_of.values())
     return [g for g in group_names(base.num_layers) if g in present]
@@ -562,7 +557,7 @@ def _resolve_lambdas(lambdas: list[dict[str, float]] | None, groups: list[str], 
         return [{g: float(options.alpha) for g in groups} for _ in range(n)]
     if len(lambdas) != n:
         raise InputError(f"got coefficients for {len(lambdas)} fine-tuned model(s) but {n} model(s) to merge")
-    from acm.grouping import group_names
+    from acm.checkpoints.grouping import group_names
 
     valid = set(group_names(num_layers)) | {NORM_KEY}
     out = []
@@ -665,7 +660,7 @@ def _write_config(base: ModelSource, folder: Path, dtype_name: str, vocab_size: 
             else:
                 cfg.pop(key, None)
     cfg["dtype"] = dtype_name
-    if untie:                    # the merged model has its own head (acm.heads): transformers must not tie it
+    if untie:                    # the merged model has its own head (acm.checkpoints.heads): transformers must not tie it
         cfg["tie_word_embeddings"] = False
         if isinstance(cfg.get("text_config"), dict):
             cfg["text_config"]["tie_word_embeddings"] = False

@@ -7,7 +7,7 @@ sigmoid of Eq. 2, so the rule needs a [points × samples] matrix, not one number
 Activation points (as in a public derivative of the authors' code): the input embedding's output,
 each block's MLP output (``mlp(x) = down_proj(…)`` in Llama/Qwen/Mistral; ``dropout(c_proj(…))`` in
 GPT-2, identical in eval mode), the final norm's output (read as the input of the output head) and
-the logits. Each point belongs to a layer group (``acm.grouping``): embedding → ``embed``; block k's
+the logits. Each point belongs to a layer group (``acm.checkpoints.grouping``): embedding → ``embed``; block k's
 MLP → ``block.k``; final norm → ``head.norm`` (its own λ: the final-norm tensors of the ``head``
 group); logits → ``head``.
 
@@ -17,7 +17,7 @@ each other model's pass, so one model is resident at a time):
 * ``labels`` (default, the derivative's): discrete MI of the flattened values cast to bf16, the bf16
   bit pattern taken as the label. Computed in torch on the activations' device (pair ids +
   ``torch.unique``), equal to scikit-learn's ``mutual_info_score`` on the same labels (a test checks).
-* ``binned``: this project's B-bin joint histogram (``acm.mi``) of each sample's values, ranges fixed per
+* ``binned``: this project's B-bin joint histogram (``acm.activations.mi``) of each sample's values, ranges fixed per
   point by robust quantiles of the first sample (base and other model separately).
 
 What the base pass keeps is bounded: at most ``max_values`` values per (sample, point) (default 2¹⁸;
@@ -29,19 +29,12 @@ uint8 bins. A 152k-wide logits point of a 512-token sample has 78 M values: the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
-from acm.errors import ACMError, InputError
-from acm.grouping import EMBED, HEAD, NORM_GROUP, block_name, find_group_modules
-from acm.rules import ACM, ESTIMATORS
-
-DEFAULT_MAX_VALUES = ACM.param("max_values").default
-
+from acm.activations.estimators import DEFAULT_MAX_VALUES, ESTIMATORS, check_estimator, check_max_values
+from acm.errors import ACMError
 
 # ----------------------------------------------------------------------------- the MI itself
 
@@ -138,13 +131,13 @@ class LabelMI(_PerSample):
 
 
 class BinnedMI(_PerSample):
-    """This project's estimator per sample: a B×B joint histogram (``acm.mi``) of each sample's values."""
+    """This project's estimator per sample: a B×B joint histogram (``acm.activations.mi``) of each sample's values."""
 
     key = "binned"
 
     def __init__(self, num_points: int, num_samples: int, num_models: int = 1, *, bins: int = 64,
                  max_values: int | None = DEFAULT_MAX_VALUES, seed: int = 0):
-        from acm.mi import check_bins
+        from acm.activations.mi import check_bins
 
         super().__init__(num_points, num_samples, num_models, max_values=max_values, seed=seed)
         self.bins = check_bins(bins)
@@ -153,12 +146,12 @@ class BinnedMI(_PerSample):
                                                                 for _ in range(self.num_models)]
 
     def _bins(self, values: torch.Tensor, rng: tuple[float, float]) -> torch.Tensor:
-        from acm.mi import bin_indices
+        from acm.activations.mi import bin_indices
 
         return bin_indices(values, *rng, self.bins).to(torch.uint8 if self.bins <= 256 else torch.int16)
 
     def keep(self, point: int, sample: int, base_act: torch.Tensor) -> None:
-        from acm.mi import robust_range
+        from acm.activations.mi import robust_range
 
         v = self.flat(point, sample, base_act)
         if self.x_range[point] is None:
@@ -166,7 +159,7 @@ class BinnedMI(_PerSample):
         self._kept[(point, sample)] = self._bins(v, self.x_range[point]).cpu()
 
     def update(self, model: int, point: int, sample: int, other_act: torch.Tensor) -> None:
-        from acm.mi import StreamingMI, robust_range
+        from acm.activations.mi import StreamingMI, robust_range
 
         v = self.flat(point, sample, other_act)
         if self.y_range[model][point] is None:
@@ -180,15 +173,6 @@ class BinnedMI(_PerSample):
         self._mi[model, point, sample] = float(est.mi()[0])
 
 
-def check_estimator(key: Any) -> str:
-    return ACM.param("estimator").check(key)
-
-
-def check_max_values(v: Any) -> int | None:
-    """None (or 0) keeps every value; otherwise an integer in the rule's range."""
-    return ACM.param("max_values").check(v)
-
-
 def make_estimator(key: str, num_points: int, num_samples: int, num_models: int = 1, *, bins: int = 64,
                    max_values: int | None = DEFAULT_MAX_VALUES, seed: int = 0) -> LabelMI | BinnedMI:
     """The per-sample MI estimator registered under ``key`` (``labels`` or ``binned``)."""
@@ -199,117 +183,5 @@ def make_estimator(key: str, num_points: int, num_samples: int, num_models: int 
     return BinnedMI(num_points, num_samples, num_models, bins=bins, max_values=max_values, seed=seed)
 
 
-# ----------------------------------------------------------------------------- activation points
-
-
-@dataclass
-class Points:
-    """The activation points of one model: names, their λ key (layer group), and the hooks feeding them."""
-
-    names: list[str]
-    groups: list[str]
-    _handles: list[Any] = field(default_factory=list)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-
-def _tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    for name in ("last_hidden_state", "logits"):
-        t = getattr(output, name, None)
-        if isinstance(t, torch.Tensor):
-            return t
-    raise ACMError(f"cannot read activations from a module output of type {type(output).__name__}")
-
-
-def point_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """(point names, λ keys) for a model of ``num_layers`` blocks, without loading it."""
-    names = ["embed", *(f"{block_name(k)}.mlp" for k in range(num_layers)), "final_norm", "logits"]
-    groups = [EMBED, *(block_name(k) for k in range(num_layers)), NORM_GROUP, HEAD]
-    return names, groups
-
-
-def attach_points(model: torch.nn.Module, sink: Callable[[int, torch.Tensor], None]) -> Points:
-    """Forward hooks at the paper's activation points, calling ``sink(point, activation)``."""
-    mods = find_group_modules(model)
-    head = model.get_output_embeddings()
-    if head is None:
-        raise InputError(f"unsupported architecture {type(model).__name__}: no output head to read logits from")
-    names, groups = point_names(mods.num_layers)
-    handles = []
-
-    def out_hook(i: int):
-        def hook(_m, _inp, out) -> None:   # returns None: a hook's return value would replace the output
-            sink(i, _tensor(out))
-        return hook
-
-    def in_hook(i: int):
-        def hook(_m, inp) -> None:
-            sink(i, _tensor(inp))
-        return hook
-
-    handles.append(mods.embed.register_forward_hook(out_hook(0)))
-    for k, block in enumerate(mods.blocks):
-        mlp = getattr(block, "mlp", None)
-        handles.append((mlp if mlp is not None else block).register_forward_hook(out_hook(k + 1)))
-    handles.append(head.register_forward_pre_hook(in_hook(len(names) - 2)))
-    handles.append(head.register_forward_hook(out_hook(len(names) - 1)))
-    return Points(names=names, groups=groups, _handles=handles)
-
-
-class SampleCapture:
-    """Feeds a per-sample estimator from batched forward passes: each sample's real tokens only.
-
-    ``begin_batch(first_sample, mask)`` before each forward; the hooks then split every activation
-    ``[batch, tokens, width]`` into its samples' real-token rows (padding positions never enter).
-    ``mode`` is ``base`` (keep) or the index of the other model (update). ``vocab``: logits columns
-    compared (the vocabulary every model shares, when sizes differ), at the last point (the logits).
-    """
-
-    def __init__(self, estimator: LabelMI | BinnedMI, vocab: int | None = None):
-        self.est = estimator
-        self.vocab = vocab
-        self.mode: str | int = "base"
-        self.first = 0
-        self.lengths: list[int] = []
-        self.tokens: list[int] = [0] * estimator.num_samples
-
-    def begin_batch(self, first_sample: int, mask: torch.Tensor) -> None:
-        self.first = int(first_sample)
-        self.lengths = [int(x) for x in mask.sum(dim=1).tolist()]
-        self._rows = [mask[j].bool() for j in range(mask.shape[0])]
-        self._on: dict[torch.device, list[torch.Tensor]] = {}
-        if self.mode == "base":
-            for j, n in enumerate(self.lengths):
-                self.tokens[self.first + j] = n
-
-    def _real(self, j: int, device: torch.device) -> torch.Tensor:
-        rows = self._on.get(device)
-        if rows is None:
-            rows = self._on[device] = [r.to(device) for r in self._rows]
-        return rows[j]
-
-    def __call__(self, point: int, act: torch.Tensor) -> None:
-        act = act.detach()
-        if act.dim() == 2:                        # [tokens, width] from a model that drops the batch axis
-            act = act.unsqueeze(0)
-        if self.vocab is not None and point == self.est.num_points - 1:
-            act = act[..., : self.vocab]           # logits of the token ids every model has
-        for j in range(act.shape[0]):
-            mask = self._real(j, act.device)
-            real = act[j] if bool(mask.all()) else act[j][mask]
-            if self.mode == "base":
-                self.est.keep(point, self.first + j, real)
-            else:
-                self.est.update(int(self.mode), point, self.first + j, real)
-
-
-__all__ = ["DEFAULT_MAX_VALUES", "ESTIMATORS", "NORM_GROUP", "BinnedMI", "LabelMI", "Points", "SampleCapture",
-           "attach_points", "bf16_labels", "check_estimator", "check_max_values", "discrete_mi", "make_estimator",
-           "point_names"]
+__all__ = ["DEFAULT_MAX_VALUES", "ESTIMATORS", "BinnedMI", "LabelMI", "bf16_labels", "check_estimator",
+           "check_max_values", "discrete_mi", "make_estimator"]

@@ -2,7 +2,7 @@
 
 Decoding is greedy by default (the bundled world; deterministic) or sampled (``temperature`` > 0,
 ``top_p``, ``samples`` replies per problem, seeded), batched with left padding, through the chat
-template when the tokenizer has one. Answers are checked by ``acm.answers`` (math-verify, with a
+template when the tokenizer has one. Answers are checked by ``acm.evaluation.answers`` (math-verify, with a
 fast path for plain numbers); R1-style replies are graded on what follows their thinking block.
 
 Length, as L2S papers report it: the generated tokens of a reply up to and including EOS. For
@@ -22,7 +22,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from acm.answers import (  # noqa: F401 - public API
+from acm.errors import InputError
+from acm.evaluation.answers import (  # noqa: F401 - public API
     check,
     extract_answer,
     gold_answer,
@@ -30,7 +31,6 @@ from acm.answers import (  # noqa: F401 - public API
     normalize_number,
     split_thinking,
 )
-from acm.errors import InputError
 
 Progress = Callable[[float, str], None]
 ModelSpec = str | os.PathLike | tuple  # folder, (name, model, tokenizer), or (name, opened engine)
@@ -89,26 +89,12 @@ def load_data(data: Sequence[dict] | str | os.PathLike, *, field_question: str =
 # ----------------------------------------------------------------------------- models
 
 
-def load_model(spec: str | os.PathLike, *, trust_remote_code: bool = False, allow_pickle: bool = False,
-               device: str | None = None):
-    """(model, tokenizer) from a local folder or a Hub id, in eval mode.
-
-    Goes through ``acm.models`` so evaluation gets the same safety rules as analysis and merge
-    (safetensors only unless ``allow_pickle``, no model code unless ``trust_remote_code``) and the
-    same placement: CUDA in bfloat16 when available, else CPU in float32.
-    """
-    from acm.models import load_causal_lm, resolve_model
-
-    src = resolve_model(str(spec), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    return load_causal_lm(src, device=device)
-
-
 def length_warning(max_new_tokens: int, device: str | None = None) -> str | None:
     """A one-line warning when replies may be long enough to take hours (CPU, > 4,096 new tokens)."""
     if max_new_tokens <= SLOW_CPU_TOKENS:
         return None
     try:
-        from acm.models import pick_device
+        from acm.checkpoints.models import pick_device
 
         on_cpu = pick_device(device).type == "cpu"
     except InputError:
@@ -192,12 +178,12 @@ def evaluate_model(model, tokenizer, rows: Sequence[dict], *, name: str = "model
     of one model on ``rows``; with sampling, ``samples`` seeded replies per problem (accuracy = mean).
 
     ``replies``: a list that receives one saved-reply dict per generation (``save_replies`` format).
-    ``engine``: an opened ``acm.engines`` engine (e.g. vLLM); default: transformers on ``model``.
+    ``engine``: an opened ``acm.evaluation.engines`` engine (e.g. vLLM); default: transformers on ``model``.
     """
     from tqdm.auto import tqdm
 
-    from acm.engines import TransformersEngine
-    from acm.generation import Sampling, check_max_new_tokens, seed_for
+    from acm.evaluation.engines import TransformersEngine
+    from acm.evaluation.generation import Sampling, check_max_new_tokens, seed_for
 
     engine = engine or TransformersEngine(model, tokenizer)
     sampling = sampling or Sampling()
@@ -256,14 +242,14 @@ def evaluate(models: Iterable[ModelSpec], data: Sequence[dict] | str | os.PathLi
 
     ``models`` are local folders, Hub ids or ``(name, model, tokenizer)`` tuples (e.g. a merge in
     memory). Models are loaded one at a time and released before the next, so only one is resident.
-    Problems come from ``data`` (file or rows) or a benchmark ``preset`` (``acm.eval_presets``).
+    Problems come from ``data`` (file or rows) or a benchmark ``preset`` (``acm.evaluation.presets``).
     Decoding: greedy unless ``temperature`` > 0; ``use_generation_config`` takes each model's own
     ``generation_config.json`` sampling (explicit ``temperature``/``top_p``/``top_k`` still win).
-    ``engine``: ``transformers`` (default) or ``vllm`` (optional, CUDA; ``acm.engines``) — same prompts,
+    ``engine``: ``transformers`` (default) or ``vllm`` (optional, CUDA; ``acm.evaluation.engines``) — same prompts,
     stop ids and grading; ``models`` may also hold ``(name, engine)`` pairs opened by the caller.
     """
-    from acm.engines import check_engine, engine_record, open_engine
-    from acm.generation import Sampling, check_max_new_tokens, sampling_from_model
+    from acm.evaluation.engines import check_engine, engine_record, open_engine
+    from acm.evaluation.generation import Sampling, check_max_new_tokens, sampling_from_model
 
     models = list(models)
     if not models:
@@ -318,7 +304,7 @@ def _problems(data, preset, preset_source, *, limit, field_question, field_answe
     if preset is not None:
         if data is not None:
             raise InputError("pass either --data or --preset, not both")
-        from acm.eval_presets import get_preset, load_preset
+        from acm.evaluation.presets import get_preset, load_preset
 
         p = get_preset(preset)
         rows = load_preset(p, source=preset_source, limit=limit)
@@ -357,7 +343,7 @@ def score_predictions(path: str | os.PathLike, *, tokenizer: str | None = None, 
     tok = _load_tokenizer(tokenizer, trust_remote_code) if tokenizer else None
     template_opens = False
     if tok is not None:
-        from acm.generation import build_prompt, opens_thinking
+        from acm.evaluation.generation import build_prompt, opens_thinking
 
         try:
             template_opens = opens_thinking(build_prompt(tok, "x"))

@@ -1,7 +1,7 @@
 """Per-tensor merge maths: task vectors, DARE / DELLA drop, TIES / Breadcrumbs trim, sign election.
 
 Why a separate module: these functions are the whole numerical definition of the merge methods
-(docs/design.md "Merge methods"); the engine in ``acm.merge`` only streams tensors through them.
+(docs/design.md "Merge methods"); the engine in ``acm.merging.engine`` only streams tensors through them.
 
 Speed: the maths is memory-bound, and on CPU a fresh multi-MB allocation per operation costs
 more than the operation itself (page faults). ``TensorJob`` therefore walks each tensor in

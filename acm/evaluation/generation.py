@@ -32,8 +32,8 @@ def build_prompt(tokenizer, messages: Sequence[dict] | str, *, chat_template: bo
 
 def _eos_ids(model, tokenizer) -> list[int]:
     """Every id that ends a reply: eos of the generation config, config and tokenizer, and the chat
-    template's end-of-turn token (``acm.templates.end_of_turn_ids``)."""
-    from acm.templates import end_of_turn_ids
+    template's end-of-turn token (``acm.checkpoints.templates.end_of_turn_ids``)."""
+    from acm.checkpoints.templates import end_of_turn_ids
 
     return end_of_turn_ids(model, tokenizer)
 
