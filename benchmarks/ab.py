@@ -54,10 +54,17 @@ def one_call(tree: Path, size: str, methods: list[str], threads: int, out: Path)
 
 
 def _load_methods(tree: Path, tag: str):
-    """``acm/merging/kernels.py`` of one tree as its own module (it imports only numpy / torch)."""
+    """The per-tensor kernels of one tree as their own module (they import only numpy / torch): the package
+    ``acm/merging/kernels/`` (modules importing each other relatively), or the one file of older trees."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"_ab_merge_methods_{tag}", tree / "acm" / "merge_methods.py")
+    pkg = tree / "acm" / "merging" / "kernels"
+    name = f"_ab_merge_methods_{tag}"
+    if pkg.is_dir():
+        spec = importlib.util.spec_from_file_location(name, pkg / "__init__.py", submodule_search_locations=[str(pkg)])
+    else:
+        old = tree / "acm" / "merging" / "kernels.py"
+        spec = importlib.util.spec_from_file_location(name, old if old.exists() else tree / "acm" / "merge_methods.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod          # dataclasses in the module look themselves up there
     spec.loader.exec_module(mod)

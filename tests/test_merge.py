@@ -61,7 +61,7 @@ def top_k_mask(a: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def dare_reference(tau: torch.Tensor, p: float, seed: int, i: int, name: str) -> torch.Tensor:
-    """DARE as documented in ``acm.merging.kernels.DropStream`` (CPU): random bytes + exact tie-break."""
+    """DARE as documented in ``acm.merging.kernels.random_drop.DropStream`` (CPU): random bytes + exact tie-break."""
     n = tau.numel()
     rng = np.random.Generator(np.random.PCG64(stable_seed(seed, i, name)))
     b = rng.integers(0, 2**64, size=-(-n // 8), dtype=np.uint64).view(np.uint8)[:n]
@@ -87,7 +87,7 @@ def breadcrumbs_mask(a: torch.Tensor, density: float, gamma: float) -> torch.Ten
 
 
 def della_reference(tau: torch.Tensor, density: float, epsilon: float, seed: int, i: int, name: str) -> torch.Tensor:
-    """DELLA as documented in ``acm.merging.kernels`` (module docstring): per row, keep probability
+    """DELLA as documented in ``acm.merging.kernels.rank_drop`` (module docstring): per row, keep probability
     p = density − ε + 2ε·rank/(m−1) by ascending |τ| rank (ties: lower index first), float32 uniforms
     u from PCG64(stable_seed(seed, i, name + "/della")) in flat order, kept iff u < p, rescaled by 1/p."""
     t = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
@@ -234,8 +234,8 @@ def test_small_chunks_and_sampled_thresholds_match_reference(method, llama, stat
     import acm.merging.kernels as mm
 
     monkeypatch.setattr(mm, "CPU_CHUNK", 97)
-    monkeypatch.setattr(mm, "_EXACT_BELOW", 64)
-    monkeypatch.setattr(mm, "_SAMPLE", 512)
+    monkeypatch.setattr(mm.selection, "_EXACT_BELOW", 64)
+    monkeypatch.setattr(mm.selection, "_SAMPLE", 512)
     base_sd, ft_sds = states["llama"]
     lams = None if method == "linear" else acm_lambdas(2, seed=11)
     norm = method in ("dare_ties", "della")
@@ -253,10 +253,10 @@ def test_working_buffers_are_chunk_sized(method, llama, tmp_path, monkeypatch):
     import acm.merging.kernels as mm
 
     monkeypatch.setattr(mm, "CPU_CHUNK", 97)
-    monkeypatch.setattr(mm, "_EXACT_BELOW", 64)
+    monkeypatch.setattr(mm.selection, "_EXACT_BELOW", 64)
     # tiny tensors: the whole tensor is the threshold sample (as a real sample is for a big one, relatively)
-    monkeypatch.setattr(mm, "_sample_slice", lambda n: slice(0, n, 1))
-    monkeypatch.setattr(mm, "_SIGMAS", 3.0)
+    monkeypatch.setattr(mm.selection, "_sample_slice", lambda n: slice(0, n, 1))
+    monkeypatch.setattr(mm.selection, "_SIGMAS", 3.0)
     biggest = {torch.float32: 0, torch.bool: 0}
     real_get = mm.Workspace.get
 
@@ -282,17 +282,17 @@ def test_sampled_band_miss_falls_back_to_exact_threshold(method, miss, llama, st
     import acm.merging.kernels as mm
 
     monkeypatch.setattr(mm, "CPU_CHUNK", 97)
-    monkeypatch.setattr(mm, "_EXACT_BELOW", 64)
-    monkeypatch.setattr(mm, "_SAMPLE", 512)
+    monkeypatch.setattr(mm.selection, "_EXACT_BELOW", 64)
+    monkeypatch.setattr(mm.selection, "_SAMPLE", 512)
     calls = {"full": 0}
-    real_full = mm.TensorJob._full_threshold
+    real_full = mm.selection.MagnitudeTrim._full_threshold
 
-    def counting_full(self, i, keep):
+    def counting_full(self, job, i, keep):
         calls["full"] += 1
-        return real_full(self, i, keep)
+        return real_full(self, job, i, keep)
 
-    monkeypatch.setattr(mm, "_band", lambda sample, n, k: (1e3, 2e3) if miss == "high" else (1e-30, 2e-30))
-    monkeypatch.setattr(mm.TensorJob, "_full_threshold", counting_full)
+    monkeypatch.setattr(mm.selection, "_band", lambda sample, n, k: (1e3, 2e3) if miss == "high" else (1e-30, 2e-30))
+    monkeypatch.setattr(mm.selection.MagnitudeTrim, "_full_threshold", counting_full)
     base_sd, ft_sds = states["llama"]
     lams = acm_lambdas(2, seed=5)
     report = _merge(llama, 2, tmp_path / "out", method=method, lambdas=lams, density=0.15, drop_rate=0.4)
@@ -736,8 +736,8 @@ def test_nan_in_large_tensor_with_sampled_threshold_is_named(method, tmp_path, m
     """Tensors above the exact-selection size take the sampled-band TIES path; a NaN must not slip through it."""
     import acm.merging.kernels as mm
 
-    monkeypatch.setattr(mm, "_EXACT_BELOW", 64)
-    monkeypatch.setattr(mm, "_SAMPLE", 256)
+    monkeypatch.setattr(mm.selection, "_EXACT_BELOW", 64)
+    monkeypatch.setattr(mm.selection, "_SAMPLE", 256)
     base, (ft,) = make_pair(tmp_path, "llama", n_ft=1)
     bad = _broken_copy(ft, tmp_path / "bad-ft", "model.layers.0.mlp.up_proj.weight", (1, 1), float("nan"))
     with pytest.raises(InputError, match=r"bad-ft.*model\.layers\.0\.mlp\.up_proj\.weight"):

@@ -49,12 +49,28 @@ def test_every_spec_is_complete_and_every_option_it_names_exists():
     for key, spec in methods.SPECS.items():
         assert spec.key == key and spec.label and spec.short and spec.formula
         assert all(o in methods.OPTIONS for o in spec.options), key
+        assert all(st in methods.STRATEGIES for st in (*spec.sparsify, spec.combine)), key
+        families = [st.family for st in spec.sparsify]          # at most one drop, then at most one trim
+        assert families in ([], ["drop"], ["trim"], ["drop", "trim"]) and spec.combine.family == "combine", key
         assert spec.drop in (None, "dare", "della") and spec.trim in (None, "magnitude", "outliers")
+        assert spec.combine is not methods.SIGN_ELECTION or spec.uses("normalize"), key
         assert spec.mergekit_note, key                   # how it maps to mergekit, or why it cannot
         assert hasattr(MergeOptions(), "alpha") and all(hasattr(MergeOptions(), o) for o in spec.options)
     assert set(NEW) <= set(methods.METHODS)
     assert [v for _, v in methods.ui_choices()] == sorted(methods.METHODS, key=lambda k: methods.SPECS[k].ui_order)
     assert methods.ACM_METHODS == tuple(k for k in methods.METHODS if k != "linear")
+
+
+def test_every_strategy_names_a_kernel_built_from_the_options():
+    """The registry names its strategies torch-free; each resolves to a class of acm.merging.kernels."""
+    for st in methods.STRATEGIES:
+        built = st.build(MergeOptions(method="della", density=0.4, epsilon=0.1, drop_rate=0.2, gamma=0.05))
+        module, cls = st.kernel.rsplit(".", 1)
+        assert type(built) is getattr(getattr(mm, module), cls) is getattr(mm, cls), st.key
+        assert hasattr(built, "merge" if st.family == "combine" else "prepare"), st.key
+    for key, spec in methods.SPECS.items():
+        kernel = mm.MethodKernel(spec, MergeOptions(method=key))
+        assert [type(s).__name__ for s in kernel.steps] == [st.kernel.split(".")[1] for st in spec.sparsify], key
 
 
 @pytest.mark.parametrize("name, key", [("ta", "task_arithmetic"), ("DARE-TIES", "dare_ties"),

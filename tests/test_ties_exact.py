@@ -101,8 +101,8 @@ def bf16_pair(tmp_path_factory):
 @pytest.mark.parametrize("chunk", [97, mm.CPU_CHUNK])
 def test_engine_keeps_exactly_k_in_every_scope(bf16_pair, tmp_path, monkeypatch, method, scope, chunk):
     monkeypatch.setattr(mm, "CPU_CHUNK", chunk)
-    monkeypatch.setattr(mm, "_EXACT_BELOW", 64)              # small tensors also take the band path
-    monkeypatch.setattr(mm, "_SAMPLE", 512)
+    monkeypatch.setattr(mm.selection, "_EXACT_BELOW", 64)    # small tensors also take the band path
+    monkeypatch.setattr(mm.selection, "_SAMPLE", 512)
     base, ft = bf16_pair
     density, drop = 0.2, (0.3 if method == "dare_ties" else 0.0)
     report = merge_models(str(base), [str(ft)], tmp_path / "out",

@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
 
         coef = compute(_load_analysis(args.acm, args.ft), "softmax", settings["t"], args.alpha, settings["clip"],
                        metric=settings["metric"])
-        lambdas, acm = coef.weights(), coef.entry(source=args.acm)
+        lambdas, acm = coef.weights(), coef.entry()      # the same entry the app and the tuner record
         by = "" if settings["metric"] == "nmi" else ", by " + settings["metric"]
         label = f"ACM {args.method} (softmax rule, t={settings['t']:g}, alpha={args.alpha:g}{by})"
     report = merge_models(args.base, args.ft, args.out, options, lambdas=lambdas, acm=acm, force=args.force,

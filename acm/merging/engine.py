@@ -5,7 +5,8 @@ from every model (``TensorReader``), merged in float32 on ``options.device`` (CU
 cast to the output dtype and handed to a ``ShardWriter``; peak memory is a few tensors plus one
 output shard. The output folder appears atomically (temp dir renamed on success).
 
-The per-tensor maths lives in ``acm.merging.kernels``; the formulas (docs/design.md "Merge methods"):
+The per-tensor maths lives in ``acm.merging.kernels`` (one module per strategy family); the formulas
+(docs/design.md "Merge methods"):
 
 * ``linear``:          θ = Σᵢ wᵢ·θᵢ  (weights normalised to sum 1; default uniform)
 * ``task_arithmetic``: θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ,  τᵢ = θᵢ − θ₀
@@ -16,7 +17,8 @@ The per-tensor maths lives in ``acm.merging.kernels``; the formulas (docs/design
 * ``della`` / ``della_linear``: per row, keep with probability density ± ε by |τ| rank, rescale by 1/p,
   then TIES election / TA
 
-Which maths a method runs is read from its ``acm.merging.methods.MethodSpec`` (drop, trim, consensus).
+Which maths a method runs is its ``acm.merging.methods.MethodSpec``'s strategies (``sparsify`` steps and
+``combine``), built once per merge (``kernels.MethodKernel``) and called for every tensor: no method names here.
 
 λᵢ,ₖ is the coefficient of fine-tuned model i in layer group k. A plain merge uses λ = α for every
 group; an ACM merge passes ``lambdas`` (from ``acm.rules.coefficients.lambdas_by_group``). Both go
@@ -59,16 +61,15 @@ from acm.checkpoints.templates import (
 )
 from acm.checkpoints.tensors import StreamedTensor, Window
 from acm.errors import InputError
-from acm.merging import kernels as mm
-from acm.merging import methods
+from acm.merging import kernels, methods
 from acm.sizes import format_bytes
 
 log = logging.getLogger(__name__)
 
 # The registry (acm.merging.methods) is the one list of methods; these names stay importable for older callers.
 METHODS = methods.METHODS
-TIES_METHODS = tuple(k for k, s in methods.SPECS.items() if s.trim == "magnitude")   # density trim + scope
-DARE_METHODS = tuple(k for k, s in methods.SPECS.items() if s.drop == "dare")        # drop rate + seed
+TIES_METHODS = methods.methods_using("trim_scope")     # magnitude trim: density + trim scope
+DARE_METHODS = methods.methods_using("drop_rate")      # DARE drop: drop rate + seed
 TRIM_SCOPES = methods.TRIM_SCOPES
 
 # Files of the base folder that are not copied: weights, their indexes, and what we write ourselves.
@@ -113,7 +114,7 @@ class MergeOptions:
                                          or self.threads < 1):
             raise InputError(f"threads must be a positive integer, got {self.threads!r}")
         if self.weights is not None:
-            if self.method != "linear":
+            if not methods.SPECS[self.method].uses("weights"):
                 raise InputError("weights apply to --method linear only; task-vector methods use --alpha or ACM λ")
             if n_models is not None and len(self.weights) != n_models:
                 raise InputError(f"got {len(self.weights)} weight(s) for {n_models} fine-tuned model(s)")
@@ -189,25 +190,7 @@ def merge_models(base: str | ModelSource, fts: list[str | ModelSource], out_dir:
     atomic = AtomicFolder(target, force=force)
     with atomic as tmp, _cpu_threads(options.threads, device):
         bar = _progress_bar(len(names) * (3 if plan.global_trim else 1), show_progress and progress is None)
-        try:
-            if plan.global_trim:
-                plan.global_thresholds(names, progress, bar)
-            writer = ShardWriter(tmp, shard_bytes, plan=plan.output_plan(names, out_dtype))
-            start = 0.5 if plan.global_trim else 0.0
-            for i, name in enumerate(names):
-                writer.add(name, plan.merge_tensor(name, out_dtype))
-                plan.release(name)
-                if progress is not None:
-                    progress(start + (1 - start) * (i + 1) / len(names) * 0.98, f"merging {name}")
-                if bar is not None:
-                    bar.update(1)
-            num_shards = writer.close()
-        finally:
-            if "writer" in locals():
-                writer.abort()
-            plan.close()
-            if bar is not None:
-                bar.close()
+        writer, num_shards = _write_weights(plan, names, tmp, shard_bytes, out_dtype, progress, bar)
         vocab_notes = list(compat.vocab_notes) + plan.vocab_notes()
         config_dtype = options.dtype and str(out_dtype).replace("torch.", "") or _base_dtype_name(base_src)
         _write_config(base_src, tmp, config_dtype, plan.out_vocab_size, untie=layout.merged_untied,
@@ -235,6 +218,32 @@ def merge_models(base: str | ModelSource, fts: list[str | ModelSource], out_dir:
                        vocab_notes=vocab_notes, options=options, recipe=recipe)
 
 
+def _write_weights(plan: _Plan, names: list[str], folder: Path, shard_bytes: int, out_dtype: torch.dtype | None,
+                   progress: Callable[[float, str], None] | None, bar) -> tuple[ShardWriter, int]:
+    """Merge every tensor into shards in ``folder`` (after the global-trim passes when the plan has them);
+    returns the writer and the number of shards. The plan's inputs and the bar are closed either way."""
+    writer = None
+    try:
+        if plan.global_trim:
+            plan.global_thresholds(names, progress, bar)
+        writer = ShardWriter(folder, shard_bytes, plan=plan.output_plan(names, out_dtype))
+        start = 0.5 if plan.global_trim else 0.0
+        for i, name in enumerate(names):
+            writer.add(name, plan.merge_tensor(name, out_dtype))
+            plan.release(name)
+            if progress is not None:
+                progress(start + (1 - start) * (i + 1) / len(names) * 0.98, f"merging {name}")
+            if bar is not None:
+                bar.update(1)
+        return writer, writer.close()
+    finally:
+        if writer is not None:
+            writer.abort()
+        plan.close()
+        if bar is not None:
+            bar.close()
+
+
 class _Plan:
     """Per-merge state: the sources, resolved λ, device, global thresholds, vocabulary growth."""
 
@@ -246,13 +255,14 @@ class _Plan:
         self.group_of, self.lams = group_of, lams
         self.method = options.method
         self.spec = methods.SPECS[options.method]
+        self.kernel = kernels.MethodKernel(self.spec, options)      # the spec's strategies, built once
         self.global_trim = (self.spec.uses("trim_scope") and options.trim_scope == "global"
                             and options.density < 1.0)
         self.thresholds: list[float] | None = None
         self._global_ties: dict[str, list[int | None]] = {}
         self._grown: list[str] = []
-        self.ws = mm.Workspace(device)
-        self.chunk = mm.CPU_CHUNK if device.type == "cpu" else mm.GPU_CHUNK
+        self.ws = kernels.Workspace(device)
+        self.chunk = kernels.CPU_CHUNK if device.type == "cpu" else kernels.GPU_CHUNK
         # One read window per model (inputs are read with positioned reads, not memory-mapped) and one
         # reused output buffer: no fresh allocation, page fault and zero-fill per merged tensor.
         pin = device.type == "cuda"
@@ -332,14 +342,14 @@ class _Plan:
     def _check_inputs(self, name: str, out_dtype: torch.dtype) -> None:
         """The merged ``name`` is not finite: name the input that is broken, or say it overflowed."""
         for src in self.sources:
-            if not mm.finite(self._get(src, name)):
+            if not kernels.finite(self._get(src, name)):
                 role = "base model" if src is self.base else "fine-tuned model"
                 raise InputError(f"{role} {src.spec} has NaN/Inf values in tensor {name}; "
                                  "this checkpoint is broken, merge a healthy one")
         raise InputError(f"merged tensor {name} has values outside the {str(out_dtype).replace('torch.', '')} range "
                          "(the inputs are finite); lower alpha / the coefficients or write another dtype (--dtype)")
 
-    def _job(self, name: str, raw: torch.Tensor) -> tuple[mm.TensorJob, list[torch.Tensor | None]]:
+    def _job(self, name: str, raw: torch.Tensor) -> tuple[kernels.TensorJob, list[torch.Tensor | None]]:
         """The chunked job for one tensor, plus each model's rows beyond the base (vocabulary growth).
 
         Rows a fine-tuned model lacks are simply absent from its flat input: they count as τᵢ = 0.
@@ -357,17 +367,7 @@ class _Plan:
                 f = f.narrow_flat(cut) if isinstance(f, StreamedTensor) else f[:cut]
             flats.append(f)
             extras.append(extra)
-        drops = None
-        chunk = self.chunk
-        if self.spec.drop == "dare" and self.o.drop_rate > 0:
-            p, seed, device, n = self.o.drop_rate, self.o.seed, self.device, len(self.fts)
-            drops = lambda: [mm.DropStream(p, seed, i, name, device) for i in range(n)]  # noqa: E731
-        elif self.spec.drop == "della":
-            row = mm.della_rows(shape)
-            chunk = max(1, chunk // row) * row          # whole rows per chunk: the masks ignore chunking
-            d, eps, seed, n = self.o.density, self.o.epsilon, self.o.seed, len(self.fts)
-            drops = lambda: [mm.DellaStream(d, eps, seed, i, name, row) for i in range(n)]  # noqa: E731
-        return mm.TensorJob(base_flat, flats, self.ws, chunk=chunk, drops=drops), extras
+        return self.kernel.job(name, shape, base_flat, flats, self.ws, self.chunk, self.device), extras
 
     # -- maths ---------------------------------------------------------------------------------
     def merge_tensor(self, name: str, out_dtype: torch.dtype | None) -> torch.Tensor:
@@ -383,22 +383,10 @@ class _Plan:
         flat = (out[:rows] if grown else out).reshape(-1)
         key = self.lambda_key(name)
         lams = [lam.get(key, lam[self.group_of[name]]) for lam in self.lams]
-        spec = self.spec                                   # which maths: acm.merging.methods.MethodSpec
-        if spec.key == "linear":
-            job.linear(lams, flat)
-        elif spec.trim == "magnitude":
-            job.ties(lams, flat, density=self.o.density, thresholds=self.trim_specs(name), normalize=self.o.normalize,
-                     consensus=spec.consensus)
-        elif spec.trim == "outliers":
-            job.ties(lams, flat, density=self.o.density, gamma=self.o.gamma, consensus=spec.consensus,
-                     normalize=spec.uses("normalize") and self.o.normalize)
-        elif spec.consensus:                               # election without a magnitude trim (DELLA)
-            job.ties(lams, flat, normalize=self.o.normalize)
-        else:
-            job.task_arithmetic(lams, flat)
+        self.kernel.merge(job, lams, flat, self.trim_specs(name))     # the spec's sparsify steps + combine
         if grown:
             self._append_rows(name, out, rows, extras)
-        if not mm.finite(out):
+        if not kernels.finite(out):
             self._check_inputs(name, dtype)
         return out
 
@@ -455,10 +443,10 @@ class _Plan:
                 for i in range(n):
                     for a in job.abs_tau_chunks(i):
                         if phase == 0:
-                            his[i] += mm.hist_high(a)
+                            his[i] += kernels.hist_high(a)
                             totals[i] += a.numel()
                         else:
-                            los[i] += mm.hist_low(a, located[i][0])
+                            los[i] += kernels.hist_low(a, located[i][0])
                 del job
                 self.release(name)
                 if progress is not None:
@@ -467,14 +455,14 @@ class _Plan:
                 if bar is not None:
                     bar.update(len(names) / len(float_names))
             if phase == 0:
-                located = [mm.locate(h, mm.keep_count(total, self.o.density)) for h, total in zip(his, totals)]
+                located = [kernels.locate(h, kernels.keep_count(total, self.o.density)) for h, total in zip(his, totals)]
         self.thresholds = []
         tie_budget: list[int | None] = []
         for i, ((bucket, rank), lo) in enumerate(zip(located, los)):
-            low_bits, _ = mm.locate(lo, rank)
-            value = mm.bits_to_float((bucket << 16) | low_bits)
+            low_bits, _ = kernels.locate(lo, rank)
+            value = kernels.bits_to_float((bucket << 16) | low_bits)
             above = int(his[i][bucket + 1:].sum()) + int(lo[low_bits + 1:].sum())
-            spec = mm.trim_spec(value, above, int(lo[low_bits]), mm.keep_count(totals[i], self.o.density))
+            spec = kernels.trim_spec(value, above, int(lo[low_bits]), kernels.keep_count(totals[i], self.o.density))
             self.thresholds.append(spec.threshold)
             tie_budget.append(spec.ties)
         self._global_ties = self._split_ties(float_names, tie_budget) if any(
@@ -516,12 +504,12 @@ class _Plan:
             shares[name] = row
         return shares
 
-    def trim_specs(self, name: str) -> list[mm.TrimSpec] | None:
+    def trim_specs(self, name: str) -> list[kernels.TrimSpec] | None:
         """Global trim: each model's spec for tensor ``name`` (threshold + this tensor's tie share)."""
         if self.thresholds is None:
             return None
         ties = self._global_ties.get(name) or [None] * len(self.fts)
-        return [mm.TrimSpec(thr, tie) for thr, tie in zip(self.thresholds, ties)]
+        return [kernels.TrimSpec(thr, tie) for thr, tie in zip(self.thresholds, ties)]
 
 
 def _group_map(base: ModelSource, names: list[str], layout: HeadLayout) -> dict[str, str]:
@@ -546,7 +534,7 @@ def _ordered_groups(base: ModelSource, group_of: dict[str, str]) -> list[str]:
 def _resolve_lambdas(lambdas: list[dict[str, float]] | None, groups: list[str], n: int,
                      options: MergeOptions, num_layers: int) -> list[dict[str, float]]:
     """One {group: λ} per fine-tuned model (linear: the normalised weights, same for every group)."""
-    if options.method == "linear":
+    if not methods.SPECS[options.method].acm:          # linear: no task vectors, λ = the normalised weights
         if lambdas is not None:
             raise InputError("ACM coefficients scale task vectors and linear averaging has none; use "
                              f"{' / '.join(methods.ACM_METHODS)} for ACM, or merge linear without λ")

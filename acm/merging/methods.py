@@ -2,25 +2,27 @@
 
 Why: the engine (``acm.merging.engine``), the CLI (``acm merge`` / ``acm tune``), the app (method dropdown,
 visible controls, help), the export (model card, recipe, reproduce command, mergekit YAML) and the
-tests all look a method up here, so adding a method is its maths in ``acm.merging.kernels`` plus one
-``MethodSpec`` plus tests (docs/ARCHITECTURE.md "Adding a merge method"). Nothing here imports torch:
-the app builds its UI and ``acm --help`` runs without it.
+tests all look a method up here, so adding a method is one ``MethodSpec`` that names its strategies (plus,
+for new maths, one strategy module in ``acm.merging.kernels``) plus tests (docs/ARCHITECTURE.md "Adding a
+merge method"). Nothing here imports torch: the app builds its UI and ``acm --help`` runs without it.
 
-A method is described by what it does to each task vector τᵢ = θᵢ − θ₀ and how it combines them:
+A method is described by what it does to each task vector τᵢ = θᵢ − θ₀ and how it combines them, as
+strategies (``Strategy``: a torch-free name of a class in ``acm.merging.kernels``, built by the engine):
 
-* ``drop``: ``"dare"`` (random drop, probability ``drop_rate``, rescale 1/(1−p)), ``"della"`` (random
-  drop whose keep probability rises with the magnitude rank inside each row, rescale 1/pⱼ) or None;
-* ``trim``: ``"magnitude"`` (keep the top ``density`` by |τ|, TIES), ``"outliers"`` (Breadcrumbs: drop
-  the top ``gamma`` share, keep the next ``density``) or None;
-* ``consensus``: TIES sign election (True) or a plain sum θ₀ + Σ λ·τ (False).
+* ``sparsify``: the steps applied to each τᵢ, in order — a random drop (``RANDOM_DROP``: DARE, probability
+  ``drop_rate``, rescale 1/(1−p); ``RANK_DROP``: DELLA, keep probability rising with the magnitude rank
+  inside each row, rescale 1/pⱼ) and/or an exact selection (``MAGNITUDE``: keep the top ``density`` by
+  |τ|, TIES; ``OUTLIERS``: Breadcrumbs, drop the top ``gamma`` share and keep the next ``density``);
+* ``combine``: ``SIGN_ELECTION`` (TIES consensus), ``SUM`` (θ₀ + Σ λ·τ) or ``AVERAGE`` (linear: Σ wᵢ·θᵢ).
 
 The formulas are in docs/design.md "Merge methods"; the exact conventions (counts, tie-breaks, random
-streams) in ``acm.merging.kernels``.
+streams) in the ``acm.merging.kernels`` modules, one per strategy family.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,20 +165,63 @@ OPTIONS: dict[str, OptionSpec] = {o.name: o for o in (
 )}
 
 
+# ----------------------------------------------------------------------------- strategies
+
+@dataclass(frozen=True)
+class Strategy:
+    """One piece of a method's per-tensor maths, named without importing torch.
+
+    ``kernel`` is ``"<module>.<Class>"`` in ``acm.merging.kernels``, a class with ``from_options(MergeOptions)``;
+    ``build`` imports it (and torch) only when a merge runs, so a new strategy module needs no other edit.
+    ``family`` and ``key`` describe it (the model card, the mergekit export); the engine never switches on
+    them. ``check`` cross-checks the parameters it reads (torch-free).
+    """
+
+    family: str                          # "drop" | "trim" (the sparsify steps) | "combine"
+    key: str                             # e.g. "dare", "magnitude", "sign_election"
+    kernel: str                          # "<module>.<Class>" in acm.merging.kernels
+    summary: str
+    check: Callable[[dict[str, Any]], None] | None = None
+
+    def build(self, options: Any) -> Any:
+        import importlib
+
+        module, _, cls = self.kernel.rpartition(".")
+        kernels = importlib.import_module(f"acm.merging.kernels.{module}")     # torch: only when a merge runs
+        return getattr(kernels, cls).from_options(options)
+
+
+def _check_della(values: dict[str, Any]) -> None:
+    check_epsilon(values["epsilon"], values["density"])
+
+
+RANDOM_DROP = Strategy("drop", "dare", "random_drop.RandomDrop",
+                       "drop each entry with probability p, rescale by 1/(1−p) (DARE)")
+RANK_DROP = Strategy("drop", "della", "rank_drop.RankDrop",
+                     "per row, keep with probability density ± ε by |τ| rank, rescale by 1/pⱼ (DELLA)", check=_check_della)
+MAGNITUDE = Strategy("trim", "magnitude", "selection.MagnitudeTrim", "keep exactly the top density share by |τ| (TIES)")
+OUTLIERS = Strategy("trim", "outliers", "outliers.OutlierTrim",
+                    "drop the top gamma share by |τ|, keep the next density share (Breadcrumbs)")
+SIGN_ELECTION = Strategy("combine", "sign_election", "consensus.SignElection",
+                         "elect each entry's sign from Σ λ·τ, sum the agreeing λ·τ (TIES)")
+SUM = Strategy("combine", "sum", "consensus.Sum", "θ₀ + Σ λ·τ")
+AVERAGE = Strategy("combine", "average", "consensus.Average", "Σ wᵢ·θᵢ (no task vectors)")
+STRATEGIES: tuple[Strategy, ...] = (RANDOM_DROP, RANK_DROP, MAGNITUDE, OUTLIERS, SIGN_ELECTION, SUM, AVERAGE)
+
+
 # ----------------------------------------------------------------------------- method specs
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """Everything but the per-tensor maths of one merge method."""
+    """Everything about one merge method; its per-tensor maths are the strategies it names."""
 
     key: str                             # name in the CLI, recipes, MergeOptions.method
     label: str                           # model card / dropdown
     short: str                           # merge labels in the app ("#3 ACM-TIES t=1 α=0.7")
     formula: str                         # one line, λᵢ,ₖ = coefficient of model i in layer group k
     options: tuple[str, ...]             # OPTIONS it uses, in reproduce-command order
-    drop: str | None = None              # None | "dare" | "della"
-    trim: str | None = None              # None | "magnitude" | "outliers"
-    consensus: bool = False              # TIES sign election
+    sparsify: tuple[Strategy, ...] = ()  # steps on each τᵢ, in order: a drop and/or a trim
+    combine: Strategy = SUM              # SIGN_ELECTION | SUM | AVERAGE
     acm: bool = True                     # ACM per-layer λ applies (False: linear, which has no task vector)
     mergekit: str | None = None          # mergekit's merge_method; None = no mergekit equivalent
     mergekit_note: str = ""              # how it maps to mergekit, or why it cannot
@@ -186,6 +231,25 @@ class MethodSpec:
 
     def uses(self, option: str) -> bool:
         return option in self.options
+
+    def _step(self, family: str) -> str | None:
+        return next((s.key for s in self.sparsify if s.family == family), None)
+
+    # Descriptive keys (for the mergekit export and the docs; the engine runs the strategies themselves).
+    @property
+    def drop(self) -> str | None:
+        """The drop step's key: ``"dare"``, ``"della"`` or None."""
+        return self._step("drop")
+
+    @property
+    def trim(self) -> str | None:
+        """The trim step's key: ``"magnitude"``, ``"outliers"`` or None."""
+        return self._step("trim")
+
+    @property
+    def consensus(self) -> bool:
+        """TIES sign election."""
+        return self.combine is SIGN_ELECTION
 
     @property
     def random(self) -> bool:
@@ -204,46 +268,49 @@ _DELLA_NOTE = ("none: mergekit's {} rescales the kept entries by the tensor's L1
 
 _SPECS = (
     MethodSpec("linear", "Linear", "Linear", "θ = Σᵢ wᵢ·θᵢ  (weights normalised to sum 1)", ("weights",),
-               acm=False, mergekit=None, mergekit_note="none: ACM coefficients scale task vectors and linear "
-               "averaging has none", ui_order=8, menu="Linear (weight average)"),
+               combine=AVERAGE, acm=False, mergekit=None,
+               mergekit_note="none: ACM coefficients scale task vectors and linear averaging has none", ui_order=8,
+               menu="Linear (weight average)"),
     MethodSpec("task_arithmetic", "Task Arithmetic", "TA", "θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ,  τᵢ = θᵢ − θ₀", ("alpha",),
                mergekit="task_arithmetic", mergekit_note="mergekit's task_arithmetic, normalize: false",
                reference="https://arxiv.org/abs/2212.04089", ui_order=0,
                menu="Task Arithmetic (TA)"),
     MethodSpec("ties", "TIES", "TIES",
                "τᵢ trimmed to its top-density |τ|; signs elected from Σᵢ λᵢ,ₖ·τᵢ; θ = θ₀ + Σ of agreeing λᵢ,ₖ·τᵢ",
-               ("alpha", "density", "trim_scope", "normalize"), trim="magnitude", consensus=True,
+               ("alpha", "density", "trim_scope", "normalize"), sparsify=(MAGNITUDE,), combine=SIGN_ELECTION,
                mergekit="ties", mergekit_note=_TIES_NOTE, reference="https://arxiv.org/abs/2306.01708", ui_order=1),
     MethodSpec("dare_ta", "DARE + Task Arithmetic", "DARE-TA",
                "τᵢ entries dropped with probability p and rescaled by 1/(1−p); θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ",
-               ("alpha", "drop_rate", "seed"), drop="dare", mergekit="dare_linear",
+               ("alpha", "drop_rate", "seed"), sparsify=(RANDOM_DROP,), mergekit="dare_linear",
                mergekit_note=_DARE_NOTE.format("dare_linear"), reference="https://arxiv.org/abs/2311.03099",
                ui_order=2),
     MethodSpec("dare_ties", "DARE + TIES", "DARE-TIES",
                "τᵢ entries dropped with probability p and rescaled by 1/(1−p), then TIES (trim, elect, merge)",
-               ("alpha", "density", "trim_scope", "normalize", "drop_rate", "seed"), drop="dare", trim="magnitude",
-               consensus=True, mergekit="dare_ties",
+               ("alpha", "density", "trim_scope", "normalize", "drop_rate", "seed"),
+               sparsify=(RANDOM_DROP, MAGNITUDE), combine=SIGN_ELECTION, mergekit="dare_ties",
                mergekit_note=_DARE_NOTE.format("dare_ties") + "; only with density 1 (mergekit has no magnitude "
                "trim after the drop)", reference="https://arxiv.org/abs/2311.03099", ui_order=3),
     MethodSpec("breadcrumbs", "Model Breadcrumbs", "Breadcrumbs",
                "τᵢ keeps the density share of entries ranked just below its top-gamma |τ| (outliers and smallest "
-               "dropped); θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ", ("alpha", "density", "gamma"), trim="outliers",
+               "dropped); θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ", ("alpha", "density", "gamma"), sparsify=(OUTLIERS,),
                mergekit="breadcrumbs", mergekit_note=_BREADCRUMBS_NOTE.format("breadcrumbs"),
                reference="https://arxiv.org/abs/2312.06795", ui_order=4),
     MethodSpec("breadcrumbs_ties", "Model Breadcrumbs + TIES", "Breadcrumbs-TIES",
                "Breadcrumbs trim (drop top-gamma outliers and smallest |τ|, keep density), then TIES sign election "
-               "and disjoint merge", ("alpha", "density", "gamma", "normalize"), trim="outliers", consensus=True,
+               "and disjoint merge", ("alpha", "density", "gamma", "normalize"), sparsify=(OUTLIERS,),
+               combine=SIGN_ELECTION,
                mergekit="breadcrumbs_ties", mergekit_note=_BREADCRUMBS_NOTE.format("breadcrumbs_ties"),
                reference="https://arxiv.org/abs/2312.06795", ui_order=5),
     MethodSpec("della", "DELLA", "DELLA",
                "per row of τᵢ, keep probability pⱼ rises linearly with |τ| rank from density−ε to density+ε; kept "
                "entries ×1/pⱼ; then TIES sign election and disjoint merge with λᵢ,ₖ",
-               ("alpha", "density", "epsilon", "normalize", "seed"), drop="della", consensus=True,
+               ("alpha", "density", "epsilon", "normalize", "seed"), sparsify=(RANK_DROP,),
+               combine=SIGN_ELECTION,
                mergekit="della", mergekit_note=_DELLA_NOTE.format("della"),
                reference="https://arxiv.org/abs/2406.11617", ui_order=6),
     MethodSpec("della_linear", "DELLA + Task Arithmetic", "DELLA-linear",
                "per row of τᵢ, keep probability pⱼ rises linearly with |τ| rank from density−ε to density+ε; kept "
-               "entries ×1/pⱼ; θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ", ("alpha", "density", "epsilon", "seed"), drop="della",
+               "entries ×1/pⱼ; θ = θ₀ + Σᵢ λᵢ,ₖ·τᵢ", ("alpha", "density", "epsilon", "seed"), sparsify=(RANK_DROP,),
                mergekit="della_linear", mergekit_note=_DELLA_NOTE.format("della_linear"),
                reference="https://arxiv.org/abs/2406.11617", ui_order=7),
 )
@@ -283,12 +350,18 @@ def validate_options(method: str, *, alpha: Any = 1.0, density: Any = 0.2, drop_
     check_density(density)
     check_drop_rate(drop_rate)
     check_gamma(gamma)
-    check_epsilon(epsilon, density if s.drop == "della" else None)
+    check_epsilon(epsilon)
+    values = {"alpha": alpha, "density": density, "drop_rate": drop_rate, "gamma": gamma, "epsilon": epsilon,
+              "trim_scope": trim_scope, "seed": seed}
+    for strategy in (*s.sparsify, s.combine):         # cross-checks of the strategies' own parameters (DELLA)
+        if strategy.check is not None:
+            strategy.check(values)
     check_trim_scope(trim_scope)
     check_seed(seed)
 
 
 __all__ = ["MAX_FINE_TUNED", "OPTIONS", "SPECS", "METHODS", "ACM_METHODS", "ALIASES", "TRIM_SCOPES", "MethodSpec",
-           "OptionSpec", "spec", "methods_using", "ui_choices", "validate_options", "check_alpha", "check_density",
+           "OptionSpec", "Strategy", "STRATEGIES", "RANDOM_DROP", "RANK_DROP", "MAGNITUDE", "OUTLIERS", "SIGN_ELECTION",
+           "SUM", "AVERAGE", "spec", "methods_using", "ui_choices", "validate_options", "check_alpha", "check_density",
            "check_drop_rate", "check_gamma", "check_epsilon", "check_trim_scope", "check_seed",
            "check_num_fine_tuned", "check_method"]
