@@ -33,7 +33,8 @@ DEFAULT_METHOD = "ties"
 DEFAULT_DENSITY = 0.7
 OPT = registry.OPTIONS
 # The parameter controls below the method; each is visible only for the methods whose spec uses it.
-PARAM_CONTROLS = ("density", "trim_scope", "drop_rate", "seed", "gamma", "epsilon")
+# Method parameters with a control of their own, from their OptionSpec (acm.merging.methods.OPTIONS).
+PARAM_CONTROLS = tuple(k for k, o in OPT.items() if o.control)
 # Whose tokenizer / chat template / generation defaults the merged model carries (acm.checkpoints.templates).
 TOKENIZER_CHOICES = [("base model", "base")] + [(f"fine-tuned {i}", f"ft:{i}")
                                                  for i in range(1, registry.MAX_FINE_TUNED + 1)]
@@ -307,6 +308,21 @@ def coefficient_controls(method: str, mode: str, rule: str | None, against: str 
             gr.update(visible=acm), gr.update(visible=alpha, label=alpha_label), gr.update(value=text))
 
 
+def option_control(o, value=None, visible: bool = True):
+    """The app's control for one method parameter, from its ``OptionSpec``: a slider (float), a number
+    (int), a radio (choice) or a checkbox (bool), labelled and explained by the spec."""
+    import gradio as gr
+
+    value = o.default if value is None else value
+    if o.kind == "choice":
+        return gr.Radio(list(o.choices), value=value, label=o.label, info=o.help, visible=visible)
+    if o.kind == "int":
+        return gr.Number(value=value, precision=0, label=o.label, info=o.help, visible=visible)
+    if o.kind == "bool":
+        return gr.Checkbox(value=value, label=o.label, info=o.help, visible=visible)
+    return gr.Slider(o.lo, o.hi, value=value, step=o.step, label=o.label, info=o.help, visible=visible)
+
+
 def build() -> SimpleNamespace:
     import gradio as gr
 
@@ -327,20 +343,8 @@ def build() -> SimpleNamespace:
     info = gr.Markdown(method_info(DEFAULT_METHOD), elem_classes=["muted"])
     with gr.Row():
         vis = control_visibility(DEFAULT_METHOD)
-
-        def slider_of(key, value=None):
-            o = OPT[key]
-            return gr.Slider(o.lo, o.hi, value=o.default if value is None else value, step=o.step, label=o.label,
-                             info=o.help, visible=vis[key])
-
-        density = slider_of("density", DEFAULT_DENSITY)
-        trim_scope = gr.Radio(list(OPT["trim_scope"].choices), value="tensor", label=OPT["trim_scope"].label,
-                              info=OPT["trim_scope"].help, visible=vis["trim_scope"])
-        drop_rate = slider_of("drop_rate")
-        gamma = slider_of("gamma")
-        epsilon = slider_of("epsilon")
-        seed = gr.Number(value=OPT["seed"].default, precision=0, label=OPT["seed"].label, info=OPT["seed"].help,
-                         visible=vis["seed"])
+        params = {k: option_control(OPT[k], DEFAULT_DENSITY if k == "density" else None, vis[k])
+                  for k in PARAM_CONTROLS}
     with gr.Row():
         tokenizer_from = gr.Dropdown(TOKENIZER_CHOICES, value="base", label="Tokenizer & chat template from",
                                      info="R1-distilled models ship their own template and special tokens",
@@ -354,8 +358,7 @@ def build() -> SimpleNamespace:
     with gr.Accordion("Merge report (JSON)", open=False):
         report = gr.JSON()
     return SimpleNamespace(rule=rule, rule_radio=rule_radio, acm_status=acm_status, method=method, mode=mode, t=t,
-                           alpha=alpha, density=density, trim_scope=trim_scope, gamma=gamma, epsilon=epsilon,
-                           info=info, drop_rate=drop_rate, seed=seed, tokenizer_from=tokenizer_from,
+                           alpha=alpha, info=info, tokenizer_from=tokenizer_from, **params,
                            merge_btn=merge_btn, summary=summary, table=table, report=report)
 
 

@@ -372,3 +372,22 @@ def test_coefficients_command_exports_the_new_methods(tmp_path, capsys):
     assert cfg["parameters"]["lambda"] == 2.0 and cfg["models"][0]["parameters"]["density"] == 0.5
     assert main(["coefficients", "--analysis", str(path), "--rule", "softmax", "--t", "2", "--format", "yaml", "--method", "della"]) == 0
     assert capsys.readouterr().out.startswith("# ACM (Activation-Guided Consensus Merging): NO mergekit config")
+
+
+def test_a_merge_option_is_declared_once_in_its_spec():
+    """Each OptionSpec gives the MergeOptions field (type, default), the `acm merge` flag and the app's control."""
+    import dataclasses
+
+    from acm.cli import build_parser
+    from acm.merging.engine import MergeOptions
+    from components import merge as ui
+
+    fields = {f.name: f for f in dataclasses.fields(MergeOptions)}
+    for key, o in methods.OPTIONS.items():
+        assert key in fields and fields[key].default == o.default, key
+    parser = build_parser()
+    merge_cmd = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("merge"))
+    flags = {s for a in merge_cmd._actions for s in a.option_strings}
+    assert {o.flag for o in methods.OPTIONS.values()} <= flags
+    assert ui.PARAM_CONTROLS == tuple(k for k, o in methods.OPTIONS.items() if o.control)
+    assert {"density", "drop_rate", "gamma", "epsilon", "trim_scope", "seed"} <= set(ui.PARAM_CONTROLS)

@@ -13,8 +13,6 @@ from acm.sizes import format_bytes
 log = logging.getLogger(__name__)
 
 METHOD_CHOICES = registry.METHODS
-# Parameter flags added from the registry's option specs (acm.merging.methods.OPTIONS), in this order.
-_PARAM_FLAGS = ("density", "drop_rate", "gamma", "epsilon", "trim_scope", "normalize", "seed")
 
 
 def _method_help() -> str:
@@ -24,8 +22,11 @@ def _method_help() -> str:
 def _add_param(p: argparse.ArgumentParser, key: str) -> None:
     """One merge-parameter flag from its registry spec; the help names the methods that use it."""
     o = registry.OPTIONS[key]
-    help_ = f"{o.help}; used by {', '.join(registry.methods_using(key))}"
-    if o.kind == "bool":
+    users = registry.methods_using(key)
+    help_ = o.help if key == "alpha" or len(users) == len(registry.SPECS) else f"{o.help}; used by {', '.join(users)}"
+    if o.kind == "list":
+        p.add_argument(o.flag, type=float, nargs="+", default=o.default, metavar="W", help=o.help)
+    elif o.kind == "bool":
         p.add_argument(o.flag, action="store_true", help=help_)
     elif o.kind == "choice":
         p.add_argument(o.flag, choices=o.choices, default=o.default, help=help_)
@@ -48,8 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"fine-tuned model (local folder or Hub id); repeat for several (up to "
                         f"{registry.MAX_FINE_TUNED})")
     p.add_argument("--method", choices=METHOD_CHOICES, default="task_arithmetic", help=_method_help())
-    p.add_argument("--alpha", type=float, default=registry.OPTIONS["alpha"].default, help=registry.OPTIONS["alpha"].help)
-    for key in _PARAM_FLAGS:
+    for key in registry.OPTIONS:                 # every method parameter, declared once in its OptionSpec
         _add_param(p, key)
     p.add_argument("--acm", metavar="ANALYSIS_JSON", default=None,
                    help="ACM coefficients from this analysis (from `acm analyze`), with --rule (default acm) and --t")
@@ -86,8 +86,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     rules.add_argument("--max-tokens", type=int, default=None, help="--against merged: tokens per sample (512)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="output dtype (default: the base's)")
-    p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
-                   help="linear only: one weight per --ft (normalised to sum 1; default uniform)")
     p.add_argument("--tokenizer-from", default="base", metavar="base|ft|ft:N",
                    help="which model's tokenizer, chat template and generation defaults the merged model is "
                         "saved with: base (default), ft (the first --ft) or ft:N (the N-th --ft)")
@@ -190,9 +188,8 @@ def _rule_settings(args: argparse.Namespace) -> dict | None:
 def run(args: argparse.Namespace) -> int:
     from acm.merging.engine import MergeOptions, merge_models
 
-    options = MergeOptions(method=args.method, alpha=args.alpha, **{k: getattr(args, k) for k in _PARAM_FLAGS},
-                           dtype=args.dtype,
-                           shard_size=args.shard_size, weights=args.weights,
+    options = MergeOptions(method=args.method, **{k: getattr(args, k) for k in registry.OPTIONS}, dtype=args.dtype,
+                           shard_size=args.shard_size,
                            device=None if args.device in (None, "", "auto") else args.device, threads=args.threads,
                            tokenizer_from=args.tokenizer_from)
     settings = _rule_settings(args)

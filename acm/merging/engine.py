@@ -39,7 +39,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 
 import torch
@@ -79,21 +79,16 @@ _NOT_COPIED = {"config.json", "README.md", "acm_recipe.json", "model.safetensors
 
 
 @dataclass
-class MergeOptions:
-    """Everything that defines a merge besides the models and the per-group λ."""
+class MergeSettings:
+    """What a merge needs besides the method's parameters: the method, where and how the output is written.
+
+    The method's own parameters (α, density, drop rate, …) are not listed here: ``MergeOptions`` takes
+    one field per ``acm.merging.methods.OPTIONS`` entry, so a new parameter is declared once, in its
+    ``OptionSpec`` (which also gives the CLI flag and the app's control)."""
 
     method: str = "task_arithmetic"
-    alpha: float = 1.0                   # plain methods: λ = α for every group
-    density: float = methods.OPTIONS["density"].default       # TIES/Breadcrumbs: share kept; DELLA: mean keep p
-    drop_rate: float = methods.OPTIONS["drop_rate"].default   # DARE: probability of dropping an entry of τ
-    trim_scope: str = "tensor"           # TIES trim threshold per tensor or per model ("global")
-    normalize: bool = False              # sign-election methods: divide by the sum of agreeing λ
-    seed: int = 0                        # DARE / DELLA
-    gamma: float = methods.OPTIONS["gamma"].default           # Breadcrumbs: share of largest |τ| dropped
-    epsilon: float = methods.OPTIONS["epsilon"].default       # DELLA: keep probability density ± ε by rank
     dtype: str | None = None             # output dtype; None = the base's
     shard_size: int | str = "2GB"
-    weights: list[float] | None = None   # linear only; normalised to sum 1
     device: str | None = None            # None/"auto" = CUDA when available
     threads: int | None = None           # CPU merges: torch threads (None = half the cores, 1..8)
     tokenizer_from: str = "base"         # tokenizer + chat template + generation defaults: base | ft | ft:N
@@ -123,6 +118,13 @@ class MergeOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MergeOptions = make_dataclass(
+    "MergeOptions", [methods.option_field(o) for o in methods.OPTIONS.values()], bases=(MergeSettings,),
+    namespace={"__doc__": "Everything that defines a merge besides the models and the per-group λ: the "
+                          "``MergeSettings`` plus one field per method parameter (``acm.merging.methods.OPTIONS``).",
+               "__module__": __name__})
 
 
 @dataclass

@@ -138,11 +138,12 @@ class OptionSpec:
     hi: float | None = None
     step: float | None = None
     choices: tuple[str, ...] = ()
+    control: bool = True                 # the Merge tab shows a control for it (shown for the methods that use it)
 
 
 OPTIONS: dict[str, OptionSpec] = {o.name: o for o in (
     OptionSpec("alpha", "--alpha", "α", 1.0, "plain: λ for every group; ACM: the mean λ (default 1.0)",
-               lo=0.0, hi=2.0, step=0.05),
+               lo=0.0, hi=2.0, step=0.05, control=False),   # the Merge tab's α follows the coefficient rule
     OptionSpec("density", "--density", "Density", 0.2,
                "TIES / Breadcrumbs: share of each task vector kept; DELLA: mean keep probability; in (0, 1] "
                "(default 0.2)", lo=0.01, hi=1.0, step=0.01),
@@ -150,7 +151,7 @@ OPTIONS: dict[str, OptionSpec] = {o.name: o for o in (
                "TIES threshold per tensor (default) or one per model over all tensors (3 passes)",
                kind="choice", choices=TRIM_SCOPES),
     OptionSpec("normalize", "--normalize", "Normalize", False,
-               "sign-election methods: divide by the sum of agreeing λ", kind="bool"),
+               "sign-election methods: divide by the sum of agreeing λ", kind="bool", control=False),
     OptionSpec("gamma", "--gamma", "Gamma (outliers dropped)", 0.01,
                "Breadcrumbs: share of largest |τ| dropped as outliers, in [0, 1) (default 0.01)",
                lo=0.0, hi=0.2, step=0.005),
@@ -161,8 +162,18 @@ OPTIONS: dict[str, OptionSpec] = {o.name: o for o in (
                lo=0.0, hi=0.99, step=0.01),
     OptionSpec("seed", "--seed", "Seed", 0, "DARE / DELLA random seed (default 0)", kind="int"),
     OptionSpec("weights", "--weights", "Weights", None,
-               "linear only: one weight per --ft (normalised to sum 1; default uniform)", kind="list"),
+               "linear only: one weight per --ft (normalised to sum 1; default uniform)", kind="list", control=False),
 )}
+
+
+_FIELD_TYPES = {"float": float, "int": int, "bool": bool, "choice": str, "list": "list[float] | None"}
+
+
+def option_field(o: OptionSpec) -> tuple[str, Any, Any]:
+    """``(name, type, field)`` of an option for ``dataclasses.make_dataclass`` (``MergeOptions``)."""
+    from dataclasses import field
+
+    return o.name, _FIELD_TYPES[o.kind], field(default=o.default)
 
 
 # ----------------------------------------------------------------------------- strategies
@@ -361,7 +372,7 @@ def validate_options(method: str, *, alpha: Any = 1.0, density: Any = 0.2, drop_
 
 
 __all__ = ["MAX_FINE_TUNED", "OPTIONS", "SPECS", "METHODS", "ACM_METHODS", "ALIASES", "TRIM_SCOPES", "MethodSpec",
-           "OptionSpec", "Strategy", "STRATEGIES", "RANDOM_DROP", "RANK_DROP", "MAGNITUDE", "OUTLIERS", "SIGN_ELECTION",
+           "OptionSpec", "Strategy", "option_field", "STRATEGIES", "RANDOM_DROP", "RANK_DROP", "MAGNITUDE", "OUTLIERS", "SIGN_ELECTION",
            "SUM", "AVERAGE", "spec", "methods_using", "ui_choices", "validate_options", "check_alpha", "check_density",
            "check_drop_rate", "check_gamma", "check_epsilon", "check_trim_scope", "check_seed",
            "check_num_fine_tuned", "check_method"]
