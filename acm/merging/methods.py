@@ -26,10 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from acm.checkpoints.limits import MAX_FINE_TUNED, check_num_fine_tuned
 from acm.errors import InputError
-
-MAX_FINE_TUNED = 3          # fine-tuned models per merge / analysis: the one definition (CLI, app, library)
-
 
 # ----------------------------------------------------------------------------- parameter validators
 # One function per merge parameter, used by MergeOptions.validate, the CLI and the app handlers, so a
@@ -100,15 +98,6 @@ def check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputError(f"seed must be an integer, got {seed!r}")
     return seed
-
-
-def check_num_fine_tuned(n: int) -> int:
-    """1 … MAX_FINE_TUNED fine-tuned models."""
-    if n < 1:
-        raise InputError("give at least one fine-tuned model")
-    if n > MAX_FINE_TUNED:
-        raise InputError(f"at most {MAX_FINE_TUNED} fine-tuned models are supported, got {n}")
-    return n
 
 
 def check_method(name: Any) -> str:
