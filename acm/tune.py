@@ -18,6 +18,7 @@ evaluation module can change underneath without touching the rest of this file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -605,194 +606,352 @@ def _run_config(base: str, fts: list[str], an, settings: Sequence[Setting], **fa
     return config
 
 
-def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: Sequence[Setting], *,
-              data: str | os.PathLike | Sequence[dict] | None = "bundled", field_question: str = "question",
-              field_answer: str = "answer", split: str = "test", limit: int | None = None,
-              holdout: float = DEFAULT_HOLDOUT, seed: int = 0, analysis=None, calibration: str | None = None,
-              samples: int | None = None, max_new_tokens: int = 256, batch_size: int = 64,
-              chat_template: bool = True, objective: str = "shortest", tolerance: float = DEFAULT_TOLERANCE,
-              keep: bool = False, restart: bool = False, budget_minutes: float | None = None,
-              device: str | None = None, threads: int | None = None, progress: Progress | None = None,
-              show_progress: bool = True, should_stop: Callable[[], bool] | None = None,
-              engine: str = "transformers") -> Iterator[dict]:
+@dataclass
+class TuneOptions:
+    """Every setting of a tune run besides the models, the run folder and the grid (the CLI's flags, the
+    app's controls), checked by ``validate``.
+
+    ``data``: the problems (``load_eval_set``: bundled, a file, rows or a Hub id), split by ``split_rows``
+    into tune and held-out parts (``holdout``, ``limit``, ``seed``). ``analysis``: an ``AnalysisResult``,
+    a path or None (OUT/analysis.json, computed from ``calibration`` / ``samples`` and cached when missing).
+    ``keep`` keeps every merge under OUT; ``restart`` discards OUT/tune.jsonl; ``budget_minutes`` stops
+    cleanly between settings; ``threads`` None → ``auto_threads``; ``engine`` generates (transformers, vllm).
+    """
+
+    data: str | os.PathLike | Sequence[dict] | None = "bundled"
+    field_question: str = "question"
+    field_answer: str = "answer"
+    split: str = "test"
+    limit: int | None = None
+    holdout: float = DEFAULT_HOLDOUT
+    seed: int = 0
+    analysis: Any = None
+    calibration: str | None = None
+    samples: int | None = None
+    max_new_tokens: int = 256
+    batch_size: int = 64
+    chat_template: bool = True
+    objective: str = "shortest"
+    tolerance: float = DEFAULT_TOLERANCE
+    keep: bool = False
+    restart: bool = False
+    budget_minutes: float | None = None
+    device: str | None = None
+    threads: int | None = None
+    engine: str = "transformers"
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def validate(self) -> str:
+        """The generation engine's name (``acm.evaluation.engines.check_engine``); one InputError line
+        otherwise. Cheap checks only: nothing is loaded."""
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
+        if not (math.isfinite(self.tolerance) and 0 <= self.tolerance <= 1):
+            raise InputError(f"--tolerance must be in [0, 1] (accuracy as a fraction), got {self.tolerance}")
+        if self.budget_minutes is not None and not self.budget_minutes > 0:
+            raise InputError(f"--budget-minutes must be > 0, got {self.budget_minutes}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise InputError(f"max new tokens and batch size must be >= 1, got {self.max_new_tokens} and "
+                             f"{self.batch_size}")
+        from acm.evaluation.engines import check_engine
+
+        return check_engine(self.engine, device=self.device)
+
+
+@dataclass
+class _Run:
+    """One tune run while it goes: what it works on, its two splits, the analysis λ comes from, the
+    results file and every record written so far, by (kind, key, split)."""
+
+    base: str
+    fts: list[str]
+    out: Path
+    settings: list[Setting]
+    o: TuneOptions
+    engine: str
+    data_label: str
+    tune_rows: list[dict]
+    hold_rows: list[dict]
+    threads: int | None
+    t_start: float
+    an: Any = None
+    an_label: str | None = None
+    stream: _Stream | None = None
+    done: dict = field(default_factory=dict)
+    resumed: int = 0
+
+    def splits(self) -> list[tuple[str, list[dict]]]:
+        return [("tune", self.tune_rows)] + ([("holdout", self.hold_rows)] if self.hold_rows else [])
+
+    def references(self) -> list[tuple[str, str]]:
+        """(role, model): ``base``, then ``ft`` (one fine-tuned model) or ``ft0``, ``ft1``, …"""
+        return [("base", self.base)] + [(f"ft{i}" if len(self.fts) > 1 else "ft", f) for i, f in enumerate(self.fts)]
+
+    def record(self, rec: dict) -> dict:
+        """Append ``rec`` to tune.jsonl and count it as done."""
+        self.stream.write(rec)
+        self.done[(rec["kind"], rec["key"], rec["split"])] = rec
+        return rec
+
+    def measure(self, model, rows: Sequence[dict], *, device: str | None = None) -> dict:
+        o = self.o
+        return evaluate_rows(model, rows, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size,
+                             chat_template=o.chat_template, device=device, engine=self.engine)
+
+    def merge(self, s: Setting, where: Path) -> tuple[Path, dict]:
+        o = self.o
+        return _merge(self.base, self.fts, s, self.an, where, threads=self.threads, device=o.device,
+                      calibration=o.calibration, samples=o.samples)
+
+    def report(self) -> dict:
+        return build_report(list(self.done.values()), self.settings, objective=self.o.objective,
+                            tolerance=self.o.tolerance)
+
+
+class _Ticker:
+    """Progress over the run's units (one evaluation each): a tqdm bar, or the caller's ``progress``
+    with an ETA from the mean time per unit so far."""
+
+    def __init__(self, total: int, progress: Progress | None, show_progress: bool):
+        from tqdm.auto import tqdm
+
+        self.total, self.finished, self.times, self.progress = max(total, 1), 0, [], progress
+        self.bar = tqdm(total=self.total, desc="tune", unit="eval", disable=progress is not None or not show_progress)
+
+    def __call__(self, desc: str, seconds: float | None) -> None:
+        self.finished += 1
+        if seconds is not None:
+            self.times.append(seconds)
+        self.bar.update(1)
+        if self.progress is not None:
+            eta = ""
+            if self.times:
+                left = (self.total - self.finished) * sum(self.times) / len(self.times)
+                eta = f" · ETA {left:.0f} s"
+            self.progress(min(1.0, self.finished / self.total), f"{desc} ({self.finished}/{self.total}){eta}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: Sequence[Setting],
+              options: TuneOptions | None = None, *, progress: Progress | None = None, show_progress: bool = True,
+              should_stop: Callable[[], bool] | None = None, **overrides: Any) -> Iterator[dict]:
     """Run (or resume) a tune, yielding each record as it is written and finally the report.
 
-    Yields ``{"kind": "reference" | "setting" | "holdout", ...}`` records and, last,
-    ``{"kind": "report", ...}`` (the ``frontier.json`` content). Closing the generator (a cancelled
-    UI job) or ``should_stop()`` returning True stops between settings, removing temporary merges.
+    ``overrides`` are ``TuneOptions`` fields, overriding ``options`` (so ``iter_tune(..., limit=8)``
+    works as it always did). Order of work: check the options → read and split the problems → the
+    analysis (when a setting needs one) → open or resume OUT/tune.jsonl → 1. the base and fine-tuned
+    models on both splits → 2. the grid on the tune split → 3. the recommendation on the held-out
+    split → the report. Yields ``{"kind": "reference" | "setting" | "holdout", ...}`` records and,
+    last, ``{"kind": "report", ...}`` (the ``frontier.json`` content). Closing the generator (a
+    cancelled UI job) or ``should_stop()`` returning True stops between settings, removing
+    temporary merges.
     """
-    from tqdm.auto import tqdm
+    run = _start_run(base, fts, out, settings, replace(options or TuneOptions(), **overrides))
+    with _torch_threads(run.threads):
+        _attach_analysis(run, progress)
+        _open_results(run)
+        tick = _Ticker(_units_to_do(run), progress, show_progress)
+        try:
+            if run.resumed:
+                yield {"kind": "resumed", "done": run.resumed, "of": len(run.settings)}
+            yield from _reference_records(run, tick)
+            stopped = yield from _grid_then_holdout(run, tick, lambda: _stop_reason(run, should_stop))
+        finally:
+            tick.close()
+        yield _final_report(run, stopped)
 
-    fts = [str(f) for f in fts]
-    base = str(base)
-    settings = list(settings)
+
+def _start_run(base, fts: Sequence[str], out: str | os.PathLike, settings: Sequence[Setting],
+               o: TuneOptions) -> _Run:
+    """Check the grid and the options, read and split the problems, make the run folder (``restart``
+    removes its tune.jsonl) and pick the CPU threads."""
+    fts, base, settings = [str(f) for f in fts], str(base), list(settings)
     if not settings:
         raise InputError("empty grid: nothing to tune")
-    if objective not in OBJECTIVES:
-        raise InputError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
-    if not (math.isfinite(tolerance) and 0 <= tolerance <= 1):
-        raise InputError(f"--tolerance must be in [0, 1] (accuracy as a fraction), got {tolerance}")
-    if budget_minutes is not None and not budget_minutes > 0:
-        raise InputError(f"--budget-minutes must be > 0, got {budget_minutes}")
-    if max_new_tokens < 1 or batch_size < 1:
-        raise InputError(f"max new tokens and batch size must be >= 1, got {max_new_tokens} and {batch_size}")
-    from acm.evaluation.engines import check_engine
-
-    engine = check_engine(engine, device=device)
-    rows, data_label = load_eval_set(data, field_question=field_question, field_answer=field_answer, split=split)
-    tune_rows, hold_rows = split_rows(rows, holdout=holdout, limit=limit, seed=seed)
+    engine = o.validate()
+    rows, data_label = load_eval_set(o.data, field_question=o.field_question, field_answer=o.field_answer,
+                                     split=o.split)
+    tune_rows, hold_rows = split_rows(rows, holdout=o.holdout, limit=o.limit, seed=o.seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = out / RESULTS_FILE
-    if restart and results.exists():
-        results.unlink()
+    if o.restart and (out / RESULTS_FILE).exists():
+        (out / RESULTS_FILE).unlink()
     t_start = time.perf_counter()
-    threads = auto_threads(base) if threads is None else threads
-    old_threads = None
-    if threads:
-        import torch
+    threads = auto_threads(base) if o.threads is None else o.threads
+    return _Run(base=base, fts=fts, out=out, settings=settings, o=o, engine=engine, data_label=data_label,
+                tune_rows=tune_rows, hold_rows=hold_rows, threads=threads, t_start=t_start)
 
-        old_threads = torch.get_num_threads()
-        torch.set_num_threads(int(threads))
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch's CPU threads set to ``threads`` for the run (if given), restored afterwards."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
     try:
-        an, an_label = (None, None)
-        if any(s.needs_analysis for s in settings):
-            needed = list(dict.fromkeys(s.metric for s in settings if s.needs_analysis and not s.paper))
-            an, an_label = _ensure_analysis(base, fts, analysis, out, calibration=calibration, samples=samples,
-                                            device=device, progress=progress, metrics=needed,
-                                            sample_mi=any(s.paper and s.needs_analysis for s in settings))
-        config = _run_config(base, fts, an, settings, data=data_label, tune_rows=_rows_digest(tune_rows),
-                             holdout_rows=_rows_digest(hold_rows), n_tune=len(tune_rows), n_holdout=len(hold_rows),
-                             holdout=holdout, limit=limit, seed=seed, max_new_tokens=max_new_tokens,
-                             chat_template=chat_template, device=device)
-        if engine != "transformers":   # only then: runs written before engines existed keep their fingerprint
-            config["engine"] = engine
-        fp = _fingerprint(config)
-        previous = read_results(results)
-        if previous:
-            head = previous[0]
-            if head.get("kind") != "run" or head.get("fingerprint") != fp:
-                raise InputError(f"{results} holds a tune run with other models, data or settings; "
-                                 "use another --out or pass --restart to start over")
-        stream = _Stream(results)
-        if not previous:
-            stream.write({"kind": "run", "fingerprint": fp, "config": config, "engine": engine, "started": time.time()})
-            previous = []
-        done = {(r.get("kind"), r.get("key"), r.get("split")): r for r in previous if r.get("kind") != "run"}
-        resumed = sum(1 for r in previous if r.get("kind") == "setting")
-        refs = [("base", base)] + [(f"ft{i}" if len(fts) > 1 else "ft", f) for i, f in enumerate(fts)]
-        splits = [("tune", tune_rows)] + ([("holdout", hold_rows)] if hold_rows else [])
-        todo_units = (sum(1 for k, _ in refs for s, _ in splits if ("reference", k, s) not in done)
-                      + sum(1 for s in settings if ("setting", s.key(), "tune") not in done) + (1 if hold_rows else 0))
-        total = max(todo_units, 1)
-        bar = tqdm(total=total, desc="tune", unit="eval", disable=progress is not None or not show_progress)
-        finished = 0
-        unit_times: list[float] = []
-
-        def tick(desc: str, seconds: float | None) -> None:
-            nonlocal finished
-            finished += 1
-            if seconds is not None:
-                unit_times.append(seconds)
-            bar.update(1)
-            if progress is not None:
-                eta = ""
-                if unit_times:
-                    left = (total - finished) * sum(unit_times) / len(unit_times)
-                    eta = f" · ETA {left:.0f} s"
-                progress(min(1.0, finished / total), f"{desc} ({finished}/{total}){eta}")
-
-        def stop_reason() -> str | None:
-            if should_stop is not None and should_stop():
-                return "cancelled"
-            if budget_minutes is not None and time.perf_counter() - t_start > 60 * budget_minutes:
-                return "budget"
-            return None
-
-        if resumed:
-            yield {"kind": "resumed", "done": resumed, "of": len(settings)}
-        # 1. the base and fine-tuned models, once, on both splits
-        for role, spec in refs:
-            pending = [(s, r) for s, r in splits if ("reference", role, s) not in done]
-            if not pending:
-                continue
-            t0 = time.perf_counter()
-            loaded = _open_reference(spec, device, engine)
-            try:
-                for split_name, split_rows_ in pending:
-                    t1 = time.perf_counter()
-                    m = evaluate_rows(loaded, split_rows_, max_new_tokens=max_new_tokens,
-                                      batch_size=batch_size, chat_template=chat_template, engine=engine)
-                    rec = {"kind": "reference", "key": role, "label": "base" if role == "base" else _short(spec),
-                           "model": spec, "split": split_name, **m, "seconds": round(time.perf_counter() - t1, 3)}
-                    stream.write(rec)
-                    done[("reference", role, split_name)] = rec
-                    tick(f"{role} on the {split_name} split", time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    yield rec
-            finally:
-                if len(loaded) == 2:   # an engine (vLLM) holds the GPU until closed, even on a cancelled run
-                    loaded[1].close()
-                del loaded
-        # 2. the grid, on the tune split (temporary merges of a killed run are removed first)
-        for stale in out.glob(".tmp-merges-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp_root = Path(tempfile.mkdtemp(prefix=".tmp-merges-", dir=out))
-        stopped = None
-        try:
-            for s in settings:
-                if ("setting", s.key(), "tune") in done:
-                    continue
-                stopped = stop_reason()
-                if stopped:
-                    break
-                t0 = time.perf_counter()
-                folder, extra = _merge(base, fts, s, an, out if keep else tmp_root, threads=threads, device=device,
-                                       calibration=calibration, samples=samples)
-                try:
-                    m = evaluate_rows(str(folder), tune_rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                      chat_template=chat_template, device=device, engine=engine)
-                finally:
-                    if not keep:
-                        shutil.rmtree(folder, ignore_errors=True)
-                rec = {"kind": "setting", "key": s.key(), "label": s.label(), "setting": s.to_dict(), "split": "tune",
-                       **m, **extra, "seconds": round(time.perf_counter() - t0, 3)}
-                if keep:
-                    rec["folder"] = str(folder)
-                stream.write(rec)
-                done[("setting", s.key(), "tune")] = rec
-                tick(s.label(), time.perf_counter() - t0)
-                yield rec
-            # 3. the recommendation, re-measured on the held-out split
-            report = build_report(list(done.values()), settings, objective=objective, tolerance=tolerance)
-            key = report["recommended"]["key"]
-            if hold_rows and key is not None and stopped != "cancelled" and ("holdout", key, "holdout") not in done:
-                s = Setting.from_dict(report["recommended"]["setting"])
-                t0 = time.perf_counter()
-                folder, _ = _merge(base, fts, s, an, tmp_root, threads=threads, device=device,
-                                   calibration=calibration, samples=samples)
-                m = evaluate_rows(str(folder), hold_rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  chat_template=chat_template, device=device, engine=engine)
-                shutil.rmtree(folder, ignore_errors=True)
-                rec = {"kind": "holdout", "key": key, "label": s.label(), "setting": s.to_dict(), "split": "holdout",
-                       **m, "seconds": round(time.perf_counter() - t0, 3)}
-                stream.write(rec)
-                done[("holdout", key, "holdout")] = rec
-                tick(f"{s.label()} on the held-out split", time.perf_counter() - t0)
-                yield rec
-        finally:
-            shutil.rmtree(tmp_root, ignore_errors=True)
-            bar.close()
-        report = build_report(list(done.values()), settings, objective=objective, tolerance=tolerance)
-        report.update(stopped=stopped, resumed=resumed, analysis=an_label, data=data_label, threads=threads,
-                      seconds=round(time.perf_counter() - t_start, 1), max_new_tokens=max_new_tokens, engine=engine)
-        write_report(report, out)
-        yield {"kind": "report", **report}
+        yield
     finally:
-        if old_threads is not None:
-            import torch
+        torch.set_num_threads(old)
 
-            torch.set_num_threads(old_threads)
+
+def _attach_analysis(run: _Run, progress: Progress | None) -> None:
+    """The analysis λ comes from (``_ensure_analysis``), when a setting of the grid needs one."""
+    need = [s for s in run.settings if s.needs_analysis]
+    if not need:
+        return
+    o = run.o
+    metrics = list(dict.fromkeys(s.metric for s in need if not s.paper))
+    run.an, run.an_label = _ensure_analysis(run.base, run.fts, o.analysis, run.out, calibration=o.calibration,
+                                            samples=o.samples, device=o.device, progress=progress, metrics=metrics,
+                                            sample_mi=any(s.paper for s in need))
+
+
+def _open_results(run: _Run) -> None:
+    """Start OUT/tune.jsonl with a ``run`` record, or resume it when its fingerprint is this run's
+    (another run's file is refused with one line); loads what is done."""
+    o = run.o
+    config = _run_config(run.base, run.fts, run.an, run.settings, data=run.data_label,
+                         tune_rows=_rows_digest(run.tune_rows), holdout_rows=_rows_digest(run.hold_rows),
+                         n_tune=len(run.tune_rows), n_holdout=len(run.hold_rows), holdout=o.holdout, limit=o.limit,
+                         seed=o.seed, max_new_tokens=o.max_new_tokens, chat_template=o.chat_template, device=o.device)
+    if run.engine != "transformers":   # only then: runs written before engines existed keep their fingerprint
+        config["engine"] = run.engine
+    fp = _fingerprint(config)
+    results = run.out / RESULTS_FILE
+    previous = read_results(results)
+    if previous:
+        head = previous[0]
+        if head.get("kind") != "run" or head.get("fingerprint") != fp:
+            raise InputError(f"{results} holds a tune run with other models, data or settings; "
+                             "use another --out or pass --restart to start over")
+    run.stream = _Stream(results)
+    if not previous:
+        run.stream.write({"kind": "run", "fingerprint": fp, "config": config, "engine": run.engine,
+                          "started": time.time()})
+    run.done = {(r.get("kind"), r.get("key"), r.get("split")): r for r in previous if r.get("kind") != "run"}
+    run.resumed = sum(1 for r in previous if r.get("kind") == "setting")
+
+
+def _units_to_do(run: _Run) -> int:
+    """Evaluations left: references per split, settings, and the held-out re-measure."""
+    return (sum(1 for k, _ in run.references() for s, _ in run.splits() if ("reference", k, s) not in run.done)
+            + sum(1 for s in run.settings if ("setting", s.key(), "tune") not in run.done)
+            + (1 if run.hold_rows else 0))
+
+
+def _stop_reason(run: _Run, should_stop: Callable[[], bool] | None) -> str | None:
+    if should_stop is not None and should_stop():
+        return "cancelled"
+    if run.o.budget_minutes is not None and time.perf_counter() - run.t_start > 60 * run.o.budget_minutes:
+        return "budget"
+    return None
+
+
+def _reference_records(run: _Run, tick: _Ticker) -> Iterator[dict]:
+    """1. The base and fine-tuned models, each opened once and measured on every split not done yet."""
+    for role, spec in run.references():
+        pending = [(s, r) for s, r in run.splits() if ("reference", role, s) not in run.done]
+        if pending:
+            yield from _measure_reference(run, role, spec, pending, tick)
+
+
+def _measure_reference(run: _Run, role: str, spec: str, pending: list[tuple[str, list[dict]]],
+                       tick: _Ticker) -> Iterator[dict]:
+    t0 = time.perf_counter()
+    loaded = _open_reference(spec, run.o.device, run.engine)
+    try:
+        for split_name, split_rows_ in pending:
+            t1 = time.perf_counter()
+            m = run.measure(loaded, split_rows_)
+            rec = run.record({"kind": "reference", "key": role, "label": "base" if role == "base" else _short(spec),
+                              "model": spec, "split": split_name, **m,
+                              "seconds": round(time.perf_counter() - t1, 3)})
+            tick(f"{role} on the {split_name} split", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            yield rec
+    finally:
+        if len(loaded) == 2:   # an engine (vLLM) holds the GPU until closed, even on a cancelled run
+            loaded[1].close()
+        del loaded
+
+
+def _grid_then_holdout(run: _Run, tick: _Ticker, stop_reason: Callable[[], str | None]):
+    """2. and 3. in a fresh temporary folder under OUT (those of a killed run are removed first), removed
+    at the end, on a stop and on a cancel alike. Returns why the grid stopped early (None: it did not)."""
+    for stale in run.out.glob(".tmp-merges-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp_root = Path(tempfile.mkdtemp(prefix=".tmp-merges-", dir=run.out))
+    try:
+        stopped = yield from _setting_records(run, tmp_root, tick, stop_reason)
+        yield from _holdout_records(run, tmp_root, stopped, tick)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return stopped
+
+
+def _setting_records(run: _Run, tmp_root: Path, tick: _Ticker, stop_reason: Callable[[], str | None]):
+    """2. Each setting not done yet: merged (under OUT with ``keep``), measured on the tune split, removed.
+    Checks ``stop_reason`` before each; returns it when it stopped the grid."""
+    keep = run.o.keep
+    for s in run.settings:
+        if ("setting", s.key(), "tune") in run.done:
+            continue
+        stopped = stop_reason()
+        if stopped:
+            return stopped
+        t0 = time.perf_counter()
+        folder, extra = run.merge(s, run.out if keep else tmp_root)
+        try:
+            m = run.measure(str(folder), run.tune_rows, device=run.o.device)
+        finally:
+            if not keep:
+                shutil.rmtree(folder, ignore_errors=True)
+        rec = {"kind": "setting", "key": s.key(), "label": s.label(), "setting": s.to_dict(), "split": "tune",
+               **m, **extra, "seconds": round(time.perf_counter() - t0, 3)}
+        if keep:
+            rec["folder"] = str(folder)
+        run.record(rec)
+        tick(s.label(), time.perf_counter() - t0)
+        yield rec
+    return None
+
+
+def _holdout_records(run: _Run, tmp_root: Path, stopped: str | None, tick: _Ticker) -> Iterator[dict]:
+    """3. The recommended setting so far, merged again and measured on the held-out split (once; not
+    after a cancel, nor without a held-out split)."""
+    recommended = run.report()["recommended"]
+    key = recommended["key"]
+    if not run.hold_rows or key is None or stopped == "cancelled" or ("holdout", key, "holdout") in run.done:
+        return
+    s = Setting.from_dict(recommended["setting"])
+    t0 = time.perf_counter()
+    folder, _ = run.merge(s, tmp_root)
+    m = run.measure(str(folder), run.hold_rows, device=run.o.device)
+    shutil.rmtree(folder, ignore_errors=True)
+    rec = run.record({"kind": "holdout", "key": key, "label": s.label(), "setting": s.to_dict(), "split": "holdout",
+                      **m, "seconds": round(time.perf_counter() - t0, 3)})
+    tick(f"{s.label()} on the held-out split", time.perf_counter() - t0)
+    yield rec
+
+
+def _final_report(run: _Run, stopped: str | None) -> dict:
+    """The report of every record so far, with the run's facts, written to frontier.json / .md."""
+    o = run.o
+    report = run.report()
+    report.update(stopped=stopped, resumed=run.resumed, analysis=run.an_label, data=run.data_label,
+                  threads=run.threads, seconds=round(time.perf_counter() - run.t_start, 1),
+                  max_new_tokens=o.max_new_tokens, engine=run.engine)
+    write_report(report, run.out)
+    return {"kind": "report", **report}
 
 
 def _short(spec: str) -> str:
@@ -918,10 +1077,13 @@ def write_report(report: dict, out: str | os.PathLike) -> None:
         os.replace(tmp, out / name)
 
 
-def run_tune(*args, on_record: Callable[[dict], None] | None = None, **kwargs) -> dict:
-    """``iter_tune`` run to the end; returns the report (``frontier.json``). ``on_record`` sees every record."""
+def run_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: Sequence[Setting],
+             options: TuneOptions | None = None, *, on_record: Callable[[dict], None] | None = None,
+             **kwargs: Any) -> dict:
+    """``iter_tune`` run to the end; returns the report (``frontier.json``). ``on_record`` sees every record;
+    ``kwargs`` are ``TuneOptions`` fields (overriding ``options``) and ``iter_tune``'s progress arguments."""
     report: dict = {}
-    for rec in iter_tune(*args, **kwargs):
+    for rec in iter_tune(base, fts, out, settings, options, **kwargs):
         if on_record is not None:
             on_record(rec)
         if rec["kind"] == "report":

@@ -9,109 +9,145 @@ import json
 
 from acm.errors import InputError
 
+DESCRIPTION = (
+    "The grid is the paper's rule (--rules acm, the default) at each --ts, plus the plain method; --rules acm softmax "
+    "adds this project's softmax rule. Every setting of the grid is merged into a temporary folder, evaluated "
+    "greedily (same prompts and answer extraction as `acm eval`) on the tune split and removed unless --keep. "
+    "Results stream to OUT/tune.jsonl (a killed run resumes where it stopped); OUT/frontier.json and frontier.md "
+    "hold the Pareto frontier and the recommended setting, re-measured on a disjoint held-out split.")
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from acm.activations.similarity import keys_help
-    from acm.evaluation.engines import ENGINES
-    from acm.tune import (
-        DEFAULT_ACM_TS,
-        DEFAULT_HOLDOUT,
-        DEFAULT_SOFTMAX_TS,
-        DEFAULT_TOLERANCE,
-        MAX_SETTINGS,
-        OBJECTIVES,
-        TUNABLE_METHODS,
-    )
-
     p = subparsers.add_parser(
         "tune", help="sweep t (and the rule's switches, α, density, method): accuracy-vs-length frontier and a "
-                     "recommended setting",
-        description="The grid is the paper's rule (--rules acm, the default) at each --ts, plus the plain method; "
-                    "--rules acm softmax adds this project's softmax rule. Every setting of the grid is merged into a "
-                    "temporary folder, evaluated greedily (same "
-                    "prompts and answer extraction as `acm eval`) on the tune split and removed unless --keep. "
-                    "Results stream to OUT/tune.jsonl (a killed run resumes where it stopped); OUT/frontier.json "
-                    "and frontier.md hold the Pareto frontier and the recommended setting, re-measured on a "
-                    "disjoint held-out split.")
-    p.add_argument("--base", required=True, metavar="MODEL", help="base model: local folder or Hub id")
-    p.add_argument("--ft", action="append", required=True, metavar="MODEL", help="fine-tuned model; repeatable")
-    p.add_argument("--analysis", default=None, metavar="JSON",
+                     "recommended setting", description=DESCRIPTION)
+    _model_flags(p.add_argument_group("models and analysis"))
+    _problem_flags(p.add_argument_group("problems (tune and held-out splits)"))
+    _grid_flags(p.add_argument_group("grid: methods and their knobs"))
+    _rule_flags(p.add_argument_group("grid: coefficient rules"))
+    _objective_flags(p.add_argument_group("recommendation"))
+    _run_flags(p.add_argument_group("generation and the run"))
+    p.set_defaults(func=run)
+    return p
+
+
+def _model_flags(g) -> None:
+    g.add_argument("--base", required=True, metavar="MODEL", help="base model: local folder or Hub id")
+    g.add_argument("--ft", action="append", required=True, metavar="MODEL", help="fine-tuned model; repeatable")
+    g.add_argument("--analysis", default=None, metavar="JSON",
                    help="analysis from `acm analyze` (computed and saved there if the file does not exist; "
                         "default OUT/analysis.json)")
-    p.add_argument("--calibration", default=None, metavar="SRC",
+    g.add_argument("--calibration", default=None, metavar="SRC",
                    help="calibration for a computed analysis and for --against merged: bundled (default), a file "
                         "or a Hub dataset id")
-    p.add_argument("--samples", type=int, default=None, help="calibration prompts for a computed analysis")
-    p.add_argument("--data", default="bundled", metavar="SRC",
+    g.add_argument("--samples", type=int, default=None, help="calibration prompts for a computed analysis")
+
+
+def _problem_flags(g) -> None:
+    from acm.tune import DEFAULT_HOLDOUT
+
+    g.add_argument("--data", default="bundled", metavar="SRC",
                    help="evaluation set: bundled (default), a .jsonl/.json file or a Hub dataset id")
-    p.add_argument("--split", default="test", help="Hub dataset split (default test)")
-    p.add_argument("--field-question", default="question")
-    p.add_argument("--field-answer", default="answer")
-    p.add_argument("--limit", type=int, default=None,
+    g.add_argument("--split", default="test", help="Hub dataset split (default test)")
+    g.add_argument("--field-question", default="question")
+    g.add_argument("--field-answer", default="answer")
+    g.add_argument("--limit", type=int, default=None,
                    help="use N problems, drawn evenly over difficulty levels (seeded), before the holdout split")
-    p.add_argument("--methods", nargs="+", default=["ties"], metavar="M",
+    g.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT,
+                   help=f"share of problems held out to report the recommended setting (default {DEFAULT_HOLDOUT}; "
+                        "0 = none)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the problem split")
+
+
+def _grid_flags(g) -> None:
+    from acm.tune import MAX_SETTINGS, TUNABLE_METHODS
+
+    g.add_argument("--methods", nargs="+", default=["ties"], metavar="M",
                    help=f"{', '.join(TUNABLE_METHODS)} (default: ties)")
-    p.add_argument("--alphas", nargs="+", type=float, default=[0.7], metavar="A",
+    g.add_argument("--alphas", nargs="+", type=float, default=[0.7], metavar="A",
                    help="α values (default 0.7) of the plain merges, softmax and the acm rule's merged variants")
-    p.add_argument("--rules", nargs="+", default=["acm"], metavar="R",
+    g.add_argument("--densities", nargs="+", type=float, default=[0.7], metavar="D",
+                   help="TIES / Breadcrumbs density, DELLA mean keep probability (default 0.7)")
+    g.add_argument("--drop-rates", nargs="+", type=float, default=[0.3], metavar="P", help="DARE drop rate")
+    g.add_argument("--no-plain", action="store_true", help="do not include the plain method (λ = α) per point")
+    g.add_argument("--max-settings", type=int, default=MAX_SETTINGS,
+                   help=f"refuse grids larger than this (default {MAX_SETTINGS})")
+
+
+def _rule_flags(g) -> None:
+    from acm.activations.similarity import keys_help
+    from acm.tune import DEFAULT_ACM_TS, DEFAULT_SOFTMAX_TS
+
+    g.add_argument("--rules", nargs="+", default=["acm"], metavar="R",
                    help="coefficient rules to compare (acm.rules): acm (default) = the paper's rule, lambda_k = "
                         "1 - mean_j sigmoid(t*(MI_kj - max_j MI_kj)), theta = theta_0 + (1/N) sum lambda*tau "
                         "(arXiv 2505.14009, Eq. 2-3); softmax = this project's alternative rule (lambda from NMI, "
                         "CKA or cosine; --metrics); sigmoid = acm --against merged --applies merged-delta")
-    p.add_argument("--ts", nargs="+", type=float, default=None, metavar="T",
+    g.add_argument("--ts", nargs="+", type=float, default=None, metavar="T",
                    help=f"t values of every rule in --rules, each in its rule's range: acm t in [-3, 3] (default "
                         f"{' '.join(f'{t:g}' for t in DEFAULT_ACM_TS)}: the paper's 0.7 inside its ablation "
                         "0.5-0.9, and -1 as a contrast); softmax t >= 0 (default "
                         f"{' '.join(f'{t:g}' for t in DEFAULT_SOFTMAX_TS)}; t = 0 equals plain)")
-    p.add_argument("--softmax-ts", nargs="+", type=float, default=None, metavar="T",
+    g.add_argument("--softmax-ts", nargs="+", type=float, default=None, metavar="T",
                    help="t values of the softmax rule when they differ from --ts (e.g. --rules acm softmax "
                         "--ts 0.5 0.7 0.9 --softmax-ts 1 2 4)")
-    p.add_argument("--against", nargs="+", default=["fine-tuned"], metavar="fine-tuned|merged",
+    g.add_argument("--against", nargs="+", default=["fine-tuned"], metavar="fine-tuned|merged",
                    help="acm rule: MI of the base against each fine-tuned model (default; the paper's text) and/or "
                         "against a plain merge at each alpha (a public derivative of the authors' code; one extra "
                         "analysis per setting); several values are one grid dimension")
-    p.add_argument("--applies", nargs="+", default=["task-vectors"], metavar="task-vectors|merged-delta",
+    g.add_argument("--applies", nargs="+", default=["task-vectors"], metavar="task-vectors|merged-delta",
                    help="acm rule: lambda weights each task vector with 1/N (default; Eq. 3, no alpha) and/or "
                         "rescales a plain merge's delta from the base (the derivative; alpha kept)")
-    p.add_argument("--rule-estimators", nargs="+", default=["labels"], metavar="E",
+    g.add_argument("--rule-estimators", nargs="+", default=["labels"], metavar="E",
                    help="acm rule --against merged: per-sample MI estimators of that analysis: labels (default), "
                         "binned (--against fine-tuned uses the analysis file's estimator)")
-    p.add_argument("--thetas", nargs="+", type=float, default=None, metavar="T",
+    g.add_argument("--thetas", nargs="+", type=float, default=None, metavar="T",
                    help="deprecated: the old sigmoid rule's θ, now the acm rule's t values")
-    p.add_argument("--densities", nargs="+", type=float, default=[0.7], metavar="D",
-                   help="TIES / Breadcrumbs density, DELLA mean keep probability (default 0.7)")
-    p.add_argument("--drop-rates", nargs="+", type=float, default=[0.3], metavar="P", help="DARE drop rate")
-    p.add_argument("--metrics", nargs="+", default=None, metavar="M",
+    g.add_argument("--metrics", nargs="+", default=None, metavar="M",
                    help=f"softmax rule: similarity metric(s) that drive its λ, one grid dimension: {keys_help()} "
                         "(all computed in one analysis)")
-    p.add_argument("--no-plain", action="store_true", help="do not include the plain method (λ = α) per point")
-    p.add_argument("--max-settings", type=int, default=MAX_SETTINGS,
-                   help=f"refuse grids larger than this (default {MAX_SETTINGS})")
-    p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT,
-                   help=f"share of problems held out to report the recommended setting (default {DEFAULT_HOLDOUT}; "
-                        "0 = none)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the problem split")
-    p.add_argument("--objective", choices=OBJECTIVES, default="shortest",
+
+
+def _objective_flags(g) -> None:
+    from acm.tune import DEFAULT_TOLERANCE, OBJECTIVES
+
+    g.add_argument("--objective", choices=OBJECTIVES, default="shortest",
                    help="shortest (default): shortest answers with accuracy >= base and >= fine-tuned − tolerance; "
                         "acc-per-1k: accuracy per 1k answer tokens; max-accuracy")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+    g.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"accuracy (fraction) the recommendation may lose vs the fine-tuned model "
                         f"(default {DEFAULT_TOLERANCE})")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--no-chat-template", action="store_true")
-    p.add_argument("--budget-minutes", type=float, default=None, help="stop cleanly after this many minutes")
-    p.add_argument("--keep", action="store_true", help="keep every merged model under OUT/")
-    p.add_argument("--restart", action="store_true", help="discard OUT/tune.jsonl and start over")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
-    p.add_argument("--engine", choices=ENGINES, default="transformers",
+
+
+def _run_flags(g) -> None:
+    from acm.evaluation.engines import ENGINES
+
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--no-chat-template", action="store_true")
+    g.add_argument("--budget-minutes", type=float, default=None, help="stop cleanly after this many minutes")
+    g.add_argument("--keep", action="store_true", help="keep every merged model under OUT/")
+    g.add_argument("--restart", action="store_true", help="discard OUT/tune.jsonl and start over")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
+    g.add_argument("--engine", choices=ENGINES, default="transformers",
                    help="generation engine for every evaluation: transformers (default) or vllm (optional: pip "
                         "install vllm, needs a CUDA GPU; unverified, see README)")
-    p.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for models under 200 MB, else torch's default)")
-    p.add_argument("--out", required=True, metavar="DIR", help="run folder (tune.jsonl, frontier.json/.md)")
-    p.set_defaults(func=run)
-    return p
+    g.add_argument("--out", required=True, metavar="DIR", help="run folder (tune.jsonl, frontier.json/.md)")
+
+
+def options_from_args(args: argparse.Namespace):
+    """The ``acm.tune.TuneOptions`` of the command line."""
+    from acm.tune import TuneOptions
+
+    return TuneOptions(data=args.data, field_question=args.field_question, field_answer=args.field_answer,
+                       split=args.split, limit=args.limit, holdout=args.holdout, seed=args.seed,
+                       analysis=args.analysis, calibration=args.calibration, samples=args.samples,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       chat_template=not args.no_chat_template, objective=args.objective, tolerance=args.tolerance,
+                       keep=args.keep, restart=args.restart, budget_minutes=args.budget_minutes, device=args.device,
+                       threads=args.threads, engine=args.engine)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,9 +157,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.max_settings < 1:
         raise InputError(f"--max-settings must be at least 1, got {args.max_settings}")
-    from acm.evaluation.engines import check_engine
-
-    check_engine(args.engine, device=args.device)   # before the analysis or any merge
+    options = options_from_args(args)
+    options.validate()   # the engine among them: before the analysis or any merge
     with contextlib.suppress(Exception):   # one tqdm bar for the run, not one per model load (cosmetic)
         from transformers.utils import logging as hf_logging
 
@@ -133,20 +168,19 @@ def run(args: argparse.Namespace) -> int:
                        thetas=args.thetas, estimators=args.rule_estimators, max_settings=args.max_settings,
                        metrics=args.metrics)
     print(f"tune: {len(grid)} settings -> {args.out}/tune.jsonl (engine: {args.engine})")
+    report = run_tune(args.base, args.ft, args.out, grid, options, on_record=_show)
+    _print_outcome(report, args.out)
+    return 0
 
-    def show(rec: dict) -> None:
-        if rec["kind"] == "resumed":
-            print(f"resuming: {rec['done']} of {rec['of']} settings already done")
-        elif rec["kind"] in ("reference", "setting", "holdout"):
-            print(json.dumps({k: rec[k] for k in ("kind", "label", "split", "accuracy", "mean_length")}), flush=True)
 
-    report = run_tune(args.base, args.ft, args.out, grid, data=args.data, field_question=args.field_question,
-                      field_answer=args.field_answer, split=args.split, limit=args.limit, holdout=args.holdout,
-                      seed=args.seed, analysis=args.analysis, calibration=args.calibration, samples=args.samples,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      chat_template=not args.no_chat_template, objective=args.objective, tolerance=args.tolerance,
-                      keep=args.keep, restart=args.restart, budget_minutes=args.budget_minutes, device=args.device,
-                      threads=args.threads, engine=args.engine, on_record=show)
+def _show(rec: dict) -> None:
+    if rec["kind"] == "resumed":
+        print(f"resuming: {rec['done']} of {rec['of']} settings already done")
+    elif rec["kind"] in ("reference", "setting", "holdout"):
+        print(json.dumps({k: rec[k] for k in ("kind", "label", "split", "accuracy", "mean_length")}), flush=True)
+
+
+def _print_outcome(report: dict, out: str) -> None:
     rec = report["recommended"]
     if rec.get("key"):
         h = rec.get("holdout")
@@ -157,5 +191,4 @@ def run(args: argparse.Namespace) -> int:
     if report.get("stopped"):
         print(f"stopped early ({report['stopped']}): {report['done']} of {report['grid_size']} settings done; "
               "run the same command again to continue")
-    print(f"wrote {args.out}/frontier.json and frontier.md in {report['seconds']} s")
-    return 0
+    print(f"wrote {out}/frontier.json and frontier.md in {report['seconds']} s")
