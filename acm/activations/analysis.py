@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -48,7 +49,9 @@ import acm
 from acm.activations.calibration import (
     check_max_tokens,
     check_sampling,
+    cluster_select,
     describe_source,
+    embed_texts,
     encode,
     load_texts,
     pad_batches,
@@ -187,6 +190,7 @@ class _Fed:
     fed: list[tuple[list[int], str]]
     device: str
     dtype: str
+    clusters: list[int] | None = None      # each fed sample's k-means cluster (sample_info["clusters"])
 
     @property
     def ids(self) -> list[list[int]]:
@@ -205,9 +209,7 @@ def _load_base_and_select(base_src: ModelSource, texts: list[str], o: AnalysisOp
         check_finite_weights(model, "base model", base_src.spec)
         report(0.05, "selecting calibration samples")
         sel_progress = (lambda f, m: report(0.05 + 0.05 * f, m)) if progress else None
-        selected = select_samples(texts, model, tokenizer, clusters=o.clusters, fraction=o.fraction,
-                                  samples=o.samples, max_tokens=o.max_tokens, seed=o.seed,
-                                  batch_size=max(o.batch_size, 8), progress=sel_progress)
+        selected, labels = _select_with_clusters(texts, model, tokenizer, o, sel_progress)
     except ACMError:
         raise
     except Exception as exc:
@@ -219,7 +221,44 @@ def _load_base_and_select(base_src: ModelSource, texts: list[str], o: AnalysisOp
     fed = [(list(x), text) for x, text in zip(encoded, selected) if x]
     if not fed:
         raise InputError("every calibration text encoded to zero tokens")
-    return _Fed(model, tokenizer, fed, dev_name, model_dtype)
+    clusters = [int(c) for x, c in zip(encoded, labels) if x]
+    return _Fed(model, tokenizer, fed, dev_name, model_dtype, clusters)
+
+
+def _kmeans_labels(embeddings: np.ndarray, clusters: int, seed: int) -> np.ndarray:
+    """The k-means cluster of every text, fitted exactly as ``calibration.cluster_select`` fits it."""
+    from contextlib import nullcontext
+
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    x = np.nan_to_num(np.asarray(embeddings, dtype=np.float64))
+    k = max(1, min(int(clusters), len(x)))
+    if k == 1:
+        return np.zeros(len(x), dtype=int)
+    limit = threadpool_limits(1) if x.size <= 4_000_000 else nullcontext()
+    with warnings.catch_warnings(), limit:
+        warnings.simplefilter("ignore")
+        return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(x)
+
+
+def _select_with_clusters(texts: list[str], model, tokenizer, o: AnalysisOptions,
+                          progress: Progress | None) -> tuple[list[str], list[int]]:
+    """``select_samples`` that also returns each chosen text's cluster: λ against the sample count
+    (``acm.rules.bands``) redraws subsets per cluster as this step draws them."""
+    n = len(texts)
+    if not n or (o.samples is not None and o.samples >= n) or (o.samples is None and float(o.fraction) >= 1.0):
+        selected = select_samples(texts, model, tokenizer, clusters=o.clusters, fraction=o.fraction,
+                                  samples=o.samples, max_tokens=o.max_tokens, seed=o.seed)
+        return selected, [0] * len(selected)                  # everything kept: no clustering, one group
+    if progress:
+        progress(0.0, f"embedding {n} calibration texts for clustering")
+    emb = embed_texts(texts, model, tokenizer, max_tokens=o.max_tokens, batch_size=max(o.batch_size, 8))
+    idx = cluster_select(emb, clusters=o.clusters, fraction=o.fraction, samples=o.samples, seed=o.seed)
+    labels = _kmeans_labels(emb, o.clusters, o.seed)
+    if progress:
+        progress(1.0, f"selected {len(idx)} of {n} texts")
+    return [texts[i] for i in idx], [int(labels[i]) for i in idx]
 
 
 @dataclass
@@ -442,14 +481,17 @@ def _provenance(o: AnalysisOptions, keys: list[str], calibration, texts: list[st
     }
 
 
-def _sample_info(o: AnalysisOptions, est: _Estimators) -> dict:
+def _sample_info(o: AnalysisOptions, est: _Estimators, clusters: list[int] | None = None) -> dict:
     if est.samples is None:
         return {}
     e = est.samples.est
-    return {"estimator": est.sample_key, "unit": "nats", "points": est.points[0], "point_groups": est.points[1],
+    info = {"estimator": est.sample_key, "unit": "nats", "points": est.points[0], "point_groups": est.points[1],
             "tokens": list(est.samples.tokens), "max_values": e.max_values,
             "bins": int(o.bins) if est.sample_key == "binned" else None,
             "values_per_point": list(e.values_per_point), "seed": int(o.seed)}
+    if clusters is not None and len(clusters) == len(info["tokens"]):
+        info["clusters"] = list(clusters)                      # k-means cluster per sample (acm.rules.bands)
+    return info
 
 
 def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: str | list[str] | None,
@@ -491,7 +533,7 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     results = _results(ft_srcs, est)
     provenance = _provenance(o, keys, calibration, texts, fed, base_src, ft_srcs, compat, est, passes, stored, t_start)
     report(1.0, "analysis done")
-    return AnalysisResult(groups=est.names, models=results, provenance=provenance, sample_info=_sample_info(o, est),
+    return AnalysisResult(groups=est.names, models=results, provenance=provenance, sample_info=_sample_info(o, est, fed.clusters),
                           calibration=fed.fed)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 from acm.errors import InputError
 from acm.merging import methods as registry
@@ -30,6 +31,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--metric", default="nmi", metavar="NAME",
                    help=f"softmax rule: which similarity of the analysis drives lambda: {keys_help()}")
     p.add_argument("--format", choices=("json", "yaml"), default="json", help="json table or mergekit YAML")
+    p.add_argument("--bands", type=float, nargs="?", const=0.9, default=None, metavar="LEVEL",
+                   help="acm rule: bootstrap band of each lambda at this level (default 0.9 when given without a "
+                        "value; lambda_lo/lambda_hi per row) and the sample count at which lambda settles")
+    p.add_argument("--resamples", type=int, default=300, help="--bands: bootstrap resamples (default: 300)")
+    p.add_argument("--seed", type=int, default=0, help="--bands: seed of the resamples and subsets (default: 0)")
+    p.add_argument("--settle-tol", type=float, default=0.01,
+                   help="--bands: lambda counts as settled within this of its full-set value (default: 0.01)")
+    p.add_argument("--settle-seeds", type=int, default=5,
+                   help="--bands: subsets drawn per sample count (default: 5)")
     p.add_argument("--method", default="task_arithmetic",
                    help=f"YAML only: {', '.join(k for k in registry.ACM_METHODS)} (default: task_arithmetic); "
                         "a comment-only file says so when mergekit cannot reproduce the method")
@@ -59,6 +69,13 @@ def validate(args: argparse.Namespace) -> tuple[float | None, float | None] | No
             raise InputError(f"{name} must be finite, got {v}")
     if args.clip_min is not None and args.clip_max is not None and args.clip_min > args.clip_max:
         raise InputError(f"--clip-min {args.clip_min} is larger than --clip-max {args.clip_max}")
+    if args.bands is not None:
+        from acm.rules.bands import check_band_settings
+
+        try:
+            check_band_settings(args.bands, args.resamples, args.settle_tol, args.settle_seeds)
+        except InputError as exc:
+            raise InputError(f"--bands: {exc}") from None
     if args.density is not None and not (0 < args.density <= 1):
         raise InputError(f"--density must be in (0, 1], got {args.density}")
     if args.clip_min is None and args.clip_max is None:
@@ -85,5 +102,28 @@ def run(args: argparse.Namespace) -> int:
     else:
         table = coefficient_table(analysis, args.t, args.alpha, clip=clip, metric=args.metric, rule=args.rule)
         table["analysis"] = str(args.analysis)
+        lines = add_bands(table, analysis, args, clip) if args.bands is not None else []
         print(json.dumps(table, indent=2))
+        for line in lines:
+            print(line, file=sys.stderr)
     return 0
+
+
+def add_bands(table: dict, analysis, args: argparse.Namespace, clip) -> list[str]:
+    """Put the bootstrap band (per row ``lambda_lo``/``lambda_hi``, and ``bands``) and the settle count
+    (``settle``) into ``table``; return the human lines for stderr (stdout stays one JSON document)."""
+    from acm.rules.bands import NO_BAND, analysis_band, analysis_curve, supports_bands
+
+    if not supports_bands(args.rule):
+        table["bands"] = {"note": NO_BAND}
+        return [NO_BAND]
+    band = analysis_band(analysis, args.t, level=args.bands, resamples=args.resamples, seed=args.seed, clip=clip)
+    curve = analysis_curve(analysis, args.t, tol=args.settle_tol, seeds=args.settle_seeds, seed=args.seed, clip=clip)
+    for i, m in enumerate(table["models"]):
+        for k, row in enumerate(m["groups"]):
+            row["lambda_lo"], row["lambda_hi"] = float(band.lo[i, k]), float(band.hi[i, k])
+    info = band.to_dict()
+    table["bands"] = {k: v for k, v in info.items() if k not in ("lo", "hi")}
+    table["settle"] = curve.to_dict()
+    return [f"lambda {args.bands:.0%} band ({args.resamples} resamples of {band.samples} samples, seed {args.seed}): "
+            f"mean width {info['mean_width']:.4f}, widest {info['max_width']:.4f} at {info['widest']}", curve.line()]

@@ -150,6 +150,9 @@ class Coefficients:
                     "lambda": {str(m): [round(float(x), 6) for x in row] for m, row in zip(self.models, self.lambdas)},
                     "mi_mean": {str(m): [round(float(x), 6) for x in row]
                                 for m, row in zip(self.models, mi.mean(axis=-1))}})
+        from acm.rules.bands import analysis_band  # 90 % bootstrap band of λ, seeded (docs/calibration_bands.md)
+
+        out["band"] = analysis_band(a, p["t"], clip=p["clip"]).to_dict()
         return out
 
 
