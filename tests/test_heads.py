@@ -1,7 +1,7 @@
 """Tied and untied output heads in any mix, and the tokenizer a merged model is saved with.
 
 The paper's own pair mixes heads: Qwen2.5-Math-1.5B is tied (no ``lm_head.weight``),
-DeepSeek-R1-Distill-Qwen-1.5B untied. Formulas pinned here (README "The formulas"):
+DeepSeek-R1-Distill-Qwen-1.5B untied. Formulas pinned here (docs/formulas.md):
 merged head = base head + Σ λ_head·(headᵢ − base head), a tied model's head being its embedding;
 the input embedding uses λ_embed; untied output whenever any input has its own head.
 """

@@ -6,7 +6,7 @@ passes. A fixed-range joint histogram is exactly additive over batches (so strea
 big batch), needs O(groups·B²) memory whatever the calibration size, and is filled with one
 vectorised ``bincount`` per group and batch on the activations' own device.
 
-Estimator (this project's precise form, see README "The formulas"):
+Estimator (this project's precise form, see docs/formulas.md):
 
 * x = base activation, y = fine-tuned activation at the same (token, feature) position.
 * Each of x and y is binned into B equal-width bins over a range set from robust quantiles

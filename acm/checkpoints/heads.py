@@ -3,7 +3,7 @@
 Why a module of its own: the paper's own Long-to-Short pair mixes them. Qwen2.5-Math-1.5B ties
 its head to the input embedding (``tie_word_embeddings: true``, no ``lm_head.weight`` in the
 checkpoint) while DeepSeek-R1-Distill-Qwen-1.5B has its own ``lm_head.weight``. The rules
-(README "The formulas", docs/design.md "Tied heads"):
+(docs/formulas.md, docs/design.md "Tied heads"):
 
 * a tied model's head *is* its input embedding, so its head tensor is read from the embedding;
 * the merged model is untied as soon as any input has its own head: it gets a head tensor

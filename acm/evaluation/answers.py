@@ -8,7 +8,7 @@ cannot keep up with that.
 Why a fast path: the bundled world (and GSM8K) answers with a plain number at a fixed place
 ("A: 13", "So the answer is 13.", ``\\boxed{13}``). When the gold answer is a plain number and the
 reply ends its answer that way, the numbers are compared directly — the same verdict on all 900 demo
-replies compared, ~160× faster than math-verify on them (README "Evaluate"), and the bundled demo
+replies compared, ~160× faster than math-verify on them (docs/evaluation.md), and the bundled demo
 scores stay what they were.
 
 R1-style replies think first (``<think> … </think>``) and then answer: the answer is taken from
