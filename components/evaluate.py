@@ -86,8 +86,7 @@ def run_eval(state: SessionState, base: str | None, fts, *, data_mode: str | Non
     session's accuracy-vs-length scatter. Returns the ``acm.evaluation.evaluate.evaluate`` dict with ``kind``
     and ``label`` added per model.
     """
-    from acm.errors import InputError
-    from acm.evaluation.evaluate import evaluate, length_warning
+    from acm.evaluation.evaluate import length_warning
     from acm.evaluation.generation import check_max_new_tokens
 
     base, fts = validate_selection(base, fts)
@@ -97,7 +96,32 @@ def run_eval(state: SessionState, base: str | None, fts, *, data_mode: str | Non
     dec = decoding_options(decoding, temperature, top_p, samples, seed)
     setting = (path, limit, max_new_tokens, decoding or GREEDY, *(
         (dec.get("temperature"), dec.get("top_p"), dec["samples"], dec["seed"]) if decoding != GREEDY else ()))
-    wanted: list[tuple[str, str, str | None]] = []      # (kind, label, spec or None for merged)
+    wanted = _wanted(state, base, fts, include_sources)
+    results, to_run = _cached(state, wanted, setting)
+    if to_run:
+        loaded = _load_models(state, to_run, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                              progress=progress)
+        n = _evaluate_missing(state, to_run, loaded, results, path, limit=limit, max_new_tokens=max_new_tokens,
+                              batch_size=int(batch_size), dec=dec, progress=progress)
+    else:
+        n = next(iter(results.values())).get("n")
+    models_out = _record_points(state, wanted, results, setting, n)
+    result = {"data": data_label, "n": n, "limit": limit, "max_new_tokens": max_new_tokens,
+              "decoding": _decoding_label(decoding, dec), "samples_per_problem": dec["samples"], "models": models_out}
+    warning = length_warning(max_new_tokens, none_if_auto(device))
+    if warning:
+        result["warnings"] = [warning]
+    state.last_eval = result
+    if progress:
+        progress(1.0, "done")
+    return result
+
+
+def _wanted(state: SessionState, base: str, fts: list[str], include_sources: bool) -> list[tuple[str, str, str | None]]:
+    """(kind, label, spec or None for the merged model) of every model to show."""
+    from acm.errors import InputError
+
+    wanted: list[tuple[str, str, str | None]] = []
     if state.merged is not None:
         wanted.append(("merged", state.merged.label, None))
     if include_sources or state.merged is None:
@@ -106,34 +130,53 @@ def run_eval(state: SessionState, base: str | None, fts, *, data_mode: str | Non
         wanted.extend(("fine-tuned", lab, spec) for lab, spec in zip(labels[1:], fts))
     if not wanted:
         raise InputError("nothing to evaluate: merge first or tick “include the source models”")
-    cache = state.eval_cache
-    to_run, results = [], {}
+    return wanted
+
+
+def _cached(state: SessionState, wanted, setting: tuple) -> tuple[dict, list[tuple]]:
+    """(results found in the session's cache by label, (kind, label, spec, cache key) of those to run)."""
+    results, to_run = {}, []
     for kind, label, spec in wanted:
         key = (spec or f"merge:{state.merged.out_dir}", setting)
-        if key in cache:
-            results[label] = cache[key]
+        if key in state.eval_cache:
+            results[label] = state.eval_cache[key]
         else:
             to_run.append((kind, label, spec, key))
-    if to_run:
-        models = []
-        for k, (_kind, label, spec, _) in enumerate(to_run):
-            if progress:
-                progress(0.02 * k, f"loading {label}")
-            if spec is None:
-                models.append((label, state.merged.model, state.merged.tokenizer))
-            else:
-                model, tok = load_source_model(spec, device=none_if_auto(device), dtype=none_if_auto(dtype),
-                                               trust_remote_code=trust_remote_code)
-                models.append((label, model, tok))
-        data = preset_rows(path.split(":", 1)[1], limit) if path.startswith("preset:") else path
-        out = evaluate(models, data, limit=limit, max_new_tokens=max_new_tokens, batch_size=int(batch_size),
-                       progress=progress_callback(progress, (0.05, 1.0)), show_progress=False, **dec)
-        for (_kind, label, _spec, key), res in zip(to_run, out["models"]):
-            cache[key] = res
-            results[label] = res
-        n = out.get("n")
-    else:
-        n = next(iter(results.values())).get("n")
+    return results, to_run
+
+
+def _load_models(state: SessionState, to_run, *, device, dtype, trust_remote_code: bool, progress) -> list[tuple]:
+    """``(label, model, tokenizer)`` of each model to run: the session's merged model, or a source model loaded."""
+    models = []
+    for k, (_kind, label, spec, _) in enumerate(to_run):
+        if progress:
+            progress(0.02 * k, f"loading {label}")
+        if spec is None:
+            models.append((label, state.merged.model, state.merged.tokenizer))
+        else:
+            model, tok = load_source_model(spec, device=none_if_auto(device), dtype=none_if_auto(dtype),
+                                           trust_remote_code=trust_remote_code)
+            models.append((label, model, tok))
+    return models
+
+
+def _evaluate_missing(state: SessionState, to_run, models, results: dict, path: str, *, limit, max_new_tokens: int,
+                      batch_size: int, dec: dict, progress) -> int | None:
+    """Evaluate ``models`` in one call, cache and add their results; returns the number of problems."""
+    from acm.evaluation.evaluate import evaluate
+
+    data = preset_rows(path.split(":", 1)[1], limit) if path.startswith("preset:") else path
+    out = evaluate(models, data, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   progress=progress_callback(progress, (0.05, 1.0)), show_progress=False, **dec)
+    for (_kind, label, _spec, key), res in zip(to_run, out["models"]):
+        state.eval_cache[key] = res
+        results[label] = res
+    return out.get("n")
+
+
+def _record_points(state: SessionState, wanted, results: dict, setting: tuple, n) -> list[dict]:
+    """Each model's result with kind / label / model added; its scatter point replaces the session's
+    earlier one of the same label and setting."""
     models_out = []
     for kind, label, spec in wanted:
         res = dict(results[label])
@@ -145,15 +188,7 @@ def run_eval(state: SessionState, base: str | None, fts, *, data_mode: str | Non
                  "truncated_in_thinking": res.get("truncated_in_thinking", 0), "replies": res.get("replies")}
         state.eval_points = [p for p in state.eval_points if not (p["label"] == label and p["setting"] == setting)]
         state.eval_points.append(point)
-    result = {"data": data_label, "n": n, "limit": limit, "max_new_tokens": max_new_tokens,
-              "decoding": _decoding_label(decoding, dec), "samples_per_problem": dec["samples"], "models": models_out}
-    warning = length_warning(max_new_tokens, none_if_auto(device))
-    if warning:
-        result["warnings"] = [warning]
-    state.last_eval = result
-    if progress:
-        progress(1.0, "done")
-    return result
+    return models_out
 
 
 def _decoding_label(decoding: str | None, dec: dict) -> str:

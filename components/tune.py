@@ -231,24 +231,25 @@ def iter_tune_ui(state: SessionState, base: str | None, fts, *, methods=None, al
     ``ts`` are the paper's rule's t values (−3…3), ``softmax_ts`` the softmax rule's (≥ 0); ``rules``
     picks which run (default: the paper's), ``against`` / ``applies`` its switches (each a grid dimension).
     """
-    from acm.tune import build_report, iter_tune
+    from acm.tune import TuneOptions, build_report, iter_tune
 
     base, fts = validate_selection(base, fts)
     grid = _grid(methods, alphas, ts, densities, drop_rates, plain, rules, softmax_ts, against, applies)
+    options = TuneOptions(data=_eval_path(upload), limit=int(limit) if limit else None, holdout=float(holdout),
+                          max_new_tokens=int(max_new_tokens), objective=objective, tolerance=float(tolerance),
+                          device=none_if_auto(device))
+    options.validate()   # cheap checks before the analysis
     analysis, grid = _analysis_for(state, grid, base, fts, device=device, dtype=dtype,
                                    trust_remote_code=trust_remote_code, progress=progress)
     tune = _tune(state)
     tune["runs"] += 1
     out = state.subdir("tune") / f"run-{tune['runs']:02d}"
     tune.update(records=[], report=None, grid=grid, cancel=False, out=out, base=base, fts=fts)
-    kwargs = {"data": _eval_path(upload), "limit": int(limit) if limit else None, "holdout": float(holdout),
-              "analysis": analysis, "max_new_tokens": int(max_new_tokens), "objective": objective,
-              "tolerance": float(tolerance), "device": none_if_auto(device), "show_progress": False,
-              "progress": progress, "should_stop": lambda: tune.get("cancel", False)}
     report = build_report([], grid, objective=objective, tolerance=float(tolerance))
     tune["report"] = report
     yield tune["records"], report, True
-    for rec in iter_tune(base, fts, out, grid, **kwargs):
+    for rec in iter_tune(base, fts, out, grid, replace(options, analysis=analysis), show_progress=False,
+                         progress=progress, should_stop=lambda: tune.get("cancel", False)):
         if rec["kind"] == "report":
             report = {k: v for k, v in rec.items() if k != "kind"}
             tune["report"] = report

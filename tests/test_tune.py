@@ -20,8 +20,10 @@ from acm.errors import InputError
 from acm.tune import (
     MAX_SETTINGS,
     Setting,
+    TuneOptions,
     build_report,
     expand_grid,
+    iter_tune,
     pareto_front,
     read_results,
     recommend,
@@ -224,6 +226,62 @@ def test_budget_and_should_stop_end_cleanly(tmp_path, analysis_file):
                       max_new_tokens=8, show_progress=False, budget_minutes=1e-6)
     assert report["stopped"] == "budget" and report["done"] == 0
     assert "0 of 3 settings done (stopped: budget)" in (tmp_path / "b" / "frontier.md").read_text()
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"objective": "longest"}, "unknown objective 'longest'"),
+    ({"tolerance": 1.5}, "--tolerance must be in [0, 1]"),
+    ({"tolerance": float("nan")}, "--tolerance must be in [0, 1]"),
+    ({"budget_minutes": 0}, "--budget-minutes must be > 0"),
+    ({"max_new_tokens": 0}, "max new tokens and batch size must be >= 1"),
+    ({"batch_size": 0}, "max new tokens and batch size must be >= 1"),
+    ({"engine": "magic"}, "unknown engine 'magic'"),
+])
+def test_tune_options_give_the_same_one_line_errors_as_keywords(kwargs, fragment, tmp_path):
+    with pytest.raises(InputError) as by_options:
+        TuneOptions(**kwargs).validate()
+    with pytest.raises(InputError) as by_keywords:
+        next(iter_tune(str(BASE), [str(LONG)], tmp_path, [Setting("ties", 0.7, density=0.7)], **kwargs))
+    assert fragment in str(by_options.value) and "\n" not in str(by_options.value)
+    assert str(by_keywords.value) == str(by_options.value)
+    assert not (tmp_path / "tune.jsonl").exists()      # refused before anything is written
+
+
+def test_keywords_override_the_options_object(tmp_path):
+    grid = [Setting("ties", 0.7, density=0.7)]
+    with pytest.raises(InputError, match="--tolerance"):   # objective fixed by the keyword, tolerance overridden
+        next(iter_tune(str(BASE), [str(LONG)], tmp_path, grid, TuneOptions(objective="nope"),
+                       objective="max-accuracy", tolerance=2.0))
+    with pytest.raises(TypeError):
+        next(iter_tune(str(BASE), [str(LONG)], tmp_path, grid, no_such_option=1))
+    assert TuneOptions().validate() == "transformers"
+
+
+def test_cli_defaults_are_the_library_defaults():
+    from acm.cli import build_parser
+    from acm.commands.tune import options_from_args
+
+    args = build_parser().parse_args(["tune", "--base", "b", "--ft", "f", "--out", "o"])
+    assert options_from_args(args) == TuneOptions()
+
+
+@needs_demo
+def test_options_object_and_keywords_make_the_same_run(tmp_path, analysis_file):
+    grid = expand_grid(["ta"], [0.7], [1], [], rules=["softmax"])
+    kw = {"limit": 4, "holdout": 0.5, "analysis": analysis_file, "max_new_tokens": 8, "objective": "max-accuracy"}
+    by_kw = run_tune(str(BASE), [str(LONG)], tmp_path / "kw", grid, show_progress=False, **kw)
+    by_opts = run_tune(str(BASE), [str(LONG)], tmp_path / "opts", grid, TuneOptions(**kw), show_progress=False)
+
+    def same(report):
+        return {k: v for k, v in report.items() if k not in ("seconds", "settings")}, \
+            [{k: v for k, v in s.items() if k != "seconds"} for s in report["settings"]]
+    assert same(by_kw) == same(by_opts) and by_kw["recommended"].get("holdout")
+    strip = [[{k: v for k, v in r.items() if k not in ("seconds", "started")} for r in
+              read_results(tmp_path / d / "tune.jsonl")] for d in ("kw", "opts")]
+    assert strip[0] == strip[1]
 
 
 @needs_demo

@@ -110,7 +110,7 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
     ``sweep.json`` / ``table.md`` of the README are built from them.
     """
     from acm.evaluation.evaluate import load_data
-    from acm.tune import Setting, run_tune
+    from acm.tune import Setting, TuneOptions, run_tune
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -126,9 +126,9 @@ def run_sweep(out: Path, *, base: Path = BASE, long: Path = LONG, calibration: P
             print(json.dumps({k: rec[k] for k in ("label", "accuracy", "mean_length")}, ensure_ascii=False),
                   flush=True)
 
-    report = run_tune(str(base), [str(long)], out, grid, data=rows_in, holdout=0.0, analysis=out / "analysis.json",
-                      calibration=str(calibration), samples=samples, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size, threads=threads, show_progress=False, on_record=show)
+    options = TuneOptions(data=rows_in, holdout=0.0, analysis=out / "analysis.json", calibration=str(calibration),
+                          samples=samples, max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads)
+    report = run_tune(str(base), [str(long)], out, grid, options, show_progress=False, on_record=show)
     from acm.tune import read_results
 
     done = {(r["kind"], r["key"]): r for r in read_results(out / "tune.jsonl") if r.get("kind") != "run"}
