@@ -42,7 +42,7 @@ RULE_CHOICES = [("ACM — the paper's rule (Eq. 2–3)", "acm"),
 DEFAULT_T = PAPER_T
 ACM_T_STEP = 0.05
 ACM_T_GRID = tuple(ABLATION_TS)               # the several-t view: the paper's ablation (its Figure 4)
-# The softmax rule (ours) keeps its own t range, default and several-t grid (README "Demo results").
+# The softmax rule (ours) keeps its own t range, default and several-t grid (docs/demo_results.md).
 T_MAX = 40.0
 SOFTMAX_T = 1.0
 SOFTMAX_T_STEP = 0.5
@@ -415,7 +415,9 @@ def acm_view(analysis, t: float, clip, *, multi: bool = True):
     series = [{"label": lab, "mi": [g["mi_mean"] for g in m["groups"]], "lambdas": [g["lambda"] for g in m["groups"]]}
               for lab, m in zip(labels, table["models"])]
     live = {"t0": float(ts[0]), "step": ACM_T_STEP, "lambdas": grid}
-    coef_fig = plots.acm_coefficient_figure(keys, points, series, t=t, n_models=len(labels), clip=clip, live=live)
+    band = band_of(analysis, t, clip, table)
+    coef_fig = plots.acm_coefficient_figure(keys, points, series, t=t, n_models=len(labels), clip=clip, live=live,
+                                            band=band)
     if not multi:
         return coef_fig, None, table
     few = _clip_arr(acm_curve(analysis, list(ACM_T_GRID)), clip)    # [len(ACM_T_GRID), models, points]
@@ -427,6 +429,86 @@ def acm_view(analysis, t: float, clip, *, multi: bool = True):
     return coef_fig, multi_fig, table
 
 
+def band_of(analysis, t: float, clip, table: dict | None = None) -> dict:
+    """The acm rule's bootstrap band at t (``acm.rules.bands``, seeded: 90 %, 300 resamples) for the chart;
+    also written into ``table`` (``lambda_lo``/``lambda_hi`` per row, ``bands``) when given."""
+    from acm.rules.bands import analysis_band
+
+    b = analysis_band(analysis, t, clip=clip)
+    info = b.to_dict()
+    if table is not None:
+        for i, m in enumerate(table.get("models") or []):
+            for k, row in enumerate(m["groups"]):
+                row["lambda_lo"], row["lambda_hi"] = float(b.lo[i, k]), float(b.hi[i, k])
+        table["bands"] = {k: v for k, v in info.items() if k not in ("lo", "hi")}
+    return {"level": b.level, "resamples": b.resamples, "samples": b.samples, "lo": b.lo.tolist(), "hi": b.hi.tolist()}
+
+
+def count_view(analysis, t: float, clip=None):
+    """(λ-vs-sample-count chart, settle line) of the acm rule; the one line instead when it cannot be drawn."""
+    from acm.rules.bands import analysis_curve
+
+    line = old_file_line(analysis)
+    if line:
+        return plots.empty_figure(line, height=240), line
+    c = analysis_curve(analysis, t, clip=clip)
+    per_model = [{"label": lab, "mean": c.lambdas[:, :, i].mean(axis=1), "min": c.lambdas[:, :, i].min(axis=1),
+                  "max": c.lambdas[:, :, i].max(axis=1)} for i, lab in enumerate(model_labels(analysis))]
+    fig = plots.sample_count_figure(c.counts, c.keys, per_model, settle=c.settle, tol=c.tol, t=c.t,
+                                    clustered=c.clustered)
+    return fig, c.line()
+
+
+def settle_markdown(analysis, t: float | None) -> str:
+    """The summary's line "coefficients settle at ≈ N samples" (acm rule; empty for an old file)."""
+    from acm.rules.bands import analysis_curve
+
+    if old_file_line(analysis):
+        return ""
+    return f"- λ vs samples: {analysis_curve(analysis, DEFAULT_T if t is None else t).line()}"
+
+
+def compare_view(analysis, other, t: float, clip=None, labels: tuple[str, str] = ("this set", "second set")):
+    """(chart, markdown): λ of two analyses of the same pair on different calibration sets, with bands,
+    and the largest |Δλ| per group (the reviewers' "quality of the calibration data" question)."""
+    from acm.rules.bands import analysis_band, compare
+
+    for a in (analysis, other):
+        line = old_file_line(a)
+        if line:
+            return plots.empty_figure(line, height=240), line
+    bands = [analysis_band(a, t, clip=clip) for a in (analysis, other)]
+    cmp = compare(*bands)
+    sets = [{"label": f"{lab} ({b.samples} samples)", "lam": b.lam[0], "lo": b.lo[0], "hi": b.hi[0],
+             "level": b.level, "resamples": b.resamples, "samples": b.samples} for lab, b in zip(labels, bands)]
+    fig = plots.compare_bands_figure(cmp["keys"], sets, cmp["max_diff"], t=t)
+    apart = [k for k, ok in zip(cmp["keys"], cmp["overlap"]) if not ok]
+    md = (f"Largest |Δλ| at **{cmp['largest']}**: {cmp['largest_diff']:.4f} (t = {t:g}); "
+          + (f"bands disjoint at {', '.join(apart)}: the sets disagree beyond resampling noise there"
+             if apart else "the bands overlap at every group: the difference is within resampling noise"))
+    if len(bands[0].models) > 1:
+        md += f" · chart: {model_labels(analysis)[0]}; |Δλ| over all fine-tuned models"
+    return fig, md
+
+
+def load_second_analysis(state: SessionState, path: str | None, t=DEFAULT_T, clip_min=None, clip_max=None):
+    """Compare the current analysis with an uploaded one (same pair, another calibration set)."""
+    from acm.activations.result import AnalysisResult
+    from acm.errors import InputError
+
+    if state.analysis is None:
+        raise InputError("run “Analyse” (or upload an analysis) first: the second set is compared with it")
+    if not path:
+        raise InputError("no analysis file given")
+    other = AnalysisResult.load(str(uploaded_file(path, "analysis file")))
+    src = lambda a: ((a.provenance or {}).get("calibration") or {}).get("source") or "?"  # noqa: E731
+    labels = (f"current: {Path(str(src(state.analysis))).name}", f"uploaded: {Path(str(src(other))).name}")
+    t = rule_t("acm", t if t is not None else DEFAULT_T)
+    fig, md = compare_view(state.analysis, other, t, _clip(clip_min, clip_max), labels)
+    state.figures["calibration_compare"] = fig
+    return fig, md
+
+
 def softmax_view(analysis, t: float, alpha: float, clip, metric: str, *, multi: bool = True):
     """(λ curve, several-t view, table) of this project's softmax rule over the chosen similarity."""
     import numpy as np
@@ -435,7 +517,10 @@ def softmax_view(analysis, t: float, alpha: float, clip, metric: str, *, multi: 
     from acm.rules.coefficients import coefficient_table, lambdas
 
     label = "NMI" if metric == "nmi" else metric_label(metric)
+    from acm.rules.bands import NO_BAND
+
     table = coefficient_table(analysis, t, alpha, clip=clip, metric=metric, rule="softmax")
+    table["bands"] = {"note": NO_BAND}                     # the one line: softmax keeps no per-sample values
     labels = model_labels(analysis)
     sim = analysis.similarity_matrix(metric)
     ts = np.round(np.arange(0.0, T_MAX + SOFTMAX_T_STEP / 2, SOFTMAX_T_STEP), 4)
@@ -482,7 +567,7 @@ def coefficient_view(state: SessionState, t: float | None, alpha: float | None =
 
 
 def summary_markdown(analysis, *, cached: bool = False, seconds: float | None = None,
-                     calibration_label: str | None = None, shared: dict | None = None) -> str:
+                     calibration_label: str | None = None, shared: dict | None = None, t: float | None = None) -> str:
     prov = getattr(analysis, "provenance", {}) or {}
     cal = prov.get("calibration") or {}
     n = cal.get("size") or cal.get("samples") or cal.get("n")
@@ -515,6 +600,8 @@ def summary_markdown(analysis, *, cached: bool = False, seconds: float | None = 
                          f"({vals[hi]:.3f})")
     if line:
         lines.append(f"- ⚠ {line}")
+    else:
+        lines.append(settle_markdown(analysis, t))
     return "\n".join(lines)
 
 
@@ -593,6 +680,18 @@ def build() -> SimpleNamespace:
                         show_label=False, elem_id="coef-plot")
     multi_plot = gr.Plot(plots.empty_figure("Several t at once"), label="Several t at once", show_label=False,
                          elem_id="multi-plot")
+    count_plot = gr.Plot(plots.empty_figure("λ against the number of calibration samples appears here", height=240),
+                         label="λ vs samples", show_label=False, elem_id="count-plot")
+    count_line = gr.Markdown("", elem_id="settle-line", elem_classes=["muted"])
+    with gr.Accordion("Compare two calibration sets", open=False, elem_id="compare-accordion"):
+        gr.Markdown("Analyse the same pair on another calibration set (here with another set, then “Download "
+                    "analysis JSON”, or `acm analyze --calibration …`) and upload that analysis: λ of both sets "
+                    "with their 90 % bootstrap bands on one chart, and the largest |Δλ| per group.")
+        compare_upload = gr.UploadButton("Upload a second analysis JSON", file_types=[".json"], variant="secondary",
+                                         elem_id="compare-upload")
+        compare_plot = gr.Plot(plots.empty_figure("Upload a second analysis of the same pair", height=240),
+                               label="Two calibration sets", show_label=False, elem_id="compare-plot")
+        compare_line = gr.Markdown("", elem_id="compare-line")
     with gr.Accordion("λ table (JSON)", open=False):
         table = gr.JSON(label="coefficient table", elem_id="coef-table")
     with gr.Row():
@@ -604,7 +703,9 @@ def build() -> SimpleNamespace:
                            bins=bins, batch_size=batch_size, seed=seed, chat_template=chat_template,
                            nmi_plot=nmi_plot, tokens_plot=tokens_plot, tokens_line=tokens_line, t=t, alpha=alpha,
                            clip_min=clip_min, clip_max=clip_max, coef_plot=coef_plot, multi_plot=multi_plot,
-                           table=table, download=download, cal_download=cal_download, upload=upload)
+                           table=table, download=download, cal_download=cal_download, upload=upload,
+                           count_plot=count_plot, count_line=count_line, compare_upload=compare_upload,
+                           compare_plot=compare_plot, compare_line=compare_line)
 
 
 def rule_controls(rule: str | None):
@@ -625,6 +726,17 @@ def extras(state: SessionState):
     state.figures["mi_vs_tokens"] = fig
     path = calibration_download(state)
     return fig, line, gr.update(value=path, visible=path is not None)
+
+
+def count_extras(state: SessionState):
+    """After an analysis or an upload: λ against the sample count at the current t, and the settle line."""
+    if state.analysis is None:
+        return plots.empty_figure(NO_ANALYSIS, height=240), ""
+    view = state.coef_view or {}
+    fig, line = count_view(state.analysis, view.get("t", DEFAULT_T) if view.get("rule", "acm") == "acm" else DEFAULT_T,
+                           view.get("clip") if view.get("rule", "acm") == "acm" else None)
+    state.figures["lambda_vs_samples"] = fig
+    return fig, line
 
 
 def wire(ui) -> None:
@@ -655,7 +767,8 @@ def wire(ui) -> None:
         top = layer_view(res, rule, state.coef_view["metric"])
         state.figures["per_layer"] = top
         md = summary_markdown(res, cached=out["cached"], seconds=out["seconds"],
-                              calibration_label=out["calibration"]["label"], shared=out.get("shared"))
+                              calibration_label=out["calibration"]["label"], shared=out.get("shared"),
+                              t=t if rule == "acm" else None)
         return md, top, coef_fig, multi_fig, table, save_analysis(state)
 
     def admit_analysis():
@@ -675,6 +788,11 @@ def wire(ui) -> None:
     for event in (analyse_event, upload_event):
         event.success(ui_errors(extras, warm=False), [ui.state], [a.tokens_plot, a.tokens_line, a.cal_download],
                       queue=False, api_visibility="private", show_progress="hidden")
+        event.success(ui_errors(count_extras, warm=False), [ui.state], [a.count_plot, a.count_line],
+                      queue=False, api_visibility="private", show_progress="hidden")
+    a.compare_upload.upload(ui_errors(load_second_analysis),
+                            [ui.state, a.compare_upload, a.t, a.clip_min, a.clip_max],
+                            [a.compare_plot, a.compare_line], api_name="compare_calibration")
     _wire_coefficients(ui, coef_inputs)
     _wire_driver(ui, coef_inputs, [analyse_event, upload_event])
     ui.analysis_events = [analyse_event, upload_event]
@@ -691,7 +809,8 @@ def _wire_upload(ui, outputs):
         coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max, metric=metric, rule=rule)
         top = layer_view(res, rule, state.coef_view["metric"])
         state.figures["per_layer"] = top
-        md = summary_markdown(res, calibration_label=None) + "\n\n_Loaded from an uploaded file._"
+        md = summary_markdown(res, calibration_label=None, t=t if rule == "acm" else None) + \
+            "\n\n_Loaded from an uploaded file._"
         line = old_file_line(res)
         if line and rule == "acm":
             warn(line)

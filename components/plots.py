@@ -252,7 +252,7 @@ def sample_mi_figure(keys: Sequence[str], points: Sequence[str], series: Sequenc
 
 def acm_coefficient_figure(keys: Sequence[str], points: Sequence[str], series: Sequence[dict], *, t: float,
                            n_models: int, clip: tuple[float | None, float | None] | None = None,
-                           live: dict | None = None) -> PlotSpec:
+                           live: dict | None = None, band: dict | None = None) -> PlotSpec:
     """The paper's λₖ(t) (Eq. 2) per λ key for each fine-tuned model, with λ = ½ (t = 0) dashed.
 
     ``series``: ``[{"label", "mi": [K] (mean per-sample MI), "lambdas": [K]}]``; the merge weights
@@ -273,7 +273,86 @@ def acm_coefficient_figure(keys: Sequence[str], points: Sequence[str], series: S
     spec = PlotSpec(data, _layout(f"The paper's rule: λₖ(t) at t = {t:g} (Eq. 2; weight λ/N per task vector, Eq. 3)",
                                   xaxis=_category(keys, "λ key (layer group)"),
                                   yaxis=_axis("λ (½ at t = 0)"), shapes=shapes))
+    spec.data += band_traces(keys, series, band)         # after the λ lines: the live redraw's indices stay
     return attach_live(spec, live, traces=list(range(1, 1 + len(series))), t=t)
+
+
+def band_traces(keys: Sequence[str], series: Sequence[dict], band: dict | None, *, offset: int = 0,
+                name: str = "") -> list[dict]:
+    """Shaded bootstrap bands of λ (``acm.rules.bands``): one filled polygon per series.
+
+    ``band``: ``{"level", "resamples", "samples", "lo": [[K] per series], "hi": [...]}`` or None.
+    """
+    if not band:
+        return []
+    out = []
+    for i, (s, lo, hi) in enumerate(zip(series, band["lo"], band["hi"])):
+        color = model_color(i + offset)
+        out.append({"type": "scatter", "mode": "lines", "x": [*keys, *reversed(keys)],
+                    "y": [*_f(hi), *reversed(_f(lo))], "fill": "toself", "fillcolor": _rgba(color, 0.18),
+                    "line": {"width": 0, "color": color}, "hoverinfo": "skip", "legendgroup": f"band{i + offset}",
+                    "name": f"{name or s['label']}: {band['level']:.0%} band ({band['resamples']} resamples "
+                            f"of {band['samples']} samples)"})
+    return out
+
+
+def sample_count_figure(counts: Sequence[int], keys: Sequence[str], per_model: Sequence[dict], *, settle: int,
+                        tol: float, t: float, clustered: bool = True) -> PlotSpec:
+    """λ per λ key against the number of calibration samples (mean over seeds as a line, the seeds'
+    min–max on hover), with the count from which every λ stays within ``tol`` of its full-set value.
+
+    ``per_model``: ``[{"label", "mean": [C][K], "min": [C][K], "max": [C][K]}]``.
+    """
+    import numpy as np
+
+    data = []
+    dashes = ["solid", "dash", "dot"]
+    for m, pm in enumerate(per_model):
+        mean, lo, hi = (np.asarray(pm[k], dtype=np.float64) for k in ("mean", "min", "max"))
+        for k, key in enumerate(keys):
+            color = T_COLORS[k * (len(T_COLORS) - 1) // max(1, len(keys) - 1)]
+            data.append({"type": "scatter", "mode": "lines+markers", "x": list(map(int, counts)), "y": _f(mean[:, k]),
+                         "name": key + (f" · {pm['label']}" if len(per_model) > 1 else ""),
+                         "line": {"color": color, "width": 1.8, "dash": dashes[m % len(dashes)]},
+                         "marker": {"size": 4}, "customdata": [[float(a), float(b)] for a, b in zip(lo[:, k], hi[:, k])],
+                         "hovertemplate": f"<b>{key}</b><br>%{{x}} samples<br>λ %{{y:.4f}} (seeds %{{customdata[0]:.4f}}"
+                                          "–%{customdata[1]:.4f})<extra></extra>"})
+    how = "per k-means cluster" if clustered else "uniformly"
+    shapes = [{"type": "line", "xref": "x", "x0": settle, "x1": settle, "yref": "paper", "y0": 0, "y1": 1,
+               "line": {"color": PLAIN_COLOR, "width": 1.5, "dash": "dash"}}]
+    notes = [{"x": settle, "y": 1.0, "xref": "x", "yref": "paper", "text": f"settles at ≈ {settle} (±{tol:g})",
+              "showarrow": False, "xanchor": "left", "yanchor": "top", "font": {"size": 12}}]
+    layout = _layout(f"λ against the number of calibration samples (t = {t:g}; subsets drawn {how})",
+                     xaxis=_axis("calibration samples", type="log" if max(counts) > 30 else "linear"),
+                     yaxis=_axis("λ"), shapes=shapes, annotations=notes, height=380)
+    layout["legend"] = {"orientation": "h", "yanchor": "top", "y": -0.2, "xanchor": "left", "x": 0.0}
+    layout["margin"] = {"l": 56, "r": 16, "t": 48, "b": 96}
+    return PlotSpec(data, layout)
+
+
+def compare_bands_figure(keys: Sequence[str], sets: Sequence[dict], diff: Sequence[float], *, t: float) -> PlotSpec:
+    """Two calibration sets on one chart: λ of each with its band, and the largest |λa − λb| per group
+    as bars on a second axis. ``sets``: ``[{"label", "lam": [K], "lo": [K], "hi": [K], "level", "resamples",
+    "samples"}]`` (one fine-tuned model's view per set, or the mean over models)."""
+    data = []
+    for i, s in enumerate(sets):
+        band = {"level": s["level"], "resamples": s["resamples"], "samples": s["samples"], "lo": [s["lo"]],
+                "hi": [s["hi"]]}
+        data += band_traces(keys, [s], band, offset=i)
+        data.append({"type": "scatter", "mode": "lines+markers", "x": list(keys), "y": _f(s["lam"]),
+                     "name": f"λ · {s['label']}", "line": {"color": model_color(i), "width": 2.5},
+                     "marker": {"size": 7}, "hovertemplate": f"<b>%{{x}}</b><br>{s['label']}<br>λ %{{y:.4f}}"
+                                                             "<extra></extra>"})
+    data.append({"type": "bar", "x": list(keys), "y": _f(diff), "yaxis": "y2", "name": "largest |Δλ| per group",
+                 "marker": {"color": _rgba(PLAIN_COLOR, 0.35)}, "hovertemplate": "<b>%{x}</b><br>|Δλ| %{y:.4f}"
+                                                                                "<extra></extra>"})
+    layout = _layout(f"Two calibration sets: λ at t = {t:g} with bootstrap bands, and their difference",
+                     xaxis=_category(keys, "λ key (layer group)"), yaxis=_axis("λ"),
+                     yaxis2=_axis("largest |Δλ|", overlaying="y", side="right", showgrid=False, rangemode="tozero"),
+                     height=400, barmode="overlay")
+    layout["legend"] = {"orientation": "h", "yanchor": "top", "y": -0.2, "xanchor": "left", "x": 0.0}
+    layout["margin"] = {"l": 56, "r": 56, "t": 48, "b": 96}
+    return PlotSpec(data, layout)
 
 
 def mi_tokens_figure(series: Sequence[dict], *, summary: str = "") -> PlotSpec:

@@ -288,3 +288,45 @@ def test_chat_label_chips_never_cover_the_messages(browser, server, tmp_path):
         if c["first_user"]:                             # scrolled to the top: the first message is below the chip
             assert c["chip"]["bottom"] <= c["first_user"]["top"], c
     page.close()
+
+
+BAND_TRACES = """() => {
+  const gd = document.querySelector('#coef-plot .js-plotly-plot');
+  return gd.data.filter(d => d.fill === 'toself').map(d => ({name: d.name, y: d.y}));
+}"""
+COUNT_TRACES = "() => document.querySelector('#count-plot .js-plotly-plot').data.map(d => ({x: d.x, y: d.y}))"
+
+
+def test_analyse_shows_lambda_with_its_band_and_the_sample_count_chart(browser, server, tmp_path):
+    """Issue 23: on the demo pair the λ curve carries its 90 % bootstrap band, the λ-vs-sample-count
+    chart is drawn, and the settle line names the count."""
+    url, *_ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    page.get_by_role("button", name="Check compatibility").wait_for(state="visible", timeout=60_000)
+    page.get_by_role("tab", name="3 · Analyse").click()
+    page.locator("#analyse-btn").click()
+    try:
+        page.locator("#analysis-summary").get_by_text("Analysis ready").wait_for(timeout=120_000)
+        page.locator("#settle-line").get_by_text("coefficients ").wait_for(timeout=30_000)
+        page.locator("#count-plot .main-svg").first.wait_for(timeout=30_000)
+    except Exception:
+        save_shot(page, tmp_path, "failed_bands.png")
+        raise
+    bands = page.evaluate(BAND_TRACES)
+    curve = page.evaluate(CURVE)
+    counts = page.evaluate(COUNT_TRACES)
+    settle = page.locator("#settle-line").inner_text()
+    summary = page.locator("#analysis-summary").inner_text()
+    save_shot(page, tmp_path, "05_bands.png")
+    assert len(bands) == 1 and "90% band" in bands[0]["name"]
+    k = len(curve)
+    hi, lo = bands[0]["y"][:k], bands[0]["y"][k:][::-1]
+    assert all(a - 1e-9 <= v <= b + 1e-9 for a, v, b in zip(lo, curve, hi)) and max(b - a for a, b in zip(lo, hi)) > 0
+    assert len(counts) == k and len(counts[0]["x"]) >= 5                    # one line per λ key over the counts
+    assert ("settle at ≈" in settle or "do not settle" in settle) and "λ vs samples" in summary
+    assert not errors, errors
+    print(f"\n[browser] bands: {settle}")
+    page.close()

@@ -179,7 +179,7 @@ class SampleCurve:
     def line(self) -> str:
         """The summary line ("coefficients settle at ≈ N samples")."""
         n, seeds = self.counts[-1], self.lambdas.shape[1]
-        how = "per k-means cluster" if self.clustered else "uniformly (no cluster record)"
+        how = "per k-means cluster" if self.clustered else "uniformly (one cluster, or none recorded)"
         if self.settle >= n:
             return (f"coefficients do not settle before the full set: some group's λ moves more than {self.tol:g} "
                     f"on subsets of fewer than {n} samples (t = {self.t:g}, {seeds} seeds, drawn {how})")
@@ -236,7 +236,8 @@ def analysis_curve(analysis, t: float | None = None, *, tol: float = DEFAULT_TOL
     if counts[-1] != mi.shape[-1]:
         raise InputError(f"sample counts must end at the full set ({mi.shape[-1]}), got {counts[-1]}")
     full = _clip(acm_lambdas(mi, t), clip)
-    return SampleCurve(t, float(tol), int(seed), counts, keys, models, lam, full, labels is not None)
+    clustered = labels is not None and len(np.unique(labels)) > 1
+    return SampleCurve(t, float(tol), int(seed), counts, keys, models, lam, full, clustered)
 
 
 def compare(a: Band, b: Band) -> dict[str, Any]:
