@@ -12,6 +12,9 @@ Pareto frontier of accuracy vs mean answer length and a recommended setting unde
 objective are written to ``frontier.json`` / ``frontier.md``; the recommended setting is then
 re-measured on a disjoint held-out split, so the reported number is not the one it was picked on.
 
+A run's settings besides the models, the folder and the grid are one ``TuneOptions`` (``validate()``
+gives one line per bad value); ``iter_tune`` / ``run_tune`` also take them as keywords, as they always did.
+
 Everything the evaluator does goes through ``evaluate_rows`` (one small adapter), so the
 evaluation module can change underneath without touching the rest of this file.
 """
