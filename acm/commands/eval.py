@@ -11,7 +11,7 @@ from acm.errors import InputError
 from acm.evaluation.engines import ENGINES
 
 DEFAULT_MAX_NEW_TOKENS = 512
-PRESET_HELP = "gsm8k, math500, aime24, minerva (Hub datasets; see README 'Evaluate')"
+PRESET_HELP = "gsm8k, math500, aime24, minerva (Hub datasets; see docs/evaluation.md)"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
