@@ -194,15 +194,14 @@ def test_cli_softmax_says_no_band_and_bad_level_is_one_line(tmp_path, capsys):
 
 
 def test_recorded_clusters_match_the_calibration_draw():
-    """analysis._kmeans_labels fits k-means as calibration.cluster_select does: the selected samples'
-    clusters hold exactly the counts ``allocate`` gave each cluster."""
-    from acm.activations.analysis import _kmeans_labels
+    """The clusters recorded with the samples are the ones the calibration draw used: the selected samples'
+    clusters hold exactly the counts ``allocate`` gave each cluster, and asking for labels changes no draw."""
     from acm.activations.calibration import allocate, cluster_select
 
     emb = np.random.default_rng(0).normal(size=(120, 8)) + np.repeat(np.eye(8)[:4] * 6, 30, axis=0)
     for samples, fraction in ((None, 0.1), (17, 0.1)):
-        idx = cluster_select(emb, clusters=6, fraction=fraction, samples=samples, seed=4)
-        labels = _kmeans_labels(emb, 6, 4)
+        idx, labels = cluster_select(emb, clusters=6, fraction=fraction, samples=samples, seed=4, return_labels=True)
+        assert idx == cluster_select(emb, clusters=6, fraction=fraction, samples=samples, seed=4)
         sizes = [int((labels == c).sum()) for c in range(6)]
         got = [int((labels[idx] == c).sum()) for c in range(6)]
         assert got == allocate(sizes, fraction=fraction, samples=samples)

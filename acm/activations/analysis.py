@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -49,9 +48,7 @@ import acm
 from acm.activations.calibration import (
     check_max_tokens,
     check_sampling,
-    cluster_select,
     describe_source,
-    embed_texts,
     encode,
     load_texts,
     pad_batches,
@@ -209,7 +206,9 @@ def _load_base_and_select(base_src: ModelSource, texts: list[str], o: AnalysisOp
         check_finite_weights(model, "base model", base_src.spec)
         report(0.05, "selecting calibration samples")
         sel_progress = (lambda f, m: report(0.05 + 0.05 * f, m)) if progress else None
-        selected, labels = _select_with_clusters(texts, model, tokenizer, o, sel_progress)
+        selected, labels = select_samples(texts, model, tokenizer, clusters=o.clusters, fraction=o.fraction,
+                                          samples=o.samples, max_tokens=o.max_tokens, seed=o.seed,
+                                          batch_size=max(o.batch_size, 8), progress=sel_progress, with_clusters=True)
     except ACMError:
         raise
     except Exception as exc:
@@ -223,42 +222,6 @@ def _load_base_and_select(base_src: ModelSource, texts: list[str], o: AnalysisOp
         raise InputError("every calibration text encoded to zero tokens")
     clusters = [int(c) for x, c in zip(encoded, labels) if x]
     return _Fed(model, tokenizer, fed, dev_name, model_dtype, clusters)
-
-
-def _kmeans_labels(embeddings: np.ndarray, clusters: int, seed: int) -> np.ndarray:
-    """The k-means cluster of every text, fitted exactly as ``calibration.cluster_select`` fits it."""
-    from contextlib import nullcontext
-
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
-
-    x = np.nan_to_num(np.asarray(embeddings, dtype=np.float64))
-    k = max(1, min(int(clusters), len(x)))
-    if k == 1:
-        return np.zeros(len(x), dtype=int)
-    limit = threadpool_limits(1) if x.size <= 4_000_000 else nullcontext()
-    with warnings.catch_warnings(), limit:
-        warnings.simplefilter("ignore")
-        return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(x)
-
-
-def _select_with_clusters(texts: list[str], model, tokenizer, o: AnalysisOptions,
-                          progress: Progress | None) -> tuple[list[str], list[int]]:
-    """``select_samples`` that also returns each chosen text's cluster: λ against the sample count
-    (``acm.rules.bands``) redraws subsets per cluster as this step draws them."""
-    n = len(texts)
-    if not n or (o.samples is not None and o.samples >= n) or (o.samples is None and float(o.fraction) >= 1.0):
-        selected = select_samples(texts, model, tokenizer, clusters=o.clusters, fraction=o.fraction,
-                                  samples=o.samples, max_tokens=o.max_tokens, seed=o.seed)
-        return selected, [0] * len(selected)                  # everything kept: no clustering, one group
-    if progress:
-        progress(0.0, f"embedding {n} calibration texts for clustering")
-    emb = embed_texts(texts, model, tokenizer, max_tokens=o.max_tokens, batch_size=max(o.batch_size, 8))
-    idx = cluster_select(emb, clusters=o.clusters, fraction=o.fraction, samples=o.samples, seed=o.seed)
-    labels = _kmeans_labels(emb, o.clusters, o.seed)
-    if progress:
-        progress(1.0, f"selected {len(idx)} of {n} texts")
-    return [texts[i] for i in idx], [int(labels[i]) for i in idx]
 
 
 @dataclass

@@ -441,8 +441,11 @@ def embed_texts(texts: Sequence[str], model, tokenizer, *, max_tokens: int = DEF
 
 
 def cluster_select(embeddings: np.ndarray, *, clusters: int = DEFAULT_CLUSTERS, fraction: float = DEFAULT_FRACTION,
-                   samples: int | None = None, seed: int = 0) -> list[int]:
-    """Indices (ascending) chosen by k-means + uniform per-cluster sampling; deterministic per seed."""
+                   samples: int | None = None, seed: int = 0, return_labels: bool = False):
+    """Indices (ascending) chosen by k-means + uniform per-cluster sampling; deterministic per seed.
+
+    ``return_labels``: also every text's cluster (``(indices, labels)``), so λ against the sample count
+    (``acm.rules.bands``) can redraw subsets per cluster as this step draws them, without a second fit."""
     from sklearn.cluster import KMeans
 
     n = len(embeddings)
@@ -468,17 +471,18 @@ def cluster_select(embeddings: np.ndarray, *, clusters: int = DEFAULT_CLUSTERS, 
     for m, c in zip(members, counts):
         if c:
             chosen.extend(int(i) for i in rng.choice(m, size=c, replace=False))
-    return sorted(chosen)
+    return (sorted(chosen), labels) if return_labels else sorted(chosen)
 
 
 def select_samples(texts: Sequence[str], model, tokenizer, *, clusters: int = DEFAULT_CLUSTERS,
                    fraction: float = DEFAULT_FRACTION, samples: int | None = None,
                    max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0, batch_size: int = 8,
-                   progress: Callable[[float, str], None] | None = None) -> list[str]:
+                   progress: Callable[[float, str], None] | None = None, with_clusters: bool = False):
     """The calibration subset: k-means on base-model embeddings, uniform draws per cluster.
 
     When every text would be kept anyway (``fraction == 1`` or ``samples >= len(texts)``) the
-    embedding pass is skipped. Returned in the input order; deterministic for a given seed.
+    embedding pass is skipped (every text is then in cluster 0). Returned in the input order;
+    deterministic for a given seed. ``with_clusters``: ``(texts, cluster of each)``.
     """
     check_sampling(clusters=clusters, fraction=fraction, samples=samples)
     texts = list(texts)
@@ -486,11 +490,13 @@ def select_samples(texts: Sequence[str], model, tokenizer, *, clusters: int = DE
     if n == 0:
         raise InputError("no calibration texts to sample from")
     if (samples is not None and samples >= n) or (samples is None and float(fraction) >= 1.0):
-        return texts
+        return (texts, [0] * n) if with_clusters else texts
     if progress:
         progress(0.0, f"embedding {n} calibration texts for clustering")
     emb = embed_texts(texts, model, tokenizer, max_tokens=max_tokens, batch_size=batch_size)
-    idx = cluster_select(emb, clusters=clusters, fraction=fraction, samples=samples, seed=seed)
+    idx, labels = cluster_select(emb, clusters=clusters, fraction=fraction, samples=samples, seed=seed,
+                                 return_labels=True)
     if progress:
         progress(1.0, f"selected {len(idx)} of {n} texts")
-    return [texts[i] for i in idx]
+    chosen = [texts[i] for i in idx]
+    return (chosen, [int(labels[i]) for i in idx]) if with_clusters else chosen
