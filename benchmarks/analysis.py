@@ -235,6 +235,8 @@ def task_both(args: dict) -> dict:
     """analyze, then the plain forward passes over exactly the texts analyze selected (same process)."""
     ana = task_analyze(args)
     selected = ana.pop("selected", None)
+    if isinstance(selected, tuple):         # select_samples(..., with_clusters=True): (texts, clusters)
+        selected = selected[0]
     fwd = task_forward(args, texts=list(selected) if selected else None)
     return {"forward": fwd, "analyze": ana}
 
