@@ -236,7 +236,9 @@ def test_analyse_on_the_paper_rule_and_move_the_t_slider(browser, server, tmp_pa
 
     assert mi_points >= 5                                # embed, ≥ 2 blocks, final norm, logits
     assert all(v > 0.5 for v in curve_07) and all(v < 0.5 for v in curve_m1)          # t > 0 vs t < 0
-    assert curve_back == curve_07 and table_m1 != table_07 and "-1" in table_m1
+    # back at 0.7 the curve is the first one again — to the 6 decimals the page's precomputed λ grid carries
+    # (whether the server's full-precision redraw on release has landed yet is a matter of timing)
+    assert curve_back == pytest.approx(curve_07, abs=1e-6) and table_m1 != table_07 and "-1" in table_m1
     assert shot.stat().st_size > 10_000
     assert not errors, errors
     median_ms = sorted(times)[len(times) // 2]
