@@ -120,11 +120,7 @@ def test_check_shows_work_at_once_and_the_answer_replaces_it(browser, server, tm
     a click on Check shows a working indicator within 300 ms and the answer then replaces it; the device
     line meanwhile says it is being detected (animated), not a static "checking the device…"."""
     url, *_ = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url)
-    page.locator("#check-btn").wait_for(state="visible", timeout=60_000)
+    page, errors = open_app(browser, url)
     device = page.locator("#device-md")
     if "detecting the device" in device.inner_text():
         assert device.locator(".working").count() == 1                   # the pending device line is animated
@@ -175,6 +171,16 @@ WATCH_REDRAW = """() => {
 }"""
 # The λ table (gr.JSON, one token per line) released at t.
 TABLE_AT = """(t) => document.querySelector('#coef-table').innerText.replace(/\\s/g, '').includes('"t":' + t + ',')"""
+def open_app(browser, url: str):
+    """A 1400-px page on the app, once its first tab is interactive; page errors are collected in the list."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    page.locator("#check-btn").wait_for(state="visible", timeout=60_000)
+    return page, errors
+
+
 CURVE = "() => document.querySelector('#coef-plot .js-plotly-plot').data[1].y"
 
 
@@ -191,11 +197,7 @@ def test_analyse_on_the_paper_rule_and_move_the_t_slider(browser, server, tmp_pa
     """The app opens on the paper's rule at t = 0.7; after "Analyse" the live λ curve redraws in the page
     when t moves to −1 and back (median of the timed moves < 100 ms), and the λ table follows on release."""
     url, start, _, server_up = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url)
-    page.get_by_role("button", name="Check compatibility").wait_for(state="visible", timeout=60_000)
+    page, errors = open_app(browser, url)
     interactive_s = time.perf_counter() - start
     save_shot(page, tmp_path, "01_models.png")
 
@@ -263,9 +265,7 @@ def test_chat_label_chips_never_cover_the_messages(browser, server, tmp_path):
     """At 1400 px each chat column's label chip used to float over the conversation: a reply that
     scrolled the column showed its text beneath the chip. Now the chip sits above the scroll area."""
     url, *_ = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.locator("#check-btn").wait_for(state="visible", timeout=60_000)
+    page, _ = open_app(browser, url)
     page.get_by_role("tab", name="5 · Chat").click()
     page.locator("#chat-prompt textarea").fill("Natalia sold clips to 48 of her friends in April, and then she sold "
                                                "half as many clips in May. How many clips did Natalia sell "
@@ -303,11 +303,7 @@ def test_analyse_shows_lambda_with_its_band_and_the_sample_count_chart(browser, 
     """Issue 23: on the demo pair the λ curve carries its 90 % bootstrap band, the λ-vs-sample-count
     chart is drawn, and the settle line names the count."""
     url, *_ = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url)
-    page.get_by_role("button", name="Check compatibility").wait_for(state="visible", timeout=60_000)
+    page, errors = open_app(browser, url)
     page.get_by_role("tab", name="3 · Analyse").click()
     page.locator("#analyse-btn").click()
     try:

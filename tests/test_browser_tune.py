@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 
-from tests.test_browser import browser, save_shot, server  # noqa: F401 - module fixtures
+from tests.test_browser import browser, open_app, save_shot, server  # noqa: F401 - module fixtures
 
 
 def _set_slider(page, elem_id: str, value: int) -> None:
@@ -30,11 +30,7 @@ def _status(page) -> str:
 
 def test_tune_tab_streams_uses_and_cancels(browser, server, tmp_path):  # noqa: F811 - pytest injects the imported module fixtures by name
     url, *_ = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url)
-    page.get_by_role("button", name="Check compatibility").wait_for(state="visible", timeout=60_000)
+    page, errors = open_app(browser, url)
     page.get_by_role("tab", name="7 · Tune").click()
 
     # 1. a small grid to the end: the paper's rule (ACM-TIES) at its default t ∈ {−1, 0.5, 0.7, 0.9} plus plain
