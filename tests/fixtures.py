@@ -114,6 +114,17 @@ def write_calibration(path: Path, n: int = 24) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def uploads_from_pytest_tmp(tmp_path_factory):
+    """The app's handlers read uploads only from Gradio's upload area; here pytest's temp dirs stand in for it.
+    Import it into an app test module (module-scoped, autouse there)."""
+    from components import common
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(common.UPLOAD_ROOTS_ENV, str(tmp_path_factory.getbasetemp()))
+        yield
+
+
 @pytest.fixture
 def one_torch_thread():
     """One torch thread for the test: on a shared 2-core machine two OpenMP threads stall each other."""

@@ -13,17 +13,14 @@ import pytest
 from acm.errors import InputError
 from components import calibration, common, plots
 from components.state import SessionState
-from tests.fixtures import make_pair, write_calibration
+from tests.fixtures import (
+    make_pair,
+    uploads_from_pytest_tmp,  # noqa: F401 - module autouse fixture (Gradio upload area)
+    write_calibration,
+)
 
 KEYS = ["embed", "block.0", "block.1", "head.norm", "head"]
 POINTS = ["embed", "block.0.mlp", "block.1.mlp", "final_norm", "logits"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def uploads_from_pytest_tmp(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(common.UPLOAD_ROOTS_ENV, str(tmp_path_factory.getbasetemp()))
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,12 @@ import pytest
 
 from acm.errors import InputError
 from acm.rules.bands import NO_BAND, analysis_band, analysis_curve
-from components import calibration, common
+from components import calibration
 from components.state import SessionState
-from tests.fixtures import make_pair
-
-
-@pytest.fixture(scope="module", autouse=True)
-def uploads_from_pytest_tmp(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(common.UPLOAD_ROOTS_ENV, str(tmp_path_factory.getbasetemp()))
-        yield
+from tests.fixtures import (
+    make_pair,
+    uploads_from_pytest_tmp,  # noqa: F401 - module autouse fixture (Gradio upload area)
+)
 
 
 def _cal(path, n: int, word: str) -> str:

@@ -13,15 +13,12 @@ import pytest
 from acm.errors import CompatibilityError, InputError
 from components import calibration, chat, common, evaluate, export, models
 from components.state import MergedModel, ModelCache, SessionState
-from tests.fixtures import make_pair, make_tiny_model, write_calibration
-
-
-@pytest.fixture(scope="module", autouse=True)
-def uploads_from_pytest_tmp(tmp_path_factory):
-    """The handlers read uploads only from Gradio's upload area; here pytest's temp dirs stand in for it."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(common.UPLOAD_ROOTS_ENV, str(tmp_path_factory.getbasetemp()))
-        yield
+from tests.fixtures import (
+    make_pair,
+    make_tiny_model,
+    uploads_from_pytest_tmp,  # noqa: F401 - module autouse fixture (Gradio upload area)
+    write_calibration,
+)
 
 
 @pytest.fixture(scope="module")
