@@ -142,7 +142,7 @@ class Coefficients:
                 out["similarity"] = {str(m.model): [float(x) for x in m.values(metric)] for m in a.models}
             return out
         info = a.sample_info
-        mi = a.sample_mi_matrix()
+        mi = self.values                  # the per-sample MI λ was computed from: [models, points, samples]
         out.update({"rule": "acm", "against": p["against"], "applies": p["applies"], "scale": self.scale,
                     "estimator": info.get("estimator"), "max_values": info.get("max_values"),
                     "groups": list(self.keys), "points": list(info.get("points") or []),
