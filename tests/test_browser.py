@@ -171,6 +171,8 @@ WATCH_REDRAW = """() => {
 }"""
 # The λ table (gr.JSON, one token per line) released at t.
 TABLE_AT = """(t) => document.querySelector('#coef-table').innerText.replace(/\\s/g, '').includes('"t":' + t + ',')"""
+
+
 def open_app(browser, url: str):
     """A 1400-px page on the app, once its first tab is interactive; page errors are collected in the list."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -225,11 +227,13 @@ def test_analyse_on_the_paper_rule_and_move_the_t_slider(browser, server, tmp_pa
     page.evaluate(WATCH_REDRAW)
     move_t(page, "0.75")                                 # warm-up (the first redraw compiles plotly's paths)
     times = [move_t(page, value) for value in ("-1", "0.7", "-1")]
-    curve_m1 = page.evaluate(CURVE)
     try:
         page.wait_for_function(TABLE_AT, arg="-1", timeout=10_000)
     except Exception:  # noqa: BLE001 - say what the table showed instead
         raise AssertionError(f"the λ table did not follow t = -1: {page.locator('#coef-table').inner_text()[:300]!r}") from None
+    # read the curve once the server has answered the last release: an earlier release's redraw (t = 0.7)
+    # can otherwise land after the page's own redraw at −1 on a loaded machine
+    curve_m1 = page.evaluate(CURVE)
     table_m1 = page.locator("#coef-table").inner_text()
     shot = save_shot(page, tmp_path, "02_analysis_t_minus_1.png")
     times.append(move_t(page, "0.7"))
