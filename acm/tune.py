@@ -30,10 +30,10 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from acm.errors import InputError
 from acm.merging import methods as registry
@@ -618,7 +618,8 @@ class TuneOptions:
     into tune and held-out parts (``holdout``, ``limit``, ``seed``). ``analysis``: an ``AnalysisResult``,
     a path or None (OUT/analysis.json, computed from ``calibration`` / ``samples`` and cached when missing).
     ``keep`` keeps every merge under OUT; ``restart`` discards OUT/tune.jsonl; ``budget_minutes`` stops
-    cleanly between settings; ``threads`` None → ``auto_threads``; ``engine`` generates (transformers, vllm).
+    cleanly between settings; ``threads`` None → ``auto_threads``; ``engine`` generates (transformers, vllm);
+    ``executor`` runs the settings (None: here, one after another; ``acm.tune_ray.RayExecutor``: Ray tasks).
     """
 
     data: str | os.PathLike | Sequence[dict] | None = "bundled"
@@ -642,6 +643,7 @@ class TuneOptions:
     device: str | None = None
     threads: int | None = None
     engine: str = "transformers"
+    executor: Any = None        # None: LocalExecutor (this process); acm.tune_ray.RayExecutor: a Ray cluster
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -659,6 +661,9 @@ class TuneOptions:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise InputError(f"max new tokens and batch size must be >= 1, got {self.max_new_tokens} and "
                              f"{self.batch_size}")
+        if self.keep and getattr(self.executor, "name", "local") != "local":
+            raise InputError("--keep keeps every merge under OUT, which only the local executor writes to; "
+                             "drop --keep or use --executor local")
         from acm.evaluation.engines import check_engine
 
         return check_engine(self.engine, device=self.device)
@@ -704,10 +709,16 @@ class _Run:
         return evaluate_rows(model, rows, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size,
                              chat_template=o.chat_template, device=device, engine=self.engine)
 
-    def merge(self, s: Setting, where: Path) -> tuple[Path, dict]:
+    def context(self, rows: Sequence[dict]) -> SettingContext:
+        """What each setting of this run needs, as plain values (``run_setting``), measured on ``rows``."""
         o = self.o
-        return _merge(self.base, self.fts, s, self.an, where, threads=self.threads, device=o.device,
-                      calibration=o.calibration, samples=o.samples)
+        return SettingContext(base=self.base, fts=tuple(self.fts), rows=tuple(rows), analysis=self.an,
+                              max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, chat_template=o.chat_template,
+                              engine=self.engine, device=o.device, threads=self.threads, calibration=o.calibration,
+                              samples=o.samples)
+
+    def executor(self) -> Executor:
+        return self.o.executor if self.o.executor is not None else LocalExecutor()
 
     def report(self) -> dict:
         return build_report(list(self.done.values()), self.settings, objective=self.o.objective,
@@ -902,48 +913,53 @@ def _grid_then_holdout(run: _Run, tick: _Ticker, stop_reason: Callable[[], str |
 
 
 def _setting_records(run: _Run, tmp_root: Path, tick: _Ticker, stop_reason: Callable[[], str | None]):
-    """2. Each setting not done yet: merged (under OUT with ``keep``), measured on the tune split, removed.
-    Checks ``stop_reason`` before each; returns it when it stopped the grid."""
+    """2. Each setting not done yet, on the run's executor (``LocalExecutor``: one after another here, merged under
+    OUT with ``keep``; ``acm.tune_ray.RayExecutor``: as Ray tasks), recorded in the order they finish. The
+    executor checks ``stop_reason``; returns it when it stopped the grid."""
     keep = run.o.keep
-    for s in run.settings:
-        if ("setting", s.key(), "tune") in run.done:
-            continue
-        stopped = stop_reason()
-        if stopped:
-            return stopped
-        t0 = time.perf_counter()
-        folder, extra = run.merge(s, run.out if keep else tmp_root)
-        try:
-            m = run.measure(str(folder), run.tune_rows, device=run.o.device)
-        finally:
-            if not keep:
-                shutil.rmtree(folder, ignore_errors=True)
-        rec = {"kind": "setting", "key": s.key(), "label": s.label(), "setting": s.to_dict(), "split": "tune",
-               **m, **extra, "seconds": round(time.perf_counter() - t0, 3)}
-        if keep:
-            rec["folder"] = str(folder)
-        run.record(rec)
-        tick(s.label(), time.perf_counter() - t0)
-        yield rec
-    return None
+    todo = [s for s in run.settings if ("setting", s.key(), "tune") not in run.done]
+    outcomes = run.executor().run(run.context(run.tune_rows), todo, run.out if keep else tmp_root, stop_reason,
+                                  keep=keep)
+    try:
+        while True:
+            try:
+                s, res = next(outcomes)
+            except StopIteration as end:
+                return end.value
+            base = {"kind": "setting", "key": s.key(), "label": s.label(), "setting": s.to_dict(), "split": "tune"}
+            rec = run.record(_failed_record(base, res) if "failed" in res else {**base, **res})
+            tick(s.label(), res.get("seconds"))
+            yield rec
+    finally:
+        outcomes.close()    # a closed run (cancelled UI job, Ctrl-C) cancels what an executor still has running
+
+
+def _failed_record(base: dict, res: dict) -> dict:
+    """A setting the executor could not finish (a worker died past its retries, or the setting raised): kept in
+    tune.jsonl with its reason, never on the frontier, and run again by the next resume."""
+    return {**base, "kind": "failed", "reason": res["failed"], "attempts": res.get("attempts")}
 
 
 def _holdout_records(run: _Run, tmp_root: Path, stopped: str | None, tick: _Ticker) -> Iterator[dict]:
     """3. The recommended setting so far, merged again and measured on the held-out split (once; not
-    after a cancel, nor without a held-out split)."""
+    after a cancel, nor without a held-out split), on the run's executor."""
     recommended = run.report()["recommended"]
     key = recommended["key"]
     if not run.hold_rows or key is None or stopped == "cancelled" or ("holdout", key, "holdout") in run.done:
         return
     s = Setting.from_dict(recommended["setting"])
-    t0 = time.perf_counter()
-    folder, _ = run.merge(s, tmp_root)
-    m = run.measure(str(folder), run.hold_rows, device=run.o.device)
-    shutil.rmtree(folder, ignore_errors=True)
-    rec = run.record({"kind": "holdout", "key": key, "label": s.label(), "setting": s.to_dict(), "split": "holdout",
-                      **m, "seconds": round(time.perf_counter() - t0, 3)})
-    tick(f"{s.label()} on the held-out split", time.perf_counter() - t0)
-    yield rec
+    outcomes = run.executor().run(run.context(run.hold_rows), [s], tmp_root, lambda: None)
+    try:
+        for _, res in outcomes:
+            base = {"kind": "holdout", "key": key, "label": s.label(), "setting": s.to_dict(), "split": "holdout"}
+            if "failed" in res:
+                rec = run.record(_failed_record(base, res))
+            else:   # the same keys as the tune split's metrics (the merge's own facts stay on the setting's record)
+                rec = run.record({**base, **{k: v for k, v in res.items() if k not in MERGE_FIELDS}})
+            tick(f"{s.label()} on the held-out split", res.get("seconds"))
+            yield rec
+    finally:
+        outcomes.close()
 
 
 def _final_report(run: _Run, stopped: str | None) -> dict:
@@ -995,6 +1011,88 @@ def _merge(base: str, fts: list[str], s: Setting, analysis, where: Path, *, thre
     return folder, {}
 
 
+# ----------------------------------------------------------------------------- one setting, on any executor
+
+MERGE_FIELDS = ("rule_lambda", "folder", "attempts")   # result fields about the merge / its task, not the metrics
+
+
+@dataclass(frozen=True)
+class SettingContext:
+    """What every setting of a run shares, as plain picklable values, so that one setting can run in this process
+    or in a worker on another machine (``run_setting``; ``acm.tune_ray``). ``rows``: the split it is measured on;
+    ``analysis``: the ``AnalysisResult`` λ comes from (None when no setting needs one)."""
+
+    base: str
+    fts: tuple[str, ...]
+    rows: tuple[dict, ...]
+    analysis: Any = None
+    max_new_tokens: int = 256
+    batch_size: int = 64
+    chat_template: bool = True
+    engine: str = "transformers"
+    device: str | None = None
+    threads: int | None = None
+    calibration: str | None = None
+    samples: int | None = None
+
+
+def run_setting(ctx: SettingContext, setting: dict, where: str | None = None, *, keep: bool = False) -> dict:
+    """One setting → its result fields (the metrics of ``evaluate_rows``, the merge's facts, ``seconds``).
+
+    Merged into a fresh folder under ``where`` (default: this machine's temporary folder, removed afterwards),
+    evaluated on ``ctx.rows``, then removed unless ``keep`` (its path is returned as ``folder``). The models are
+    resolved here (a path this machine sees, or the Hub cache). A top-level function of plain arguments, so an
+    executor can ship it to another process (``acm.tune_ray``); the local executor calls it directly.
+    """
+    s = Setting.from_dict(setting)
+    t0 = time.perf_counter()
+    root = Path(where) if where else Path(tempfile.mkdtemp(prefix="acm-tune-"))
+    try:
+        with _torch_threads(ctx.threads):
+            folder, extra = _merge(ctx.base, list(ctx.fts), s, ctx.analysis, root, threads=ctx.threads,
+                                   device=ctx.device, calibration=ctx.calibration, samples=ctx.samples)
+            try:
+                m = evaluate_rows(str(folder), ctx.rows, max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size,
+                                  chat_template=ctx.chat_template, device=ctx.device, engine=ctx.engine)
+            finally:
+                if not keep:
+                    shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if not where:
+            shutil.rmtree(root, ignore_errors=True)
+    out = {**m, **extra, "seconds": round(time.perf_counter() - t0, 3)}
+    if keep:
+        out["folder"] = str(folder)
+    return out
+
+
+class Executor(Protocol):
+    """Runs settings and yields ``(setting, result fields)`` in the order they finish; a setting it could not
+    finish yields ``{"failed": reason, "attempts": n}``. It calls ``stop()`` while it works and returns its
+    reason when that stopped it (None otherwise); closing the generator cancels what it still runs."""
+
+    name: str
+
+    def run(self, ctx: SettingContext, settings: Sequence[Setting], where: Path, stop: Callable[[], str | None], *,
+            keep: bool = False) -> Generator[tuple[Setting, dict], None, str | None]: ...
+
+
+class LocalExecutor:
+    """The default: settings one after another in this process (``stop`` checked before each); an error stops
+    the run, as it always did."""
+
+    name = "local"
+
+    def run(self, ctx: SettingContext, settings: Sequence[Setting], where: Path, stop: Callable[[], str | None], *,
+            keep: bool = False) -> Generator[tuple[Setting, dict], None, str | None]:
+        for s in settings:
+            reason = stop()
+            if reason:
+                return reason
+            yield s, run_setting(ctx, s.to_dict(), str(where), keep=keep)
+        return None
+
+
 def build_report(records: Sequence[dict], settings: Sequence[Setting] | None = None, *, objective: str = "shortest",
                  tolerance: float = DEFAULT_TOLERANCE) -> dict:
     """The frontier report from the records so far (tune split; held-out numbers where measured)."""
@@ -1026,7 +1124,17 @@ def build_report(records: Sequence[dict], settings: Sequence[Setting] | None = N
                            **({"holdout": {"accuracy": hold_refs[k]["accuracy"],
                                            "mean_length": hold_refs[k]["mean_length"]}} if k in hold_refs else {})}
                        for k, v in refs.items()},
-        "frontier": [p["key"] for p in pareto_front(pts)], "settings": rows, "recommended": recommended}
+        "frontier": [p["key"] for p in pareto_front(pts)], "settings": rows, "recommended": recommended,
+        "failed": _failed(records)}
+
+
+def _failed(records: Sequence[dict]) -> list[dict]:
+    """Settings an executor could not finish (``kind: failed``) and that no later attempt finished: listed with
+    their reason; they are not points, so never on the frontier nor recommended."""
+    ok = {(r.get("key"), r.get("split")) for r in records if r.get("kind") in ("setting", "holdout")}
+    last = {(r.get("key"), r.get("split")): r for r in records if r.get("kind") == "failed"}
+    return [{"key": r["key"], "label": r.get("label"), "split": r.get("split"), "reason": r.get("reason"),
+             "attempts": r.get("attempts")} for k, r in last.items() if k not in ok]
 
 
 def report_markdown(report: dict) -> str:
@@ -1067,6 +1175,10 @@ def report_markdown(report: dict) -> str:
         name = f"**{s['label']}**" if s["on_frontier"] else s["label"]
         lines.append(f"| {name} | {s['accuracy']:.3f} | {s['mean_length']:.1f} | "
                      f"{s.get('accuracy_per_1k_tokens') or 0:.1f} |")
+    failed = report.get("failed") or []
+    if failed:
+        lines += ["", f"{len(failed)} setting(s) failed (not on the frontier; run the same command again to retry):"]
+        lines += [f"- {f['label']} ({f['split']} split): {f['reason']}" for f in failed]
     return "\n".join(lines) + "\n"
 
 
