@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from dataclasses import replace
 
 from acm.errors import InputError
 
@@ -27,6 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _rule_flags(p.add_argument_group("grid: coefficient rules"))
     _objective_flags(p.add_argument_group("recommendation"))
     _run_flags(p.add_argument_group("generation and the run"))
+    _executor_flags(p.add_argument_group("where the settings run (docs/tuning_on_ray.md)"))
     p.set_defaults(func=run)
     return p
 
@@ -137,6 +139,37 @@ def _run_flags(g) -> None:
     g.add_argument("--out", required=True, metavar="DIR", help="run folder (tune.jsonl, frontier.json/.md)")
 
 
+def _executor_flags(g) -> None:
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local (default): one setting after another in this process; ray: each setting is one Ray "
+                        "task on --ray-address, or on a local cluster started for the run (optional: pip install "
+                        "'.[ray]')")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="a running Ray cluster (host:port or ray://host:port); default: a local cluster on 127.0.0.1")
+    g.add_argument("--ray-cpus", type=int, default=None, metavar="N",
+                   help="CPUs of the local cluster (default: this machine's); each setting takes --threads of them")
+    g.add_argument("--max-retries", type=int, default=None, metavar="N",
+                   help="ray: times a setting runs again when its worker dies (default 2), then it is recorded as "
+                        "failed")
+
+
+def _executor(args: argparse.Namespace):
+    """None (the local executor) or an unstarted ``acm.tune_ray.RayExecutor``; one line for flags that do not fit."""
+    ray_only = [f for f, v in (("--ray-address", args.ray_address), ("--ray-cpus", args.ray_cpus),
+                               ("--max-retries", args.max_retries)) if v is not None]
+    if args.executor == "local":
+        if ray_only:
+            raise InputError(f"{', '.join(ray_only)} only apply to --executor ray")
+        return None
+    if args.ray_address and args.ray_cpus is not None:
+        raise InputError("--ray-cpus sizes the local cluster; a running cluster (--ray-address) has its own CPUs")
+    from acm.tune_ray import DEFAULT_MAX_RETRIES, RayExecutor, import_ray
+
+    import_ray()   # one line now if Ray is missing, before the analysis or any model work
+    return RayExecutor(args.ray_address, num_cpus=args.ray_cpus,
+                       max_retries=DEFAULT_MAX_RETRIES if args.max_retries is None else args.max_retries)
+
+
 def options_from_args(args: argparse.Namespace):
     """The ``acm.tune.TuneOptions`` of the command line."""
     from acm.tune import TuneOptions
@@ -157,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.max_settings < 1:
         raise InputError(f"--max-settings must be at least 1, got {args.max_settings}")
-    options = options_from_args(args)
+    executor = _executor(args)
+    options = replace(options_from_args(args), executor=executor)
     options.validate()   # the engine among them: before the analysis or any merge
     with contextlib.suppress(Exception):   # one tqdm bar for the run, not one per model load (cosmetic)
         from transformers.utils import logging as hf_logging
@@ -167,8 +201,10 @@ def run(args: argparse.Namespace) -> int:
                        rules=args.rules, softmax_ts=args.softmax_ts, against=args.against, applies=args.applies,
                        thetas=args.thetas, estimators=args.rule_estimators, max_settings=args.max_settings,
                        metrics=args.metrics)
-    print(f"tune: {len(grid)} settings -> {args.out}/tune.jsonl (engine: {args.engine})")
-    report = run_tune(args.base, args.ft, args.out, grid, options, on_record=_show)
+    where = "" if executor is None else f", executor: ray at {args.ray_address or 'a local cluster'}"
+    print(f"tune: {len(grid)} settings -> {args.out}/tune.jsonl (engine: {args.engine}{where})", flush=True)
+    with executor if executor is not None else contextlib.nullcontext():   # a local cluster lives for the run
+        report = run_tune(args.base, args.ft, args.out, grid, options, on_record=_show)
     _print_outcome(report, args.out)
     return 0
 
@@ -178,6 +214,8 @@ def _show(rec: dict) -> None:
         print(f"resuming: {rec['done']} of {rec['of']} settings already done")
     elif rec["kind"] in ("reference", "setting", "holdout"):
         print(json.dumps({k: rec[k] for k in ("kind", "label", "split", "accuracy", "mean_length")}), flush=True)
+    elif rec["kind"] == "failed":
+        print(json.dumps({k: rec.get(k) for k in ("kind", "label", "split", "reason", "attempts")}), flush=True)
 
 
 def _print_outcome(report: dict, out: str) -> None:
@@ -188,6 +226,8 @@ def _print_outcome(report: dict, out: str) -> None:
         print(f"recommended: {rec['label']} ({rec['why']}){held}")
     else:
         print(f"no recommendation: {rec['why']}")
+    if report.get("failed"):
+        print(f"{len(report['failed'])} setting(s) failed (see frontier.md); run the same command again to retry them")
     if report.get("stopped"):
         print(f"stopped early ({report['stopped']}): {report['done']} of {report['grid_size']} settings done; "
               "run the same command again to continue")

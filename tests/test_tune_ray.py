@@ -1,0 +1,184 @@
+"""``acm tune --executor ray`` on a real local Ray cluster (127.0.0.1, 2 CPUs, started by the tests).
+
+The same 4-setting demo grid (plain TIES + softmax ACM-TIES at three t) on 4 + 4 problems: the Ray run writes
+the same records, frontier and recommendation as the local executor; a worker killed mid-setting is retried
+and the setting recorded with its attempts; a driver killed mid-grid resumes without redoing what finished.
+Ray is an optional extra: these tests skip without it, except under CI (which installs it and must run them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from acm.tune import expand_grid, read_results, run_tune
+
+if os.environ.get("CI"):
+    import ray  # noqa: F401  (CI installs requirements-ray.txt: a missing Ray must fail there, not skip)
+else:
+    pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+REPO = Path(__file__).resolve().parent.parent
+BASE = REPO / "assets" / "demo-models" / "tiny-math-base"
+LONG = REPO / "assets" / "demo-models" / "tiny-math-long"
+pytestmark = [pytest.mark.skipif(not (BASE / "config.json").is_file(), reason="bundled demo models missing"),
+              pytest.mark.timeout(900)]     # a local Ray start-up on a loaded 2-core machine takes tens of seconds
+GRID = expand_grid(["ties"], [0.7], [1, 2, 4], [0.7], rules=["softmax"])      # plain + 3 t = 4 settings
+RUN = {"limit": 8, "holdout": 0.5, "max_new_tokens": 24, "batch_size": 8, "threads": 1, "show_progress": False}
+TASK_TITLE = "ray::setting_task"           # Ray's process title of a worker running acm.tune_ray.setting_task
+
+
+@pytest.fixture(scope="module")
+def analysis_file(tmp_path_factory) -> Path:
+    from acm.activations.result import AnalysisResult, ModelNMI
+
+    groups = ["embed"] + [f"block.{i}" for i in range(6)] + ["head"]
+    nmi = [0.48, 0.25, 0.25, 0.23, 0.22, 0.20, 0.15, 0.24]
+    path = tmp_path_factory.mktemp("an") / "analysis.json"
+    AnalysisResult(groups=groups, models=[ModelNMI(model=str(LONG), nmi=nmi, mi=nmi)], provenance={}).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, analysis_file) -> tuple[dict, dict]:
+    """(records by (kind, key, split), report) of the grid on the local executor."""
+    out = tmp_path_factory.mktemp("local")
+    report = run_tune(str(BASE), [str(LONG)], out, GRID, analysis=analysis_file, **RUN)
+    return _records(out), report
+
+
+def _records(out: Path) -> dict:
+    drop = ("seconds", "attempts", "started")
+    return {(r["kind"], r.get("key"), r.get("split")): {k: v for k, v in r.items() if k not in drop}
+            for r in read_results(out / "tune.jsonl")}
+
+
+def _task_pids() -> set[int]:
+    """Worker processes of this test's cluster (children of the raylet it started) now running a setting."""
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith(TASK_TITLE):
+                out.add(p.pid)
+        except psutil.Error:
+            continue
+    return out
+
+
+class Watch(threading.Thread):
+    """Polls the setting tasks' worker processes while a run goes; with ``kill``, SIGKILLs the first one seen."""
+
+    def __init__(self, kill: bool = False):
+        super().__init__(daemon=True)
+        self.kill, self.seen, self.killed, self.busy_at_once = kill, set(), None, 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            pids = _task_pids()
+            self.seen |= pids
+            self.busy_at_once = max(self.busy_at_once, len(pids))
+            if self.kill and self.killed is None and pids:
+                self.killed = min(pids)
+                os.kill(self.killed, signal.SIGKILL)
+            time.sleep(0.02)
+
+
+class TestOnOneLocalCluster:
+    """Both in-process runs share one local cluster (2 CPUs: two workers run settings side by side)."""
+
+    @pytest.fixture(scope="class")
+    def executor(self):
+        from acm.tune_ray import RayExecutor
+
+        with RayExecutor(num_cpus=2, max_retries=2) as ex:
+            yield ex
+
+    def test_same_records_frontier_and_recommendation_as_local(self, executor, local_run, analysis_file, tmp_path):
+        watch = Watch()
+        watch.start()
+        try:
+            report = run_tune(str(BASE), [str(LONG)], tmp_path, GRID, analysis=analysis_file, executor=executor,
+                              **RUN)
+        finally:
+            watch.stop.set()
+            watch.join()
+        records, local_report = local_run
+        assert _records(tmp_path) == records                 # every reference, setting and held-out number
+        assert report["frontier"] == local_report["frontier"] and report["complete"] and not report["failed"]
+        assert report["recommended"] == local_report["recommended"]
+        assert len(watch.seen) >= 2, "the settings should have run in at least two worker processes"
+        attempts = [r["attempts"] for r in read_results(tmp_path / "tune.jsonl") if r["kind"] == "setting"]
+        assert attempts == [1, 1, 1, 1]
+        assert not list(tmp_path.glob(".tmp-merges-*"))
+
+    def test_a_killed_worker_is_retried_and_the_grid_completes(self, executor, local_run, analysis_file, tmp_path):
+        watch = Watch(kill=True)
+        watch.start()
+        try:
+            report = run_tune(str(BASE), [str(LONG)], tmp_path, GRID, analysis=analysis_file, executor=executor,
+                              **RUN)
+        finally:
+            watch.stop.set()
+            watch.join()
+        assert watch.killed is not None, "no setting task was seen running"
+        settings = [r for r in read_results(tmp_path / "tune.jsonl") if r["kind"] == "setting"]
+        assert sorted(r["attempts"] for r in settings) == [1, 1, 1, 2]     # the killed one ran again, once
+        assert report["complete"] and not report["failed"]
+        assert _records(tmp_path) == local_run[0]          # and the retried setting measured the same
+
+
+def _leftover_ray(marker: str) -> list:
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if marker in " ".join(p.info["cmdline"] or []):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_cli_resumes_after_the_driver_is_killed(tmp_path, analysis_file, request):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "acm", "tune", "--base", str(BASE), "--ft", str(LONG), "--analysis",
+           str(analysis_file), "--limit", "8", "--max-new-tokens", "24", "--batch-size", "8", "--threads", "1",
+           "--rules", "softmax", "--ts", "1", "2", "4", "--executor", "ray", "--ray-cpus", "2", "--out", str(out)]
+    tmp = Path(tempfile.mkdtemp(prefix="acmray", dir="/tmp"))   # the CLI cluster's session folder: short (Ray's
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))   # sockets live there), and marks its processes
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if any(r.get("kind") == "setting" for r in read_results(out / "tune.jsonl")):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)       # the driver and whatever of its cluster shares its session
+    proc.wait()
+    for p in _leftover_ray(str(tmp)):         # cluster processes that left the session: this test started them
+        p.kill()
+    done = [r["key"] for r in read_results(out / "tune.jsonl") if r.get("kind") == "setting"]
+    assert 1 <= len(done) < 4, "the driver should have been killed mid-grid"
+    assert not (out / "frontier.json").exists()
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"resuming: {len(done)} of 4 settings already done" in res.stdout
+    records = read_results(out / "tune.jsonl")
+    keys = [r["key"] for r in records if r.get("kind") == "setting"]
+    assert len(keys) == len(set(keys)) == 4 and keys[:len(done)] == done      # nothing finished was redone
+    assert sum(r.get("kind") == "reference" for r in records) == 4
+    report = json.loads((out / "frontier.json").read_text())
+    assert report["complete"] and report["resumed"] == len(done) and "holdout" in report["recommended"]
+    assert not _leftover_ray(str(tmp)), "the local cluster should be shut down when the run ends"
