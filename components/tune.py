@@ -60,6 +60,25 @@ resumable runs and Hub evaluation sets: `python -m acm tune`.
 """
 
 
+_RAY: Any = None      # the Ray cluster of ACM_RAY_ADDRESS, connected once per process (acm.tune_ray)
+
+
+def ray_executor():
+    """Where the Tune tab's settings run: None (this process, the default), or a ``acm.tune_ray.RayExecutor`` on
+    the cluster at ``ACM_RAY_ADDRESS`` when that is set (points then arrive as its tasks finish)."""
+    global _RAY
+    import os
+
+    address = os.environ.get("ACM_RAY_ADDRESS", "").strip()
+    if not address:
+        return None
+    if _RAY is None or _RAY.address != address:
+        from acm.tune_ray import RayExecutor
+
+        _RAY = RayExecutor(address)
+    return _RAY
+
+
 def _tune(state: SessionState) -> dict:
     """This panel's slice of the session state (kept here, not in ``SessionState``)."""
     tune = getattr(state, "tune", None)
@@ -237,7 +256,7 @@ def iter_tune_ui(state: SessionState, base: str | None, fts, *, methods=None, al
     grid = _grid(methods, alphas, ts, densities, drop_rates, plain, rules, softmax_ts, against, applies)
     options = TuneOptions(data=_eval_path(upload), limit=int(limit) if limit else None, holdout=float(holdout),
                           max_new_tokens=int(max_new_tokens), objective=objective, tolerance=float(tolerance),
-                          device=none_if_auto(device))
+                          device=none_if_auto(device), executor=ray_executor())
     options.validate()   # cheap checks before the analysis
     analysis, grid = _analysis_for(state, grid, base, fts, device=device, dtype=dtype,
                                    trust_remote_code=trust_remote_code, progress=progress)

@@ -138,6 +138,25 @@ class TestOnOneLocalCluster:
         assert report["complete"] and not report["failed"]
         assert _records(tmp_path) == local_run[0]          # and the retried setting measured the same
 
+    def test_the_tune_tab_submits_to_ACM_RAY_ADDRESS(self, executor, analysis_file, monkeypatch):
+        from acm.activations.result import AnalysisResult
+        from components import tune as panel
+        from components.state import SessionState
+
+        monkeypatch.setenv("ACM_RAY_ADDRESS", executor.start().get_runtime_context().gcs_address)
+        monkeypatch.setattr(panel, "_RAY", None)
+        st = SessionState()
+        st.analysis, st.base, st.fts = AnalysisResult.load(analysis_file), str(BASE), [str(LONG)]
+        try:
+            steps = list(panel.iter_tune_ui(st, str(BASE), [str(LONG)], rules=["softmax"], softmax_ts="1, 4",
+                                            ts="", limit=6, max_new_tokens=16))
+        finally:
+            st.close()
+        records, report, running = steps[-1]
+        assert isinstance(panel._RAY, type(executor)) and not running and report["complete"]
+        assert all(r["attempts"] == 1 for r in records if r["kind"] == "setting")   # each one a Ray task
+        assert [rep["done"] for _, rep, run in steps if run and 0 < rep["done"] < 3], "points stream in"
+
 
 def _leftover_ray(marker: str) -> list:
     out = []
