@@ -110,6 +110,17 @@ def test_tune_quick(tmp_path):
     assert "| settings |" in tune_bench.report(data) and (tmp_path / "tune.json").is_file()
 
 
+@pytest.mark.skipif(not _has("ray") or not (tune_bench.DEMO / "tiny-math-base" / "config.json").is_file(),
+                    reason="needs Ray (requirements-ray.txt) and the demo models")
+def test_tune_ray_quick(tmp_path):
+    from benchmarks import tune_ray as tune_ray_bench
+
+    data = tune_ray_bench.run(True, out=str(tmp_path / "tune_ray.json"), log=lambda *_: None)
+    assert [r["executor"] for r in data["rows"]] == ["local", "ray"] and all(r["complete"] for r in data["rows"])
+    assert data["same_frontier_and_recommendation"] and data["rows"][1]["cluster_start_s"] > 0
+    assert "speed-up of the grid" in tune_ray_bench.report(data) and (tmp_path / "tune_ray.json").is_file()
+
+
 def _git_ok() -> bool:
     import subprocess
 

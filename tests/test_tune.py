@@ -128,6 +128,9 @@ def test_bad_grids_give_one_line(kwargs, fragment):
     (["--methods", "linear"], "linear averaging"),
     (["--holdout", "1.5"], "--holdout must be in [0, 1)"),
     (["--data", "missing.jsonl"], "not found"),
+    (["--ray-address", "127.0.0.1:6379"], "--ray-address only apply to --executor ray"),
+    (["--executor", "ray", "--keep"], "only the local executor writes to"),
+    (["--executor", "ray", "--ray-address", "127.0.0.1:6379", "--ray-cpus", "2"], "--ray-cpus sizes the local cluster"),
 ])
 def test_cli_bad_grid_is_one_line_exit_2(argv, fragment, tmp_path, capsys):
     from acm.cli import main
@@ -135,6 +138,16 @@ def test_cli_bad_grid_is_one_line_exit_2(argv, fragment, tmp_path, capsys):
     code = main(["tune", "--base", str(BASE), "--ft", str(LONG), "--out", str(tmp_path / "o"), *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("acm tune: error: ") and fragment in err and "\n" not in err
+
+
+def test_executor_ray_without_ray_installed_is_one_line(tmp_path, capsys, monkeypatch):
+    from acm.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)          # `import ray` raises ImportError, as without the extra
+    code = main(["tune", "--base", str(BASE), "--ft", str(LONG), "--out", str(tmp_path / "o"), "--executor", "ray"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "needs Ray, which is not installed" in err and "requirements-ray.txt" in err
+    assert "\n" not in err and not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- frontier, objectives, split

@@ -161,6 +161,9 @@ def _executor(args: argparse.Namespace):
         if ray_only:
             raise InputError(f"{', '.join(ray_only)} only apply to --executor ray")
         return None
+    if args.keep:
+        raise InputError("--keep keeps every merge under OUT, which only the local executor writes to; drop --keep "
+                         "or use --executor local")
     if args.ray_address and args.ray_cpus is not None:
         raise InputError("--ray-cpus sizes the local cluster; a running cluster (--ray-address) has its own CPUs")
     from acm.tune_ray import DEFAULT_MAX_RETRIES, RayExecutor, import_ray
