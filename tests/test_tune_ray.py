@@ -177,17 +177,22 @@ def test_cli_resumes_after_the_driver_is_killed(tmp_path, analysis_file, request
     tmp = Path(tempfile.mkdtemp(prefix="acmray", dir="/tmp"))   # the CLI cluster's session folder: short (Ray's
     request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))   # sockets live there), and marks its processes
     env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if any(r.get("kind") == "setting" for r in read_results(out / "tune.jsonl")):
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)       # the driver and whatever of its cluster shares its session
+    assert _leftover_ray(str(tmp)), "the run should have started its local cluster"
+    proc.send_signal(signal.SIGKILL)          # the driver only: its local cluster's processes share its fate
     proc.wait()
-    for p in _leftover_ray(str(tmp)):         # cluster processes that left the session: this test started them
+    gone = time.time() + 60
+    while _leftover_ray(str(tmp)) and time.time() < gone:
+        time.sleep(0.2)
+    left = _leftover_ray(str(tmp))
+    for p in left:                            # (if any: this test started them)
         p.kill()
+    assert not left, "the local cluster should die with its driver"
     done = [r["key"] for r in read_results(out / "tune.jsonl") if r.get("kind") == "setting"]
     assert 1 <= len(done) < 4, "the driver should have been killed mid-grid"
     assert not (out / "frontier.json").exists()
