@@ -8,8 +8,9 @@ run itself (references, tune.jsonl, resume, frontier, held-out check) stays in `
 temporary folder, evaluating and removing the merge, so only the result dict travels back.
 
 Ray is optional (``pip install .[ray]`` or ``-r requirements-ray.txt``): nothing imports it until a
-``RayExecutor`` starts. Without an address it starts a private local cluster on 127.0.0.1 (no dashboard,
-logs in a temporary folder) and shuts it down on ``close()``; with one it connects to a running cluster,
+``RayExecutor`` starts. Without an address it starts a private local cluster (node address 127.0.0.1 asked —
+Ray still listens on all interfaces, behind its token authentication; no dashboard; logs in a temporary folder)
+and shuts it down on ``close()``; with one it connects to a running cluster,
 whose nodes need this package installed and the models at a path they all see (or in their Hub cache).
 """
 
