@@ -138,6 +138,29 @@ class TestOnOneLocalCluster:
         assert report["complete"] and not report["failed"]
         assert _records(tmp_path) == local_run[0]          # and the retried setting measured the same
 
+    def test_past_its_retries_a_setting_is_recorded_failed_then_a_resume_runs_it(self, executor, local_run,
+                                                                                  analysis_file, tmp_path):
+        from acm.tune_ray import RayExecutor
+
+        no_retry = RayExecutor(max_retries=0)      # the same (already started) cluster, no second chance
+        watch = Watch(kill=True)
+        watch.start()
+        try:
+            report = run_tune(str(BASE), [str(LONG)], tmp_path, GRID, analysis=analysis_file, executor=no_retry,
+                              **RUN)
+        finally:
+            watch.stop.set()
+            watch.join()
+            no_retry.close()                        # it did not start Ray, so the cluster stays up
+        failed = [r for r in read_results(tmp_path / "tune.jsonl") if r["kind"] == "failed"]
+        assert len(failed) == 1 and "worker died" in failed[0]["reason"] and failed[0]["attempts"] == 1
+        assert [f["key"] for f in report["failed"]] == [failed[0]["key"]] and not report["complete"]
+        assert failed[0]["key"] not in report["frontier"] and report["done"] == 3
+        assert "1 setting(s) failed" in (tmp_path / "frontier.md").read_text()
+        report = run_tune(str(BASE), [str(LONG)], tmp_path, GRID, analysis=analysis_file, executor=executor, **RUN)
+        assert report["complete"] and not report["failed"] and report["resumed"] == 3
+        assert report["frontier"] == local_run[1]["frontier"]
+
     def test_the_tune_tab_submits_to_ACM_RAY_ADDRESS(self, executor, analysis_file, monkeypatch):
         from acm.activations.result import AnalysisResult
         from components import tune as panel
