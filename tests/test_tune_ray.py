@@ -229,3 +229,20 @@ def test_cli_resumes_after_the_driver_is_killed(tmp_path, analysis_file, request
     report = json.loads((out / "frontier.json").read_text())
     assert report["complete"] and report["resumed"] == len(done) and "holdout" in report["recommended"]
     assert not _leftover_ray(str(tmp)), "the local cluster should be shut down when the run ends"
+
+
+def test_resources_per_setting_come_from_the_safetensors_headers():
+    from acm.checkpoints.tensors import TensorReader
+    from acm.tune import SettingContext
+    from acm.tune_ray import OVERHEAD_BYTES, setting_resources
+
+    with TensorReader(sorted(BASE.glob("*.safetensors"))) as r:
+        params, nbytes = r.numel(), sum(r.nbytes(k) for k in r.keys())
+    ctx = SettingContext(base=str(BASE), fts=(str(LONG),), rows=(), threads=None)
+    assert setting_resources(ctx) == {"num_cpus": 1, "num_gpus": 0, "memory": nbytes + 4 * params + OVERHEAD_BYTES}
+    on_gpus = setting_resources(ctx, cluster_gpus=4)            # no --device on a GPU cluster: one GPU per setting
+    assert on_gpus == {"num_cpus": 1, "num_gpus": 1, "memory": nbytes + OVERHEAD_BYTES}
+    cpu = SettingContext(base=str(BASE), fts=(str(LONG),), rows=(), device="cpu", threads=2)
+    assert setting_resources(cpu, cluster_gpus=4)["num_gpus"] == 0 and setting_resources(cpu)["num_cpus"] == 2
+    missing = SettingContext(base="no-such-org/no-such-model", fts=(), rows=())
+    assert setting_resources(missing)["memory"] == OVERHEAD_BYTES       # unknown here: the worker resolves it
