@@ -172,3 +172,48 @@ def test_calibration_from_a_hub_dataset(loopback_hub):
 
     texts = load_texts(HUB_DATASET)
     assert len(texts) == 24 and texts[0].startswith("what is 0 plus 0")
+
+
+def test_cli_merge_of_a_hub_pair_shows_a_download_bar(loopback_hub, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from acm.cli import main
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)          # the CLI draws bars on a terminal only
+    assert main(["merge", "--base", HUB_BASE, "--ft", HUB_FT, "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert f"downloading {HUB_BASE}" in err and f"downloading {HUB_FT}" in err
+    assert (tmp_path / "o" / "config.json").is_file()
+
+
+def test_cli_hub_errors_are_one_line_with_exit_2(loopback_hub, tmp_path, capsys):
+    from acm.cli import main
+
+    assert main(["merge", "--base", HUB_GATED, "--ft", HUB_FT, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is gated" in err[0]
+
+
+def test_app_check_then_analyse_a_hub_pair(loopback_hub, hub_folders, monkeypatch):
+    """The app's Check answers from metadata; its Analyse (Hub dataset calibration) shows the download."""
+    from components import analysis, calibration, models
+    from components.state import SessionState
+
+    monkeypatch.delenv("ACM_CACHE_DIR", raising=False)
+    st = SessionState()
+    try:
+        summary = models.check_models(st, HUB_BASE, [HUB_FT])
+        assert "Compatible" in summary
+        assert not [n for r in (HUB_BASE, HUB_FT) for n, b in loopback_hub.served_files(r).items()
+                    if n.endswith(".safetensors") and b > HEADER_READ]
+        seen: list[tuple[float, str]] = []
+        out = analysis.run_analysis(st, HUB_BASE, [HUB_FT], cal_mode=calibration.HUB, hub_id=HUB_DATASET,
+                                    samples=4, clusters=2, max_tokens=16, device="cpu",
+                                    progress=lambda f, m: seen.append((f, m)))
+        assert out["analysis"].provenance["models"]["base"]["commit"] == loopback_hub.commits[(HUB_BASE, "main")]
+        lines = [m for _, m in seen if m.startswith("downloading")]
+        assert any(m.startswith(f"downloading {HUB_BASE}: ") for m in lines)
+        assert any(m.startswith(f"downloading {HUB_FT}: ") for m in lines)
+        assert loopback_hub.bytes_served(HUB_DATASET) > 0
+    finally:
+        st.close()
