@@ -14,6 +14,9 @@ lives inside ``huggingface_hub``; only real HTTP exercises it. The routes below 
 * ``HEAD|GET /{ns}/{name}/resolve/{rev}/{file}`` and ``/datasets/{ns}/{name}/resolve/...`` — served
   directly (no redirect) with ``X-Repo-Commit``, ``ETag``, ``Content-Length``, ``Accept-Ranges``;
   ``Range: bytes=a-b`` answers ``206`` with ``Content-Range`` (safetensors header reads, resumes).
+* LFS files (``*.safetensors``, ``*.parquet``, …) answer ``302`` with ``X-Linked-Size``/``X-Linked-Etag``
+  and ``Location: /cdn-lfs/...`` (served by the same server, with Range), as the Hub redirects them to
+  its storage; ``hub.redirect_lfs = False`` serves them directly.
 * Errors as the Hub sends them: ``X-Error-Code: RepoNotFound`` (404), ``RevisionNotFound`` (404),
   ``EntryNotFound`` (404, with ``X-Repo-Commit``), ``GatedRepo`` (401 on every file of a gated repo;
   its info stays public, as on the Hub). ``huggingface_hub.utils.hf_raise_for_status`` maps them to
@@ -110,6 +113,7 @@ class LoopbackHub:
         self._server: ThreadingHTTPServer | None = None
         self.home: Path | None = None      # the client cache home, set by point_clients_at
         self.commits: dict[tuple[str, str], str] = {}   # (repo_id, branch) -> sha, filled by fixtures
+        self.redirect_lfs = True   # LFS files (weights, parquet) answer 302 to /cdn-lfs/..., as the Hub does
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ repos
@@ -236,6 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if parts[0] == "api" and len(parts) >= 4 and parts[1] in ("models", "datasets"):
                 self._api(method, parts[1][:-1], "/".join(parts[2:4]), parts[4:], query)
+            elif parts[0] == "cdn-lfs" and len(parts) >= 6:          # cdn-lfs/{kind}/{ns}/{name}/{sha}/{path}
+                self._resolve(method, parts[1], "/".join(parts[2:4]), parts[4], parts[5:], cdn=True)
             elif parts[0] == "datasets" and len(parts) >= 5 and parts[3] == "resolve":
                 self._resolve(method, "dataset", "/".join(parts[1:3]), parts[4], parts[5:])
             elif len(parts) >= 4 and parts[2] == "resolve":
@@ -292,7 +298,8 @@ class _Handler(BaseHTTPRequestHandler):
         return info
 
     # ------------------------------------------------------------------ files
-    def _resolve(self, method: str, kind: str, repo_id: str, rev_part: str, path_parts: list[str]) -> None:
+    def _resolve(self, method: str, kind: str, repo_id: str, rev_part: str, path_parts: list[str],
+                 cdn: bool = False) -> None:
         repo = self.hub._repo(kind, repo_id)
         path = unquote("/".join(path_parts))
         if repo is None:
@@ -308,6 +315,8 @@ class _Handler(BaseHTTPRequestHandler):
         if blob is None:
             return self._error(404, "EntryNotFound", f"{path} does not exist on {rev}", repo_id=repo_id,
                                method=method, commit=sha)
+        if blob.sha256 and self.hub.redirect_lfs and not cdn:
+            return self._redirect(method, kind, repo_id, sha, path, blob)
         fault = self.hub._take_fault(repo_id, path) if method == "GET" else None
         if fault is not None and fault[0] == "status":
             return self._error(fault[1], None, "loopback hub: injected failure", repo_id=repo_id, method=method)
@@ -342,6 +351,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return
         self._send_body(repo_id, path, body)
+
+    def _redirect(self, method: str, kind: str, repo_id: str, sha: str, path: str, blob: _Blob) -> None:
+        """An LFS file, as the Hub serves it: 302 to its storage URL, the file's metadata on the redirect."""
+        self._log(method, repo_id, path, self.headers.get("Range"), 302)
+        self.send_response(302)
+        self.send_header("Location", f"/cdn-lfs/{kind}/{repo_id}/{sha}/{path}")
+        self.send_header("X-Repo-Commit", sha)
+        self.send_header("X-Linked-Etag", f'"{blob.sha256}"')
+        self.send_header("X-Linked-Size", str(len(blob.data)))
+        self.send_header("ETag", f'"{blob.git_oid}"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _send_body(self, repo_id: str, path: str, body: bytes) -> None:
         step = 64 * 1024
