@@ -38,6 +38,7 @@ API (see also the ``loopback_hub`` fixture in ``tests/fixtures.py``, which start
     #     mid-body, after that many bytes (huggingface_hub resumes with a Range request)
     hub.break_download(..., then_status=503)  # ... and answer 503 to every later GET of it until heal()
     hub.heal()
+    hub.bytes_per_second = 2e6               # a slow link (every body throttled), to watch progress
     hub.env(home)                            # environment for a subprocess client (HF_ENDPOINT, offline off)
     hub.stop()
 """
@@ -48,6 +49,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -114,6 +116,7 @@ class LoopbackHub:
         self.home: Path | None = None      # the client cache home, set by point_clients_at
         self.commits: dict[tuple[str, str], str] = {}   # (repo_id, branch) -> sha, filled by fixtures
         self.redirect_lfs = True   # LFS files (weights, parquet) answer 302 to /cdn-lfs/..., as the Hub does
+        self.bytes_per_second: float | None = None   # throttle every body (a slow link) when set
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ repos
@@ -370,6 +373,9 @@ class _Handler(BaseHTTPRequestHandler):
             chunk = body[i:i + step]
             self.wfile.write(chunk)
             self.hub._count(repo_id, path, len(chunk))
+            if self.hub.bytes_per_second:          # a slow link, for tests that watch a download progress
+                self.wfile.flush()
+                time.sleep(len(chunk) / self.hub.bytes_per_second)
         self.wfile.flush()
 
     # ------------------------------------------------------------------ plumbing
@@ -455,7 +461,9 @@ def point_clients_at(hub: LoopbackHub, monkeypatch, home: Path) -> None:
                         "HF_HUB_OFFLINE": False, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
                         "HUGGINGFACE_HUB_CACHE": str(home / "hub"), "HF_HUB_DISABLE_TELEMETRY": True,
                         "HF_HUB_DISABLE_XET": True, "HF_TOKEN_PATH": str(home / "token"),
-                        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens")}.items():
+                        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+                        # 64 KiB instead of 10 MB: progress callbacks and resumes are visible on tiny files
+                        "DOWNLOAD_CHUNK_SIZE": 64 * 1024}.items():
         if hasattr(constants, name):
             monkeypatch.setattr(constants, name, value)
     monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", hub.url)

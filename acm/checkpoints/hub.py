@@ -290,7 +290,13 @@ class HeaderReader:
             n *= d
         return n * torch.empty((), dtype=self._dtypes[key]).element_size()
 
-    def close(self) -> None:
+    def close(self) -> None:            # nothing is open: headers only
+        pass
+
+    def close_streams(self) -> None:
+        pass
+
+    def release(self, key: str) -> None:
         pass
 
     def __getattr__(self, name: str):
