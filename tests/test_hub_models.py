@@ -236,3 +236,25 @@ def test_app_chat_shows_a_hub_download_in_the_model_column(loopback_hub, monkeyp
     assert any(f"downloading {HUB_BASE}: " in line and "/s" in line for line in lines)
     assert any(f"downloading {HUB_FT}: " in frame[n + chat.SLOTS.index("ft0")] for frame in frames)
     assert "downloading" not in frames[-1][n + chat.SLOTS.index("base")]
+
+
+def test_evaluate_a_hub_model_reports_its_download(loopback_hub):
+    from acm.evaluation.evaluate import evaluate
+
+    seen: list[tuple[float, str]] = []
+    out = evaluate([HUB_BASE], [{"question": "what is 1 plus 1?", "answer": "2"}], max_new_tokens=2,
+                   device="cpu", progress=lambda f, m: seen.append((f, m)), show_progress=False)
+    assert out["models"][0]["n"] == 1
+    assert any(m.startswith(f"downloading {HUB_BASE}: ") for _, m in seen)
+
+
+def test_tune_fetches_hub_models_once_up_front(loopback_hub, hub_folders):
+    from types import SimpleNamespace
+
+    from acm import tune
+
+    seen: list[tuple[float, str]] = []
+    run = SimpleNamespace(base=HUB_BASE, fts=[HUB_FT, str(hub_folders["ft_v2"])])     # a local folder is skipped
+    tune._fetch_models(run, lambda f, m: seen.append((f, m)), False)
+    assert {m.split(":")[0] for _, m in seen} == {f"downloading {HUB_BASE}", f"downloading {HUB_FT}"}
+    assert not resolve_model(HUB_BASE).needs_download and not resolve_model(HUB_FT).needs_download
