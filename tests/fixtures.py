@@ -200,6 +200,9 @@ def loopback_hub(hub_folders, tmp_path, monkeypatch):
                    (HUB_GATED, "main"): hub.add_model(HUB_GATED, hub_folders["base"], gated=True),
                    (HUB_DATASET, "main"): hub.add_dataset(HUB_DATASET, hub_folders["calibration"])}
     point_clients_at(hub, monkeypatch, tmp_path / "hf-home")
+    from acm.checkpoints import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "_HEADER_MEMO", {})          # every test reads its headers from this hub
     try:
         yield hub
     finally:

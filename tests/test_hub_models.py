@@ -59,6 +59,9 @@ def test_check_on_a_hub_pair_downloads_no_weights(loopback_hub, hub_folders):
     print(f"\ncheck on the loopback pair: {loopback_hub.bytes_served()} bytes served "
           f"({weights_served} of them safetensors headers) of {total} bytes of weights; {wall:.2f} s")
     assert weights_served < total / 3
+    loopback_hub.reset_counts()                                   # checked again: headers come from memory
+    check_compatibility(resolve_model(HUB_BASE), [resolve_model(HUB_FT)])
+    assert not [n for r in (HUB_BASE, HUB_FT) for n in loopback_hub.served_files(r) if n.endswith(".safetensors")]
 
 
 def test_analysis_downloads_the_weights_once_with_progress_at_the_pinned_commit(loopback_hub, hub_folders):

@@ -223,10 +223,20 @@ def _snapshot(repo_id: str, revision: str | None, allow_pickle: bool, *, local_o
 # ----------------------------------------------------------------------------- headers
 
 
+# Headers already read, by (repo, commit, file): a commit never changes, so a crowd checking the same
+# Hub model (or one session checking it again) reads each header from the Hub once per process.
+_HEADER_MEMO: dict[tuple[str, str, str], Any] = {}
+_HEADER_MEMO_MAX = 4096
+
+
 def read_headers(hub: HubWeights) -> None:
     """Each safetensors file's header, by Range requests at the pinned commit (a few threads for shards)."""
     from huggingface_hub import HfApi
 
+    for name in hub.files:
+        memo = _HEADER_MEMO.get((hub.repo_id, hub.commit, name))
+        if memo is not None:
+            hub.headers.setdefault(name, memo)
     todo = [name for name in hub.files if name not in hub.headers]
     if not todo:
         return
@@ -242,6 +252,9 @@ def read_headers(hub: HubWeights) -> None:
             with ThreadPoolExecutor(min(_HEADER_THREADS, len(todo))) as pool:
                 results = list(pool.map(one, todo))
     hub.headers.update(results)
+    if len(_HEADER_MEMO) > _HEADER_MEMO_MAX:
+        _HEADER_MEMO.clear()
+    _HEADER_MEMO.update({(hub.repo_id, hub.commit, name): meta for name, meta in results})
 
 
 class HeaderReader:
