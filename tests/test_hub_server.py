@@ -85,3 +85,16 @@ def test_snapshot_download_and_dataset(loopback_hub, hub_folders):
     assert (folder / "config.json").is_file() and not list(folder.glob("*.safetensors"))
     ds = datasets.load_dataset(HUB_DATASET, split="train")
     assert ds.num_rows == 24 and ds[0]["text"].startswith("what is 0")
+
+
+def test_a_subprocess_client_reaches_the_hub_through_env(loopback_hub, tmp_path):
+    """``hub.env(home)`` is all a subprocess (the app, the CLI) needs, even under CI's HF_HUB_OFFLINE=1."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **loopback_hub.env(tmp_path / "sub-home")}
+    code = f"from huggingface_hub import HfApi; print(HfApi().model_info('{HUB_BASE}').sha)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == loopback_hub.commits[(HUB_BASE, "main")]
