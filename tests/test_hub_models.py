@@ -261,3 +261,22 @@ def test_tune_fetches_hub_models_once_up_front(loopback_hub, hub_folders):
     tune._fetch_models(run, lambda f, m: seen.append((f, m)), False)
     assert {m.split(":")[0] for _, m in seen} == {f"downloading {HUB_BASE}", f"downloading {HUB_FT}"}
     assert not resolve_model(HUB_BASE).needs_download and not resolve_model(HUB_FT).needs_download
+
+
+def test_progress_counts_xet_downloads_once():
+    """Large Hub files travel through Xet when hf_xet is installed (not on the loopback Hub): its progress
+    reporter drives the same tqdm_class; bytes written count once, network transfer is not added again."""
+    from types import SimpleNamespace
+
+    xet = pytest.importorskip("huggingface_hub.utils._xet_progress_reporting")
+    from acm.checkpoints.hub import _Meter
+
+    seen: list[tuple[float, str]] = []
+    meter = _Meter("org/model", 1000, lambda f, m: seen.append((f, m)), show=False)
+    with xet.XetDownloadProgressReporter(reconstruction_desc="model.safetensors", total=1000, log_level=30,
+                                         tqdm_class=meter.tqdm_class()) as reporter:
+        for done in (400, 1000):
+            reporter.update_progress(SimpleNamespace(total_bytes_completed=done, total_transfer_bytes_completed=done // 2,
+                                                     total_bytes_completion_rate=1e6,
+                                                     total_transfer_bytes_completion_rate=5e5, total_bytes=1000))
+    assert meter.done == 1000 and seen[-1][0] == 1.0

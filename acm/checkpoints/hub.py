@@ -392,8 +392,19 @@ class _Meter:
     def tqdm_class(self) -> type:
         meter = self
 
-        class _Bytes:                      # what hf_hub_download drives: a context manager with update(n)
+        class _Bytes:
+            """What hf_hub_download drives (plain HTTP and Xet): a context manager whose ``update(n)``
+            counts the bytes written; the Xet network-transfer counter (``update_transfer``) is not
+            counted again, so a model's bytes are its file sizes whichever way they travel."""
+
+            n = 0
+            total = None
+            disable = False
+
             def __init__(self, *args, **kwargs):
+                pass
+
+            def update_transfer(self, n=1):
                 pass
 
             def __enter__(self):
@@ -408,8 +419,8 @@ class _Meter:
             def close(self):
                 pass
 
-            def __getattr__(self, name):   # set_postfix_str, refresh, …: nothing to show
-                if name.startswith("__"):
+            def __getattr__(self, name):   # set_postfix_str, refresh, set_transfer_postfix_str…: nothing to show
+                if name.startswith("_"):
                     raise AttributeError(name)
                 return lambda *a, **k: None
 
