@@ -117,6 +117,7 @@ class LoopbackHub:
         self.commits: dict[tuple[str, str], str] = {}   # (repo_id, branch) -> sha, filled by fixtures
         self.redirect_lfs = True   # LFS files (weights, parquet) answer 302 to /cdn-lfs/..., as the Hub does
         self.bytes_per_second: float | None = None   # throttle every body (a slow link) when set
+        self._conns: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ repos
@@ -183,10 +184,18 @@ class LoopbackHub:
         return self
 
     def stop(self) -> None:
+        """Stop serving and cut every open (keep-alive) connection: the Hub is down from here on."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def env(self, home: Path) -> dict[str, str]:
         """Environment variables that point a *subprocess* client at this hub with its own cache."""
@@ -222,6 +231,19 @@ class LoopbackHub:
 class _Handler(BaseHTTPRequestHandler):
     hub: LoopbackHub
     protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        with self.hub._lock:
+            self.hub._conns.add(self.connection)
+
+    def finish(self):
+        with self.hub._lock:
+            self.hub._conns.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
 
     def log_message(self, format, *args):
         pass  # quiet: tests read hub.requests instead

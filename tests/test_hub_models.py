@@ -280,3 +280,14 @@ def test_progress_counts_xet_downloads_once():
                                                      total_bytes_completion_rate=1e6,
                                                      total_transfer_bytes_completion_rate=5e5, total_bytes=1000))
     assert meter.done == 1000 and seen[-1][0] == 1.0
+
+
+def test_a_cached_model_resolves_while_the_hub_is_down(loopback_hub):
+    resolve_model(HUB_BASE).fetch_weights(show_progress=False)
+    resolve_model(HUB_FT)                                            # headers only: not usable without the Hub
+    loopback_hub.stop()
+    src = resolve_model(HUB_BASE)
+    assert not src.needs_download and src.commit == loopback_hub.commits[(HUB_BASE, "main")]
+    with pytest.raises(OfflineError) as e:
+        resolve_model(HUB_FT)
+    assert "cannot download" in _one_line(e)

@@ -119,18 +119,21 @@ def resolve_hub(repo_id: str, *, revision: str | None = None, allow_pickle: bool
 
     Online: the repo info pins ``revision`` to its commit sha, the small files are downloaded at that
     sha and, for safetensors repos, the weight list comes from the index (or the single file); no
-    weight byte is fetched. Offline (or a pickle-only repo the user allowed): the cached snapshot or
-    a full download, as before.
+    weight byte is fetched. Offline, or the Hub unreachable: the cached snapshot, if it holds the
+    weights. A pickle-only repo the user allowed: a full download, as before.
     """
+    if offline():
+        return _cached(repo_id, revision, allow_pickle, None)
+    try:
+        return _resolve_online(repo_id, revision, allow_pickle)
+    except OfflineError as exc:             # unreachable / Hub error (not 404, gated, …): the cache, as before
+        return _cached(repo_id, revision, allow_pickle, exc)
+
+
+def _resolve_online(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str | None, HubWeights | None]:
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.utils import filter_repo_objects
 
-    if offline():
-        folder, commit = _snapshot(repo_id, revision, allow_pickle, local_only=True)
-        if not _has_weights(folder, allow_pickle):      # only Check's small files are cached
-            raise OfflineError(f"cannot download {repo_id!r}: offline mode is on (HF_HUB_OFFLINE=1) and its "
-                               "weights are not in the local cache; pass a local folder instead")
-        return folder, commit, None
     with hub_errors(repo_id, revision):
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
         sha = info.sha
@@ -148,6 +151,21 @@ def resolve_hub(repo_id: str, *, revision: str | None = None, allow_pickle: bool
         return (*_snapshot(repo_id, sha, allow_pickle, local_only=False), None)
     hub = HubWeights(repo_id, sha, folder, {name: sizes[name] for name in weights})
     return folder, sha, (None if hub.local else hub)
+
+
+def _cached(repo_id: str, revision: str | None, allow_pickle: bool, error: OfflineError | None
+            ) -> tuple[Path, str | None, None]:
+    """The cached snapshot of ``revision`` with its weights; else ``error`` (or the offline line)."""
+    try:
+        folder, commit = _snapshot(repo_id, revision, allow_pickle, local_only=True)
+    except OfflineError:
+        if error is not None:
+            raise error from None
+        raise
+    if not _has_weights(folder, allow_pickle):      # only Check's small files are cached
+        raise error or OfflineError(f"cannot download {repo_id!r}: offline mode is on (HF_HUB_OFFLINE=1) and "
+                                    "its weights are not in the local cache; pass a local folder instead")
+    return folder, commit, None
 
 
 def _weight_files(repo_id: str, folder: Path, sizes: dict[str, int], allow_pickle: bool) -> list[str] | None:
