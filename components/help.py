@@ -26,8 +26,9 @@ picture).
 
 MODELS = """
 Pick the **base** model and 1–3 **fine-tuned** descendants of it: a bundled demo model, a local folder, or a Hub
-id (`org/name`, needs internet). **Check** reads configs and safetensors headers only — no weights are loaded —
-and says whether the models can be merged.
+id (`org/name`, needs internet). **Check** reads configs and safetensors headers only — no weights are loaded or
+downloaded; a Hub model's weights come once, with progress, when a step first needs them — and says whether the
+models can be merged.
 """
 
 TRUST_WARNING = ("⚠ **trust_remote_code runs Python code shipped with the model repository on this machine.** "
