@@ -152,3 +152,55 @@ def group_rows(model, inp: torch.Tensor, mask: torch.Tensor, head_ids: torch.Ten
             h.remove()
     real = mask.reshape(-1).bool()
     return [o.reshape(-1, o.shape[-1])[real] for o in outs] + [logits.reshape(-1, logits.shape[-1])[real][:, head_ids]]
+
+
+# ----------------------------------------------------------------------------- loopback Hub
+HUB_BASE = "acm-test/tiny-base"        # one model.safetensors
+HUB_FT = "acm-test/tiny-ft"            # sharded (index + shards) on "main"; another fine-tune on branch "v2"
+HUB_GATED = "acm-test/tiny-gated"      # every file answers 401 GatedRepo
+HUB_MISSING = "acm-test/no-such-model"  # 404 RepoNotFound
+HUB_DATASET = "acm-test/tiny-calib"    # data/train-00000-of-00001.parquet with a "text" column
+# Wide enough that each weight file is several times the 100 kB a safetensors header read asks for.
+HUB_MODEL_SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture(scope="session")
+def hub_folders(tmp_path_factory) -> dict[str, Path]:
+    """The local folders the loopback Hub publishes (built once per session)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("hub-src")
+    base = make_tiny_model(root / "base", "qwen2", seed=0, **HUB_MODEL_SHAPE)
+    ft = make_tiny_model(root / "ft", "qwen2", seed=1, init_from=base, max_shard_size="600KB", **HUB_MODEL_SHAPE)
+    ft2 = make_tiny_model(root / "ft2", "qwen2", seed=2, init_from=base, **HUB_MODEL_SHAPE)
+    data = root / "calib"
+    (data / "data").mkdir(parents=True)
+    texts = [f"what is {i} plus {i * 3}? the answer is {i * 4}." for i in range(24)]
+    pq.write_table(pa.table({"text": texts, "id": list(range(24))}), data / "data" / "train-00000-of-00001.parquet")
+    (data / "README.md").write_text("---\nlicense: mit\n---\n# tiny calibration set for tests\n")
+    return {"base": base, "ft": ft, "ft_v2": ft2, "calibration": data}
+
+
+@pytest.fixture
+def loopback_hub(hub_folders, tmp_path, monkeypatch):
+    """A started ``tests.hub_server.LoopbackHub`` serving ``HUB_BASE``, ``HUB_FT`` (+ branch "v2"),
+    ``HUB_GATED`` and the dataset ``HUB_DATASET``; ``huggingface_hub``/``datasets`` in this process
+    point at it, online, with an empty cache at ``hub.home`` (under ``tmp_path``). ``hub.env(hub.home)``
+    gives the same for a subprocess. Stopped (and every patch undone) after the test.
+
+    ``hub.commits`` maps ``(repo_id, branch)`` to the commit sha. Counters start at zero.
+    """
+    from tests.hub_server import LoopbackHub, point_clients_at
+
+    hub = LoopbackHub().start()
+    hub.commits = {(HUB_BASE, "main"): hub.add_model(HUB_BASE, hub_folders["base"]),
+                   (HUB_FT, "main"): hub.add_model(HUB_FT, hub_folders["ft"]),
+                   (HUB_FT, "v2"): hub.add_model(HUB_FT, hub_folders["ft_v2"], branch="v2"),
+                   (HUB_GATED, "main"): hub.add_model(HUB_GATED, hub_folders["base"], gated=True),
+                   (HUB_DATASET, "main"): hub.add_dataset(HUB_DATASET, hub_folders["calibration"])}
+    point_clients_at(hub, monkeypatch, tmp_path / "hf-home")
+    try:
+        yield hub
+    finally:
+        hub.stop()
