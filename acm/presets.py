@@ -11,8 +11,9 @@ repository) or listed in ``unverified``; nothing is filled from memory. Sizes ar
 safetensors files (parameters × 2 in bfloat16; the few-KiB headers, tokenizer and config files excluded).
 Hardware lines are estimates from this project's measurements (BENCHMARKS.md), each with its basis.
 
-``ACM_PRESETS_FILE`` (a JSON list of extra pairs, same fields as ``PairPreset.to_dict``) adds presets at
-start-up — how a Space owner offers their own pairs, and how the tests point a preset at a loopback Hub.
+``ACM_PRESETS_FILE`` adds presets: a JSON list of pairs (the fields of ``PairPreset.to_dict``), or an object
+``{"pairs": [...], "calibrations": [...]}`` (calibrations: the fields of ``CalibrationPreset``) — how a Space
+owner offers their own pairs, and how the tests point a preset at a loopback Hub.
 """
 
 from __future__ import annotations
@@ -213,25 +214,41 @@ def _model_from_dict(d: dict) -> HubModel:
     return HubModel(**d)
 
 
-def _extra_pairs(path: str | os.PathLike) -> list[PairPreset]:
-    """Pairs from a JSON file (a list of ``PairPreset.to_dict()``-shaped objects); one line on a bad file."""
+def _extra(path: str | os.PathLike) -> tuple[list[PairPreset], list[CalibrationPreset]]:
+    """Pairs and calibration presets from a JSON file; one line on a bad file."""
     try:
-        items = json.loads(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(items, list):
-            raise ValueError("the file must hold a JSON list of presets")
-        return [PairPreset(**{**p, "base": _model_from_dict(p["base"]), "ft": _model_from_dict(p["ft"])})
-                for p in items]
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if isinstance(data, list):
+            data = {"pairs": data}
+        if not isinstance(data, dict):
+            raise ValueError("the file must hold a list of pairs or an object with 'pairs' / 'calibrations'")
+        pairs = [PairPreset(**{**p, "base": _model_from_dict(p["base"]), "ft": _model_from_dict(p["ft"])})
+                 for p in data.get("pairs") or []]
+        cals = [CalibrationPreset(**{**c, "sources": tuple(c.get("sources") or ()),
+                                     "unverified": tuple(c.get("unverified") or ())})
+                for c in data.get("calibrations") or []]
+        return pairs, cals
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise InputError(f"{PRESETS_FILE_ENV}={path}: cannot read presets ({exc})") from exc
+
+
+def _extra_from_env() -> tuple[list[PairPreset], list[CalibrationPreset]]:
+    path = os.environ.get(PRESETS_FILE_ENV, "").strip()
+    return _extra(path) if path else ([], [])
 
 
 def pair_presets() -> dict[str, PairPreset]:
     """The paper's pairs, then any from ``ACM_PRESETS_FILE`` (read on each call: the file may change)."""
     pairs = {p.key: p for p in _DEFAULT_PAIRS}
-    extra = os.environ.get(PRESETS_FILE_ENV, "").strip()
-    if extra:
-        pairs.update({p.key: p for p in _extra_pairs(extra)})
+    pairs.update({p.key: p for p in _extra_from_env()[0]})
     return pairs
+
+
+def calibration_presets() -> dict[str, CalibrationPreset]:
+    """s1K and LIMO, then any calibration presets from ``ACM_PRESETS_FILE``."""
+    cals = dict(CALIBRATIONS)
+    cals.update({c.key: c for c in _extra_from_env()[1]})
+    return cals
 
 
 def _norm(key: str) -> str:
@@ -248,9 +265,11 @@ def get_pair(key: str) -> PairPreset:
 
 
 def get_calibration(key: str) -> CalibrationPreset:
-    found = CALIBRATIONS.get(_norm(key))
+    """The calibration preset called ``key``; an unknown name is one line listing the known ones."""
+    cals = calibration_presets()
+    found = cals.get(_norm(key))
     if found is None:
-        raise InputError(f"unknown calibration preset {key!r}: choose one of {', '.join(CALIBRATIONS)}")
+        raise InputError(f"unknown calibration preset {key!r}: choose one of {', '.join(cals)}")
     return found
 
 
@@ -301,7 +320,7 @@ class Hardware:
 
 def estimate(preset: PairPreset, calibration: CalibrationPreset | None = None) -> Hardware:
     """Hardware for ``preset`` analysed on ``calibration`` (default: its own) and merged; estimates, with basis."""
-    cal = calibration or CALIBRATIONS.get(preset.calibration) or CALIBRATIONS["s1k"]
+    cal = calibration or calibration_presets().get(preset.calibration) or CALIBRATIONS["s1k"]
     big = max(preset.base, preset.ft, key=lambda m: m.weight_bytes)
     tokens = BATCH * cal.max_tokens
     gpu_bytes = int(big.weight_bytes + tokens * big.vocab * BF16_BYTES + 3 * tokens * big.intermediate * BF16_BYTES
@@ -343,5 +362,6 @@ def table_rows(pairs: dict[str, PairPreset] | None = None) -> list[dict]:
     return rows
 
 
-__all__ = ["CALIBRATIONS", "PRESETS_FILE_ENV", "CalibrationPreset", "Hardware", "HubModel", "PairPreset", "estimate",
-           "get_calibration", "get_pair", "pair_presets", "table_rows", "with_models"]
+__all__ = ["CALIBRATIONS", "PRESETS_FILE_ENV", "CalibrationPreset", "Hardware", "HubModel", "PairPreset",
+           "calibration_presets", "estimate", "get_calibration", "get_pair", "pair_presets", "table_rows",
+           "with_models"]

@@ -88,9 +88,10 @@ BUNDLED_PRESET = "bundled"
 
 def preset_choices() -> list[tuple[str, str]]:
     """The bundled set (default), then the public reasoning sets of ``acm.presets`` (the paper's s1K first)."""
-    from acm.presets import CALIBRATIONS
+    from acm.presets import calibration_presets
 
-    return [("Bundled demo set (default)", BUNDLED_PRESET)] + [(c.label, c.key) for c in CALIBRATIONS.values()]
+    return [("Bundled demo set (default)", BUNDLED_PRESET)] + [(c.label, c.key)
+                                                               for c in calibration_presets().values()]
 
 
 def apply_preset(key: str | None):

@@ -39,14 +39,14 @@ def preset_choices() -> list[tuple[str, str]]:
 
 def preset_summary(key: str | None) -> str:
     """What a preset will fetch and need, shown before anything downloads (Markdown)."""
-    from acm.presets import CALIBRATIONS, estimate, get_pair
+    from acm.presets import calibration_presets, estimate, get_pair
 
     if not key or key == DEMO_PRESET:
         return ("The bundled miniature pair: nothing to download, every step runs in seconds on a CPU. "
                 "Pick a preset above for one of the paper's Long-to-Short pairs.")
     pair = get_pair(key)
     hw = estimate(pair)
-    cal = CALIBRATIONS.get(pair.calibration)
+    cal = calibration_presets().get(pair.calibration)
     lines = [f"**{pair.label}** — {pair.base.params / 1e9:.1f} B + {pair.ft.params / 1e9:.1f} B parameters; "
              f"tokenizer and chat template of the fine-tuned (R1) model, the paper's rule at t = {pair.t:g}"
              + (f", calibration {cal.dataset} ({cal.clusters} clusters × {cal.fraction:.0%})" if cal else "") + "."]

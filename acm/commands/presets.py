@@ -69,13 +69,14 @@ def require(args: argparse.Namespace, *names: str) -> None:
 
 
 def _show(name: str, as_json: bool) -> int:
-    from acm.presets import CALIBRATIONS, estimate, get_pair
+    from acm.presets import calibration_presets, estimate, get_pair
 
     pair = get_pair(name)
     hw = estimate(pair)
     if as_json:
+        cal = calibration_presets().get(pair.calibration)
         print(json.dumps({"preset": pair.to_dict(), "hardware": hw.__dict__,
-                          "calibration": CALIBRATIONS[pair.calibration].__dict__}, indent=2, default=list))
+                          "calibration": cal.__dict__ if cal else None}, indent=2, default=list))
         return 0
     print(f"{pair.key}: {pair.label}")
     for role, m in (("base", pair.base), ("fine-tuned", pair.ft)):
@@ -97,13 +98,13 @@ def _show(name: str, as_json: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from acm.presets import CALIBRATIONS, table_rows
+    from acm.presets import calibration_presets, table_rows
 
     if args.name:
         return _show(args.name, args.json)
     rows = table_rows()
     if args.json:
-        print(json.dumps({"pairs": rows, "calibrations": {k: c.__dict__ for k, c in CALIBRATIONS.items()}},
+        print(json.dumps({"pairs": rows, "calibrations": {k: c.__dict__ for k, c in calibration_presets().items()}},
                          indent=2, default=list))
         return 0
     print(f"{'preset':<18} {'download':>9} {'analyse':>9}  {'GPU to analyse on':<34} base + fine-tuned")
@@ -114,5 +115,5 @@ def run(args: argparse.Namespace) -> int:
     print("\nevery preset: tokenizer and chat template from the fine-tuned (R1) model, rule acm, t = 0.7, "
           "calibration s1k; GPU = estimated memory for `acm analyze` in bf16 (`acm presets NAME` for the basis)")
     print("calibration presets: " + "; ".join(f"{c.key} = {c.dataset} [{c.split}], field {c.field}, "
-                                              f"{c.clusters} clusters x {c.fraction:.0%}" for c in CALIBRATIONS.values()))
+                                              f"{c.clusters} clusters x {c.fraction:.0%}" for c in calibration_presets().values()))
     return 0
