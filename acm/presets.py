@@ -28,6 +28,7 @@ from acm.rules.paper import PAPER_T
 from acm.sizes import format_bytes
 
 BF16_BYTES = 2
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 PRESETS_FILE_ENV = "ACM_PRESETS_FILE"
 
 
@@ -50,12 +51,12 @@ class HubModel:
     @property
     def weight_bytes(self) -> int:
         """Tensor bytes of the safetensors files (what a download of the weights costs)."""
-        return self.params * BF16_BYTES
+        return self.params * DTYPE_BYTES.get(self.dtype, BF16_BYTES)
 
     @property
     def largest_tensor_bytes(self) -> int:
         """The embedding (vocabulary × hidden): the largest tensor, which bounds a streamed merge's memory."""
-        return self.vocab * self.hidden * BF16_BYTES
+        return self.vocab * self.hidden * DTYPE_BYTES.get(self.dtype, BF16_BYTES)
 
 
 @dataclass(frozen=True)

@@ -199,10 +199,10 @@ def build() -> SimpleNamespace:
                               "calibration; download size and hardware show before anything is fetched")
     preset_md = gr.Markdown(preset_summary(DEMO_PRESET), elem_id="preset-info", elem_classes=["muted"])
     with gr.Row(equal_height=True):
-        base_dd = gr.Dropdown(choices=choices, value=base, label="Base model", allow_custom_value=True,
+        base_dd = gr.Dropdown(choices=choices, value=base, label="Base model", allow_custom_value=True, elem_id="base-model",
                               info="bundled demo model, local folder or Hub id", scale=2)
         fts_dd = gr.Dropdown(choices=choices, value=fts, label="Fine-tuned model(s) (1–3)", multiselect=True,
-                             allow_custom_value=True, max_choices=MAX_FINE_TUNED,
+                             allow_custom_value=True, elem_id="ft-models", max_choices=MAX_FINE_TUNED,
                              info="descendants of the base; type a path or Hub id and press Enter", scale=3)
     with gr.Row(equal_height=True):
         device = gr.Dropdown(DEVICES, value="auto", label="Device", scale=1,
