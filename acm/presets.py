@@ -305,18 +305,28 @@ class Hardware:
     cpu_analysis_ram_bytes: int
     cpu_analysis_hours: float
     merge_ram_bytes: int
+    dtype: str = "bfloat16"
     basis: dict = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         """The table a visitor reads before anything downloads (Markdown bullet text, no bullets)."""
         return [
-            f"download: {format_bytes(self.download_bytes)} of weights (both models, bfloat16)",
+            f"download: {format_bytes(self.download_bytes)} of weights (both models, {self.dtype})",
             f"disk: {format_bytes(self.disk_bytes)} (downloads + the merged model, {format_bytes(self.merged_bytes)})",
             f"analyse on GPU: ≈ {format_bytes(self.gpu_analysis_bytes)} of GPU memory → {self.gpu} (estimate)",
             f"analyse on CPU: ≈ {format_bytes(self.cpu_analysis_ram_bytes)} RAM in float32, "
-            f"≈ {self.cpu_analysis_hours:.0f} CPU-hours for the paper's calibration (extrapolated)",
+            f"≈ {_duration(self.cpu_analysis_hours * 3600)} of one CPU core for the calibration (extrapolated)",
             f"merge (CPU is enough, streamed): ≈ {format_bytes(self.merge_ram_bytes)} RAM",
         ]
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3.6 h``: a person's unit for an extrapolated time."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def estimate(preset: PairPreset, calibration: CalibrationPreset | None = None) -> Hardware:
@@ -333,7 +343,7 @@ def estimate(preset: PairPreset, calibration: CalibrationPreset | None = None) -
     merged = big.weight_bytes if not (preset.base.tied and preset.ft.tied) else preset.base.weight_bytes
     return Hardware(
         download_bytes=preset.download_bytes, merged_bytes=merged, disk_bytes=preset.download_bytes + merged,
-        gpu_analysis_bytes=gpu_bytes, gpu=gpu,
+        gpu_analysis_bytes=gpu_bytes, gpu=gpu, dtype=big.dtype,
         cpu_analysis_ram_bytes=int(CPU_RSS_RATIO * 2 * big.weight_bytes), cpu_analysis_hours=cpu_hours,
         merge_ram_bytes=int(MERGE_BASE_RSS + big.largest_tensor_bytes),
         basis={

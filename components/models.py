@@ -47,7 +47,7 @@ def preset_summary(key: str | None) -> str:
     pair = get_pair(key)
     hw = estimate(pair)
     cal = calibration_presets().get(pair.calibration)
-    lines = [f"**{pair.label}** — {pair.base.params / 1e9:.1f} B + {pair.ft.params / 1e9:.1f} B parameters; "
+    lines = [f"**{pair.label}** — {_fmt_params(pair.base.params)} + {_fmt_params(pair.ft.params)} parameters; "
              f"tokenizer and chat template of the fine-tuned (R1) model, the paper's rule at t = {pair.t:g}"
              + (f", calibration {cal.dataset} ({cal.clusters} clusters × {cal.fraction:.0%})" if cal else "") + "."]
     lines += [f"- {line}" for line in hw.lines()]
@@ -60,8 +60,11 @@ def preset_summary(key: str | None) -> str:
     return "\n".join(lines)
 
 
+PRESET_CHOSEN = "Models set by the preset: **Check compatibility** reads their configs and weight headers."
+
+
 def apply_preset(key: str | None):
-    """The picker's handler: (base, fine-tuned, summary, tokenizer source, rule, t, calibration preset).
+    """The picker's handler: (base, fine-tuned, summary, check line, tokenizer source, rule, t, calibration preset).
 
     The demo entry puts the bundled pair back; a Hub pair fills its ids. Nothing is fetched here: Check, and
     the steps after it, decide what to read."""
@@ -71,11 +74,11 @@ def apply_preset(key: str | None):
 
     if not key or key == DEMO_PRESET:
         base, fts = default_models(scan_demo_models())
-        return (gr.update(value=base), gr.update(value=fts), preset_summary(DEMO_PRESET), gr.update(value="base"),
-                gr.update(value="acm"), gr.update(), gr.update(value="bundled"))
+        return (gr.update(value=base), gr.update(value=fts), preset_summary(DEMO_PRESET), PRESET_CHOSEN,
+                gr.update(value="base"), gr.update(value="acm"), gr.update(), gr.update(value="bundled"))
     pair = get_pair(key)
     tok = {"ft": "ft:1", "base": "base"}.get(pair.tokenizer_from, pair.tokenizer_from)
-    return (gr.update(value=pair.base.repo), gr.update(value=[pair.ft.repo]), preset_summary(key),
+    return (gr.update(value=pair.base.repo), gr.update(value=[pair.ft.repo]), preset_summary(key), PRESET_CHOSEN,
             gr.update(value=tok), gr.update(value=pair.rule), gr.update(value=pair.t),
             gr.update(value=pair.calibration))
 
@@ -237,7 +240,7 @@ def wire(ui) -> None:
     # A preset fills this tab, the Merge tab's tokenizer source, the Analyse tab's rule and t (which carry on
     # to the Merge tab) and the Calibration tab's preset (whose own handler fills the dataset and sampling).
     m.preset.change(ui_errors(apply_preset, warm=False), m.preset,
-                    [m.base, m.fts, m.preset_md, ui.merge.tokenizer_from, ui.analysis.rule, ui.analysis.t,
+                    [m.base, m.fts, m.preset_md, m.check_md, ui.merge.tokenizer_from, ui.analysis.rule, ui.analysis.t,
                      ui.calibration.preset], api_name="preset", queue=False, show_progress="hidden")
     # The click shows "Checking…" at once, in the browser (no server round trip: a cold start may be busy
     # importing torch), then the check replaces it; the output also carries Gradio's pending state.

@@ -127,6 +127,7 @@ def test_preset_from_the_hub_checks_and_analyses(browser, hub_app, tmp_path):  #
     info.get_by_text("download:").wait_for(timeout=30_000)
     shown = info.inner_text()
     served_on_pick = len(hub.requests)
+    assert "Compatible" not in page.locator("#check-md").inner_text(), "the demo pair's answer must not stay up"
     assert page.locator("#base-model input").input_value() == HUB_BASE
     page.locator("#ft-models").get_by_text(HUB_FT).wait_for(timeout=10_000)
     assert f"download: {format_bytes(download_bytes)}" in shown, shown
@@ -165,7 +166,7 @@ def test_preset_from_the_hub_checks_and_analyses(browser, hub_app, tmp_path):  #
 
     assert served_on_pick == 0, f"picking a preset fetched {hub.requests[:served_on_pick]}"
     assert {HUB_BASE, HUB_FT} <= checked_repos, checked_repos
-    assert re.search(r"Compatible", check_text)
+    assert re.search(r"Compatible", check_text) and "tiny-base" in check_text and "tiny-ft" in check_text, check_text
     weight_files = {(r[1], r[2]) for r in hub.requests if str(r[2]).endswith(".safetensors")}
     weights = sum(hub.bytes_served(repo, path) for repo, path in weight_files)
     assert weights > 0, "the analysis read the weights from the loopback Hub"
