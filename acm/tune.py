@@ -757,6 +757,7 @@ def iter_tune(base: str, fts: Sequence[str], out: str | os.PathLike, settings: S
     run = _start_run(base, fts, out, settings, replace(options or TuneOptions(), **overrides))
     with _torch_threads(run.threads):
         _attach_analysis(run, progress)
+        _fetch_models(run, progress, show_progress)
         _open_results(run)
         tick = _Ticker(_units_to_do(run), progress, show_progress)
         try:
@@ -816,6 +817,16 @@ def _attach_analysis(run: _Run, progress: Progress | None) -> None:
     run.an, run.an_label = _ensure_analysis(run.base, run.fts, o.analysis, run.out, calibration=o.calibration,
                                             samples=o.samples, device=o.device, progress=progress, metrics=metrics,
                                             sample_mi=any(s.paper for s in need))
+
+
+def _fetch_models(run: _Run, progress: Progress | None, show_progress: bool) -> None:
+    """Hub models' weights downloaded once, up front, with progress (after one disk-space check): the
+    reference evaluations and every merge of the grid read them."""
+    from acm.checkpoints.models import fetch_all, resolve_model
+
+    hub = [s for s in [run.base, *run.fts] if not Path(s).expanduser().exists()]
+    if hub:
+        fetch_all([resolve_model(s) for s in hub], progress, show_progress=show_progress)
 
 
 def _open_results(run: _Run) -> None:

@@ -155,7 +155,8 @@ def _load_models(state: SessionState, to_run, *, device, dtype, trust_remote_cod
             models.append((label, state.merged.model, state.merged.tokenizer))
         else:
             model, tok = load_source_model(spec, device=none_if_auto(device), dtype=none_if_auto(dtype),
-                                           trust_remote_code=trust_remote_code)
+                                           trust_remote_code=trust_remote_code,
+                                           progress=progress_callback(progress, (0.0, 0.05)))
             models.append((label, model, tok))
     return models
 

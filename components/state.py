@@ -190,13 +190,14 @@ def source_model_key(path: str | Path, device: str | None, dtype: str | None) ->
 
 
 def load_source_model(spec: str, *, device: str | None = None, dtype: str | None = None,
-                      trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) of an input model, from the shared cache (loaded on first use)."""
+                      trust_remote_code: bool = False, progress=None) -> tuple[Any, Any]:
+    """(model, tokenizer) of an input model, from the shared cache (loaded on first use; a Hub model's
+    download reports to ``progress(fraction, message)``)."""
     from acm.checkpoints.models import load_causal_lm, parse_dtype, resolve_model
 
     def loader():
         src = resolve_model(spec, trust_remote_code=trust_remote_code)
-        return load_causal_lm(src, device=device, dtype=parse_dtype(dtype))
+        return load_causal_lm(src, device=device, dtype=parse_dtype(dtype), progress=progress)
 
     return SOURCE_MODELS.get(source_model_key(spec, device, dtype) + (bool(trust_remote_code),), loader)
 

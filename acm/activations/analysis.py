@@ -73,7 +73,7 @@ from acm.activations.sample_mi import DEFAULT_MAX_VALUES, check_estimator, make_
 from acm.activations.similarity import DEFAULT_SKETCH_DIM, METRICS, metric_label, parse_metrics
 from acm.checkpoints.compatibility import check_compatibility
 from acm.checkpoints.grouping import EMBED, HEAD, build_group_map, group_names
-from acm.checkpoints.models import ModelSource, load_causal_lm, parse_dtype, resolve_model
+from acm.checkpoints.models import ModelSource, fetch_all, load_causal_lm, parse_dtype, resolve_model
 from acm.checkpoints.residency import peak_rss_bytes, release_memory, weight_ref
 from acm.checkpoints.tensors import finite
 from acm.errors import ACMError, InputError, OutOfMemoryAdvice, is_out_of_memory
@@ -482,6 +482,7 @@ def analyze(base: str | ModelSource, fts: list[str | ModelSource], calibration: 
     base_src, ft_srcs = _source(base, o), [_source(f, o) for f in fts]
     compat = check_compatibility(base_src, ft_srcs)
     texts = load_texts(calibration, field=o.field, split=o.split)
+    fetch_all([base_src, *ft_srcs], progress, show_progress=show_progress)   # Hub weights: disk check, download
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     fed = _load_base_and_select(base_src, texts, o, torch_dtype, report, progress)

@@ -2,7 +2,9 @@
 
 Everything cheap happens before anything heavy: resolving a model reads its config and the
 safetensors *headers* only, so a mismatch (architecture, layer count, hidden size, tensor
-shapes) is reported in one line before a single weight is loaded.
+shapes) is reported in one line before a single weight is loaded. For a Hub id not even the
+weights are downloaded: the headers are read from the Hub (``acm.checkpoints.hub``) and the
+weights are fetched by ``ModelSource.fetch_weights`` when a step first needs them.
 """
 
 from __future__ import annotations
@@ -15,14 +17,11 @@ from typing import Any
 import torch
 
 from acm.checkpoints.config import _load_config, num_layers_of
+from acm.checkpoints.hub import HeaderReader, HubWeights, Progress, check_disk_space, download_weights, resolve_hub
 from acm.checkpoints.residency import convert_parameters, stored_float_dtype
 from acm.checkpoints.tensors import TensorReader, find_weight_files
-from acm.errors import InputError, OfflineError
+from acm.errors import InputError
 from acm.sizes import format_bytes
-
-# Files we fetch from the Hub: configs, tokenizer files, safetensors (pickle only when allowed).
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
-_PICKLE_PATTERNS = ["*.bin"]
 
 
 @dataclass
@@ -38,17 +37,46 @@ class ModelSource:
     commit: str | None = None      # Hub commit hash when known
     allow_pickle: bool = False
     trust_remote_code: bool = False
-    _reader: TensorReader | None = field(default=None, repr=False)
+    hub: HubWeights | None = None  # a Hub model whose weights are not downloaded yet (headers from the Hub)
+    _reader: TensorReader | HeaderReader | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return self.spec
 
     @property
-    def reader(self) -> TensorReader:
+    def reader(self) -> TensorReader | HeaderReader:
+        """Names, shapes and dtypes (and tensors): from the local files, or from the Hub's headers while
+        the weights are not downloaded (reading a tensor then downloads them first)."""
         if self._reader is None:
-            self._reader = _open_reader(self)
+            if self.hub is not None:
+                self._reader = HeaderReader(self.hub, self._local_reader)
+            else:
+                self._reader = _open_reader(self)
         return self._reader
+
+    @property
+    def needs_download(self) -> bool:
+        return self.hub is not None and not self.hub.local
+
+    def download_size(self) -> int:
+        """Bytes of weights still to download (0 for a local folder or a cached Hub model)."""
+        return sum(self.hub.missing().values()) if self.hub is not None else 0
+
+    def fetch_weights(self, progress: Progress | None = None, *, show_progress: bool = True) -> None:
+        """Download the weights of a Hub model (once, into the HF cache, at the pinned commit).
+
+        Why explicit: the steps that read tensors call it first with their progress callback, so the
+        download shows bytes, speed and ETA; local folders and cached models return at once."""
+        if self.hub is None:
+            return
+        self.weight_files = download_weights(self.hub, progress=progress, show_progress=show_progress,
+                                             label=self.spec)
+        self.weight_format, self.hub, self._reader = "safetensors", None, None
+
+    def _local_reader(self) -> TensorReader:
+        self.fetch_weights()
+        return self.reader
 
     @property
     def num_layers(self) -> int:
@@ -97,11 +125,14 @@ def _looks_like_path(spec: str) -> bool:
 
 def resolve_model(spec: str, *, allow_pickle: bool = False, revision: str | None = None,
                   trust_remote_code: bool = False) -> ModelSource:
-    """Turn a Hub id or local folder into a ``ModelSource`` (config + weight file list)."""
+    """Turn a Hub id or local folder into a ``ModelSource`` (config + weight file list).
+
+    A Hub id is pinned to its commit sha; only its small files are downloaded here (see
+    ``acm.checkpoints.hub``), its weights when a step calls ``fetch_weights``."""
     spec = (spec or "").strip()
     if not spec:
         raise InputError("no model given: pass a Hub id (org/name) or a local folder")
-    commit = None
+    commit, hub = None, None
     local = Path(spec).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -110,40 +141,25 @@ def resolve_model(spec: str, *, allow_pickle: bool = False, revision: str | None
     elif _looks_like_path(spec):
         raise InputError(f"model folder not found: {spec}")
     else:
-        path, commit = _download(spec, revision=revision, allow_pickle=allow_pickle)
+        path, commit, hub = resolve_hub(spec, revision=revision, allow_pickle=allow_pickle)
     if not (path / "config.json").is_file():
         raise InputError(f"{spec} has no config.json: not a Hugging Face model folder")
     config = _load_config(path, spec, trust_remote_code)
-    files, fmt = find_weight_files(path, allow_pickle=allow_pickle)
+    if hub is not None:
+        files, fmt = hub.paths(), "safetensors"
+    else:
+        files, fmt = find_weight_files(path, allow_pickle=allow_pickle)
     return ModelSource(spec=spec, path=path, config=config, weight_files=files, weight_format=fmt,
                        revision=revision, commit=commit, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, hub=hub)
 
 
-def _download(repo_id: str, *, revision: str | None, allow_pickle: bool) -> tuple[Path, str | None]:
-    """Fetch a Hub snapshot (config, tokenizer, weights) into the local cache."""
-    from huggingface_hub import errors as hub_errors
-    from huggingface_hub import snapshot_download
-
-    patterns = _HUB_PATTERNS + (_PICKLE_PATTERNS if allow_pickle else [])
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except hub_errors.HFValidationError:
-        raise InputError(f"{repo_id!r} is neither an existing local folder nor a valid Hub model id") from None
-    except (hub_errors.OfflineModeIsEnabled, hub_errors.LocalEntryNotFoundError):
-        raise OfflineError(
-            f"cannot download {repo_id!r}: the Hugging Face Hub is unreachable or offline mode is on "
-            "(HF_HUB_OFFLINE=1) and it is not in the local cache; pass a local folder instead") from None
-    except hub_errors.GatedRepoError:
-        raise InputError(f"{repo_id!r} is gated: accept its licence on the Hub and log in (HF_TOKEN)") from None
-    except hub_errors.RepositoryNotFoundError:
-        raise InputError(f"model {repo_id!r} not found on the Hub (or it is private)") from None
-    except hub_errors.RevisionNotFoundError:
-        raise InputError(f"revision {revision!r} not found for {repo_id!r}") from None
-    except (hub_errors.HfHubHTTPError, OSError) as exc:
-        raise OfflineError(f"cannot download {repo_id!r} from the Hub: {str(exc).splitlines()[0]}") from None
-    commit = folder.name if len(folder.name) == 40 else None
-    return folder, commit
+def fetch_all(sources: list[ModelSource], progress: Progress | None = None, *, show_progress: bool = True) -> None:
+    """Download every Hub model's weights that a step is about to read, after one disk-space check for
+    all of them (so a pair that does not fit is refused before the first byte, not half-way)."""
+    check_disk_space([s.hub for s in sources if s.hub is not None])
+    for src in sources:
+        src.fetch_weights(progress, show_progress=show_progress)
 
 
 # Families whose config.json is read as plain JSON on the merge / Check path (the same families
@@ -201,13 +217,17 @@ def fit_advice(name: str, nbytes: int, device: torch.device, dtype: torch.dtype,
             "more memory or a smaller model, or run on the CPU (slow)")
 
 
-def load_causal_lm(src: ModelSource, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+def load_causal_lm(src: ModelSource, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                   progress: Progress | None = None):
     """Load (model, tokenizer) for forward passes / generation, in eval mode.
 
     ``device="auto"`` uses accelerate's big-model placement (``device_map="auto"``, offload) for
-    models larger than one device.
+    models larger than one device. A Hub model's weights are downloaded first (``progress`` sees the
+    bytes, speed and ETA; a tqdm bar shows them when it is None).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src.fetch_weights(progress)
 
     big = device == "auto" and torch.cuda.is_available()
     dev = pick_device(None if big else (str(device) if device is not None else None))
@@ -250,7 +270,7 @@ def load_causal_lm(src: ModelSource, *, device: torch.device | str | None = None
 
 
 def load_model(spec: str | os.PathLike, *, trust_remote_code: bool = False, allow_pickle: bool = False,
-               device: str | None = None):
+               device: str | None = None, progress: Progress | None = None):
     """(model, tokenizer) from a local folder or a Hub id, in eval mode.
 
     Used by evaluation and chat, so generation gets the same safety rules as analysis and merge
@@ -258,4 +278,4 @@ def load_model(spec: str | os.PathLike, *, trust_remote_code: bool = False, allo
     same placement: CUDA in bfloat16 when available, else CPU in float32.
     """
     src = resolve_model(str(spec), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    return load_causal_lm(src, device=device)
+    return load_causal_lm(src, device=device, progress=progress)

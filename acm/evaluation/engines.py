@@ -188,12 +188,13 @@ class VLLMEngine:
 
     def __init__(self, spec: str | os.PathLike, *, trust_remote_code: bool = False, allow_pickle: bool = False,
                  dtype: str = "auto", seed: int = 0,
-                 gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION, **llm_kwargs):
+                 gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION, progress=None, **llm_kwargs):
         from acm.checkpoints.models import resolve_model
         from acm.checkpoints.templates import check_tokenizer_fits, load_tokenizer
 
         check_engine("vllm")
         src = resolve_model(str(spec), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        src.fetch_weights(progress)                 # vLLM reads the folder: a Hub model's weights first
         self.spec = str(spec)
         self.tokenizer = load_tokenizer(src.path, trust_remote_code=src.trust_remote_code)
         if src.vocab_size:
@@ -292,9 +293,10 @@ def _vllm_dtype(dtype: str | None) -> str:
 
 
 def open_engine(engine: str, spec, *, trust_remote_code: bool = False, allow_pickle: bool = False,
-                device: str | None = None, seed: int = 0, **vllm_options) -> tuple[str, Any]:
+                device: str | None = None, seed: int = 0, progress=None, **vllm_options) -> tuple[str, Any]:
     """(name, engine) for one model spec: a folder / Hub id, or a ``(name, model, tokenizer)`` tuple
-    (transformers only), or a ``(name, engine)`` pair already opened (returned as it is)."""
+    (transformers only), or a ``(name, engine)`` pair already opened (returned as it is).
+    ``progress(fraction, message)`` sees a Hub model's download."""
     if isinstance(spec, tuple):
         if len(spec) == 2 and hasattr(spec[1], "generate") and hasattr(spec[1], "close"):
             return str(spec[0]), spec[1]
@@ -307,8 +309,9 @@ def open_engine(engine: str, spec, *, trust_remote_code: bool = False, allow_pic
         return str(name), TransformersEngine(model, tok)
     if engine == "vllm":
         return str(spec), VLLMEngine(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                     seed=seed, **vllm_options)
+                                     seed=seed, progress=progress, **vllm_options)
     from acm.checkpoints.models import load_model
 
-    model, tok = load_model(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device=device)
+    model, tok = load_model(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device=device,
+                            progress=progress)
     return str(spec), TransformersEngine(model, tok)

@@ -279,7 +279,7 @@ def evaluate(models: Iterable[ModelSpec], data: Sequence[dict] | str | os.PathLi
     for k, spec in enumerate(models):
         owned = not (isinstance(spec, tuple) and len(spec) == 2)   # an engine the caller opened stays open
         name, eng = open_engine(engine, spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                device=device, seed=seed)
+                                device=device, seed=seed, progress=progress)
         try:
             sampling = fixed if fixed is not None else sampling_from_model(eng.model, override)
             if samples > 1 and sampling.greedy:

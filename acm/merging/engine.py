@@ -48,7 +48,7 @@ from acm.checkpoints.compatibility import check_compatibility
 from acm.checkpoints.grouping import HEAD
 from acm.checkpoints.grouping import NORM_GROUP as NORM_KEY
 from acm.checkpoints.heads import HeadLayout
-from acm.checkpoints.models import ModelSource, parse_dtype, pick_device, resolve_model
+from acm.checkpoints.models import ModelSource, fetch_all, parse_dtype, pick_device, resolve_model
 from acm.checkpoints.shards import AtomicFolder, ShardWriter, check_target, parse_size
 from acm.checkpoints.templates import (
     check_tokenizer_fits,
@@ -183,6 +183,7 @@ def merge_models(base: str | ModelSource, fts: list[str | ModelSource], out_dir:
     groups = _ordered_groups(base_src, group_of)
     lams = _resolve_lambdas(lambdas, groups, len(ft_srcs), options, base_src.num_layers)
     _check_disk_space(base_src, names, layout, target, out_dtype)
+    fetch_all([base_src, *ft_srcs], progress, show_progress=show_progress)   # Hub weights: disk check, download
 
     plan = _Plan(base_src, ft_srcs, options, device, group_of, lams, layout)
     tok_index = parse_tokenizer_from(options.tokenizer_from, len(ft_srcs))
