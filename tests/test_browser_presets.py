@@ -1,5 +1,6 @@
-"""Real browser + loopback Hub: pick a preset, read its size and hardware before anything is fetched, then
-Check and Analyse end to end, every byte through ``huggingface_hub`` / ``datasets`` from a Hub on 127.0.0.1.
+"""Real browser + loopback Hub: pick a preset, read its size and hardware before anything is fetched (no Hub
+request), Check from headers (no weight file fetched whole), then Analyse end to end, every byte through
+``huggingface_hub`` / ``datasets`` from a Hub on 127.0.0.1.
 
 The paper's pairs (1.5B–32B) cannot be served here, so the test adds a tiny preset the way a Space owner
 would (``ACM_PRESETS_FILE``): a pair and a calibration set published by ``tests.hub_server.LoopbackHub``.
@@ -24,6 +25,7 @@ from tests.fixtures import HUB_BASE, HUB_DATASET, HUB_FT
 from tests.test_app_e2e import REPO, demo_assets_dir, free_port
 from tests.test_browser import browser, open_app, save_shot  # noqa: F401 - module fixture
 
+HEADER_READ = 100_001            # huggingface_hub reads a safetensors header with one `Range: bytes=0-100000`
 PRESET_KEY = "loopback-tiny"
 PRESET_LABEL = "Loopback tiny pair (test)"
 CAL_KEY = "loopback-calib"
@@ -108,7 +110,7 @@ def _pick(page, elem_id: str, option: str) -> None:
     page.get_by_role("option", name=option).click()
 
 
-def test_preset_from_the_hub_checks_and_analyses(browser, hub_app, tmp_path):  # noqa: F811 - pytest injects the imported fixture
+def test_preset_from_the_hub_checks_and_analyses(browser, hub_app, hub_folders, tmp_path):  # noqa: F811 - pytest injects the imported fixture
     url, hub, download_bytes, log = hub_app
     page, errors = open_app(browser, url)
     # the bundled demo pair is the default, and the page's first Check of it fetched nothing from the Hub
@@ -143,6 +145,10 @@ def test_preset_from_the_hub_checks_and_analyses(browser, hub_app, tmp_path):  #
                              f"{log.read_text()[-2000:]}") from None
     check_text = page.locator("#check-md").inner_text()
     checked_repos = {r[1] for r in hub.requests}
+    # Check reads metadata: at most one header read (Range 0-100000) per weight file, never a whole file
+    weight_sizes = {(repo, f.name): f.stat().st_size for repo, folder in ((HUB_BASE, "base"), (HUB_FT, "ft"))
+                    for f in hub_folders[folder].glob("*.safetensors")}
+    check_bytes = {key: hub.bytes_served(*key) for key in weight_sizes}
 
     # the preset set the other tabs: tokenizer source (Merge), rule and t (Analyse), calibration (Calibration)
     page.get_by_role("tab", name="4 · Merge").click()
@@ -169,7 +175,8 @@ def test_preset_from_the_hub_checks_and_analyses(browser, hub_app, tmp_path):  #
     assert re.search(r"Compatible", check_text) and "tiny-base" in check_text and "tiny-ft" in check_text, check_text
     weight_files = {(r[1], r[2]) for r in hub.requests if str(r[2]).endswith(".safetensors")}
     weights = sum(hub.bytes_served(repo, path) for repo, path in weight_files)
-    assert weights > 0, "the analysis read the weights from the loopback Hub"
+    assert all(check_bytes[k] <= min(HEADER_READ, size - 1) for k, size in weight_sizes.items()), check_bytes
+    assert weights >= sum(weight_sizes.values()), "the analysis read the weights from the loopback Hub"
     assert hub.bytes_served(HUB_DATASET) > 0, "the calibration texts came from the loopback Hub dataset"
     assert "Analysis ready" in summary
     assert not errors, errors
