@@ -203,6 +203,12 @@ def test_extra_presets_from_a_file_run_an_analysis(tmp_path, monkeypatch, capsys
     text = json.dumps(result)
     assert "tiny-math-long" in text and "tiny-math-base" in text
     assert result["provenance"]["calibration"]["samples"] == 10          # 2 clusters × 5 % of 200 texts
+    # merge with the preset and that analysis: the paper's rule at t = 0.7, the fine-tuned model's tokenizer
+    merged = tmp_path / "merged"
+    assert main(["merge", "--preset", "demo-local", "--method", "ties", "--acm", str(out), "--out", str(merged)]) == 0
+    recipe = json.loads((merged / "acm_recipe.json").read_text())
+    assert recipe["acm"] is True and recipe["acm_analysis"]["t"] == 0.7 and recipe["acm_analysis"]["rule"] == "acm"
+    assert recipe["output"]["tokenizer"]["from"].startswith("ft")
 
 
 def test_a_bad_presets_file_is_one_line(tmp_path, monkeypatch, capsys):
