@@ -140,8 +140,10 @@ R1_QWEN_7B = HubModel(
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", params=7_615_616_512, layers=28, hidden=3584, intermediate=18944,
     vocab=152_064, tied=False,
     sources=("config hidden 3584, 28:4 heads, vocab 152064, untied (find_string id 44452669929)",
+             "general.parameter_count 7615616512 of a qwen2 7.6B 'thinking' GGUF with rope base 10000 and "
+             "131072 context, the R1 distill's settings (find_string id 68407820603)",
              "paddlenlp listing: 2 shards, 8.0 + 6.2 GiB = 14.2 GiB", _R1_CARD),
-    unverified=("exact bytes (computed from the config; the mirror's rounded listing agrees)",))
+    unverified=("the safetensors index itself (the count is a GGUF's; the mirror's rounded listing agrees)",))
 QWEN25_14B = HubModel(
     "Qwen/Qwen2.5-14B", params=14_770_033_664, layers=48, hidden=5120, intermediate=13824, vocab=152_064,
     tied=False,
@@ -165,8 +167,9 @@ QWEN25_32B = HubModel(
 R1_QWEN_32B = HubModel(
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", params=32_763_876_352, layers=64, hidden=5120, intermediate=27648,
     vocab=152_064, tied=False,
-    sources=("paddlenlp listing: 8 shards, 8.2 × 7 + 3.8 GiB = 61.2 GiB", _R1_CARD),
-    unverified=("exact bytes and config (computed from its base; the mirror's rounded listing agrees)",))
+    sources=("'DeepSeek R1 Distill Qwen 32B' paramCount 32763876352 (a provider's model list, find_string id "
+             "66729435508)", "paddlenlp listing: 8 shards, 8.2 × 7 + 3.8 GiB = 61.2 GiB", _R1_CARD),
+    unverified=("config fields (taken from its base; the parameter count agrees)",))
 LLAMA31_8B = HubModel(
     "meta-llama/Llama-3.1-8B", params=8_030_261_248, layers=32, hidden=4096, intermediate=14336, vocab=128_256,
     tied=False, gated=True,
