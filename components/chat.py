@@ -53,10 +53,42 @@ def _column(state: SessionState, slot: str, label: str) -> ChatColumn:
     return col
 
 
-def _load(state: SessionState, spec: str | None, device, dtype, trust) -> tuple[Any, Any]:
+def _load(state: SessionState, spec: str | None, device, dtype, trust, progress=None) -> tuple[Any, Any]:
     if spec is None:
         return state.merged.model, state.merged.tokenizer
-    return load_source_model(spec, device=none_if_auto(device), dtype=none_if_auto(dtype), trust_remote_code=trust)
+    return load_source_model(spec, device=none_if_auto(device), dtype=none_if_auto(dtype), trust_remote_code=trust,
+                             progress=progress)
+
+
+def _load_all(state: SessionState, active, device, dtype, trust) -> Iterator[tuple]:
+    """Load every active model (returns them); while a Hub model downloads, yield snapshots whose length
+    line shows the download (bytes, speed, ETA) in that model's column."""
+    status: dict[str, str] = {}
+    out: list = []
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for slot, _label, spec in active:
+                def show(_fraction: float, message: str, slot=slot) -> None:
+                    status[slot] = html.escape(message)
+                out.append(_load(state, spec, device, dtype, trust, progress=show))
+                status.pop(slot, None)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the generator below
+            failed.append(exc)
+
+    worker = threading.Thread(target=work, daemon=True, name="acm-chat-load")
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)
+        if status:
+            snap = list(snapshot(state, active))
+            for slot, message in list(status.items()):
+                snap[len(SLOTS) + SLOTS.index(slot)] = f"<span class='working'>{message}</span>"
+            yield tuple(snap)
+    if failed:
+        raise failed[0]
+    return out
 
 
 def count_tokens(tokenizer, text: str) -> int:
@@ -128,8 +160,8 @@ def chat_stream(state: SessionState, message: str, base: str | None, fts, *, max
     if not active:
         raise InputError(f"choose the models in step {plan.number('models')} first")
     jobs = []
-    for slot, label, spec in active:
-        model, tok = _load(state, spec, device, dtype, trust_remote_code)
+    loaded = yield from _load_all(state, active, device, dtype, trust_remote_code)
+    for (slot, label, _spec), (model, tok) in zip(active, loaded):
         col = _column(state, slot, label)
         col.template = describe_chat(model, tok)
         prompt = [{"role": m["role"], "content": m["content"]} for m in col.history] + \

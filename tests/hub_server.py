@@ -14,6 +14,9 @@ lives inside ``huggingface_hub``; only real HTTP exercises it. The routes below 
 * ``HEAD|GET /{ns}/{name}/resolve/{rev}/{file}`` and ``/datasets/{ns}/{name}/resolve/...`` — served
   directly (no redirect) with ``X-Repo-Commit``, ``ETag``, ``Content-Length``, ``Accept-Ranges``;
   ``Range: bytes=a-b`` answers ``206`` with ``Content-Range`` (safetensors header reads, resumes).
+* LFS files (``*.safetensors``, ``*.parquet``, …) answer ``302`` with ``X-Linked-Size``/``X-Linked-Etag``
+  and ``Location: /cdn-lfs/...`` (served by the same server, with Range), as the Hub redirects them to
+  its storage; ``hub.redirect_lfs = False`` serves them directly.
 * Errors as the Hub sends them: ``X-Error-Code: RepoNotFound`` (404), ``RevisionNotFound`` (404),
   ``EntryNotFound`` (404, with ``X-Repo-Commit``), ``GatedRepo`` (401 on every file of a gated repo;
   its info stays public, as on the Hub). ``huggingface_hub.utils.hf_raise_for_status`` maps them to
@@ -35,6 +38,7 @@ API (see also the ``loopback_hub`` fixture in ``tests/fixtures.py``, which start
     #     mid-body, after that many bytes (huggingface_hub resumes with a Range request)
     hub.break_download(..., then_status=503)  # ... and answer 503 to every later GET of it until heal()
     hub.heal()
+    hub.bytes_per_second = 2e6               # a slow link (every body throttled), to watch progress
     hub.env(home)                            # environment for a subprocess client (HF_ENDPOINT, offline off)
     hub.stop()
 """
@@ -45,6 +49,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -110,6 +115,8 @@ class LoopbackHub:
         self._server: ThreadingHTTPServer | None = None
         self.home: Path | None = None      # the client cache home, set by point_clients_at
         self.commits: dict[tuple[str, str], str] = {}   # (repo_id, branch) -> sha, filled by fixtures
+        self.redirect_lfs = True   # LFS files (weights, parquet) answer 302 to /cdn-lfs/..., as the Hub does
+        self.bytes_per_second: float | None = None   # throttle every body (a slow link) when set
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ repos
@@ -236,6 +243,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if parts[0] == "api" and len(parts) >= 4 and parts[1] in ("models", "datasets"):
                 self._api(method, parts[1][:-1], "/".join(parts[2:4]), parts[4:], query)
+            elif parts[0] == "cdn-lfs" and len(parts) >= 6:          # cdn-lfs/{kind}/{ns}/{name}/{sha}/{path}
+                self._resolve(method, parts[1], "/".join(parts[2:4]), parts[4], parts[5:], cdn=True)
             elif parts[0] == "datasets" and len(parts) >= 5 and parts[3] == "resolve":
                 self._resolve(method, "dataset", "/".join(parts[1:3]), parts[4], parts[5:])
             elif len(parts) >= 4 and parts[2] == "resolve":
@@ -292,7 +301,8 @@ class _Handler(BaseHTTPRequestHandler):
         return info
 
     # ------------------------------------------------------------------ files
-    def _resolve(self, method: str, kind: str, repo_id: str, rev_part: str, path_parts: list[str]) -> None:
+    def _resolve(self, method: str, kind: str, repo_id: str, rev_part: str, path_parts: list[str],
+                 cdn: bool = False) -> None:
         repo = self.hub._repo(kind, repo_id)
         path = unquote("/".join(path_parts))
         if repo is None:
@@ -308,6 +318,8 @@ class _Handler(BaseHTTPRequestHandler):
         if blob is None:
             return self._error(404, "EntryNotFound", f"{path} does not exist on {rev}", repo_id=repo_id,
                                method=method, commit=sha)
+        if blob.sha256 and self.hub.redirect_lfs and not cdn:
+            return self._redirect(method, kind, repo_id, sha, path, blob)
         fault = self.hub._take_fault(repo_id, path) if method == "GET" else None
         if fault is not None and fault[0] == "status":
             return self._error(fault[1], None, "loopback hub: injected failure", repo_id=repo_id, method=method)
@@ -343,12 +355,27 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send_body(repo_id, path, body)
 
+    def _redirect(self, method: str, kind: str, repo_id: str, sha: str, path: str, blob: _Blob) -> None:
+        """An LFS file, as the Hub serves it: 302 to its storage URL, the file's metadata on the redirect."""
+        self._log(method, repo_id, path, self.headers.get("Range"), 302)
+        self.send_response(302)
+        self.send_header("Location", f"/cdn-lfs/{kind}/{repo_id}/{sha}/{path}")
+        self.send_header("X-Repo-Commit", sha)
+        self.send_header("X-Linked-Etag", f'"{blob.sha256}"')
+        self.send_header("X-Linked-Size", str(len(blob.data)))
+        self.send_header("ETag", f'"{blob.git_oid}"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def _send_body(self, repo_id: str, path: str, body: bytes) -> None:
         step = 64 * 1024
         for i in range(0, len(body), step):
             chunk = body[i:i + step]
             self.wfile.write(chunk)
             self.hub._count(repo_id, path, len(chunk))
+            if self.hub.bytes_per_second:          # a slow link, for tests that watch a download progress
+                self.wfile.flush()
+                time.sleep(len(chunk) / self.hub.bytes_per_second)
         self.wfile.flush()
 
     # ------------------------------------------------------------------ plumbing
@@ -434,7 +461,9 @@ def point_clients_at(hub: LoopbackHub, monkeypatch, home: Path) -> None:
                         "HF_HUB_OFFLINE": False, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
                         "HUGGINGFACE_HUB_CACHE": str(home / "hub"), "HF_HUB_DISABLE_TELEMETRY": True,
                         "HF_HUB_DISABLE_XET": True, "HF_TOKEN_PATH": str(home / "token"),
-                        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens")}.items():
+                        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+                        # 64 KiB instead of 10 MB: progress callbacks and resumes are visible on tiny files
+                        "DOWNLOAD_CHUNK_SIZE": 64 * 1024}.items():
         if hasattr(constants, name):
             monkeypatch.setattr(constants, name, value)
     monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", hub.url)

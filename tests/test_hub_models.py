@@ -217,3 +217,22 @@ def test_app_check_then_analyse_a_hub_pair(loopback_hub, hub_folders, monkeypatc
         assert loopback_hub.bytes_served(HUB_DATASET) > 0
     finally:
         st.close()
+
+
+def test_app_chat_shows_a_hub_download_in_the_model_column(loopback_hub, monkeypatch):
+    from components import chat
+    from components.state import SOURCE_MODELS, SessionState
+
+    monkeypatch.setattr(SOURCE_MODELS, "get", lambda key, loader: loader())     # no model kept across tests
+    loopback_hub.bytes_per_second = 1.5e6                                         # ~1 s per model
+    st = SessionState()
+    try:
+        frames = list(chat.chat_stream(st, "what is 1 plus 1?", HUB_BASE, [HUB_FT], max_new_tokens=4,
+                                       device="cpu", dtype="float32"))
+    finally:
+        st.close()
+    n = len(chat.SLOTS)
+    lines = [frame[n + chat.SLOTS.index("base")] for frame in frames]
+    assert any(f"downloading {HUB_BASE}: " in line and "/s" in line for line in lines)
+    assert any(f"downloading {HUB_FT}: " in frame[n + chat.SLOTS.index("ft0")] for frame in frames)
+    assert "downloading" not in frames[-1][n + chat.SLOTS.index("base")]

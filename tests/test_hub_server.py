@@ -29,14 +29,19 @@ def test_info_download_and_revisions(loopback_hub, hub_folders):
     assert str(loopback_hub.home) in pinned
 
 
-def test_safetensors_header_is_read_with_a_range(loopback_hub, hub_folders):
-    from huggingface_hub import HfApi
+@pytest.mark.parametrize("redirect", [True, False], ids=["via-cdn-redirect", "direct"])
+def test_safetensors_header_is_read_with_a_range(loopback_hub, hub_folders, redirect):
+    from huggingface_hub import HfApi, hf_hub_download
 
+    loopback_hub.redirect_lfs = redirect
     meta = HfApi().parse_safetensors_file_metadata(HUB_BASE, "model.safetensors")
     size = (hub_folders["base"] / "model.safetensors").stat().st_size
     assert meta.tensors and size > 400_000
     assert loopback_hub.bytes_served(HUB_BASE, "model.safetensors") <= 100_001
     assert any(r[3] and r[3].startswith("bytes=0-") and r[4] == 206 for r in loopback_hub.requests)
+    assert any(r[4] == 302 for r in loopback_hub.requests) == redirect
+    path = hf_hub_download(HUB_BASE, "model.safetensors")
+    assert _sha(path) == _sha(hub_folders["base"] / "model.safetensors")
 
 
 def test_errors_map_to_huggingface_hub_exceptions(loopback_hub):
@@ -56,10 +61,10 @@ def test_dropped_connection_is_resumed_then_a_failure_leaves_nothing(loopback_hu
     from huggingface_hub import errors, hf_hub_download
 
     loopback_hub.break_download(HUB_BASE, "model.safetensors", after_bytes=150_000)
-    path = hf_hub_download(HUB_BASE, "model.safetensors")   # retried by huggingface_hub (from byte 0: it
-    assert _sha(path) == _sha(hub_folders["base"] / "model.safetensors")  # writes in 10 MB chunks)
-    gets = [r for r in loopback_hub.requests if r[0] == "GET" and r[2] == "model.safetensors"]
-    assert len(gets) == 2
+    path = hf_hub_download(HUB_BASE, "model.safetensors")          # resumed by huggingface_hub with a Range
+    assert _sha(path) == _sha(hub_folders["base"] / "model.safetensors")
+    resumed = [r for r in loopback_hub.requests if r[0] == "GET" and r[2] == "model.safetensors" and r[4] == 206]
+    assert resumed and resumed[-1][3] == "bytes=131072-", loopback_hub.requests   # two 64 KiB chunks had landed
 
     loopback_hub.break_download(HUB_FT, "model.safetensors.index.json", after_bytes=10, then_status=503)
     with pytest.raises(errors.HfHubHTTPError):

@@ -138,9 +138,10 @@ def resolve_hub(repo_id: str, *, revision: str | None = None, allow_pickle: bool
         small = list(filter_repo_objects(sorted(sizes), allow_patterns=SMALL_PATTERNS))
         if "config.json" not in sizes:
             raise InputError(f"{repo_id} has no config.json: not a Hugging Face model folder")
-        folder = None
-        for name in small:                     # <cache>/models--org--name/snapshots/<sha>/<name>
-            folder = Path(hf_hub_download(repo_id, name, revision=sha)).parents[len(Path(name).parts) - 1]
+        with ThreadPoolExecutor(min(_HEADER_THREADS, len(small))) as pool:   # a round trip each: in parallel
+            paths = list(pool.map(lambda name: hf_hub_download(repo_id, name, revision=sha), small))
+        # <cache>/models--org--name/snapshots/<sha>/<name>
+        folder = Path(paths[0]).parents[len(Path(small[0]).parts) - 1]
     _remember_ref(folder, revision or "main", sha)
     weights = _weight_files(repo_id, folder, sizes, allow_pickle)
     if weights is None:                        # pickle weights the user allowed: the whole snapshot
@@ -289,7 +290,13 @@ class HeaderReader:
             n *= d
         return n * torch.empty((), dtype=self._dtypes[key]).element_size()
 
-    def close(self) -> None:
+    def close(self) -> None:            # nothing is open: headers only
+        pass
+
+    def close_streams(self) -> None:
+        pass
+
+    def release(self, key: str) -> None:
         pass
 
     def __getattr__(self, name: str):
