@@ -19,7 +19,7 @@ from acm import __version__
 from acm.errors import OOM_ADVICE, ACMError, first_line, is_out_of_memory, redact
 
 # Order here is the order shown in --help.
-COMMAND_MODULES = ("analyze", "coefficients", "merge", "eval", "tune", "build_demo")
+COMMAND_MODULES = ("analyze", "coefficients", "merge", "eval", "tune", "presets", "build_demo")
 
 
 class _OneLineArgumentParser(argparse.ArgumentParser):

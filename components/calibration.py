@@ -83,6 +83,38 @@ def preview(mode: str | None, upload: str | None = None, hub_id: str | None = No
     return table, summary
 
 
+BUNDLED_PRESET = "bundled"
+
+
+def preset_choices() -> list[tuple[str, str]]:
+    """The bundled set (default), then the public reasoning sets of ``acm.presets`` (the paper's s1K first)."""
+    from acm.presets import calibration_presets
+
+    return [("Bundled demo set (default)", BUNDLED_PRESET)] + [(c.label, c.key)
+                                                               for c in calibration_presets().values()]
+
+
+def apply_preset(key: str | None):
+    """(mode, hub id, split, field, samples, clusters, fraction, max tokens, note) for a calibration preset.
+
+    Samples = 0 hands the count to the fraction: the paper's 10 % of each of 20 k-means clusters."""
+    import gradio as gr
+
+    from acm.presets import get_calibration
+
+    if not key or key == BUNDLED_PRESET:
+        return (gr.update(value=BUNDLED), gr.update(), gr.update(value="train"), gr.update(value=""),
+                gr.update(value=DEFAULT_SAMPLES), gr.update(value=DEFAULT_CLUSTERS), gr.update(value=DEFAULT_FRACTION),
+                gr.update(value=DEFAULT_MAX_TOKENS), "")
+    cal = get_calibration(key)
+    note = (f"**{cal.dataset}** [{cal.split}], field `{cal.field}`: {cal.rows or '?'} texts → {cal.clusters} k-means "
+            f"clusters × {cal.fraction:.0%} ≈ {cal.samples or '?'} prompts of ≤ {cal.max_tokens} tokens. Downloaded "
+            "when you click **Preview samples** or **Analyse**.")
+    return (gr.update(value=HUB), gr.update(value=cal.dataset), gr.update(value=cal.split), gr.update(value=cal.field),
+            gr.update(value=0), gr.update(value=cal.clusters), gr.update(value=cal.fraction),
+            gr.update(value=cal.max_tokens), note)
+
+
 def mode_changed(mode: str):
     import gradio as gr
 
@@ -94,6 +126,9 @@ def build() -> SimpleNamespace:
     import gradio as gr
 
     gr.Markdown(texts.CALIBRATION, elem_classes=["step-help"])
+    preset = gr.Dropdown(choices=preset_choices(), value=BUNDLED_PRESET, label="Calibration preset",
+                         elem_id="calibration-preset", info="s1K is the paper's: 20 clusters, 10 % of each")
+    preset_md = gr.Markdown("", elem_id="calibration-preset-info", elem_classes=["muted"])
     mode = gr.Radio(MODES, value=BUNDLED, label="Calibration source")
     with gr.Row():
         upload = gr.File(label="Calibration file", file_types=FILE_TYPES, type="filepath", visible=False)
@@ -115,7 +150,8 @@ def build() -> SimpleNamespace:
     preview_df = gr.Dataframe(headers=["#", "chars", "text"], datatype=["number", "number", "str"],
                               interactive=False, wrap=True, visible=True, max_height=260,
                               column_widths=["6%", "9%", "85%"])
-    return SimpleNamespace(mode=mode, upload=upload, hub_id=hub_id, split=split, field=field, field_row=field_row,
+    return SimpleNamespace(preset=preset, preset_md=preset_md,
+                           mode=mode, upload=upload, hub_id=hub_id, split=split, field=field, field_row=field_row,
                            samples=samples, clusters=clusters, fraction=fraction, max_tokens=max_tokens,
                            preview_btn=preview_btn, preview_md=preview_md, preview_df=preview_df)
 
@@ -128,6 +164,9 @@ def inputs(ui) -> list:
 def wire(ui) -> None:
     c = ui.calibration
     c.mode.change(mode_changed, c.mode, [c.upload, c.hub_id, c.field_row], api_visibility="private", queue=False)
+    c.preset.change(ui_errors(apply_preset, warm=False), c.preset,
+                    [c.mode, c.hub_id, c.split, c.field, c.samples, c.clusters, c.fraction, c.max_tokens, c.preset_md],
+                    api_name="calibration_preset", queue=False, show_progress="hidden")
 
     def _preview(mode, upload, hub_id, split, field):
         return preview(mode, upload, hub_id, split, field)

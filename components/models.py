@@ -25,6 +25,62 @@ INITIAL_CHECK_PENDING = "<span class='working'>checking the preselected demo pai
 CHECKING = "<span class='working'>Checking… reading the models' configs and weight headers</span>"
 CHECK_FAILED = "⚠ The check stopped — the message in the corner says why."
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
+DEMO_PRESET = "demo"
+DEMO_PRESET_LABEL = "Bundled demo pair (offline, seconds)"
+
+
+def preset_choices() -> list[tuple[str, str]]:
+    """The picker's entries: the bundled demo pair (the default), then the paper's pairs (``acm.presets``)."""
+    from acm.presets import pair_presets
+
+    return [(DEMO_PRESET_LABEL, DEMO_PRESET)] + [(("🔒 " if p.gated else "") + p.label, p.key)
+                                                 for p in pair_presets().values()]
+
+
+def preset_summary(key: str | None) -> str:
+    """What a preset will fetch and need, shown before anything downloads (Markdown)."""
+    from acm.presets import calibration_presets, estimate, get_pair
+
+    if not key or key == DEMO_PRESET:
+        return ("The bundled miniature pair: nothing to download, every step runs in seconds on a CPU. "
+                "Pick a preset above for one of the paper's Long-to-Short pairs.")
+    pair = get_pair(key)
+    hw = estimate(pair)
+    cal = calibration_presets().get(pair.calibration)
+    lines = [f"**{pair.label}** — {_fmt_params(pair.base.params)} + {_fmt_params(pair.ft.params)} parameters; "
+             f"tokenizer and chat template of the fine-tuned (R1) model, the paper's rule at t = {pair.t:g}"
+             + (f", calibration {cal.dataset} ({cal.clusters} clusters × {cal.fraction:.0%})" if cal else "") + "."]
+    lines += [f"- {line}" for line in hw.lines()]
+    lines.append("- **Check** reads only configs and safetensors headers; weights download when a step needs them.")
+    if pair.gated:
+        lines.append(f"- 🔒 {pair.note or 'a gated model: accept its licence on the Hub and set HF_TOKEN'}")
+    unverified = [f"`{m.repo}`: {u}" for m in (pair.base, pair.ft) for u in m.unverified]
+    if unverified:
+        lines.append("- unverified: " + "; ".join(unverified))
+    return "\n".join(lines)
+
+
+PRESET_CHOSEN = "Models set by the preset: **Check compatibility** reads their configs and weight headers."
+
+
+def apply_preset(key: str | None):
+    """The picker's handler: (base, fine-tuned, summary, check line, tokenizer source, rule, t, calibration preset).
+
+    The demo entry puts the bundled pair back; a Hub pair fills its ids. Nothing is fetched here: Check, and
+    the steps after it, decide what to read."""
+    import gradio as gr
+
+    from acm.presets import get_pair
+
+    if not key or key == DEMO_PRESET:
+        base, fts = default_models(scan_demo_models())
+        return (gr.update(value=base), gr.update(value=fts), preset_summary(DEMO_PRESET), PRESET_CHOSEN,
+                gr.update(value="base"), gr.update(value="acm"), gr.update(), gr.update(value="bundled"))
+    pair = get_pair(key)
+    tok = {"ft": "ft:1", "base": "base"}.get(pair.tokenizer_from, pair.tokenizer_from)
+    return (gr.update(value=pair.base.repo), gr.update(value=[pair.ft.repo]), preset_summary(key), PRESET_CHOSEN,
+            gr.update(value=tok), gr.update(value=pair.rule), gr.update(value=pair.t),
+            gr.update(value=pair.calibration))
 
 
 def scan_demo_models(root: str | Path | None = None) -> list[tuple[str, str]]:
@@ -141,11 +197,15 @@ def build() -> SimpleNamespace:
     choices = scan_demo_models()
     base, fts = default_models(choices)
     gr.Markdown(texts.MODELS, elem_classes=["step-help"])
+    preset = gr.Dropdown(choices=preset_choices(), value=DEMO_PRESET, label="Preset", elem_id="preset-select",
+                         info="the paper's Long-to-Short pairs: fills the models, tokenizer source, rule, t and "
+                              "calibration; download size and hardware show before anything is fetched")
+    preset_md = gr.Markdown(preset_summary(DEMO_PRESET), elem_id="preset-info", elem_classes=["muted"])
     with gr.Row(equal_height=True):
-        base_dd = gr.Dropdown(choices=choices, value=base, label="Base model", allow_custom_value=True,
+        base_dd = gr.Dropdown(choices=choices, value=base, label="Base model", allow_custom_value=True, elem_id="base-model",
                               info="bundled demo model, local folder or Hub id", scale=2)
         fts_dd = gr.Dropdown(choices=choices, value=fts, label="Fine-tuned model(s) (1–3)", multiselect=True,
-                             allow_custom_value=True, max_choices=MAX_FINE_TUNED,
+                             allow_custom_value=True, elem_id="ft-models", max_choices=MAX_FINE_TUNED,
                              info="descendants of the base; type a path or Hub id and press Enter", scale=3)
     with gr.Row(equal_height=True):
         device = gr.Dropdown(DEVICES, value="auto", label="Device", scale=1,
@@ -162,7 +222,8 @@ def build() -> SimpleNamespace:
         check_btn = gr.Button("Check compatibility", variant="secondary", scale=0, min_width=220, elem_id="check-btn")
     check_md = gr.Markdown(INITIAL_CHECK_PENDING if base else
                            "No bundled demo models found: type a base model and a fine-tuned model.", elem_id="check-md")
-    return SimpleNamespace(base=base_dd, fts=fts_dd, device=device, dtype=dtype, trust=trust, trust_md=trust_md,
+    return SimpleNamespace(preset=preset, preset_md=preset_md,
+                           base=base_dd, fts=fts_dd, device=device, dtype=dtype, trust=trust, trust_md=trust_md,
                            device_md=device_md,
                            check_btn=check_btn, check_md=check_md)
 
@@ -176,6 +237,11 @@ def wire(ui) -> None:
     ui.demo.load(initial_check, [ui.state, m.base, m.fts, m.trust], m.check_md, api_visibility="private",
                  queue=False, show_progress="hidden")
     m.trust.change(trust_toggled, m.trust, m.trust_md, api_visibility="private", queue=False)
+    # A preset fills this tab, the Merge tab's tokenizer source, the Analyse tab's rule and t (which carry on
+    # to the Merge tab) and the Calibration tab's preset (whose own handler fills the dataset and sampling).
+    m.preset.change(ui_errors(apply_preset, warm=False), m.preset,
+                    [m.base, m.fts, m.preset_md, m.check_md, ui.merge.tokenizer_from, ui.analysis.rule, ui.analysis.t,
+                     ui.calibration.preset], api_name="preset", queue=False, show_progress="hidden")
     # The click shows "Checking…" at once, in the browser (no server round trip: a cold start may be busy
     # importing torch), then the check replaces it; the output also carries Gradio's pending state.
     # A refused check (one-line error toast) replaces "Checking…" too, never leaving it spinning.

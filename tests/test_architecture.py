@@ -20,7 +20,8 @@ STAGES = [
     ("rules", ("acm.rules",)),
     ("merging", ("acm.merging",)),
     ("evaluation", ("acm.evaluation",)),
-    ("application", ("acm.tune", "acm.tune_ray", "acm.cache", "acm.demo", "acm.cli", "acm.commands", "acm.__main__")),
+    ("application", ("acm.tune", "acm.tune_ray", "acm.cache", "acm.presets", "acm.demo", "acm.cli", "acm.commands",
+                     "acm.__main__")),
     ("ui", ("components", "app")),
 ]
 

@@ -103,9 +103,12 @@ def test_bad_parameters(extra, pattern, pair, tmp_path, capsys):
 
 def test_argparse_errors_are_one_line(pair, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["merge", "--base", pair[0], "--out", str(tmp_path / "o")])      # no --ft
+        main(["merge", "--base", pair[0], "--ft", pair[1][0]])      # no --out
     assert exc.value.code == 2
-    assert "--ft" in _one_line_error(capsys)
+    assert "--out" in _one_line_error(capsys)
+    # --ft may come from --preset, so a missing one is the command's own one-line error (exit 2)
+    assert main(["merge", "--base", pair[0], "--out", str(tmp_path / "o")]) == 2
+    assert "--ft is required" in _one_line_error(capsys)
 
 
 def test_acm_merge_from_analysis_file(pair, tmp_path, capsys):

@@ -12,6 +12,7 @@ from acm.activations.estimators import DEFAULT_MAX_VALUES as MAX_VALUES
 from acm.activations.estimators import DEFAULT_PAIR_BUDGET as PAIR_BUDGET
 from acm.activations.estimators import DEFAULT_ROW_BUDGET as ROW_BUDGET
 from acm.activations.similarity import DEFAULT_SKETCH_DIM as SKETCH_DIM
+from acm.commands.presets import add_preset_flags, fill, preset_values, require
 from acm.errors import InputError
 from acm.merging.methods import MAX_FINE_TUNED, check_num_fine_tuned
 from acm.sizes import format_bytes
@@ -25,18 +26,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Run base and fine-tuned models on calibration text and write the per-layer-group "
                     "normalised mutual information (NMI) of their activations as JSON (or, with --metric, "
                     "other similarities, several at once in the same passes).")
-    p.add_argument("--base", required=True, metavar="MODEL", help="base model: local folder or Hub id")
-    p.add_argument("--ft", action="append", required=True, metavar="MODEL",
-                   help=f"fine-tuned model (folder or Hub id); repeat for several (at most {MAX_FINE_TUNED})")
-    p.add_argument("--calibration", required=True, metavar="SRC",
-                   help="calibration text: .jsonl/.json/.csv/.txt file, Hub dataset id, or 'bundled'")
+    p.add_argument("--base", default=None, metavar="MODEL", help="base model: local folder or Hub id (required "
+                   "unless --preset)")
+    p.add_argument("--ft", action="append", default=None, metavar="MODEL",
+                   help=f"fine-tuned model (folder or Hub id); repeat for several (at most {MAX_FINE_TUNED}); "
+                        "required unless --preset")
+    p.add_argument("--calibration", default=None, metavar="SRC",
+                   help="calibration text: .jsonl/.json/.csv/.txt file, Hub dataset id, or 'bundled' (required "
+                        "unless --preset or --calibration-preset)")
     p.add_argument("--field", default=None, help="text field (default: text, question, prompt, instruction, input)")
-    p.add_argument("--split", default="train", help="Hub dataset split (default: train)")
+    p.add_argument("--split", default=None, help="Hub dataset split (default: train)")
     p.add_argument("--samples", type=int, default=None,
                    help="number of calibration samples in total (default: --fraction of each cluster)")
-    p.add_argument("--clusters", type=int, default=20, help="k-means clusters (default: 20)")
-    p.add_argument("--fraction", type=float, default=0.1, help="share drawn from each cluster (default: 0.1)")
-    p.add_argument("--max-tokens", type=int, default=512, help="tokens per sample, truncated (default: 512)")
+    p.add_argument("--clusters", type=int, default=None, help="k-means clusters (default: 20)")
+    p.add_argument("--fraction", type=float, default=None, help="share drawn from each cluster (default: 0.1)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens per sample, truncated (default: 512; 1024 with a preset)")
+    add_preset_flags(p)
     p.add_argument("--no-chat-template", action="store_true", help="feed the raw text, not a one-turn chat")
     p.add_argument("--metric", action="append", default=None, metavar="NAME",
                    help=f"similarity metric(s): {keys_help()}; repeat or give a comma list "
@@ -69,6 +75,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="analysis JSON to write (overwritten atomically)")
     p.set_defaults(func=run)
     return p
+
+
+DEFAULTS = {"split": "train", "clusters": 20, "fraction": 0.1, "max_tokens": 512}
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Flags given win; ``--preset`` / ``--calibration-preset`` fill the rest; then the defaults above."""
+    values = preset_values(args)
+    values.pop("tokenizer_from", None), values.pop("rule", None), values.pop("t", None)   # merge settings
+    fill(args, values, DEFAULTS)
+    require(args, "--base", "--ft", "--calibration")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -117,6 +134,7 @@ def validate(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from acm.activations.analysis import AnalysisOptions, analyze, summarize
 
+    apply_preset(args)
     validate(args)
     interactive = sys.stderr.isatty()
     if not interactive:  # keep logs and CI output clean: no weight-loading bars when not on a terminal

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from acm.commands.presets import add_preset_flags, fill, preset_values, require
 from acm.errors import InputError
 from acm.merging import methods as registry
 from acm.sizes import format_bytes
@@ -44,10 +45,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "--acm analysis.json --t T every layer group k of fine-tuned model i gets its own λᵢ,ₖ from "
                     "the activation mutual information (see `acm analyze`). Output: a Hugging Face model folder "
                     "with safetensors shards, config, tokenizer, README.md model card and acm_recipe.json.")
-    p.add_argument("--base", required=True, metavar="MODEL", help="base model: local folder or Hub id")
-    p.add_argument("--ft", action="append", required=True, metavar="MODEL",
+    p.add_argument("--base", default=None, metavar="MODEL",
+                   help="base model: local folder or Hub id (required unless --preset)")
+    p.add_argument("--ft", action="append", default=None, metavar="MODEL",
                    help=f"fine-tuned model (local folder or Hub id); repeat for several (up to "
-                        f"{registry.MAX_FINE_TUNED})")
+                        f"{registry.MAX_FINE_TUNED}); required unless --preset")
+    add_preset_flags(p, calibration=False)
     p.add_argument("--method", choices=METHOD_CHOICES, default="task_arithmetic", help=_method_help())
     for key in registry.OPTIONS:                 # every method parameter, declared once in its OptionSpec
         _add_param(p, key)
@@ -86,9 +89,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     rules.add_argument("--max-tokens", type=int, default=None, help="--against merged: tokens per sample (512)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="output dtype (default: the base's)")
-    p.add_argument("--tokenizer-from", default="base", metavar="base|ft|ft:N",
+    p.add_argument("--tokenizer-from", default=None, metavar="base|ft|ft:N",
                    help="which model's tokenizer, chat template and generation defaults the merged model is "
-                        "saved with: base (default), ft (the first --ft) or ft:N (the N-th --ft)")
+                        "saved with: base (default; ft with --preset), ft (the first --ft) or ft:N (the N-th --ft)")
     p.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 2GB, 500MB or bytes (default 2GB)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None,
@@ -185,9 +188,24 @@ def _rule_settings(args: argparse.Namespace) -> dict | None:
     return {"rule": "acm", **settings, "clip": _clip(args)}
 
 
+def apply_preset(args: argparse.Namespace) -> None:
+    """``--preset`` fills models and tokenizer source; its rule, t and calibration only when the merge asks
+    for ACM coefficients (--acm FILE or --against merged): a preset never turns a plain merge into an ACM one."""
+    values = preset_values(args)
+    keep = {"base", "ft", "tokenizer_from"}
+    paper_rule = args.rule in (None, "acm") and args.theta is None      # the preset's t is the acm rule's
+    if (args.acm is not None or args.against == "merged") and paper_rule:
+        keep |= {"rule", "t"}
+    if args.against == "merged":
+        keep |= {"calibration", "field", "max_tokens"}
+    fill(args, {k: v for k, v in values.items() if k in keep}, {"tokenizer_from": "base"})
+    require(args, "--base", "--ft")
+
+
 def run(args: argparse.Namespace) -> int:
     from acm.merging.engine import MergeOptions, merge_models
 
+    apply_preset(args)
     options = MergeOptions(method=args.method, **{k: getattr(args, k) for k in registry.OPTIONS}, dtype=args.dtype,
                            shard_size=args.shard_size,
                            device=None if args.device in (None, "", "auto") else args.device, threads=args.threads,

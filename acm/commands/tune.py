@@ -8,6 +8,7 @@ import contextlib
 import json
 from dataclasses import replace
 
+from acm.commands.presets import add_preset_flags, fill, preset_values, require
 from acm.errors import InputError
 
 DESCRIPTION = (
@@ -34,8 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _model_flags(g) -> None:
-    g.add_argument("--base", required=True, metavar="MODEL", help="base model: local folder or Hub id")
-    g.add_argument("--ft", action="append", required=True, metavar="MODEL", help="fine-tuned model; repeatable")
+    g.add_argument("--base", default=None, metavar="MODEL",
+                   help="base model: local folder or Hub id (required unless --preset)")
+    g.add_argument("--ft", action="append", default=None, metavar="MODEL",
+                   help="fine-tuned model; repeatable (required unless --preset)")
+    add_preset_flags(g)
     g.add_argument("--analysis", default=None, metavar="JSON",
                    help="analysis from `acm analyze` (computed and saved there if the file does not exist; "
                         "default OUT/analysis.json)")
@@ -186,9 +190,18 @@ def options_from_args(args: argparse.Namespace):
                        threads=args.threads, engine=args.engine)
 
 
+def apply_preset(args: argparse.Namespace) -> None:
+    """``--preset`` fills the models and the calibration dataset of a computed analysis (flags given win); the
+    grid keeps its own t values (the paper's 0.7 is in the default --ts)."""
+    values = preset_values(args)
+    fill(args, {k: v for k, v in values.items() if k in ("base", "ft", "calibration")}, {})
+    require(args, "--base", "--ft")
+
+
 def run(args: argparse.Namespace) -> int:
     from acm.tune import expand_grid, run_tune
 
+    apply_preset(args)
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.max_settings < 1:
