@@ -10,7 +10,6 @@ transformers and generate, and the CLI paths (analyze, coefficients, merge, bad 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -132,8 +131,9 @@ def _fim_analysis(tmp_path: Path) -> tuple[Path, list[Path], Path]:
 
 
 def test_cli_analyze_coefficients_merge(tmp_path, capsys):
-    from acm.activations.result import AnalysisResult
     from transformers import AutoModelForCausalLM
+
+    from acm.activations.result import AnalysisResult
 
     base, fts, out = _fim_analysis(tmp_path)
     a = AnalysisResult.load(out)
@@ -203,6 +203,7 @@ def test_bad_input_one_line(tmp_path, capsys, argv, needle):
 
 def test_bad_fim_flags(tmp_path, capsys):
     base, fts = make_pair(tmp_path)
+    capsys.readouterr()
     rc = main(["merge", "--base", str(base), "--ft", str(fts[0]), "--rule", "fim", "--fim-loss", "nope",
                "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip()
@@ -211,4 +212,11 @@ def test_bad_fim_flags(tmp_path, capsys):
                "--out", str(tmp_path / "a.json")])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "sequences" in err and len(err.splitlines()) == 1
-    assert math.isfinite(1.0)
+    rc = main(["merge", "--base", str(base), "--ft", str(fts[0]), "--fim-score", "fisher-only",
+               "--out", str(tmp_path / "y")])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "add --rule fim" in err and len(err.splitlines()) == 1
+    rc = main(["merge", "--base", str(base), "--ft", str(fts[0]), "--rule", "fim", "--t", "-1",
+               "--out", str(tmp_path / "z")])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "t must be in [0, 10]" in err and len(err.splitlines()) == 1

@@ -236,6 +236,51 @@ def delta_norms(base: ModelSource, fts: list[ModelSource], keys: list[str]) -> l
     return out
 
 
+def fisher_block(base: ModelSource, fts: list[ModelSource], settings: FisherSettings | None = None, *,
+                 device: str | None = None, dtype: str | None = None, progress: Progress | None = None) -> dict:
+    """The analysis' ``fisher`` block: the Fisher pass on the base plus ‖δ‖² of every fine-tuned model."""
+    block = fisher_pass(base, settings, device=device, dtype=dtype,
+                        progress=None if progress is None else (lambda f, m: progress(0.9 * f, m)))
+    if progress is not None:
+        progress(0.9, "‖δ‖² per layer from the checkpoints")
+    t0 = time.perf_counter()
+    block["delta_sq"] = delta_norms(base, fts, block["keys"])
+    block["models"] = [f.spec for f in fts]
+    block["delta_seconds"] = round(time.perf_counter() - t0, 3)
+    return block
+
+
+def fisher_analysis(base: str | ModelSource, fts: list[str | ModelSource], settings: FisherSettings | None = None,
+                    *, device: str | None = None, dtype: str | None = None, allow_pickle: bool = False,
+                    trust_remote_code: bool = False, progress: Progress | None = None):
+    """An analysis file holding only the fim rule's Fisher pass (no calibration text, no MI): what
+    ``acm analyze --rule fim`` writes and ``acm merge --rule fim`` computes on the fly without ``--acm``."""
+    import acm
+    from acm.activations.analysis import _group_tensors
+    from acm.activations.result import AnalysisResult, ModelNMI
+    from acm.checkpoints.compatibility import check_compatibility
+
+    s = (settings or FisherSettings()).checked()
+    t0 = time.perf_counter()
+
+    def src(x):
+        return x if isinstance(x, ModelSource) else resolve_model(str(x), allow_pickle=allow_pickle,
+                                                                  trust_remote_code=trust_remote_code)
+    base_src, ft_srcs = src(base), [src(f) for f in fts]
+    if not ft_srcs:
+        raise InputError("give at least one fine-tuned model")
+    compat = check_compatibility(base_src, ft_srcs)
+    block = fisher_block(base_src, ft_srcs, s, device=device, dtype=dtype, progress=progress)
+    prov = {"method": "fisher (fim rule): base-only diagonal Fisher on random tokens, ‖δ‖² per layer",
+            "metrics": [], "models": {"base": base_src.provenance(), "fine_tuned": [f.provenance() for f in ft_srcs]},
+            "group_tensors": _group_tensors(base_src, compat.layout), "heads": compat.heads,
+            "vocab_notes": list(compat.vocab_notes), "version": acm.__version__, "seed": s.seed,
+            "device": block["device"], "dtype": block["dtype"], "seconds": round(time.perf_counter() - t0, 3),
+            "memory": {"peak_rss_bytes": block.get("peak_rss_bytes")}}
+    models = [ModelNMI(model=f.spec, nmi=[], mi=[]) for f in ft_srcs]
+    return AnalysisResult(groups=list(block["keys"]), models=models, provenance=prov, fisher=block)
+
+
 def _sq_diff(b: torch.Tensor, f: torch.Tensor) -> float:
     """Σ (f − b)² over the rows both hold, in float64 partial sums of fp32 row blocks."""
     if b.dim() == 0:
@@ -248,5 +293,5 @@ def _sq_diff(b: torch.Tensor, f: torch.Tensor) -> float:
     return total
 
 
-__all__ = ["LOSSES", "FisherSettings", "delta_norms", "fim_keys", "fisher_pass", "fisher_scores", "random_tokens",
-           "sequence_loss"]
+__all__ = ["LOSSES", "FisherSettings", "delta_norms", "fim_keys", "fisher_analysis", "fisher_block", "fisher_pass",
+           "fisher_scores", "random_tokens", "sequence_loss"]

@@ -45,7 +45,7 @@ def _nmi_rows(analysis, metric: str = "nmi") -> tuple[list[str], list[str], np.n
 
 def coefficient_table(analysis, t: float | None = None, alpha: float = 1.0, clip=None, *, metric: str = "nmi",
                       rule: str | None = DEFAULT_RULE, against: str = "fine-tuned",
-                      applies: str = "task-vectors") -> dict:
+                      applies: str = "task-vectors", score: str = "fisher-delta") -> dict:
     """Everything a user needs to see for one t: what drives λ, and λ per (model, λ key).
 
     softmax: ``{"rule", "t", "alpha", "clip", "metric", "groups", "formula", "models": [{"model",
@@ -56,7 +56,7 @@ def coefficient_table(analysis, t: float | None = None, alpha: float = 1.0, clip
     """
     if np.ndim(t) != 0:
         raise InputError("coefficient_table takes one t (use lambdas() / acm_curve() for a grid)")
-    c = compute(analysis, rule, t, alpha, clip, metric=metric, against=against, applies=applies)
+    c = compute(analysis, rule, t, alpha, clip, metric=metric, against=against, applies=applies, score=score)
     out_models = []
     for i, name in enumerate(c.models):
         rows = []
