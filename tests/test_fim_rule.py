@@ -220,3 +220,27 @@ def test_bad_fim_flags(tmp_path, capsys):
                "--out", str(tmp_path / "z")])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "t must be in [0, 10]" in err and len(err.splitlines()) == 1
+
+
+def test_cli_on_the_tied_untied_standin_pair(tmp_path, capsys):
+    """The paper's 1.5B pair in miniature (tied base, untied fine-tune, real vocabulary): analyze --rule fim, merge
+    with FIM-TIES, reload and generate; the head's ‖δ‖² compares the fine-tune's head with the base's embedding."""
+    from transformers import AutoModelForCausalLM
+
+    from acm.activations.result import AnalysisResult
+
+    base, ft = build_pair("qwen2.5-math-1.5b", tmp_path, layers=2)
+    out = tmp_path / "fim.json"
+    assert main(["analyze", "--rule", "fim", "--base", str(base), "--ft", str(ft), "--fim-sequences", "2",
+                 "--fim-length", "8", "--device", "cpu", "--out", str(out)]) == 0
+    fb = AnalysisResult.load(out).fisher
+    assert fb["tied_head"] is True and fb["scores"][-1] == fb["scores"][0]          # head = embed's Fisher
+    b, f = load_file(str(base / "model.safetensors")), load_file(str(ft / "model.safetensors"))
+    head = float(((f["lm_head.weight"].double() - b["model.embed_tokens.weight"].double()) ** 2).sum())
+    assert fb["delta_sq"][0][-1] == pytest.approx(head, rel=1e-6)
+    merged = tmp_path / "m"
+    assert main(["merge", "--base", str(base), "--ft", str(ft), "--method", "ties", "--density", "0.2", "--acm", str(out),
+                 "--rule", "fim", "--tokenizer-from", "ft", "--device", "cpu", "--out", str(merged)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(str(merged))
+    assert model.config.tie_word_embeddings is False
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape[1] == 6
