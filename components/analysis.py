@@ -447,7 +447,7 @@ def fim_view(analysis, t: float, clip, *, multi: bool = True):
     from acm.rules.fim import FIM_T_RANGE
 
     if not analysis.has_fisher():
-        line = "this analysis has no Fisher pass: press “Fisher pass” below (no calibration text needed)"
+        line = "this analysis has no Fisher pass: press “Fisher pass” under the MI charts (no calibration text needed)"
         return plots.empty_figure(line), plots.empty_figure(line), {"rule": "fim", "error": line}
     table = coefficient_table(analysis, t, clip=clip, rule="fim")
     labels, keys = model_labels(analysis), table["groups"]

@@ -4,7 +4,8 @@ The fim rule (``acm.rules.fim``; docs/formulas.md "The fim rule") needs no calib
 pass per random-token sequence through the base (``acm.activations.fisher``) and ‖δ‖² per layer from the
 checkpoints. Here a button adds that Fisher pass to the session's analysis (a copy: cached analyses are
 shared), a chart shows the Fisher per layer and each task vector's ‖δ‖² beside the MI chart, and one chart
-shows the task-vector weights of both rules (acm: λ/N, fim: α) at their current t. No maths here.
+shows the task-vector weights of both rules (acm: λ/N, fim: α) at their current t. Without an analysis of the
+selected models the Fisher pass becomes the session's analysis on its own. No maths here.
 """
 
 from __future__ import annotations
@@ -21,24 +22,31 @@ DEFAULT_LENGTH = 64
 NO_FISHER = "No Fisher pass yet: “Fisher pass” adds it to the analysis (no calibration text needed)"
 
 
-def run_fisher(state: SessionState, sequences=DEFAULT_SEQUENCES, length=DEFAULT_LENGTH, seed=0, loss: str = "lm",
-               device: str | None = "auto", dtype: str | None = "auto", progress=None):
-    """The Fisher pass on the session's base, ‖δ‖² of its fine-tuned models, put into (a copy of) the analysis."""
+def run_fisher(state: SessionState, base: str | None = None, fts=None, sequences=DEFAULT_SEQUENCES,
+               length=DEFAULT_LENGTH, seed=0, loss: str = "lm", device: str | None = "auto", dtype: str | None = "auto",
+               progress=None):
+    """The Fisher pass on the base and ‖δ‖² of the fine-tuned models (``base``/``fts``: the selection; None =
+    the session's). Added to (a copy of) the session's analysis when it covers these models, else it becomes
+    the session's analysis on its own (no calibration text needed: the fim rule works, the MI views say why not)."""
     from acm.activations.fisher import FisherSettings, fisher_analysis
     from acm.errors import InputError
+    from components.models import validate_selection
 
-    if state.analysis is None or not state.base:
-        raise InputError("run “Analyse” (or upload an analysis) first: the Fisher pass is added to it so both "
-                         "rules show side by side (`acm analyze --rule fim` makes a Fisher-only file)")
-    names = [m.model for m in state.analysis.models]
-    if names != list(state.fts):
-        raise InputError("the current analysis was made for other fine-tuned models than the selected ones; "
-                         "analyse the selected models first")
+    if base is None and fts is None:
+        base, fts = state.base, state.fts
+    if not base:
+        raise InputError("choose the base and fine-tuned models in step 1 first")
+    base, fts = validate_selection(base, fts)
     settings = FisherSettings(int(sequences), int(length), int(seed), loss).checked()
-    fim = fisher_analysis(state.base, list(state.fts), settings, device=none_if_auto(device),
-                          dtype=none_if_auto(dtype), progress=progress)
+    fim = fisher_analysis(base, fts, settings, device=none_if_auto(device), dtype=none_if_auto(dtype),
+                          progress=progress)
     with state.lock:
-        state.analysis = dataclasses.replace(state.analysis, fisher=fim.fisher)
+        same = (state.analysis is not None and state.base == base
+                and [m.model for m in state.analysis.models] == list(fts))
+        if same:
+            state.analysis = dataclasses.replace(state.analysis, fisher=fim.fisher)   # cached analyses are shared
+        else:
+            state.analysis, state.analysis_key, state.base, state.fts = fim, None, base, list(fts)
     return state.analysis
 
 
@@ -125,18 +133,18 @@ def wire(ui) -> None:
     f = a.fim
 
     @gpu(duration=120)
-    def fisher_pass(state, sequences=DEFAULT_SEQUENCES, length=DEFAULT_LENGTH, seed=0, device="auto", dtype="auto",
-                    progress=gr.Progress()):
+    def fisher_pass(state, base=None, fts=None, sequences=DEFAULT_SEQUENCES, length=DEFAULT_LENGTH, seed=0,
+                    device="auto", dtype="auto", progress=gr.Progress()):
         """The fim rule's Fisher pass on the base (S random sequences of L tokens, seeded) and ‖δ‖² per layer,
-        added to the current analysis; returns the status line and both charts."""
-        res = run_fisher(state, sequences, length, seed, device=device, dtype=dtype,
+        added to the current analysis of these models (or the analysis on its own); the status line and charts."""
+        res = run_fisher(state, base, fts, sequences, length, seed, device=device, dtype=dtype,
                          progress=progress_callback(progress))
         fb = res.fisher
         line = (f"Fisher pass: {fb['sequences']} sequences × {fb['length']} random tokens (seed {fb['seed']}) in "
                 f"{fb['seconds']:.1f} s on {fb['device']}. Choose **fim** as the coefficient rule to see its α.")
         return (line, *side_views(state))
 
-    f.button.click(ui_errors(fisher_pass), [ui.state, f.sequences, f.length, a.seed, m.device, m.dtype],
+    f.button.click(ui_errors(fisher_pass), [ui.state, m.base, m.fts, f.sequences, f.length, a.seed, m.device, m.dtype],
                    [f.status, f.fisher_plot, f.both_plot], api_name="fisher_pass", concurrency_id="heavy",
                    concurrency_limit=1)
     refresh = ui_errors(side_views, warm=False)

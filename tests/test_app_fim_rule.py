@@ -29,8 +29,10 @@ def session(tmp_path_factory):
     cal = root / "cal.jsonl"
     cal.write_text("".join(json.dumps({"text": f"sample {i} " + "word " * (2 + i)}) + "\n" for i in range(6)))
     st = SessionState()
-    with pytest.raises(InputError, match="Analyse"):
-        fisher.run_fisher(st)                                          # nothing to add the pass to yet
+    with pytest.raises(InputError, match="step 1"):
+        fisher.run_fisher(st)                                          # no models chosen
+    alone = fisher.run_fisher(st, str(base), [str(f) for f in fts], sequences=2, length=16, device="cpu")
+    assert alone.has_fisher() and not alone.has_sample_mi() and st.analysis is alone   # no calibration needed
     out = analysis.run_analysis(st, str(base), [str(f) for f in fts], cal_mode=calibration.UPLOAD,
                                 cal_upload=str(cal), samples=6, clusters=2, max_tokens=32)
     before = out["analysis"]

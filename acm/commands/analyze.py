@@ -92,6 +92,9 @@ def _rules(args: argparse.Namespace) -> tuple[bool, bool]:
     if fim:
         args.fim = FisherSettings(args.fim_sequences, args.fim_length, args.seed, args.fim_loss).checked()
     mi = any(n != "fim" for n in names)
+    if not mi and args.calibration is not None:
+        raise InputError("--rule fim alone needs no --calibration (it runs no activation analysis); drop it, or "
+                         "use --rule acm,fim for both in one file")
     if mi and args.calibration is None:
         raise InputError("--calibration is needed for the activation analysis (the acm and softmax rules); "
                          "only --rule fim runs without calibration text")
