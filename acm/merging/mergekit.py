@@ -228,7 +228,7 @@ def _header(coef, alpha: float, metric: str, global_params: dict[str, Any], meth
         *formula,
         f"# weight: one value per decoder block ({n_blocks} blocks; mergekit's layer gradient hits each block",
         "#   exactly when the list has one value per layer); the embed group (input embeddings, tied",
-        "#   output embeddings) and the head group (final norm, lm_head; the acm rule gives the final norm its",
+        "#   output embeddings) and the head group (final norm, lm_head; the acm and fim rules give the final norm its",
         "#   own value) are carried by the 'filter' entries (substring match on tensor names, first match wins).",
         "# normalize: false = no division by the sum of weights (this project's default)."
         if not global_params.get("normalize") else
