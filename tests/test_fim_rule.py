@@ -244,3 +244,20 @@ def test_cli_on_the_tied_untied_standin_pair(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(str(merged))
     assert model.config.tie_word_embeddings is False
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape[1] == 6
+
+
+def test_tune_merges_a_fim_setting(tmp_path):
+    """acm tune's merge of a fim point takes α from the analysis' Fisher block (the one library path)."""
+    from acm.activations.fisher import FisherSettings, fisher_analysis
+    from acm.tune import Setting, _merge
+
+    base, fts = make_pair(tmp_path)
+    an = fisher_analysis(str(base), [str(fts[0])], FisherSettings(2, 8), device="cpu")
+    folder, _ = _merge(str(base), [str(fts[0])], Setting("ties", None, 2.0, 0.5, rule="fim"), an, tmp_path / "w",
+                       threads=1, device="cpu")
+    rec = json.loads((folder / "acm_recipe.json").read_text())
+    fb = an.fisher
+    assert rec["acm_analysis"]["rule"] == "fim" and rec["options"]["density"] == 0.5
+    want = dict(zip(fb["keys"], reference_alpha(fb["scores"], fb["delta_sq"][0], 2.0)))
+    got = rec["lambdas"][0]["lambda"]
+    assert set(got) == set(want) and all(got[k] == pytest.approx(want[k], abs=1e-9) for k in want)
