@@ -4,7 +4,8 @@
 Qwen2.5-Math-1.5B's shape, tied base, untied fine-tune, bf16 files), in a fresh process: the Fisher pass on
 the base (S random sequences × L tokens, forward and backward one sequence at a time) and ‖δ‖² streamed from
 both checkpoints. Reported: wall time of the command, the pass's own time and the ‖δ‖² time (from the file's
-``fisher`` block), the command's CPU seconds (user + system: what the load does not change), its peak RSS (``ru_maxrss``, recorded by the pass) and the machine load.
+``fisher`` block), the command's CPU seconds (user + system: what the load does not change), its peak RSS
+(``ru_maxrss``, recorded by the pass) and the machine load.
 
     python -m benchmarks.fisher_pass --threads 1                   # float32 (the CPU default), S=8, L=64
     python -m benchmarks.fisher_pass --threads 1 --dtype bfloat16
