@@ -5,9 +5,9 @@ docs/formulas.md) needs no calibration text. It runs S sequences of L tokens dra
 vocabulary (seeded) forward and backward through the **base only**, one sequence at a time, and keeps
 per λ key (``embed``, ``block.k``, ``head.norm``, ``head`` — the keys the acm rule and the merge engine
 use) the sum of squared gradients. Nothing the size of the model's gradient is ever held: a
-``register_post_accumulate_grad_hook`` on every parameter squares and sums its gradient into the key's
-scalar the moment autograd has accumulated it, then frees it (``p.grad = None``), so memory is one model
-+ one sequence's activations + the largest single parameter's gradient (and its fp32 square).
+``register_post_accumulate_grad_hook`` on every parameter adds its gradient's squared norm (one reduction,
+no temporary) to the key's scalar the moment autograd has accumulated it, then frees it (``p.grad = None``),
+so memory is one model + one sequence's activations + the largest single parameter's gradient.
 
 Fₖ = (1/S) Σₛ (1/nₖ) Σ_{θ∈k} (∂ℓₛ/∂θ)², ℓₛ the mean next-token loss of sequence s — the per-sequence
 squared gradients averaged over sequences and over the key's nₖ parameters (``loss="lm"``: the targets
@@ -135,8 +135,9 @@ def fisher_scores(model: torch.nn.Module, vocab: int, settings: FisherSettings,
 
     def make_hook(k: int):
         def hook(p: torch.Tensor) -> None:
-            g = p.grad
-            sums[k] += g.detach().float().pow(2).sum().to(device=sums.device, dtype=torch.float64)
+            # ‖g‖² as a norm: one reduction with float accumulation and no temporary the size of the gradient
+            n = torch.linalg.vector_norm(p.grad.detach()).to(device=sums.device, dtype=torch.float64)
+            sums[k] += n * n
             p.grad = None
         return hook
 
