@@ -841,7 +841,8 @@ def wire(ui) -> None:
     ui.analysis_events = [analyse_event, upload_event]
     from components import fisher
 
-    fisher.wire(ui)
+    fisher.wire(ui).success(ui_errors(save_analysis, warm=False), [ui.state], [a.download], queue=False,
+                            api_visibility="private", show_progress="hidden")   # the download carries the Fisher pass
 
 
 def _wire_upload(ui, outputs):

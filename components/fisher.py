@@ -126,7 +126,8 @@ def build() -> SimpleNamespace:
                            fisher_plot=fisher_plot, both_plot=both_plot)
 
 
-def wire(ui) -> None:
+def wire(ui):
+    """Wire the button and the refreshes; returns the Fisher pass event (the Analyse tab chains its download)."""
     import gradio as gr
 
     a, m = ui.analysis, ui.models
@@ -144,7 +145,7 @@ def wire(ui) -> None:
                 f"{fb['seconds']:.1f} s on {fb['device']}. Choose **fim** as the coefficient rule to see its α.")
         return (line, *side_views(state))
 
-    f.button.click(ui_errors(fisher_pass), [ui.state, m.base, m.fts, f.sequences, f.length, a.seed, m.device, m.dtype],
+    event = f.button.click(ui_errors(fisher_pass), [ui.state, m.base, m.fts, f.sequences, f.length, a.seed, m.device, m.dtype],
                    [f.status, f.fisher_plot, f.both_plot], api_name="fisher_pass", concurrency_id="heavy",
                    concurrency_limit=1)
     refresh = ui_errors(side_views, warm=False)
@@ -153,6 +154,7 @@ def wire(ui) -> None:
         event.success(refresh, [ui.state, a.t, a.rule], [f.fisher_plot, f.both_plot], **kw)
     gr.on([a.t.release, a.rule.input], refresh, [ui.state, a.t, a.rule], [f.fisher_plot, f.both_plot],
           trigger_mode="always_last", **kw)
+    return event
 
 
 __all__ = ["both_rules_view", "build", "fisher_view", "run_fisher", "side_views", "wire"]

@@ -117,3 +117,12 @@ def test_fim_as_a_tune_dimension():
     assert tune.merge_tab_values(fim[0].to_dict(), {"rule", "t", "mode"})["rule"] == "fim"
     with pytest.raises(InputError, match=r"t \(fim rule\)"):
         expand_grid(["ties"], [0.7], None, [0.5], rules=["fim"], fim_ts=[-1])
+
+
+def test_the_app_wires_the_fisher_pass():
+    import app
+
+    demo = app.build_app(prewarm=False)
+    deps = {d.api_name: d for d in demo.fns.values() if d.api_name}
+    assert [type(o).__name__ for o in deps["fisher_pass"].outputs] == ["Markdown", "Plot", "Plot"]
+    assert "fim" in [v for _, v in demo.ui.analysis.rule.choices] and "fim" in [v for _, v in demo.ui.merge.rule_radio.choices]
