@@ -56,6 +56,7 @@ METHOD_ALIASES = registry.ALIASES
 
 DEFAULT_ACM_TS = (-1.0, 0.5, 0.7, 0.9)     # the paper's t (0.7) inside its ablation (0.5–0.9), and −1 as a contrast
 DEFAULT_SOFTMAX_TS = (0.5, 1.0, 2.0, 4.0)  # this project's softmax rule (t ≥ 0; t = 0 is the plain method)
+DEFAULT_FIM_TS = (0.5, 1.0, 2.0)           # the data-free fim rule (t ∈ [0, 10]; 1 is its default, 0 is TA at ½)
 
 
 def _f(v) -> str:
@@ -77,7 +78,7 @@ class Setting:
     t: float | None = None
     density: float | None = None      # TIES / DARE-TIES / Breadcrumbs / DELLA
     drop_rate: float | None = None    # DARE
-    rule: str | None = None           # None: plain (t None) or softmax; "acm": the paper's rule
+    rule: str | None = None           # None: plain (t None) or softmax; "acm": the paper's rule; "fim": data-free
     against: str | None = None        # acm rule: MI against "fine-tuned" or "merged"
     applies: str | None = None        # acm rule: λ on "task-vectors" or "merged-delta"
     estimator: str | None = None      # acm rule against merged: its per-sample MI estimator
@@ -102,6 +103,8 @@ class Setting:
         """Stable id (used to resume and to pick a point). Plain and softmax keys are as they always
         were (older tune.jsonl files resume); acm-rule keys add the rule and both switches."""
         key = f"{self.method}|a={_f(self.alpha)}|t={_f(self.t)}|d={_f(self.density)}|p={_f(self.drop_rate)}"
+        if self.rule == "fim":
+            return key + "|r=fim"
         if self.paper:
             key += f"|r=acm|vs={self.against}|on={self.applies}"
             return key + (f"|e={self.estimator}" if self.against == "merged" else "")
@@ -111,7 +114,7 @@ class Setting:
 
     def label(self) -> str:
         """``ACM-TIES (d=0.7, t=0.7)`` (the paper's rule), ``ACM-TIES (α=0.7, d=0.7, t=1, softmax)``."""
-        name = ("ACM-" if self.acm else "") + SHORT.get(self.method, self.method)
+        name = ("FIM-" if self.rule == "fim" else "ACM-" if self.acm else "") + SHORT.get(self.method, self.method)
         parts = [] if self.alpha is None else [f"α={self.alpha:g}"]
         if self.density is not None:
             parts.append(f"d={self.density:g}")
@@ -124,7 +127,7 @@ class Setting:
                 parts.append(f"vs merged, {self.estimator}")
             if self.applies == "merged-delta":
                 parts.append("on merged delta")
-        elif self.acm:
+        elif self.acm and self.rule != "fim":
             parts.append("softmax" + ("" if self.metric == "nmi" else f" by {self.metric}"))
         return f"{name} ({', '.join(parts)})"
 
@@ -199,6 +202,17 @@ def _choices(name: str, values, check) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _fim_points(rules, ts, fim_ts) -> list[float]:
+    """The fim rule's t values of a grid (``fim_ts``, else ``DEFAULT_FIM_TS``), [] without it (``ts`` are the
+    acm rule's, often negative)."""
+    from acm.rules import RULES, get_rule
+
+    if not any(get_rule(r).key == "fim" for r in rules or ()):
+        return []
+    lo, hi = RULES["fim"].param("t").range
+    return _values("t (fim rule)", fim_ts if fim_ts is not None else DEFAULT_FIM_TS, lo, hi)
+
+
 def _rule_points(rules, ts, softmax_ts, thetas, against, applies, estimators,
                  metrics) -> tuple[list[tuple[float, str]], list[tuple[float, str, str, str | None]]]:
     """(softmax points (t, metric), acm-rule points (t, against, applies, estimator)) of a grid.
@@ -216,6 +230,8 @@ def _rule_points(rules, ts, softmax_ts, thetas, against, applies, estimators,
         spec, fixed = get_rule(r), alias_params(r)
         if spec.key == "softmax":
             use_softmax = True
+            continue
+        if spec.key == "fim":              # its t values: _fim_points
             continue
         vs = [fixed["against"]] if "against" in fixed else _choices("MI-against value", against,
                                                                       ACM.param("against").check)
@@ -266,13 +282,14 @@ def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence | None = 
                 softmax_ts: Sequence | None = None, against: Sequence[str] = ("fine-tuned",),
                 applies: Sequence[str] = ("task-vectors",), estimators: Sequence[str] = ("labels",),
                 thetas: Sequence | None = None, max_settings: int = MAX_SETTINGS,
-                metrics: Sequence[str] | str | None = None) -> list[Setting]:
+                metrics: Sequence[str] | str | None = None, fim_ts: Sequence | None = None) -> list[Setting]:
     """Every (method, α, density/drop rate) plain (if ``plain``) and with each coefficient rule.
 
     ``rules`` (``acm.rules``): ``acm`` (default, the paper's rule) at each t (``ts``; default
     ``DEFAULT_ACM_TS``, t ∈ [−3, 3]) × ``against`` × ``applies`` (× ``estimators`` for MI against a
     merge); ``softmax`` (this project's rule) at each t (``softmax_ts``, else ``ts``; default
     ``DEFAULT_SOFTMAX_TS``) × ``metrics``; ``sigmoid`` = acm against merged on the merged delta.
+    ``fim`` (the data-free rule) at each t (``fim_ts``, else ``ts``; default ``DEFAULT_FIM_TS``), no α.
     ``thetas`` is the old sigmoid flag: the acm rule's t values. The paper's setting (against
     fine-tuned, on task vectors) has no α, so it appears once per (method, density, drop rate). Softmax t = 0 is bit-for-bit the plain
     method, so with ``plain`` it is not run twice. Bad grids raise one InputError line.
@@ -283,7 +300,8 @@ def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence | None = 
         raise InputError("empty grid: give at least one α")
     soft, paper = _rule_points(rules, ts, softmax_ts, thetas, against, applies, estimators, metrics)
     soft = [(t, k) for t, k in soft if not (plain and t == 0)]
-    if not soft and not paper and not plain:
+    fim = _fim_points(rules, ts, fim_ts)
+    if not soft and not paper and not plain and not fim:
         raise InputError("empty grid: give at least one t, or include the plain method")
     dens = _values("density", densities, 0.0, 1.0, lo_open=True)
     drops = _values("drop rate", drop_rates, 0.0, 1.0, hi_open=True)
@@ -308,6 +326,7 @@ def expand_grid(methods: Sequence[str], alphas: Sequence, ts: Sequence | None = 
                                     applies=on, estimator=e)
                             for t, vs, on, e in paper if i == 0 or not _alpha_free(vs, on)]
                     out += [Setting(m, a, t, d, p, metric=k) for t, k in soft]
+                    out += [Setting(m, None, t, d, p, rule="fim") for t in fim if i == 0]
     out = list({s.key(): s for s in out}.values())
     if max_settings is not None and len(out) > max_settings:
         raise InputError(f"the grid has {len(out)} settings, more than the maximum of {max_settings}; "
@@ -824,10 +843,26 @@ def _attach_analysis(run: _Run, progress: Progress | None) -> None:
     if not need:
         return
     o = run.o
-    metrics = list(dict.fromkeys(s.metric for s in need if not s.paper))
+    metrics = list(dict.fromkeys(s.metric for s in need if not s.paper and s.rule != "fim"))
     run.an, run.an_label = _ensure_analysis(run.base, run.fts, o.analysis, run.out, calibration=o.calibration,
                                             samples=o.samples, device=o.device, progress=progress, metrics=metrics,
                                             sample_mi=any(s.paper for s in need))
+    if any(s.rule == "fim" for s in need) and not run.an.has_fisher():
+        _add_fisher(run, progress)
+
+
+def _add_fisher(run: _Run, progress: Progress | None) -> None:
+    """The fim rule's Fisher pass (default settings: 8 × 64 random tokens, seed 0) put into the tune's analysis;
+    saved with it when it is the run folder's own (a given file is not rewritten)."""
+    import dataclasses
+
+    from acm.activations.fisher import fisher_analysis
+
+    fim = fisher_analysis(run.base, list(run.fts), device=run.o.device, progress=progress)
+    run.an = dataclasses.replace(run.an, fisher=fim.fisher)
+    own = run.out / "analysis.json"
+    if not run.o.analysis or Path(str(run.o.analysis)) == own:
+        run.an.save(own)
 
 
 def _fetch_models(run: _Run, progress: Progress | None, show_progress: bool) -> None:
@@ -1016,7 +1051,8 @@ def _merge(base: str, fts: list[str], s: Setting, analysis, where: Path, *, thre
     if s.acm:
         from acm.rules.coefficients import compute
 
-        coef = compute(analysis, "softmax", s.t, s.alpha, metric=s.metric)
+        coef = compute(analysis, "fim", s.t) if s.rule == "fim" else \
+            compute(analysis, "softmax", s.t, s.alpha, metric=s.metric)
         lams, acm = coef.weights(), coef.entry()
     merge_models(base, fts, folder, options, lambdas=lams, acm=acm, force=True, show_progress=False)
     return folder, {}

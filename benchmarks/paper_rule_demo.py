@@ -18,6 +18,11 @@ written to ``OUT/commands.sh`` as they run.
 
     python -m benchmarks.paper_rule_demo --out /tmp/paper_rule        # canonical combos (~25 min, 2 cores)
     python -m benchmarks.paper_rule_demo --out /tmp/paper_rule --combos all
+    python -m benchmarks.paper_rule_demo --out /tmp/fim --combos paper --ts 0.7 --fim-ts 1 2 --fim-only
+
+``--fim-ts`` adds, per method, the data-free ``fim`` rule (issue 22; docs/formulas.md) at each t from one
+``acm analyze --rule fim`` of the pair (``OUT/fim_analysis.json``: 8 random sequences × 64 tokens, seed 0);
+``--fim-only`` adds its Fisher-only ablation at the same t.
 
 Resumable: a finished evaluation group (``OUT/evals/*.json``) is not run again. Merged folders are
 deleted after their evaluation unless ``--keep``. Results: ``OUT/results.json`` and ``OUT/table.md``.
@@ -48,6 +53,27 @@ COMBO_LABEL = {"paper": "MI vs fine-tuned, λ on task vectors (paper text)",
                "ft-delta": "MI vs fine-tuned, λ on merged delta",
                "merged-tv": "MI vs merged, λ on task vectors"}
 METHOD_LABEL = {"task_arithmetic": "TA", "ties": "TIES"}
+
+
+def fim_groups(methods: list[str], fim_ts: list[float], fisher_only: bool, density: float) -> list[dict]:
+    """The fim rule's evaluation groups: per method, each t (and the Fisher-only ablation when asked)."""
+    groups = []
+    for method in methods:
+        m = METHOD_LABEL[method]
+        dens = ["--density", f"{density:g}"] if method == "ties" else []
+        dlabel = f", d={density:g}" if method == "ties" else ""
+        models = []
+        for score in ["fisher-delta"] + (["fisher-only"] if fisher_only else []):
+            for t in fim_ts:
+                flags = ["--method", method, *dens, "--acm", "{fim_analysis}", "--rule", "fim", "--t", f"{t:g}"]
+                tag = "" if score == "fisher-delta" else "-fonly"
+                if score != "fisher-delta":
+                    flags += ["--fim-score", score]
+                what = "F·‖δ‖²" if score == "fisher-delta" else "Fisher only"
+                models.append({"name": f"{m.lower()}-fim{tag}-t{t:g}", "rule": "fim", "t": t, "score": score,
+                               "label": f"{m} + fim rule (t={t:g}{dlabel}), {what}", "flags": flags})
+        groups.append({"name": f"{m.lower()}-fim", "models": models})
+    return groups
 
 
 def settings(methods: list[str], ts: list[float], combos: list[str], alpha: float, density: float,
@@ -179,6 +205,12 @@ def run(args) -> dict:
         rows.append({"name": folder.name, "label": label, "rule": "reference",
                      **_stats(refs[str(folder)], ref_lengths.get(str(folder)))})
     groups = settings(args.methods, args.ts, args.combos, args.alpha, args.density, args.softmax_t)
+    fim_analysis = args.out / "fim_analysis.json"
+    if args.fim_ts:
+        groups += fim_groups(args.methods, args.fim_ts, args.fim_only, args.density)
+        if not fim_analysis.is_file():
+            run_cli(["analyze", "--rule", "fim", "--base", str(args.base), "--ft", str(args.long), "--device", "cpu",
+                     "--out", str(fim_analysis)])
     for group in groups:
         folders, lambdas = [], {}
         done = (args.out / "evals" / f"{group['name']}.json").is_file()
@@ -187,7 +219,8 @@ def run(args) -> dict:
             folders.append(folder)
             lam_file = args.out / "lambdas" / f"{model['name']}.json"
             if not done and not (folder / "config.json").is_file():
-                flags = [f.replace("{analysis}", str(analysis)) for f in model["flags"]]
+                flags = [f.replace("{analysis}", str(analysis)).replace("{fim_analysis}", str(fim_analysis))
+                         for f in model["flags"]]
                 run_cli(["merge", "--base", str(args.base), "--ft", str(args.long), *flags, "--threads", "1",
                          "--force", "--out", str(folder)])
             if not lam_file.is_file() and folder.is_dir():
@@ -207,7 +240,8 @@ def run(args) -> dict:
 def _write(args, rows: list[dict], t0: float) -> dict:
     result = {"base": str(args.base), "long": str(args.long), "data": str(args.data), "limit": args.limit,
               "max_new_tokens": args.max_new_tokens, "alpha": args.alpha, "density": args.density,
-              "ts": args.ts, "combos": args.combos, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
+              "ts": args.ts, "combos": args.combos, "fim_ts": args.fim_ts, "fim_only": args.fim_only,
+              "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
               "command": " ".join(["python -m benchmarks.paper_rule_demo", *sys.argv[1:]])}
     (args.out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (args.out / "table.md").write_text(markdown(rows), encoding="utf-8")
@@ -241,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=0.7, help="plain / softmax rows and every stage-1 plain merge")
     p.add_argument("--density", type=float, default=0.7, help="TIES density")
     p.add_argument("--softmax-t", type=float, default=1.0)
+    p.add_argument("--fim-ts", type=float, nargs="*", default=[], help="add the fim rule at these t (e.g. 1 2)")
+    p.add_argument("--fim-only", action="store_true", help="with --fim-ts: also the Fisher-only ablation")
     p.add_argument("--limit", type=int, default=None, help="first N problems (default all 300)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=50)

@@ -38,7 +38,10 @@ from components.state import SessionState, admit, reused_line, shared_cache
 
 # The rule the app opens on: the paper's (acm.rules.ACM) at t = 0.7, t ∈ [−3, 3] in steps of 0.05.
 RULE_CHOICES = [("ACM — the paper's rule (Eq. 2–3)", "acm"),
-                ("softmax over similarity — this project's alternative rule", "softmax")]
+                ("softmax over similarity — this project's alternative rule", "softmax"),
+                ("FIM — data-free Fisher rule (a reading of arXiv 2603.21705)", "fim")]
+FIM_T_STEP = 0.1
+FIM_T_GRID = (0.0, 0.5, 1.0, 2.0, 4.0)        # the fim rule's several-t view (t = 1 is its default)
 DEFAULT_T = PAPER_T
 ACM_T_STEP = 0.05
 ACM_T_GRID = tuple(ABLATION_TS)               # the several-t view: the paper's ablation (its Figure 4)
@@ -99,6 +102,12 @@ def t_slider_settings(rule: str) -> dict:
         return dict(minimum=T_RANGE[0], maximum=T_RANGE[1], step=ACM_T_STEP, value=DEFAULT_T,
                     label="t (the paper's rule)",
                     info="0.7 in the paper; t > 0: λ in [½, 1), more where MI is below the samples' maximum")
+    if rule_key(rule) == "fim":
+        from acm.rules.fim import DEFAULT_SHARPNESS, FIM_T_RANGE
+
+        return dict(minimum=FIM_T_RANGE[0], maximum=FIM_T_RANGE[1], step=FIM_T_STEP, value=DEFAULT_SHARPNESS,
+                    label="t (fim sigmoid sharpness)",
+                    info="1 = default (one std of the log score → α ≈ 0.27 / 0.73); 0 = α ½ everywhere")
     return dict(minimum=0.0, maximum=T_MAX, step=SOFTMAX_T_STEP, value=SOFTMAX_T, label="Sharpness t (softmax)",
                 info="0 = plain method; larger = more contrast between layers")
 
@@ -429,6 +438,35 @@ def acm_view(analysis, t: float, clip, *, multi: bool = True):
     return coef_fig, multi_fig, table
 
 
+def fim_view(analysis, t: float, clip, *, multi: bool = True):
+    """(α curve, several-t view, table) of the data-free fim rule; without a Fisher pass, its one line."""
+    import numpy as np
+
+    from acm.rules import fim_lambdas
+    from acm.rules.coefficients import coefficient_table
+    from acm.rules.fim import FIM_T_RANGE
+
+    if not analysis.has_fisher():
+        line = "this analysis has no Fisher pass: press “Fisher pass” under the MI charts (no calibration text needed)"
+        return plots.empty_figure(line), plots.empty_figure(line), {"rule": "fim", "error": line}
+    table = coefficient_table(analysis, t, clip=clip, rule="fim")
+    labels, keys = model_labels(analysis), table["groups"]
+    scores = np.array([[g["score"] for g in m["groups"]] for m in table["models"]])
+    ts = np.round(np.arange(FIM_T_RANGE[0], FIM_T_RANGE[1] + FIM_T_STEP / 2, FIM_T_STEP), 4)
+    series = [{"label": lab, "score": scores[i].tolist(), "lambdas": [g["lambda"] for g in m["groups"]]}
+              for i, (lab, m) in enumerate(zip(labels, table["models"]))]
+    live = {"t0": float(ts[0]), "step": FIM_T_STEP, "lambdas": _clip_arr(fim_lambdas(scores, ts), clip)}
+    coef_fig = plots.fim_coefficient_figure(keys, series, t=t, clip=clip, live=live)
+    if not multi:
+        return coef_fig, None, table
+    few = _clip_arr(fim_lambdas(scores, list(FIM_T_GRID)), clip)
+    per_model = [{"label": lab, "nmi": np.log(np.maximum(scores[i], 1e-300)).tolist(), "grid": few[:, i, :].tolist()}
+                 for i, lab in enumerate(labels)]
+    multi_fig = plots.multi_t_figure(keys, per_model, list(FIM_T_GRID), alpha=0.5, metric_label="log score",
+                                     title="fim rule: αₖ for several t at once (dashed: t = 0, α = ½)")
+    return coef_fig, multi_fig, table
+
+
 def band_of(analysis, t: float, clip, table: dict | None = None) -> dict:
     """The acm rule's bootstrap band at t (``acm.rules.bands``, seeded: 90 %, 300 resamples) for the chart;
     also written into ``table`` (``lambda_lo``/``lambda_hi`` per row, ``bands``) when given."""
@@ -558,6 +596,8 @@ def coefficient_view(state: SessionState, t: float | None, alpha: float | None =
         return plots.empty_figure(NO_ANALYSIS), plots.empty_figure(NO_ANALYSIS), {}
     if rule == "acm":
         coef_fig, multi_fig, table = acm_view(analysis, t, clip, multi=multi)
+    elif rule == "fim":
+        coef_fig, multi_fig, table = fim_view(analysis, t, clip, multi=multi)
     else:
         coef_fig, multi_fig, table = softmax_view(analysis, t, alpha, clip, metric, multi=multi)
     state.figures["coefficients"] = coef_fig
@@ -659,6 +699,9 @@ def build() -> SimpleNamespace:
             tokens_plot = gr.Plot(plots.empty_figure("Per-sample MI vs tokens", height=220),
                                   label="MI vs tokens", show_label=False, elem_id="mi-tokens-plot")
             tokens_line = gr.Markdown("", elem_id="mi-tokens-line", elem_classes=["muted"])
+    from components import fisher
+
+    fim = fisher.build()             # the data-free rule's Fisher pass and charts, beside the MI (components/fisher.py)
     rule = gr.Radio(RULE_CHOICES, value=DEFAULT_RULE, label="Coefficient rule", elem_id="rule-select",
                     info="the paper's λ = 1 − meanⱼ σ(t·(MIⱼ − maxⱼ MIⱼ)), or softmax over NMI/CKA/cosine (ours)")
     slider = t_slider_settings(DEFAULT_RULE)
@@ -699,7 +742,7 @@ def build() -> SimpleNamespace:
         cal_download = gr.DownloadButton("Download calibration tokens (JSONL)", value=None, variant="secondary",
                                          visible=False, elem_id="calibration-download")
         upload = gr.UploadButton("Upload analysis JSON (skip analysis)", file_types=[".json"], variant="secondary")
-    return SimpleNamespace(analyse_btn=analyse_btn, summary=summary, metrics=metrics, driver=driver, rule=rule,
+    return SimpleNamespace(fim=fim, analyse_btn=analyse_btn, summary=summary, metrics=metrics, driver=driver, rule=rule,
                            bins=bins, batch_size=batch_size, seed=seed, chat_template=chat_template,
                            nmi_plot=nmi_plot, tokens_plot=tokens_plot, tokens_line=tokens_line, t=t, alpha=alpha,
                            clip_min=clip_min, clip_max=clip_max, coef_plot=coef_plot, multi_plot=multi_plot,
@@ -796,6 +839,10 @@ def wire(ui) -> None:
     _wire_coefficients(ui, coef_inputs)
     _wire_driver(ui, coef_inputs, [analyse_event, upload_event])
     ui.analysis_events = [analyse_event, upload_event]
+    from components import fisher
+
+    fisher.wire(ui).success(ui_errors(save_analysis, warm=False), [ui.state], [a.download], queue=False,
+                            api_visibility="private", show_progress="hidden")   # the download carries the Fisher pass
 
 
 def _wire_upload(ui, outputs):

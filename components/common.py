@@ -414,6 +414,8 @@ def merge_label(method: str, use_acm: bool, t: float | None, alpha: float, merge
             variant.append(applies.replace("-", " "))
         extra = (" " + " · ".join(variant)) if variant else ""
         return f"#{merge_id} ACM-{short} t={t:g}{extra}" + (f" α={alpha:g}" if applies != "task-vectors" else "")
+    if rule == "fim":
+        return f"#{merge_id} FIM-{short} t={t:g}"
     by = ""
     if metric and metric != "nmi":
         from acm.activations.similarity import metric_label

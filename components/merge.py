@@ -89,6 +89,8 @@ def merge_coefficients(state: SessionState, fts: list[str], rule: str, t: float,
     analysis = _check_analysis(state, fts)
     if rule == "acm":
         coef = compute(analysis, "acm", t, clip=clip)
+    elif rule == "fim":
+        coef = compute(analysis, "fim", t, clip=clip)
     else:
         coef = compute(analysis, "softmax", t, alpha, clip, metric=_softmax_metric(state, analysis, metric))
     return coef, coef.weights(), coef.entry()
@@ -140,8 +142,8 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
     key = rule_key(rule)
     t = rule_t(key, t) if use_acm else None
     paper = use_acm and key == "acm" and not rules.staged(against, applies)
-    # Eq. 3 has no α (λ takes its place): the merge records 1, not a slider value it never used.
-    options = merge_options(method, alpha=1.0 if paper else alpha, density=density, drop_rate=drop_rate,
+    # Eq. 3 (and the fim rule) have no α (λ takes its place): the merge records 1, not a slider value it never used.
+    options = merge_options(method, alpha=1.0 if paper or (use_acm and key == "fim") else alpha, density=density, drop_rate=drop_rate,
                             trim_scope=trim_scope, seed=seed, gamma=gamma, epsilon=epsilon, dtype=dtype, device=device,
                             tokenizer_from=tokenizer_from)
     lo, hi = optional_float(clip_min), optional_float(clip_max)
@@ -156,7 +158,7 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
     label_args = dict(rule=key, against=against, applies=applies)
     state.merge_count += 1
     merge_id = state.merge_count
-    suffix = {"acm": "-acm", "softmax": "-softmax"}[key] if use_acm else ""
+    suffix = {"acm": "-acm", "softmax": "-softmax", "fim": "-fim"}[key] if use_acm else ""
     out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{method}{suffix}"
     merged = _merge_and_load(state, base, fts, out_dir, f"{method}{suffix}", options, weights, entry, device, dtype,
                              progress)

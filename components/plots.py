@@ -473,3 +473,53 @@ def eval_scatter(points: Iterable[dict]) -> PlotSpec:
     return PlotSpec(data, _layout("Accuracy vs answer length (up-left is better)", height=420,
                                   xaxis=_axis("mean answer length (tokens)", rangemode="tozero"),
                                   yaxis=_axis("accuracy (%)", range=[-3, 108])))
+
+
+def fisher_figure(keys: Sequence[str], fisher: Sequence[float], series: Sequence[dict]) -> PlotSpec:
+    """The fim rule's inputs per λ key: the base's Fisher Fₖ (bars, log axis) and each fine-tuned model's
+    ‖δₖ‖² (lines, right log axis). ``series``: ``[{"label", "delta_sq": [K]}]``."""
+    data = [{"type": "bar", "name": "Fisher F (base, random tokens)", "x": list(keys), "y": _f(fisher),
+             "marker": {"color": BASE_COLOR}, "hovertemplate": "<b>%{x}</b><br>F %{y:.3g}<extra></extra>"}]
+    for i, s in enumerate(series):
+        data.append({"type": "scatter", "mode": "lines+markers", "name": f"‖δ‖² {s['label']}", "x": list(keys),
+                     "y": _f(s["delta_sq"]), "yaxis": "y2", "line": {"color": model_color(i), "width": 2},
+                     "hovertemplate": f"<b>%{{x}}</b><br>{s['label']}<br>‖δ‖² %{{y:.3g}}<extra></extra>"})
+    return PlotSpec(data, _layout("fim rule: the base's Fisher per layer and each task vector's ‖δ‖²", height=320,
+                                  xaxis=_category(keys, "λ key (layer group)"), yaxis=_axis("Fisher F", type="log"),
+                                  yaxis2={"title": {"text": "‖δ‖²"}, "type": "log", "overlaying": "y",
+                                          "side": "right", "showgrid": False}))
+
+
+def fim_coefficient_figure(keys: Sequence[str], series: Sequence[dict], *, t: float,
+                           clip: tuple[float | None, float | None] | None = None, live: dict | None = None) -> PlotSpec:
+    """The fim rule's αₖ(t) per λ key for each fine-tuned model, with α = ½ (t = 0) dashed.
+
+    ``series``: ``[{"label", "score": [K], "lambdas": [K]}]`` (score = F·‖δ‖² or F); ``live`` as in ``attach_live``.
+    """
+    data = [{"type": "scatter", "mode": "lines", "name": "t = 0: α = ½ everywhere", "x": list(keys),
+             "y": [0.5] * len(keys), "line": {"color": PLAIN_COLOR, "width": 1.5, "dash": "dash"},
+             "hoverinfo": "skip"}]
+    for i, s in enumerate(series):
+        data.append({
+            "type": "scatter", "mode": "lines+markers", "name": f"{s['label']} (t = {t:g})", "x": list(keys),
+            "y": _f(s["lambdas"]), "line": {"color": model_color(i), "width": 2.5}, "marker": {"size": 7},
+            "customdata": [[float(v), s["label"]] for v in s["score"]],
+            "hovertemplate": "<b>%{x}</b><br>%{customdata[1]}<br>score %{customdata[0]:.3g}<br>α %{y:.4f} "
+                             "(task-vector weight)<extra></extra>"})
+    shapes = [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": float(b), "y1": float(b),
+               "line": {"color": "#adb5bd", "width": 1, "dash": "dot"}} for b in (clip or ()) if b is not None]
+    spec = PlotSpec(data, _layout(f"fim rule: αₖ(t) at t = {t:g} (σ of the standardised log Fisher score)",
+                                  xaxis=_category(keys, "λ key (layer group)"), yaxis=_axis("α (½ at t = 0)"),
+                                  shapes=shapes))
+    return attach_live(spec, live, traces=list(range(1, 1 + len(series))), t=t)
+
+
+def rules_figure(keys: Sequence[str], series: Sequence[dict], *, title: str) -> PlotSpec:
+    """Task-vector weights of several rules on one chart. ``series``: ``[{"label", "values": [K], "dash"?}]``
+    (one colour per fine-tuned model, one dash style per rule)."""
+    data = [{"type": "scatter", "mode": "lines+markers", "name": s["label"], "x": list(keys), "y": _f(s["values"]),
+             "line": {"color": model_color(int(s.get("model", 0))), "width": 2.5, "dash": s.get("dash", "solid")},
+             "marker": {"size": 7, "symbol": s.get("symbol", "circle")},
+             "hovertemplate": f"<b>%{{x}}</b><br>{s['label']}<br>%{{y:.4f}}<extra></extra>"} for s in series]
+    return PlotSpec(data, _layout(title, height=340, xaxis=_category(keys, "λ key (layer group)"),
+                                  yaxis=_axis("task-vector weight")))

@@ -46,12 +46,17 @@ def staged(against: str, applies: str) -> bool:
 
 def uses_alpha(rule: str, against: str, applies: str) -> bool:
     """α: the softmax rule's mean λ, and the plain merge's coefficient where a plain merge runs first;
-    the paper's Eq. 3 has none (λ takes its place)."""
+    the paper's Eq. 3 and the fim rule have none (λ / α takes its place)."""
+    if rule == "fim":
+        return False
     return rule != "acm" or (against, applies) != PAPER
 
 
 def note(rule: str, against: str, applies: str) -> str:
     """One line under the switches: what runs, and where α went."""
+    if rule == "fim":
+        return ("**fim rule (data-free)**: θ = θ₀ + Σᵢ αᵢ·τᵢ, αₖ = σ(−t·zₖ) from the base's Fisher per layer × ‖δₖ‖² "
+                "(the “Fisher pass” of step 3, no calibration text); α is per layer, so there is **no global α**.")
     if rule != "acm":
         return ("**softmax rule (ours)**: λₖ = α·K·exp(−t·sₖ)/Σⱼexp(−t·sⱼ) from the similarity chosen in the Analyse "
                 "tab; α is the mean λ.")

@@ -33,7 +33,8 @@ from components.state import SessionState
 
 METHOD_CHOICES = [(s.short, k) for k, s in registry.SPECS.items() if s.acm]      # acm.merging.methods
 DEFAULT_METHODS = ["ties"]
-RULE_CHOICES = [("ACM — the paper's rule (Eq. 2–3)", "acm"), ("softmax — this project's alternative rule", "softmax")]
+RULE_CHOICES = [("ACM — the paper's rule (Eq. 2–3)", "acm"), ("softmax — this project's alternative rule", "softmax"),
+                ("FIM — data-free Fisher rule (t = 0.5, 1, 2)", "fim")]
 DEFAULT_RULES = ["acm"]
 DEFAULT_TS = ", ".join(f"{t:g}" for t in DEFAULT_ACM_TS)             # the paper's 0.7, its ablation's ends, −1
 DEFAULT_SOFTMAX_TS = ", ".join(f"{t:g}" for t in DEFAULT_SOFTMAX_TS_VALUES)
@@ -116,7 +117,8 @@ def tune_figure(records: list[dict], report: dict | None) -> plots.PlotSpec:
         trace("fine-tuned", fts, marker={"color": plots.PALETTE[0], "symbol": "diamond", "size": 13})
     plain = [p for p in pts if p["setting"].get("t") is None]
     paper = [p for p in pts if p["setting"].get("t") is not None and p["setting"].get("rule") == "acm"]
-    softmax = [p for p in pts if p["setting"].get("t") is not None and p["setting"].get("rule") != "acm"]
+    softmax = [p for p in pts if p["setting"].get("t") is not None and p["setting"].get("rule") not in ("acm", "fim")]
+    fim = [p for p in pts if p["setting"].get("t") is not None and p["setting"].get("rule") == "fim"]
     if plain:
         trace("plain", plain, marker={"color": plots.PLAIN_COLOR, "symbol": "circle-open", "size": 11,
                                       "line": {"width": 2}})
@@ -128,6 +130,9 @@ def tune_figure(records: list[dict], report: dict | None) -> plots.PlotSpec:
     if softmax:   # its t is another scale (≥ 0): one colour, t in the hover label
         trace("softmax (this project's rule)", softmax, marker={"color": plots.PALETTE[1], "symbol": "triangle-up",
                                                                  "size": 11, "line": {"width": 1, "color": "white"}})
+    if fim:       # the data-free rule: its own marker, t in the hover label
+        trace("FIM (data-free rule)", fim, marker={"color": plots.PALETTE[3], "symbol": "diamond-open", "size": 11,
+                                                   "line": {"width": 2}})
     front = pareto_front(pts)
     if len(front) > 1:
         data.append({"type": "scatter", "mode": "lines", "name": "frontier", "line": {"shape": "hv", "width": 2,
@@ -314,7 +319,7 @@ def merge_tab_values(setting: dict, controls: set[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"method": s.method, "mode": ACM if s.acm else PLAIN, "alpha": s.alpha,
                            "density": s.density, "drop_rate": s.drop_rate}
     if s.acm:
-        out.update(rule="acm" if s.paper else "softmax", t=s.t)
+        out.update(rule="fim" if s.rule == "fim" else "acm" if s.paper else "softmax", t=s.t)
     if s.paper:
         out.update(against=s.against, applies=s.applies, estimator=s.estimator)
     return {k: v for k, v in out.items() if k in controls and v is not None}
@@ -326,7 +331,7 @@ def _run_merge(state: SessionState, base, fts, s, **kw):
     from components.calibration import resolve_calibration
     from components.merge import ACM, DEFAULT_DENSITY, PLAIN, run_merge
 
-    rule = {"rule": "acm" if s.paper else "softmax"} if s.acm else {}
+    rule = {"rule": "fim" if s.rule == "fim" else "acm" if s.paper else "softmax"} if s.acm else {}
     if s.paper:
         rule.update(against=s.against, applies=s.applies, estimator=s.estimator or "labels")
         if s.against == "merged":
@@ -335,7 +340,7 @@ def _run_merge(state: SessionState, base, fts, s, **kw):
                      alpha=1.0 if s.alpha is None else s.alpha,
                      density=s.density if s.density is not None else DEFAULT_DENSITY,
                      drop_rate=s.drop_rate if s.drop_rate is not None else 0.3,
-                     metric=s.metric if s.acm and not s.paper else None, **rule, **kw)
+                     metric=s.metric if s.acm and not s.paper and s.rule != "fim" else None, **rule, **kw)
 
 
 # ----------------------------------------------------------------------------- UI

@@ -25,7 +25,7 @@ from tests.fixtures import make_pair, make_tiny_model, one_torch_thread, write_c
 
 
 def test_registry_defaults_and_one_line_errors():
-    assert get_rule(None).key == "acm" and set(RULES) == {"acm", "softmax"}
+    assert get_rule(None).key == "acm" and set(RULES) == {"acm", "softmax", "fim"}
     acm = get_rule("ACM")
     d = acm.defaults()
     assert d["t"] == 0.7 and d["against"] == "fine-tuned" and d["applies"] == "task-vectors"

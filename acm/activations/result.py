@@ -83,6 +83,9 @@ class AnalysisResult:
     # Per-sample MI (acm.activations.sample_mi): {"estimator", "points", "point_groups", "tokens", "max_values", "bins",
     # "values_per_point"}; empty for analyses made before the paper's rule (they still load).
     sample_info: dict = field(default_factory=dict)
+    # The fim rule's Fisher pass (acm.activations.fisher): {"keys", "scores", "params", "sequences", "length", "seed",
+    # "loss", "vocab", ..., "delta_sq": [per model, per key]}; empty when the analysis ran no Fisher pass.
+    fisher: dict = field(default_factory=dict)
     # The exact token ids and texts fed to the models (not serialised: ``save_calibration`` writes them).
     calibration: list[tuple[list[int], str]] | None = field(default=None, repr=False, compare=False)
 
@@ -96,6 +99,18 @@ class AnalysisResult:
             raise InputError("this analysis has no per-sample MI (it was made before the paper's rule or with "
                              "--mi-estimator off); run `acm analyze` again to use the acm rule, or use --rule softmax")
         return np.array([m.sample_mi for m in self.models], dtype=np.float64)
+
+    def has_fisher(self) -> bool:
+        """Whether the file carries the fim rule's Fisher pass (and ‖δ‖² for every model)."""
+        return bool(self.fisher) and len(self.fisher.get("delta_sq") or []) == len(self.models)
+
+    def fisher_arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(fim keys, Fisher per key [keys], ‖δ‖² [models, keys]); InputError, one line, without a Fisher pass."""
+        if not self.has_fisher():
+            raise InputError("this analysis has no Fisher pass (the fim rule's); run `acm analyze --rule fim` "
+                             "(no calibration needed), or `acm merge --rule fim` without --acm to run it on the fly")
+        return (list(self.fisher["keys"]), np.asarray(self.fisher["scores"], dtype=np.float64),
+                np.asarray(self.fisher["delta_sq"], dtype=np.float64))
 
     def save_calibration(self, path: str | os.PathLike) -> Path:
         """The exact token sequences the models were fed: JSON lines ``{"input_ids": [...], "text": ...}``."""
@@ -124,6 +139,8 @@ class AnalysisResult:
              "models": [m.to_dict() for m in self.models], "provenance": self.provenance}
         if self.sample_info:
             d["sample_mi"] = self.sample_info
+        if self.fisher:
+            d["fisher"] = self.fisher
         return d
 
     @classmethod
@@ -143,8 +160,9 @@ class AnalysisResult:
         info = d.get("sample_mi") or {}
         if not isinstance(info, dict):
             raise InputError("malformed ACM analysis ('sample_mi' must be an object)")
+        fisher = _check_fisher(d.get("fisher"), len(models))
         for m in models:
-            if not m.has_values():
+            if not m.has_values() and not fisher:
                 raise InputError(f"ACM analysis: model {m.model} has no similarity values (no NMI, no other metric)")
             if m.sample_mi:
                 _check_sample_mi(m, info)
@@ -156,7 +174,8 @@ class AnalysisResult:
                 bad = [g for g, v in zip(groups, vals) if not (math.isfinite(v) and -1e-9 <= v <= 1 + 1e-9)]
                 if bad:
                     raise InputError(f"ACM analysis: model {m.model} has an invalid {name} for group {bad[0]}")
-        return cls(groups=groups, models=models, provenance=dict(d.get("provenance") or {}), sample_info=dict(info))
+        return cls(groups=groups, models=models, provenance=dict(d.get("provenance") or {}), sample_info=dict(info),
+                   fisher=fisher)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=True)
@@ -185,6 +204,26 @@ class AnalysisResult:
         if not text.strip():
             raise InputError(f"analysis file {path.name} is empty")
         return cls.from_json(text)
+
+
+def _check_fisher(block, n_models: int) -> dict:
+    """The ``fisher`` block checked: one Fisher value per key, ‖δ‖² per model and key, all finite and ≥ 0."""
+    if not block:
+        return {}
+    if not isinstance(block, dict):
+        raise InputError("malformed ACM analysis ('fisher' must be an object)")
+    try:
+        keys = [str(k) for k in block["keys"]]
+        scores = [float(x) for x in block["scores"]]
+        delta = [[float(x) for x in row] for row in block.get("delta_sq") or []]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"malformed ACM analysis ('fisher' block: {type(exc).__name__}: {exc})") from None
+    if not keys or len(scores) != len(keys) or len(delta) != n_models or any(len(r) != len(keys) for r in delta):
+        raise InputError(f"ACM analysis: the Fisher block needs one score per key ({len(keys)} keys) and ‖δ‖² for "
+                         f"each of the {n_models} model(s)")
+    if not all(math.isfinite(x) and x >= 0 for x in scores + [v for r in delta for v in r]):
+        raise InputError("ACM analysis: the Fisher block has a negative or non-finite value")
+    return {**block, "keys": keys, "scores": scores, "delta_sq": delta}
 
 
 def _check_sample_mi(m: ModelNMI, info: dict) -> None:

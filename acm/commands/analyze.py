@@ -33,7 +33,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "required unless --preset")
     p.add_argument("--calibration", default=None, metavar="SRC",
                    help="calibration text: .jsonl/.json/.csv/.txt file, Hub dataset id, or 'bundled' (required "
-                        "unless --preset or --calibration-preset)")
+                        "unless --preset or --calibration-preset, or --rule fim alone)")
+    p.add_argument("--rule", default=None, metavar="acm|softmax|fim|acm,fim",
+                   help="what the analysis serves: acm / softmax (default: the activation MI and similarity on "
+                        "--calibration), fim (only the data-free Fisher pass on the base and ‖δ‖² per layer: "
+                        "no calibration), or a comma list with fim (both in one file)")
+    p.add_argument("--fim-sequences", type=int, default=8, metavar="S",
+                   help="fim: random-token sequences of the Fisher pass (default: 8)")
+    p.add_argument("--fim-length", type=int, default=64, metavar="L", help="fim: tokens per sequence (default: 64)")
+    p.add_argument("--fim-loss", default="lm", metavar="lm|sampled",
+                   help="fim: the base's next-token loss on the random tokens (lm, default) or targets drawn from "
+                        "its own prediction (sampled: the expected Fisher); the tokens are seeded by --seed")
     p.add_argument("--field", default=None, help="text field (default: text, question, prompt, instruction, input)")
     p.add_argument("--split", default=None, help="Hub dataset split (default: train)")
     p.add_argument("--samples", type=int, default=None,
@@ -84,12 +94,42 @@ def apply_preset(args: argparse.Namespace) -> None:
     """Flags given win; ``--preset`` / ``--calibration-preset`` fill the rest; then the defaults above."""
     values = preset_values(args)
     values.pop("tokenizer_from", None), values.pop("rule", None), values.pop("t", None)   # merge settings
+    fim_only = _rule_names(args) == ["fim"]
+    if fim_only and not getattr(args, "calibration_preset", None):
+        for key in ("calibration", "split", "field"):       # the Fisher pass alone reads no calibration text
+            values.pop(key, None)
     fill(args, values, DEFAULTS)
-    require(args, "--base", "--ft", "--calibration")
+    require(args, "--base", "--ft", *(() if fim_only else ("--calibration",)))
+
+
+def _rule_names(args: argparse.Namespace) -> list[str]:
+    """The registry names of --rule's comma list (default acm); one line for an unknown rule."""
+    from acm.rules import get_rule
+
+    return sorted({get_rule(r.strip()).key for r in str(args.rule or "acm").split(",") if r.strip()} or {"acm"})
+
+
+def _rules(args: argparse.Namespace) -> tuple[bool, bool]:
+    """(run the MI / similarity analysis, run the Fisher pass) from --rule; one line for a bad rule."""
+    from acm.activations.fisher import FisherSettings
+
+    names = _rule_names(args)
+    fim = "fim" in names
+    if fim:
+        args.fim = FisherSettings(args.fim_sequences, args.fim_length, args.seed, args.fim_loss).checked()
+    mi = any(n != "fim" for n in names)
+    if not mi and args.calibration is not None:
+        raise InputError("--rule fim alone needs no --calibration (it runs no activation analysis); drop it, or "
+                         "use --rule acm,fim for both in one file")
+    if mi and args.calibration is None:
+        raise InputError("--calibration is needed for the activation analysis (the acm and softmax rules); "
+                         "only --rule fim runs without calibration text")
+    return mi, fim
 
 
 def validate(args: argparse.Namespace) -> None:
     """Range checks before any model work, one line each."""
+    args.run_mi, args.run_fim = _rules(args)
     if args.samples is not None and args.samples < 1:
         raise InputError(f"--samples must be at least 1, got {args.samples}")
     if args.clusters < 1:
@@ -144,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
             hf_logging.disable_progress_bar()
         except Exception:  # noqa: BLE001 - cosmetic only
             pass
+    if not args.run_mi:
+        return _run_fim_only(args)
     options = AnalysisOptions(
         field=args.field, split=args.split, samples=args.samples, clusters=args.clusters, fraction=args.fraction,
         max_tokens=args.max_tokens, bins=args.bins, batch_size=args.batch_size, seed=args.seed, device=args.device,
@@ -152,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         sketch_dim=args.sketch_dim, row_budget=args.row_budget, sample_mi=args.mi_estimator,
         sample_max_values=args.mi_max_values)
     result = analyze(args.base, list(args.ft), args.calibration, options, show_progress=interactive)
+    if args.run_fim:
+        _add_fisher(args, result)
     path = result.save(args.out)
     if args.save_calibration is not None:
         print(f"wrote the {len(result.calibration or [])} token sequences fed to the models to "
@@ -170,5 +214,35 @@ def run(args: argparse.Namespace) -> int:
                  if result.provenance.get("subsampled_groups") else ""))
     for note in result.provenance.get("vocab_notes") or []:
         print(f"note: {note}")
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_fisher(args: argparse.Namespace, result) -> None:
+    """Put the fim rule's Fisher pass (and ‖δ‖² per model) into an activation analysis: one file, both rules."""
+    from acm.activations.fisher import fisher_analysis
+
+    fim = fisher_analysis(args.base, list(args.ft), args.fim, device=args.device, dtype=args.dtype,
+                          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    result.fisher = fim.fisher
+    print(_fisher_line(fim.fisher))
+
+
+def _fisher_line(block: dict) -> str:
+    keys, scores = block["keys"], block["scores"]
+    hi = max(range(len(keys)), key=lambda k: scores[k])
+    return (f"Fisher pass ({block['sequences']} random sequences × {block['length']} tokens, seed {block['seed']}, "
+            f"loss {block['loss']}) in {block['seconds']:.1f}s on {block['device']}: highest at {keys[hi]} "
+            f"({scores[hi]:.3g}); peak RSS {format_bytes(block.get('peak_rss_bytes') or 0)}")
+
+
+def _run_fim_only(args: argparse.Namespace) -> int:
+    """``--rule fim``: the Fisher pass on the base and ‖δ‖² per layer; no calibration, no activation analysis."""
+    from acm.activations.fisher import fisher_analysis
+
+    result = fisher_analysis(args.base, list(args.ft), args.fim, device=args.device, dtype=args.dtype,
+                             allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    path = result.save(args.out)
+    print(_fisher_line(result.fisher))
     print(f"wrote {path}")
     return 0

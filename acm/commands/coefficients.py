@@ -21,7 +21,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "project's alternative): lambda_k = alpha*K*exp(-t*s_k)/sum_j exp(-t*s_j). Optionally clipped "
                     "after. Prints JSON (the table) or a mergekit-style YAML config.")
     p.add_argument("--analysis", required=True, metavar="FILE", help="analysis JSON written by 'acm analyze'")
-    p.add_argument("--rule", default=None, metavar="acm|softmax", help="coefficient rule (default: acm, the paper's)")
+    p.add_argument("--rule", default=None, metavar="acm|softmax|fim",
+                   help="coefficient rule (default: acm, the paper's; fim needs a Fisher pass: acm analyze --rule fim)")
+    p.add_argument("--fim-score", default="fisher-delta", metavar="fisher-delta|fisher-only",
+                   help="fim rule: layer score F*|delta|^2 (default) or the Fisher alone")
     p.add_argument("--t", type=float, default=None,
                    help="the rule's t: acm in [-3, 3] (default 0.7, the paper's); softmax >= 0 (default 1)")
     p.add_argument("--alpha", type=float, default=1.0,
@@ -90,17 +93,22 @@ def run(args: argparse.Namespace) -> int:
     from acm.rules.coefficients import coefficient_table
 
     clip = validate(args)
-    if args.rule == "acm" and str(args.metric).strip().lower() != "nmi":
-        raise InputError("--metric picks the softmax rule's similarity; the acm rule uses per-sample MI "
+    if args.rule != "fim" and args.fim_score != "fisher-delta":
+        raise InputError("--fim-score belongs to the fim rule: add --rule fim")
+    if args.rule != "softmax" and str(args.metric).strip().lower() != "nmi":
+        raise InputError(f"--metric picks the softmax rule's similarity; the {args.rule} rule uses "
+                         f"{'per-sample MI' if args.rule == 'acm' else 'the Fisher pass'} "
                          "(add --rule softmax)")
     args.metric = get_metric(args.metric).key
     analysis = AnalysisResult.load(args.analysis)
     if args.format == "yaml":
         print(to_mergekit_yaml(analysis, args.t, args.alpha, method=args.method, base_model=args.base_model,
                                density=args.density, drop_rate=args.drop_rate, gamma=args.gamma,
-                               normalize=args.normalize, clip=clip, metric=args.metric, rule=args.rule), end="")
+                               normalize=args.normalize, clip=clip, metric=args.metric, rule=args.rule,
+                               score=args.fim_score), end="")
     else:
-        table = coefficient_table(analysis, args.t, args.alpha, clip=clip, metric=args.metric, rule=args.rule)
+        table = coefficient_table(analysis, args.t, args.alpha, clip=clip, metric=args.metric, rule=args.rule,
+                                  score=args.fim_score)
         table["analysis"] = str(args.analysis)
         lines = add_bands(table, analysis, args, clip) if args.bands is not None else []
         print(json.dumps(table, indent=2))

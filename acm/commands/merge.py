@@ -63,10 +63,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--against merged measures the MI against a plain merge instead (needs --calibration, no --acm) and "
         "--applies merged-delta rescales a plain merge's delta (a public derivative of the authors' code). "
         "softmax is this project's alternative rule (--metric, --alpha).")
-    rules.add_argument("--rule", default=None, metavar="acm|softmax",
-                       help="coefficient rule (default acm; 'sigmoid' = acm --against merged --applies merged-delta)")
+    rules.add_argument("--rule", default=None, metavar="acm|softmax|fim",
+                       help="coefficient rule (default acm; 'sigmoid' = acm --against merged --applies merged-delta; "
+                            "fim = the data-free Fisher rule, below)")
     rules.add_argument("--t", type=float, default=None,
-                       help="the rule's t: acm in [-3, 3] (default 0.7, the paper's), softmax >= 0 (default 1)")
+                       help="the rule's t: acm in [-3, 3] (default 0.7, the paper's), softmax >= 0 (default 1), "
+                            "fim in [0, 10] (default 1)")
     rules.add_argument("--against", default=None, metavar="fine-tuned|merged",
                        help="acm rule: MI of the base against each fine-tuned model (default) or a plain merge")
     rules.add_argument("--applies", default=None, metavar="task-vectors|merged-delta",
@@ -87,6 +89,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     rules.add_argument("--samples", type=int, default=None,
                        help="--against merged: calibration samples (default: 10%% of each of 20 k-means clusters)")
     rules.add_argument("--max-tokens", type=int, default=None, help="--against merged: tokens per sample (512)")
+    fim = p.add_argument_group(
+        "fim rule (data-free)",
+        "--rule fim: alpha_k = sigmoid(-t*z_k), z = standardised log(F_k*|delta_k|^2) over the layers, F the base's "
+        "diagonal Fisher on random tokens (a reading of FIM-Merging, arXiv 2603.21705); theta = theta_0 + sum_i "
+        "alpha_i tau_i. With --acm FILE the file's Fisher pass is used (acm analyze --rule fim); without, the "
+        "pass runs here on the base (seconds to minutes) and is recorded in the recipe.")
+    fim.add_argument("--fim-score", default=None, metavar="fisher-delta|fisher-only",
+                     help="fim: the layer score F*|delta|^2 (default) or the Fisher alone (the paper's ablation)")
+    fim.add_argument("--fim-sequences", type=int, default=None, metavar="S", help="fim: random sequences (8)")
+    fim.add_argument("--fim-length", type=int, default=None, metavar="L", help="fim: tokens per sequence (64)")
+    fim.add_argument("--fim-seed", type=int, default=None, help="fim: seed of the random tokens (0)")
+    fim.add_argument("--fim-loss", default=None, metavar="lm|sampled",
+                     help="fim: next-token loss on the random tokens (lm) or on targets drawn from the base (sampled)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="output dtype (default: the base's)")
     p.add_argument("--tokenizer-from", default=None, metavar="base|ft|ft:N",
@@ -144,6 +159,13 @@ def _rule_settings(args: argparse.Namespace) -> dict | None:
         if args.t is not None:
             raise InputError("--theta is the old name of --t: give one of them")
         args.t = args.theta
+    fim_flags = [f for f, v in (("--fim-score", args.fim_score), ("--fim-sequences", args.fim_sequences),
+                                ("--fim-length", args.fim_length), ("--fim-seed", args.fim_seed),
+                                ("--fim-loss", args.fim_loss)) if v is not None]
+    if args.rule is not None and get_rule(args.rule).key == "fim":
+        return _fim_settings(args, fim_flags)
+    if fim_flags:
+        raise InputError(f"{fim_flags[0]} belongs to the fim rule: add --rule fim")
     switches = alias_params(args.rule)
     against = args.against or switches.get("against")
     coefficient_flags = [f for f, v in (("--rule", args.rule), ("--t", args.t), ("--against", args.against),
@@ -202,6 +224,55 @@ def apply_preset(args: argparse.Namespace) -> None:
     require(args, "--base", "--ft")
 
 
+def _fim_settings(args: argparse.Namespace, fim_flags: list[str]) -> dict:
+    """The fim rule's checked settings; its Fisher pass comes from --acm FILE or runs on the fly."""
+    from acm.activations.fisher import FisherSettings
+    from acm.rules import FIM, check_t
+
+    if args.method not in registry.ACM_METHODS:
+        raise InputError("the fim rule's α scale task vectors and linear averaging has none; "
+                         f"use --method {', '.join(registry.ACM_METHODS)}")
+    other = [f for f, v in (("--against", args.against), ("--applies", args.applies), ("--metric", args.metric))
+             if v is not None] + [flag for flag, name in _MERGED_ONLY if getattr(args, name) is not None]
+    if other:
+        raise InputError(f"{other[0]} belongs to the acm / softmax rules, not fim")
+    score = FIM.param("score").check(args.fim_score or "fisher-delta")
+    pass_flags = [f for f in fim_flags if f != "--fim-score"]
+    if args.acm is not None and pass_flags:
+        raise InputError(f"{pass_flags[0]}: the analysis file (--acm) fixes the Fisher pass; drop it, or drop --acm "
+                         "to run the pass here")
+    fisher = None if args.acm is not None else FisherSettings(
+        8 if args.fim_sequences is None else args.fim_sequences, 64 if args.fim_length is None else args.fim_length,
+        0 if args.fim_seed is None else args.fim_seed, args.fim_loss or "lm").checked()
+    return {"rule": "fim", "t": check_t("fim", args.t), "score": score, "fisher": fisher, "clip": _clip(args)}
+
+
+def _run_fim_rule(args: argparse.Namespace, options, s: dict) -> int:
+    from acm.merging.engine import merge_models
+    from acm.rules.coefficients import compute
+
+    if s["fisher"] is None:
+        analysis = _load_analysis(args.acm, args.ft)
+    else:
+        from acm.activations.fisher import fisher_analysis
+
+        analysis = fisher_analysis(args.base, list(args.ft), s["fisher"],
+                                   device=None if args.device in (None, "", "auto") else args.device,
+                                   allow_pickle=args.allow_pickle)
+        fb = analysis.fisher
+        print(f"Fisher pass on the base: {fb['sequences']} × {fb['length']} random tokens (seed {fb['seed']}, "
+              f"loss {fb['loss']}) in {fb['seconds']:.1f}s on {fb['device']}")
+    coef = compute(analysis, "fim", s["t"], clip=s["clip"], score=s["score"])
+    report = merge_models(args.base, args.ft, args.out, options, lambdas=coef.weights(), acm=coef.entry(),
+                          force=args.force, allow_pickle=args.allow_pickle, show_progress=sys.stderr.isatty())
+    print(f"merged {len(args.ft)} model(s) into {args.base} with FIM {args.method} (fim rule, t={s['t']:g}, "
+          f"score {s['score']})")
+    for name, lam in zip(coef.models, coef.by_model()):
+        print(f"α per layer ({name}): " + ", ".join(f"{g} {v:.3f}" for g, v in lam.items()))
+    _print_output(report)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from acm.merging.engine import MergeOptions, merge_models
 
@@ -214,6 +285,8 @@ def run(args: argparse.Namespace) -> int:
     options.validate(len(args.ft))
     if settings is not None and settings["rule"] == "acm":
         return _run_acm_rule(args, options, settings)
+    if settings is not None and settings["rule"] == "fim":
+        return _run_fim_rule(args, options, settings)
     lambdas = acm = None
     label = args.method
     if settings is not None:

@@ -88,7 +88,8 @@ def _rule_flags(g) -> None:
                    help="coefficient rules to compare (acm.rules): acm (default) = the paper's rule, lambda_k = "
                         "1 - mean_j sigmoid(t*(MI_kj - max_j MI_kj)), theta = theta_0 + (1/N) sum lambda*tau "
                         "(arXiv 2505.14009, Eq. 2-3); softmax = this project's alternative rule (lambda from NMI, "
-                        "CKA or cosine; --metrics); sigmoid = acm --against merged --applies merged-delta")
+                        "CKA or cosine; --metrics); sigmoid = acm --against merged --applies merged-delta; fim = the "
+                        "data-free Fisher rule (--fim-ts; its Fisher pass is added to the analysis)")
     g.add_argument("--ts", nargs="+", type=float, default=None, metavar="T",
                    help=f"t values of every rule in --rules, each in its rule's range: acm t in [-3, 3] (default "
                         f"{' '.join(f'{t:g}' for t in DEFAULT_ACM_TS)}: the paper's 0.7 inside its ablation "
@@ -97,6 +98,8 @@ def _rule_flags(g) -> None:
     g.add_argument("--softmax-ts", nargs="+", type=float, default=None, metavar="T",
                    help="t values of the softmax rule when they differ from --ts (e.g. --rules acm softmax "
                         "--ts 0.5 0.7 0.9 --softmax-ts 1 2 4)")
+    g.add_argument("--fim-ts", nargs="+", type=float, default=None, metavar="T",
+                   help="t values of the fim rule (default 0.5 1 2; t in [0, 10])")
     g.add_argument("--against", nargs="+", default=["fine-tuned"], metavar="fine-tuned|merged",
                    help="acm rule: MI of the base against each fine-tuned model (default; the paper's text) and/or "
                         "against a plain merge at each alpha (a public derivative of the authors' code; one extra "
@@ -216,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     grid = expand_grid(args.methods, args.alphas, args.ts, args.densities, args.drop_rates, plain=not args.no_plain,
                        rules=args.rules, softmax_ts=args.softmax_ts, against=args.against, applies=args.applies,
                        thetas=args.thetas, estimators=args.rule_estimators, max_settings=args.max_settings,
-                       metrics=args.metrics)
+                       metrics=args.metrics, fim_ts=args.fim_ts)
     where = "" if executor is None else f", executor: ray at {args.ray_address or 'a local cluster'}"
     print(f"tune: {len(grid)} settings -> {args.out}/tune.jsonl (engine: {args.engine}{where})", flush=True)
     with executor if executor is not None else contextlib.nullcontext():   # a local cluster lives for the run

@@ -151,7 +151,15 @@ def _calibration_arg(source: Any, name) -> str:
 def _rule_flags(entry: dict, name) -> list[str]:
     """The coefficient-rule flags of ``acm merge`` that redo a recipe's ``acm`` entry (softmax when the
     entry names no rule: recipes made before the paper's rule)."""
-    if entry.get("rule") != "acm":
+    if entry.get("rule") == "fim":
+        fb = entry.get("fisher") or {}
+        flags = ["--rule", "fim", "--t", _fmt(entry.get("t"))]
+        if entry.get("score") not in (None, "fisher-delta"):
+            flags += ["--fim-score", str(entry["score"])]
+        flags += [f for flag, key in (("--fim-sequences", "sequences"), ("--fim-length", "length"),
+                                      ("--fim-seed", "seed"), ("--fim-loss", "loss")) if fb.get(key) is not None
+                  for f in (flag, str(fb[key]))]
+    elif entry.get("rule") != "acm":
         flags = ["--acm", "analysis.json", "--rule", "softmax", "--t", _fmt(entry.get("t"))]
         if entry.get("metric") not in (None, "nmi"):
             flags += ["--metric", str(entry["metric"])]
@@ -180,6 +188,8 @@ def _rule_flags(entry: dict, name) -> list[str]:
 def rule_section(rec: dict) -> list[str]:
     """The model card's lines for the paper's rule (``acm.rules.ACM``): its switches and per-point MI."""
     entry = rec.get("acm_analysis") if rec.get("acm") else None
+    if entry and entry.get("rule") == "fim":
+        return fim_section(entry)
     if not entry or entry.get("rule") != "acm":
         return []
     cal = (entry.get("analysis") or {}).get("calibration") or {}
@@ -205,6 +215,28 @@ def rule_section(rec: dict) -> list[str]:
                 for k, g in enumerate(entry["groups"])]
         header = ["λ key", "activation point"] + [h for n in names for h in (f"mean MI {display_name(n)}",
                                                                               f"λ {display_name(n)}")]
+        lines += [_table(header, rows), ""]
+    return lines
+
+
+def fim_section(entry: dict) -> list[str]:
+    """The model card's lines for the fim rule (``acm.rules.fim``): the Fisher pass and per-layer F, ‖δ‖², α."""
+    fb = entry.get("fisher") or {}
+    only = entry.get("score") == "fisher-only"
+    lines = ["## Coefficient rule: fim (data-free Fisher information)", "",
+             "This project's reading of FIM-Merging (arXiv 2603.21705; its code is not public): αₖ = σ(−t·zₖ), "
+             f"z the standardised log of {'Fₖ' if only else 'Fₖ·‖δₖ‖²'} over the layers, F the base's diagonal "
+             "Fisher on random tokens (no calibration data); each task vector is weighted by its α.", "",
+             _table(["parameter", "value"], [["t", entry.get("t")], ["score", entry.get("score")],
+                                             ["random sequences", fb.get("sequences")], ["tokens each", fb.get("length")],
+                                             ["seed", fb.get("seed")], ["loss", fb.get("loss")]]), ""]
+    groups, lam, dsq = entry.get("groups") or [], entry.get("lambda") or {}, entry.get("delta_sq") or {}
+    scores = entry.get("fisher_scores") or []
+    if groups and len(scores) == len(groups):
+        names = list(lam)
+        rows = [[g, scores[k]] + [x for n in names for x in ((dsq.get(n) or [None] * (k + 1))[k], lam[n][k])]
+                for k, g in enumerate(groups)]
+        header = ["λ key", "Fisher F"] + [h for n in names for h in (f"‖δ‖² {display_name(n)}", f"α {display_name(n)}")]
         lines += [_table(header, rows), ""]
     return lines
 
@@ -244,14 +276,16 @@ def _card_intro(rec: dict) -> list[str]:
     method, acm = rec.get("method", ""), _acm_entry(rec)
     label = ("ACM-" if acm else "") + METHOD_NAMES.get(method, method)
     if acm:
-        label += " (acm rule)" if acm.get("rule") == "acm" else " (softmax rule)"
+        label += {"acm": " (acm rule)", "fim": " (fim rule)"}.get(acm.get("rule"), " (softmax rule)")
     front = {"base_model": [base] + models, "base_model_relation": "merge", "library_name": "transformers",
              "tags": ["merge", "acm"]}
     return ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
             f"# {rec.get('name') or 'merged model'}", "",
             f"A **{label}** merge of {', '.join(f'`{m}`' for m in models)} into the base `{base}`, made with "
             "ACM Merge Explorer (Activation-Guided Consensus Merging, arXiv 2505.14009"
-            + (": the coefficient of each layer group comes from the mutual information between the base's and "
+            + ("; here the coefficients come from the data-free fim rule: the base's Fisher information on "
+               "random tokens and each layer's task-vector size)." if acm and acm.get("rule") == "fim" else
+               ": the coefficient of each layer group comes from the mutual information between the base's and "
                "the fine-tuned model's activations on calibration text)." if acm else "; plain method, one "
                "coefficient for the whole network)."), ""]
 
@@ -264,6 +298,8 @@ def _card_sources_and_method(rec: dict) -> list[str]:
     prow = [[k, rec.get("options", {}).get(k)] for k in _RELEVANT.get(method, ())]
     if acm and acm.get("rule") == "acm":
         prow += [["t (the paper's Eq. 2)", acm.get("t")]]
+    elif acm and acm.get("rule") == "fim":
+        prow += [["t (fim sigmoid sharpness)", acm.get("t")], ["fim score", acm.get("score")]]
     elif acm:
         prow += [["t (ACM sharpness)", acm.get("t")], ["α (ACM mean λ)", acm.get("alpha")]]
     if acm and acm.get("clip"):
@@ -281,6 +317,8 @@ def _lambda_caption(rec: dict) -> str:
         if acm.get("applies") == "task-vectors":
             return "Task-vector weights λ/N from the paper's rule (see below; `head.norm` is the final norm's own λ)."
         return "λ of the paper's rule, applied to the plain merge's delta (see below)."
+    if acm and acm.get("rule") == "fim":
+        return "Task-vector weights α from the fim rule (see below; high Fisher score → smaller α)."
     if acm and acm.get("metric", "nmi") == "nmi":
         return "λ from the ACM analysis: λₖ = α·K·exp(−t·NMIₖ) / Σⱼ exp(−t·NMIⱼ) (mean α; lower NMI → larger λ)."
     if acm:

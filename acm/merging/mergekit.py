@@ -144,7 +144,7 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
                      base_model: str | None = None, density: float | None = None, clip=None,
                      dtype: str | None = None, tokenizer_source: str | None = None,
                      drop_rate: float | None = None, gamma: float | None = None, normalize: bool = False,
-                     metric: str = "nmi", rule: str | None = DEFAULT_RULE) -> str:
+                     metric: str = "nmi", rule: str | None = DEFAULT_RULE, score: str = "fisher-delta") -> str:
     """A mergekit-style config reproducing the ACM λ of every layer group.
 
     What mergekit can express, and how we use it: ``weight`` per model may be a list of
@@ -168,7 +168,7 @@ def to_mergekit_yaml(analysis, t: float, alpha: float = 1.0, *, method: str = "t
     if isinstance(mapped, str):
         return _not_expressible(mapped)
     sparse_params, global_params, method_notes = mapped
-    coef = compute(analysis, rule, t, alpha, clip, metric=metric)
+    coef = compute(analysis, rule, t, alpha, clip, metric=metric, score=score)
     prov = analysis.provenance or {}
     if base_model is None:
         base_model = ((prov.get("models") or {}).get("base") or {}).get("model") or "BASE_MODEL"
@@ -211,6 +211,13 @@ def _header(coef, alpha: float, metric: str, global_params: dict[str, Any], meth
                    f"with t={_r(float(t))}{clipped},",
                    f"#   from per-sample MI on {coef.values.shape[-1]} calibration samples; weight = lambda/N "
                    f"(N={len(coef.models)}, Eq. 3: theta_0 + (1/N) sum_i lambda_i tau_i)."]
+    elif coef.rule == "fim":
+        fb = coef.analysis.fisher
+        what = "F_k" if coef.params["score"] == "fisher-only" else "F_k*|delta_ik|^2"
+        formula = [f"# FIM rule (this project's reading of arXiv 2603.21705): alpha_ik = sigmoid(-t*z_ik), z = standardised "
+                   f"log({what}) over the layers, t={_r(float(t))}{clipped};",
+                   f"#   F = the base's diagonal Fisher on {fb.get('sequences')} random sequences x {fb.get('length')} "
+                   f"tokens (seed {fb.get('seed')}, loss {fb.get('loss')}); weight = alpha (theta_0 + sum_i alpha_i tau_i)."]
     else:
         s = "NMI" if metric == "nmi" else "s"
         formula = [f"# lambda_k = alpha*K*exp(-t*{s}_k)/sum_j exp(-t*{s}_j) with t={_r(float(t))}, "
@@ -221,7 +228,7 @@ def _header(coef, alpha: float, metric: str, global_params: dict[str, Any], meth
         *formula,
         f"# weight: one value per decoder block ({n_blocks} blocks; mergekit's layer gradient hits each block",
         "#   exactly when the list has one value per layer); the embed group (input embeddings, tied",
-        "#   output embeddings) and the head group (final norm, lm_head; the acm rule gives the final norm its",
+        "#   output embeddings) and the head group (final norm, lm_head; the acm and fim rules give the final norm its",
         "#   own value) are carried by the 'filter' entries (substring match on tensor names, first match wins).",
         "# normalize: false = no division by the sum of weights (this project's default)."
         if not global_params.get("normalize") else

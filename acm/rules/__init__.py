@@ -14,6 +14,9 @@ One module per rule (``acm.rules.paper``, ``acm.rules.softmax``), the shape of a
   switches: MI *against* the fine-tuned models (the text) or a plain merge (a public derivative of
   the authors' code), λ *applies* to the task vectors (Eq. 3) or to a plain merge's delta (the
   derivative). ``acm.rules.coefficients`` computes λ; ``acm.merging.rule_merge`` runs the merged variants.
+* ``fim`` — a data-free rule, this project's reading of FIM-Merging (arXiv 2603.21705; code not public):
+  the base's diagonal Fisher per layer on random tokens times ‖δ‖², log-standardised, α = σ(−t·z)
+  (``acm.rules.fim``, ``acm.activations.fisher``).
 * ``softmax`` — this project's own alternative: λₖ = α·K·exp(−t·sₖ)/Σⱼexp(−t·sⱼ) over a per-group
   similarity s (NMI, CKA or cosine; ``acm.activations.similarity``).
 
@@ -26,12 +29,13 @@ from typing import Any
 
 from acm.activations.estimators import ESTIMATORS
 from acm.errors import InputError
+from acm.rules.fim import FIM, fim_lambdas
 from acm.rules.paper import ABLATION_TS, ACM, AGAINST, APPLIES, PAPER_T, T_RANGE, acm_lambdas
 from acm.rules.registry import RuleParam, RuleSpec
 from acm.rules.softmax import SOFTMAX
 
 DEFAULT_RULE = "acm"
-RULES: dict[str, RuleSpec] = {r.key: r for r in (ACM, SOFTMAX)}
+RULES: dict[str, RuleSpec] = {r.key: r for r in (ACM, SOFTMAX, FIM)}
 # Earlier names: 'sigmoid' was the derivative's two-stage rule, now the acm rule with these switches.
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "sigmoid": ("acm", {"against": "merged", "applies": "merged-delta"}),
@@ -55,10 +59,11 @@ def alias_params(key: str | None) -> dict[str, Any]:
 
 
 def check_t(rule: str | RuleSpec | None, t: Any) -> float:
-    """t checked against ``rule``'s range (acm: [−3, 3]; softmax: [0, 100])."""
+    """t checked against ``rule``'s range (acm: [−3, 3]; softmax: [0, 100]; fim: [0, 10])."""
     spec = rule if isinstance(rule, RuleSpec) else get_rule(rule)
     return spec.param("t").check(spec.param("t").default if t is None else t)
 
 
-__all__ = ["ABLATION_TS", "ACM", "AGAINST", "ALIASES", "APPLIES", "DEFAULT_RULE", "ESTIMATORS", "PAPER_T", "RULES",
-           "SOFTMAX", "T_RANGE", "RuleParam", "RuleSpec", "acm_lambdas", "alias_params", "check_t", "get_rule"]
+__all__ = ["ABLATION_TS", "ACM", "AGAINST", "ALIASES", "APPLIES", "DEFAULT_RULE", "ESTIMATORS", "FIM", "PAPER_T", "RULES",
+           "SOFTMAX", "T_RANGE", "RuleParam", "RuleSpec", "acm_lambdas", "alias_params", "check_t", "fim_lambdas",
+           "get_rule"]

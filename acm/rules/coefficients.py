@@ -28,6 +28,7 @@ import numpy as np
 
 from acm.errors import InputError
 from acm.rules import ACM, DEFAULT_RULE, acm_lambdas, check_t, get_rule
+from acm.rules.fim import FIM, fim_lambdas, fim_scores
 from acm.rules.registry import _check_clip
 from acm.rules.softmax import _check_alpha, lambdas
 
@@ -44,7 +45,7 @@ def _nmi_rows(analysis, metric: str = "nmi") -> tuple[list[str], list[str], np.n
 
 def coefficient_table(analysis, t: float | None = None, alpha: float = 1.0, clip=None, *, metric: str = "nmi",
                       rule: str | None = DEFAULT_RULE, against: str = "fine-tuned",
-                      applies: str = "task-vectors") -> dict:
+                      applies: str = "task-vectors", score: str = "fisher-delta") -> dict:
     """Everything a user needs to see for one t: what drives λ, and λ per (model, λ key).
 
     softmax: ``{"rule", "t", "alpha", "clip", "metric", "groups", "formula", "models": [{"model",
@@ -55,7 +56,7 @@ def coefficient_table(analysis, t: float | None = None, alpha: float = 1.0, clip
     """
     if np.ndim(t) != 0:
         raise InputError("coefficient_table takes one t (use lambdas() / acm_curve() for a grid)")
-    c = compute(analysis, rule, t, alpha, clip, metric=metric, against=against, applies=applies)
+    c = compute(analysis, rule, t, alpha, clip, metric=metric, against=against, applies=applies, score=score)
     out_models = []
     for i, name in enumerate(c.models):
         rows = []
@@ -66,6 +67,11 @@ def coefficient_table(analysis, t: float | None = None, alpha: float = 1.0, clip
                 row.update({"point": c.analysis.sample_info["points"][k], "mi_mean": float(mi.mean()),
                             "mi_std": float(mi.std()), "mi_max": float(mi.max()), "lambda": float(c.lambdas[i, k]),
                             "weight": float(c.lambdas[i, k] * c.scale)})
+            elif c.rule == "fim":
+                fb = c.analysis.fisher
+                row.update({"fisher": float(fb["scores"][k]), "delta_sq": float(fb["delta_sq"][i][k]),
+                            "score": float(c.values[i, k]), "lambda": float(c.lambdas[i, k]),
+                            "weight": float(c.lambdas[i, k])})
             else:
                 row.update({metric: float(c.values[i, k]), "similarity": float(c.values[i, k]),
                             "lambda": float(c.lambdas[i, k])})
@@ -81,6 +87,13 @@ def coefficient_table(analysis, t: float | None = None, alpha: float = 1.0, clip
                 "samples": int(c.values.shape[-1]), "estimator": c.analysis.sample_info.get("estimator"),
                 "formula": "lambda_k = 1 - mean_j sigmoid(t*(MI_kj - max_j MI_kj)); "
                            "theta = theta_0 + (1/N) sum_i lambda_ik tau_ik, clipped after",
+                "models": out_models}
+    if c.rule == "fim":
+        fb = c.analysis.fisher
+        return {"rule": "fim", "t": c.params["t"], "score": c.params["score"], "clip": clip_out,
+                "groups": list(c.keys), "fisher": {k: fb.get(k) for k in ("sequences", "length", "seed", "loss")},
+                "formula": "alpha_k = sigmoid(-t*z_k), z = standardised log(F_k*|delta_k|^2) over the layers "
+                           "(F_k alone with score fisher-only); theta = theta_0 + sum_i alpha_ik tau_ik, clipped after",
                 "models": out_models}
     s = "NMI" if metric == "nmi" else f"s[{metric}]"
     return {"rule": "softmax", "t": c.params["t"], "alpha": c.params["alpha"], "clip": clip_out,
@@ -125,6 +138,15 @@ class Coefficients:
         """One λ per key (the mean over fine-tuned models): what a merged delta is rescaled by."""
         return {k: float(v) for k, v in zip(self.keys, self.lambdas.mean(axis=0))}
 
+    def _fim_entry(self) -> dict:
+        """The fim rule's part of the recipe entry: its switch, the Fisher pass settings, per key F, ‖δ‖², α."""
+        fb = self.analysis.fisher
+        settings = {k: fb.get(k) for k in ("sequences", "length", "seed", "loss", "vocab", "dtype", "device")}
+        return {"rule": "fim", "score": self.params["score"], "fisher": settings, "groups": list(self.keys),
+                "fisher_scores": [float(x) for x in fb["scores"]],
+                "delta_sq": {str(m): [float(x) for x in row] for m, row in zip(self.models, fb["delta_sq"])},
+                "lambda": {str(m): [round(float(x), 6) for x in row] for m, row in zip(self.models, self.lambdas)}}
+
     def entry(self, source: str | None = None) -> dict:
         """The recipe's ``acm`` entry (``merge_models(acm=…)``): rule, parameters, λ and their inputs."""
         a, p = self.analysis, self.params
@@ -132,6 +154,8 @@ class Coefficients:
                                "clip": list(p["clip"]) if p["clip"] else None}
         if source is not None:
             out["source"] = str(source)
+        if self.rule == "fim":
+            return {**out, **self._fim_entry()}
         if self.rule == "softmax":     # the recipe softmax merges always had (cache keys stay the same)
             metric = p["metric"]
             if all(m.nmi for m in a.models):
@@ -157,12 +181,14 @@ class Coefficients:
 
 
 def compute(analysis, rule: str | None = DEFAULT_RULE, t: float | None = None, alpha: float = 1.0, clip=None, *,
-            metric: str = "nmi", against: str = "fine-tuned", applies: str = "task-vectors") -> Coefficients:
+            metric: str = "nmi", against: str = "fine-tuned", applies: str = "task-vectors",
+            score: str = "fisher-delta") -> Coefficients:
     """λ of ``rule`` at ``t`` for every fine-tuned model of ``analysis`` — the one path app, CLI and tuner use.
 
     ``t`` None → the rule's default (acm 0.7, softmax 1). ``alpha`` and ``metric`` belong to softmax;
-    ``against``/``applies`` are the acm rule's switches (recorded; ``acm.merging.rule_merge`` acts on them).
-    A file without per-sample MI refuses the acm rule in one line that says how to re-run.
+    ``against``/``applies`` are the acm rule's switches (recorded; ``acm.merging.rule_merge`` acts on them);
+    ``score`` the fim rule's Fisher-only switch (``fisher-delta`` or ``fisher-only``, ``acm.rules.fim``).
+    A file without per-sample MI (or without a Fisher pass, for fim) refuses in one line that says how to re-run.
     """
     spec = get_rule(rule)
     t_val = check_t(spec, t)
@@ -177,6 +203,13 @@ def compute(analysis, rule: str | None = DEFAULT_RULE, t: float | None = None, a
         raw = acm_lambdas(values, t_val)                            # [models, points]
         params = {"t": t_val, "alpha": a, "clip": clip, "metric": None, "against": sw["against"],
                   "applies": sw["applies"]}
+    elif spec.key == "fim":
+        keys, fisher, delta = analysis.fisher_arrays()
+        sw = FIM.validate({"t": t_val, "score": score})
+        values = fim_scores(fisher, delta, sw["score"])               # [models, keys]
+        raw = fim_lambdas(values, t_val)
+        params = {"t": t_val, "alpha": a, "clip": clip, "metric": None, "against": None, "applies": None,
+                  "score": sw["score"]}
     else:
         keys, _, values = _nmi_rows(analysis, metric)
         raw = lambdas(values, t_val, a)
