@@ -19,7 +19,7 @@ import gradio as gr
 from components import help as texts
 from components import steps as plan
 from components.common import REPO_ROOT
-from components.state import SessionState, close_session
+from components.state import SessionState, close_session, hold_heavy_slot
 
 # (tab title, module) in order, from the steps' declarations (components/steps.py): what each tab needs
 # and provides decides the order check, the wiring and the "run X in step N first" notices.
@@ -61,6 +61,7 @@ def build_app(prewarm: bool = True) -> gr.Blocks:
         for key, box in notices.items():
             ui.tabs[key].select(_notice_update(key), ui.state, box, api_visibility="private", queue=False,
                                 show_progress="hidden")
+    hold_heavy_slot(demo)        # every heavy event holds the in-process slot the light paths hand misses to
     demo.ui = ui
     return demo
 

@@ -445,11 +445,19 @@ class CacheStore:
             return held[1] if held else 0
 
     # ------------------------------------------------------------------ reading
-    def lookup(self, kind: str, key: str) -> Entry | None:
-        """The entry if present, pinned (``entry.release()`` or ``with``), else None."""
+    def lookup(self, kind: str, key: str, *, count: bool = False) -> Entry | None:
+        """The entry if present, pinned (``entry.release()`` or ``with``), else None. ``count``: a
+        caller that answers a request with it (the app's light path) counts it as a hit (a miss is
+        counted by the ``get_or_create`` that then computes it)."""
         folder = self.entry_dir(kind, key)
         if not (folder / "meta.json").is_file():
             return None
+        entry = self._read_entry(kind, key, folder)
+        if count and entry is not None:
+            self._count("hits")
+        return entry
+
+    def _read_entry(self, kind: str, key: str, folder: Path) -> Entry | None:
         pin = self.pin(key)
         try:
             meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))

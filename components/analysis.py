@@ -34,7 +34,7 @@ from components.common import (
     warn,
 )
 from components.models import validate_selection
-from components.state import SessionState, admit, reused_line, shared_cache
+from components.state import HEAVY_SLOT, SessionState, admit, reused_line, shared_cache
 
 # The rule the app opens on: the paper's (acm.rules.ACM) at t = 0.7, t ∈ [−3, 3] in steps of 0.05.
 RULE_CHOICES = [("ACM — the paper's rule (Eq. 2–3)", "acm"),
@@ -138,14 +138,15 @@ def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_cod
                  field: str | None = None, samples: int | None = 16, clusters: int = 4, fraction: float = 0.1,
                  max_tokens: int = 128, bins: int = DEFAULT_BINS, batch_size: int = DEFAULT_BATCH,
                  seed: int = DEFAULT_SEED, chat_template: bool = True, metrics=DEFAULT_METRICS,
-                 progress: Callable[[float, str], None] | None = None) -> dict:
+                 progress: Callable[[float, str], None] | None = None, compute: bool = True) -> dict | None:
     """Analyse (or fetch from the session cache) and make it the session's current analysis.
 
     Returns ``{"analysis", "cached", "seconds", "calibration", "shared"}``; ``shared`` is None, or the
     shared-cache entry's ``{"hit", "waited", "age_s", "compute_s"}`` (another session's identical
     request — same model contents, calibration texts, settings and code — computed it already).
+    ``compute=False``: only what the session or the shared cache already holds (no model work);
+    None when neither has it — the light path's question before it hands over to the heavy slot.
     """
-    from acm.activations.analysis import analyze
     from acm.activations.similarity import parse_metrics
 
     base, fts = validate_selection(base, fts)
@@ -167,16 +168,14 @@ def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_cod
         state.base, state.fts = base, fts
         return {"analysis": cached, "cached": True, "seconds": 0.0, "calibration": cal, "shared": None}
     t0 = time.perf_counter()
-
-    def compute():
-        return analyze(base, fts, cal["source"], field=cal["field"], split=cal["split"], samples=samples,
-                       clusters=settings["clusters"], fraction=settings["fraction"],
-                       max_tokens=settings["max_tokens"], bins=settings["bins"], batch_size=settings["batch_size"],
-                       seed=settings["seed"], device=settings["device"], dtype=settings["dtype"],
-                       chat_template=settings["chat_template"], trust_remote_code=settings["trust"],
-                       metrics=metric_keys, progress=progress, show_progress=False)
-
-    result, shared = shared_analysis(base, fts, cal, settings, compute)
+    if not compute:
+        found = cached_analysis(base, fts, cal, settings)
+        if found is None:
+            return None
+        result, shared = found
+    else:
+        result, shared = shared_analysis(base, fts, cal, settings, _analysis_job(base, fts, cal, settings,
+                                                                                 metric_keys, progress))
     seconds = time.perf_counter() - t0
     with state.lock:
         state.analysis_cache[key] = result
@@ -184,6 +183,22 @@ def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_cod
         state.base, state.fts = base, fts
     return {"analysis": result, "cached": bool(shared and shared["hit"]), "seconds": seconds, "calibration": cal,
             "shared": shared}
+
+
+def _analysis_job(base: str, fts: list[str], cal: dict, settings: dict, metric_keys: list[str],
+                  progress: Callable[[float, str], None] | None) -> Callable[[], object]:
+    """The model work of one analysis, as a call (run by ``shared_analysis`` once for everyone)."""
+    from acm.activations.analysis import analyze
+
+    def compute():
+        return analyze(base, fts, cal["source"], field=cal["field"], split=cal["split"], samples=settings["samples"],
+                       clusters=settings["clusters"], fraction=settings["fraction"],
+                       max_tokens=settings["max_tokens"], bins=settings["bins"], batch_size=settings["batch_size"],
+                       seed=settings["seed"], device=settings["device"], dtype=settings["dtype"],
+                       chat_template=settings["chat_template"], trust_remote_code=settings["trust"],
+                       metrics=metric_keys, progress=progress, show_progress=False)
+
+    return compute
 
 
 def shared_analysis_key(store, base: str, fts: list[str], cal: dict, settings: dict) -> str | None:
@@ -204,15 +219,56 @@ def shared_analysis_key(store, base: str, fts: list[str], cal: dict, settings: d
                                  "settings": settings, "device": device})
 
 
+def cached_analysis(base: str, fts: list[str], cal: dict, settings: dict):
+    """(AnalysisResult, shared-cache info) when the shared cache already holds this analysis, else None.
+
+    No model work and no waiting: a light event answers a hit with it, and hands a miss over to the
+    heavy slot. An entry being computed right now counts as a miss here (the heavy path then waits
+    for that one computation, single flight, and reads it).
+    """
+    store = shared_cache()
+    key = shared_analysis_key(store, base, fts, cal, settings) if store is not None else None
+    if key is None:
+        return None
+    try:
+        entry = store.lookup("analysis", key, count=True)
+    except OSError as exc:
+        log.warning("shared cache unavailable (%s)", exc)
+        return None
+    if entry is None:
+        return None
+    with entry:
+        result = _load_entry(entry)
+        info = {"hit": True, "waited": False, "age_s": entry.age_s, "compute_s": entry.compute_s, "key": key}
+    return _as_reused(result, cal), info
+
+
+def _load_entry(entry):
+    from acm.activations.result import AnalysisResult
+
+    result = AnalysisResult.load(entry.path / "analysis.json")
+    if result.calibration is None:
+        result.calibration = _read_calibration(entry.path / CALIBRATION_FILE)
+    return result
+
+
+def _as_reused(result, cal: dict):
+    """A reused result names this session's own calibration source (the texts are the same; the file
+    name another visitor uploaded them under is not shown)."""
+    from acm.activations.calibration import describe_source
+
+    cal_prov = result.provenance.get("calibration")
+    if isinstance(cal_prov, dict):
+        cal_prov["source"] = describe_source(cal["source"])
+    return result
+
+
 def shared_analysis(base: str, fts: list[str], cal: dict, settings: dict, compute: Callable[[], object]):
     """(AnalysisResult, shared-cache info or None): from the shared cache, or computed once for all.
 
     A reused result names this session's own calibration source in its provenance (the texts are
     the same; the file name another visitor uploaded them under is not shown).
     """
-    from acm.activations.calibration import describe_source
-    from acm.activations.result import AnalysisResult
-
     store = shared_cache()
     key = shared_analysis_key(store, base, fts, cal, settings) if store is not None else None
     if key is None:
@@ -229,9 +285,7 @@ def shared_analysis(base: str, fts: list[str], cal: dict, settings: dict, comput
 
     try:
         with store.get_or_create("analysis", key, build) as entry:
-            result = made.get("result") or AnalysisResult.load(entry.path / "analysis.json")
-            if result.calibration is None:
-                result.calibration = _read_calibration(entry.path / CALIBRATION_FILE)
+            result = made.get("result") or _load_entry(entry)
             info = {"hit": entry.hit, "waited": entry.waited, "age_s": entry.age_s, "compute_s": entry.compute_s,
                     "key": key}
     except OSError as exc:
@@ -243,11 +297,7 @@ def shared_analysis(base: str, fts: list[str], cal: dict, settings: dict, comput
             raise                                   # the analysis itself failed
         log.warning("shared cache unavailable (%s); analysing without it", exc)
         return compute(), None
-    if entry.hit:
-        cal_prov = result.provenance.get("calibration")
-        if isinstance(cal_prov, dict):
-            cal_prov["source"] = describe_source(cal["source"])
-    return result, info
+    return (_as_reused(result, cal) if entry.hit else result), info
 
 
 CALIBRATION_FILE = "calibration.jsonl"
@@ -739,6 +789,42 @@ def count_extras(state: SessionState):
     return fig, line
 
 
+def _args(params: dict) -> dict:
+    """An event's own arguments from its ``locals()`` (without the closure names CPython adds)."""
+    return {k: v for k, v in params.items() if k in _EVENT_PARAMS}
+
+
+_EVENT_PARAMS = ("state", "base", "fts", "trust", "device", "dtype", "cal_mode", "cal_upload", "hub_id", "split",
+                 "field", "samples", "clusters", "fraction", "max_tokens", "bins", "batch_size", "seed",
+                 "chat_template", "t", "alpha", "clip_min", "clip_max", "metrics", "driver", "rule", "progress")
+
+
+def _request(args: dict, progress=None) -> dict:
+    """``run_analysis`` keyword arguments from an event's arguments (the names the UI / API use)."""
+    return dict(base=args["base"], fts=args["fts"], trust_remote_code=args["trust"], device=args["device"],
+                dtype=args["dtype"], cal_mode=args["cal_mode"], cal_upload=args["cal_upload"], hub_id=args["hub_id"],
+                split=args["split"], field=args["field"], samples=args["samples"], clusters=args["clusters"],
+                fraction=args["fraction"], max_tokens=args["max_tokens"], bins=args["bins"],
+                batch_size=args["batch_size"], seed=args["seed"], chat_template=args["chat_template"],
+                metrics=args["metrics"], progress=progress)
+
+
+def _outputs(state: SessionState, out: dict, args: dict, rule: str) -> tuple:
+    """Summary, per-layer plot, λ curve, several-t view, λ table, download: one analysis' outputs."""
+    res, t = out["analysis"], args["t"]
+    coef_fig, multi_fig, table = coefficient_view(state, t, args["alpha"], args["clip_min"], args["clip_max"],
+                                                  metric=args["driver"], rule=rule)
+    top = layer_view(res, rule, state.coef_view["metric"])
+    state.figures["per_layer"] = top
+    md = summary_markdown(res, cached=out["cached"], seconds=out["seconds"],
+                          calibration_label=out["calibration"]["label"], shared=out.get("shared"),
+                          t=t if rule == "acm" else None)
+    return md, top, coef_fig, multi_fig, table, save_analysis(state)
+
+
+LIGHT_GROUP, LIGHT_LIMIT = "analyse-light", 8      # cache hits: several at once, never in the heavy slot
+
+
 def wire(ui) -> None:
     import gradio as gr
 
@@ -752,40 +838,58 @@ def wire(ui) -> None:
                 bins=DEFAULT_BINS, batch_size=DEFAULT_BATCH, seed=DEFAULT_SEED, chat_template=True, t=DEFAULT_T,
                 alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metrics=DEFAULT_METRICS, driver=None,
                 rule=DEFAULT_RULE, progress=gr.Progress()):
-        """Per-sample MI per layer (the paper's rule, default) and the chosen similarity metrics between the
-        base and each fine-tuned model (cached per models + calibration + settings), then λ at t."""
+        """The heavy job: per-sample MI and similarities (or the stored result), then λ at t."""
+        args = _args(locals())
         rule = rule_key(rule)
         rule_t(rule, t)                                         # a bad t is refused before the model work
         progress(0.0, desc="loading models")
-        out = run_analysis(state, base, fts, trust_remote_code=trust, device=device, dtype=dtype, cal_mode=cal_mode,
-                           cal_upload=cal_upload, hub_id=hub_id, split=split, field=field, samples=samples,
-                           clusters=clusters, fraction=fraction, max_tokens=max_tokens, bins=bins,
-                           batch_size=batch_size, seed=seed, chat_template=chat_template, metrics=metrics,
-                           progress=progress_callback(progress))
-        res = out["analysis"]
-        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max, metric=driver, rule=rule)
-        top = layer_view(res, rule, state.coef_view["metric"])
-        state.figures["per_layer"] = top
-        md = summary_markdown(res, cached=out["cached"], seconds=out["seconds"],
-                              calibration_label=out["calibration"]["label"], shared=out.get("shared"),
-                              t=t if rule == "acm" else None)
-        return md, top, coef_fig, multi_fig, table, save_analysis(state)
+        out = run_analysis(state, **_request(args, progress_callback(progress)))
+        return _outputs(state, out, args, rule)
 
-    def admit_analysis():
+    def analyse_light(state, base=None, fts=None, trust=False, device="auto", dtype="auto", cal_mode=None,
+                      cal_upload=None, hub_id=None, split=None, field=None, samples=None, clusters=4, fraction=0.1,
+                      max_tokens=128, bins=DEFAULT_BINS, batch_size=DEFAULT_BATCH, seed=DEFAULT_SEED,
+                      chat_template=True, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None,
+                      metrics=DEFAULT_METRICS, driver=None, rule=DEFAULT_RULE, progress=gr.Progress()):
+        """Per-sample MI per layer (the paper's rule, default) and the chosen similarity metrics between the
+        base and each fine-tuned model (cached per models + calibration + settings), then λ at t."""
+        args = _args(locals())
+        rule = rule_key(rule)
+        rule_t(rule, t)
+        out = run_analysis(state, **_request(args), compute=False)       # a cache hit: no heavy slot
+        if out is None:
+            # A miss (an API caller, or evicted since the page asked): the heavy work, in the heavy slot.
+            with HEAVY_SLOT.hold(progress_callback(progress)):
+                out = run_analysis(state, **_request(args), compute=False)   # computed by the one we waited for
+                if out is None:
+                    return analyse(**args)
+        return _outputs(state, out, args, rule)
+
+    inputs = [ui.state, m.base, m.fts, m.trust, m.device, m.dtype, c.mode, c.upload, c.hub_id, c.split, c.field,
+              c.samples, c.clusters, c.fraction, c.max_tokens, a.bins, a.batch_size, a.seed, a.chat_template,
+              a.t, a.alpha, a.clip_min, a.clip_max, a.metrics, a.driver, a.rule]
+    hit, miss = gr.Number(0, visible=False, elem_id="analyse-hit"), gr.Number(0, visible=False, elem_id="analyse-miss")
+
+    def route_analysis(state, *values):
+        """The page's first step (no queue): a result the caches hold is drawn by the light event; a miss
+        is checked against the queue (refused when full, else "you are number n in line") and handed to
+        the heavy event, whose queue position and ETA Gradio shows on the summary and the per-layer plot."""
+        *args, n_hit, n_miss = values
+        kwargs = dict(zip(_EVENT_PARAMS, [state, *args]))
+        rule_t(rule_key(kwargs["rule"]), kwargs["t"])
+        if run_analysis(state, **_request(kwargs), compute=False) is not None:
+            return (n_hit or 0) + 1, gr.skip()
         admit(ui.demo, "the analysis")
+        return gr.skip(), (n_miss or 0) + 1
 
-    # A light check first (no queue): a full queue is refused with when to retry, and a visitor
-    # behind others is told where they stand; then the heavy job, whose queue position and ETA
-    # Gradio shows on the summary and the per-layer plot.
-    analyse_event = a.analyse_btn.click(
-        admit_analysis, None, None, queue=False, api_visibility="private", show_progress="hidden").success(
-        ui_errors(analyse),
-        [ui.state, m.base, m.fts, m.trust, m.device, m.dtype, c.mode, c.upload, c.hub_id, c.split, c.field,
-         c.samples, c.clusters, c.fraction, c.max_tokens, a.bins, a.batch_size, a.seed, a.chat_template,
-         a.t, a.alpha, a.clip_min, a.clip_max, a.metrics, a.driver, a.rule],
-        outputs, api_name="analyse", concurrency_id="heavy", concurrency_limit=1, show_progress_on=[a.summary, a.nmi_plot])
+    a.analyse_btn.click(ui_errors(route_analysis), [*inputs, hit, miss], [hit, miss], queue=False,
+                        api_visibility="private", show_progress="hidden")
+    light_event = hit.change(ui_errors(analyse_light), inputs, outputs, api_name="analyse", concurrency_id=LIGHT_GROUP,
+                             concurrency_limit=LIGHT_LIMIT, show_progress_on=[a.summary, a.nmi_plot])
+    heavy_event = miss.change(ui_errors(analyse), inputs, outputs, api_name="analyse_heavy", api_visibility="private",
+                              concurrency_id="heavy", concurrency_limit=1, show_progress_on=[a.summary, a.nmi_plot])
     upload_event = _wire_upload(ui, outputs)
-    for event in (analyse_event, upload_event):
+    for event in (light_event, heavy_event, upload_event):
         event.success(ui_errors(extras, warm=False), [ui.state], [a.tokens_plot, a.tokens_line, a.cal_download],
                       queue=False, api_visibility="private", show_progress="hidden")
         event.success(ui_errors(count_extras, warm=False), [ui.state], [a.count_plot, a.count_line],
@@ -794,8 +898,8 @@ def wire(ui) -> None:
                             [ui.state, a.compare_upload, a.t, a.clip_min, a.clip_max],
                             [a.compare_plot, a.compare_line], api_name="compare_calibration")
     _wire_coefficients(ui, coef_inputs)
-    _wire_driver(ui, coef_inputs, [analyse_event, upload_event])
-    ui.analysis_events = [analyse_event, upload_event]
+    _wire_driver(ui, coef_inputs, [light_event, heavy_event, upload_event])
+    ui.analysis_events = [light_event, heavy_event, upload_event]
 
 
 def _wire_upload(ui, outputs):

@@ -303,6 +303,94 @@ def load_merged(out_dir: Path, device: str | None, dtype: str | None, *, shared:
 HEAVY = "heavy"
 
 
+class HeavySlot:
+    """The one heavy-job slot, held in process by every heavy job while it runs.
+
+    Why: Gradio's concurrency group ``"heavy"`` (limit 1) orders the heavy *events*, but a cache hit is
+    answered by a light event (``/analyse``), and that light event hands a miss over to the heavy work
+    in process (an API caller has no page to chain a second event). Both kinds hold this slot, so two
+    heavy jobs still never run at once on one GPU. ``waiting`` counts the in-process waiters (for the
+    queue estimate).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()      # a plain Lock: a streaming job may release it from another thread
+        self._guard = threading.Lock()
+        self.waiting = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    def acquire(self, progress: Callable[[float, str], None] | None = None) -> None:
+        if self._lock.acquire(blocking=False):
+            return
+        with self._guard:
+            self.waiting += 1
+            ahead = self.waiting
+        if progress is not None:
+            progress(0.0, f"waiting for the heavy-job slot ({ahead} in line)")
+        try:
+            self._lock.acquire()
+        finally:
+            with self._guard:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def hold(self, progress: Callable[[float, str], None] | None = None):
+        """``with HEAVY_SLOT.hold(): ...`` — the slot for the block's duration."""
+        slot = self
+
+        class _Held:
+            def __enter__(self):
+                slot.acquire(progress)
+                return slot
+
+            def __exit__(self, *exc):
+                slot.release()
+
+        return _Held()
+
+    def wrap(self, fn: Callable) -> Callable:
+        """``fn`` (a plain function or a generator, e.g. a streaming tune) run while holding the slot;
+        the signature is kept (Gradio reads it to inject ``gr.Progress``)."""
+        import functools
+        import inspect
+
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen(*args, **kwargs):
+                with self.hold():
+                    yield from fn(*args, **kwargs)
+            return gen
+
+        @functools.wraps(fn)
+        def plain(*args, **kwargs):
+            with self.hold():
+                return fn(*args, **kwargs)
+        return plain
+
+
+HEAVY_SLOT = HeavySlot()
+
+
+def hold_heavy_slot(demo: Any, slot: HeavySlot = HEAVY_SLOT) -> int:
+    """Make every event of the ``"heavy"`` concurrency group hold ``slot`` while it runs (once per
+    function); returns how many were wrapped. Called by ``app.create_app`` after the wiring, so a
+    heavy event added later is covered without its module knowing about the slot."""
+    n = 0
+    for block_fn in getattr(demo, "fns", {}).values():
+        fn = getattr(block_fn, "fn", None)
+        if getattr(block_fn, "concurrency_id", None) != HEAVY or fn is None or getattr(fn, "_holds_heavy", False):
+            continue
+        block_fn.fn = slot.wrap(fn)
+        block_fn.fn._holds_heavy = True
+        n += 1
+    return n
+
+
 def queue_status(demo: Any, concurrency_id: str = HEAVY) -> dict:
     """Where the queue stands now: waiting jobs (all and in ``concurrency_id``), running ones, the
     mean run time Gradio measured for them, an estimated wait, and the queue's bound.
@@ -319,8 +407,8 @@ def queue_status(demo: Any, concurrency_id: str = HEAVY) -> dict:
         group = q.event_queue_per_concurrency_id.get(concurrency_id)
         if group is None:
             return out
-        out["waiting"] = len(group.queue)
-        out["running"] = int(group.current_concurrency)
+        out["waiting"] = len(group.queue) + HEAVY_SLOT.waiting     # + light events handing a miss over
+        out["running"] = max(int(group.current_concurrency), int(HEAVY_SLOT.busy))
         times = [pt.avg_time for fn, pt in q.process_time_per_fn.items()
                  if getattr(fn, "concurrency_id", None) == concurrency_id and pt.count]
         if times:
