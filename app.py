@@ -99,7 +99,8 @@ def create_app(prewarm: bool = True) -> gr.Blocks:
     # users never run two of them at once on one GPU; the queue holds the rest, and each waiting
     # visitor sees their position and an estimated wait (Gradio's status on the heavy outputs).
     # Identical analyses and merges are answered from the shared result cache (acm.cache), so a
-    # crowd on the defaults computes them once and the rest pass through the slot in milliseconds.
+    # crowd on the defaults computes them once; an analysis the cache already holds is answered by a
+    # light event (components.state.light_first: "cache-hits", several at once) without the heavy slot.
     # Gradio rebuilds a pandas summary of *every* recorded event (up to 10,000) after each event, for its
     # monitoring page; under a crowd that was ~14 % of the server's CPU in a redraw loop (py-spy) and it
     # grows with the Space's age. Every 100 events is plenty for a dashboard.

@@ -445,17 +445,38 @@ class CacheStore:
             return held[1] if held else 0
 
     # ------------------------------------------------------------------ reading
-    def lookup(self, kind: str, key: str, *, count: bool = False) -> Entry | None:
-        """The entry if present, pinned (``entry.release()`` or ``with``), else None. ``count``: a
-        caller that answers a request with it (the app's light path) counts it as a hit (a miss is
-        counted by the ``get_or_create`` that then computes it)."""
+    def lookup(self, kind: str, key: str) -> Entry | None:
+        """The entry if present, pinned (``entry.release()`` or ``with``), else None."""
         folder = self.entry_dir(kind, key)
         if not (folder / "meta.json").is_file():
             return None
-        entry = self._read_entry(kind, key, folder)
-        if count and entry is not None:
-            self._count("hits")
-        return entry
+        return self._read_entry(kind, key, folder)
+
+    def has(self, kind: str, key: str) -> bool:
+        """Whether the entry is stored now (no pin: it may be evicted right after; ``lookup`` to use it)."""
+        return (self.entry_dir(kind, key) / "meta.json").is_file()
+
+    def in_flight(self, key: str) -> bool:
+        """Whether this process is computing ``key`` right now (``get_or_create``'s single flight)."""
+        with self._guard:
+            lock = self._key_locks.get(key)
+        return lock is not None and lock.locked()
+
+    def wait_in_flight(self, key: str) -> bool:
+        """Wait until this process's computation of ``key`` (if any) has ended; True when there was one.
+        Why: a request identical to one being computed reads that result instead of queuing to redo it."""
+        with self._guard:
+            lock = self._key_locks.get(key)
+        if lock is None or not lock.locked():
+            return False
+        with lock:
+            pass
+        return True
+
+    def record_hit(self) -> None:
+        """Count a request answered from an entry ``lookup`` found (the app's light path; a miss is
+        counted by the ``get_or_create`` that then computes it)."""
+        self._count("hits")
 
     def _read_entry(self, kind: str, key: str, folder: Path) -> Entry | None:
         pin = self.pin(key)

@@ -34,7 +34,7 @@ from components.common import (
     warn,
 )
 from components.models import validate_selection
-from components.state import HEAVY_SLOT, SessionState, admit, reused_line, shared_cache
+from components.state import SessionState, light_first, reused_line, serve_light, shared_cache
 
 # The rule the app opens on: the paper's (acm.rules.ACM) at t = 0.7, t ∈ [−3, 3] in steps of 0.05.
 RULE_CHOICES = [("ACM — the paper's rule (Eq. 2–3)", "acm"),
@@ -147,18 +147,11 @@ def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_cod
     ``compute=False``: only what the session or the shared cache already holds (no model work);
     None when neither has it — the light path's question before it hands over to the heavy slot.
     """
-    from acm.activations.similarity import parse_metrics
-
-    base, fts = validate_selection(base, fts)
-    metric_keys = parse_metrics(list(metrics or []) or None)
-    cal = resolve_calibration(cal_mode, cal_upload, hub_id, split, field)
-    samples = int(samples) if samples else None
-    settings = dict(samples=samples, clusters=int(clusters), fraction=float(fraction), max_tokens=int(max_tokens),
-                    bins=int(bins), batch_size=int(batch_size), seed=int(seed), chat_template=bool(chat_template),
-                    device=none_if_auto(device), dtype=none_if_auto(dtype), trust=bool(trust_remote_code))
-    if metric_keys != ["nmi"]:            # NMI-only keeps the cache keys it always had
-        settings["metrics"] = ",".join(metric_keys)
-    key = analysis_key(base, fts, cal, settings)
+    base, fts, metric_keys, cal, settings, key = _prepare(
+        base, fts, trust_remote_code=trust_remote_code, device=device, dtype=dtype, cal_mode=cal_mode,
+        cal_upload=cal_upload, hub_id=hub_id, split=split, field=field, samples=samples, clusters=clusters,
+        fraction=fraction, max_tokens=max_tokens, bins=bins, batch_size=batch_size, seed=seed,
+        chat_template=chat_template, metrics=metrics)
     with state.lock:
         cached = state.analysis_cache.get(key)
     if cached is not None:
@@ -183,6 +176,43 @@ def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_cod
         state.base, state.fts = base, fts
     return {"analysis": result, "cached": bool(shared and shared["hit"]), "seconds": seconds, "calibration": cal,
             "shared": shared}
+
+
+def _prepare(base: str | None, fts, *, trust_remote_code: bool, device: str | None, dtype: str | None,
+             cal_mode: str | None, cal_upload: str | None, hub_id: str | None, split: str | None, field: str | None,
+             samples: int | None, clusters: int, fraction: float, max_tokens: int, bins: int, batch_size: int,
+             seed: int, chat_template: bool, metrics) -> tuple:
+    """(base, fts, metric keys, calibration, settings, session key) of a request, checked."""
+    from acm.activations.similarity import parse_metrics
+
+    base, fts = validate_selection(base, fts)
+    metric_keys = parse_metrics(list(metrics or []) or None)
+    cal = resolve_calibration(cal_mode, cal_upload, hub_id, split, field)
+    samples = int(samples) if samples else None
+    settings = dict(samples=samples, clusters=int(clusters), fraction=float(fraction), max_tokens=int(max_tokens),
+                    bins=int(bins), batch_size=int(batch_size), seed=int(seed), chat_template=bool(chat_template),
+                    device=none_if_auto(device), dtype=none_if_auto(dtype), trust=bool(trust_remote_code))
+    if metric_keys != ["nmi"]:            # NMI-only keeps the cache keys it always had
+        settings["metrics"] = ",".join(metric_keys)
+    return base, fts, metric_keys, cal, settings, analysis_key(base, fts, cal, settings)
+
+
+def analysis_available(state: SessionState, base: str | None, fts, *, progress=None, **request) -> bool:
+    """Whether the session or the shared cache holds this analysis, or this process is computing it now
+    (then a light event waits for that one computation). No waiting, no model work, the session unchanged:
+    the page's check before it picks the light or the heavy event."""
+    base, fts, _, cal, settings, key = _prepare(base, fts, **request)
+    with state.lock:
+        if key in state.analysis_cache:
+            return True
+    store = shared_cache()
+    shared_key = shared_analysis_key(store, base, fts, cal, settings) if store is not None else None
+    if shared_key is None:
+        return False
+    try:
+        return store.has("analysis", shared_key) or store.in_flight(shared_key)
+    except OSError:
+        return False
 
 
 def _analysis_job(base: str, fts: list[str], cal: dict, settings: dict, metric_keys: list[str],
@@ -222,21 +252,23 @@ def shared_analysis_key(store, base: str, fts: list[str], cal: dict, settings: d
 def cached_analysis(base: str, fts: list[str], cal: dict, settings: dict):
     """(AnalysisResult, shared-cache info) when the shared cache already holds this analysis, else None.
 
-    No model work and no waiting: a light event answers a hit with it, and hands a miss over to the
-    heavy slot. An entry being computed right now counts as a miss here (the heavy path then waits
-    for that one computation, single flight, and reads it).
+    No model work: a light event answers a hit with it, and hands a miss over to the heavy slot. An
+    entry this process is computing right now is waited for (single flight) and then read.
     """
     store = shared_cache()
     key = shared_analysis_key(store, base, fts, cal, settings) if store is not None else None
     if key is None:
         return None
     try:
-        entry = store.lookup("analysis", key, count=True)
+        entry = store.lookup("analysis", key)
+        if entry is None and store.wait_in_flight(key):     # another request is computing it: wait, then read
+            entry = store.lookup("analysis", key)
     except OSError as exc:
         log.warning("shared cache unavailable (%s)", exc)
         return None
     if entry is None:
         return None
+    store.record_hit()
     with entry:
         result = _load_entry(entry)
         info = {"hit": True, "waited": False, "age_s": entry.age_s, "compute_s": entry.compute_s, "key": key}
@@ -822,9 +854,6 @@ def _outputs(state: SessionState, out: dict, args: dict, rule: str) -> tuple:
     return md, top, coef_fig, multi_fig, table, save_analysis(state)
 
 
-LIGHT_GROUP, LIGHT_LIMIT = "analyse-light", 8      # cache hits: several at once, never in the heavy slot
-
-
 def wire(ui) -> None:
     import gradio as gr
 
@@ -856,38 +885,22 @@ def wire(ui) -> None:
         args = _args(locals())
         rule = rule_key(rule)
         rule_t(rule, t)
-        out = run_analysis(state, **_request(args), compute=False)       # a cache hit: no heavy slot
-        if out is None:
-            # A miss (an API caller, or evicted since the page asked): the heavy work, in the heavy slot.
-            with HEAVY_SLOT.hold(progress_callback(progress)):
-                out = run_analysis(state, **_request(args), compute=False)   # computed by the one we waited for
-                if out is None:
-                    return analyse(**args)
-        return _outputs(state, out, args, rule)
+        # A cache hit is drawn here, outside the heavy slot; a miss (an API caller, or evicted since the page
+        # asked) runs the heavy job in the heavy slot.
+        return serve_light(lambda: run_analysis(state, **_request(args), compute=False), lambda: analyse(**args),
+                           lambda out: _outputs(state, out, args, rule), progress_callback(progress))
+
+    def cached(state, *values) -> bool:
+        kwargs = dict(zip(_EVENT_PARAMS, [state, *values]))
+        rule_t(rule_key(kwargs["rule"]), kwargs["t"])
+        return analysis_available(state, **_request(kwargs))
 
     inputs = [ui.state, m.base, m.fts, m.trust, m.device, m.dtype, c.mode, c.upload, c.hub_id, c.split, c.field,
               c.samples, c.clusters, c.fraction, c.max_tokens, a.bins, a.batch_size, a.seed, a.chat_template,
               a.t, a.alpha, a.clip_min, a.clip_max, a.metrics, a.driver, a.rule]
-    hit, miss = gr.Number(0, visible=False, elem_id="analyse-hit"), gr.Number(0, visible=False, elem_id="analyse-miss")
-
-    def route_analysis(state, *values):
-        """The page's first step (no queue): a result the caches hold is drawn by the light event; a miss
-        is checked against the queue (refused when full, else "you are number n in line") and handed to
-        the heavy event, whose queue position and ETA Gradio shows on the summary and the per-layer plot."""
-        *args, n_hit, n_miss = values
-        kwargs = dict(zip(_EVENT_PARAMS, [state, *args]))
-        rule_t(rule_key(kwargs["rule"]), kwargs["t"])
-        if run_analysis(state, **_request(kwargs), compute=False) is not None:
-            return (n_hit or 0) + 1, gr.skip()
-        admit(ui.demo, "the analysis")
-        return gr.skip(), (n_miss or 0) + 1
-
-    a.analyse_btn.click(ui_errors(route_analysis), [*inputs, hit, miss], [hit, miss], queue=False,
-                        api_visibility="private", show_progress="hidden")
-    light_event = hit.change(ui_errors(analyse_light), inputs, outputs, api_name="analyse", concurrency_id=LIGHT_GROUP,
-                             concurrency_limit=LIGHT_LIMIT, show_progress_on=[a.summary, a.nmi_plot])
-    heavy_event = miss.change(ui_errors(analyse), inputs, outputs, api_name="analyse_heavy", api_visibility="private",
-                              concurrency_id="heavy", concurrency_limit=1, show_progress_on=[a.summary, a.nmi_plot])
+    light_event, heavy_event = light_first(
+        ui, a.analyse_btn, inputs, outputs, hit=cached, light=analyse_light, heavy=analyse, api_name="analyse",
+        what="the analysis", show_progress_on=[a.summary, a.nmi_plot])
     upload_event = _wire_upload(ui, outputs)
     for event in (light_event, heavy_event, upload_event):
         event.success(ui_errors(extras, warm=False), [ui.state], [a.tokens_plot, a.tokens_line, a.cal_download],

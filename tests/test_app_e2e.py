@@ -217,10 +217,10 @@ def test_heavy_jobs_share_one_slot_and_endpoints_are_named():
 
     demo = app.build_app()
     deps = {d.api_name: d for d in demo.fns.values() if d.api_name}
-    for name in ("analyse_heavy", "merge", "evaluate"):
+    for name in ("analyse_heavy", "merge_heavy", "evaluate"):
         assert deps[name].concurrency_id == "heavy" and deps[name].concurrency_limit == 1, name
     # /analyse answers cache hits outside the heavy group; a miss holds the same slot in process.
-    assert deps["analyse"].concurrency_id != "heavy"
+    assert deps["analyse"].concurrency_id != "heavy" and deps["merge"].concurrency_id != "heavy"
     assert all(getattr(d.fn, "_holds_heavy", False) for d in demo.fns.values() if d.concurrency_id == "heavy")
     for name in ("analyse", "coefficients", "merge", "chat", "evaluate"):
         assert deps[name].api_visibility == "public", name
