@@ -387,3 +387,22 @@ def test_the_page_routes_a_cached_analysis_to_the_light_event_and_a_miss_to_the_
     analysis.run_analysis(sessions(), pair[0], pair[1], **SMALL)          # another visitor computes it
     second = route.fn(sessions(), *args)
     assert second[0] == 1 and second[1] == gr.skip()         # now a hit: the light event draws it
+
+
+def test_a_cached_merge_is_served_while_the_heavy_slot_is_busy(blocked_app):
+    from gradio_client import Client
+
+    url, release, computed, entered = blocked_app
+    plain = dict(method="task_arithmetic", mode="plain (α everywhere)", api_name="/merge")
+    release.set()
+    first = Client(url, verbose=False).predict(alpha=0.3, **plain)                # merged and loaded once
+    assert not first[2]["cache"]["hit"]
+    release.clear()
+    entered.clear()
+    merge_job = _occupy_heavy_slot(url, entered)                                   # another merge holds the slot
+    second = Client(url, verbose=False).submit(alpha=0.3, **plain).result(timeout=30)
+    assert not release.is_set() and not merge_job.done()
+    assert second[2]["cache"]["hit"] and second[2]["out_dir"] == first[2]["out_dir"]
+    assert "reused a merge computed" in second[0] and second[2]["label"] == "#1 TA α=0.3"
+    release.set()
+    merge_job.result(timeout=120)
