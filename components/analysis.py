@@ -541,13 +541,28 @@ def count_view(analysis, t: float, clip=None):
     return fig, c.line()
 
 
-def settle_markdown(analysis, t: float | None) -> str:
-    """The summary's line "coefficients settle at ≈ N samples" (acm rule; empty for an old file)."""
+def settle_markdown(analysis, t: float | None, memo_key: str | None = None) -> str:
+    """The summary's line "coefficients settle at ≈ N samples" (acm rule; empty for an old file).
+
+    ``memo_key``: the shared-cache key of the analysis. The line is a function of the stored result and
+    t, and λ over sample subsets is most of a cache hit's own work, so a crowd on the same analysis
+    computes it once per t.
+    """
     from acm.rules.bands import analysis_curve
 
-    if old_file_line(analysis):
-        return ""
-    return f"- λ vs samples: {analysis_curve(analysis, DEFAULT_T if t is None else t).line()}"
+    t = DEFAULT_T if t is None else float(t)
+    memo = (memo_key, t) if memo_key else None
+    if memo is not None and memo in _SETTLE_MEMO:
+        return _SETTLE_MEMO[memo]
+    line = "" if old_file_line(analysis) else f"- λ vs samples: {analysis_curve(analysis, t).line()}"
+    if memo is not None:
+        if len(_SETTLE_MEMO) > 256:
+            _SETTLE_MEMO.clear()
+        _SETTLE_MEMO[memo] = line
+    return line
+
+
+_SETTLE_MEMO: dict[tuple[str, float], str] = {}
 
 
 def compare_view(analysis, other, t: float, clip=None, labels: tuple[str, str] = ("this set", "second set")):
@@ -683,7 +698,7 @@ def summary_markdown(analysis, *, cached: bool = False, seconds: float | None = 
     if line:
         lines.append(f"- ⚠ {line}")
     else:
-        lines.append(settle_markdown(analysis, t))
+        lines.append(settle_markdown(analysis, t, (shared or {}).get("key")))
     return "\n".join(lines)
 
 
