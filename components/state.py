@@ -410,7 +410,7 @@ class HeavySlot:
 HEAVY_SLOT = HeavySlot()
 # Answers from the caches (``light_first``'s light events): several at once, never in the heavy slot. The
 # group is their own, so a light event waiting for a miss's heavy work never holds up other light events.
-LIGHT_GROUP, LIGHT_LIMIT = "cache-hits", 8
+LIGHT_GROUP, LIGHT_LIMIT = "cache-hits", 16
 
 
 def serve_light(lookup: Callable[[], Any], heavy: Callable[[], Any], render: Callable[[Any], Any],
@@ -452,7 +452,7 @@ def light_first(ui: Any, button: Any, inputs: list, outputs: list, *, hit: Calla
     route.__name__ = f"route_{api_name}"
     from components.common import ui_errors
 
-    button.click(ui_errors(route), [*inputs, on_hit, on_miss], [on_hit, on_miss], queue=False,
+    button.click(ui_errors(route, warm=False), [*inputs, on_hit, on_miss], [on_hit, on_miss], queue=False,
                  api_visibility="private", show_progress="hidden")
     light_event = on_hit.change(ui_errors(light), inputs, outputs, api_name=api_name, concurrency_id=LIGHT_GROUP,
                                 concurrency_limit=LIGHT_LIMIT, show_progress_on=show_progress_on)
