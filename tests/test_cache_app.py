@@ -224,8 +224,15 @@ def test_the_heavy_buttons_check_the_queue_first_and_show_where_you_stand():
 
 
 def test_app_turns_the_cache_on_with_a_default_folder(monkeypatch, tmp_path):
+    import os
+
     import app
 
+    # configure_cache writes os.environ itself, and monkeypatch.delenv of an unset variable records nothing to
+    # undo: without this, ACM_CACHE=off leaked into every later test of the run (a browser test's app then
+    # started with the cache off).
+    for name in (cache.ENV_DIR, cache.ENV_SWITCH):
+        monkeypatch.setitem(os.environ, name, os.environ.get(name, ""))
     monkeypatch.delenv(cache.ENV_DIR, raising=False)
     monkeypatch.delenv(cache.ENV_SWITCH, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
