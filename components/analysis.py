@@ -11,7 +11,9 @@ metrics in one set of passes); ``coefficient_view`` only reads the cached values
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -272,6 +274,7 @@ def cached_analysis(base: str, fts: list[str], cal: dict, settings: dict):
     with entry:
         result = _load_entry(entry)
         info = {"hit": True, "waited": False, "age_s": entry.age_s, "compute_s": entry.compute_s, "key": key}
+    setattr(result, SHARED_KEY_ATTR, key)
     return _as_reused(result, cal), info
 
 
@@ -329,6 +332,7 @@ def shared_analysis(base: str, fts: list[str], cal: dict, settings: dict, comput
             raise                                   # the analysis itself failed
         log.warning("shared cache unavailable (%s); analysing without it", exc)
         return compute(), None
+    setattr(result, SHARED_KEY_ATTR, key)
     return (_as_reused(result, cal) if entry.hit else result), info
 
 
@@ -481,7 +485,33 @@ def _clip_arr(arr, clip):
 
 
 def acm_view(analysis, t: float, clip, *, multi: bool = True):
-    """(λ curve, several-t view, table) of the paper's rule; an old file gets its one line instead."""
+    """(λ curve, several-t view, table) of the paper's rule; an old file gets its one line instead.
+
+    Memoised for analyses from the shared cache (keyed by its content key, t, clip): a crowd on the same
+    analysis redraws the same t at the same moment, and the figures are only read afterwards (shown, exported).
+    """
+    key = getattr(analysis, SHARED_KEY_ATTR, None)
+    memo = (key, float(t), tuple(clip) if clip else None, bool(multi)) if key else None
+    if memo is not None:
+        with _VIEW_LOCK:
+            if memo in _VIEW_MEMO:
+                _VIEW_MEMO.move_to_end(memo)
+                return _VIEW_MEMO[memo]
+    view = _acm_view(analysis, t, clip, multi=multi)
+    if memo is not None:
+        with _VIEW_LOCK:
+            _VIEW_MEMO[memo] = view
+            while len(_VIEW_MEMO) > 64:
+                _VIEW_MEMO.popitem(last=False)
+    return view
+
+
+SHARED_KEY_ATTR = "_acm_shared_key"        # set on an AnalysisResult that came from / went into the shared cache
+_VIEW_MEMO: OrderedDict[tuple, tuple] = OrderedDict()
+_VIEW_LOCK = threading.Lock()
+
+
+def _acm_view(analysis, t: float, clip, *, multi: bool = True):
     import numpy as np
 
     from acm.rules.coefficients import acm_curve, coefficient_table
