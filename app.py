@@ -19,7 +19,7 @@ import gradio as gr
 from components import help as texts
 from components import steps as plan
 from components.common import REPO_ROOT
-from components.state import SessionState, close_session
+from components.state import SessionState, close_session, hold_heavy_slot
 
 # (tab title, module) in order, from the steps' declarations (components/steps.py): what each tab needs
 # and provides decides the order check, the wiring and the "run X in step N first" notices.
@@ -61,6 +61,7 @@ def build_app(prewarm: bool = True) -> gr.Blocks:
         for key, box in notices.items():
             ui.tabs[key].select(_notice_update(key), ui.state, box, api_visibility="private", queue=False,
                                 show_progress="hidden")
+    hold_heavy_slot(demo)        # every heavy event holds the in-process slot the light paths hand misses to
     demo.ui = ui
     return demo
 
@@ -98,7 +99,8 @@ def create_app(prewarm: bool = True) -> gr.Blocks:
     # users never run two of them at once on one GPU; the queue holds the rest, and each waiting
     # visitor sees their position and an estimated wait (Gradio's status on the heavy outputs).
     # Identical analyses and merges are answered from the shared result cache (acm.cache), so a
-    # crowd on the defaults computes them once and the rest pass through the slot in milliseconds.
+    # crowd on the defaults computes them once; an analysis the cache already holds is answered by a
+    # light event (components.state.light_first: "cache-hits", several at once) without the heavy slot.
     # Gradio rebuilds a pandas summary of *every* recorded event (up to 10,000) after each event, for its
     # monitoring page; under a crowd that was ~14 % of the server's CPU in a redraw loop (py-spy) and it
     # grows with the Space's age. Every 100 events is plenty for a dashboard.

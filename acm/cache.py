@@ -450,6 +450,35 @@ class CacheStore:
         folder = self.entry_dir(kind, key)
         if not (folder / "meta.json").is_file():
             return None
+        return self._read_entry(kind, key, folder)
+
+    def has(self, kind: str, key: str) -> bool:
+        """Whether the entry is stored now (no pin: it may be evicted right after; ``lookup`` to use it)."""
+        return (self.entry_dir(kind, key) / "meta.json").is_file()
+
+    def in_flight(self, key: str) -> bool:
+        """Whether this process is computing ``key`` right now (``get_or_create``'s single flight)."""
+        with self._guard:
+            lock = self._key_locks.get(key)
+        return lock is not None and lock.locked()
+
+    def wait_in_flight(self, key: str) -> bool:
+        """Wait until this process's computation of ``key`` (if any) has ended; True when there was one.
+        Why: a request identical to one being computed reads that result instead of queuing to redo it."""
+        with self._guard:
+            lock = self._key_locks.get(key)
+        if lock is None or not lock.locked():
+            return False
+        with lock:
+            pass
+        return True
+
+    def record_hit(self) -> None:
+        """Count a request answered from an entry ``lookup`` found (the app's light path; a miss is
+        counted by the ``get_or_create`` that then computes it)."""
+        self._count("hits")
+
+    def _read_entry(self, kind: str, key: str, folder: Path) -> Entry | None:
         pin = self.pin(key)
         try:
             meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))

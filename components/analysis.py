@@ -11,7 +11,9 @@ metrics in one set of passes); ``coefficient_view`` only reads the cached values
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +36,7 @@ from components.common import (
     warn,
 )
 from components.models import validate_selection
-from components.state import SessionState, admit, reused_line, shared_cache
+from components.state import SessionState, light_first, reused_line, serve_light, shared_cache
 
 # The rule the app opens on: the paper's (acm.rules.ACM) at t = 0.7, t ∈ [−3, 3] in steps of 0.05.
 RULE_CHOICES = [("ACM — the paper's rule (Eq. 2–3)", "acm"),
@@ -147,14 +149,51 @@ def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_cod
                  field: str | None = None, samples: int | None = 16, clusters: int = 4, fraction: float = 0.1,
                  max_tokens: int = 128, bins: int = DEFAULT_BINS, batch_size: int = DEFAULT_BATCH,
                  seed: int = DEFAULT_SEED, chat_template: bool = True, metrics=DEFAULT_METRICS,
-                 progress: Callable[[float, str], None] | None = None) -> dict:
+                 progress: Callable[[float, str], None] | None = None, compute: bool = True) -> dict | None:
     """Analyse (or fetch from the session cache) and make it the session's current analysis.
 
     Returns ``{"analysis", "cached", "seconds", "calibration", "shared"}``; ``shared`` is None, or the
     shared-cache entry's ``{"hit", "waited", "age_s", "compute_s"}`` (another session's identical
     request — same model contents, calibration texts, settings and code — computed it already).
+    ``compute=False``: only what the session or the shared cache already holds (no model work);
+    None when neither has it — the light path's question before it hands over to the heavy slot.
     """
-    from acm.activations.analysis import analyze
+    base, fts, metric_keys, cal, settings, key = _prepare(
+        base, fts, trust_remote_code=trust_remote_code, device=device, dtype=dtype, cal_mode=cal_mode,
+        cal_upload=cal_upload, hub_id=hub_id, split=split, field=field, samples=samples, clusters=clusters,
+        fraction=fraction, max_tokens=max_tokens, bins=bins, batch_size=batch_size, seed=seed,
+        chat_template=chat_template, metrics=metrics)
+    with state.lock:
+        cached = state.analysis_cache.get(key)
+    if cached is not None:
+        if progress:
+            progress(1.0, "cached analysis")
+        state.analysis, state.analysis_key = cached, key
+        state.base, state.fts = base, fts
+        return {"analysis": cached, "cached": True, "seconds": 0.0, "calibration": cal, "shared": None}
+    t0 = time.perf_counter()
+    if not compute:
+        found = cached_analysis(base, fts, cal, settings)
+        if found is None:
+            return None
+        result, shared = found
+    else:
+        result, shared = shared_analysis(base, fts, cal, settings, _analysis_job(base, fts, cal, settings,
+                                                                                 metric_keys, progress))
+    seconds = time.perf_counter() - t0
+    with state.lock:
+        state.analysis_cache[key] = result
+        state.analysis, state.analysis_key, state.analysis_seconds = result, key, seconds
+        state.base, state.fts = base, fts
+    return {"analysis": result, "cached": bool(shared and shared["hit"]), "seconds": seconds, "calibration": cal,
+            "shared": shared}
+
+
+def _prepare(base: str | None, fts, *, trust_remote_code: bool, device: str | None, dtype: str | None,
+             cal_mode: str | None, cal_upload: str | None, hub_id: str | None, split: str | None, field: str | None,
+             samples: int | None, clusters: int, fraction: float, max_tokens: int, bins: int, batch_size: int,
+             seed: int, chat_template: bool, metrics) -> tuple:
+    """(base, fts, metric keys, calibration, settings, session key) of a request, checked."""
     from acm.activations.similarity import parse_metrics
 
     base, fts = validate_selection(base, fts)
@@ -166,33 +205,41 @@ def run_analysis(state: SessionState, base: str | None, fts, *, trust_remote_cod
                     device=none_if_auto(device), dtype=none_if_auto(dtype), trust=bool(trust_remote_code))
     if metric_keys != ["nmi"]:            # NMI-only keeps the cache keys it always had
         settings["metrics"] = ",".join(metric_keys)
-    key = analysis_key(base, fts, cal, settings)
+    return base, fts, metric_keys, cal, settings, analysis_key(base, fts, cal, settings)
+
+
+def analysis_available(state: SessionState, base: str | None, fts, *, progress=None, **request) -> bool:
+    """Whether the session or the shared cache holds this analysis, or this process is computing it now
+    (then a light event waits for that one computation). No waiting, no model work, the session unchanged:
+    the page's check before it picks the light or the heavy event."""
+    base, fts, _, cal, settings, key = _prepare(base, fts, **request)
     with state.lock:
-        cached = state.analysis_cache.get(key)
-    if cached is not None:
-        if progress:
-            progress(1.0, "cached analysis")
-        state.analysis, state.analysis_key = cached, key
-        state.base, state.fts = base, fts
-        return {"analysis": cached, "cached": True, "seconds": 0.0, "calibration": cal, "shared": None}
-    t0 = time.perf_counter()
+        if key in state.analysis_cache:
+            return True
+    store = shared_cache()
+    shared_key = shared_analysis_key(store, base, fts, cal, settings) if store is not None else None
+    if shared_key is None:
+        return False
+    try:
+        return store.has("analysis", shared_key) or store.in_flight(shared_key)
+    except OSError:
+        return False
+
+
+def _analysis_job(base: str, fts: list[str], cal: dict, settings: dict, metric_keys: list[str],
+                  progress: Callable[[float, str], None] | None) -> Callable[[], object]:
+    """The model work of one analysis, as a call (run by ``shared_analysis`` once for everyone)."""
+    from acm.activations.analysis import analyze
 
     def compute():
-        return analyze(base, fts, cal["source"], field=cal["field"], split=cal["split"], samples=samples,
+        return analyze(base, fts, cal["source"], field=cal["field"], split=cal["split"], samples=settings["samples"],
                        clusters=settings["clusters"], fraction=settings["fraction"],
                        max_tokens=settings["max_tokens"], bins=settings["bins"], batch_size=settings["batch_size"],
                        seed=settings["seed"], device=settings["device"], dtype=settings["dtype"],
                        chat_template=settings["chat_template"], trust_remote_code=settings["trust"],
                        metrics=metric_keys, progress=progress, show_progress=False)
 
-    result, shared = shared_analysis(base, fts, cal, settings, compute)
-    seconds = time.perf_counter() - t0
-    with state.lock:
-        state.analysis_cache[key] = result
-        state.analysis, state.analysis_key, state.analysis_seconds = result, key, seconds
-        state.base, state.fts = base, fts
-    return {"analysis": result, "cached": bool(shared and shared["hit"]), "seconds": seconds, "calibration": cal,
-            "shared": shared}
+    return compute
 
 
 def shared_analysis_key(store, base: str, fts: list[str], cal: dict, settings: dict) -> str | None:
@@ -213,15 +260,59 @@ def shared_analysis_key(store, base: str, fts: list[str], cal: dict, settings: d
                                  "settings": settings, "device": device})
 
 
+def cached_analysis(base: str, fts: list[str], cal: dict, settings: dict):
+    """(AnalysisResult, shared-cache info) when the shared cache already holds this analysis, else None.
+
+    No model work: a light event answers a hit with it, and hands a miss over to the heavy slot. An
+    entry this process is computing right now is waited for (single flight) and then read.
+    """
+    store = shared_cache()
+    key = shared_analysis_key(store, base, fts, cal, settings) if store is not None else None
+    if key is None:
+        return None
+    try:
+        entry = store.lookup("analysis", key)
+        if entry is None and store.wait_in_flight(key):     # another request is computing it: wait, then read
+            entry = store.lookup("analysis", key)
+    except OSError as exc:
+        log.warning("shared cache unavailable (%s)", exc)
+        return None
+    if entry is None:
+        return None
+    store.record_hit()
+    with entry:
+        result = _load_entry(entry)
+        info = {"hit": True, "waited": False, "age_s": entry.age_s, "compute_s": entry.compute_s, "key": key}
+    setattr(result, SHARED_KEY_ATTR, key)
+    return _as_reused(result, cal), info
+
+
+def _load_entry(entry):
+    from acm.activations.result import AnalysisResult
+
+    result = AnalysisResult.load(entry.path / "analysis.json")
+    if result.calibration is None:
+        result.calibration = _read_calibration(entry.path / CALIBRATION_FILE)
+    return result
+
+
+def _as_reused(result, cal: dict):
+    """A reused result names this session's own calibration source (the texts are the same; the file
+    name another visitor uploaded them under is not shown)."""
+    from acm.activations.calibration import describe_source
+
+    cal_prov = result.provenance.get("calibration")
+    if isinstance(cal_prov, dict):
+        cal_prov["source"] = describe_source(cal["source"])
+    return result
+
+
 def shared_analysis(base: str, fts: list[str], cal: dict, settings: dict, compute: Callable[[], object]):
     """(AnalysisResult, shared-cache info or None): from the shared cache, or computed once for all.
 
     A reused result names this session's own calibration source in its provenance (the texts are
     the same; the file name another visitor uploaded them under is not shown).
     """
-    from acm.activations.calibration import describe_source
-    from acm.activations.result import AnalysisResult
-
     store = shared_cache()
     key = shared_analysis_key(store, base, fts, cal, settings) if store is not None else None
     if key is None:
@@ -238,9 +329,7 @@ def shared_analysis(base: str, fts: list[str], cal: dict, settings: dict, comput
 
     try:
         with store.get_or_create("analysis", key, build) as entry:
-            result = made.get("result") or AnalysisResult.load(entry.path / "analysis.json")
-            if result.calibration is None:
-                result.calibration = _read_calibration(entry.path / CALIBRATION_FILE)
+            result = made.get("result") or _load_entry(entry)
             info = {"hit": entry.hit, "waited": entry.waited, "age_s": entry.age_s, "compute_s": entry.compute_s,
                     "key": key}
     except OSError as exc:
@@ -252,11 +341,8 @@ def shared_analysis(base: str, fts: list[str], cal: dict, settings: dict, comput
             raise                                   # the analysis itself failed
         log.warning("shared cache unavailable (%s); analysing without it", exc)
         return compute(), None
-    if entry.hit:
-        cal_prov = result.provenance.get("calibration")
-        if isinstance(cal_prov, dict):
-            cal_prov["source"] = describe_source(cal["source"])
-    return result, info
+    setattr(result, SHARED_KEY_ATTR, key)
+    return (_as_reused(result, cal) if entry.hit else result), info
 
 
 CALIBRATION_FILE = "calibration.jsonl"
@@ -408,7 +494,33 @@ def _clip_arr(arr, clip):
 
 
 def acm_view(analysis, t: float, clip, *, multi: bool = True):
-    """(λ curve, several-t view, table) of the paper's rule; an old file gets its one line instead."""
+    """(λ curve, several-t view, table) of the paper's rule; an old file gets its one line instead.
+
+    Memoised for analyses from the shared cache (keyed by its content key, t, clip): a crowd on the same
+    analysis redraws the same t at the same moment, and the figures are only read afterwards (shown, exported).
+    """
+    key = getattr(analysis, SHARED_KEY_ATTR, None)
+    memo = (key, float(t), tuple(clip) if clip else None, bool(multi)) if key else None
+    if memo is not None:
+        with _VIEW_LOCK:
+            if memo in _VIEW_MEMO:
+                _VIEW_MEMO.move_to_end(memo)
+                return _VIEW_MEMO[memo]
+    view = _acm_view(analysis, t, clip, multi=multi)
+    if memo is not None:
+        with _VIEW_LOCK:
+            _VIEW_MEMO[memo] = view
+            while len(_VIEW_MEMO) > 64:
+                _VIEW_MEMO.popitem(last=False)
+    return view
+
+
+SHARED_KEY_ATTR = "_acm_shared_key"        # set on an AnalysisResult that came from / went into the shared cache
+_VIEW_MEMO: OrderedDict[tuple, tuple] = OrderedDict()
+_VIEW_LOCK = threading.Lock()
+
+
+def _acm_view(analysis, t: float, clip, *, multi: bool = True):
     import numpy as np
 
     from acm.rules.coefficients import acm_curve, coefficient_table
@@ -497,13 +609,28 @@ def count_view(analysis, t: float, clip=None):
     return fig, c.line()
 
 
-def settle_markdown(analysis, t: float | None) -> str:
-    """The summary's line "coefficients settle at ≈ N samples" (acm rule; empty for an old file)."""
+def settle_markdown(analysis, t: float | None, memo_key: str | None = None) -> str:
+    """The summary's line "coefficients settle at ≈ N samples" (acm rule; empty for an old file).
+
+    ``memo_key``: the shared-cache key of the analysis. The line is a function of the stored result and
+    t, and λ over sample subsets is most of a cache hit's own work, so a crowd on the same analysis
+    computes it once per t.
+    """
     from acm.rules.bands import analysis_curve
 
-    if old_file_line(analysis):
-        return ""
-    return f"- λ vs samples: {analysis_curve(analysis, DEFAULT_T if t is None else t).line()}"
+    t = DEFAULT_T if t is None else float(t)
+    memo = (memo_key, t) if memo_key else None
+    if memo is not None and memo in _SETTLE_MEMO:
+        return _SETTLE_MEMO[memo]
+    line = "" if old_file_line(analysis) else f"- λ vs samples: {analysis_curve(analysis, t).line()}"
+    if memo is not None:
+        if len(_SETTLE_MEMO) > 256:
+            _SETTLE_MEMO.clear()
+        _SETTLE_MEMO[memo] = line
+    return line
+
+
+_SETTLE_MEMO: dict[tuple[str, float], str] = {}
 
 
 def compare_view(analysis, other, t: float, clip=None, labels: tuple[str, str] = ("this set", "second set")):
@@ -641,7 +768,7 @@ def summary_markdown(analysis, *, cached: bool = False, seconds: float | None = 
     if line:
         lines.append(f"- ⚠ {line}")
     else:
-        lines.append(settle_markdown(analysis, t))
+        lines.append(settle_markdown(analysis, t, (shared or {}).get("key")))
     return "\n".join(lines)
 
 
@@ -782,6 +909,39 @@ def count_extras(state: SessionState):
     return fig, line
 
 
+def _args(params: dict) -> dict:
+    """An event's own arguments from its ``locals()`` (without the closure names CPython adds)."""
+    return {k: v for k, v in params.items() if k in _EVENT_PARAMS}
+
+
+_EVENT_PARAMS = ("state", "base", "fts", "trust", "device", "dtype", "cal_mode", "cal_upload", "hub_id", "split",
+                 "field", "samples", "clusters", "fraction", "max_tokens", "bins", "batch_size", "seed",
+                 "chat_template", "t", "alpha", "clip_min", "clip_max", "metrics", "driver", "rule", "progress")
+
+
+def _request(args: dict, progress=None) -> dict:
+    """``run_analysis`` keyword arguments from an event's arguments (the names the UI / API use)."""
+    return dict(base=args["base"], fts=args["fts"], trust_remote_code=args["trust"], device=args["device"],
+                dtype=args["dtype"], cal_mode=args["cal_mode"], cal_upload=args["cal_upload"], hub_id=args["hub_id"],
+                split=args["split"], field=args["field"], samples=args["samples"], clusters=args["clusters"],
+                fraction=args["fraction"], max_tokens=args["max_tokens"], bins=args["bins"],
+                batch_size=args["batch_size"], seed=args["seed"], chat_template=args["chat_template"],
+                metrics=args["metrics"], progress=progress)
+
+
+def _outputs(state: SessionState, out: dict, args: dict, rule: str) -> tuple:
+    """Summary, per-layer plot, λ curve, several-t view, λ table, download: one analysis' outputs."""
+    res, t = out["analysis"], args["t"]
+    coef_fig, multi_fig, table = coefficient_view(state, t, args["alpha"], args["clip_min"], args["clip_max"],
+                                                  metric=args["driver"], rule=rule)
+    top = layer_view(res, rule, state.coef_view["metric"])
+    state.figures["per_layer"] = top
+    md = summary_markdown(res, cached=out["cached"], seconds=out["seconds"],
+                          calibration_label=out["calibration"]["label"], shared=out.get("shared"),
+                          t=t if rule == "acm" else None)
+    return md, top, coef_fig, multi_fig, table, save_analysis(state)
+
+
 def wire(ui) -> None:
     import gradio as gr
 
@@ -795,40 +955,42 @@ def wire(ui) -> None:
                 bins=DEFAULT_BINS, batch_size=DEFAULT_BATCH, seed=DEFAULT_SEED, chat_template=True, t=DEFAULT_T,
                 alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None, metrics=DEFAULT_METRICS, driver=None,
                 rule=DEFAULT_RULE, progress=gr.Progress()):
-        """Per-sample MI per layer (the paper's rule, default) and the chosen similarity metrics between the
-        base and each fine-tuned model (cached per models + calibration + settings), then λ at t."""
+        """The heavy job: per-sample MI and similarities (or the stored result), then λ at t."""
+        args = _args(locals())
         rule = rule_key(rule)
         rule_t(rule, t)                                         # a bad t is refused before the model work
         progress(0.0, desc="loading models")
-        out = run_analysis(state, base, fts, trust_remote_code=trust, device=device, dtype=dtype, cal_mode=cal_mode,
-                           cal_upload=cal_upload, hub_id=hub_id, split=split, field=field, samples=samples,
-                           clusters=clusters, fraction=fraction, max_tokens=max_tokens, bins=bins,
-                           batch_size=batch_size, seed=seed, chat_template=chat_template, metrics=metrics,
-                           progress=progress_callback(progress))
-        res = out["analysis"]
-        coef_fig, multi_fig, table = coefficient_view(state, t, alpha, clip_min, clip_max, metric=driver, rule=rule)
-        top = layer_view(res, rule, state.coef_view["metric"])
-        state.figures["per_layer"] = top
-        md = summary_markdown(res, cached=out["cached"], seconds=out["seconds"],
-                              calibration_label=out["calibration"]["label"], shared=out.get("shared"),
-                              t=t if rule == "acm" else None)
-        return md, top, coef_fig, multi_fig, table, save_analysis(state)
+        out = run_analysis(state, **_request(args, progress_callback(progress)))
+        return _outputs(state, out, args, rule)
 
-    def admit_analysis():
-        admit(ui.demo, "the analysis")
+    def analyse_light(state, base=None, fts=None, trust=False, device="auto", dtype="auto", cal_mode=None,
+                      cal_upload=None, hub_id=None, split=None, field=None, samples=None, clusters=4, fraction=0.1,
+                      max_tokens=128, bins=DEFAULT_BINS, batch_size=DEFAULT_BATCH, seed=DEFAULT_SEED,
+                      chat_template=True, t=DEFAULT_T, alpha=DEFAULT_ALPHA, clip_min=None, clip_max=None,
+                      metrics=DEFAULT_METRICS, driver=None, rule=DEFAULT_RULE, progress=gr.Progress()):
+        """Per-sample MI per layer (the paper's rule, default) and the chosen similarity metrics between the
+        base and each fine-tuned model (cached per models + calibration + settings), then λ at t."""
+        args = _args(locals())
+        rule = rule_key(rule)
+        rule_t(rule, t)
+        # A cache hit is drawn here, outside the heavy slot; a miss (an API caller, or evicted since the page
+        # asked) runs the heavy job in the heavy slot.
+        return serve_light(lambda: run_analysis(state, **_request(args), compute=False), lambda: analyse(**args),
+                           lambda out: _outputs(state, out, args, rule), progress_callback(progress))
 
-    # A light check first (no queue): a full queue is refused with when to retry, and a visitor
-    # behind others is told where they stand; then the heavy job, whose queue position and ETA
-    # Gradio shows on the summary and the per-layer plot.
-    analyse_event = a.analyse_btn.click(
-        admit_analysis, None, None, queue=False, api_visibility="private", show_progress="hidden").success(
-        ui_errors(analyse),
-        [ui.state, m.base, m.fts, m.trust, m.device, m.dtype, c.mode, c.upload, c.hub_id, c.split, c.field,
-         c.samples, c.clusters, c.fraction, c.max_tokens, a.bins, a.batch_size, a.seed, a.chat_template,
-         a.t, a.alpha, a.clip_min, a.clip_max, a.metrics, a.driver, a.rule],
-        outputs, api_name="analyse", concurrency_id="heavy", concurrency_limit=1, show_progress_on=[a.summary, a.nmi_plot])
+    def cached(state, *values) -> bool:
+        kwargs = dict(zip(_EVENT_PARAMS, [state, *values]))
+        rule_t(rule_key(kwargs["rule"]), kwargs["t"])
+        return analysis_available(state, **_request(kwargs))
+
+    inputs = [ui.state, m.base, m.fts, m.trust, m.device, m.dtype, c.mode, c.upload, c.hub_id, c.split, c.field,
+              c.samples, c.clusters, c.fraction, c.max_tokens, a.bins, a.batch_size, a.seed, a.chat_template,
+              a.t, a.alpha, a.clip_min, a.clip_max, a.metrics, a.driver, a.rule]
+    light_event, heavy_event = light_first(
+        ui, a.analyse_btn, inputs, outputs, hit=cached, light=analyse_light, heavy=analyse, api_name="analyse",
+        what="the analysis", show_progress_on=[a.summary, a.nmi_plot])
     upload_event = _wire_upload(ui, outputs)
-    for event in (analyse_event, upload_event):
+    for event in (light_event, heavy_event, upload_event):
         event.success(ui_errors(extras, warm=False), [ui.state], [a.tokens_plot, a.tokens_line, a.cal_download],
                       queue=False, api_visibility="private", show_progress="hidden")
         event.success(ui_errors(count_extras, warm=False), [ui.state], [a.count_plot, a.count_line],
@@ -837,8 +999,8 @@ def wire(ui) -> None:
                             [ui.state, a.compare_upload, a.t, a.clip_min, a.clip_max],
                             [a.compare_plot, a.compare_line], api_name="compare_calibration")
     _wire_coefficients(ui, coef_inputs)
-    _wire_driver(ui, coef_inputs, [analyse_event, upload_event])
-    ui.analysis_events = [analyse_event, upload_event]
+    _wire_driver(ui, coef_inputs, [light_event, heavy_event, upload_event])
+    ui.analysis_events = [light_event, heavy_event, upload_event]
     from components import fisher
 
     fisher.wire(ui).success(ui_errors(save_analysis, warm=False), [ui.state], [a.download], queue=False,

@@ -9,6 +9,7 @@ path). The dropdown, which parameter controls are visible and their help come fr
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import time
 from collections.abc import Callable
@@ -24,7 +25,17 @@ from components import steps as plan
 from components.analysis import DEFAULT_ALPHA, DEFAULT_T, RULE_CHOICES, rule_key, rule_t, t_slider_settings
 from components.common import gpu, merge_label, none_if_auto, optional_float, progress_callback, t_slider, ui_errors, unique_labels
 from components.models import validate_selection
-from components.state import MergedModel, SessionState, admit, load_merged, reused_line, shared_merge
+from components.state import (
+    MergedModel,
+    SessionState,
+    admit,
+    cached_merge,
+    light_first,
+    load_merged,
+    reused_line,
+    serve_light,
+    shared_merge,
+)
 
 METHOD_CHOICES = registry.ui_choices()
 METHOD_SHORT = {k: s.short for k, s in registry.SPECS.items()}
@@ -120,8 +131,12 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
               epsilon: float = OPT["epsilon"].default, progress: Callable[[float, str], None] | None = None,
               metric: str | None = None, rule: str | None = DEFAULT_RULE, against: str | None = "fine-tuned",
               applies: str | None = "task-vectors", estimator: str = "labels", calibration: dict | None = None,
-              cal_settings: dict | None = None) -> MergedModel:
+              cal_settings: dict | None = None, compute: bool = True, peek: bool = False) -> MergedModel | bool | None:
     """Merge into a fresh folder of the session workspace and load the result for chat/eval.
+
+    ``compute=False``: only a merge the shared cache holds with its model already loaded (no heavy
+    work: the light path's question); None otherwise, and the session is left as it was. ``peek``
+    (with ``compute=False``): only whether it would be found (True / None), the session unchanged.
 
     ``rule``: ``acm`` (the paper's, default; ``against`` / ``applies`` its switches — every setting but
     fine-tuned · task-vectors runs staged, ``components.rules``) or ``softmax`` (ours; ``metric``). ``t``
@@ -149,6 +164,8 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
     lo, hi = optional_float(clip_min), optional_float(clip_max)
     clip = None if lo is None and hi is None else (lo, hi)
     if use_acm and key == "acm" and rules.staged(against, applies):
+        if not compute:
+            return None                         # staged merges compute every time (components.rules)
         return rules.run_rule_merge(state, base, fts, options, t=t, against=against, applies=applies, clip=clip,
                                     estimator=estimator, calibration=calibration, cal_settings=cal_settings,
                                     device=device, dtype=dtype, progress=progress)
@@ -156,12 +173,21 @@ def run_merge(state: SessionState, base: str | None, fts, *, method: str = DEFAU
         (None, None, None)
     used_metric = (coef.params.get("metric") if coef is not None else None)
     label_args = dict(rule=key, against=against, applies=applies)
-    state.merge_count += 1
-    merge_id = state.merge_count
     suffix = {"acm": "-acm", "softmax": "-softmax", "fim": "-fim"}[key] if use_acm else ""
-    out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{method}{suffix}"
-    merged = _merge_and_load(state, base, fts, out_dir, f"{method}{suffix}", options, weights, entry, device, dtype,
-                             progress)
+    if compute:
+        state.merge_count += 1
+        merge_id = state.merge_count
+        out_dir = state.subdir("merges") / f"merge-{merge_id:02d}-{method}{suffix}"
+        merged = _merge_and_load(state, base, fts, out_dir, f"{method}{suffix}", options, weights, entry, device,
+                                 dtype, progress)
+    else:
+        merged = _reuse_loaded(base, fts, f"{method}{suffix}", options, weights, entry, device, dtype)
+        if merged is None or peek:
+            if merged is not None:
+                merged.drop()
+            return True if merged is not None else None
+        state.merge_count += 1
+        merge_id = state.merge_count
     merged.merge_id = merge_id
     merged.label = merge_label(method, use_acm, t, options.alpha, merge_id, used_metric, **label_args)
     merged.lambdas = coef.by_model() if coef is not None else merged.lambdas
@@ -205,6 +231,25 @@ def _merge_and_load(state: SessionState, base: str, fts: list[str], out_dir: Pat
                        cache=shared and {k: v for k, v in shared.items() if k not in ("release", "report", "out_dir")},
                        release=shared and shared["release"], settings={}, seconds=time.perf_counter() - t0,
                        model=model, tokenizer=tokenizer)
+
+
+def _reuse_loaded(base: str, fts: list[str], name: str, options, weights, entry: dict | None, device,
+                  dtype) -> MergedModel | None:
+    """The shared cache's merge when it is stored and its model already loaded (no heavy work), else None."""
+    t0 = time.perf_counter()
+    shared = cached_merge(base, fts, name, options, weights, entry, device, dtype)
+    if shared is None:
+        return None
+    try:
+        model, tokenizer = load_merged(shared["out_dir"], device, dtype, shared=True)     # in memory already
+    except BaseException:
+        shared["release"]()
+        raise
+    return MergedModel(merge_id=0, label="", out_dir=Path(shared["out_dir"]), report=shared["report"],
+                       lambdas=shared["report"].get("lambdas") or weights,
+                       cache={k: v for k, v in shared.items() if k not in ("release", "report", "out_dir")},
+                       release=shared["release"], settings={}, seconds=time.perf_counter() - t0, model=model,
+                       tokenizer=tokenizer)
 
 
 def lambda_rows(merged: MergedModel, groups: list[str] | None = None) -> tuple[list[str], list[list]]:
@@ -420,36 +465,39 @@ def wire(ui) -> None:
         """Merge base + fine-tuned models (plain, or ACM: the paper's rule by default — ``against`` /
         ``applies`` its switches, calibration of step 2 for MI against a merge — or rule='softmax', ours)
         and load the result for chat and evaluation."""
+        args = _merge_args(locals())
         progress(0.0, desc="starting the merge")
-        against, applies = rules.switches(rule, against, applies)
-        cal, cal_settings = _calibration(rule_key(rule) == "acm" and against == "merged", cal_mode, cal_upload,
-                                         hub_id, split, field, samples, clusters, fraction, max_tokens)
-        merged = run_merge(state, base, fts, method=method, mode=mode, t=t, alpha=alpha, density=density,
-                           drop_rate=drop_rate, trim_scope=trim_scope, seed=seed, clip_min=clip_min,
-                           clip_max=clip_max, device=device, dtype=dtype, trust_remote_code=trust,
-                           tokenizer_from=tokenizer_from, gamma=gamma, epsilon=epsilon, rule=rule, against=against,
-                           applies=applies, estimator=estimator, calibration=cal, cal_settings=cal_settings,
-                           progress=progress_callback(progress))
-        return _merge_outputs(state, merged)
+        return _merge_outputs(state, _run_merge_ui(args, progress=progress_callback(progress)))
+
+    def merge_light(*values, **kwargs):
+        args = _merge_args(MERGE_SIGNATURE.bind(*values, **kwargs))
+        progress = progress_callback(args["progress"])
+        # Served here, outside the heavy slot, when the shared cache holds it with its model loaded;
+        # else the heavy job in the heavy slot (an API caller; the page routes a miss to the heavy event).
+        return serve_light(lambda: _run_merge_ui(args, compute=False), lambda: merge(**args),
+                           lambda merged: _merge_outputs(args["state"], merged), progress)
+
+    MERGE_SIGNATURE = inspect.signature(merge)
+    merge_light.__signature__ = MERGE_SIGNATURE           # the same /merge endpoint for API callers
+    merge_light.__doc__ = merge.__doc__
+
+    def cached(*values) -> bool:
+        return bool(_run_merge_ui(_merge_args(MERGE_SIGNATURE.bind(*values)), compute=False, peek=True))
 
     for event in plan.events(ui, plan.ANALYSIS):
         event.then(acm_status_line, ui.state, g.acm_status, api_visibility="private", queue=False)
 
-    def admit_merge():
-        admit(ui.demo, "the merge")
-
     cal_inputs = [c.mode, c.upload, c.hub_id, c.split, c.field, c.samples, c.clusters, c.fraction, c.max_tokens]
-    merge_event = g.merge_btn.click(
-        admit_merge, None, None, queue=False, api_visibility="private", show_progress="hidden").success(
-        ui_errors(merge),
+    light_event, heavy_event = light_first(
+        ui, g.merge_btn,
         [ui.state, m.base, m.fts, g.method, g.mode, g.t, g.alpha, g.density, g.drop_rate, g.trim_scope, g.seed,
          a.clip_min, a.clip_max, m.device, m.dtype, m.trust, g.tokenizer_from, g.gamma, g.epsilon, g.rule_radio,
          r.against, r.applies, r.estimator, *cal_inputs],
-        [g.summary, g.table, g.report], api_name="merge", concurrency_id="heavy", concurrency_limit=1,
-        show_progress_on=[g.summary])
-    # Later steps chain on either event (components/steps.py MERGED).
+        [g.summary, g.table, g.report], hit=cached, light=merge_light, heavy=merge, api_name="merge",
+        what="the merge", show_progress_on=[g.summary])
+    # Later steps chain on any of these events (components/steps.py MERGED).
     ui.rule_merge_event = _wire_legacy_sigmoid(ui, cal_inputs)
-    ui.merge_event = [merge_event, ui.rule_merge_event]
+    ui.merge_event = [light_event, heavy_event, ui.rule_merge_event]
 
 
 def _wire_legacy_sigmoid(ui, cal_inputs):
@@ -483,6 +531,36 @@ def _wire_legacy_sigmoid(ui, cal_inputs):
          r.estimator, *cal_inputs, m.device, m.dtype, g.tokenizer_from],
         [g.summary, g.table, g.report, r.summary, r.table], api_name="merge_sigmoid", concurrency_id="heavy",
         concurrency_limit=1, show_progress_on=[g.summary])
+
+
+def _merge_args(values) -> dict:
+    """The merge event's arguments by name, from its ``locals()`` or a bound signature (defaults applied)."""
+    if isinstance(values, inspect.BoundArguments):
+        values.apply_defaults()
+        return dict(values.arguments)
+    return {k: v for k, v in values.items() if k in _MERGE_PARAMS}
+
+
+_MERGE_PARAMS = ("state", "base", "fts", "method", "mode", "t", "alpha", "density", "drop_rate", "trim_scope", "seed",
+                 "clip_min", "clip_max", "device", "dtype", "trust", "tokenizer_from", "gamma", "epsilon", "rule",
+                 "against", "applies", "estimator", "cal_mode", "cal_upload", "hub_id", "split", "field", "samples",
+                 "clusters", "fraction", "max_tokens", "progress")
+
+
+def _run_merge_ui(args: dict, progress=None, compute: bool = True, peek: bool = False):
+    """``run_merge`` from the merge event's arguments (the rule's switches and step 2's calibration)."""
+    against, applies = rules.switches(args["rule"], args["against"], args["applies"])
+    cal, cal_settings = _calibration(rule_key(args["rule"]) == "acm" and against == "merged", args["cal_mode"],
+                                     args["cal_upload"], args["hub_id"], args["split"], args["field"], args["samples"],
+                                     args["clusters"], args["fraction"], args["max_tokens"])
+    return run_merge(args["state"], args["base"], args["fts"], method=args["method"], mode=args["mode"], t=args["t"],
+                     alpha=args["alpha"], density=args["density"], drop_rate=args["drop_rate"],
+                     trim_scope=args["trim_scope"], seed=args["seed"], clip_min=args["clip_min"],
+                     clip_max=args["clip_max"], device=args["device"], dtype=args["dtype"],
+                     trust_remote_code=args["trust"], tokenizer_from=args["tokenizer_from"], gamma=args["gamma"],
+                     epsilon=args["epsilon"], rule=args["rule"], against=against, applies=applies,
+                     estimator=args["estimator"], calibration=cal, cal_settings=cal_settings, progress=progress,
+                     compute=compute, peek=peek)
 
 
 def _jsonable(obj):

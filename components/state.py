@@ -247,22 +247,12 @@ def shared_merge(base: str, fts: list[str], name: str, options, lambdas, acm_inf
     Returns ``{"out_dir", "report", "hit", "waited", "age_s", "compute_s", "release"}``; the folder
     is pinned (never evicted) until ``release()`` — the session calls it when it drops the model.
     """
-    from acm.cache import make_key, model_identity
     from acm.merging.engine import merge_models
 
     store = shared_cache()
-    if store is None:
+    key = shared_merge_key(store, base, fts, name, options, lambdas, acm_info) if store is not None else None
+    if key is None:
         return None
-    ids = [model_identity(spec, hasher=store.hasher) for spec in [base, *fts]]
-    if any(i is None for i in ids):
-        return None
-    import torch
-
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    key = make_key("merge", {"base": [base, ids[0]], "fts": [[f, i] for f, i in zip(fts, ids[1:])],
-                             "options": options.to_dict(), "lambdas": lambdas, "acm": acm_info, "name": name,
-                             "device": device})
-
     made = {}
 
     def build(folder: Path) -> dict:
@@ -279,9 +269,54 @@ def shared_merge(base: str, fts: list[str], name: str, options, lambdas, acm_inf
             raise                                   # the merge itself failed (e.g. disk full): say so
         log.warning("shared cache unavailable for the merge (%s); merging into the session folder", exc)
         return None
+    return _merge_info(entry, name, key)
+
+
+def _merge_info(entry, name: str, key: str) -> dict:
     report = dict(entry.meta["report"], out_dir=str(entry.path / name))
     return {"out_dir": entry.path / name, "report": report, "hit": entry.hit, "waited": entry.waited,
             "age_s": entry.age_s, "compute_s": entry.compute_s, "key": key, "release": entry.release}
+
+
+def shared_merge_key(store, base: str, fts: list[str], name: str, options, lambdas, acm_info: dict | None) -> str | None:
+    """The shared-cache key of a merge (see ``shared_merge``); None when a model has no content identity."""
+    from acm.cache import make_key, model_identity
+
+    ids = [model_identity(spec, hasher=store.hasher) for spec in [base, *fts]]
+    if any(i is None for i in ids):
+        return None
+    import torch
+
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return make_key("merge", {"base": [base, ids[0]], "fts": [[f, i] for f, i in zip(fts, ids[1:])],
+                              "options": options.to_dict(), "lambdas": lambdas, "acm": acm_info, "name": name,
+                              "device": device})
+
+
+def cached_merge(base: str, fts: list[str], name: str, options, lambdas, acm_info: dict | None, device: str | None,
+                 dtype: str | None) -> dict | None:
+    """``shared_merge``'s answer when it needs no heavy work: the entry is stored *and* its model is
+    already loaded (another session uses it); else None. A light event serves such a merge; loading
+    weights or merging is left to the heavy slot."""
+    store = shared_cache()
+    key = shared_merge_key(store, base, fts, name, options, lambdas, acm_info) if store is not None else None
+    if key is None:
+        return None
+    try:
+        entry = store.lookup("merge", key)
+    except OSError:
+        return None
+    if entry is None:
+        return None
+    if merged_model_key(entry.path / name, device, dtype) not in SOURCE_MODELS:
+        entry.release()
+        return None
+    store.record_hit()
+    return _merge_info(entry, name, key)
+
+
+def merged_model_key(out_dir: Path, device: str | None, dtype: str | None) -> tuple:
+    return source_model_key(out_dir, none_if_auto(device), none_if_auto(dtype)) + ("merged",)
 
 
 def load_merged(out_dir: Path, device: str | None, dtype: str | None, *, shared: bool):
@@ -295,13 +330,152 @@ def load_merged(out_dir: Path, device: str | None, dtype: str | None, *, shared:
 
     if not shared:
         return loader()
-    return SOURCE_MODELS.get(source_model_key(out_dir, none_if_auto(device), none_if_auto(dtype)) + ("merged",),
-                             loader)
+    return SOURCE_MODELS.get(merged_model_key(out_dir, device, dtype), loader)
 
 
 # ----------------------------------------------------------------------------- queue status
 
 HEAVY = "heavy"
+
+
+class HeavySlot:
+    """The one heavy-job slot, held in process by every heavy job while it runs.
+
+    Why: Gradio's concurrency group ``"heavy"`` (limit 1) orders the heavy *events*, but a cache hit is
+    answered by a light event (``/analyse``), and that light event hands a miss over to the heavy work
+    in process (an API caller has no page to chain a second event). Both kinds hold this slot, so two
+    heavy jobs still never run at once on one GPU. ``waiting`` counts the in-process waiters (for the
+    queue estimate).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()      # a plain Lock: a streaming job may release it from another thread
+        self._guard = threading.Lock()
+        self.waiting = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    def acquire(self, progress: Callable[[float, str], None] | None = None) -> None:
+        if self._lock.acquire(blocking=False):
+            return
+        with self._guard:
+            self.waiting += 1
+            ahead = self.waiting
+        if progress is not None:
+            progress(0.0, f"waiting for the heavy-job slot ({ahead} in line)")
+        try:
+            self._lock.acquire()
+        finally:
+            with self._guard:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def hold(self, progress: Callable[[float, str], None] | None = None):
+        """``with HEAVY_SLOT.hold(): ...`` — the slot for the block's duration."""
+        slot = self
+
+        class _Held:
+            def __enter__(self):
+                slot.acquire(progress)
+                return slot
+
+            def __exit__(self, *exc):
+                slot.release()
+
+        return _Held()
+
+    def wrap(self, fn: Callable) -> Callable:
+        """``fn`` (a plain function or a generator, e.g. a streaming tune) run while holding the slot;
+        the signature is kept (Gradio reads it to inject ``gr.Progress``)."""
+        import functools
+        import inspect
+
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen(*args, **kwargs):
+                with self.hold():
+                    yield from fn(*args, **kwargs)
+            return gen
+
+        @functools.wraps(fn)
+        def plain(*args, **kwargs):
+            with self.hold():
+                return fn(*args, **kwargs)
+        return plain
+
+
+HEAVY_SLOT = HeavySlot()
+# Answers from the caches (``light_first``'s light events): several at once, never in the heavy slot. The
+# group is their own, so a light event waiting for a miss's heavy work never holds up other light events.
+LIGHT_GROUP, LIGHT_LIMIT = "cache-hits", 16
+
+
+def serve_light(lookup: Callable[[], Any], heavy: Callable[[], Any], render: Callable[[Any], Any],
+                progress: Callable[[float, str], None] | None = None) -> Any:
+    """A light event's answer: ``render(lookup())`` when the caches hold the result (no heavy slot), else
+    the heavy work in the heavy slot — after checking again, as the job it waited for may have been
+    this very request (identical requests: one computes, the rest read it)."""
+    found = lookup()
+    if found is None:
+        with HEAVY_SLOT.hold(progress):
+            found = lookup()
+            if found is None:
+                return heavy()
+    return render(found)
+
+
+def light_first(ui: Any, button: Any, inputs: list, outputs: list, *, hit: Callable[..., bool], light: Callable,
+                heavy: Callable, api_name: str, what: str, show_progress_on: list) -> tuple[Any, Any]:
+    """Wire ``button`` as: a check of the caches (no queue) → the light event (``api_name``, public, its own
+    concurrency group) on a hit, or the heavy event (``<api_name>_heavy``, private, the "heavy" group, with
+    Gradio's queue position and ETA) on a miss. ``hit(*values)`` answers from the caches only; a miss is
+    checked against the queue first (``admit``). Returns (light event, heavy event).
+
+    Why two hidden counters: Gradio chains run in the page, so the page picks the branch — each counter's
+    ``change`` starts one event, and the check bumps one of them.
+    """
+    import gradio as gr
+
+    on_hit = gr.Number(0, visible=False, elem_id=f"{api_name}-hit")
+    on_miss = gr.Number(0, visible=False, elem_id=f"{api_name}-miss")
+
+    def route(*values):
+        *args, n_hit, n_miss = values
+        if hit(*args):
+            return (n_hit or 0) + 1, gr.skip()
+        admit(ui.demo, what)
+        return gr.skip(), (n_miss or 0) + 1
+
+    route.__name__ = f"route_{api_name}"
+    from components.common import ui_errors
+
+    button.click(ui_errors(route, warm=False), [*inputs, on_hit, on_miss], [on_hit, on_miss], queue=False,
+                 api_visibility="private", show_progress="hidden")
+    light_event = on_hit.change(ui_errors(light), inputs, outputs, api_name=api_name, concurrency_id=LIGHT_GROUP,
+                                concurrency_limit=LIGHT_LIMIT, show_progress_on=show_progress_on)
+    heavy_event = on_miss.change(ui_errors(heavy), inputs, outputs, api_name=f"{api_name}_heavy",
+                                 api_visibility="private", concurrency_id=HEAVY, concurrency_limit=1,
+                                 show_progress_on=show_progress_on)
+    return light_event, heavy_event
+
+
+def hold_heavy_slot(demo: Any, slot: HeavySlot = HEAVY_SLOT) -> int:
+    """Make every event of the ``"heavy"`` concurrency group hold ``slot`` while it runs (once per
+    function); returns how many were wrapped. Called by ``app.create_app`` after the wiring, so a
+    heavy event added later is covered without its module knowing about the slot."""
+    n = 0
+    for block_fn in getattr(demo, "fns", {}).values():
+        fn = getattr(block_fn, "fn", None)
+        if getattr(block_fn, "concurrency_id", None) != HEAVY or fn is None or getattr(fn, "_holds_heavy", False):
+            continue
+        block_fn.fn = slot.wrap(fn)
+        block_fn.fn._holds_heavy = True
+        n += 1
+    return n
 
 
 def queue_status(demo: Any, concurrency_id: str = HEAVY) -> dict:
@@ -320,8 +494,8 @@ def queue_status(demo: Any, concurrency_id: str = HEAVY) -> dict:
         group = q.event_queue_per_concurrency_id.get(concurrency_id)
         if group is None:
             return out
-        out["waiting"] = len(group.queue)
-        out["running"] = int(group.current_concurrency)
+        out["waiting"] = len(group.queue) + HEAVY_SLOT.waiting     # + light events handing a miss over
+        out["running"] = max(int(group.current_concurrency), int(HEAVY_SLOT.busy))
         times = [pt.avg_time for fn, pt in q.process_time_per_fn.items()
                  if getattr(fn, "concurrency_id", None) == concurrency_id and pt.count]
         if times:

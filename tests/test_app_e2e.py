@@ -217,8 +217,11 @@ def test_heavy_jobs_share_one_slot_and_endpoints_are_named():
 
     demo = app.build_app()
     deps = {d.api_name: d for d in demo.fns.values() if d.api_name}
-    for name in ("analyse", "merge", "evaluate"):
+    for name in ("analyse_heavy", "merge_heavy", "evaluate"):
         assert deps[name].concurrency_id == "heavy" and deps[name].concurrency_limit == 1, name
+    # /analyse answers cache hits outside the heavy group; a miss holds the same slot in process.
+    assert deps["analyse"].concurrency_id != "heavy" and deps["merge"].concurrency_id != "heavy"
+    assert all(getattr(d.fn, "_holds_heavy", False) for d in demo.fns.values() if d.concurrency_id == "heavy")
     for name in ("analyse", "coefficients", "merge", "chat", "evaluate"):
         assert deps[name].api_visibility == "public", name
     assert deps["chat"].concurrency_id == "chat"
@@ -240,6 +243,8 @@ def test_two_sessions_at_once_keep_their_own_state_and_heavy_jobs_queue(app_url,
 
     def tracked(fn):
         def wrapper(*args, **kwargs):
+            if not kwargs.get("compute", True):        # the light path's cache look-up: no model work
+                return fn(*args, **kwargs)
             with lock:
                 active["now"] += 1
                 active["max"] = max(active["max"], active["now"])

@@ -161,6 +161,17 @@ def test_load_quick(tmp_path):
     assert data["completed"] == 2 and data["analyse_cache_hits"] == 1        # the second visitor reused it
     assert data["rss_peak_mib"] > 0 and data["rss_idle_mib"] > 0
     assert "| endpoint |" in load_bench.report(data)
+    assert data["analysis_compute_s"] > 0                    # the defaults' one computation, from its cache entry
+
+
+def test_load_quick_warm(tmp_path):
+    """--warm: the warm-up stores the defaults' analysis, so every session's Analyse is a cache hit."""
+    from benchmarks import load as load_bench
+
+    data = load_bench.run(2, time_limit=120.0, chat=False, warm=True, out=str(tmp_path / "load.json"),
+                          log=lambda *_: None)
+    assert data["warm"] and data["completed"] == 2 and data["analyse_cache_hits"] == 2, data.get("messages")
+    assert data["analysis_compute_s"] > 0 and "pre-warmed with the defaults" in load_bench.report(data)
 
 
 _DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-models"

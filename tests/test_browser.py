@@ -9,6 +9,7 @@ Skipped, with the reason, when chromium or playwright is missing. Never runs ``p
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -332,3 +333,53 @@ def test_analyse_shows_lambda_with_its_band_and_the_sample_count_chart(browser, 
     assert not errors, errors
     print(f"\n[browser] bands: {settle}")
     page.close()
+
+
+def _joined(page) -> list[int]:
+    """The fn_index of every event the page puts in Gradio's queue (its POSTs to /queue/join), in order."""
+    import json
+
+    seen: list[int] = []
+
+    def on_request(req):
+        if req.method == "POST" and "/queue/join" in req.url:
+            try:
+                seen.append(int(json.loads(req.post_data or "{}").get("fn_index")))
+            except (TypeError, ValueError):
+                pass
+
+    page.on("request", on_request)
+    return seen
+
+
+def test_a_second_visitor_gets_analysis_and_merge_from_the_light_events(browser, server, tmp_path):
+    """Two sessions, same defaults: the second's Analyse and Merge are cache hits, drawn by the light events
+    (``/analyse``, ``/merge``) — never queued in the heavy group — with the same page outputs."""
+    import json
+
+    url = server[0]
+    with urllib.request.urlopen(url.rstrip("/") + "/config", timeout=10) as resp:
+        deps = {d.get("api_name"): d["id"] for d in json.loads(resp.read())["dependencies"] if d.get("api_name")}
+    pages = []
+    for who in ("first", "second"):
+        page, errors = open_app(browser, url)
+        joined = _joined(page)
+        page.get_by_role("tab", name="3 · Analyse").click()
+        page.locator("#analyse-btn").click()
+        page.locator("#analysis-summary").get_by_text("Analysis ready").wait_for(timeout=120_000)
+        page.locator("#nmi-plot .main-svg").first.wait_for(timeout=30_000)
+        page.get_by_role("tab", name="4 · Merge").click()
+        page.locator("#merge-btn").click()
+        page.get_by_text(re.compile(r"merged in [0-9.]+ s|reused a merge computed")).first.wait_for(timeout=120_000)
+        save_shot(page, tmp_path, f"light_path_{who}.png")
+        pages.append((page, errors, joined))
+    page, errors, joined = pages[1]
+    assert deps["analyse"] in joined and deps["merge"] in joined, (joined, deps, pages[0][2])
+    assert deps["analyse_heavy"] not in joined and deps["merge_heavy"] not in joined, (joined, deps)
+    page.get_by_role("tab", name="3 · Analyse").click()
+    page.locator("#analysis-summary").get_by_text("reused a result computed").wait_for(timeout=10_000)
+    page.get_by_role("tab", name="4 · Merge").click()
+    page.get_by_text("reused a merge computed").first.wait_for(timeout=10_000)
+    assert not errors and not pages[0][1], errors + pages[0][1]
+    for p, _, _ in pages:
+        p.close()

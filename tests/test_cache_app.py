@@ -211,18 +211,28 @@ def test_the_heavy_buttons_check_the_queue_first_and_show_where_you_stand():
 
     demo = app.build_app(prewarm=False)
     deps = {d.api_name: d for d in demo.fns.values() if d.api_name}
-    for name in ("analyse", "merge"):
+    for name in ("analyse_heavy", "merge_heavy"):
         assert deps[name].concurrency_id == "heavy" and deps[name].concurrency_limit == 1
         assert deps[name].show_progress != "hidden"          # Gradio's queue position + ETA are shown
-    gates = [d for d in demo.fns.values() if getattr(d.fn, "__name__", "") in ("admit_analysis", "admit_merge")]
+    # The page's Analyse asks the caches first (no queue); only a miss is checked against the queue.
+    gates = [d for d in demo.fns.values() if getattr(d.fn, "__name__", "") in ("route_analyse", "route_merge")]
     assert len(gates) == 2 and all(not g.queue for g in gates)
     summary_id = demo.ui.analysis.summary._id
-    assert summary_id in [getattr(b, "_id", b) for b in deps["analyse"].show_progress_on or []]
+    for name in ("analyse", "analyse_heavy"):
+        assert summary_id in [getattr(b, "_id", b) for b in deps[name].show_progress_on or []]
+    assert deps["analyse"].concurrency_id != "heavy" and deps["analyse"].api_visibility == "public"
 
 
 def test_app_turns_the_cache_on_with_a_default_folder(monkeypatch, tmp_path):
+    import os
+
     import app
 
+    # configure_cache writes os.environ itself, and monkeypatch.delenv of an unset variable records nothing to
+    # undo: without this, ACM_CACHE=off leaked into every later test of the run (a browser test's app then
+    # started with the cache off).
+    for name in (cache.ENV_DIR, cache.ENV_SWITCH):
+        monkeypatch.setitem(os.environ, name, os.environ.get(name, ""))
     monkeypatch.delenv(cache.ENV_DIR, raising=False)
     monkeypatch.delenv(cache.ENV_SWITCH, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -265,3 +275,141 @@ def test_two_gradio_client_sessions_share_one_analysis_over_http(tmp_path, monke
         assert not pa["cache"]["hit"] and pb["cache"]["hit"]
     finally:
         demo.close()
+
+
+# ----------------------------------------------------------------------------- the light path (issue 21, item 5)
+
+
+@pytest.fixture()
+def blocked_app(tmp_path, monkeypatch):
+    """The app on loopback with the shared cache on, and a merge that holds the heavy slot until released:
+    yields (url, release event, analyses computed so far, entered event)."""
+    import threading
+
+    import acm.activations.analysis as acm_analysis
+    from tests.test_app_e2e import demo_assets_dir, free_port
+
+    monkeypatch.setenv("ACM_ASSETS_DIR", str(demo_assets_dir(tmp_path)))
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "shared-cache"))
+    monkeypatch.delenv(cache.ENV_SWITCH, raising=False)
+    release, entered, computed = threading.Event(), threading.Event(), []
+    real_merge, real_analyze = merge.run_merge, acm_analysis.analyze
+
+    def blocking_merge(*args, **kwargs):
+        if kwargs.get("compute", True):              # the merge itself, not the light path's cache look-up
+            entered.set()
+            assert release.wait(120), "the test never released the heavy slot"
+        return real_merge(*args, **kwargs)
+
+    def counted_analyze(*args, **kwargs):
+        computed.append(kwargs.get("samples"))
+        return real_analyze(*args, **kwargs)
+
+    monkeypatch.setattr(merge, "run_merge", blocking_merge)
+    monkeypatch.setattr(acm_analysis, "analyze", counted_analyze)
+    import app
+
+    demo = app.create_app(prewarm=False)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            **app.launch_kwargs())
+    try:
+        yield url, release, computed, entered
+    finally:
+        release.set()
+        demo.close()
+
+
+def _occupy_heavy_slot(url, entered):
+    """A merge that blocks inside the heavy slot (it runs in Gradio's "heavy" group)."""
+    from gradio_client import Client
+
+    job = Client(url, verbose=False).submit(method="task_arithmetic", mode="plain (α everywhere)", alpha=0.5,
+                                            api_name="/merge")
+    assert entered.wait(60) and not job.done(), "the blocking merge never started"
+    return job
+
+
+def test_a_cached_analysis_is_answered_while_the_heavy_slot_is_busy_and_a_cold_one_waits(blocked_app):
+    import time
+
+    from gradio_client import Client
+
+    url, release, computed, entered = blocked_app
+    warm = Client(url, verbose=False).predict(samples=4, api_name="/analyse")    # computed once, now cached
+    assert computed == [4] and "reused" not in warm[0]
+    merge_job = _occupy_heavy_slot(url, entered)
+    t0 = time.monotonic()
+    hit = Client(url, verbose=False).submit(samples=4, api_name="/analyse").result(timeout=30)   # another visitor
+    took = time.monotonic() - t0
+    assert not release.is_set() and not merge_job.done()                         # the slot was busy throughout
+    assert "reused a result computed" in hit[0], hit[0]
+    print(f"\n[light path] a cache hit answered in {took:.2f} s while the heavy slot was busy")
+    assert json.loads(Path(hit[5]).read_text()) == json.loads(Path(warm[5]).read_text())
+    cold = Client(url, verbose=False).submit(samples=6, api_name="/analyse")     # not cached: needs the slot
+    time.sleep(2.0)
+    assert not cold.done() and computed == [4]                                   # waiting, nothing computed
+    release.set()
+    out = cold.result(timeout=120)
+    assert "reused" not in out[0] and computed == [4, 6]
+    merge_job.result(timeout=120)
+
+
+def test_identical_cold_analyses_at_once_compute_once(blocked_app):
+    from gradio_client import Client
+
+    url, release, computed, entered = blocked_app
+    merge_job = _occupy_heavy_slot(url, entered)                  # both requests arrive while the slot is busy
+    jobs = [Client(url, verbose=False).submit(samples=5, seed=3, api_name="/analyse") for _ in range(2)]
+    import time
+
+    time.sleep(1.0)
+    release.set()
+    outs = [j.result(timeout=120) for j in jobs]
+    assert computed == [5]                                                       # one computation for both
+    assert sorted("reused a result computed" in o[0] for o in outs) == [False, True]
+    assert json.loads(Path(outs[0][5]).read_text()) == json.loads(Path(outs[1][5]).read_text())
+    merge_job.result(timeout=120)
+
+
+def test_the_page_routes_a_cached_analysis_to_the_light_event_and_a_miss_to_the_heavy_one(
+        shared, pair, sessions, one_torch_thread):
+    import gradio as gr
+
+    import app
+
+    demo = app.build_app(prewarm=False)
+    route = next(d for d in demo.fns.values() if getattr(d.fn, "__name__", "") == "route_analyse")
+    hit, miss = route.outputs
+    light = next(d for d in demo.fns.values() if d.api_name == "analyse")
+    heavy = next(d for d in demo.fns.values() if d.api_name == "analyse_heavy")
+    assert [t[0] for t in light.targets] == [hit._id] and [t[0] for t in heavy.targets] == [miss._id]
+    ui = demo.ui
+    values = {ui.models.base: pair[0], ui.models.fts: pair[1], ui.calibration.samples: SMALL["samples"],
+              ui.calibration.clusters: SMALL["clusters"], ui.calibration.max_tokens: SMALL["max_tokens"],
+              ui.analysis.batch_size: SMALL["batch_size"], hit: 0, miss: 3}
+    args = [values.get(c, getattr(c, "value", None)) for c in route.inputs[1:]]
+    first = route.fn(sessions(), *args)
+    assert first[0] is gr.skip() or first[0] == gr.skip()
+    assert first[1] == 4                                     # a miss: the heavy event's trigger changes
+    analysis.run_analysis(sessions(), pair[0], pair[1], **SMALL)          # another visitor computes it
+    second = route.fn(sessions(), *args)
+    assert second[0] == 1 and second[1] == gr.skip()         # now a hit: the light event draws it
+
+
+def test_a_cached_merge_is_served_while_the_heavy_slot_is_busy(blocked_app):
+    from gradio_client import Client
+
+    url, release, computed, entered = blocked_app
+    plain = dict(method="task_arithmetic", mode="plain (α everywhere)", api_name="/merge")
+    release.set()
+    first = Client(url, verbose=False).predict(alpha=0.3, **plain)                # merged and loaded once
+    assert not first[2]["cache"]["hit"]
+    release.clear()
+    entered.clear()
+    merge_job = _occupy_heavy_slot(url, entered)                                   # another merge holds the slot
+    second = Client(url, verbose=False).submit(alpha=0.3, **plain).result(timeout=30)
+    assert not release.is_set() and not merge_job.done()
+    assert second[2]["cache"]["hit"] and second[2]["out_dir"] == first[2]["out_dir"]
+    assert "reused a merge computed" in second[0] and second[2]["label"] == "#1 TA α=0.3"
+    release.set()
+    merge_job.result(timeout=120)
