@@ -60,6 +60,23 @@ def save_shot(page, tmp_path: Path, name: str) -> Path:
     return path
 
 
+def wait_for_app(proc: subprocess.Popen, url: str, log: Path, timeout: float = 120) -> None:
+    """Until ``url`` answers 200; fails the test with the app's log tail when it exits or never answers."""
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            pytest.fail(f"app.py did not serve {url} within {timeout:g} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``python app.py --port N`` as a user runs it; yields (url, start time, process)."""
@@ -76,19 +93,7 @@ def server(tmp_path_factory):
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"app.py did not serve {url} within 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
+        wait_for_app(proc, url, log)
         server_up = time.perf_counter() - start
         yield url, start, proc, server_up
     finally:

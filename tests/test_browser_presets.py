@@ -15,15 +15,13 @@ import os
 import re
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from acm.sizes import format_bytes
 from tests.fixtures import HUB_BASE, HUB_DATASET, HUB_FT
 from tests.test_app_e2e import REPO, demo_assets_dir, free_port
-from tests.test_browser import browser, open_app, save_shot  # noqa: F401 - module fixture
+from tests.test_browser import browser, open_app, save_shot, wait_for_app  # noqa: F401 - module fixture
 
 HEADER_READ = 100_001            # huggingface_hub reads a safetensors header with one `Range: bytes=0-100000`
 PRESET_KEY = "loopback-tiny"
@@ -82,19 +80,7 @@ def hub_app(hub_folders, tmp_path_factory):
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"app.py did not serve {url} within 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
+        wait_for_app(proc, url, log)
         yield url, hub, 4 * (base["params"] + ft["params"]), log
     finally:
         proc.terminate()

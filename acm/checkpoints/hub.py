@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from acm.checkpoints.tensors import HeaderFacts
 from acm.errors import InputError, OfflineError
 from acm.sizes import format_bytes
 
@@ -275,7 +276,7 @@ def read_headers(hub: HubWeights) -> None:
     _HEADER_MEMO.update({(hub.repo_id, hub.commit, name): meta for name, meta in results})
 
 
-class HeaderReader:
+class HeaderReader(HeaderFacts):
     """The part of ``TensorReader`` a compatibility check uses (keys, shape, dtype, numel, nbytes),
     backed by the safetensors headers read from the Hub; any data access (``get``, ``stream``, …)
     first downloads the weights through ``load`` and continues on the real reader."""
@@ -299,27 +300,6 @@ class HeaderReader:
 
     def __iter__(self):
         return iter(self._shapes)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._dtypes[key]
-
-    def numel(self) -> int:
-        total = 0
-        for shape in self._shapes.values():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
-
-    def nbytes(self, key: str) -> int:
-        n = 1
-        for d in self._shapes[key]:
-            n *= d
-        return n * torch.empty((), dtype=self._dtypes[key]).element_size()
 
     def close(self) -> None:            # nothing is open: headers only
         pass

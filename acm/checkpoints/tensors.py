@@ -88,7 +88,36 @@ def _files_from_index(index: Path) -> list[Path]:
     return files
 
 
-class TensorReader:
+class HeaderFacts:
+    """Shapes, dtypes and sizes from ``_shapes`` / ``_dtypes`` (filled from safetensors headers): shared by
+    the local reader and the Hub's header-only reader, so a compatibility check reads both the same way."""
+
+    _shapes: dict[str, tuple[int, ...]]
+    _dtypes: dict[str, torch.dtype]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtypes[key]
+
+    def numel(self) -> int:
+        total = 0
+        for shape in self._shapes.values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    def nbytes(self, key: str) -> int:
+        n = 1
+        for d in self._shapes[key]:
+            n *= d
+        return n * torch.empty((), dtype=self._dtypes[key]).element_size()
+
+
+class TensorReader(HeaderFacts):
     """Lazy, name-addressed access to every tensor of a checkpoint (all shards)."""
 
     def __init__(self, files: list[Path], fmt: str = "safetensors"):
@@ -141,27 +170,6 @@ class TensorReader:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._dtypes[key]
-
-    def numel(self) -> int:
-        total = 0
-        for shape in self._shapes.values():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
-
-    def nbytes(self, key: str) -> int:
-        n = 1
-        for d in self._shapes[key]:
-            n *= d
-        return n * torch.empty((), dtype=self._dtypes[key]).element_size()
 
     def get(self, key: str) -> torch.Tensor:
         """Load one tensor (CPU). Corruption surfaces here as a one-line InputError.

@@ -89,19 +89,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     rules.add_argument("--samples", type=int, default=None,
                        help="--against merged: calibration samples (default: 10%% of each of 20 k-means clusters)")
     rules.add_argument("--max-tokens", type=int, default=None, help="--against merged: tokens per sample (512)")
-    fim = p.add_argument_group(
-        "fim rule (data-free)",
-        "--rule fim: alpha_k = sigmoid(-t*z_k), z = standardised log(F_k*|delta_k|^2) over the layers, F the base's "
-        "diagonal Fisher on random tokens (a reading of FIM-Merging, arXiv 2603.21705); theta = theta_0 + sum_i "
-        "alpha_i tau_i. With --acm FILE the file's Fisher pass is used (acm analyze --rule fim); without, the "
-        "pass runs here on the base (seconds to minutes) and is recorded in the recipe.")
-    fim.add_argument("--fim-score", default=None, metavar="fisher-delta|fisher-only",
-                     help="fim: the layer score F*|delta|^2 (default) or the Fisher alone (the paper's ablation)")
-    fim.add_argument("--fim-sequences", type=int, default=None, metavar="S", help="fim: random sequences (8)")
-    fim.add_argument("--fim-length", type=int, default=None, metavar="L", help="fim: tokens per sequence (64)")
-    fim.add_argument("--fim-seed", type=int, default=None, help="fim: seed of the random tokens (0)")
-    fim.add_argument("--fim-loss", default=None, metavar="lm|sampled",
-                     help="fim: next-token loss on the random tokens (lm) or on targets drawn from the base (sampled)")
+    _add_fim_flags(p)
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="output dtype (default: the base's)")
     p.add_argument("--tokenizer-from", default=None, metavar="base|ft|ft:N",
@@ -117,6 +105,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --force)")
     p.set_defaults(func=run)
     return p
+
+
+def _add_fim_flags(p: argparse.ArgumentParser) -> None:
+    """The fim rule's flags (its Fisher pass and score), in their own help group."""
+    fim = p.add_argument_group(
+        "fim rule (data-free)",
+        "--rule fim: alpha_k = sigmoid(-t*z_k), z = standardised log(F_k*|delta_k|^2) over the layers, F the base's "
+        "diagonal Fisher on random tokens (a reading of FIM-Merging, arXiv 2603.21705); theta = theta_0 + sum_i "
+        "alpha_i tau_i. With --acm FILE the file's Fisher pass is used (acm analyze --rule fim); without, the "
+        "pass runs here on the base (seconds to minutes) and is recorded in the recipe.")
+    fim.add_argument("--fim-score", default=None, metavar="fisher-delta|fisher-only",
+                     help="fim: the layer score F*|delta|^2 (default) or the Fisher alone (the paper's ablation)")
+    fim.add_argument("--fim-sequences", type=int, default=None, metavar="S", help="fim: random sequences (8)")
+    fim.add_argument("--fim-length", type=int, default=None, metavar="L", help="fim: tokens per sequence (64)")
+    fim.add_argument("--fim-seed", type=int, default=None, help="fim: seed of the random tokens (0)")
+    fim.add_argument("--fim-loss", default=None, metavar="lm|sampled",
+                     help="fim: next-token loss on the random tokens (lm) or on targets drawn from the base (sampled)")
+
 
 
 def _load_analysis(path: str, fts: list[str]):
