@@ -10,7 +10,7 @@ way (it calls ``to_json()``). ``PlotSpec.figure()`` gives the full ``go.Figure``
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 # One colour per role, reused everywhere so a model keeps its colour across charts.
@@ -250,6 +250,20 @@ def sample_mi_figure(keys: Sequence[str], points: Sequence[str], series: Sequenc
     return PlotSpec(data, layout)
 
 
+def _weight_lines(keys: Sequence[str], series: Sequence[dict], t: float, symbol: str, hover: str,
+                  customdata: Callable[[dict], list]) -> list[dict]:
+    """A rule's weight per key for each model at ``t`` (``series[i]["lambdas"]``), over the dashed ½ line that
+    both sigmoid rules give at t = 0; ``customdata(s)`` feeds the rule's own ``hover`` text."""
+    data = [{"type": "scatter", "mode": "lines", "name": f"t = 0: {symbol} = ½ everywhere", "x": list(keys),
+             "y": [0.5] * len(keys), "line": {"color": PLAIN_COLOR, "width": 1.5, "dash": "dash"},
+             "hoverinfo": "skip"}]
+    for i, s in enumerate(series):
+        data.append({"type": "scatter", "mode": "lines+markers", "name": f"{s['label']} (t = {t:g})", "x": list(keys),
+                     "y": _f(s["lambdas"]), "line": {"color": model_color(i), "width": 2.5}, "marker": {"size": 7},
+                     "customdata": customdata(s), "hovertemplate": hover})
+    return data
+
+
 def acm_coefficient_figure(keys: Sequence[str], points: Sequence[str], series: Sequence[dict], *, t: float,
                            n_models: int, clip: tuple[float | None, float | None] | None = None,
                            live: dict | None = None, band: dict | None = None) -> PlotSpec:
@@ -258,16 +272,10 @@ def acm_coefficient_figure(keys: Sequence[str], points: Sequence[str], series: S
     ``series``: ``[{"label", "mi": [K] (mean per-sample MI), "lambdas": [K]}]``; the merge weights
     each task vector by λ/N (Eq. 3), shown on hover. ``live``: as in ``attach_live``.
     """
-    data = [{"type": "scatter", "mode": "lines", "name": "t = 0: λ = ½ everywhere", "x": list(keys),
-             "y": [0.5] * len(keys), "line": {"color": PLAIN_COLOR, "width": 1.5, "dash": "dash"},
-             "hoverinfo": "skip"}]
-    for i, s in enumerate(series):
-        data.append({
-            "type": "scatter", "mode": "lines+markers", "name": f"{s['label']} (t = {t:g})", "x": list(keys),
-            "y": _f(s["lambdas"]), "line": {"color": model_color(i), "width": 2.5}, "marker": {"size": 7},
-            "customdata": [[p, float(m), s["label"]] for p, m in zip(points, s["mi"])],
-            "hovertemplate": "<b>%{x}</b> (%{customdata[0]})<br>%{customdata[2]}<br>mean MI %{customdata[1]:.4f} "
-                             f"nats<br>λ %{{y:.4f}} · task-vector weight λ/{n_models}<extra></extra>"})
+    hover = ("<b>%{x}</b> (%{customdata[0]})<br>%{customdata[2]}<br>mean MI %{customdata[1]:.4f} "
+             f"nats<br>λ %{{y:.4f}} · task-vector weight λ/{n_models}<extra></extra>")
+    data = _weight_lines(keys, series, t, "λ", hover,
+                         lambda s: [[p, float(m), s["label"]] for p, m in zip(points, s["mi"])])
     shapes = [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": float(b), "y1": float(b),
                "line": {"color": "#adb5bd", "width": 1, "dash": "dot"}} for b in (clip or ()) if b is not None]
     spec = PlotSpec(data, _layout(f"The paper's rule: λₖ(t) at t = {t:g} (Eq. 2; weight λ/N per task vector, Eq. 3)",
@@ -496,16 +504,8 @@ def fim_coefficient_figure(keys: Sequence[str], series: Sequence[dict], *, t: fl
 
     ``series``: ``[{"label", "score": [K], "lambdas": [K]}]`` (score = F·‖δ‖² or F); ``live`` as in ``attach_live``.
     """
-    data = [{"type": "scatter", "mode": "lines", "name": "t = 0: α = ½ everywhere", "x": list(keys),
-             "y": [0.5] * len(keys), "line": {"color": PLAIN_COLOR, "width": 1.5, "dash": "dash"},
-             "hoverinfo": "skip"}]
-    for i, s in enumerate(series):
-        data.append({
-            "type": "scatter", "mode": "lines+markers", "name": f"{s['label']} (t = {t:g})", "x": list(keys),
-            "y": _f(s["lambdas"]), "line": {"color": model_color(i), "width": 2.5}, "marker": {"size": 7},
-            "customdata": [[float(v), s["label"]] for v in s["score"]],
-            "hovertemplate": "<b>%{x}</b><br>%{customdata[1]}<br>score %{customdata[0]:.3g}<br>α %{y:.4f} "
-                             "(task-vector weight)<extra></extra>"})
+    hover = "<b>%{x}</b><br>%{customdata[1]}<br>score %{customdata[0]:.3g}<br>α %{y:.4f} (task-vector weight)<extra></extra>"
+    data = _weight_lines(keys, series, t, "α", hover, lambda s: [[float(v), s["label"]] for v in s["score"]])
     shapes = [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": float(b), "y1": float(b),
                "line": {"color": "#adb5bd", "width": 1, "dash": "dot"}} for b in (clip or ()) if b is not None]
     spec = PlotSpec(data, _layout(f"fim rule: αₖ(t) at t = {t:g} (σ of the standardised log Fisher score)",

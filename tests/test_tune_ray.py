@@ -94,6 +94,14 @@ class Watch(threading.Thread):
                 os.kill(self.killed, signal.SIGKILL)
             time.sleep(0.02)
 
+    def __enter__(self) -> Watch:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.join()
+
 
 class TestOnOneLocalCluster:
     """Both in-process runs share one local cluster (2 CPUs: two workers run settings side by side)."""
@@ -106,14 +114,9 @@ class TestOnOneLocalCluster:
             yield ex
 
     def test_same_records_frontier_and_recommendation_as_local(self, executor, local_run, analysis_file, tmp_path):
-        watch = Watch()
-        watch.start()
-        try:
+        with Watch() as watch:
             report = run_tune(str(BASE), [str(LONG)], tmp_path, GRID, analysis=analysis_file, executor=executor,
                               **RUN)
-        finally:
-            watch.stop.set()
-            watch.join()
         records, local_report = local_run
         assert _records(tmp_path) == records                 # every reference, setting and held-out number
         assert report["frontier"] == local_report["frontier"] and report["complete"] and not report["failed"]
@@ -124,14 +127,9 @@ class TestOnOneLocalCluster:
         assert not list(tmp_path.glob(".tmp-merges-*"))
 
     def test_a_killed_worker_is_retried_and_the_grid_completes(self, executor, local_run, analysis_file, tmp_path):
-        watch = Watch(kill=True)
-        watch.start()
-        try:
+        with Watch(kill=True) as watch:
             report = run_tune(str(BASE), [str(LONG)], tmp_path, GRID, analysis=analysis_file, executor=executor,
                               **RUN)
-        finally:
-            watch.stop.set()
-            watch.join()
         assert watch.killed is not None, "no setting task was seen running"
         settings = [r for r in read_results(tmp_path / "tune.jsonl") if r["kind"] == "setting"]
         assert sorted(r["attempts"] for r in settings) == [1, 1, 1, 2]     # the killed one ran again, once
@@ -143,14 +141,11 @@ class TestOnOneLocalCluster:
         from acm.tune_ray import RayExecutor
 
         no_retry = RayExecutor(max_retries=0)      # the same (already started) cluster, no second chance
-        watch = Watch(kill=True)
-        watch.start()
         try:
-            report = run_tune(str(BASE), [str(LONG)], tmp_path, GRID, analysis=analysis_file, executor=no_retry,
-                              **RUN)
+            with Watch(kill=True):
+                report = run_tune(str(BASE), [str(LONG)], tmp_path, GRID, analysis=analysis_file, executor=no_retry,
+                                  **RUN)
         finally:
-            watch.stop.set()
-            watch.join()
             no_retry.close()                        # it did not start Ray, so the cluster stays up
         failed = [r for r in read_results(tmp_path / "tune.jsonl") if r["kind"] == "failed"]
         assert len(failed) == 1 and "worker died" in failed[0]["reason"] and failed[0]["attempts"] == 1
