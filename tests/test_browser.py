@@ -77,6 +77,15 @@ def wait_for_app(proc: subprocess.Popen, url: str, log: Path, timeout: float = 1
         time.sleep(0.1)
 
 
+def stop_app(proc: subprocess.Popen) -> None:
+    """Terminate the app, killing it when it does not exit within 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``python app.py --port N`` as a user runs it; yields (url, start time, process)."""
@@ -97,11 +106,7 @@ def server(tmp_path_factory):
         server_up = time.perf_counter() - start
         yield url, start, proc, server_up
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_app(proc)
 
 
 WATCH_CHECK = """() => {

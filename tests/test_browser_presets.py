@@ -21,7 +21,7 @@ import pytest
 from acm.sizes import format_bytes
 from tests.fixtures import HUB_BASE, HUB_DATASET, HUB_FT
 from tests.test_app_e2e import REPO, demo_assets_dir, free_port
-from tests.test_browser import browser, open_app, save_shot, wait_for_app  # noqa: F401 - module fixture
+from tests.test_browser import browser, open_app, save_shot, stop_app, wait_for_app  # noqa: F401 - module fixture
 
 HEADER_READ = 100_001            # huggingface_hub reads a safetensors header with one `Range: bytes=0-100000`
 PRESET_KEY = "loopback-tiny"
@@ -83,17 +83,22 @@ def hub_app(hub_folders, tmp_path_factory):
         wait_for_app(proc, url, log)
         yield url, hub, 4 * (base["params"] + ft["params"]), log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_app(proc)
         hub.stop()
 
 
 def _pick(page, elem_id: str, option: str) -> None:
     page.locator(f"#{elem_id} input").click()
     page.get_by_role("option", name=option).click()
+
+
+def wait_or_explain(page, selector: str, text: str, timeout_ms: int, tmp_path, log, what: str) -> None:
+    """Wait until ``selector`` shows ``text``; on failure, a screenshot and what the page and the app's log said."""
+    try:
+        page.locator(selector).get_by_text(text).wait_for(timeout=timeout_ms)
+    except Exception:  # noqa: BLE001 - say what the page showed instead
+        save_shot(page, tmp_path, f"failed_{selector.lstrip('#')}.png")
+        raise AssertionError(f"{what}: {page.locator(selector).inner_text()!r}\n{log.read_text()[-2000:]}") from None
 
 
 def test_preset_from_the_hub_checks_and_analyses(browser, hub_app, hub_folders, tmp_path):  # noqa: F811 - pytest injects the imported fixture
@@ -123,12 +128,7 @@ def test_preset_from_the_hub_checks_and_analyses(browser, hub_app, hub_folders, 
     save_shot(page, tmp_path, "preset_picked.png")
 
     page.locator("#check-btn").click()
-    try:
-        page.locator("#check-md").get_by_text("Compatible").wait_for(timeout=120_000)
-    except Exception:  # noqa: BLE001 - say what the page showed instead
-        save_shot(page, tmp_path, "failed_check.png")
-        raise AssertionError(f"Check did not answer: {page.locator('#check-md').inner_text()!r}\n"
-                             f"{log.read_text()[-2000:]}") from None
+    wait_or_explain(page, "#check-md", "Compatible", 120_000, tmp_path, log, "Check did not answer")
     check_text = page.locator("#check-md").inner_text()
     checked_repos = {r[1] for r in hub.requests}
     # Check reads metadata: at most one header read (Range 0-100000) per weight file, never a whole file
@@ -147,12 +147,7 @@ def test_preset_from_the_hub_checks_and_analyses(browser, hub_app, hub_folders, 
     assert page.locator("#rule-select input[value=acm]").is_checked()
 
     page.locator("#analyse-btn").click()
-    try:
-        page.locator("#analysis-summary").get_by_text("Analysis ready").wait_for(timeout=240_000)
-    except Exception:  # noqa: BLE001 - say what the page showed instead
-        save_shot(page, tmp_path, "failed_analyse.png")
-        raise AssertionError(f"Analyse did not finish: {page.locator('#analysis-summary').inner_text()!r}\n"
-                             f"{log.read_text()[-2000:]}") from None
+    wait_or_explain(page, "#analysis-summary", "Analysis ready", 240_000, tmp_path, log, "Analyse did not finish")
     summary = page.locator("#analysis-summary").inner_text()
     save_shot(page, tmp_path, "preset_analysed.png")
 
