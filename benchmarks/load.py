@@ -1,12 +1,24 @@
 """A bounded load test of the app: N simultaneous visitors on loopback, each pressing the usual buttons.
 
 Starts ``python app.py`` on 127.0.0.1 (a free port, a fresh shared-cache folder unless ``--cache-dir``),
-then runs N ``gradio_client`` sessions at once (N ≤ 64). Each session, like most visitors of a Space:
-**Analyse** on the bundled defaults → three **coefficient** redraws (t = 0.5, 2, 8) → one **chat**
-message. Reports per-endpoint latency percentiles, queue-full rejections, other errors, cache hits
-(from the Analyse summary) and the app's RSS (idle and peak, polled from /proc). The run stops by
-itself: every call has a deadline (``--time-limit`` for the whole run), and the app is terminated
-at the end whatever happened. Only 127.0.0.1 is contacted.
+then runs N sessions (N ≤ 64), each in its own process (``--threads``: threads of this one process). Each
+session, like a visitor of a Space, first **opens the page** (the app's config and its page-load events,
+as a browser does; timed as ``open``, before the crowd is released), then all at once: **Analyse** on the
+bundled defaults → three **coefficient** redraws (t = −1, 0.7, 2) → one **chat** message. Reports
+per-endpoint latency percentiles, queue-full rejections, other errors, cache hits (from the Analyse
+summary) and the app's RSS (idle and peak, polled from /proc). The run stops by itself: every call has a
+deadline (``--time-limit`` for the whole run), and the app is terminated at the end whatever happened.
+Only 127.0.0.1 is contacted.
+
+How a session talks to the app — as the page does, so that what is timed is the app, not the harness
+(the clients share the app's 2 cores here, where a Space's visitors bring their own machines):
+
+- queued events (Analyse, chat) through ``gradio_client`` (join the queue, read the event stream);
+- unqueued events (the page-load events, the coefficient redraws) as one POST to ``run/predict`` on the
+  session's keep-alive connection, as the page posts them. ``gradio_client`` would route them through the
+  queue and its event stream on a new connection per call (~50 ms of client CPU each);
+- opening the page is also when Gradio builds the session's state (a config entry for each of the app's
+  ~275 components, ~0.1 s of the app's CPU), so the first button press does not pay for it, as in a browser.
 
     python -m benchmarks.load --sessions 12
     python -m benchmarks.load --sessions 40
@@ -49,7 +61,7 @@ from benchmarks.common import (
 )
 
 MAX_SESSIONS = 64
-ENDPOINTS = ("analyse", "coefficients", "chat")
+ENDPOINTS = ("open", "analyse", "coefficients", "chat")
 REDRAW_TS = (-1.0, 0.7, 2.0)          # the paper's rule (the default) takes t in [-3, 3]
 CHAT_MESSAGE = "What is 27 + 58?"
 
@@ -118,12 +130,12 @@ def classify(exc: BaseException) -> str:
     return "error"
 
 
-class Session(threading.Thread):
-    """One visitor: Analyse → 3 coefficient redraws → 1 chat message, each call timed."""
+class Session:
+    """One visitor: Analyse → 3 coefficient redraws → 1 chat message, each call timed. ``run()`` returns a
+    plain dict (times, outcome, messages, cache hit), so a session can run in a thread or in its own process."""
 
-    def __init__(self, idx: int, url: str, start: threading.Barrier, deadline: float, chat_tokens: int | None,
+    def __init__(self, idx: int, url: str, start: Any, deadline: float, chat_tokens: int | None,
                  analyse_kwargs: dict, chat: bool = True):
-        super().__init__(daemon=True, name=f"session-{idx}")
         self.idx, self.url, self.start_barrier, self.deadline = idx, url, start, deadline
         self.chat_tokens, self.analyse_kwargs, self.chat = chat_tokens, analyse_kwargs, chat
         self.times: dict[str, list[float]] = {e: [] for e in ENDPOINTS}
@@ -144,33 +156,47 @@ class Session(threading.Thread):
         self.times[endpoint].append(time.perf_counter() - t0)
         return out
 
-    def run(self) -> None:
+    def result(self) -> dict:
+        return {"times": self.times, "outcome": self.outcome, "messages": self.messages, "cache_hit": self.cache_hit}
+
+    def run(self) -> dict:
+        import httpx
         from gradio_client import Client
 
-        client = None
+        client, http = None, httpx.Client()     # a browser tab's one keep-alive connection (plain HTTP, loopback)
         try:
             client = Client(self.url, verbose=False, analytics_enabled=False, download_files=False, ssl_verify=False)
         except BaseException as exc:  # noqa: BLE001 - every connection failure is classified and reported
             self.outcome["connect"] = classify(exc)
             self.messages.append(f"connect: {type(exc).__name__}: {exc}")
+        if client is not None:
+            try:
+                self._call("open", lambda: open_page(client, http, self._left()))
+            except BaseException as exc:  # noqa: BLE001 - counted like any other step's failure
+                self.outcome["open"] = classify(exc)
+                self.messages.append(f"open: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+                client = None
         try:
             self.start_barrier.wait(timeout=max(1.0, self.deadline - time.monotonic()))
         except threading.BrokenBarrierError:
             pass
         if client is None:
-            return
+            http.close()
+            return self.result()
         step = "analyse"
         try:
             out = self._call("analyse", lambda: client.submit(api_name="/analyse", **self.analyse_kwargs)
                              .result(timeout=self._left()))
             self.cache_hit = "reused" in str(out[0]).lower()
             step = "coefficients"
+            redraw = unqueued_event(client, "coefficients")      # inputs: state, t, alpha, clip min, clip max, …
             for t in REDRAW_TS:
-                self._call("coefficients", lambda t=t: client.predict(t, 0.7, "", "", api_name="/coefficients"))
+                self._call("coefficients", lambda t=t: post_unqueued(
+                    client, http, redraw, {1: t, 2: 0.7, 3: "", 4: ""}, self._left()))
             step = "chat"
             if not self.chat:
                 self.outcome["done"] = "ok"
-                return
+                return self.result()
             kwargs = {"message": CHAT_MESSAGE}
             if self.chat_tokens:
                 kwargs["max_new_tokens"] = self.chat_tokens
@@ -182,6 +208,101 @@ class Session(threading.Thread):
         finally:
             with contextlib.suppress(Exception):
                 client.close()
+            http.close()
+        return self.result()
+
+
+def post_unqueued(client: Any, http: Any, dep: dict, overrides: dict[int, Any], timeout: float) -> Any:
+    """Call an unqueued event (``queue=False``) the way the page does: one POST to ``run/predict`` with
+    the session's hash and every input's value (the component's default unless in ``overrides``, by
+    position), on the session's one keep-alive connection (``http``, an ``httpx.Client``). ``gradio_client``
+    routes such events through the queue and its event stream instead, on a new connection (and TLS
+    context) per call, which costs the client more than the app. Returns the output data."""
+    values = {c["id"]: c.get("props", {}).get("value") for c in client.config.get("components", [])}
+    data = [overrides.get(k, values.get(i)) for k, i in enumerate(dep.get("inputs", []))]
+    body = {"data": data, "fn_index": dep["id"], "session_hash": client.session_hash,
+            "trigger_id": (dep.get("targets") or [[None]])[0][0], "event_data": None}
+    r = http.post(client.src_prefixed + "run/predict", json=body, headers=client.headers, timeout=timeout)
+    r.raise_for_status()
+    return r.json().get("data")
+
+
+def unqueued_event(client: Any, api_name: str) -> dict:
+    """The page's description (config) of the unqueued event named ``api_name``."""
+    for dep in client.config.get("dependencies", []):
+        if dep.get("api_name") == api_name and dep.get("queue") is False:
+            return dep
+    raise RuntimeError(f"the app has no unqueued event named {api_name!r}")
+
+
+def open_page(client: Any, http: Any, timeout: float) -> int:
+    """What a browser does when the page opens, before any button: the app's page-load events (``demo.load``,
+    not queued: the device line and the Check of the preselected models) for this session. This is also when
+    Gradio builds the session's state (a config entry per component, ~0.1 s of the app's CPU with ~275
+    components), so — as in a browser — the crowd's first button press does not pay for it. Returns the
+    number of load events run."""
+    ran = 0
+    for dep in client.config.get("dependencies", []):
+        if dep.get("backend_fn", True) and dep.get("queue") is False and \
+                any(len(t) == 2 and t[1] == "load" for t in dep.get("targets", [])):
+            post_unqueued(client, http, dep, {}, timeout)
+            ran += 1
+    return ran
+
+
+def _session_process(results: Any, idx: int, *args: Any) -> None:
+    """A process's one session (spawned: its own interpreter, so the clients do not share one GIL)."""
+    try:
+        results.put((idx, Session(idx, *args).run()))
+    except BaseException as exc:  # noqa: BLE001 - reported as the session's outcome, never lost
+        results.put((idx, {"times": {e: [] for e in ENDPOINTS}, "outcome": {"connect": "error"},
+                           "messages": [f"process: {type(exc).__name__}: {exc}"], "cache_hit": None}))
+
+
+def run_sessions(sessions: int, url: str, deadline: float, chat_tokens: int | None, chat: bool,
+                 processes: bool) -> list[dict]:
+    """Run ``sessions`` visitors released together by a barrier, each in a thread or (``processes``) in its
+    own process; returns their results (a session that did not finish in time has an empty result)."""
+    grace = 15.0
+    if not processes:
+        barrier = threading.Barrier(sessions)
+        out: list[dict | None] = [None] * sessions
+
+        def one(i: int) -> None:
+            out[i] = Session(i, url, barrier, deadline, chat_tokens, {}, chat).run()
+
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(sessions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()) + grace)
+        return [r or _unfinished() for r in out]
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(sessions), ctx.Queue()
+    procs = [ctx.Process(target=_session_process, args=(results, i, url, barrier, deadline, chat_tokens, {}, chat),
+                         daemon=True) for i in range(sessions)]
+    for p in procs:
+        p.start()
+    got: dict[int, dict] = {}
+    while len(got) < sessions:
+        try:
+            idx, res = results.get(timeout=max(0.1, deadline - time.monotonic() + grace))
+        except queue.Empty:
+            break
+        got[idx] = res
+    for p in procs:
+        p.join(timeout=1)
+        if p.is_alive():
+            p.kill()
+    return [got.get(i) or _unfinished() for i in range(sessions)]
+
+
+def _unfinished() -> dict:
+    return {"times": {e: [] for e in ENDPOINTS}, "outcome": {}, "messages": ["session still running at the deadline"],
+            "cache_hit": None, "unfinished": True}
 
 
 def warm_up(url: str, chat_tokens: int | None, defaults: bool = False) -> float:
@@ -222,7 +343,7 @@ def analysis_compute_s(cache_dir: Path, since: float) -> float | None:
 
 def run(sessions: int = 12, *, time_limit: float = 300.0, cache: bool = True, cache_dir: str | None = None,
         chat_tokens: int | None = None, chat: bool = True, startup_timeout: float = 120.0, out: str | None = None,
-        app_root: str | None = None, warm: bool = False, log=print) -> dict:
+        app_root: str | None = None, warm: bool = False, processes: bool = True, log=print) -> dict:
     """Start the app, run ``sessions`` visitors at once, stop the app; return the measurements."""
     if not 1 <= sessions <= MAX_SESSIONS:
         raise SystemExit(f"--sessions must be in 1..{MAX_SESSIONS}, got {sessions}")
@@ -243,7 +364,8 @@ def run(sessions: int = 12, *, time_limit: float = 300.0, cache: bool = True, ca
     root = Path(app_root).resolve() if app_root else ROOT
     proc = start_app(port, env, work / "app.log", root)
     result: dict[str, Any] = {"sessions": sessions, "cache": cache, "chat": chat, "app_root": str(root), "time_limit_s": time_limit,
-                              "machine": machine, "loadavg_before": load_before, "url": url, "warm": warm and cache}
+                              "machine": machine, "loadavg_before": load_before, "url": url, "warm": warm and cache,
+                              "clients": "processes" if processes else "threads"}
     try:
         result["startup_s"] = wait_ready(url, proc, startup_timeout)
         result["rss_startup_mib"] = proc_status(proc.pid).get("VmRSS", 0) / MB
@@ -253,26 +375,22 @@ def run(sessions: int = 12, *, time_limit: float = 300.0, cache: bool = True, ca
         time.sleep(1.0)
         result["rss_idle_mib"] = proc_status(proc.pid).get("VmRSS", 0) / MB
         deadline = time.monotonic() + time_limit
-        barrier = threading.Barrier(sessions)
-        workers = [Session(i, url, barrier, deadline, chat_tokens, {}, chat) for i in range(sessions)]
-        log(f"[load] {sessions} sessions ({'warm' if result['warm'] else 'cold'} cache): analyse → "
+        log(f"[load] {sessions} sessions ({'warm' if result['warm'] else 'cold'} cache, "
+            f"{'a process each' if processes else 'threads of one process'}): analyse → "
             f"{len(REDRAW_TS)} × coefficients → chat")
         t_sessions = time.time()
         with PeakPoller(proc.pid, interval=0.05) as peak:
             t_run = time.perf_counter()
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join(timeout=max(0.0, deadline - time.monotonic()) + 15)
+            done = run_sessions(sessions, url, deadline, chat_tokens, chat, processes)
             result["run_s"] = time.perf_counter() - t_run
         result["loadavg_after"] = os.getloadavg()
         result["rss_peak_mib"] = peak.peak_rss / MB
         result["rss_anon_peak_mib"] = peak.peak_anon / MB
-        result["still_running"] = sum(w.is_alive() for w in workers)
+        result["still_running"] = sum(bool(d.get("unfinished")) for d in done)
         rows = []
         for e in ENDPOINTS:
-            times = [t for w in workers for t in w.times[e]]
-            outcomes = [w.outcome.get(e) for w in workers]
+            times = [t for d in done for t in d["times"][e]]
+            outcomes = [d["outcome"].get(e) for d in done]
             rows.append({"endpoint": e, "calls": len(times),
                          "median_s": statistics.median(times) if times else None,
                          "p90_s": percentile(times, 90), "p95_s": percentile(times, 95),
@@ -280,11 +398,11 @@ def run(sessions: int = 12, *, time_limit: float = 300.0, cache: bool = True, ca
                          "rejected": outcomes.count("rejected"), "errors": outcomes.count("error"),
                          "timeouts": outcomes.count("timeout")})
         result["rows"] = rows
-        result["completed"] = sum(w.outcome.get("done") == "ok" for w in workers)
-        result["connect_failures"] = sum("connect" in w.outcome for w in workers)
-        hits = [w.cache_hit for w in workers if w.cache_hit is not None]
+        result["completed"] = sum(d["outcome"].get("done") == "ok" for d in done)
+        result["connect_failures"] = sum("connect" in d["outcome"] for d in done)
+        hits = [d["cache_hit"] for d in done if d["cache_hit"] is not None]
         result["analyse_cache_hits"] = sum(hits)
-        result["messages"] = sorted({m for w in workers for m in w.messages})[:20]
+        result["messages"] = sorted({m for d in done for m in d["messages"]})[:20]
         cache_path = Path(env["ACM_CACHE_DIR"]) if cache else None
         if cache_path is not None and cache_path.is_dir():
             result["cache_bytes"] = sum(p.stat().st_size for p in cache_path.rglob("*") if p.is_file())
@@ -323,7 +441,9 @@ def report(data: dict) -> str:
              f"idle (after warm-up) {idle or 0:.0f} MiB, peak {peak or 0:.0f} MiB{ratio}; shared cache on disk "
              f"{(data.get('cache_bytes') or 0) / 1024:.0f} KiB; load average before {la[0]:.2f} / {la[1]:.2f} / "
              f"{la[2]:.2f}, after {lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f}"
-             + (f"; the defaults' analysis itself took {one:.2f} s" if one is not None else ""))]
+             + (f"; the defaults' analysis itself took {one:.2f} s" if one is not None else "")),
+             f"sessions as {'a process each' if data.get('clients', 'processes') == 'processes' else 'threads'}; "
+             "`open` is each page's opening (config + page-load events), before the crowd is released"]
     if data.get("messages"):
         lines.append("messages: " + " | ".join(data["messages"][:5]))
     return table + "\n" + "\n".join(lines) + "\n"
@@ -339,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-chat", action="store_true", help="sessions stop after the coefficient redraws")
     ap.add_argument("--warm", action="store_true",
                     help="pre-warm the shared cache with the defaults' analysis before the sessions (all hits)")
+    ap.add_argument("--threads", action="store_true",
+                    help="run the sessions as threads of this process (one GIL) instead of a process each")
     ap.add_argument("--quick", action="store_true", help="3 sessions, 16 chat tokens, 120 s (a smoke run; CI)")
     ap.add_argument("--app-root", default=None,
                     help="run the app.py of another checkout (e.g. `git archive REV | tar -x -C DIR`) for a before/after")
@@ -349,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             min(args.time_limit, 120.0)
     data = run(args.sessions, time_limit=args.time_limit, cache=not args.no_cache, cache_dir=args.cache_dir,
                chat_tokens=args.chat_tokens, chat=not args.no_chat, out=args.out, app_root=args.app_root,
-               warm=args.warm)
+               warm=args.warm, processes=not args.threads)
     print(report(data))
     return 0
 

@@ -929,6 +929,11 @@ def _request(args: dict, progress=None) -> dict:
                 metrics=args["metrics"], progress=progress)
 
 
+def request_key(request: dict) -> str:
+    """What an analysis depends on, as text: identical requests at the same moment compute once."""
+    return "analysis:" + repr(sorted((k, v) for k, v in request.items() if k != "progress"))
+
+
 def _outputs(state: SessionState, out: dict, args: dict, rule: str) -> tuple:
     """Summary, per-layer plot, λ curve, several-t view, λ table, download: one analysis' outputs."""
     res, t = out["analysis"], args["t"]
@@ -976,7 +981,8 @@ def wire(ui) -> None:
         # A cache hit is drawn here, outside the heavy slot; a miss (an API caller, or evicted since the page
         # asked) runs the heavy job in the heavy slot.
         return serve_light(lambda: run_analysis(state, **_request(args), compute=False), lambda: analyse(**args),
-                           lambda out: _outputs(state, out, args, rule), progress_callback(progress))
+                           lambda out: _outputs(state, out, args, rule), progress_callback(progress),
+                           request_key=request_key(_request(args)))
 
     def cached(state, *values) -> bool:
         kwargs = dict(zip(_EVENT_PARAMS, [state, *values]))

@@ -475,7 +475,9 @@ def wire(ui) -> None:
         # Served here, outside the heavy slot, when the shared cache holds it with its model loaded;
         # else the heavy job in the heavy slot (an API caller; the page routes a miss to the heavy event).
         return serve_light(lambda: _run_merge_ui(args, compute=False), lambda: merge(**args),
-                           lambda merged: _merge_outputs(args["state"], merged), progress)
+                           lambda merged: _merge_outputs(args["state"], merged), progress,
+                           request_key="merge:" + repr(sorted((k, v) for k, v in args.items()
+                                                              if k not in ("state", "progress"))))
 
     MERGE_SIGNATURE = inspect.signature(merge)
     merge_light.__signature__ = MERGE_SIGNATURE           # the same /merge endpoint for API callers

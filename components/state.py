@@ -15,6 +15,7 @@ model pins it (eviction never removes it) until the session drops it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -414,17 +415,61 @@ HEAVY_SLOT = HeavySlot()
 LIGHT_GROUP, LIGHT_LIMIT = "cache-hits", 16
 
 
+class SameRequests:
+    """Identical light requests at the same moment: the first looks the result up (and, on a miss, computes
+    it in the heavy slot); the others wait for that one and then look it up themselves.
+
+    Why: without this, every copy that missed before the first one's computation began queued for the heavy
+    slot, then read the stored result one at a time, each behind whatever other heavy job (a merge) was in
+    line by then — a cache hit waiting for someone else's merge."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, list] = {}          # request key -> [lock, users]
+
+    @contextlib.contextmanager
+    def first_or_wait(self, key: str):
+        """Yields True to the first request for ``key`` (holding it until the block ends), False to one that
+        arrived while it was held, after it ended."""
+        with self._guard:
+            record = self._locks.setdefault(key, [threading.Lock(), 0])
+            record[1] += 1
+        lock = record[0]
+        first = lock.acquire(blocking=False)
+        try:
+            if not first:
+                with lock:
+                    pass
+            yield first
+        finally:
+            if first:
+                lock.release()
+            with self._guard:
+                record[1] -= 1
+                if record[1] == 0:
+                    self._locks.pop(key, None)
+
+
+SAME_REQUESTS = SameRequests()
+
+
 def serve_light(lookup: Callable[[], Any], heavy: Callable[[], Any], render: Callable[[Any], Any],
-                progress: Callable[[float, str], None] | None = None) -> Any:
+                progress: Callable[[float, str], None] | None = None, request_key: str | None = None) -> Any:
     """A light event's answer: ``render(lookup())`` when the caches hold the result (no heavy slot), else
     the heavy work in the heavy slot — after checking again, as the job it waited for may have been
-    this very request (identical requests: one computes, the rest read it)."""
+    this very request. ``request_key`` (what the result depends on): of identical requests that miss
+    together, one computes and the rest wait for it, not for the heavy slot."""
     found = lookup()
     if found is None:
-        with HEAVY_SLOT.hold(progress):
-            found = lookup()
+        same = SAME_REQUESTS.first_or_wait(request_key) if request_key else contextlib.nullcontext(True)
+        with same as first:
+            if not first:
+                found = lookup()                    # what the first one stored (None if it failed)
             if found is None:
-                return heavy()
+                with HEAVY_SLOT.hold(progress):
+                    found = lookup()
+                    if found is None:
+                        return heavy()
     return render(found)
 
 

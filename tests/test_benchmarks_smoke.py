@@ -156,7 +156,8 @@ def test_load_quick(tmp_path):
     assert (tmp_path / "load.json").is_file()
     rows = {r["endpoint"]: r for r in data["rows"]}
     assert set(rows) == set(load_bench.ENDPOINTS)
-    assert rows["analyse"]["calls"] == 2 and rows["coefficients"]["calls"] == 2 * len(load_bench.REDRAW_TS)
+    assert rows["open"]["calls"] == rows["analyse"]["calls"] == 2             # each page opened, then Analyse
+    assert rows["coefficients"]["calls"] == 2 * len(load_bench.REDRAW_TS)
     assert all(r["errors"] == 0 and r["timeouts"] == 0 for r in rows.values()), data.get("messages")
     assert data["completed"] == 2 and data["analyse_cache_hits"] == 1        # the second visitor reused it
     assert data["rss_peak_mib"] > 0 and data["rss_idle_mib"] > 0
@@ -165,12 +166,14 @@ def test_load_quick(tmp_path):
 
 
 def test_load_quick_warm(tmp_path):
-    """--warm: the warm-up stores the defaults' analysis, so every session's Analyse is a cache hit."""
+    """--warm: the warm-up stores the defaults' analysis, so every session's Analyse is a cache hit
+    (here with --threads)."""
     from benchmarks import load as load_bench
 
     data = load_bench.run(2, time_limit=120.0, chat=False, warm=True, out=str(tmp_path / "load.json"),
-                          log=lambda *_: None)
-    assert data["warm"] and data["completed"] == 2 and data["analyse_cache_hits"] == 2, data.get("messages")
+                          processes=False, log=lambda *_: None)          # the sessions as threads of this process
+    assert data["clients"] == "threads" and data["warm"], data
+    assert data["completed"] == 2 and data["analyse_cache_hits"] == 2, data.get("messages")
     assert data["analysis_compute_s"] > 0 and "pre-warmed with the defaults" in load_bench.report(data)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as real_datetime
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ import pytest
 
 from acm import cache
 from components import analysis, calibration, common, merge
+from components import state as state_module
 from components.state import SessionState, admission, queue_status
 from tests.fixtures import make_pair, write_calibration
 
@@ -413,3 +415,100 @@ def test_a_cached_merge_is_served_while_the_heavy_slot_is_busy(blocked_app):
     assert "reused a merge computed" in second[0] and second[2]["label"] == "#1 TA α=0.3"
     release.set()
     merge_job.result(timeout=120)
+
+
+class _CountingSlot(state_module.HeavySlot):
+    """The heavy slot, recording which threads took it."""
+
+    def __init__(self):
+        super().__init__()
+        self.takers: list[str] = []
+
+    def acquire(self, progress=None):
+        super().acquire(progress)
+        self.takers.append(threading.current_thread().name)
+
+
+def _serve_together(n: int, heavy, monkeypatch, store: dict, key: str = "same") -> tuple[list, _CountingSlot]:
+    """``n`` threads ask serve_light for one result at once (a miss); returns (answers, the slot used)."""
+    slot = _CountingSlot()
+    monkeypatch.setattr(state_module, "HEAVY_SLOT", slot)
+    answers: list = [None] * n
+
+    def ask(i: int) -> None:
+        try:
+            answers[i] = state_module.serve_light(lambda: store.get("result"), heavy, lambda r: ("drawn", r),
+                                                  request_key=key)
+        except RuntimeError as exc:
+            answers[i] = ("failed", str(exc))
+
+    threads = [threading.Thread(target=ask, args=(i,), name=f"visitor-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return answers, slot
+
+
+def _users(key: str) -> int:
+    with state_module.SAME_REQUESTS._guard:
+        record = state_module.SAME_REQUESTS._locks.get(key)
+        return record[1] if record else 0
+
+
+def _wait_for_users(key: str, n: int, timeout: float = 20.0) -> None:
+    """Until ``n`` requests for ``key`` have arrived (the computing one included)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while _users(key) < n:
+        assert time.monotonic() < end, f"only {_users(key)} of {n} identical requests arrived"
+        time.sleep(0.01)
+
+
+def test_identical_light_misses_compute_once_and_the_others_never_queue_for_the_heavy_slot(monkeypatch):
+    """Five identical requests miss together: the first computes in the heavy slot, the other four wait for
+    it (not for the slot, where they could stand behind someone else's merge) and draw its result."""
+    store: dict = {}
+    computed = []
+
+    def heavy():
+        _wait_for_users("same", 5)                                   # every identical request has arrived
+        computed.append(threading.current_thread().name)
+        store["result"] = "analysis"
+        return ("computed", "analysis")
+
+    answers, slot = _serve_together(5, heavy, monkeypatch, store)
+    assert len(computed) == 1 and slot.takers == computed          # only the one that computed took the slot
+    assert sorted(answers) == [("computed", "analysis")] + [("drawn", "analysis")] * 4
+    assert _users("same") == 0 and "same" not in state_module.SAME_REQUESTS._locks     # nothing left behind
+
+
+def test_when_the_first_identical_request_fails_the_next_one_computes_it(monkeypatch):
+    store: dict = {}
+    calls = []
+
+    def heavy():
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            _wait_for_users("same", 2)
+            raise RuntimeError("out of memory")
+        store["result"] = "analysis"
+        return ("computed", "analysis")
+
+    answers, slot = _serve_together(2, heavy, monkeypatch, store)
+    assert sorted(answers) == [("computed", "analysis"), ("failed", "out of memory")]
+    assert len(calls) == 2 and slot.takers == calls
+
+
+def test_different_requests_do_not_wait_for_each_other():
+    """The request key separates them: a request for another analysis does not wait for this one's key."""
+    answer: list = []
+    with state_module.SAME_REQUESTS.first_or_wait("A") as first:           # "A" is being computed
+        assert first
+        other = threading.Thread(target=lambda: answer.append(state_module.serve_light(
+            lambda: None, lambda: "computed B", lambda r: r, request_key="B")))
+        other.start()
+        other.join(10)
+    assert answer == ["computed B"]                                          # not held up by "A"
+    assert not state_module.SAME_REQUESTS._locks
