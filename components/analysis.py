@@ -11,9 +11,7 @@ metrics in one set of passes); ``coefficient_view`` only reads the cached values
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,7 +34,7 @@ from components.common import (
     warn,
 )
 from components.models import validate_selection
-from components.state import SessionState, light_first, reused_line, serve_light, shared_cache
+from components.state import SessionState, SharedMemo, light_first, reused_line, serve_light, shared_cache
 
 # The rule the app opens on: the paper's (acm.rules.ACM) at t = 0.7, t ∈ [−3, 3] in steps of 0.05.
 RULE_CHOICES = [("ACM — the paper's rule (Eq. 2–3)", "acm"),
@@ -500,24 +498,14 @@ def acm_view(analysis, t: float, clip, *, multi: bool = True):
     analysis redraws the same t at the same moment, and the figures are only read afterwards (shown, exported).
     """
     key = getattr(analysis, SHARED_KEY_ATTR, None)
-    memo = (key, float(t), tuple(clip) if clip else None, bool(multi)) if key else None
-    if memo is not None:
-        with _VIEW_LOCK:
-            if memo in _VIEW_MEMO:
-                _VIEW_MEMO.move_to_end(memo)
-                return _VIEW_MEMO[memo]
-    view = _acm_view(analysis, t, clip, multi=multi)
-    if memo is not None:
-        with _VIEW_LOCK:
-            _VIEW_MEMO[memo] = view
-            while len(_VIEW_MEMO) > 64:
-                _VIEW_MEMO.popitem(last=False)
-    return view
+    if not key:
+        return _acm_view(analysis, t, clip, multi=multi)
+    return _VIEW_MEMO.get((key, float(t), tuple(clip) if clip else None, bool(multi)),
+                          lambda: _acm_view(analysis, t, clip, multi=multi))
 
 
 SHARED_KEY_ATTR = "_acm_shared_key"        # set on an AnalysisResult that came from / went into the shared cache
-_VIEW_MEMO: OrderedDict[tuple, tuple] = OrderedDict()
-_VIEW_LOCK = threading.Lock()
+_VIEW_MEMO = SharedMemo(64)
 
 
 def _acm_view(analysis, t: float, clip, *, multi: bool = True):
@@ -619,18 +607,14 @@ def settle_markdown(analysis, t: float | None, memo_key: str | None = None) -> s
     from acm.rules.bands import analysis_curve
 
     t = DEFAULT_T if t is None else float(t)
-    memo = (memo_key, t) if memo_key else None
-    if memo is not None and memo in _SETTLE_MEMO:
-        return _SETTLE_MEMO[memo]
-    line = "" if old_file_line(analysis) else f"- λ vs samples: {analysis_curve(analysis, t).line()}"
-    if memo is not None:
-        if len(_SETTLE_MEMO) > 256:
-            _SETTLE_MEMO.clear()
-        _SETTLE_MEMO[memo] = line
-    return line
+
+    def line() -> str:
+        return "" if old_file_line(analysis) else f"- λ vs samples: {analysis_curve(analysis, t).line()}"
+
+    return _SETTLE_MEMO.get((memo_key, t), line) if memo_key else line()
 
 
-_SETTLE_MEMO: dict[tuple[str, float], str] = {}
+_SETTLE_MEMO = SharedMemo(256)
 
 
 def compare_view(analysis, other, t: float, clip=None, labels: tuple[str, str] = ("this set", "second set")):

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -425,10 +425,10 @@ class SameRequests:
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._locks: dict[str, list] = {}          # request key -> [lock, users]
+        self._locks: dict[Hashable, list] = {}     # request key -> [lock, users]
 
     @contextlib.contextmanager
-    def first_or_wait(self, key: str):
+    def first_or_wait(self, key: Hashable):
         """Yields True to the first request for ``key`` (holding it until the block ends), False to one that
         arrived while it was held, after it ended."""
         with self._guard:
@@ -451,6 +451,46 @@ class SameRequests:
 
 
 SAME_REQUESTS = SameRequests()
+
+
+class SharedMemo:
+    """A bounded memo (least recently used out) whose entry is computed once even when many sessions ask
+    for it at the same moment. Why: a crowd that just got one fresh analysis draws the same views at the
+    same instant; a plain memo lets each of them miss and compute the same figure (12 × the work, under
+    one interpreter lock)."""
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._flights = SameRequests()
+
+    def _get(self, key: Hashable) -> tuple[bool, Any]:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return True, self._items[key]
+        return False, None
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """The value for ``key``: memoised, or computed now (by the first asker; the others wait for it)."""
+        found, value = self._get(key)
+        if found:
+            return value
+        with self._flights.first_or_wait(key):
+            found, value = self._get(key)           # computed by the one this request waited for
+            if found:
+                return value
+            value = compute()
+            with self._lock:
+                self._items[key] = value
+                while len(self._items) > self.max_items:
+                    self._items.popitem(last=False)
+            return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
 
 
 def serve_light(lookup: Callable[[], Any], heavy: Callable[[], Any], render: Callable[[Any], Any],

@@ -512,3 +512,30 @@ def test_different_requests_do_not_wait_for_each_other():
         other.join(10)
     assert answer == ["computed B"]                                          # not held up by "A"
     assert not state_module.SAME_REQUESTS._locks
+
+
+def test_a_view_memo_computes_an_entry_once_for_a_crowd_asking_at_once():
+    """Twelve sessions that just got one fresh analysis draw the same view at the same instant: computed
+    once, the others wait for it; least recently used entries go first; a failed computation is retried."""
+    import time
+
+    memo, calls, answers = state_module.SharedMemo(2), [], []
+
+    def compute():
+        calls.append(1)
+        time.sleep(0.2)                       # long enough for all twelve to arrive while it runs
+        return "figure"
+
+    threads = [threading.Thread(target=lambda: answers.append(memo.get(("key", 0.7), compute))) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert answers == ["figure"] * 12 and len(calls) == 1
+    memo.get("b", lambda: "B")
+    memo.get(("key", 0.7), compute)               # used again: now the most recent
+    memo.get("c", lambda: "C")                     # evicts "b", the least recently used
+    assert len(calls) == 1 and memo.get("b", lambda: "B again") == "B again"
+    with pytest.raises(RuntimeError):
+        memo.get("d", lambda: (_ for _ in ()).throw(RuntimeError("broken")))
+    assert memo.get("d", lambda: "D") == "D"       # nothing stored by the failure
