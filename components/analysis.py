@@ -583,7 +583,16 @@ def band_of(analysis, t: float, clip, table: dict | None = None) -> dict:
 
 
 def count_view(analysis, t: float, clip=None):
-    """(λ-vs-sample-count chart, settle line) of the acm rule; the one line instead when it cannot be drawn."""
+    """(λ-vs-sample-count chart, settle line) of the acm rule; the one line instead when it cannot be drawn.
+    Memoised like ``acm_view``: the sessions that got one analysis at once draw this chart at once too."""
+    key = getattr(analysis, SHARED_KEY_ATTR, None)
+    if not key:
+        return _count_view(analysis, t, clip)
+    return _VIEW_MEMO.get((key, "count", float(t), tuple(clip) if clip else None),
+                          lambda: _count_view(analysis, t, clip))
+
+
+def _count_view(analysis, t: float, clip=None):
     from acm.rules.bands import analysis_curve
 
     line = old_file_line(analysis)

@@ -124,3 +124,21 @@ def test_an_old_file_gets_the_one_line_instead_of_the_count_chart(two_sets):
         m.sample_mi = []
     fig, line = analysis.count_view(old, 0.7)
     assert "no per-sample MI" in line and fig.data == []
+
+
+def test_a_shared_analysis_count_chart_is_drawn_once_per_t(two_sets, monkeypatch):
+    """An analysis from the shared cache (it carries its cache key) draws its count chart once per t and
+    clip: the sessions that got it together reuse that one chart; another t is drawn anew."""
+    from components import analysis
+
+    st, _ = two_sets
+    shared = type(st.analysis).from_dict(st.analysis.to_dict())
+    setattr(shared, analysis.SHARED_KEY_ATTR, "test-key-count-memo")
+    drawn = []
+    real = analysis._count_view
+    monkeypatch.setattr(analysis, "_count_view", lambda *a: drawn.append(a[1]) or real(*a))
+    first, again = analysis.count_view(shared, 0.7), analysis.count_view(shared, 0.7)
+    assert again is first and drawn == [0.7]
+    analysis.count_view(shared, 1.5)
+    assert drawn == [0.7, 1.5]
+    assert analysis.count_view(st.analysis, 0.7)[1] == first[1]      # the same line as the unshared result
