@@ -488,10 +488,6 @@ class SharedMemo:
                     self._items.popitem(last=False)
             return value
 
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
 
 def serve_light(lookup: Callable[[], Any], heavy: Callable[[], Any], render: Callable[[Any], Any],
                 progress: Callable[[float, str], None] | None = None, request_key: str | None = None) -> Any:
