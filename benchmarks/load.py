@@ -161,9 +161,15 @@ class Session:
 
     def run(self) -> dict:
         import httpx
+
+        with httpx.Client() as http:      # a browser tab's one keep-alive connection (plain HTTP, loopback)
+            self._visit(http)
+        return self.result()
+
+    def _visit(self, http: Any) -> None:
         from gradio_client import Client
 
-        client, http = None, httpx.Client()     # a browser tab's one keep-alive connection (plain HTTP, loopback)
+        client = None
         try:
             client = Client(self.url, verbose=False, analytics_enabled=False, download_files=False, ssl_verify=False)
         except BaseException as exc:  # noqa: BLE001 - every connection failure is classified and reported
@@ -181,8 +187,7 @@ class Session:
         except threading.BrokenBarrierError:
             pass
         if client is None:
-            http.close()
-            return self.result()
+            return
         step = "analyse"
         try:
             out = self._call("analyse", lambda: client.submit(api_name="/analyse", **self.analyse_kwargs)
@@ -196,7 +201,7 @@ class Session:
             step = "chat"
             if not self.chat:
                 self.outcome["done"] = "ok"
-                return self.result()
+                return
             kwargs = {"message": CHAT_MESSAGE}
             if self.chat_tokens:
                 kwargs["max_new_tokens"] = self.chat_tokens
@@ -208,8 +213,6 @@ class Session:
         finally:
             with contextlib.suppress(Exception):
                 client.close()
-            http.close()
-        return self.result()
 
 
 def post_unqueued(client: Any, http: Any, dep: dict, overrides: dict[int, Any], timeout: float) -> Any:
@@ -255,8 +258,7 @@ def _session_process(results: Any, idx: int, *args: Any) -> None:
     try:
         results.put((idx, Session(idx, *args).run()))
     except BaseException as exc:  # noqa: BLE001 - reported as the session's outcome, never lost
-        results.put((idx, {"times": {e: [] for e in ENDPOINTS}, "outcome": {"connect": "error"},
-                           "messages": [f"process: {type(exc).__name__}: {exc}"], "cache_hit": None}))
+        results.put((idx, _no_result(f"process: {type(exc).__name__}: {exc}", {"connect": "error"})))
 
 
 def run_sessions(sessions: int, url: str, deadline: float, chat_tokens: int | None, chat: bool,
@@ -301,8 +303,13 @@ def run_sessions(sessions: int, url: str, deadline: float, chat_tokens: int | No
 
 
 def _unfinished() -> dict:
-    return {"times": {e: [] for e in ENDPOINTS}, "outcome": {}, "messages": ["session still running at the deadline"],
-            "cache_hit": None, "unfinished": True}
+    return _no_result("session still running at the deadline", unfinished=True)
+
+
+def _no_result(message: str, outcome: dict[str, str] | None = None, **extra: Any) -> dict:
+    """A session's result when it timed nothing: why (``message``) and how it ended (``outcome``)."""
+    return {"times": {e: [] for e in ENDPOINTS}, "outcome": outcome or {}, "messages": [message], "cache_hit": None,
+            **extra}
 
 
 def warm_up(url: str, chat_tokens: int | None, defaults: bool = False) -> float:

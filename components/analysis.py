@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from acm.rules import ABLATION_TS, DEFAULT_RULE, PAPER_T, T_RANGE
 from components import help as texts
@@ -34,7 +35,15 @@ from components.common import (
     warn,
 )
 from components.models import validate_selection
-from components.state import SessionState, SharedMemo, light_first, reused_line, serve_light, shared_cache
+from components.state import (
+    SessionState,
+    SharedMemo,
+    light_first,
+    reused_line,
+    same_request_key,
+    serve_light,
+    shared_cache,
+)
 
 # The rule the app opens on: the paper's (acm.rules.ACM) at t = 0.7, t ∈ [−3, 3] in steps of 0.05.
 RULE_CHOICES = [("ACM — the paper's rule (Eq. 2–3)", "acm"),
@@ -497,15 +506,19 @@ def acm_view(analysis, t: float, clip, *, multi: bool = True):
     Memoised for analyses from the shared cache (keyed by its content key, t, clip): a crowd on the same
     analysis redraws the same t at the same moment, and the figures are only read afterwards (shown, exported).
     """
-    key = getattr(analysis, SHARED_KEY_ATTR, None)
-    if not key:
-        return _acm_view(analysis, t, clip, multi=multi)
-    return _VIEW_MEMO.get((key, float(t), tuple(clip) if clip else None, bool(multi)),
-                          lambda: _acm_view(analysis, t, clip, multi=multi))
+    return _shared_view(analysis, ("acm", float(t), tuple(clip) if clip else None, bool(multi)),
+                        lambda: _acm_view(analysis, t, clip, multi=multi))
 
 
 SHARED_KEY_ATTR = "_acm_shared_key"        # set on an AnalysisResult that came from / went into the shared cache
 _VIEW_MEMO = SharedMemo(64)
+
+
+def _shared_view(analysis, view: tuple, draw: Callable[[], Any]) -> Any:
+    """``draw()``, memoised per (the analysis' shared-cache key, ``view``) when it has one: the sessions
+    that got one analysis at once draw its views at once, and the figures are only read afterwards."""
+    key = getattr(analysis, SHARED_KEY_ATTR, None)
+    return _VIEW_MEMO.get((key, *view), draw) if key else draw()
 
 
 def _acm_view(analysis, t: float, clip, *, multi: bool = True):
@@ -585,11 +598,8 @@ def band_of(analysis, t: float, clip, table: dict | None = None) -> dict:
 def count_view(analysis, t: float, clip=None):
     """(λ-vs-sample-count chart, settle line) of the acm rule; the one line instead when it cannot be drawn.
     Memoised like ``acm_view``: the sessions that got one analysis at once draw this chart at once too."""
-    key = getattr(analysis, SHARED_KEY_ATTR, None)
-    if not key:
-        return _count_view(analysis, t, clip)
-    return _VIEW_MEMO.get((key, "count", float(t), tuple(clip) if clip else None),
-                          lambda: _count_view(analysis, t, clip))
+    return _shared_view(analysis, ("count", float(t), tuple(clip) if clip else None),
+                        lambda: _count_view(analysis, t, clip))
 
 
 def _count_view(analysis, t: float, clip=None):
@@ -922,11 +932,6 @@ def _request(args: dict, progress=None) -> dict:
                 metrics=args["metrics"], progress=progress)
 
 
-def request_key(request: dict) -> str:
-    """What an analysis depends on, as text: identical requests at the same moment compute once."""
-    return "analysis:" + repr(sorted((k, v) for k, v in request.items() if k != "progress"))
-
-
 def _outputs(state: SessionState, out: dict, args: dict, rule: str) -> tuple:
     """Summary, per-layer plot, λ curve, several-t view, λ table, download: one analysis' outputs."""
     res, t = out["analysis"], args["t"]
@@ -975,7 +980,7 @@ def wire(ui) -> None:
         # asked) runs the heavy job in the heavy slot.
         return serve_light(lambda: run_analysis(state, **_request(args), compute=False), lambda: analyse(**args),
                            lambda out: _outputs(state, out, args, rule), progress_callback(progress),
-                           request_key=request_key(_request(args)))
+                           request_key=same_request_key("analysis", _request(args)))
 
     def cached(state, *values) -> bool:
         kwargs = dict(zip(_EVENT_PARAMS, [state, *values]))

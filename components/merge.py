@@ -33,6 +33,7 @@ from components.state import (
     light_first,
     load_merged,
     reused_line,
+    same_request_key,
     serve_light,
     shared_merge,
 )
@@ -476,8 +477,7 @@ def wire(ui) -> None:
         # else the heavy job in the heavy slot (an API caller; the page routes a miss to the heavy event).
         return serve_light(lambda: _run_merge_ui(args, compute=False), lambda: merge(**args),
                            lambda merged: _merge_outputs(args["state"], merged), progress,
-                           request_key="merge:" + repr(sorted((k, v) for k, v in args.items()
-                                                              if k not in ("state", "progress"))))
+                           request_key=same_request_key("merge", args))
 
     MERGE_SIGNATURE = inspect.signature(merge)
     merge_light.__signature__ = MERGE_SIGNATURE           # the same /merge endpoint for API callers

@@ -453,6 +453,12 @@ class SameRequests:
 SAME_REQUESTS = SameRequests()
 
 
+def same_request_key(kind: str, request: dict[str, Any]) -> str:
+    """``SameRequests``' key of a request: its kind and the arguments its result depends on, as text (the
+    session and the progress callback left out)."""
+    return f"{kind}:" + repr(sorted((k, v) for k, v in request.items() if k not in ("state", "progress")))
+
+
 class SharedMemo:
     """A bounded memo (least recently used out) whose entry is computed once even when many sessions ask
     for it at the same moment. Why: a crowd that just got one fresh analysis draws the same views at the
